@@ -1,0 +1,115 @@
+"""ModelConfig: presets match the published configs, every spelling reads back, validation names the field."""
+
+import json
+
+import pytest
+
+from ascend.errors import AscendDeployError
+from model.config import ConfigError, ModelConfig
+
+REF_HF = "/work/ref/config.json"
+
+
+def test_presets_round_trip_through_hf_dict():
+    for name in ("flash", "pro", "tiny"):
+        cfg = ModelConfig.preset(name)
+        assert ModelConfig.from_hf(cfg.to_hf_dict()) == cfg
+
+
+def test_flash_and_pro_schedules():
+    flash, pro = ModelConfig.preset("flash"), ModelConfig.preset("pro")
+    assert (flash.dim, flash.n_layers, flash.n_heads, flash.n_routed_experts, flash.route_scale) == (4096, 43, 64, 256, 1.5)
+    assert [flash.compress_ratios.count(r) for r in (0, 4, 128)] == [2, 21, 20]
+    assert flash.compress_ratios[:4] == (0, 0, 4, 128) and flash.compress_ratios[-1] == 4
+    assert (pro.dim, pro.n_layers, pro.n_heads, pro.o_groups, pro.index_topk) == (7168, 61, 128, 16, 1024)
+    assert [pro.compress_ratios.count(r) for r in (0, 4, 128)] == [0, 30, 31]
+    assert pro.to_hf_dict()["compress_ratios"][-1] == 0 and len(pro.to_hf_dict()["compress_ratios"]) == 62
+
+
+def test_official_pro_config_json_is_the_pro_preset():
+    with open(REF_HF) as f:
+        official = json.load(f)
+    ours = ModelConfig.preset("pro").to_hf_dict()
+    assert ModelConfig.from_hf(official) == ModelConfig.preset("pro")
+    # every key we write has the official value; nothing official but the transformers version is missing
+    assert {k: v for k, v in ours.items() if k in official} == {k: official[k] for k in ours if k in official}
+    assert set(official) - set(ours) == {"transformers_version"}
+
+
+def test_file_and_directory_paths(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf_dict()))
+    assert ModelConfig.from_hf(tmp_path) == ModelConfig.preset("tiny")
+    assert ModelConfig.from_hf(tmp_path / "config.json") == ModelConfig.preset("tiny")
+    with pytest.raises(ConfigError, match="cannot read"):
+        ModelConfig.from_hf(tmp_path / "missing.json")
+
+
+def test_transformers_spelling():
+    tiny = ModelConfig.preset("tiny")
+    d = tiny.to_hf_dict()
+    del d["compress_ratios"], d["num_hash_layers"], d["rope_scaling"]
+    names = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+    d["layer_types"] = [names[r] for r in tiny.compress_ratios]
+    d["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    d["mlp_layer_types"] = ["hash_moe"] + ["moe"] * (tiny.n_layers - 1)
+    d["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": 10000.0},
+                            "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16,
+                                         "original_max_position_embeddings": 65536,
+                                         "beta_fast": 32, "beta_slow": 1}}
+    assert ModelConfig.from_hf(d) == tiny
+
+
+def test_inference_spelling_and_extra_mtp_zeros():
+    tiny = ModelConfig.preset("tiny")
+    args = {k: getattr(tiny, k) for k in ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers",
+                                          "n_heads", "n_routed_experts", "n_activated_experts", "q_lora_rank",
+                                          "head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads",
+                                          "index_head_dim", "index_topk", "max_seq_len", "route_scale")}
+    args.update(compress_ratios=list(tiny.compress_ratios) + [0, 0], dtype="fp8", scale_fmt="ue8m0")
+    assert ModelConfig.from_hf(args) == tiny
+    args["compress_ratios"][-1] = 4
+    with pytest.raises(ConfigError, match="MTP"):
+        ModelConfig.from_hf(args)
+
+
+def test_tiny_keeps_every_structural_feature():
+    t = ModelConfig.preset("tiny")
+    assert {0, 4, 128} <= set(t.compress_ratios)
+    assert t.n_hash_layers >= 1 and t.n_layers - t.n_hash_layers >= 2
+    assert t.hc_mult == 4 and t.n_mtp_layers == 1 and t.o_groups >= 2
+    assert t.n_heads % 4 == 0 and t.index_n_heads % 4 == 0 and t.o_groups % 2 == 0
+    assert t.n_routed_experts // 2 > 1 and 2 <= t.n_activated_experts <= 6 and t.vocab_size % 4 == 0
+    for d in (t.dim, t.q_lora_rank, t.head_dim, t.o_lora_rank, t.moe_inter_dim, t.n_heads * t.head_dim,
+              t.index_n_heads * t.index_head_dim, t.n_heads * t.head_dim // t.o_groups, t.o_groups * t.o_lora_rank):
+        assert d % 128 == 0
+    assert t.compress_ratio(t.n_layers) == 0 and t.is_hash_layer(0) and not t.is_hash_layer(1)
+
+
+def test_reduced_depth_preset_keeps_published_schedule():
+    cfg = ModelConfig.preset("flash", n_layers=4)
+    assert cfg.compress_ratios == (0, 0, 4, 128) and cfg.n_hash_layers == 3
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(compress_ratios=(0, 4, 64, 4)), "compress_ratios"),
+    (dict(compress_ratios=(0, 4, 128)), "compress_ratios"),
+    (dict(n_heads=6), "n_heads"),
+    (dict(n_activated_experts=9), "n_activated_experts"),
+    (dict(n_hash_layers=5), "n_hash_layers"),
+    (dict(dtype="fp16"), "dtype"),
+    (dict(expert_dtype="fp4", moe_inter_dim=272), "moe_inter_dim"),
+    (dict(index_head_dim=96), "index_head_dim"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(dim=0), "dim"),
+])
+def test_validation_names_field(change, field):
+    with pytest.raises(ConfigError, match=field) as err:
+        ModelConfig.preset("tiny", **change)
+    assert isinstance(err.value, AscendDeployError) and "expected" in str(err.value)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ConfigError, match="preset"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ConfigError, match="unknown"):
+        ModelConfig.from_hf({**ModelConfig.preset("tiny").to_hf_dict()}, not_a_field=1)
