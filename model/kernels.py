@@ -1,0 +1,227 @@
+"""The fused-operator seam of the model: a `Kernels` table of callables with pure-PyTorch reference bodies.
+
+Model modules never call a fused or device-specific operator directly; they call `kernels.<name>(...)` on the
+`Kernels` object they were given (default `REFERENCE`). A backend (ascend/backends/npu.py, cuda.py) accelerates a
+stage with `dataclasses.replace(REFERENCE, sparse_attn=my_sparse_attn, ...)` and must keep the signature and the
+semantics written in each docstring below.
+
+Rules every implementation keeps:
+
+* batch-first shapes; every output shape depends only on input *shapes* and integer arguments, never on tensor
+  values (top-k is a fixed size padded with -1), so a decode step can be graph-captured and exported;
+* reductions and softmaxes run in float32; an output has the dtype stated in its docstring;
+* inputs are not modified in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
+           "hc_pre", "hc_post", "hc_head", "gate_topk"]
+
+
+# ----------------------------------------------------------------------------------------------- norms, RoPE
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMS-normalise the last dim of `x` [..., D]: x / sqrt(mean(x^2) + eps), times `weight` [D] if given.
+
+    Computed in float32 (the weight is cast to float32 too); returns x's dtype.
+    """
+    y = x.float()
+    y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Interleaved rotary embedding on the LAST R = 2 * cos.size(-1) dims of `x`; the leading dims pass through.
+
+    x: [B, S, D] or [B, S, H, D] (any dtype); cos, sin: [B, S, R/2] float32, the angle of each (even, odd) pair at
+    each token's own position (see model/rope.py). Pair k of token (b, s), (x[2k], x[2k+1]) -> (x0*c - x1*s,
+    x0*s + x1*c), c = cos[b, s, k], s = sin[b, s, k]; the tables broadcast over the head dim. `inverse=True`
+    rotates by the negative angle (the conjugate), undoing a forward rotation. Float32 math; returns x's dtype.
+    """
+    r = 2 * cos.size(-1)
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if inverse:
+        sin = -sin
+    pairs = x[..., -r:].float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((x[..., :-r], rotated.to(x.dtype)), dim=-1)
+
+
+def hadamard(x: Tensor) -> Tensor:
+    """Normalised Walsh-Hadamard transform of the last dim D (a power of two): x @ H_D * D^-0.5, H_D the Sylvester
+    matrix ([[H, H], [H, -H]]). Orthogonal and its own inverse. Float32 math; returns x's dtype."""
+    d = x.size(-1)
+    if d & (d - 1):
+        raise ValueError(f"hadamard: last dim {d} is not a power of two")
+    # butterfly: log2(d) stages of (a + b, a - b) on halves, no d x d matrix needed
+    y = x.float()
+    h = 1
+    while h < d:
+        y = y.unflatten(-1, (-1, 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return (y * d ** -0.5).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk: int,
+                 group: dist.ProcessGroup | None = None) -> Tensor:
+    """Lightning-indexer selection of compressed entries.
+
+    q: [B, S, H, Dk] indexer queries; k: [B, T, Dk] compressed indexer keys (T = cache capacity);
+    weights: [B, S, H] per-head weights; n_visible: [B, S] integer, entries t < n_visible[b, s] are visible.
+    score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h] . k[b, t]) in float32; when `group` is given (tensor
+    parallel: each rank holds some heads) the scores are summed over the group before selection.
+    Returns int32 [B, S, topk]: the indices of the largest visible scores (order unspecified), -1 in every slot
+    beyond the number of visible entries (and in all slots past T when topk > T).
+    """
+    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu_()
+    scores = (scores * weights.float().unsqueeze(-1)).sum(dim=2)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(scores, group=group)
+    visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    n = min(topk, k.size(1))
+    values, idx = scores.topk(n, dim=-1)
+    idx = torch.where(values == float("-inf"), -1, idx).int()
+    if n < topk:
+        idx = F.pad(idx, (0, topk - n), value=-1)
+    return idx
+
+
+def sparse_attn(q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """Multi-query attention of each query over a gathered set of shared K = V rows, with a per-head sink.
+
+    q: [B, S, H, D]; kv: [B, T, D] (one row per key, used as key and value); indices: [B, S, K] int32 rows of kv
+    (-1 = empty slot, ignored); sink: [H] float32; scale: softmax scale. For query (b, s) and head h:
+    p_j = exp(scale * q . kv[idx_j]) / (sum_j' exp(scale * q . kv[idx_j']) + exp(sink[h])) over the non-empty
+    slots, out = sum_j p_j kv[idx_j] (the sink only enlarges the denominator). A query with no non-empty slot gets
+    zeros. Float32 math; returns q's dtype, shape [B, S, H, D].
+    """
+    b, s, k = indices.shape
+    valid = indices >= 0
+    rows = indices.clamp(min=0).long().reshape(b, s * k, 1).expand(-1, -1, kv.size(-1))
+    keys = kv.gather(1, rows).view(b, s, k, -1).float()
+    logits = torch.einsum("bshd,bskd->bshk", q.float(), keys) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    sink = sink.float().view(1, 1, -1, 1).expand(b, s, -1, 1)
+    # softmax over [keys..., sink] and drop the sink's column: exact, and safe when every slot is empty
+    probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
+    return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- mHC
+def sinkhorn(mixes: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Split hyper-connection mixes into (pre, post, comb) for n streams (deepseek-v4.md §5).
+
+    mixes: [..., (2 + n) * n] float32 (rows: n pre, n post, n*n comb, row-major comb[k, j]); scale: [3]; base:
+    [(2 + n) * n]. pre = sigmoid(m[:n] * scale[0] + base[:n]) + eps; post = 2 * sigmoid(m[n:2n] * scale[1] +
+    base[n:2n]); comb = softmax_rows(m[2n:] * scale[2] + base[2n:]) + eps, then divide columns by (column sum +
+    eps), then `iters - 1` times rows by (row sum + eps) and columns by (column sum + eps) (iters normalisation
+    rounds in all, the first one being the row softmax). Returns float32 pre [..., n], post [..., n],
+    comb [..., n, n].
+    """
+    n = math.isqrt(mixes.size(-1) + 1) - 1
+    m, scale, base = mixes.float(), scale.float(), base.float()
+    pre = torch.sigmoid(m[..., :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = (m[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+    comb = comb.softmax(dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def _hc_mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+    """(vec(X) . fn^T) / RMS(vec(X)) per token, in float32. x: [B, S, n, D] -> [B, S, rows of fn]."""
+    flat = x.flatten(2).float()
+    return F.linear(flat, fn.float()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+
+
+def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float,
+           norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduce the n residual streams to one sub-block input and compute the mixing weights (deepseek-v4.md §5).
+
+    x: [B, S, n, D] streams; fn: [(2 + n) * n, n * D] float32; scale: [3]; base: [(2 + n) * n].
+    mixes = (flatten(x) . fn^T) * rsqrt(mean(flatten(x)^2) + norm_eps); (pre, post, comb) = sinkhorn(mixes, ...);
+    y = sum_k pre[k] * x[k]. Returns y [B, S, D] in x's dtype, post [B, S, n] and comb [B, S, n, n] float32.
+    """
+    pre, post, comb = sinkhorn(_hc_mixes(x, fn, norm_eps), scale, base, iters, eps)
+    y = (pre.unsqueeze(-1) * x.float()).sum(dim=2)
+    return y.to(x.dtype), post, comb
+
+
+def hc_post(y: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """Expand a sub-block output back into n streams: new X_j = post[j] * y + sum_k comb[k, j] * X_k.
+
+    y: [B, S, D]; residual: [B, S, n, D] (the streams X before the sub-block); post: [B, S, n]; comb: [B, S, n, n].
+    Float32 math; returns [B, S, n, D] in y's dtype.
+    """
+    mixed = torch.einsum("bskj,bskd->bsjd", comb.float(), residual.float())
+    return (post.float().unsqueeze(-1) * y.float().unsqueeze(2) + mixed).to(y.dtype)
+
+
+def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
+    """Final stream reduction before the output norm: pre = sigmoid(mixes * scale + base) + eps (no Sinkhorn),
+    y = sum_k pre[k] * x[k]. x: [B, S, n, D]; fn: [n, n * D]; scale: [1]; base: [n]. Returns [B, S, D], x's dtype."""
+    pre = torch.sigmoid(_hc_mixes(x, fn, norm_eps) * scale.float() + base.float()) + eps
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- MoE routing
+def gate_topk(logits: Tensor, bias: Tensor | None, tid2eid: Tensor | None, input_ids: Tensor | None,
+              topk: int, route_scale: float) -> tuple[Tensor, Tensor]:
+    """Sqrt-softplus expert routing (deepseek-v4.md §4).
+
+    logits: [N, E] = x W^T (float32); bias: [E] float32 or None; tid2eid: [vocab, topk] integer or None (hash
+    layer); input_ids: [N] integer (needed when tid2eid is given). score = sqrt(softplus(logits)). Hash layer:
+    indices = tid2eid[input_ids]; otherwise indices = top-`topk` of (score + bias) (bias only chooses).
+    weights = score gathered at indices, divided by their sum, times route_scale.
+    Returns (weights float32 [N, topk], indices int64 [N, topk]).
+    """
+    scores = F.softplus(logits.float()).sqrt()
+    if tid2eid is not None:
+        indices = tid2eid[input_ids].long()
+    else:
+        choice = scores if bias is None else scores + bias.float()
+        indices = choice.topk(topk, dim=-1).indices
+    weights = scores.gather(-1, indices)
+    weights = weights / weights.sum(dim=-1, keepdim=True) * route_scale
+    return weights, indices
+
+
+# ----------------------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Kernels:
+    """The table of fused stages the model calls; each field defaults to the reference function of that name."""
+
+    rms_norm: Callable[..., Tensor] = rms_norm
+    rope: Callable[..., Tensor] = rope
+    hadamard: Callable[..., Tensor] = hadamard
+    indexer_topk: Callable[..., Tensor] = indexer_topk
+    sparse_attn: Callable[..., Tensor] = sparse_attn
+    sinkhorn: Callable[..., tuple[Tensor, Tensor, Tensor]] = sinkhorn
+    hc_pre: Callable[..., tuple[Tensor, Tensor, Tensor]] = hc_pre
+    hc_post: Callable[..., Tensor] = hc_post
+    hc_head: Callable[..., Tensor] = hc_head
+    gate_topk: Callable[..., tuple[Tensor, Tensor]] = gate_topk
+
+
+REFERENCE = Kernels()

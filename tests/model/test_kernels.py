@@ -1,0 +1,190 @@
+"""Reference kernels against naive per-element loops written independently from the vectorised bodies."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels as K
+
+
+def test_table_defaults_and_replace():
+    assert K.REFERENCE.sparse_attn is K.sparse_attn
+    fake = dataclasses.replace(K.REFERENCE, rms_norm=lambda x, w, eps: x)
+    assert fake.rms_norm(torch.ones(2), None, 1e-6) is not None and fake.rope is K.rope
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        K.REFERENCE.rope = None
+
+
+def test_rms_norm():
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    w = torch.randn(8)
+    y = K.rms_norm(x, w, 1e-6)
+    assert y.dtype == torch.bfloat16
+    for i in range(2):
+        for j in range(3):
+            v = x[i, j].double()
+            ref = v / math.sqrt(float((v * v).mean()) + 1e-6) * w.double()
+            torch.testing.assert_close(y[i, j].double(), ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(K.rms_norm(x.float(), None, 1e-6).norm(dim=-1), torch.full((2, 3), 8 ** 0.5))
+
+
+def test_rope_pairs_and_inverse():
+    b, s, h, d, r = 2, 3, 2, 10, 6
+    x = torch.randn(b, s, h, d)
+    ang = torch.randn(b, s, r // 2)
+    y = K.rope(x, ang.cos(), ang.sin())
+    for bi in range(b):
+        for si in range(s):
+            for hi in range(h):
+                v = x[bi, si, hi]
+                ref = v.clone()
+                for k in range(r // 2):
+                    a = float(ang[bi, si, k])
+                    x0, x1 = float(v[d - r + 2 * k]), float(v[d - r + 2 * k + 1])
+                    ref[d - r + 2 * k] = x0 * math.cos(a) - x1 * math.sin(a)
+                    ref[d - r + 2 * k + 1] = x0 * math.sin(a) + x1 * math.cos(a)
+                torch.testing.assert_close(y[bi, si, hi], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(K.rope(y, ang.cos(), ang.sin(), inverse=True), x, atol=1e-5, rtol=1e-5)
+    # 3-D input (one vector per token) uses the same table
+    torch.testing.assert_close(K.rope(x[:, :, 0], ang.cos(), ang.sin()), y[:, :, 0])
+
+
+def test_hadamard_matches_sylvester_matrix():
+    d = 16
+    h = torch.ones(1, 1)
+    while h.size(0) < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    x = torch.randn(3, 5, d)
+    torch.testing.assert_close(K.hadamard(x), x @ h / 4, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(K.hadamard(K.hadamard(x)), x, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        K.hadamard(torch.randn(2, 12))
+
+
+def test_indexer_topk_against_loop():
+    b, s, h, dk, t, topk = 2, 4, 3, 8, 6, 4
+    q, k, w = torch.randn(b, s, h, dk), torch.randn(b, t, dk), torch.randn(b, s, h)
+    n_vis = torch.tensor([[0, 1, 3, 6], [2, 5, 6, 4]])
+    idx = K.indexer_topk(q, k, w, n_vis, topk)
+    assert idx.dtype == torch.int32 and idx.shape == (b, s, topk)
+    for bi in range(b):
+        for si in range(s):
+            score = [sum(float(w[bi, si, hh]) * max(0.0, float(q[bi, si, hh] @ k[bi, tt])) for hh in range(h))
+                     for tt in range(int(n_vis[bi, si]))]
+            want = sorted(range(len(score)), key=lambda tt: -score[tt])[:topk]
+            got = idx[bi, si].tolist()
+            assert sorted(x for x in got if x >= 0) == sorted(want)
+            assert got.count(-1) == topk - len(want)
+    # topk larger than the cache: padded with -1 to the fixed size
+    wide = K.indexer_topk(q, k, w, n_vis, 9)
+    assert wide.shape == (b, s, 9) and (wide[..., 6:] == -1).all()
+
+
+def test_sparse_attn_against_loop():
+    b, s, h, d, t, k = 2, 3, 4, 8, 7, 5
+    q, kv = torch.randn(b, s, h, d), torch.randn(b, t, d)
+    idx = torch.randint(0, t, (b, s, k), dtype=torch.int32)
+    idx[0, 1, 2:] = -1
+    idx[1, 2, :] = -1                   # no key at all: zeros
+    sink = torch.randn(h)
+    out = K.sparse_attn(q, kv, idx, sink, 0.3)
+    for bi in range(b):
+        for si in range(s):
+            for hh in range(h):
+                rows = [int(j) for j in idx[bi, si] if j >= 0]
+                e = [math.exp(0.3 * float(q[bi, si, hh] @ kv[bi, j])) for j in rows]
+                den = sum(e) + math.exp(float(sink[hh]))
+                ref = sum((ei / den * kv[bi, j] for ei, j in zip(e, rows)), torch.zeros(d))
+                torch.testing.assert_close(out[bi, si, hh], ref, atol=1e-5, rtol=1e-5)
+    assert (out[1, 2] == 0).all()
+
+
+def test_sparse_attn_sink_lowers_mass():
+    q, kv = torch.randn(1, 1, 2, 4), torch.ones(1, 3, 4)
+    idx = torch.tensor([[[0, 1, 2]]], dtype=torch.int32)
+    no_sink = K.sparse_attn(q, kv, idx, torch.full((2,), -1e4), 1.0)
+    torch.testing.assert_close(no_sink, torch.ones(1, 1, 2, 4))
+    with_sink = K.sparse_attn(q, kv, idx, torch.zeros(2), 1.0)
+    assert (with_sink < 1).all() and (with_sink > 0).all()
+
+
+def _naive_sinkhorn(m, scale, base, n, iters, eps):
+    pre = [1 / (1 + math.exp(-(m[i] * scale[0] + base[i]))) + eps for i in range(n)]
+    post = [2 / (1 + math.exp(-(m[n + i] * scale[1] + base[n + i]))) for i in range(n)]
+    c = [[m[2 * n + r * n + j] * scale[2] + base[2 * n + r * n + j] for j in range(n)] for r in range(n)]
+    for r in range(n):
+        mx = max(c[r])
+        e = [math.exp(v - mx) for v in c[r]]
+        c[r] = [v / sum(e) + eps for v in e]
+    for it in range(iters):
+        if it > 0:
+            for r in range(n):
+                rs = sum(c[r])
+                c[r] = [v / (rs + eps) for v in c[r]]
+        for j in range(n):
+            cs = sum(c[r][j] for r in range(n))
+            for r in range(n):
+                c[r][j] /= cs + eps
+    return pre, post, c
+
+
+def test_sinkhorn_against_loop():
+    n = 4
+    mixes = torch.randn(2, 3, (2 + n) * n)
+    scale, base = torch.rand(3) + 0.5, torch.randn((2 + n) * n)
+    pre, post, comb = K.sinkhorn(mixes, scale, base, 20, 1e-6)
+    for i in range(2):
+        for j in range(3):
+            p, q, c = _naive_sinkhorn(mixes[i, j].tolist(), scale.tolist(), base.tolist(), n, 20, 1e-6)
+            torch.testing.assert_close(pre[i, j], torch.tensor(p), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(post[i, j], torch.tensor(q), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(comb[i, j], torch.tensor(c), atol=1e-6, rtol=1e-5)
+    # 20 rounds leave it (nearly) doubly stochastic
+    torch.testing.assert_close(comb.sum(-1), torch.ones(2, 3, n), atol=2e-2, rtol=0)
+
+
+def test_hc_pre_post_head_against_loop():
+    b, s, n, d = 1, 2, 4, 6
+    x = torch.randn(b, s, n, d)
+    fn, scale, base = torch.randn((2 + n) * n, n * d), torch.rand(3), torch.randn((2 + n) * n)
+    y, post, comb = K.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    for si in range(s):
+        v = x[0, si].flatten()
+        m = (fn @ v) / torch.sqrt((v * v).mean() + 1e-6)
+        p, q, c = _naive_sinkhorn(m.tolist(), scale.tolist(), base.tolist(), n, 20, 1e-6)
+        torch.testing.assert_close(y[0, si], sum(p[k] * x[0, si, k] for k in range(n)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(post[0, si], torch.tensor(q), atol=1e-5, rtol=1e-5)
+        f = torch.randn(d)
+        new = K.hc_post(f.view(1, 1, d), x[:, si:si + 1], post[:, si:si + 1], comb[:, si:si + 1])[0, 0]
+        for jj in range(n):
+            ref = q[jj] * f + sum(c[k][jj] * x[0, si, k] for k in range(n))
+            torch.testing.assert_close(new[jj], ref, atol=1e-5, rtol=1e-5)
+    hfn, hscale, hbase = torch.randn(n, n * d), torch.rand(1), torch.randn(n)
+    head = K.hc_head(x, hfn, hscale, hbase, 1e-6, 1e-6)
+    v = x[0, 1].flatten()
+    m = (hfn @ v) / torch.sqrt((v * v).mean() + 1e-6)
+    pre = torch.sigmoid(m * hscale + hbase) + 1e-6
+    torch.testing.assert_close(head[0, 1], (pre[:, None] * x[0, 1]).sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_gate_topk_scored_and_hash():
+    n, e, k = 5, 8, 3
+    logits, bias = torch.randn(n, e), torch.randn(e)
+    w, idx = K.gate_topk(logits, bias, None, None, k, 2.5)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
+    for i in range(n):
+        score = [math.sqrt(math.log1p(math.exp(float(v)))) for v in logits[i]]
+        chosen = sorted(range(e), key=lambda j: -(score[j] + float(bias[j])))[:k]
+        assert sorted(idx[i].tolist()) == sorted(chosen)
+        tot = sum(score[j] for j in chosen)
+        for slot, j in enumerate(idx[i].tolist()):
+            assert abs(float(w[i, slot]) - score[j] / tot * 2.5) < 1e-5
+    tid2eid = torch.randint(0, e, (11, k))
+    ids = torch.tensor([3, 0, 10, 3, 7])
+    w, idx = K.gate_topk(logits, None, tid2eid, ids, k, 1.5)
+    assert torch.equal(idx, tid2eid[ids])
+    s = F.softplus(logits).sqrt().gather(1, idx)
+    torch.testing.assert_close(w, s / s.sum(1, keepdim=True) * 1.5)
