@@ -1,0 +1,111 @@
+"""CUDA backend: `Kernels` with fused versions of the two hot decode stages of V4 attention.
+
+Two implementations per stage, both static-shaped and free of host syncs (CUDA-graph capturable):
+
+| stage          | Triton (CUDA + Triton present)                 | PyTorch (any device, also the CPU tests)     |
+|----------------|------------------------------------------------|----------------------------------------------|
+| `sparse_attn`  | gather-and-attend over the index list, split-K | gather rows, one SDPA call, sink as a key     |
+| `indexer_topk` | fused relu-weighted scores, then fixed `topk`  | two batched matmuls, then fixed `topk`       |
+
+The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
+tests compare with `model.kernels.REFERENCE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.kernels import REFERENCE, Kernels
+
+
+def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Sparse attention as one SDPA call over the gathered rows.
+
+    The sink is folded in as one extra key: a zero vector (so q.k = 0 and its value adds nothing)
+    whose additive mask entry is sink[h]; its softmax weight is then exp(sink) / denominator, which
+    is exactly "exp(sink) in the denominator only". Invalid (-1) slots get -inf; the sink column is
+    always finite, so a row with no valid slot yields zeros instead of NaN.
+    """
+    B, S, H, D = q.shape
+    K = indices.shape[-1]
+    valid = indices >= 0
+    rows = indices.clamp(min=0).long()
+    batch = torch.arange(B, device=kv.device).view(B, 1, 1)
+    keys = kv.to(q.dtype)[batch, rows]                                            # [B,S,K,D]
+    keys = torch.cat([keys, keys.new_zeros(B, S, 1, D)], dim=2).view(B * S, 1, K + 1, D)
+    mask = torch.zeros(B, S, H, K + 1, device=q.device, dtype=q.dtype)
+    mask[..., :K].masked_fill_(~valid.unsqueeze(2), float("-inf"))
+    mask[..., K] = sink.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.reshape(B * S, H, 1, D), keys.expand(-1, H, -1, -1), keys.expand(-1, H, -1, -1),
+        attn_mask=mask.view(B * S, H, 1, K + 1), scale=scale)
+    return out.view(B, S, H, D)
+
+
+def topk_fixed(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of the `topk` largest scores per row as int32; masked (-inf) picks become -1.
+
+    Always returns exactly `topk` columns: when a row has fewer candidates the scores are padded
+    with -inf first, so the shape never depends on the data (no `topk(min(k, n))`).
+    """
+    short = topk - scores.shape[-1]
+    if short > 0:
+        scores = F.pad(scores, (0, short), value=float("-inf"))
+    values, idx = scores.topk(topk, dim=-1)
+    return torch.where(values == float("-inf"), -1, idx).to(torch.int32)
+
+
+def indexer_scores_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                       n_visible: torch.Tensor) -> torch.Tensor:
+    """score[b,s,t] = sum_h w[b,s,h] * relu(q[b,s,h].k[b,t]) as two batched matmuls, fp32, -inf if t >= n_visible."""
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    logits = torch.bmm(q.reshape(B, S * H, D).float(), k.float().transpose(1, 2)).relu_()   # [B, S*H, T]
+    scores = torch.bmm(weights.reshape(B * S, 1, H).float(), logits.view(B * S, H, T)).view(B, S, T)
+    visible = torch.arange(T, device=q.device).view(1, 1, T) < n_visible.unsqueeze(-1)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def _select(scores: torch.Tensor, topk: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum partial scores over the tensor-parallel group (each rank holds some heads), then pick."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(scores, group=group)  # -inf (invisible) stays -inf: every rank masks the same t
+    return topk_fixed(scores, topk)
+
+
+def indexer_topk_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
+                     topk: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Lightning-indexer selection in plain PyTorch: int32 [B,S,topk], -1 padded."""
+    return _select(indexer_scores_bmm(q, k, weights, n_visible), topk, group)
+
+
+def sparse_attn_triton(q, kv, indices, sink, scale):
+    """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`)."""
+    from ascend.backends import triton_sparse_attn
+    return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale)
+
+
+def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
+    """Fused Triton indexer scores, then a fixed-size `topk` (same contract as `indexer_topk_bmm`)."""
+    from ascend.backends import triton_sparse_attn
+    return _select(triton_sparse_attn.indexer_scores(q, k, weights, n_visible), topk, group)
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run: a CUDA device and an importable `triton`."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def make_kernels(use_triton: bool | None = None) -> Kernels:
+    """The CUDA `Kernels`: Triton stages when available (default), else the PyTorch ones."""
+    if use_triton is None:
+        use_triton = triton_available()
+    if use_triton:
+        return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton)
+    return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm)

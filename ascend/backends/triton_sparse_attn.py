@@ -1,0 +1,158 @@
+"""Triton kernels for the two hot decode stages of V4 attention on NVIDIA GPUs.
+
+- `sparse_attn`: attention of every query over its own list of KV rows (window + selected
+  compressed entries), single KV head (K = V), learned per-head sink in the denominator. Split-K
+  ("flash-decoding"): the index list is cut into chunks that run on separate programs, so a single
+  decode token still fills the GPU; a small PyTorch epilogue merges the partial softmaxes and adds
+  the sink.
+- `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
+  writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
+
+Both launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
+Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 32  # KV rows gathered per inner step
+
+
+@triton.jit
+def _sparse_attn_partial_kernel(
+    q_ptr, kv_ptr, idx_ptr, o_ptr, m_ptr, l_ptr,
+    S, H, T, K, chunk, scale,
+    sq_b, sq_s, sq_h, skv_b, skv_t, si_b, si_s,
+    D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    bs = tl.program_id(0)           # flattened (batch, query position)
+    hb = tl.program_id(1)           # block of heads
+    split = tl.program_id(2)        # chunk of the index list
+    nsplit = tl.num_programs(2)
+    b = bs // S
+    s = bs % S
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, D_P2)
+    h_ok = heads < H
+    d_ok = dims < D
+
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_P2], tl.float32)
+
+    k_start = split * chunk
+    k_end = tl.minimum(k_start + chunk, K)
+    idx_base = idx_ptr + b.to(tl.int64) * si_b + s * si_s
+    kv_base = kv_ptr + b.to(tl.int64) * skv_b
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_base + offs, mask=offs < k_end, other=-1)
+        valid = (rows >= 0) & (rows < T)
+        rows = tl.where(valid, rows, 0).to(tl.int64)
+        kv = tl.load(kv_base + rows[:, None] * skv_t + dims[None, :],
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(kv)) * scale                       # [BLOCK_H, BLOCK_K] fp32
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # all-masked so far: keep zeros
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        m_i = m_new
+
+    part = (bs * nsplit + split) * H + heads                            # [BS, NSPLIT, H] layout
+    tl.store(o_ptr + part[:, None].to(tl.int64) * D + dims[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(m_ptr + part, m_i, mask=h_ok)
+    tl.store(l_ptr + part, l_i, mask=h_ok)
+
+
+def _num_splits(programs: int, k_blocks: int, device: torch.device) -> int:
+    """Chunks of the index list per (query, head block): enough programs for ~2 waves on the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k_blocks, triton.cdiv(2 * sms, programs)))
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32 (-1 = skip), sink [H] fp32 -> [B,S,H,D] in q's dtype."""
+    B, S, H, D = q.shape
+    T, K = kv.shape[1], indices.shape[-1]
+    q, kv, indices = q.contiguous(), kv.to(q.dtype).contiguous(), indices.to(torch.int32).contiguous()
+    block_h = 16 if H <= 16 else 32
+    head_blocks = triton.cdiv(H, block_h)
+    k_blocks = triton.cdiv(K, BLOCK_K)
+    nsplit = _num_splits(B * S * head_blocks, k_blocks, q.device)
+    chunk = triton.cdiv(k_blocks, nsplit) * BLOCK_K
+    nsplit = triton.cdiv(K, chunk)
+    o = q.new_empty(B * S, nsplit, H, D, dtype=torch.float32)
+    m = q.new_empty(B * S, nsplit, H, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _sparse_attn_partial_kernel[(B * S, head_blocks, nsplit)](
+        q, kv, indices, o, m, l,
+        S, H, T, K, chunk, scale,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+        D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=BLOCK_K,
+        num_warps=8 if D >= 256 else 4, num_stages=2,
+    )
+    # Merge the chunks; the sink is one more "logit" per head with a zero value vector.
+    sink = sink.float().view(1, 1, H)
+    m_all = torch.maximum(m.amax(1), sink.view(1, H))                  # [BS, H]
+    w = torch.exp(m - m_all.unsqueeze(1))                               # [BS, NSPLIT, H]; -inf chunks -> 0
+    denom = (l * w).sum(1) + torch.exp(sink.view(1, H) - m_all)
+    out = (o * w.unsqueeze(-1)).sum(1) / denom.unsqueeze(-1)
+    return out.view(B, S, H, D).to(q.dtype)
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    q_ptr, k_ptr, w_ptr, nv_ptr, out_ptr,
+    S, H, T,
+    sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
+    D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    bs = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = bs // S
+    s = bs % S
+    heads = tl.arange(0, H_P2)
+    dims = tl.arange(0, D_P2)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    h_ok = heads < H
+    d_ok = dims < D
+    t_ok = t < T
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + b.to(tl.int64) * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b.to(tl.int64) * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    logits = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                    # [H_P2, BLOCK_T]
+    score = tl.sum(logits * w[:, None], 0)
+    n_visible = tl.load(nv_ptr + b.to(tl.int64) * snv_b + s)
+    score = tl.where(t < n_visible, score, float("-inf"))
+    tl.store(out_ptr + b.to(tl.int64) * so_b + s * so_s + t, score, mask=t_ok)
+
+
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                   n_visible: torch.Tensor) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible."""
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    q, k = q.contiguous(), k.to(q.dtype).contiguous()
+    weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
+    out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
+    block_t = 64
+    _indexer_scores_kernel[(B * S, triton.cdiv(T, block_t))](
+        q, k, weights, n_visible, out,
+        S, H, T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
+        n_visible.stride(0), out.stride(0), out.stride(1),
+        D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
+        num_warps=4, num_stages=2,
+    )
+    return out

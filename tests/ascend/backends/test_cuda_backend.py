@@ -1,0 +1,133 @@
+"""The CUDA backend's stages against model.kernels.REFERENCE.
+
+The PyTorch implementations run everywhere (CPU here); the Triton ones only with CUDA + Triton.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ascend.backends import cuda
+from model.kernels import REFERENCE
+
+needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
+
+
+def _attn_inputs(B, S, H, D, T, K, device="cpu", dtype=torch.float32, empty_row=True):
+    q = torch.randn(B, S, H, D, device=device, dtype=dtype)
+    kv = torch.randn(B, T, D, device=device, dtype=dtype)
+    idx = torch.randint(0, T, (B, S, K), device=device, dtype=torch.int32)
+    idx[torch.rand(B, S, K, device=device) < 0.3] = -1     # empty slots anywhere, duplicates allowed
+    if empty_row:
+        idx[0, 0] = -1                                     # a query with nothing to attend: zeros
+    sink = torch.randn(H, device=device)
+    return q, kv, idx, sink
+
+
+def _indexer_inputs(B, S, H, D, T, device="cpu", dtype=torch.float32):
+    q = torch.randn(B, S, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, T, D, device=device, dtype=dtype)
+    w = torch.randn(B, S, H, device=device, dtype=dtype)
+    n_visible = torch.randint(0, T + 1, (B, S), device=device)
+    n_visible[0, 0] = 0
+    n_visible[-1, -1] = T
+    return q, k, w, n_visible
+
+
+def _picked_scores(q, k, w, n_visible, idx):
+    """Reference scores of the picked entries, sorted, with -inf for -1 slots: equal iff the same set was chosen
+    (robust to ties and to ordering)."""
+    s = torch.einsum("bshd,btd->bsht", q.double(), k.double()).relu() * w.double().unsqueeze(-1)
+    s = s.sum(2)
+    s = torch.cat([s, s.new_full(s.shape[:-1] + (1,), float("-inf"))], -1)   # slot T = "-1"
+    picked = s.gather(-1, torch.where(idx < 0, s.size(-1) - 1, idx).long())
+    return picked.sort(-1).values
+
+
+@pytest.mark.parametrize("B,S,H,D,T,K", [(2, 3, 4, 16, 20, 12), (1, 1, 8, 64, 50, 40)])
+def test_sparse_attn_sdpa_matches_reference(B, S, H, D, T, K):
+    q, kv, idx, sink = _attn_inputs(B, S, H, D, T, K)
+    out = cuda.sparse_attn_sdpa(q, kv, idx, sink, D ** -0.5)
+    ref = REFERENCE.sparse_attn(q, kv, idx, sink, D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out[0, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("T,topk", [(30, 8), (5, 8)])   # topk > T pads with -1
+def test_indexer_topk_bmm_matches_reference(T, topk):
+    q, k, w, n_visible = _indexer_inputs(2, 3, 4, 16, T)
+    idx = cuda.indexer_topk_bmm(q, k, w, n_visible, topk)
+    ref = REFERENCE.indexer_topk(q, k, w, n_visible, topk)
+    assert idx.shape == ref.shape == (2, 3, topk) and idx.dtype == torch.int32
+    torch.testing.assert_close(_picked_scores(q, k, w, n_visible, idx), _picked_scores(q, k, w, n_visible, ref))
+    assert ((idx >= 0).sum(-1) == n_visible.clamp(max=topk)).all()
+
+
+def test_topk_fixed_shape_does_not_depend_on_values():
+    scores = torch.full((2, 3), float("-inf"))
+    scores[0, 1] = 1.0
+    assert cuda.topk_fixed(scores, 5).tolist() == [[1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]
+
+
+def test_make_kernels_replaces_only_the_two_stages():
+    k = cuda.make_kernels(use_triton=False)
+    assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
+    changed = {f.name for f in dataclasses.fields(k) if getattr(k, f.name) is not getattr(REFERENCE, f.name)}
+    assert changed == {"sparse_attn", "indexer_topk"}
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+
+@needs_triton
+@pytest.mark.parametrize("B,S,H,D,T,K", [(1, 1, 64, 512, 4096, 640), (3, 2, 4, 64, 300, 200),
+                                         (32, 1, 64, 512, 2048, 640), (1, 1, 16, 128, 70000, 8320)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
+    q, kv, idx, sink = _attn_inputs(B, S, H, D, T, K, device="cuda", dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    out.copy_(cuda.sparse_attn_triton(q, kv, idx, sink, D ** -0.5))
+    ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
+    err = (out.double() - ref).norm() / ref.norm()
+    assert torch.isfinite(out).all() and err < (1e-2 if dtype == torch.bfloat16 else 2e-3), err
+    assert out[0, 0].abs().max() == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("B,S,H,D,T,topk", [(1, 1, 64, 128, 4096, 512), (4, 3, 8, 32, 300, 64), (2, 1, 64, 128, 100, 512)])
+def test_triton_indexer_topk_matches_reference(B, S, H, D, T, topk):
+    q, k, w, n_visible = _indexer_inputs(B, S, H, D, T, device="cuda")
+    scores = cuda.indexer_scores_bmm(q, k, w, n_visible)
+    fused = cuda.indexer_topk_triton(q, k, w, n_visible, topk)
+    from ascend.backends import triton_sparse_attn
+    torch.testing.assert_close(triton_sparse_attn.indexer_scores(q, k, w, n_visible), scores, rtol=5e-3, atol=5e-2)
+    picked = _picked_scores(q, k, w, n_visible, fused)
+    ref = _picked_scores(q, k, w, n_visible, REFERENCE.indexer_topk(q, k, w, n_visible, topk))
+    # tf32 scores may swap near-ties: the chosen set's scores must still match the best ones closely
+    torch.testing.assert_close(picked, ref, rtol=5e-3, atol=5e-2)
+
+
+@needs_triton
+def test_triton_stages_replay_under_cuda_graph():
+    kernels = cuda.make_kernels()
+    q, kv, idx, sink = _attn_inputs(8, 1, 64, 512, 1024, 640, device="cuda", dtype=torch.bfloat16)
+    iq, ik, iw, nv = _indexer_inputs(8, 1, 64, 128, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return kernels.sparse_attn(q, kv, idx, sink, 512 ** -0.5), kernels.indexer_topk(iq, ik, iw, nv, 512)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_idx = step()
+    for _ in range(2):   # fresh inputs in the captured buffers each time
+        for t in (q, kv, iq, ik, iw):
+            t.copy_(torch.randn_like(t))
+        idx.copy_(torch.randint_like(idx, -1, 1024))
+        graph.replay()
+        out, sel = step()
+        torch.testing.assert_close(static_out, out)
+        assert torch.equal(static_idx.sort(-1).values, sel.sort(-1).values)
