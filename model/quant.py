@@ -1,0 +1,173 @@
+"""DeepSeek-V4 number formats: quantise, dequantise and simulate, with torch's native dtypes.
+
+Formats (all scales are ue8m0 = `torch.float8_e8m0fnu`, i.e. powers of two):
+
+* FP8 weights: `torch.float8_e4m3fn` values, one scale per 128 x 128 block; the scale tensor is
+  `[ceil(out / 128), ceil(in / 128)]` (ragged edge blocks are allowed).
+* FP4 weights (routed experts): e2m1 values packed two per byte along the input dim, LOW nibble first
+  (element 2i in bits 0-3, element 2i+1 in bits 4-7), stored as `torch.int8` `[out, in / 2]`; one scale per
+  32 inputs, `[out, in / 32]`. The same bytes viewed as `torch.float4_e2m1fn_x2` are the official layout.
+* int8 weights: symmetric per output channel, `float32` scale `[out]`.
+* Round-trip simulations used by attention (quantisation-aware training): FP8 blocks of 64 along the last
+  dim for the KV cache, FP4 blocks of 32 for the indexer, both with power-of-two scales.
+
+torch 2.13 has no conversion kernels for `float4_e2m1fn_x2` ("copy_kernel" is not implemented on CPU), so
+e2m1 encoding / decoding is done here on 4-bit codes (round to nearest, ties to even, like every IEEE cast)
+and the packing handles the nibbles by hand. Every other cast is a plain `tensor.to(native_dtype)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "FP8_MAX", "FP4_MAX", "INT8_MAX", "FP8_BLOCK", "FP4_BLOCK", "KV_FP8_BLOCK", "E2M1_VALUES",
+    "pow2_scale", "quantize_fp8", "dequantize_fp8", "fp8_scale_shape",
+    "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "quantize_fp4", "dequantize_fp4", "fp4_scale_shape",
+    "quantize_int8", "dequantize_int8", "fp8_round_trip", "fp4_round_trip",
+]
+
+FP8_MAX = 448.0        # largest finite float8_e4m3fn
+FP4_MAX = 6.0          # largest e2m1
+INT8_MAX = 127.0
+FP8_BLOCK = 128        # FP8 weight blocks are FP8_BLOCK x FP8_BLOCK
+FP4_BLOCK = 32         # inputs per FP4 scale (weights and the indexer simulation)
+KV_FP8_BLOCK = 64      # FP8 simulation block of the KV cache
+
+# e2m1 code -> value; bit 3 is the sign, bits 0-2 index the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+_E8M0_MIN_EXP, _E8M0_MAX_EXP = -127, 127
+
+
+def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The smallest power of two s with amax / s <= qmax, clamped to the ue8m0 range (float32)."""
+    exp = torch.ceil(torch.log2(amax.float() / qmax)).clamp(_E8M0_MIN_EXP, _E8M0_MAX_EXP)
+    return torch.exp2(exp)
+
+
+def _blocks_2d(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad a 2-D tensor to whole blocks and view it as [rows/b, b, cols/b, b]."""
+    rows, cols = x.shape
+    pr, pc = -rows % block, -cols % block
+    x = torch.nn.functional.pad(x, (0, pc, 0, pr))
+    return x.view((rows + pr) // block, block, (cols + pc) // block, block), (rows, cols)
+
+
+def _expand_2d(scale: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
+    """Repeat a per-block scale over its block and crop to `shape`."""
+    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: shape[0], : shape[1]]
+
+
+# --------------------------------------------------------------------------- FP8 weights
+def fp8_scale_shape(out_features: int, in_features: int, block: int = FP8_BLOCK) -> tuple[int, int]:
+    """Shape of the ue8m0 scale of an FP8 weight: one entry per (ceil-divided) block."""
+    return -(-out_features // block), -(-in_features // block)
+
+
+def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D weight -> (float8_e4m3fn weight, float8_e8m0fnu scale per `block` x `block`)."""
+    blocks, shape = _blocks_2d(weight.float(), block)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    scale = pow2_scale(amax.clamp_min(torch.finfo(torch.float32).tiny), FP8_MAX)
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).flatten(2, 3).flatten(0, 1)[: shape[0], : shape[1]]
+    return q.to(torch.float8_e4m3fn), scale[:, 0, :, 0].to(torch.float8_e8m0fnu)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_fp8`; exact in bfloat16 and float32 (e4m3 times a power of two)."""
+    return weight.to(dtype) * _expand_2d(scale.to(dtype), tuple(weight.shape), block)
+
+
+# --------------------------------------------------------------------------- FP4 (e2m1) weights
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """Round float values (already scaled into [-6, 6]) to e2m1 codes 0..15, ties to even, as uint8."""
+    x = x.float()
+    mag = x.abs().clamp_max(FP4_MAX)
+    mids = torch.tensor(_E2M1_MIDPOINTS, device=x.device)
+    code = torch.bucketize(mag, mids)                    # lower code on an exact midpoint ...
+    tie = (code < len(mids)) & (mag == mids[code.clamp_max(len(mids) - 1)])
+    code = code + (tie & (code % 2 == 1)).long()         # ... moved up when the lower one is odd
+    return (code | (torch.signbit(x).long() << 3)).to(torch.uint8)
+
+
+def e2m1_decode(code: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e2m1 codes 0..15 (any integer dtype) -> values."""
+    table = torch.tensor(E2M1_VALUES, dtype=dtype, device=code.device)
+    return table[code.long()]
+
+
+def pack_fp4(code: torch.Tensor) -> torch.Tensor:
+    """Codes [..., n] (n even) -> int8 bytes [..., n/2], element 2i in the low nibble."""
+    code = code.to(torch.uint8)
+    return (code[..., 0::2] | (code[..., 1::2] << 4)).view(torch.int8)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """int8 / uint8 / float4_e2m1fn_x2 bytes [..., n/2] -> codes [..., n] (uint8), low nibble first."""
+    b = packed.view(torch.uint8)
+    return torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
+
+
+def fp4_scale_shape(out_features: int, in_features: int, block: int = FP4_BLOCK) -> tuple[int, int]:
+    """Shape of the ue8m0 scale of an FP4 weight: one entry per `block` inputs of each row."""
+    return out_features, in_features // block
+
+
+def _check_fp4_width(n: int, block: int) -> None:
+    if n % block:
+        raise ValueError(f"FP4 needs the last dim to be a multiple of {block}, got {n}")
+
+
+def quantize_fp4(weight: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., n] -> (int8 packed e2m1 [..., n/2], float8_e8m0fnu scale [..., n/block])."""
+    _check_fp4_width(weight.shape[-1], block)
+    blocks = weight.float().unflatten(-1, (-1, block))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = pow2_scale(amax.clamp_min(FP4_MAX * 2.0 ** -126), FP4_MAX)
+    code = e2m1_encode((blocks / scale).flatten(-2))
+    return pack_fp4(code), scale.squeeze(-1).to(torch.float8_e8m0fnu)
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_fp4`; exact in bfloat16 and float32."""
+    values = e2m1_decode(unpack_fp4(packed), dtype)
+    return (values.unflatten(-1, (-1, block)) * scale.to(dtype).unsqueeze(-1)).flatten(-2)
+
+
+# --------------------------------------------------------------------------- int8 weights
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D weight -> (int8 weight, float32 scale [out]); symmetric per output channel, round half to even."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_int8` (computed in float32, then cast)."""
+    return (weight.float() * scale.float()[:, None]).to(dtype)
+
+
+# --------------------------------------------------------------------------- round-trip simulations
+def fp8_round_trip(x: torch.Tensor, block: int = KV_FP8_BLOCK) -> torch.Tensor:
+    """Quantise the last dim to e4m3 per `block` with power-of-two scales and back, in x's dtype.
+
+    Matches the official `act_quant(..., inplace=True)` with ue8m0 scales (amax floored at 1e-4).
+    """
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).flatten(-2).to(x.dtype)
+
+
+def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+    """Quantise the last dim to e2m1 per `block` with power-of-two scales and back, in x's dtype.
+
+    Matches the official `fp4_act_quant(..., inplace=True)` (amax floored at 6 * 2^-126).
+    """
+    packed, scale = quantize_fp4(x, block)
+    return dequantize_fp4(packed, scale, block).to(x.dtype)
