@@ -1,0 +1,373 @@
+"""CPU implementations of torch_npu operators, written from their published documentation.
+
+Each function has the exact parameter list of the operator's schema (the dispatcher has already
+checked names, types and arity against the wheel's schema before we get here) and implements the
+semantics of the Ascend/op-plugin page `docs/zh/custom_APIs/torch_npu/torch_npu-<op>.md` named in its
+docstring, computing in float32 and returning the documented dtypes and shapes. Documented limits on
+shapes and dtypes are enforced with `torch._check` (RuntimeError, as the real operator fails);
+modes the emulation does not implement raise NotImplementedError: no argument is silently ignored.
+Limits that depend on the SoC (A2/A3 vs Ascend 950) are the union here; the NPU backend
+(ascend/backends/npu.py) applies the per-SoC ones before it calls an operator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+HALF = (torch.float16, torch.bfloat16)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+INT64_MAX = (1 << 63) - 1
+SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
+
+
+def _unsupported(op: str, what: str) -> NotImplementedError:
+    return NotImplementedError(f"npu emulation of {op}: {what} is not emulated")
+
+
+# ------------------------------------------------------------------------------ norms, rope
+
+def npu_rms_norm(self: Tensor, gamma: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """torch_npu-npu_rms_norm: y = x * rsqrt(mean(x^2 over gamma's dims) + eps) * gamma, rstd in fp32."""
+    torch._check(self.dtype in FLOATS, lambda: f"npu_rms_norm: self dtype {self.dtype} not supported")
+    torch._check(gamma.dtype == self.dtype, lambda: "npu_rms_norm: gamma dtype must equal self dtype")
+    nd = gamma.dim()
+    torch._check(1 <= nd <= self.dim() and tuple(self.shape[-nd:]) == tuple(gamma.shape),
+                 lambda: f"npu_rms_norm: gamma shape {tuple(gamma.shape)} must match the last dims of {tuple(self.shape)}")
+    dims = tuple(range(self.dim() - nd, self.dim()))
+    x = self.float()
+    rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + epsilon)
+    return (x * rstd * gamma.float()).to(self.dtype), rstd
+
+
+def npu_interleave_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """torch_npu-npu_interleave_rope: de-interleave the pairs of D=64, then q*cos + RotateHalf(q)*sin.
+
+    The result stays in the de-interleaved (rotate-half) layout: out[:32] are the rotated first
+    members of the pairs, out[32:] the second members.
+    """
+    torch._check(x.dim() == 4 and x.shape[-1] == 64, lambda: f"npu_interleave_rope: x must be [B,N,S,64], got {tuple(x.shape)}")
+    torch._check(cos.shape == sin.shape and cos.dim() == 4, lambda: "npu_interleave_rope: cos and sin must be equal 4-D shapes")
+    torch._check(cos.shape[0] == x.shape[0] and cos.shape[1] == 1 and cos.shape[2] in (1, x.shape[2]) and cos.shape[3] == 64,
+                 lambda: f"npu_interleave_rope: cos shape {tuple(cos.shape)} must be [B,1,S or 1,64] for x {tuple(x.shape)}")
+    torch._check(x.dtype in FLOATS and cos.dtype == x.dtype and sin.dtype == x.dtype,
+                 lambda: "npu_interleave_rope: x, cos, sin must share a float dtype")
+    q = x.float().unflatten(-1, (32, 2)).transpose(-1, -2).flatten(-2)
+    rotated = torch.cat([-q[..., 32:], q[..., :32]], dim=-1)
+    return (q * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------- routing
+
+def npu_moe_gating_top_k(x: Tensor, k: int, *, bias: Tensor | None = None, input_ids: Tensor | None = None,
+                         tid2eid: Tensor | None = None, k_group: int = 1, group_count: int = 1,
+                         group_select_mode: int = 0, renorm: int = 0, norm_type: int = 0, out_flag: bool = False,
+                         routed_scaling_factor: float = 1.0, eps: float = 1e-20) -> tuple[Tensor, Tensor, Tensor]:
+    """torch_npu-npu_moe_gating_top_k: norm (0 softmax / 1 sigmoid), + bias for the choice only,
+    optional group-limited choice, top-k (stable: lower expert id wins ties), y gathered from the
+    unbiased norm; with norm_type 1, y /= sum(y) + eps; then y *= routed_scaling_factor.
+
+    Hash mode (input_ids and tid2eid): the page says only that expert ids are looked up in tid2eid by
+    input_ids; we take the experts as tid2eid[input_ids] and keep every other step unchanged.
+    """
+    T, E = x.shape if x.dim() == 2 else (0, 0)
+    torch._check(x.dim() == 2 and x.dtype in FLOATS, lambda: "npu_moe_gating_top_k: x must be a 2-D float tensor")
+    torch._check(E <= 2048, lambda: f"npu_moe_gating_top_k: at most 2048 experts, got {E}")
+    torch._check(renorm == 0, lambda: "npu_moe_gating_top_k: only renorm=0 is supported")
+    torch._check(norm_type in (0, 1), lambda: f"npu_moe_gating_top_k: norm_type must be 0 or 1, got {norm_type}")
+    torch._check(group_select_mode in (0, 1), lambda: "npu_moe_gating_top_k: group_select_mode must be 0 or 1")
+    torch._check(group_count > 0 and E % group_count == 0 and E // group_count > 2,
+                 lambda: f"npu_moe_gating_top_k: {E} experts cannot form {group_count} groups of more than 2")
+    torch._check(1 <= k_group <= group_count and 1 <= k <= E // group_count * k_group,
+                 lambda: f"npu_moe_gating_top_k: need 1 <= k_group <= group_count and 1 <= k <= E/group_count*k_group")
+    if bias is not None:
+        torch._check(bias.shape == (E,) and bias.dtype == x.dtype, lambda: "npu_moe_gating_top_k: bias must be [E] in x's dtype")
+    torch._check((input_ids is None) == (tid2eid is None), lambda: "input_ids and tid2eid must be both provided or both omitted")
+    norm = torch.softmax(x.float(), -1) if norm_type == 0 else torch.sigmoid(x.float())
+    if tid2eid is not None:
+        torch._check(input_ids.shape == (T,) and tid2eid.dim() == 2 and tid2eid.shape[1] == k,
+                     lambda: "npu_moe_gating_top_k: input_ids must be [T] and tid2eid [vocab, k]")
+        idx = tid2eid[input_ids.long()].long()
+    else:
+        choice = norm + bias.float() if bias is not None else norm
+        if group_count > 1:
+            grouped = choice.view(T, group_count, -1)
+            score = grouped.amax(-1) if group_select_mode == 0 else grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k_group]
+            mask = torch.ones_like(score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask[..., None], float("-inf")).view(T, E)
+        idx = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :k]
+    y = norm.gather(1, idx)
+    if norm_type == 1:
+        y = y / (y.sum(-1, keepdim=True) + eps)
+    return (y * routed_scaling_factor).to(x.dtype), idx.to(torch.int32), norm
+
+
+# --------------------------------------------------------------------------------------- mHC
+
+def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: Tensor | None = None,
+                norm_eps: float = 1e-6, hc_eps: float = 1e-6, out_flag: int = 0,
+                inner_precise: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """torch_npu-npu_mhc_pre: h_mix = RmsNorm(vec x) @ phi^T; pre = sigmoid(a0*mix_pre + b) + hc_eps;
+    post = 2*sigmoid(a1*mix_post + b); res = a2*mix_res + b (before Sinkhorn); h_in = sum_k pre_k x_k.
+
+    Returns (h_in, h_post, h_res, inv_rms, h_mix, h_pre) with the meta function's shapes.
+    inner_precise (FP32 vs HF32 matmul on the Cube) has no CPU equivalent: both compute in FP32.
+    """
+    torch._check(x.dim() in (3, 4) and x.dtype in HALF, lambda: "npu_mhc_pre: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
+    n, D = x.shape[-2], x.shape[-1]
+    torch._check(n in (4, 6, 8) and 1 <= D <= 16384 and D % 16 == 0, lambda: f"npu_mhc_pre: n must be 4/6/8 and D a multiple of 16, got n={n} D={D}")
+    torch._check(alpha.numel() in (2, 3), lambda: "npu_mhc_pre: alpha must have 2 or 3 elements")
+    has_res = alpha.numel() == 3
+    K = n * n + 2 * n if has_res else 2 * n
+    torch._check(phi.dtype == torch.float32 and tuple(phi.shape) == (K, n * D), lambda: f"npu_mhc_pre: phi must be fp32 [{K}, {n * D}]")
+    torch._check(bias.dtype == torch.float32 and bias.numel() == K, lambda: f"npu_mhc_pre: bias must be fp32 [{K}]")
+    torch._check(out_flag in (0, 1) and inner_precise in (0, 1), lambda: "npu_mhc_pre: out_flag and inner_precise must be 0 or 1")
+    xf = x.float()
+    flat = xf.flatten(-2)
+    inv_rms = torch.rsqrt(flat.square().mean(-1) + norm_eps)
+    normed = flat * inv_rms[..., None]
+    if gamma is not None:
+        torch._check(tuple(gamma.shape) == (n, D), lambda: f"npu_mhc_pre: gamma must be [{n}, {D}]")
+        normed = normed * gamma.float().flatten()
+    h_mix = normed @ phi.t()
+    a = alpha.float()
+    b = bias.float()
+    h_pre = torch.sigmoid(a[0] * h_mix[..., :n] + b[:n]) + hc_eps
+    h_post = 2 * torch.sigmoid(a[1] * h_mix[..., n:2 * n] + b[n:2 * n])
+    if has_res:
+        h_res = (a[2] * h_mix[..., 2 * n:] + b[2 * n:]).unflatten(-1, (n, n))
+    else:
+        h_res = torch.zeros(1)
+    h_in = (h_pre[..., None] * xf).sum(-2).to(x.dtype)
+    return h_in, h_post, h_res, inv_rms, h_mix, h_pre
+
+
+def npu_mhc_post(x: Tensor, h_res: Tensor | None, h_out: Tensor, h_post: Tensor) -> Tensor:
+    """torch_npu-npu_mhc_post: y_j = h_post_j * h_out + sum_k h_res[k, j] * x_k (h_res None: x_j)."""
+    torch._check(x.dim() in (3, 4) and x.dtype in HALF, lambda: "npu_mhc_post: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
+    torch._check(h_out.dtype == x.dtype and tuple(h_out.shape) == tuple(x.shape[:-2]) + (x.shape[-1],),
+                 lambda: "npu_mhc_post: h_out must be x's dtype with shape [..., D]")
+    torch._check(h_post.dtype == torch.float32 and tuple(h_post.shape) == tuple(x.shape[:-1]),
+                 lambda: "npu_mhc_post: h_post must be fp32 [..., n]")
+    xf = x.float()
+    y = h_post[..., None] * h_out.float()[..., None, :]
+    if h_res is None:
+        y = y + xf
+    else:
+        n = x.shape[-2]
+        torch._check(h_res.dtype == torch.float32 and tuple(h_res.shape) == tuple(x.shape[:-2]) + (n, n),
+                     lambda: "npu_mhc_post: h_res must be fp32 [..., n, n]")
+        y = y + torch.einsum("...kj,...kd->...jd", h_res, xf)
+    return y.to(x.dtype)
+
+
+def npu_mhc_sinkhorn(x: Tensor, *, eps: float = 1e-6, num_iters: int = 20, out_flag: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """torch_npu-npu_mhc_sinkhorn: softmax over rows + eps, then column / row normalisation, ending
+    with a column normalisation, num_iters rounds in all (every sum gets + eps)."""
+    torch._check(x.dim() in (3, 4) and x.dtype == torch.float32 and x.shape[-1] == x.shape[-2] and x.shape[-1] in (4, 6, 8),
+                 lambda: f"npu_mhc_sinkhorn: x must be fp32 [..., n, n] with n in 4/6/8, got {tuple(x.shape)} {x.dtype}")
+    torch._check(0 < num_iters <= 100, lambda: f"num_iters must be within (0, 100], but got {num_iters}.")
+    if out_flag:
+        raise _unsupported("npu_mhc_sinkhorn", "out_flag=1 (intermediate norm/sum outputs for training)")
+    y = torch.softmax(x, -1) + eps
+    y = y / (y.sum(-2, keepdim=True) + eps)
+    for _ in range(num_iters - 1):
+        y = y / (y.sum(-1, keepdim=True) + eps)
+        y = y / (y.sum(-2, keepdim=True) + eps)
+    return y, x.new_empty(0), x.new_empty(0)
+
+
+# ------------------------------------------------------------------ sequences, layouts, masks
+
+def _lengths(lengths: Tensor | None, default: int, batch: int, cumulative: bool) -> list[int]:
+    """Per-batch valid lengths from an actual_seq_lengths tensor (prefix sums when cumulative)."""
+    if lengths is None:
+        return [default] * batch
+    vals = [int(v) for v in lengths.tolist()]
+    if cumulative:
+        torch._check(all(b >= a for a, b in zip([0] + vals, vals)), lambda: "cumulative lengths must not decrease")
+        return [b - a for a, b in zip([0] + vals, vals)]
+    return vals
+
+
+def _split_query(op: str, query: Tensor, layout: str, lengths: Tensor | None) -> list[Tensor]:
+    """Per-batch [S_b, N, D] views of a BSND or TND query (TND needs cumulative lengths)."""
+    if layout == "BSND":
+        torch._check(query.dim() == 4, lambda: f"{op}: BSND query must be 4-D")
+        lens = _lengths(lengths, query.shape[1], query.shape[0], cumulative=False)
+        return [query[b, :n] for b, n in enumerate(lens)]
+    if layout == "TND":
+        torch._check(query.dim() == 3 and lengths is not None, lambda: f"{op}: TND query must be 3-D with actual_seq_lengths_query")
+        ends = [int(v) for v in lengths.tolist()]
+        return [query[a:b] for a, b in zip([0] + ends, ends)]
+    raise _unsupported(op, f"query layout {layout!r}")
+
+
+def _split_kv(op: str, key: Tensor, layout: str, lengths: Tensor | None, block_table: Tensor | None, batch: int) -> list[Tensor]:
+    """Per-batch [S2_b, N2, D] key (or value) sequences for BSND, TND and paged PA_BSND layouts."""
+    if layout == "BSND":
+        torch._check(key.dim() == 4, lambda: f"{op}: BSND key must be 4-D")
+        lens = _lengths(lengths, key.shape[1], key.shape[0], cumulative=False)
+        return [key[b, :n] for b, n in enumerate(lens)]
+    if layout == "TND":
+        torch._check(key.dim() == 3 and lengths is not None, lambda: f"{op}: TND key must be 3-D with actual lengths")
+        ends = [int(v) for v in lengths.tolist()]
+        return [key[a:b] for a, b in zip([0] + ends, ends)]
+    if layout == "PA_BSND":
+        torch._check(key.dim() == 4 and block_table is not None and lengths is not None,
+                     lambda: f"{op}: PA_BSND key needs [blocks, block_size, N, D], block_table and actual lengths")
+        block_size = key.shape[1]
+        torch._check(block_size % 16 == 0 and block_size <= 1024, lambda: f"{op}: block_size must be a multiple of 16 up to 1024")
+        torch._check(block_table.dtype == torch.int32 and block_table.shape[0] == batch, lambda: f"{op}: block_table must be int32 [B, blocks]")
+        lens = _lengths(lengths, 0, batch, cumulative=False)
+        out = []
+        for b, n in enumerate(lens):
+            need = -(-n // block_size)
+            torch._check(need <= block_table.shape[1], lambda: f"{op}: block_table too short for {n} tokens")
+            out.append(key[block_table[b, :need].long()].flatten(0, 1)[:n])
+        return out
+    raise _unsupported(op, f"key layout {layout!r}")
+
+
+def _causal_limit(sparse_mode: int, s1: int, s2: int) -> Tensor:
+    """Per query row i, the largest visible kv position: all for mode 0, rightDownCausal for mode 3."""
+    rows = torch.arange(s1)
+    return torch.full((s1,), s2 - 1) if sparse_mode == 0 else rows + (s2 - s1)
+
+
+def _stack_rows(per_batch: list[Tensor], layout: str, batch_rows: int, fill) -> Tensor:
+    """Per-batch [S_b, ...] results back to BSND [B, S, ...] (padded with fill) or TND [T, ...]."""
+    if layout == "TND":
+        return torch.cat(per_batch, 0)
+    out = per_batch[0].new_full((len(per_batch), batch_rows) + tuple(per_batch[0].shape[1:]), fill)
+    for b, r in enumerate(per_batch):
+        out[b, :r.shape[0]] = r
+    return out
+
+
+# ------------------------------------------------------------------------- lightning indexer
+
+def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual_seq_lengths_query: Tensor | None = None,
+                          actual_seq_lengths_key: Tensor | None = None, block_table: Tensor | None = None,
+                          layout_query: str = "BSND", layout_key: str = "BSND", sparse_count: int = 2048,
+                          sparse_mode: int = 3, pre_tokens: int = INT64_MAX, next_tokens: int = INT64_MAX,
+                          return_value: bool = False) -> tuple[Tensor, Tensor]:
+    """torch_npu-npu_lightning_indexer: score[i, j] = sum_h w[i, h] * ReLU(q[i, h] . k[j]) over the
+    visible keys (sparse_mode 0: all actual keys; 3: j <= L_kv - L_q + i), top sparse_count indices
+    in descending score, int32, padded with -1 when fewer keys are visible.
+    """
+    op = "npu_lightning_indexer"
+    torch._check(query.dtype in HALF and key.dtype == query.dtype, lambda: f"{op}: query and key must share bf16/fp16")
+    torch._check(weights.dtype == torch.float32 or weights.dtype == query.dtype, lambda: f"{op}: weights must be fp32 or query's dtype")
+    torch._check(query.shape[-1] == 128 and key.shape[-1] == 128, lambda: f"{op}: D must be 128")
+    torch._check(query.shape[-2] <= 64 and key.shape[-2] == 1, lambda: f"{op}: query heads <= 64 and one key head")
+    torch._check(sparse_count in SPARSE_COUNTS, lambda: f"{op}: sparse_count must be 1-2048 or 3072-8192 in steps of 1024")
+    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
+    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
+    if return_value:
+        raise _unsupported(op, "return_value=True (training only)")
+    qs = _split_query(op, query, layout_query, actual_seq_lengths_query)
+    ws = _split_query(op, weights[..., None], layout_query, actual_seq_lengths_query)
+    ks = _split_kv(op, key, layout_key, actual_seq_lengths_key, block_table, len(qs))
+    results = []
+    for q, w, k in zip(qs, ws, ks):
+        s1, s2 = q.shape[0], k.shape[0]
+        score = (torch.relu(torch.einsum("shd,td->sht", q.float(), k[:, 0].float())) * w.float()).sum(1)
+        visible = torch.arange(s2)[None, :] <= _causal_limit(sparse_mode, s1, s2)[:, None]
+        score = score.masked_fill(~visible, float("-inf"))
+        kk = min(sparse_count, s2)
+        top = score.topk(kk, dim=-1) if kk else None
+        idx = torch.full((s1, sparse_count), -1, dtype=torch.int32)
+        if kk:
+            idx[:, :kk] = torch.where(top.values > float("-inf"), top.indices, -1).to(torch.int32)
+        results.append(idx[:, None, :])
+    return _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, -1), query.new_empty(0)
+
+
+# ---------------------------------------------------------------------- sparse flash attention
+
+def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None, sparse_indices: Tensor, scale_value: float, *,
+                               block_table: Tensor | None = None, actual_seq_lengths_query: Tensor | None = None,
+                               actual_seq_lengths_kv: Tensor | None = None, query_rope: Tensor | None = None,
+                               key_rope: Tensor | None = None, sparse_block_size: int = 1, layout_query: str = "BSND",
+                               layout_kv: str = "BSND", sparse_mode: int = 3, pre_tokens: int = INT64_MAX,
+                               next_tokens: int = INT64_MAX, attention_mode: int = 0, return_softmax_lse: bool = False,
+                               sinks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """torch_npu-npu_sparse_flash_attention, MLA-absorb mode (attention_mode=2, the only documented one):
+    scores over [query, query_rope] . [key, key_rope] * scale_value, softmax over the selected KV
+    tokens, times value. Selected tokens: for each index b of a row's valid prefix (the page requires
+    valid entries first; the first -1 ends the row) the tokens [b*sbs, (b+1)*sbs) below the batch's KV
+    length, further limited by rightDownCausal for sparse_mode 3.
+
+    `sinks` (fp32 [N1]) is in the 2.14.0 schema but not on the stored documentation page; we give it
+    the attention-sink meaning of learnable_sink in npu_fused_infer_attention_score_v2 and DeepSeek-V4:
+    exp(sinks[h]) joins the softmax denominator of head h and nothing else.
+    """
+    op = "npu_sparse_flash_attention"
+    if value is None:
+        raise _unsupported(op, "value=None (CANN >= 9.2 only)")
+    if attention_mode != 2:
+        raise _unsupported(op, f"attention_mode={attention_mode} (the page documents only 2, MLA-absorb)")
+    if return_softmax_lse:
+        raise _unsupported(op, "return_softmax_lse=True (training only)")
+    torch._check(query_rope is not None and key_rope is not None, lambda: f"{op}: MLA-absorb mode needs query_rope and key_rope")
+    torch._check(query.dtype in HALF and all(t.dtype == query.dtype for t in (key, value, query_rope, key_rope)),
+                 lambda: f"{op}: query, key, value, query_rope, key_rope must share bf16/fp16")
+    torch._check(query.shape[-1] == 512 and key.shape[-1] == 512 and value.shape[-1] == 512,
+                 lambda: f"{op}: query/key/value head dim must be 512")
+    torch._check(query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64, lambda: f"{op}: rope head dim must be 64")
+    torch._check(query.shape[-2] in (1, 2, 4, 8, 16, 32, 64, 128) and key.shape[-2] == 1,
+                 lambda: f"{op}: query heads must be 1/2/4/.../128 and key heads 1")
+    torch._check(sparse_indices.dtype == torch.int32, lambda: f"{op}: sparse_indices must be int32")
+    torch._check(1 <= sparse_block_size <= 128 and sparse_block_size & (sparse_block_size - 1) == 0,
+                 lambda: f"{op}: sparse_block_size must be a power of two in [1, 128]")
+    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
+    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
+    torch._check(layout_kv == "PA_BSND" or layout_kv == layout_query, lambda: f"{op}: layout_kv must equal layout_query unless PA_BSND")
+    heads = query.shape[-2]
+    if sinks is not None:
+        torch._check(sinks.dtype == torch.float32 and tuple(sinks.shape) == (heads,), lambda: f"{op}: sinks must be fp32 [{heads}]")
+    qs = _split_query(op, query, layout_query, actual_seq_lengths_query)
+    qrs = _split_query(op, query_rope, layout_query, actual_seq_lengths_query)
+    idxs = _split_query(op, sparse_indices, layout_query, actual_seq_lengths_query)
+    split = lambda t: _split_kv(op, t, layout_kv, actual_seq_lengths_kv, block_table, len(qs))  # noqa: E731
+    ks, krs, vs = split(key), split(key_rope), split(value)
+    results = []
+    for q, qr, idx, k, kr, v in zip(qs, qrs, idxs, ks, krs, vs):
+        s1, s2 = q.shape[0], k.shape[0]
+        idx = idx[:, 0].long()                                                 # [S1, K]
+        valid_block = torch.cumprod((idx >= 0).long(), dim=-1).bool()          # the first -1 ends the row
+        tok = (idx.clamp(min=0)[..., None] * sparse_block_size + torch.arange(sparse_block_size)).flatten(1)
+        valid = valid_block.repeat_interleave(sparse_block_size, dim=1)
+        valid &= (tok < s2) & (tok <= _causal_limit(sparse_mode, s1, s2)[:, None])
+        tok = tok.clamp(max=max(s2 - 1, 0))
+        kfull = torch.cat([k[:, 0], kr[:, 0]], -1).float()                    # [S2, 576]
+        qfull = torch.cat([q, qr], -1).float()                                 # [S1, H, 576]
+        score = torch.einsum("shd,skd->shk", qfull, kfull[tok]) * scale_value
+        score = score.masked_fill(~valid[:, None, :], float("-inf"))
+        peak = score.amax(-1, keepdim=True)
+        if sinks is not None:
+            peak = torch.maximum(peak, sinks[None, :, None])
+        peak = peak.masked_fill(torch.isinf(peak), 0.0)
+        p = torch.exp(score - peak)
+        denom = p.sum(-1, keepdim=True)
+        if sinks is not None:
+            denom = denom + torch.exp(sinks[None, :, None] - peak)
+        out = torch.einsum("shk,skd->shd", p, v[:, 0].float()[tok]) / denom.clamp(min=torch.finfo(torch.float32).tiny)
+        results.append(out.to(query.dtype))
+    out = _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, 0.0)
+    return out, query.new_empty(0, dtype=torch.float32), query.new_empty(0, dtype=torch.float32)
+
+
+EMULATED = {
+    "npu_rms_norm": npu_rms_norm,
+    "npu_interleave_rope": npu_interleave_rope,
+    "npu_moe_gating_top_k": npu_moe_gating_top_k,
+    "npu_mhc_pre": npu_mhc_pre,
+    "npu_mhc_post": npu_mhc_post,
+    "npu_mhc_sinkhorn": npu_mhc_sinkhorn,
+    "npu_lightning_indexer": npu_lightning_indexer,
+    "npu_sparse_flash_attention": npu_sparse_flash_attention,
+}
