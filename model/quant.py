@@ -25,6 +25,7 @@ __all__ = [
     "pow2_scale", "quantize_fp8", "dequantize_fp8", "fp8_scale_shape",
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "quantize_fp4", "dequantize_fp4", "fp4_scale_shape",
     "quantize_int8", "dequantize_int8", "fp8_round_trip", "fp4_round_trip",
+    "FORMATS", "weight_layout", "quantize_weight", "dequantize_weight",
 ]
 
 FP8_MAX = 448.0        # largest finite float8_e4m3fn
@@ -171,3 +172,50 @@ def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """
     packed, scale = quantize_fp4(x, block)
     return dequantize_fp4(packed, scale, block).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- one entry point per stored format
+FORMATS = ("fp8", "fp4", "int8", "bf16", "fp32")
+"""Weight storage formats; a Linear holds `weight` (+ `scale` unless bf16 / fp32) in one of them."""
+
+
+def weight_layout(out_features: int, in_features: int, fmt: str
+                  ) -> tuple[tuple[tuple[int, ...], torch.dtype], tuple[tuple[int, ...], torch.dtype] | None]:
+    """((weight shape, dtype), (scale shape, dtype) or None) of a [out, in] weight stored as `fmt`."""
+    if fmt == "fp8":
+        return ((out_features, in_features), torch.float8_e4m3fn), (
+            fp8_scale_shape(out_features, in_features), torch.float8_e8m0fnu)
+    if fmt == "fp4":
+        _check_fp4_width(in_features, FP4_BLOCK)
+        return ((out_features, in_features // 2), torch.int8), (
+            fp4_scale_shape(out_features, in_features), torch.float8_e8m0fnu)
+    if fmt == "int8":
+        return ((out_features, in_features), torch.int8), ((out_features,), torch.float32)
+    if fmt in ("bf16", "fp32"):
+        return ((out_features, in_features), torch.bfloat16 if fmt == "bf16" else torch.float32), None
+    raise ValueError(f"weight format {fmt!r}: expected one of {FORMATS}")
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float [out, in] weight -> (stored weight, scale or None) in format `fmt`."""
+    if fmt == "fp8":
+        return quantize_fp8(weight)
+    if fmt == "fp4":
+        return quantize_fp4(weight)
+    if fmt == "int8":
+        return quantize_int8(weight)
+    weight_layout(*weight.shape, fmt)                   # validates fmt
+    return weight.to(torch.bfloat16 if fmt == "bf16" else torch.float32), None
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A stored weight (+ scale) in format `fmt` -> the [out, in] weight in `dtype`."""
+    if fmt == "fp8":
+        return dequantize_fp8(weight, scale, dtype=dtype)
+    if fmt == "fp4":
+        return dequantize_fp4(weight, scale, dtype=dtype)
+    if fmt == "int8":
+        return dequantize_int8(weight, scale, dtype=dtype)
+    weight_layout(*weight.shape, fmt)
+    return weight.to(dtype)

@@ -1,0 +1,79 @@
+"""Linear layers that keep their weight in its stored format and dequantise it per use.
+
+`Linear.weight` (and `Linear.scale` for fp8 / fp4 / int8) have exactly the checkpoint's shapes and dtypes, so a
+state dict in official names loads without conversion and the resident memory is the quantised size. Each call
+dequantises the weight into the activation dtype (exact: e4m3 / e2m1 values times a power of two) and runs a
+plain matmul; activations are not quantised. A fused-kernel backend may instead read `weight` and `scale` directly.
+
+Column- and row-parallel variants take their slice sizes from a `ParallelContext`: a column-parallel layer holds
+out_features / tp rows, a row-parallel one in_features / tp columns and sums its partial outputs over the tp group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import quant
+from model.parallel import ParallelContext
+
+__all__ = ["Linear", "ColumnParallelLinear", "RowParallelLinear"]
+
+
+class Linear(nn.Module):
+    """y = x W^T with W [out, in] stored as `fmt` (see `quant.FORMATS`); no bias (V4 has none)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "bf16"):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        (w_shape, w_dtype), scale = quant.weight_layout(out_features, in_features, fmt)
+        self.weight = nn.Parameter(torch.empty(w_shape, dtype=w_dtype), requires_grad=False)
+        if scale is None:
+            self.register_parameter("scale", None)
+        else:
+            self.scale = nn.Parameter(torch.empty(scale[0], dtype=scale[1]), requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] weight in `dtype`."""
+        return quant.dequantize_weight(self.weight, self.scale, self.fmt, dtype)
+
+    @torch.no_grad()
+    def set_from_float(self, weight: torch.Tensor) -> None:
+        """Quantise a float [out, in] weight into this layer's format (tests, synthetic models)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        q, s = quant.quantize_weight(weight.to(self.weight.device), self.fmt)
+        self.weight.copy_(q)
+        if s is not None:
+            self.scale.copy_(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over tensor-parallel ranks; each rank returns its slice (no communication)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "bf16",
+                 parallel: ParallelContext | None = None):
+        self.parallel = parallel or ParallelContext()
+        super().__init__(in_features, self.parallel.split(out_features, "output features"), fmt)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over tensor-parallel ranks; partial outputs summed (float32) over the tp group."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "bf16",
+                 parallel: ParallelContext | None = None):
+        self.parallel = parallel or ParallelContext()
+        super().__init__(self.parallel.split(in_features, "input features"), out_features, fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.parallel.tp_size == 1:
+            return y
+        return self.parallel.all_reduce_tp(y.float()).to(x.dtype)

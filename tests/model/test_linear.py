@@ -1,0 +1,112 @@
+"""Linear layers: stored formats and memory, dequantise-per-use numerics, TP slices against one rank (gloo)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from model import quant
+from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from model.parallel import ExpertSlots, ParallelContext, ParallelError
+
+FORMATS = {  # fmt -> (weight dtype, weight shape, scale dtype, scale shape) for a [256 out, 384 in] layer
+    "fp8": (torch.float8_e4m3fn, (256, 384), torch.float8_e8m0fnu, (2, 3)),
+    "fp4": (torch.int8, (256, 192), torch.float8_e8m0fnu, (256, 12)),
+    "int8": (torch.int8, (256, 384), torch.float32, (256,)),
+    "bf16": (torch.bfloat16, (256, 384), None, None),
+    "fp32": (torch.float32, (256, 384), None, None),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stored_format_and_forward(fmt):
+    w_dtype, w_shape, s_dtype, s_shape = FORMATS[fmt]
+    lin = Linear(384, 256, fmt)
+    assert (lin.weight.dtype, tuple(lin.weight.shape)) == (w_dtype, w_shape)
+    if s_dtype is None:
+        assert lin.scale is None and set(lin.state_dict()) == {"weight"}
+    else:
+        assert (lin.scale.dtype, tuple(lin.scale.shape)) == (s_dtype, s_shape)
+        assert set(lin.state_dict()) == {"weight", "scale"}
+    w = torch.randn(256, 384) / 20
+    lin.set_from_float(w)
+    q, s = quant.quantize_weight(w, fmt)
+    assert torch.equal(lin.weight.view(torch.uint8) if lin.weight.element_size() == 1 else lin.weight,
+                       q.view(torch.uint8) if q.element_size() == 1 else q)
+    x = torch.randn(2, 3, 384)
+    want = x @ quant.dequantize_weight(q, s, fmt).T
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+    if fmt in ("fp8", "fp4", "bf16"):  # dequantisation is exact: the error is only the format's
+        assert torch.equal(lin.dequantized(torch.bfloat16).float(), lin.dequantized(torch.float32))
+    # resident bytes are the quantised size
+    nbytes = sum(t.numel() * t.element_size() for t in lin.state_dict().values())
+    assert nbytes == {"fp8": 256 * 384 + 6, "fp4": 256 * 192 + 256 * 12, "int8": 256 * 384 + 256 * 4,
+                      "bf16": 256 * 384 * 2, "fp32": 256 * 384 * 4}[fmt]
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Linear(40, 8, "fp4")
+    with pytest.raises(ValueError, match="format"):
+        Linear(32, 8, "fp16")
+    with pytest.raises(ParallelError, match="output features = 6"):
+        ColumnParallelLinear(8, 6, parallel=ParallelContext(tp_rank=0, tp_size=4))
+    with pytest.raises(ValueError, match="shape"):
+        Linear(8, 8).set_from_float(torch.zeros(8, 4))
+
+
+def test_expert_slots_default_and_replicated():
+    ctx = ParallelContext(ep_rank=1, ep_size=2)
+    assert ctx.expert_slots(0, 8) == ExpertSlots((4, 5, 6, 7), (0,) * 4, (1,) * 4)
+    # 6 experts in 8 slots: expert 0 and 3 have two replicas; rank 1 holds the second copy of each
+    layout = {5: [0, 1, 2, 3, 0, 4, 5, 3]}
+    r0 = ParallelContext(ep_rank=0, ep_size=2, phy2log=layout).expert_slots(5, 6)
+    r1 = ParallelContext(ep_rank=1, ep_size=2, phy2log=layout).expert_slots(5, 6)
+    assert r0 == ExpertSlots((0, 1, 2, 3), (0, 0, 0, 0), (2, 1, 1, 2))
+    assert r1 == ExpertSlots((0, 4, 5, 3), (1, 0, 0, 1), (2, 1, 1, 2))
+    with pytest.raises(ParallelError, match="phy2log of layer 5"):
+        ParallelContext(ep_size=2, phy2log={5: [0, 1, 2]}).expert_slots(5, 6)
+    with pytest.raises(ParallelError, match="tp_rank"):
+        ParallelContext(tp_rank=2, tp_size=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank: int, world: int, port: int, x, w_col, w_row, out_q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ctx = ParallelContext(tp_rank=rank, tp_size=world, tp_group=dist.group.WORLD)
+    col = ColumnParallelLinear(256, 256, "fp32", parallel=ctx)
+    row = RowParallelLinear(256, 128, "fp32", parallel=ctx)
+    col.set_from_float(w_col.chunk(world, 0)[rank])
+    row.set_from_float(w_row.chunk(world, 1)[rank])
+    h = col(x)                                  # this rank's output slice feeds its row-parallel slice
+    out_q.put((rank, ctx.all_gather_tp(h), row(h)))
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_equals_single_rank():
+    x, w_col, w_row = torch.randn(3, 256), torch.randn(256, 256) / 16, torch.randn(128, 256) / 16
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, x, w_col, w_row, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (g, y)) for r, g, y in (out_q.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    h = F.linear(x, w_col)
+    for r in range(2):
+        gathered, y = results[r]
+        torch.testing.assert_close(gathered, h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, F.linear(h, w_row), rtol=1e-5, atol=1e-5)
