@@ -1,0 +1,188 @@
+"""Expert parallelism: send each token to the ranks holding its routed experts and sum the results back.
+
+A MoE layer's routed experts live in physical slots spread over the ep ranks of an expert-parallel
+group (the plan's `phy2log`: rank r of the group holds slots [r*S, (r+1)*S)); a hot expert may have
+several replicas. For every (token, chosen expert) pair one replica is picked, rotating with the
+token's row so an expert's tokens spread evenly over its replicas. Replicas hold the same weights,
+so the choice changes only who computes, never the result.
+
+Two exchange schemes, chosen by the plan:
+- "alltoall": each rank sends exactly the rows an expert elsewhere needs (all_to_all), the experts run,
+  and the outputs travel back the same way (the usual EP dispatch/combine).
+- "allgather": every rank of the group gathers all tokens, runs its own slots on them, and the partial
+  sums are reduced back to their owners (reduce-scatter). More traffic, but only collectives every
+  backend has, and a fixed message size.
+With tensor parallelism the ranks of a tensor-parallel group hold the same tokens; each takes one
+share of the rows into the exchange and the shares are all-gathered afterwards, so no expert
+computes a token twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ascend.errors import AscendDeployError
+
+# expert_fn(logical expert id, rows [n, dim], routing weights [n]) -> rows [n, dim]
+ExpertFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+SCHEMES = ("alltoall", "allgather")
+
+
+class ExpertParallelError(AscendDeployError):
+    """An expert placement that cannot serve the routed experts (missing expert, bad slot count)."""
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Physical slots of one MoE layer over an expert-parallel group of `ep_size` ranks."""
+
+    phy2log: tuple[int, ...]
+    ep_size: int
+    n_experts: int
+    log2phy: torch.Tensor = field(init=False, repr=False, compare=False)  # [E, max replicas], -1 padded
+    logcnt: torch.Tensor = field(init=False, repr=False, compare=False)   # [E]
+
+    def __post_init__(self) -> None:
+        if len(self.phy2log) % self.ep_size:
+            raise ExpertParallelError(f"phy2log has {len(self.phy2log)} slots, expected a multiple of ep={self.ep_size}")
+        replicas = [[] for _ in range(self.n_experts)]
+        for slot, expert in enumerate(self.phy2log):
+            if not 0 <= expert < self.n_experts:
+                raise ExpertParallelError(f"phy2log slot {slot} holds expert {expert}, expected 0..{self.n_experts - 1}")
+            replicas[expert].append(slot)
+        missing = [e for e, r in enumerate(replicas) if not r]
+        if missing:
+            raise ExpertParallelError(f"phy2log places no replica of experts {missing[:8]}")
+        width = max(map(len, replicas))
+        object.__setattr__(self, "log2phy", torch.tensor([r + [-1] * (width - len(r)) for r in replicas]))
+        object.__setattr__(self, "logcnt", torch.tensor([len(r) for r in replicas]))
+
+    @property
+    def slots_per_rank(self) -> int:
+        return len(self.phy2log) // self.ep_size
+
+    def experts_on(self, ep_rank: int) -> list[int]:
+        """Logical expert of each local slot of `ep_rank`."""
+        s = self.slots_per_rank
+        return list(self.phy2log[ep_rank * s:(ep_rank + 1) * s])
+
+    def choose_slots(self, indices: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Physical slot for every (row, k) pair: replica (row + offset + k) mod replicas of the expert."""
+        rows = torch.arange(indices.shape[0]).unsqueeze(1) + offset
+        cols = torch.arange(indices.shape[1]).unsqueeze(0)
+        replica = (rows + cols) % self.logcnt[indices]
+        return self.log2phy[indices, replica]
+
+
+def run_local(layout: ExpertLayout, ep_rank: int, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+              rows: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
+    """Sum over pairs whose slot is on `ep_rank` of weight * expert(x[row]), as fp32 [len(x), dim].
+
+    `slots`, `weights`, `rows` are flat per pair; pairs on other ranks are ignored.
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    first = ep_rank * layout.slots_per_rank
+    for local, expert in enumerate(layout.experts_on(ep_rank)):
+        pick = (slots == first + local).nonzero().squeeze(1)
+        if pick.numel():
+            r = rows[pick]
+            out.index_add_(0, r, expert_fn(expert, x[r], weights[pick]).float())
+    return out
+
+
+@dataclass
+class ExpertParallel:
+    """Dispatch/combine for one MoE layer on one rank; call it with the routed pairs and the local experts."""
+
+    layout: ExpertLayout
+    ep_rank: int = 0
+    ep_group: object = None
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_group: object = None
+    scheme: str = "alltoall"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ExpertParallelError(f"expert exchange scheme {self.scheme!r}: expected one of {SCHEMES}")
+
+    @property
+    def local_experts(self) -> list[int]:
+        return self.layout.experts_on(self.ep_rank)
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
+        """Routed-expert output for x [T, dim] with top-k `weights`/`indices` [T, k]; returns [T, dim] in x's dtype."""
+        T = x.shape[0]
+        share = -(-T // self.tp_size)  # rows each tensor-parallel rank takes into the exchange
+        lo, hi = min(T, self.tp_rank * share), min(T, (self.tp_rank + 1) * share)
+        x_mine, w_mine, i_mine = x[lo:hi], weights[lo:hi], indices[lo:hi]
+        if self.layout.ep_size == 1:
+            slots = self.layout.choose_slots(i_mine, lo)
+            rows = torch.arange(hi - lo).repeat_interleave(indices.shape[1])
+            y = run_local(self.layout, 0, x_mine, slots.flatten(), w_mine.flatten(), rows, expert_fn)
+        elif self.scheme == "alltoall":
+            y = self._alltoall(x_mine, w_mine, i_mine, lo, expert_fn)
+        else:
+            y = self._allgather(x_mine, w_mine, i_mine, expert_fn)
+        y = y.to(x.dtype)
+        if self.tp_size > 1:
+            padded = torch.zeros(share, x.shape[1], dtype=x.dtype, device=x.device)
+            padded[: hi - lo] = y
+            parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
+            dist.all_gather(parts, padded, group=self.tp_group)
+            y = torch.cat(parts)[:T]
+        return y
+
+    def _alltoall(self, x, weights, indices, offset, expert_fn):
+        k, ep, S = indices.shape[1], self.layout.ep_size, self.layout.slots_per_rank
+        slots = self.layout.choose_slots(indices, offset + self.ep_rank).flatten()
+        order = torch.argsort(slots // S, stable=True)           # pairs grouped by destination rank
+        rows = order // k
+        send_counts = torch.bincount(slots // S, minlength=ep)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        meta = torch.stack([slots[order].double(), weights.flatten()[order].double()], 1)
+        in_x = x.new_empty(sum(recv), x.shape[1])
+        in_meta = meta.new_empty(sum(recv), 2)
+        dist.all_to_all_single(in_x, x[rows].contiguous(), recv, send, group=self.ep_group)
+        dist.all_to_all_single(in_meta, meta, recv, send, group=self.ep_group)
+        pair = torch.arange(in_x.shape[0])
+        out = run_local(self.layout, self.ep_rank, in_x, in_meta[:, 0].long(), in_meta[:, 1].to(weights.dtype),
+                        pair, expert_fn)
+        back = out.new_empty(len(order), x.shape[1])
+        dist.all_to_all_single(back, out, send, recv, group=self.ep_group)
+        return torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, back)
+
+    def _allgather(self, x, weights, indices, expert_fn):
+        ep, n = self.layout.ep_size, x.shape[0]
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ep)]
+        dist.all_gather(sizes, torch.tensor([n]), group=self.ep_group)
+        sizes = [int(s) for s in sizes]
+        width = max(sizes)
+
+        def gather(t: torch.Tensor) -> list[torch.Tensor]:
+            padded = t.new_zeros(width, *t.shape[1:])
+            padded[:n] = t
+            parts = [torch.empty_like(padded) for _ in range(ep)]
+            dist.all_gather(parts, padded, group=self.ep_group)
+            return parts
+
+        xs, ws, ids = gather(x), gather(weights), gather(indices)
+        # every rank must pick the same replica for a pair, so the choice depends on the owner only
+        slots = torch.cat([self.layout.choose_slots(ids[r], r * width) for r in range(ep)])
+        rows = torch.arange(ep * width).repeat_interleave(indices.shape[1])
+        valid = torch.cat([torch.arange(width) < sizes[r] for r in range(ep)]).repeat_interleave(indices.shape[1])
+        slots = torch.where(valid, slots.flatten(), -1)
+        partial = run_local(self.layout, self.ep_rank, torch.cat(xs), slots, torch.cat(ws).flatten(), rows, expert_fn)
+        if dist.get_backend(self.ep_group) == "gloo":  # gloo has no reduce_scatter
+            dist.all_reduce(partial, group=self.ep_group)
+            mine = partial[self.ep_rank * width:(self.ep_rank + 1) * width]
+        else:
+            mine = partial.new_empty(width, x.shape[1])
+            dist.reduce_scatter_tensor(mine, partial, group=self.ep_group)
+        return mine[:n]
