@@ -1,0 +1,31 @@
+"""Operator backends: the `model.kernels.Kernels` table to use on a given device.
+
+`get_kernels(device)` picks by `device.type`: 'npu' -> ascend.backends.npu (fused torch_npu operators, per-SoC
+limits from `device.soc`), 'cuda' -> ascend.backends.cuda (Triton), anything else -> the pure-PyTorch REFERENCE.
+Backend modules are imported only when chosen, so torch_npu / Triton are never touched on a machine without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from model.kernels import REFERENCE, Kernels
+
+__all__ = ["get_kernels"]
+
+
+def get_kernels(device: Any, graph_mode: bool = False) -> Kernels:
+    """Kernels for `device` (an ascend.device.Device or anything with `.type` and, for npu, `.soc`).
+
+    `graph_mode`: the kernels will run inside a captured graph (NPUGraph / CUDA graph); some NPU operators
+    lose features there (sinks in sparse flash attention on A2/A3), and those stages fall back.
+    """
+    kind = getattr(device, "type", device)
+    if kind == "npu":
+        from ascend.backends.npu import build_kernels
+
+        return build_kernels(device.soc, graph_mode=graph_mode)
+    if kind == "cuda":
+        return importlib.import_module("ascend.backends.cuda").build_kernels(device)
+    return REFERENCE
