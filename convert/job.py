@@ -1,0 +1,273 @@
+"""Conversion: read each source shard once, write every rank's share of it, atomically and resumably.
+
+Output layout (OUT = --out):
+
+    OUT/config.json, OUT/tokenizer*.json     config describing the converted weights; tokenizer copied
+    OUT/plan.json                            the plan the shards follow
+    OUT/rank-RRRRR/model-SSSSS-of-NNNNN.safetensors
+                                             rank R's tensors taken from source shard S of N (sorted names)
+    OUT/rank-RRRRR/model.safetensors.index.json   rank R's weight map
+    OUT/manifest.json                        written last: its presence means the conversion is complete
+    OUT/.convert-job.json                    what is being converted (lets --resume check it continues the same job)
+
+Work goes source shard by source shard. For one shard, every rank's output file is opened with its
+header already written (shapes are known from the config and plan), then the shard's tensors are read
+by worker threads in a bounded window and written, in a fixed order, to the ranks that need them. Memory
+is therefore a few tensors, never a shard or a rank. Each output file appears under its final name only
+when complete, and its bytes depend only on the source, the plan and the format, so --resume keeps the
+finished files and redoes the rest to the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from convert.errors import ConvertError
+from convert.formats import cast_linear, output_config
+from convert.layout import TensorSpec, expected_tensors
+from convert.reader import Checkpoint
+from convert.shard import Sharding, scale_split
+from convert.writer import SafetensorsWriter, hash_file, temp_name, write_bytes_atomic, write_json_atomic
+
+JOB = ".convert-job.json"
+MANIFEST = "manifest.json"
+RANK_INDEX = "model.safetensors.index.json"
+COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A source tensor converted on its own, or a quantised weight together with its scale."""
+    weight: TensorSpec           # source spec
+    scale: TensorSpec | None     # source scale spec
+    out_weight: TensorSpec       # output spec (global shape)
+    out_scale: TensorSpec | None
+
+
+@dataclass
+class OutFile:
+    rank: int
+    path: str                                     # relative to OUT
+    entries: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+    sources: dict[str, tuple[str, list | None]] = field(default_factory=dict)  # name -> (source, split)
+
+    @property
+    def nbytes(self) -> int:
+        n = 0
+        for _, dtype, shape in self.entries:
+            n += TensorSpec("", shape, dtype).nbytes
+        return n
+
+
+def _fmt(spec: TensorSpec) -> str:
+    return spec.quant or ("bf16" if spec.dtype == "BF16" else "plain")
+
+
+class Conversion:
+    """A planned conversion of checkpoint `ckpt` for `sharding` into format `weights`."""
+
+    def __init__(self, ckpt: Checkpoint, sharding: Sharding, weights: str):
+        self.ckpt, self.sharding, self.weights = ckpt, sharding, weights
+        src = ckpt.validate()
+        self.out_config = output_config(ckpt.config, weights)
+        out = expected_tensors(self.out_config)
+        self.units: dict[str, Unit] = {}
+        for name, spec in src.items():
+            if spec.quant and spec.quant.endswith("_scale"):
+                continue
+            stem = name[: -len(".weight")] if name.endswith(".weight") else None
+            scale = src.get(f"{stem}.scale") if stem else None
+            out_scale = out.get(f"{stem}.scale") if stem else None
+            self.units[name] = Unit(spec, scale, out[name], out_scale)
+        n = len(ckpt.files)
+        self.files: list[OutFile] = []  # in writing order: source shard by source shard, rank by rank
+        self.by_source: list[list[OutFile]] = []
+        for i, file in enumerate(ckpt.files):
+            group = []
+            for rank in range(sharding.world_size):
+                of = OutFile(rank, f"{rank_dir(rank)}/model-{i + 1:05d}-of-{n:05d}.safetensors")
+                for name in ckpt.in_file(file):
+                    if name in self.units:
+                        self._add(of, self.units[name])
+                if of.entries:
+                    group.append(of)
+            self.by_source.append(group)
+            self.files += group
+
+    def _add(self, of: OutFile, u: Unit) -> None:
+        for piece in self.sharding.pieces(u.weight, of.rank):
+            of.entries.append((piece.name, u.out_weight.dtype, self.sharding.local_shape(u.out_weight)))
+            of.sources[piece.name] = (u.weight.name, list(piece.split) if piece.split else None)
+            if u.out_scale is not None:
+                sname = piece.name[: -len(".weight")] + ".scale"
+                of.entries.append((sname, u.out_scale.dtype, self.sharding.local_shape(u.out_scale)))
+                of.sources[sname] = (u.weight.name, list(piece.split) if piece.split else None)
+
+    # ------------------------------------------------------------------ per-unit work (worker threads)
+    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor]]]:
+        """Read one source unit once and produce every listed rank's output tensors."""
+        if not any(self.sharding.pieces(u.weight, r) for r in ranks):
+            return {}
+        weight = self.ckpt.read(u.weight.name)
+        scale = self.ckpt.read(u.scale.name) if u.scale is not None else None
+        done: dict = {}
+        out: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for rank in ranks:
+            for piece in self.sharding.pieces(u.weight, rank):
+                if piece.split not in done:
+                    w, s = weight, scale
+                    if piece.split is not None:
+                        dim, a, b = piece.split
+                        w = w.narrow(dim, a, b - a)
+                        ss = scale_split(piece.split, u.scale) if u.scale is not None else None
+                        if ss is not None:
+                            s = s.narrow(ss[0], ss[1], ss[2] - ss[1])
+                    done[piece.split] = cast_linear(w, s, _fmt(u.weight), _fmt(u.out_weight))
+                w, s = done[piece.split]
+                out.setdefault(rank, []).append((piece.name, w))
+                if u.out_scale is not None:
+                    out[rank].append((piece.name[: -len(".weight")] + ".scale", s))
+        return out
+
+    # ------------------------------------------------------------------ identity, dry run
+    def identity(self, plan_dict: dict) -> dict:
+        return {"schema": 1, "source": str(self.ckpt.root.resolve()),
+                "source_files": {f.name: f.stat().st_size for f in self.ckpt.files},
+                "weights": self.weights, "plan": plan_dict}
+
+    def summary(self) -> list[dict]:
+        """Per rank: files, tensors and bytes it gets (what --dry-run prints)."""
+        ranks = []
+        for rank in range(self.sharding.world_size):
+            mine = [f for f in self.files if f.rank == rank]
+            ranks.append({"rank": rank, "files": len(mine), "tensors": sum(len(f.entries) for f in mine),
+                          "bytes": sum(f.nbytes for f in mine),
+                          "tensor_list": [[n, d, list(s)] for f in mine for n, d, s in f.entries]})
+        return ranks
+
+    # ------------------------------------------------------------------ run
+    def run(self, out: Path, plan_dict: dict, resume: bool = False, workers: int = 2, progress: bool = True) -> dict:
+        """Write everything under `out`; returns the manifest."""
+        out = Path(out)
+        ident = self.identity(plan_dict)
+        _prepare(out, ident, resume)
+        for rank in range(self.sharding.world_size):
+            (out / rank_dir(rank)).mkdir(exist_ok=True)
+        hashes: dict[str, tuple[str, dict[str, str]]] = {}
+        todo = []
+        for group in self.by_source:
+            left = []
+            for of in group:
+                if (out / of.path).exists():
+                    hashes[of.path] = hash_file(out / of.path)  # finished by an earlier run
+                else:
+                    left.append(of)
+            todo.append(left)
+        total = sum(of.nbytes for group in todo for of in group)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                   disable=not progress, dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for file, group in zip(self.ckpt.files, todo):
+                if group:
+                    self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar)
+        bar.close()
+        return self._finish(out, plan_dict, hashes)
+
+    def _write_group(self, out, file, group, pool, window, hashes, bar) -> None:
+        writers = {of.rank: SafetensorsWriter(out / of.path, of.entries) for of in group}
+        ranks = sorted(writers)
+        pending: deque = deque()
+
+        def drain_one() -> None:
+            for rank, tensors in pending.popleft().result().items():
+                for tname, t in tensors:
+                    writers[rank].write(tname, t)
+                    bar.update(t.numel() * t.element_size())
+
+        try:
+            for name in self.ckpt.in_file(file):
+                if name in self.units:
+                    pending.append(pool.submit(self.convert_unit, self.units[name], ranks))
+                    if len(pending) >= window:
+                        drain_one()
+            while pending:
+                drain_one()
+            for of in group:
+                hashes[of.path] = (writers[of.rank].finish(), writers[of.rank].tensor_hashes)
+        except BaseException:
+            for p in pending:
+                p.cancel()
+            for w in writers.values():
+                w.abort()
+            raise
+
+    def _finish(self, out: Path, plan_dict: dict, hashes) -> dict:
+        ranks = []
+        for rank in range(self.sharding.world_size):
+            mine = [f for f in self.files if f.rank == rank]
+            weight_map = {n: Path(f.path).name for f in mine for n, _, _ in f.entries}
+            index = {"metadata": {"rank": rank, "world_size": self.sharding.world_size,
+                                  "total_size": sum(f.nbytes for f in mine)}, "weight_map": weight_map}
+            write_json_atomic(out / rank_dir(rank) / RANK_INDEX, index)
+            tensors = {}
+            for f in mine:
+                for n, dtype, shape in f.entries:
+                    src, split = f.sources[n]
+                    tensors[n] = {"file": f.path, "dtype": dtype, "shape": list(shape), "sha256": hashes[f.path][1][n],
+                                  "source": src, "split": split}
+            ranks.append({"rank": rank, "index": f"{rank_dir(rank)}/{RANK_INDEX}",
+                          "files": {f.path: {"sha256": hashes[f.path][0], "bytes": (out / f.path).stat().st_size}
+                                    for f in mine},
+                          "tensors": tensors})
+        write_json_atomic(out / "config.json", self.out_config.to_hf_dict())
+        write_json_atomic(out / "plan.json", plan_dict)
+        for name in COPIED:
+            src = self.ckpt.root / name
+            if src.is_file():
+                write_bytes_atomic(out / name, src.read_bytes())
+        manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": 1,
+                    "source": self.identity(plan_dict)["source"],
+                    "source_files": self.identity(plan_dict)["source_files"],
+                    "weights": self.weights, "world_size": self.sharding.world_size, "tp": self.sharding.tp,
+                    "plan": plan_dict, "config": self.out_config.to_hf_dict(),
+                    "source_config": self.ckpt.config.to_hf_dict(), "ranks": ranks}
+        write_json_atomic(out / MANIFEST, manifest)
+        (out / JOB).unlink(missing_ok=True)
+        return manifest
+
+
+def _prepare(out: Path, ident: dict, resume: bool) -> None:
+    """Create `out`, or check that it holds an interrupted run of this very job (--resume)."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    existing = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if existing:
+        job = out / JOB
+        if not resume:
+            raise ConvertError(f"{out}: output directory is not empty (holds {existing[0]}); use an empty directory, "
+                               f"or --resume to finish an interrupted conversion")
+        if (out / MANIFEST).exists() and not job.exists():
+            raise ConvertError(f"{out}: already holds a complete conversion (manifest.json); nothing to resume")
+        try:
+            previous = json.loads(job.read_text())
+        except (OSError, ValueError):
+            raise ConvertError(f"{out}: holds files but no readable {JOB}; it is not an interrupted conversion") from None
+        if previous != ident:
+            diff = next(k for k in ident if previous.get(k) != ident[k])
+            raise ConvertError(f"{out}: --resume of a different job ({diff} differs from the interrupted run)")
+        for p in out.rglob(".*.partial"):
+            p.unlink()
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / JOB, ident)

@@ -1,0 +1,214 @@
+"""Reading a published checkpoint: index, shard headers, lazy tensor access, validation against the config.
+
+Everything here treats the checkpoint as untrusted input: paths named by the index must stay inside
+the checkpoint directory (no `..`, no absolute paths, no symlinks leading out), every safetensors
+header is parsed and bounds-checked by us before safetensors maps the file, dtypes are taken from
+the header (and `expert_dtype` from config.json decides what an I8 expert weight means), and every
+tensor's shape and dtype is compared with the table derived from the config before anything is
+converted. Tensor data is read lazily through `safe_open` (`get_slice` for partial reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from convert.errors import ConvertError
+from convert.layout import DTYPE_BYTES, TensorSpec, expected_tensors
+from convert.names import to_official
+from model.config import ModelConfig
+
+INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+# Every dtype code safetensors defines (so an unknown one is reported as unknown, a known-but-wrong one as wrong)
+ALL_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64", "F64",
+              "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+# Copies of the shared embedding / head some checkpoints store under the MTP block; the model shares them.
+_SHARED_COPY = re.compile(r"mtp\.\d+\.(embed|head)\.weight")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str          # official name
+    key: str           # name as stored in the file
+    file: Path
+    dtype: str         # safetensors dtype code from the header
+    shape: tuple[int, ...]
+    begin: int         # byte offsets within the file's data section
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """Parse and bounds-check one safetensors header; returns (entries, data section start)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ConvertError(f"{path}: truncated safetensors file ({size} bytes, expected an 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ConvertError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: corrupt safetensors header (not JSON: {e.msg if hasattr(e, 'msg') else e})") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    spans = []
+    for key, e in header.items():
+        if not (isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)
+                and len(e["data_offsets"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"] + e["data_offsets"])):
+            raise ConvertError(f"{path}: corrupt safetensors header entry for {key!r}")
+        dtype = e.get("dtype")
+        if dtype not in ALL_DTYPES:
+            raise ConvertError(f"{path}: tensor {key} has unknown dtype {dtype!r}, expected one of {sorted(DTYPE_BYTES)}")
+        begin, end = e["data_offsets"]
+        if not begin <= end <= data_bytes:
+            raise ConvertError(f"{path}: tensor {key} data [{begin}, {end}) lies outside the {data_bytes}-byte data "
+                               f"section (truncated file?)")
+        if dtype in DTYPE_BYTES and end - begin != _numel(e["shape"]) * DTYPE_BYTES[dtype]:
+            raise ConvertError(f"{path}: tensor {key} holds {end - begin} bytes, expected "
+                               f"{_numel(e['shape']) * DTYPE_BYTES[dtype]} for {dtype} {e['shape']}")
+        spans.append((begin, end, key))
+    spans.sort()
+    at = 0
+    for begin, end, key in spans:
+        if begin != at:
+            raise ConvertError(f"{path}: tensor {key} starts at byte {begin}, expected {at} (overlapping or gapped data)")
+        at = end
+    return header, 8 + n
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def safe_member(root: Path, name: object, origin: Path) -> Path:
+    """`root/name` for a file name taken from an index, refusing anything that would leave `root`."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or os.path.isabs(name) \
+            or ".." in Path(name).parts or "\x00" in name:
+        raise ConvertError(f"{origin}: shard path {name!r} must be a file name inside {root}")
+    path = root / name
+    if not path.is_file():
+        raise ConvertError(f"{origin}: shard {name} does not exist in {root}")
+    real = path.resolve()
+    if root.resolve() not in real.parents:
+        raise ConvertError(f"{origin}: shard {name} resolves to {real}, outside the checkpoint directory {root}")
+    return path
+
+
+class Checkpoint:
+    """A checkpoint directory: config.json + model.safetensors.index.json + shards (or one model.safetensors)."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ConvertError(f"{self.root}: checkpoint directory does not exist")
+        self.config = ModelConfig.from_hf(self.root / "config.json")
+        self.files = self._shard_files()
+        self.tensors: dict[str, StoredTensor] = {}  # official name -> where it is
+        self.skipped: list[str] = []
+        for file in self.files:
+            header, start = read_header(file)
+            for key, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                name = to_official(key)
+                if _SHARED_COPY.fullmatch(name):
+                    self.skipped.append(key)
+                    continue
+                if name in self.tensors:
+                    raise ConvertError(f"{file}: tensor {key} also stored in {self.tensors[name].file.name}")
+                b, en = e["data_offsets"]
+                self.tensors[name] = StoredTensor(name, key, file, e["dtype"], tuple(e["shape"]), start + b, start + en)
+        self._check_index()
+        self._local = threading.local()
+
+    def _shard_files(self) -> list[Path]:
+        index = self.root / INDEX
+        if not index.exists():
+            single = self.root / "model.safetensors"
+            if single.is_file():
+                self.weight_map = None
+                return [single]
+            raise ConvertError(f"{self.root}: no {INDEX} (or model.safetensors)")
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise ConvertError(f"{index}: expected JSON with a 'weight_map' object") from None
+        self.weight_map = weight_map
+        names = sorted(set(weight_map.values()), key=str)
+        return [safe_member(self.root, n, index) for n in names]
+
+    def _check_index(self) -> None:
+        if self.weight_map is None:
+            return
+        for key, file in self.weight_map.items():
+            name = to_official(key)
+            if _SHARED_COPY.fullmatch(name):
+                continue
+            t = self.tensors.get(name)
+            if t is None or t.file.name != Path(file).name:
+                raise ConvertError(f"{self.root / INDEX}: tensor {key} is mapped to {file}, but that shard does not hold it")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, cfg: ModelConfig | None = None) -> dict[str, TensorSpec]:
+        """Compare every tensor with the table derived from config.json; returns the table."""
+        cfg = cfg or self.config
+        expected = expected_tensors(cfg)
+        for name, spec in expected.items():
+            t = self.tensors.get(name)
+            if t is None:
+                raise ConvertError(f"{self.root}: tensor {name} is missing (expected {spec.dtype} {list(spec.shape)} "
+                                   f"from config.json)")
+            if t.dtype != spec.dtype or t.shape != spec.shape:
+                raise ConvertError(f"{t.file}: tensor {t.key} is {t.dtype} {list(t.shape)}, expected {spec.dtype} "
+                                   f"{list(spec.shape)} from config.json")
+        extra = sorted(set(self.tensors) - set(expected))
+        if extra:
+            t = self.tensors[extra[0]]
+            raise ConvertError(f"{t.file}: tensor {t.key} is not part of the model described by config.json "
+                               f"({len(extra)} unexpected tensors)")
+        return expected
+
+    # ------------------------------------------------------------------ data
+    def _handle(self, file: Path):
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        if file not in handles:
+            handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return handles[file]
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tensor `name` (official), or rows/columns [start, stop) of dimension `dim` read lazily via get_slice."""
+        t = self.tensors[name]
+        f = self._handle(t.file)
+        if dim is None:
+            return f.get_tensor(t.key)
+        index = [slice(None)] * len(t.shape)
+        index[dim] = slice(start, stop)
+        return f.get_slice(t.key)[tuple(index)]
+
+    def nbytes(self, name: str) -> int:
+        t = self.tensors[name]
+        return t.end - t.begin
+
+    def in_file(self, file: Path) -> list[str]:
+        """Official names stored in `file`, in storage order."""
+        return [n for n, t in self.tensors.items() if t.file == file]

@@ -1,0 +1,98 @@
+"""Which part of each tensor each rank gets.
+
+Tensor parallelism generalises the official converter: with tp ranks per replica (tp_rank = rank % tp),
+`embed`, `head`, `wq_b` (attention and indexer, with their scales), `wo_a`, `attn_sink` and
+`weights_proj` are split along dim 0, `wo_b` along dim 1, and everything else is replicated. A split
+of a block-quantised weight must fall on whole scale blocks, so its scale splits with it.
+
+Routed experts follow the plan's placement: rank r holds, for each MoE layer, the logical experts of
+its physical slots (`plan.experts_on_rank(layer, r)`). A redundant replica is written to every rank
+that holds one, under the rank-local slot index: logical expert e in local slot j of layer L is stored
+as `layers.L.ffn.experts.j.*` (the model maps slot j back to e through the plan). The shared expert
+and all other tensors are on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convert.errors import ConvertError
+from convert.layout import FP8_BLOCK, TensorSpec
+from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One output tensor of one rank: its name and, for a TP split, the slice of the source it holds."""
+    name: str
+    split: tuple[int, int, int] | None  # (dim, start, stop) of the source tensor, None = whole
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """The per-rank view of a plan that conversion needs."""
+    world_size: int
+    tp: int
+    slots: tuple[tuple[tuple[int, ...], ...], ...]  # slots[layer][rank] = logical expert per local slot
+
+    @classmethod
+    def from_plan(cls, plan, cfg: ModelConfig, origin: str = "plan") -> "Sharding":
+        world, tp = int(plan.world_size), int(plan.tp)
+        n_moe = cfg.n_layers + cfg.n_mtp_layers
+        _check_tp(cfg, tp, origin)
+        slots = []
+        for layer in range(n_moe):
+            per_rank = tuple(tuple(int(e) for e in plan.experts_on_rank(layer, r)) for r in range(world))
+            held = {e for rank in per_rank for e in rank}
+            if any(not 0 <= e < cfg.n_routed_experts for e in held) or len(held) != cfg.n_routed_experts:
+                raise ConvertError(f"{origin}: MoE layer {layer} places experts {min(held)}..{max(held)} "
+                                   f"({len(held)} distinct), expected all {cfg.n_routed_experts} experts of the "
+                                   f"checkpoint")
+            slots.append(per_rank)
+        return cls(world, tp, tuple(slots))
+
+    def local_shape(self, spec: TensorSpec) -> tuple[int, ...]:
+        """Shape of every rank's piece of `spec` (experts and replicated tensors keep theirs)."""
+        if spec.expert is not None or spec.split_dim is None:
+            return spec.shape
+        shape = list(spec.shape)
+        shape[spec.split_dim] //= self.tp
+        return tuple(shape)
+
+    def pieces(self, spec: TensorSpec, rank: int) -> list[Piece]:
+        """The output tensors rank `rank` holds of source tensor `spec` (empty: none)."""
+        if spec.expert is not None:
+            prefix, rest = spec.name.split(f".experts.{spec.expert}.")
+            return [Piece(f"{prefix}.experts.{j}.{rest}", None)
+                    for j, e in enumerate(self.slots[spec.layer][rank]) if e == spec.expert]
+        if spec.split_dim is None or self.tp == 1:
+            return [Piece(spec.name, None)]
+        size = spec.shape[spec.split_dim] // self.tp
+        t = rank % self.tp
+        return [Piece(spec.name, (spec.split_dim, t * size, (t + 1) * size))]
+
+
+def _check_tp(cfg: ModelConfig, tp: int, origin: str) -> None:
+    """Every TP-split dimension must divide evenly, on whole quantisation blocks."""
+    need = {"n_heads": cfg.n_heads, "o_groups": cfg.o_groups, "index_n_heads": cfg.index_n_heads,
+            "vocab_size": cfg.vocab_size}
+    for field, value in need.items():
+        if value % tp:
+            raise ConvertError(f"{origin}: tp = {tp} must divide {field} = {value} of the checkpoint")
+    if cfg.dtype == "fp8":
+        for what, rows in (("wq_b rows", cfg.n_heads * cfg.head_dim), ("wo_a rows", cfg.o_groups * cfg.o_lora_rank),
+                           ("indexer wq_b rows", cfg.index_n_heads * cfg.index_head_dim),
+                           ("wo_b columns", cfg.o_groups * cfg.o_lora_rank)):
+            if rows // tp % FP8_BLOCK:
+                raise ConvertError(f"{origin}: tp = {tp} splits {what} ({rows}) into {rows // tp}, not a multiple of "
+                                   f"the {FP8_BLOCK}-wide FP8 scale blocks")
+
+
+def scale_split(split: tuple[int, int, int] | None, scale: TensorSpec) -> tuple[int, int, int] | None:
+    """The slice of a weight's scale that goes with slice `split` of the weight."""
+    if split is None or scale.split_dim is None:
+        return None  # unsplit, or an int8 [out] scale of a column split: every rank needs all rows
+    dim, start, stop = split
+    if scale.quant == "fp8_scale":
+        return dim, start // FP8_BLOCK, stop // FP8_BLOCK
+    return split

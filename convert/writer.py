@@ -1,0 +1,167 @@
+"""Writing safetensors files as a stream, atomically.
+
+A safetensors file is an 8-byte header length, a JSON header with every tensor's dtype, shape and
+byte range, then the raw data. The header needs only shapes and dtypes, which are known before any
+data is read, so a file is written header first and then one tensor at a time: memory holds one
+tensor, never the file. Each file is written under a temporary name and renamed into place after
+fsync, so a file with its final name is always complete. Contents are a pure function of the
+tensors (fixed order, no timestamps), so an interrupted run that is resumed produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from convert.errors import ConvertError
+from convert.layout import DTYPE_BYTES
+from convert.reader import read_header
+
+TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "I8": torch.int8,
+                "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+DTYPE_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+
+# Test hook: SIGKILL this process after this many tensors have been written (crash-safety tests).
+_KILL_AFTER = int(os.environ.get("ASCEND_CONVERT_KILL_AFTER", "0") or 0)
+_written = 0
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def disk_error(e: OSError, path: Path) -> ConvertError:
+    if e.errno == errno.ENOSPC:
+        return ConvertError(f"{path}: no space left on device while writing; free space and rerun with --resume")
+    return ConvertError(f"{path}: write failed ({e.strerror or e})")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Small files (indexes, manifests): temp name, fsync, rename."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(e, path) from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+class SafetensorsWriter:
+    """Write the tensors `entries` = [(name, dtype code, shape)] to `path`, in that order, one call each."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
+        self.path, self.tmp = Path(path), temp_name(Path(path))
+        self.entries = list(entries)
+        header, at = {}, 0
+        for name, dtype, shape in self.entries:
+            n = DTYPE_BYTES[dtype]
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+            at += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+        self.header = header
+        self.nbytes = 8 + len(raw) + at
+        self.file_hash = hashlib.sha256()
+        self.tensor_hashes: dict[str, str] = {}
+        self._next = 0
+        try:
+            self._f = open(self.tmp, "wb")
+            self._write(len(raw).to_bytes(8, "little") + raw)
+        except OSError as e:
+            self.abort()
+            raise disk_error(e, self.path) from None
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self.file_hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor (it must be the next entry, with that entry's dtype and shape)."""
+        self.write_chunks(name, [tensor], tuple(tensor.shape))
+
+    def write_chunks(self, name: str, chunks, shape: tuple[int, ...] | None = None) -> None:
+        """Write the next tensor from consecutive row blocks (so a huge tensor never sits in memory whole)."""
+        global _written
+        want, dtype, want_shape = self.entries[self._next]
+        h, nbytes = hashlib.sha256(), 0
+        for chunk in chunks:
+            if name != want or DTYPE_CODES.get(chunk.dtype) != dtype or (shape is not None and shape != tuple(want_shape)):
+                self.abort()
+                raise RuntimeError(f"{self.path}: wrote {name} {chunk.dtype} {list(chunk.shape)}, expected {want} "
+                                   f"{dtype} {list(want_shape)}")  # a bug in the caller, not a user error
+            data = memoryview(chunk.contiguous().view(torch.uint8).reshape(-1).numpy())
+            try:
+                self._write(data)
+            except OSError as e:
+                self.abort()
+                raise disk_error(e, self.path) from None
+            h.update(data)
+            nbytes += len(data)
+        begin, end = self.header[name]["data_offsets"]
+        if nbytes != end - begin:
+            self.abort()
+            raise RuntimeError(f"{self.path}: {name} got {nbytes} bytes, expected {end - begin}")
+        self.tensor_hashes[name] = h.hexdigest()
+        self._next += 1
+        _written += 1
+        if _KILL_AFTER and _written >= _KILL_AFTER:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self) -> str:
+        """fsync, rename into place; returns the file's sha256."""
+        if self._next != len(self.entries):
+            self.abort()
+            raise RuntimeError(f"{self.path}: {len(self.entries) - self._next} tensors were never written")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise disk_error(e, self.path) from None
+        return self.file_hash.hexdigest()
+
+    def abort(self) -> None:
+        f = getattr(self, "_f", None)
+        if f is not None and not f.closed:
+            f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def hash_file(path: Path) -> tuple[str, dict[str, str]]:
+    """(sha256 of the file, sha256 of each tensor's bytes) of an existing safetensors file."""
+    header, start = read_header(path)
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items())
+    file_hash, tensors = hashlib.sha256(), {}
+    with open(path, "rb") as f:
+        file_hash.update(f.read(start))
+        for begin, end, key in spans:
+            h, left = hashlib.sha256(), end - begin
+            while left:
+                chunk = f.read(min(left, 64 << 20))
+                if not chunk:
+                    raise ConvertError(f"{path}: truncated (tensor {key})")
+                h.update(chunk)
+                file_hash.update(chunk)
+                left -= len(chunk)
+            tensors[key] = h.hexdigest()
+        rest = f.read()
+        file_hash.update(rest)
+    return file_hash.hexdigest(), tensors
