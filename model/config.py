@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "ModelConfig", "PRESETS", "WEIGHT_FORMATS", "EXPERT_FO
 WEIGHT_FORMATS = ("fp8", "bf16", "int8")
 EXPERT_FORMATS = ("fp4", "fp8", "bf16", "int8")
 COMPRESS_RATIOS = (0, 4, 128)
-SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+SCORE_FUNCS = ("sqrtsoftplus",)   # the only routing score V4 uses (kernels.gate_topk)
 
 # HF transformers layer-type labels <-> compression ratio.
 _LAYER_TYPE_TO_RATIO = {

@@ -1,0 +1,134 @@
+"""MoE: routing rules, SwiGLU clamps, the layer against a per-token loop, expert parallelism with replicas."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.moe import Expert, Gate, MoE
+from model.parallel import ParallelContext
+
+CFG = ModelConfig.preset("tiny", expert_dtype="fp4", dtype="fp8")
+
+
+def _randomise(moe: MoE, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in moe.named_modules():
+            if hasattr(mod, "set_from_float"):
+                mod.set_from_float(torch.randn(mod.out_features, mod.in_features, generator=g) / 8)
+        moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=g) / 8)
+        if moe.gate.bias is not None:
+            moe.gate.bias.copy_(torch.randn(moe.gate.bias.shape, generator=g) / 10)
+        else:
+            moe.gate.tid2eid.copy_(torch.stack([torch.randperm(CFG.n_routed_experts, generator=g)[:CFG.n_activated_experts]
+                                                for _ in range(CFG.vocab_size)]))
+
+
+def test_hash_gate_routes_by_token_id():
+    gate = Gate(0, CFG)
+    assert gate.bias is None and gate.tid2eid.shape == (CFG.vocab_size, CFG.n_activated_experts)
+    gate.weight.data.normal_()
+    gate.tid2eid.copy_(torch.randint(0, CFG.n_routed_experts, gate.tid2eid.shape))
+    x, ids = torch.randn(10, CFG.dim), torch.randint(0, CFG.vocab_size, (10,))
+    w, idx = gate(x, ids)
+    assert torch.equal(idx, gate.tid2eid[ids])
+    scores = F.softplus(x.float() @ gate.weight.float().T).sqrt().gather(1, idx)
+    torch.testing.assert_close(w, scores / scores.sum(1, keepdim=True) * CFG.route_scale)
+    torch.testing.assert_close(w.sum(1), torch.full((10,), CFG.route_scale))
+
+
+def test_gate_bias_changes_selection_not_weights():
+    gate = Gate(1, CFG)
+    assert gate.tid2eid is None and gate.bias.dtype == torch.float32
+    gate.weight.data.normal_()
+    x, ids = torch.randn(32, CFG.dim), torch.zeros(32, dtype=torch.long)
+    w0, i0 = gate(x, ids)
+    scores = F.softplus(x.float() @ gate.weight.float().T).sqrt()
+    assert torch.equal(i0.sort(1).values, scores.topk(CFG.n_activated_experts, 1).indices.sort(1).values)
+    gate.bias.fill_(0)
+    gate.bias[[5, 6, 7]] = 100.0                        # forces experts 5, 6, 7 into every choice
+    w1, i1 = gate(x, ids)
+    assert torch.equal(i1.sort(1).values, torch.tensor([5, 6, 7]).expand(32, 3))
+    chosen = scores.gather(1, i1)
+    torch.testing.assert_close(w1, chosen / chosen.sum(1, keepdim=True) * CFG.route_scale)  # unbiased scores
+
+
+def test_expert_clamps_and_weight_before_w2():
+    e = Expert(128, 128, "fp32", swiglu_limit=1.0)
+    for lin in (e.w1, e.w2, e.w3):
+        lin.set_from_float(torch.randn(128, 128))
+    x, rw = torch.randn(4, 128) * 3, torch.rand(4, 1)
+    gate, up = x @ e.w1.weight.T, x @ e.w3.weight.T
+    assert gate.max() > 1 and up.abs().max() > 1      # the clamps are exercised
+    want = (F.silu(gate.clamp(max=1.0)) * up.clamp(-1, 1) * rw) @ e.w2.weight.T
+    torch.testing.assert_close(e(x, rw), want, rtol=1e-5, atol=1e-5)
+    e.swiglu_limit = 0
+    torch.testing.assert_close(e(x), (F.silu(gate) * up) @ e.w2.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def _reference_moe(moe: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token by token: sum_k w_k expert_k(x) + shared(x)."""
+    out = []
+    for t in range(x.size(0)):
+        w, idx = moe.gate(x[t:t + 1], ids[t:t + 1])
+        y = moe.shared_experts(x[t:t + 1]).float()
+        for k in range(idx.size(1)):
+            y = y + moe.experts[str(idx[0, k].item())](x[t:t + 1], w[:, k:k + 1]).float()
+        out.append(y)
+    return torch.cat(out).to(x.dtype)
+
+
+def test_moe_equals_per_token_loop():
+    for layer in (0, 2):                               # a hash layer and a score-routed layer
+        moe = MoE(layer, CFG)
+        _randomise(moe, layer)
+        x, ids = torch.randn(2, 5, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 5))
+        got = moe(x, ids)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got.view(10, -1), _reference_moe(moe, x.view(10, -1), ids.view(10)),
+                                   rtol=1e-5, atol=1e-5)
+    assert [k.split(".")[0:3] for k in moe.state_dict() if k.startswith("experts.7.")][0] == ["experts", "7", "w1"]
+    assert moe.experts["0"].w1.weight.dtype == torch.int8 and moe.shared_experts.w1.weight.dtype == torch.float8_e4m3fn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAYOUT = {2: [0, 1, 2, 3, 0, 4, 5, 6, 7, 3, 1, 0]}    # 12 slots for 8 experts: 0 x3, 1 x2, 3 x2
+
+
+def _ep_worker(rank, world, port, state, x, ids, out_q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ctx = ParallelContext(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD, phy2log=LAYOUT)
+    moe = MoE(2, CFG, ctx)
+    moe.load_state_dict({k: v for k, v in state.items() if k in moe.state_dict()}, strict=True)
+    out_q.put((rank, sorted(moe.experts.keys(), key=int), moe(x, ids)))
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_with_replicas_equals_single_rank():
+    single = MoE(2, CFG)
+    _randomise(single, 3)
+    x, ids = torch.randn(3, 7, CFG.dim), torch.randint(0, CFG.vocab_size, (3, 7))
+    want = single(x, ids)
+    ctx = mp.get_context("spawn")
+    out_q, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, single.state_dict(), x, ids, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: (experts, y) for r, experts, y in (out_q.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0][0] == ["0", "1", "2", "3", "4"] and results[1][0] == ["0", "1", "3", "5", "6", "7"]
+    for r in range(2):
+        torch.testing.assert_close(results[r][1], want, rtol=1e-5, atol=1e-5)
