@@ -1,0 +1,133 @@
+"""Hardware catalogue: accelerators and the systems built from them, as data (ascend/data/hardware.json).
+
+A name resolves to a `Hardware`: the per-rank figures of one device (a die on 910C) plus how ranks are
+grouped into nodes and the link bandwidth inside a node and across nodes (or over a SuperPoD's unified
+bus). Figures and their sources are listed in docs/hardware.md. Users add entries from a YAML or JSON
+file of the same shape (`load_catalogue(extra=path)`, `ascend plan --hardware-file`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ascend.errors import AscendDeployError
+
+__all__ = ["Hardware", "HardwareError", "load_catalogue", "get_hardware", "hardware_names"]
+
+_DEVICE_KEYS = ("description", "soc", "memory_gib", "memory_gbps", "tflops", "native_dtypes",
+                "devices_per_node", "intra_node_gbps", "inter_node_gbps", "limits")
+
+
+class HardwareError(AscendDeployError):
+    """Unknown hardware name or malformed catalogue entry."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-rank figures of one accelerator and the links between ranks. Bandwidths in GB/s, one direction."""
+
+    name: str
+    device: str                        # catalogue name of the accelerator
+    description: str
+    soc: str                           # 'A2', 'A3', 'A5', 'cuda', 'cpu'
+    memory_gib: float                  # per rank
+    memory_gbps: float                 # HBM bandwidth per rank
+    tflops: dict[str, float]           # dense, per dtype, per rank
+    native_dtypes: tuple[str, ...]
+    devices_per_node: int              # ranks per node (dies on 910C)
+    intra_node_gbps: float             # per rank, inside a node
+    inter_node_gbps: float             # per rank, across nodes (the unified bus inside a SuperPoD)
+    max_nodes: int | None = None       # fixed-size systems (SuperPoDs)
+    limits: dict[str, Any] = field(default_factory=dict)   # fused-operator limits (ascend-npu.md section 2)
+    estimates: tuple[str, ...] = ()    # figures that are our estimates, not published numbers
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * 2**30
+
+    def compute_dtype(self, weights: str) -> str:
+        """Dtype the matmuls run in for a weight format: FP8 weights run as BF16 where FP8 is not native."""
+        wanted = {"keep": "fp8", "fp8": "fp8", "int8": "int8", "bf16": "bf16"}.get(weights, "bf16")
+        if wanted in self.native_dtypes and wanted in self.tflops:
+            return wanted
+        return "bf16" if "bf16" in self.tflops else max(self.tflops, key=self.tflops.get)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as e:   # yaml.YAMLError and json.JSONDecodeError are ValueErrors or close
+        raise HardwareError(f"{path}: cannot read hardware file ({type(e).__name__}: {e})") from None
+    except Exception as e:               # noqa: BLE001 - yaml.YAMLError does not subclass ValueError
+        raise HardwareError(f"{path}: cannot parse hardware file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not ({"devices", "systems"} & set(data)):
+        raise HardwareError(f"{path}: expected a mapping with 'devices' and/or 'systems' (see docs/hardware.md)")
+    return data
+
+
+def load_catalogue(extra: str | Path | None = None) -> dict[str, Any]:
+    """The built-in catalogue, with the devices / systems / limits of `extra` (YAML or JSON) added."""
+    data = json.loads(resources.files("ascend").joinpath("data/hardware.json").read_text())
+    if extra is not None:
+        more = _read(Path(extra))
+        for section in ("devices", "systems", "limits"):
+            entries = more.get(section) or {}
+            if not isinstance(entries, dict):
+                raise HardwareError(f"{extra}: '{section}' must be a mapping of name -> entry")
+            data[section].update(entries)
+    return data
+
+
+def hardware_names(catalogue: dict[str, Any] | None = None) -> list[str]:
+    catalogue = catalogue or load_catalogue()
+    return sorted(catalogue["devices"]) + sorted(catalogue["systems"])
+
+
+def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
+    """Resolve a device or system name; unknown names raise a one-line error listing the known ones."""
+    catalogue = load_catalogue(extra)
+    systems, devices = catalogue["systems"], catalogue["devices"]
+    key = name.lower()
+    if key in systems:
+        system = systems[key]
+        device_name = system.get("device")
+        if device_name not in devices:
+            raise HardwareError(f"hardware {name!r}: system names device {device_name!r}, expected one of "
+                                f"{sorted(devices)}")
+        entry = {**devices[device_name], **{k: v for k, v in system.items() if k != "device"}}
+    elif key in devices:
+        device_name, entry = key, dict(devices[key])
+    else:
+        raise HardwareError(f"unknown hardware {name!r}; known: {', '.join(hardware_names(catalogue))}"
+                            " (add more with --hardware-file)")
+    missing = [k for k in _DEVICE_KEYS if k not in entry]
+    if missing:
+        raise HardwareError(f"hardware {name!r}: entry lacks {missing}; see docs/hardware.md for the fields")
+    limits = entry["limits"]
+    if isinstance(limits, str):
+        if limits not in catalogue["limits"]:
+            raise HardwareError(f"hardware {name!r}: limits {limits!r}, expected one of {sorted(catalogue['limits'])}")
+        limits = catalogue["limits"][limits]
+    try:
+        return Hardware(
+            name=key, device=device_name, description=str(entry["description"]), soc=str(entry["soc"]),
+            memory_gib=float(entry["memory_gib"]), memory_gbps=float(entry["memory_gbps"]),
+            tflops={str(k): float(v) for k, v in entry["tflops"].items()},
+            native_dtypes=tuple(entry["native_dtypes"]), devices_per_node=int(entry["devices_per_node"]),
+            intra_node_gbps=float(entry["intra_node_gbps"]), inter_node_gbps=float(entry["inter_node_gbps"]),
+            max_nodes=int(entry["max_nodes"]) if entry.get("max_nodes") else None,
+            limits=dict(limits), estimates=tuple(entry.get("estimates", ())))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise HardwareError(f"hardware {name!r}: malformed entry ({type(e).__name__}: {e})") from None

@@ -1,0 +1,221 @@
+"""Layout search: every valid (dp, tp, ep) for a device count, ranked by a stated cost model.
+
+Attention runs data-parallel over dp groups of tp ranks (tp splits heads, o_groups, indexer heads and
+the vocabulary); routed experts run expert-parallel over ep consecutive ranks (ep divides the world,
+world / ep groups each hold every expert). Rules (V4 divisibility + fused-operator limits of the
+hardware entry) are in `check_layout`; the cost model (docs/planner.md) in `evaluate`:
+
+1. memory: the largest rank must fit in the device's memory;
+2. communication per decoded token: TP all-reduces (attention output, indexer scores) and EP
+   dispatch/combine bytes, each over the link it crosses (inside a node or across nodes);
+3. decode-step time: per rank max(FLOPs / dense compute, bytes read / HBM bandwidth) + communication.
+
+Candidates rank by (fits, communication per token to 2 significant digits, decode-step time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ascend.planner.errors import PlanError
+from ascend.planner.memory import MemorySettings, kv_bytes, linear_bytes, memory_per_rank, weight_formats
+
+__all__ = ["Candidate", "check_layout", "evaluate", "search", "divisors", "explain"]
+
+GiB = 2**30
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(config: Any, world: int, tp: int, ep: int, redundant: int, hardware: Any = None,
+                 batch: int | None = None) -> list[str]:
+    """Every rule (tp, ep, redundant) breaks on `world` devices, each as a sentence saying what would work."""
+    out = []
+    E = config.n_routed_experts
+    if tp < 1 or world % tp:
+        out.append(f"tp={tp} must divide the {world} devices (try {divisors(world)})")
+    if ep < 1 or world % ep:
+        out.append(f"ep={ep} must divide the {world} devices (try {divisors(world)})")
+    for name in ("o_groups", "n_heads", "index_n_heads", "vocab_size"):
+        value = getattr(config, name)
+        if tp >= 1 and value % tp:
+            ok = [d for d in divisors(math.gcd(config.o_groups, config.n_heads, config.index_n_heads,
+                                               config.vocab_size)) if world % d == 0]
+            out.append(f"tp={tp} must divide {name}={value} (valid tp here: {ok})")
+            break
+    if redundant < 0:
+        out.append(f"redundant={redundant}: expected >= 0")
+    elif ep >= 1 and (E + redundant) % ep:
+        need = (-E - redundant) % ep
+        out.append(f"ep={ep} must divide the {E}+{redundant} physical expert slots "
+                   f"(use --redundant {redundant + need}, or an ep dividing {E + redundant})")
+    lim = getattr(hardware, "limits", None) or {}
+    if lim and tp >= 1 and config.n_heads % tp == 0:
+        heads = config.n_heads // tp
+        if "fia_heads_per_rank" in lim and heads not in lim["fia_heads_per_rank"]:
+            out.append(f"tp={tp} gives {heads} attention heads per rank; fused attention takes "
+                       f"{lim['fia_heads_per_rank']}")
+        if "indexer_heads_per_rank_max" in lim and config.index_n_heads // tp > lim["indexer_heads_per_rank_max"]:
+            out.append(f"tp={tp} gives {config.index_n_heads // tp} indexer heads per rank; the lightning "
+                       f"indexer takes <= {lim['indexer_heads_per_rank_max']} on {hardware.soc}")
+    if lim and ep > 1:
+        lo, hi = lim.get("dispatch_ep", (2, 1 << 30))
+        if not lo <= ep <= hi:
+            out.append(f"ep={ep}: fused dispatch/combine takes EP {lo}-{hi}")
+        hlo, hhi = lim.get("dispatch_hidden", (0, 1 << 30))
+        if not hlo <= config.dim <= hhi:
+            out.append(f"hidden size {config.dim}: fused dispatch/combine takes {hlo}-{hhi} (use ep=1)")
+        if config.n_activated_experts > lim.get("dispatch_topk_max", 1 << 30):
+            out.append(f"top-k {config.n_activated_experts}: fused dispatch takes <= {lim['dispatch_topk_max']}")
+        if batch and tp >= 1 and world % tp == 0:
+            per_rank = math.ceil(batch / (world // tp))
+            cap = lim.get("dispatch_tokens_per_rank_max", 1 << 30)
+            if per_rank > cap:
+                out.append(f"batch {batch} gives {per_rank} decode tokens per rank; fused dispatch takes <= {cap} "
+                           f"(lower --batch or use more data-parallel ranks)")
+    return out
+
+
+@dataclass
+class Candidate:
+    """One layout and its costs (bytes per rank; microseconds per token; milliseconds per step)."""
+
+    dp: int
+    tp: int
+    ep: int
+    redundant: int
+    slots_per_rank: int
+    peak_bytes: int
+    capacity_bytes: float
+    fits: bool
+    comm_us_per_token: float
+    tp_comm_us_per_token: float
+    ep_comm_us_per_token: float
+    step_ms: float
+    compute_ms: float
+    memory_ms: float
+    tokens_per_s_per_device: float
+
+    @property
+    def margin_bytes(self) -> float:
+        return self.capacity_bytes - self.peak_bytes
+
+    def key(self) -> tuple:
+        comm = float(f"{self.comm_us_per_token:.2g}")
+        return (not self.fits, comm, self.step_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["margin_bytes"] = self.margin_bytes
+        return d
+
+
+def _link_time(nbytes: float, group: int, dpn: int, hw: Any) -> float:
+    """Seconds to move `nbytes` spread evenly over the other ranks of a group of `group` consecutive ranks."""
+    if group <= 1:
+        return 0.0
+    local = min(group, dpn) - 1
+    remote = group - 1 - local
+    return (nbytes * local / (group - 1)) / (hw.intra_node_gbps * 1e9) + \
+           (nbytes * remote / (group - 1)) / (hw.inter_node_gbps * 1e9)
+
+
+def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any, s: MemorySettings) -> Candidate:
+    """Memory, communication and decode-step time of one layout on hardware `hw`."""
+    dp = world // tp
+    E, k, d = config.n_routed_experts, config.n_activated_experts, config.dim
+    slots = (E + redundant) // ep
+    runs = memory_per_rank(config, world, tp, slots, s)
+    peak = max(sum(r["bytes"].values()) for r in runs)
+    ratios = list(config.compress_ratios) + [0] * config.n_mtp_layers
+    n_layers = len(ratios)
+    n_csa = sum(1 for r in ratios if r == 4)
+    dpn = hw.devices_per_node
+    # --- communication per token
+    ar_bytes = n_layers * d * 2 + n_csa * (s.context // 4) * 4          # wo_b output BF16, indexer scores FP32
+    tp_time = _link_time(2 * (tp - 1) / tp * ar_bytes, tp, dpn, hw)     # ring all-reduce
+    dispatch_b = 1 if hw.limits else 2                                   # fused dispatch quantises to INT8
+    ep_bytes = n_layers * k * d * (dispatch_b + 2) / tp                  # dispatch + combine (BF16), tokens split over tp
+    ep_time = _link_time(ep_bytes * (ep - 1) / ep, ep, dpn, hw)          # remote share of the destinations
+    # --- decode step on one rank
+    t = math.ceil(s.batch / dp)                                          # decode tokens per rank
+    seqs = t
+    f = weight_formats(config, s.weights)
+    attn_params = sum(_attn_params(config, r) for r in ratios) / tp
+    expert_bytes = 2 * linear_bytes(config.moe_inter_dim, d, f["expert"]) + linear_bytes(d, config.moe_inter_dim, f["expert"])
+    flops = 2 * t * (attn_params + 3 * d * config.moe_inter_dim * (n_layers * (1 + k / tp)))
+    flops += 2 * t * config.vocab_size // tp * d
+    kv = kv_bytes(config, s.kv_layout)
+    ctx = s.context
+    kv_read = 0.0
+    for r in ratios:
+        n = config.window_size + (min(config.index_topk, ctx // 4) if r == 4 else ctx // r if r else 0)
+        kv_read += n * kv["entry_bytes"]
+        flops += 2 * 2 * t * (config.n_heads // tp) * config.head_dim * n
+        if r == 4:
+            kv_read += ctx // 4 * (kv["per_type"]["csa"] * 4 - kv["entry_bytes"])   # indexer keys
+            flops += 2 * t * (config.index_n_heads // tp) * config.index_head_dim * (ctx // 4)
+    pairs_per_slot = t * dp * k / (world // ep) / (E + redundant)         # expected tokens per expert slot
+    touched = 1 - math.exp(-pairs_per_slot)
+    w = runs[0]["bytes"]
+    read = w["attention"] + w["shared_expert"] + config.vocab_size // tp * d * 4 + \
+        n_layers * slots * expert_bytes * touched + seqs * kv_read
+    dtype = hw.compute_dtype(s.weights)
+    compute_s = flops / (hw.tflops[dtype] * 1e12)
+    memory_s = read / (hw.memory_gbps * 1e9)
+    step_s = max(compute_s, memory_s) + t * (tp_time + ep_time)
+    cap = hw.memory_bytes
+    return Candidate(dp=dp, tp=tp, ep=ep, redundant=redundant, slots_per_rank=slots, peak_bytes=int(peak),
+                     capacity_bytes=cap, fits=peak <= cap, comm_us_per_token=(tp_time + ep_time) * 1e6,
+                     tp_comm_us_per_token=tp_time * 1e6, ep_comm_us_per_token=ep_time * 1e6,
+                     step_ms=step_s * 1e3, compute_ms=compute_s * 1e3, memory_ms=memory_s * 1e3,
+                     tokens_per_s_per_device=s.batch / step_s / world)
+
+
+def _attn_params(config: Any, ratio: int) -> float:
+    """Multiply-accumulates per token of one layer's attention projections (all heads)."""
+    d, q, hd = config.dim, config.q_lora_rank, config.head_dim
+    p = d * q + d * hd + q * config.n_heads * hd + config.n_heads * hd * config.o_lora_rank + \
+        config.o_groups * config.o_lora_rank * d
+    if ratio:
+        p += 2 * d * (2 if ratio == 4 else 1) * hd
+    if ratio == 4:
+        p += q * config.index_n_heads * config.index_head_dim + d * config.index_n_heads
+    return p
+
+
+def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int | None = None,
+           tp: int | None = None, ep: int | None = None) -> list[Candidate]:
+    """All valid layouts (optionally with tp / ep forced), best first. Raises PlanError when none is valid."""
+    E = config.n_routed_experts
+    found, reasons = [], []
+    for t in ([tp] if tp else divisors(world)):
+        for e in ([ep] if ep else divisors(world)):
+            r = redundant if redundant is not None else (-E) % e
+            problems = check_layout(config, world, t, e, r, hardware=hw, batch=s.batch)
+            if problems:
+                reasons.append(f"tp={t} ep={e}: {problems[0]}")
+                continue
+            found.append(evaluate(config, world, t, e, r, hw, s))
+    if not found:
+        hint = reasons[0] if len(reasons) == 1 else "; ".join(reasons[:3])
+        raise PlanError(f"no valid layout for {world} x {hw.name}: {hint}")
+    return sorted(found, key=Candidate.key)
+
+
+def explain(best: Candidate, others: list[Candidate]) -> str:
+    """One sentence on why `best` ranks first."""
+    if not others:
+        return "the only valid layout"
+    o = others[0]
+    name = f"dp{o.dp}/tp{o.tp}/ep{o.ep}"
+    if best.fits and not o.fits:
+        return f"the only layout that fits (next, {name}, needs {o.peak_bytes / GiB:.1f} GiB per rank)"
+    if float(f"{best.comm_us_per_token:.2g}") < float(f"{o.comm_us_per_token:.2g}"):
+        return (f"least communication: {best.comm_us_per_token:.1f} us/token vs {o.comm_us_per_token:.1f} "
+                f"for {name}")
+    return f"same communication as {name}, faster decode step: {best.step_ms:.2f} ms vs {o.step_ms:.2f}"
