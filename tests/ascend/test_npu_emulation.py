@@ -1,0 +1,311 @@
+"""The torch_npu emulation: schemas from the real wheel bind arguments like the real operators, and every
+emulated operator equals an independent, loop-by-loop computation of its documented formula."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from ascend.npu_emulation import EMULATED, SchemaUnavailable, emulated_torch_npu, installed
+from ascend.npu_emulation.schemas import load_schemas
+
+
+@pytest.fixture(scope="module")
+def tnpu():
+    try:
+        return emulated_torch_npu()
+    except SchemaUnavailable as e:
+        pytest.skip(f"torch-npu wheel unreachable, so no operator schemas: {e}")
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- schemas and binding
+
+def test_schemas_come_from_the_wheel(tnpu):
+    schemas = load_schemas()
+    assert len(schemas) > 300  # the whole codegen yaml, not a hand-written list
+    for name in EMULATED:
+        parsed = torch._C.parse_schema(schemas[name])
+        assert parsed.name == name
+        op = getattr(tnpu, name)
+        assert str(op.default._schema).split("(", 1)[1] == str(parsed).split("(", 1)[1]
+
+
+def _valid_calls():
+    bf = torch.bfloat16
+    x4 = torch.randn(1, 2, 4, 32, dtype=bf)
+    return {
+        "npu_rms_norm": ((torch.randn(2, 8), torch.ones(8)), {"epsilon": 1e-6}),
+        "npu_interleave_rope": ((torch.randn(1, 2, 3, 64), torch.randn(1, 1, 3, 64), torch.randn(1, 1, 3, 64)), {}),
+        "npu_moe_gating_top_k": ((torch.randn(3, 8), 2), {"norm_type": 1}),
+        "npu_mhc_pre": ((x4, torch.randn(24, 128), torch.ones(3), torch.zeros(24)), {"hc_eps": 1e-6}),
+        "npu_mhc_post": ((x4, torch.rand(1, 2, 4, 4), torch.randn(1, 2, 32, dtype=bf), torch.rand(1, 2, 4)), {}),
+        "npu_mhc_sinkhorn": ((torch.randn(3, 4, 4),), {"num_iters": 5}),
+        "npu_lightning_indexer": ((torch.randn(1, 2, 4, 128, dtype=bf), torch.randn(1, 6, 1, 128, dtype=bf),
+                                   torch.randn(1, 2, 4)), {"sparse_count": 3}),
+        "npu_sparse_flash_attention": ((torch.randn(1, 2, 2, 512, dtype=bf), torch.randn(1, 5, 1, 512, dtype=bf),
+                                        torch.randn(1, 5, 1, 512, dtype=bf), torch.zeros(1, 2, 1, 3, dtype=torch.int32), 0.1),
+                                       {"query_rope": torch.randn(1, 2, 2, 64, dtype=bf),
+                                        "key_rope": torch.randn(1, 5, 1, 64, dtype=bf), "attention_mode": 2}),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(EMULATED))
+def test_dispatcher_rejects_what_the_real_binding_rejects(tnpu, name):
+    args, kwargs = _valid_calls()[name]
+    op = getattr(tnpu, name)
+    op(*args, **kwargs)  # the valid call goes through
+    with pytest.raises(RuntimeError, match="Unknown keyword argument 'not_an_argument'|expected at most"):
+        op(*args, **kwargs, not_an_argument=1)
+    with pytest.raises(RuntimeError, match="Expected a value of type"):
+        op("not a tensor", *args[1:], **kwargs)
+    with pytest.raises(RuntimeError, match="missing value for argument|expected at most"):
+        op(*args[:-1], **kwargs)
+    with pytest.raises(RuntimeError, match="expected at most"):  # too many positionals (kw-only ones included)
+        op(*args, *([0] * 60))
+
+
+def test_installed_swaps_sys_modules_and_restores():
+    sentinel = object()
+    sys.modules["torch_npu"] = sentinel
+    try:
+        with installed() as module:
+            import torch_npu
+            assert torch_npu is module and torch_npu.__emulated__
+            assert not hasattr(torch_npu, "npu_fused_infer_attention_score_v2")  # not emulated -> absent, not faked
+        assert sys.modules["torch_npu"] is sentinel
+    finally:
+        del sys.modules["torch_npu"]
+
+
+def test_unemulated_modes_raise_not_silently_ignored(tnpu):
+    args, kwargs = _valid_calls()["npu_sparse_flash_attention"]
+    with pytest.raises(NotImplementedError, match="return_softmax_lse"):
+        tnpu.npu_sparse_flash_attention(*args, **{**kwargs, "return_softmax_lse": True})
+    with pytest.raises(NotImplementedError, match="attention_mode=0"):
+        tnpu.npu_sparse_flash_attention(*args, **{**kwargs, "attention_mode": 0})
+    with pytest.raises(NotImplementedError, match="out_flag=1"):
+        tnpu.npu_mhc_sinkhorn(torch.randn(2, 4, 4), out_flag=1)
+    args, kwargs = _valid_calls()["npu_lightning_indexer"]
+    with pytest.raises(NotImplementedError, match="return_value"):
+        tnpu.npu_lightning_indexer(*args, **kwargs, return_value=True)
+
+
+def test_documented_limits_are_enforced(tnpu):
+    with pytest.raises(RuntimeError, match="64"):
+        tnpu.npu_interleave_rope(torch.randn(1, 1, 2, 32), torch.randn(1, 1, 2, 32), torch.randn(1, 1, 2, 32))
+    with pytest.raises(RuntimeError, match="D must be 128"):
+        tnpu.npu_lightning_indexer(torch.randn(1, 1, 2, 64, dtype=torch.bfloat16), torch.randn(1, 3, 1, 64, dtype=torch.bfloat16),
+                                   torch.randn(1, 1, 2), sparse_count=2)
+    with pytest.raises(RuntimeError, match="sparse_count"):
+        args, kwargs = _valid_calls()["npu_lightning_indexer"]
+        tnpu.npu_lightning_indexer(*args, sparse_count=2500)
+    with pytest.raises(RuntimeError, match="bf16/fp16"):
+        tnpu.npu_mhc_post(torch.randn(1, 4, 32), None, torch.randn(1, 32), torch.rand(1, 4))
+    with pytest.raises(RuntimeError, match="renorm"):
+        tnpu.npu_moe_gating_top_k(torch.randn(2, 8), 2, renorm=1)
+
+
+# ------------------------------------------------------------------------- each op vs naive loops
+
+def test_rms_norm(tnpu):
+    x, g = torch.randn(3, 2, 16), torch.randn(2, 16)
+    y, rstd = tnpu.npu_rms_norm(x, g, epsilon=1e-5)
+    for i in range(3):
+        ms = sum(v * v for v in x[i].flatten().tolist()) / 32
+        assert rstd[i].item() == pytest.approx(1 / math.sqrt(ms + 1e-5), rel=1e-5)
+        _close(y[i], x[i] / math.sqrt(ms + 1e-5) * g)
+    assert rstd.shape == (3, 1, 1) and rstd.dtype == torch.float32
+    xb = x.bfloat16()
+    assert tnpu.npu_rms_norm(xb, g.bfloat16())[0].dtype == torch.bfloat16
+
+
+def test_interleave_rope_is_a_complex_rotation_in_rotate_half_layout(tnpu):
+    B, N, S = 2, 3, 4
+    x = torch.randn(B, N, S, 64)
+    ang = torch.randn(B, 1, S, 32)
+    out = tnpu.npu_interleave_rope(x, torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
+    z = torch.view_as_complex(x.unflatten(-1, (32, 2)).contiguous()) * torch.polar(torch.ones_like(ang), ang)
+    _close(out[..., :32], z.real)
+    _close(out[..., 32:], z.imag)
+
+
+def _naive_gating(x, k, bias, group_count, k_group, mode, norm_type, scale, eps=1e-20):
+    ys, ids = [], []
+    for row in x.double().tolist():
+        if norm_type == 0:
+            e = [math.exp(v - max(row)) for v in row]
+            norm = [v / sum(e) for v in e]
+        else:
+            norm = [1 / (1 + math.exp(-v)) for v in row]
+        choice = [v + (bias[i].item() if bias is not None else 0) for i, v in enumerate(norm)]
+        size = len(row) // group_count
+        groups = [choice[g * size:(g + 1) * size] for g in range(group_count)]
+        gscore = [max(g) if mode == 0 else sum(sorted(g)[-2:]) for g in groups]
+        keep = sorted(range(group_count), key=lambda g: (-gscore[g], g))[:k_group]
+        cand = [i for i in range(len(row)) if i // size in keep]
+        top = sorted(cand, key=lambda i: (-choice[i], i))[:k]
+        y = [norm[i] for i in top]
+        if norm_type == 1:
+            y = [v / (sum(y) + eps) for v in y]
+        ys.append([v * scale for v in y])
+        ids.append(top)
+    return torch.tensor(ys), torch.tensor(ids, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("group_count,k_group,mode,norm_type", [(1, 1, 0, 1), (4, 2, 0, 1), (4, 2, 1, 0)])
+def test_moe_gating_top_k(tnpu, group_count, k_group, mode, norm_type):
+    x, bias = torch.randn(6, 32), torch.randn(32) * 0.3
+    y, idx, norm = tnpu.npu_moe_gating_top_k(x, 3, bias=bias, k_group=k_group, group_count=group_count,
+                                             group_select_mode=mode, norm_type=norm_type, routed_scaling_factor=2.5)
+    ny, nidx = _naive_gating(x, 3, bias, group_count, k_group, mode, norm_type, 2.5)
+    assert torch.equal(idx, nidx) and idx.dtype == torch.int32
+    _close(y, ny)
+    _close(norm, x.softmax(-1) if norm_type == 0 else x.sigmoid())
+
+
+def test_moe_gating_top_k_hash_mode(tnpu):
+    x, tid2eid = torch.randn(5, 16), torch.randint(0, 16, (40, 4))
+    ids = torch.tensor([3, 0, 39, 3, 7])
+    y, idx, _ = tnpu.npu_moe_gating_top_k(x, 4, input_ids=ids, tid2eid=tid2eid, norm_type=1)
+    assert torch.equal(idx.long(), tid2eid[ids])
+    s = x.sigmoid().gather(1, tid2eid[ids])
+    _close(y, s / s.sum(-1, keepdim=True))
+    with pytest.raises(RuntimeError, match="both provided"):
+        tnpu.npu_moe_gating_top_k(x, 4, input_ids=ids, norm_type=1)
+
+
+def test_mhc_pre(tnpu):
+    T, n, D = 3, 4, 16
+    x = torch.randn(T, n, D).bfloat16()
+    phi, alpha, bias, gamma = torch.randn(24, n * D), torch.rand(3), torch.randn(24), torch.rand(n, D) + 0.5
+    h_in, h_post, h_res, inv_rms, h_mix, h_pre = tnpu.npu_mhc_pre(x, phi, alpha, bias, gamma=gamma, norm_eps=1e-6, hc_eps=1e-3)
+    for t in range(T):
+        v = x[t].double().flatten()
+        r = 1 / math.sqrt(float((v * v).mean()) + 1e-6)
+        mix = [(v * r * gamma.double().flatten() * phi[j].double()).sum().item() for j in range(24)]
+        a = alpha.tolist()
+        pre = [1 / (1 + math.exp(-(a[0] * mix[j] + bias[j].item()))) + 1e-3 for j in range(n)]
+        post = [2 / (1 + math.exp(-(a[1] * mix[n + j] + bias[n + j].item()))) for j in range(n)]
+        res = [a[2] * mix[2 * n + j] + bias[2 * n + j].item() for j in range(n * n)]
+        assert inv_rms[t].item() == pytest.approx(r, rel=1e-5)
+        _close(h_mix[t], torch.tensor(mix), 1e-4)
+        _close(h_pre[t], torch.tensor(pre), 1e-5)
+        _close(h_post[t], torch.tensor(post), 1e-5)
+        _close(h_res[t].flatten(), torch.tensor(res), 1e-4)
+        _close(h_in[t], sum(pre[k] * x[t, k].double() for k in range(n)), 1e-2)
+    assert h_in.dtype == torch.bfloat16 and h_post.dtype == torch.float32
+    assert tnpu.npu_mhc_pre(x, phi[:8], alpha[:2], bias[:8])[2].shape == (1,)  # no res rows: h_res is a placeholder
+
+
+def test_mhc_post(tnpu):
+    B, S, n, D = 1, 2, 4, 16
+    x, h_out = torch.randn(B, S, n, D).half(), torch.randn(B, S, D).half()
+    h_res, h_post = torch.rand(B, S, n, n), torch.rand(B, S, n)
+    y = tnpu.npu_mhc_post(x, h_res, h_out, h_post)
+    for s in range(S):
+        for j in range(n):
+            want = h_post[0, s, j] * h_out[0, s].float() + sum(h_res[0, s, k, j] * x[0, s, k].float() for k in range(n))
+            _close(y[0, s, j], want, 2e-3)
+    _close(tnpu.npu_mhc_post(x, None, h_out, h_post), x.float() + h_post[..., None] * h_out.float()[:, :, None], 2e-3)
+
+
+def test_mhc_sinkhorn(tnpu):
+    x = torch.randn(2, 3, 4, 4)
+    y, _, _ = tnpu.npu_mhc_sinkhorn(x, eps=1e-6, num_iters=20)
+    for b in range(2):
+        for s in range(3):
+            m = [[math.exp(v) for v in row] for row in x[b, s].double().tolist()]
+            m = [[v / sum(row) + 1e-6 for v in row] for row in m]
+            for it in range(20):
+                if it:
+                    m = [[v / (sum(row) + 1e-6) for v in row] for row in m]
+                cols = [sum(m[i][j] for i in range(4)) + 1e-6 for j in range(4)]
+                m = [[m[i][j] / cols[j] for j in range(4)] for i in range(4)]
+            _close(y[b, s], torch.tensor(m), 1e-5)
+    _close(y.sum(-2), torch.ones(2, 3, 4), 1e-4)  # columns sum to one after the last step
+
+
+def _naive_scores(q, k, w, visible):
+    """q [S, H, D], k [T, D], w [S, H]; visible(i) -> number of visible keys; per query {key: score}."""
+    return [{t: sum(w[i, h].item() * max(0.0, float(q[i, h].double() @ k[t].double())) for h in range(q.shape[1]))
+             for t in range(visible(i))} for i in range(q.shape[0])]
+
+
+def _is_topk(chosen, scores, count):
+    """`chosen` holds min(count, len(scores)) distinct keys, none scoring below an unchosen one (ties may go either way)."""
+    chosen = [c for c in chosen if c >= 0]
+    rest = [v for t, v in scores.items() if t not in chosen]
+    return (len(set(chosen)) == len(chosen) == min(count, len(scores)) and set(chosen) <= set(scores)
+            and (not rest or min(scores[c] for c in chosen) >= max(rest) - 1e-3))
+
+
+def test_lightning_indexer_bsnd_causal_and_padding(tnpu):
+    bf = torch.bfloat16
+    q, k, w = torch.randn(2, 3, 4, 128, dtype=bf), torch.randn(2, 7, 1, 128, dtype=bf), torch.randn(2, 3, 4)
+    kv_len = torch.tensor([7, 2], dtype=torch.int32)
+    idx, _ = tnpu.npu_lightning_indexer(q, k, w, actual_seq_lengths_key=kv_len, sparse_count=4, sparse_mode=3)
+    assert idx.shape == (2, 3, 1, 4) and idx.dtype == torch.int32
+    for b in range(2):
+        L = int(kv_len[b])
+        scores = _naive_scores(q[b], k[b, :, 0], w[b], lambda i: max(0, min(L, L - 3 + i + 1)))
+        for i in range(3):
+            got = idx[b, i, 0].tolist()
+            assert _is_topk(got, scores[i], 4)
+            assert all(v == -1 for v in got[len(scores[i]):])  # padding sits at the end
+
+
+def test_lightning_indexer_tnd_paged_equals_per_query_lengths(tnpu):
+    bf = torch.bfloat16
+    q, w = torch.randn(5, 2, 128, dtype=bf), torch.randn(5, 2)
+    blocks = torch.randn(6, 16, 1, 128, dtype=bf)
+    table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    idx, _ = tnpu.npu_lightning_indexer(q, blocks, w, actual_seq_lengths_query=torch.tensor([2, 5], dtype=torch.int32),
+                                        actual_seq_lengths_key=torch.tensor([40, 20], dtype=torch.int32), block_table=table,
+                                        layout_query="TND", layout_key="PA_BSND", sparse_count=6, sparse_mode=0)
+    assert idx.shape == (5, 1, 6)
+    for b, (rows, L) in enumerate([(range(0, 2), 40), (range(2, 5), 20)]):
+        keys = blocks[table[b].long()].flatten(0, 1)[:L, 0]
+        scores = _naive_scores(q[list(rows)], keys, w[list(rows)], lambda i: L)
+        for i, r in enumerate(rows):
+            assert _is_topk(idx[r, 0].tolist(), scores[i], 6)
+
+
+def _naive_sfa(q, qr, k, kr, v, idx, scale, sink, block, limit):
+    """q [S, H, 512] ...; idx [S, K]; the first -1 ends a row; limit(i) = last visible kv position."""
+    S, H = q.shape[:2]
+    out = torch.zeros(S, H, 512, dtype=torch.float64)
+    for i in range(S):
+        toks = []
+        for b in idx[i].tolist():
+            if b < 0:
+                break
+            toks += [t for t in range(b * block, (b + 1) * block) if t < k.shape[0] and t <= limit(i)]
+        for h in range(H):
+            logits = [scale * float(torch.cat([q[i, h], qr[i, h]]).double() @ torch.cat([k[t], kr[t]]).double()) for t in toks]
+            terms = [math.exp(z) for z in logits]
+            denom = sum(terms) + (math.exp(sink[h].item()) if sink is not None else 0.0)
+            if denom:
+                out[i, h] = sum(p / denom * v[t].double() for p, t in zip(terms, toks)) if toks else 0
+    return out
+
+
+@pytest.mark.parametrize("block,mode,with_sink", [(1, 0, True), (1, 3, False), (2, 3, True)])
+def test_sparse_flash_attention(tnpu, block, mode, with_sink):
+    bf = torch.bfloat16
+    S, H, T = 3, 2, 9
+    q, qr = torch.randn(1, S, H, 512, dtype=bf) * 0.05, torch.randn(1, S, H, 64, dtype=bf)
+    k, kr = torch.randn(1, T, 1, 512, dtype=bf), torch.randn(1, T, 1, 64, dtype=bf)
+    idx = torch.tensor([[[4, 0, 2, -1]], [[1, -1, 3, 3]], [[-1, 2, 0, 1]]], dtype=torch.int32)[None]
+    sink = torch.randn(H) if with_sink else None
+    out, _, _ = tnpu.npu_sparse_flash_attention(q, k, k, idx, 0.07, query_rope=qr, key_rope=kr, sparse_block_size=block,
+                                                sparse_mode=mode, attention_mode=2, sinks=sink)
+    limit = (lambda i: T - 1) if mode == 0 else (lambda i: T - S + i)
+    want = _naive_sfa(q[0], qr[0], k[0, :, 0], kr[0, :, 0], k[0, :, 0], idx[0, :, 0], 0.07, sink, block, limit)
+    assert out.dtype == bf and out.shape == q.shape
+    _close(out[0], want, 2e-2)
+    assert out[0, 2].abs().max() == 0  # the row starting with -1 selects nothing
