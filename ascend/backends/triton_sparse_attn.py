@@ -46,12 +46,11 @@ def _sparse_attn_partial_kernel(
     acc = tl.zeros([BLOCK_H, D_P2], tl.float32)
 
     k_start = split * chunk
-    k_end = tl.minimum(k_start + chunk, K)
     idx_base = idx_ptr + b.to(tl.int64) * si_b + s * si_s
     kv_base = kv_ptr + b.to(tl.int64) * skv_b
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx_base + offs, mask=offs < k_end, other=-1)
+    for k0 in range(0, chunk, BLOCK_K):   # chunk is a multiple of BLOCK_K
+        offs = k_start + k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_base + offs, mask=offs < K, other=-1)
         valid = (rows >= 0) & (rows < T)
         rows = tl.where(valid, rows, 0).to(tl.int64)
         kv = tl.load(kv_base + rows[:, None] * skv_t + dims[None, :],

@@ -14,12 +14,12 @@ from model.kernels import REFERENCE
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
 
 
-def _attn_inputs(B, S, H, D, T, K, device="cpu", dtype=torch.float32, empty_row=True):
+def _attn_inputs(B, S, H, D, T, K, device="cpu", dtype=torch.float32):
     q = torch.randn(B, S, H, D, device=device, dtype=dtype)
     kv = torch.randn(B, T, D, device=device, dtype=dtype)
     idx = torch.randint(0, T, (B, S, K), device=device, dtype=torch.int32)
     idx[torch.rand(B, S, K, device=device) < 0.3] = -1     # empty slots anywhere, duplicates allowed
-    if empty_row:
+    if B * S > 1:
         idx[0, 0] = -1                                     # a query with nothing to attend: zeros
     sink = torch.randn(H, device=device)
     return q, kv, idx, sink
@@ -52,7 +52,7 @@ def test_sparse_attn_sdpa_matches_reference(B, S, H, D, T, K):
     ref = REFERENCE.sparse_attn(q, kv, idx, sink, D ** -0.5)
     assert out.shape == ref.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert out[0, 0].abs().max() == 0
+    assert B * S == 1 or out[0, 0].abs().max() == 0
 
 
 @pytest.mark.parametrize("T,topk", [(30, 8), (5, 8)])   # topk > T pads with -1
@@ -91,7 +91,7 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
     ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
     err = (out.double() - ref).norm() / ref.norm()
     assert torch.isfinite(out).all() and err < (1e-2 if dtype == torch.bfloat16 else 2e-3), err
-    assert out[0, 0].abs().max() == 0
+    assert B * S == 1 or out[0, 0].abs().max() == 0
 
 
 @needs_triton
