@@ -32,12 +32,12 @@ from tqdm import tqdm
 from convert.errors import ConvertError
 from convert.formats import cast_linear, output_config
 from convert.layout import TensorSpec, expected_tensors
+from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint
 from convert.shard import Sharding, scale_split
 from convert.writer import SafetensorsWriter, hash_file, temp_name, write_bytes_atomic, write_json_atomic
 
 JOB = ".convert-job.json"
-MANIFEST = "manifest.json"
 RANK_INDEX = "model.safetensors.index.json"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -236,7 +236,7 @@ class Conversion:
             src = self.ckpt.root / name
             if src.is_file():
                 write_bytes_atomic(out / name, src.read_bytes())
-        manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": 1,
+        manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": SCHEMA,
                     "source": self.identity(plan_dict)["source"],
                     "source_files": self.identity(plan_dict)["source_files"],
                     "weights": self.weights, "world_size": self.sharding.world_size, "tp": self.sharding.tp,

@@ -39,6 +39,11 @@ class Sharding:
     def from_plan(cls, plan, cfg: ModelConfig, origin: str = "plan") -> "Sharding":
         world, tp = int(plan.world_size), int(plan.tp)
         n_moe = cfg.n_layers + cfg.n_mtp_layers
+        for field, want in (("n_routed_experts", cfg.n_routed_experts), ("n_layers", cfg.n_layers),
+                            ("n_mtp_layers", cfg.n_mtp_layers)):
+            got = getattr(plan, field, want)
+            if got != want:
+                raise ConvertError(f"{origin}: plan is for {field} = {got}, the checkpoint has {want}")
         _check_tp(cfg, tp, origin)
         slots = []
         for layer in range(n_moe):

@@ -1,0 +1,70 @@
+"""manifest.json: the record that a conversion is complete, and how a rank loads its shards.
+
+Schema (version 1), one per output directory, written last:
+
+    {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": 1,
+     "source": "/abs/path/of/the/checkpoint", "source_files": {"model-00001-of-00046.safetensors": bytes, ...},
+     "weights": "keep" | "bf16" | "int8", "world_size": W, "tp": T,
+     "plan": {...plan.json...}, "config": {...config.json of the converted weights...},
+     "source_config": {...config.json of the source...},
+     "ranks": [{"rank": r, "index": "rank-0000r/model.safetensors.index.json",
+                "files": {"rank-0000r/model-00001-of-00046.safetensors": {"sha256": hex, "bytes": n}, ...},
+                "tensors": {"layers.0.attn.wq_b.weight": {"file": "rank-0000r/...", "dtype": "F8_E4M3",
+                            "shape": [...], "sha256": hex, "source": "layers.0.attn.wq_b.weight",
+                            "split": [dim, start, stop] | null}, ...}}, ...]}
+
+Tensor names are official names with rank-local shapes; routed experts are named by local slot
+(`layers.L.ffn.experts.j.*` holds logical expert plan.experts_on_rank(L, r)[j]). `source` names the
+source tensor (logical expert) and `split` the slice of it that was taken before the cast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from convert.errors import ConvertError
+from convert.reader import safe_member
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+
+
+def read_manifest(out: str | Path) -> dict:
+    """The manifest of a finished conversion, or a ConvertError saying why there is none."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing; the conversion in {out} is incomplete (rerun convert with --resume)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: unreadable ({e})") from None
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(m.get("ranks"), list):
+        raise ConvertError(f"{path}: expected an ascend-deploy manifest with schema {SCHEMA}")
+    return m
+
+
+def rank_entry(manifest: dict, rank: int, origin: str) -> dict:
+    ranks = manifest["ranks"]
+    if not 0 <= rank < len(ranks) or ranks[rank].get("rank") != rank:
+        raise ConvertError(f"{origin}: no rank {rank} (world size {len(ranks)})")
+    return ranks[rank]
+
+
+def load_rank(out_dir: str | Path, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s state dict: official names, rank-local shapes, dtypes as stored (for model/ to load)."""
+    out = Path(out_dir)
+    entry = rank_entry(read_manifest(out), rank, str(out / MANIFEST))
+    state: dict[str, torch.Tensor] = {}
+    for rel in entry["files"]:
+        path = safe_member(out, rel, out / MANIFEST)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    missing = set(entry["tensors"]) - set(state)
+    if missing:
+        raise ConvertError(f"{out}: rank {rank} files lack tensor {sorted(missing)[0]} named in the manifest")
+    return state

@@ -1,0 +1,128 @@
+"""`ascend verify`: is a converted output complete, intact, and equal to its source?
+
+Three levels, each stopping at the first problem with a ConvertError that names it:
+1. the manifest exists (it is written last, so an interrupted conversion fails here);
+2. completeness against the plan: every rank holds exactly the tensors the plan and config call for,
+   with the right dtypes and local shapes; every file's size and sha256, every tensor's sha256 match;
+3. with `against`: every output tensor equals its source slice (read independently with get_slice)
+   after the declared cast (`keep`: the same bytes; `bf16` / `int8`: model/quant.py's dequantisation,
+   then the output encoding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from convert.errors import ConvertError
+from convert.formats import output_config
+from convert.layout import expected_tensors
+from convert.manifest import MANIFEST, rank_entry, read_manifest
+from convert.reader import Checkpoint, read_header, safe_member
+from convert.shard import Sharding, scale_split
+from convert.writer import TORCH_DTYPES, hash_file
+from model import quant
+from model.config import ModelConfig
+
+
+def expected_rank_tensors(cfg_out: ModelConfig, sharding: Sharding, rank: int) -> dict[str, tuple[str, tuple]]:
+    """Output name -> (dtype, local shape) that rank `rank` must hold."""
+    want = {}
+    for spec in expected_tensors(cfg_out).values():
+        for piece in sharding.pieces(spec, rank):
+            want[piece.name] = (spec.dtype, sharding.local_shape(spec))
+    return want
+
+
+def verify(out: str | Path, against: str | Path | None = None, plan=None, progress: bool = False) -> dict:
+    """Check a conversion; returns a summary, raises ConvertError at the first mismatch."""
+    out = Path(out)
+    m = read_manifest(out)
+    origin = out / MANIFEST
+    cfg_out = ModelConfig.from_hf(m["config"])
+    if plan is None:
+        from ascend.planner.plan import Plan
+        plan = Plan.load(out / "plan.json")
+    sharding = Sharding.from_plan(plan, cfg_out, str(out / "plan.json"))
+    if sharding.world_size != m["world_size"] or len(m["ranks"]) != m["world_size"]:
+        raise ConvertError(f"{origin}: {len(m['ranks'])} ranks recorded, plan.json has world size {sharding.world_size}")
+    n_files = n_tensors = n_bytes = 0
+    for rank in range(sharding.world_size):
+        entry = rank_entry(m, rank, str(origin))
+        want = expected_rank_tensors(cfg_out, sharding, rank)
+        have = entry["tensors"]
+        for name in sorted(set(want) | set(have)):
+            if name not in have:
+                raise ConvertError(f"{origin}: rank {rank} lacks tensor {name} that the plan puts there")
+            if name not in want:
+                raise ConvertError(f"{origin}: rank {rank} holds tensor {name} that the plan does not put there")
+            if (have[name]["dtype"], tuple(have[name]["shape"])) != want[name]:
+                raise ConvertError(f"{origin}: rank {rank} tensor {name} is {have[name]['dtype']} {have[name]['shape']}, "
+                                   f"expected {want[name][0]} {list(want[name][1])}")
+        for rel, rec in tqdm(entry["files"].items(), desc=f"hash rank {rank}", disable=not progress):
+            path = safe_member(out, rel, origin)
+            file_sha, tensor_sha = hash_file(path)
+            if file_sha != rec["sha256"] or path.stat().st_size != rec["bytes"]:
+                raise ConvertError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
+            header, _ = read_header(path)
+            for name, e in header.items():
+                t = have.get(name)
+                if t is None or t["file"] != rel or t["sha256"] != tensor_sha[name] or \
+                        (e["dtype"], e["shape"]) != (t["dtype"], t["shape"]):
+                    raise ConvertError(f"{path}: tensor {name} does not match its manifest entry")
+            n_files += 1
+            n_bytes += rec["bytes"]
+        n_tensors += len(have)
+    summary = {"ok": True, "out": str(out), "world_size": sharding.world_size, "weights": m["weights"],
+               "files": n_files, "tensors": n_tensors, "bytes": n_bytes, "against": None}
+    if against is not None:
+        compare_with_source(out, m, Checkpoint(against), progress)
+        summary["against"] = str(against)
+    return summary
+
+
+def compare_with_source(out: Path, m: dict, src: Checkpoint, progress: bool = False) -> None:
+    """Every output tensor == its source slice after the declared cast (bitwise)."""
+    src_table = src.validate()
+    out_table = expected_tensors(ModelConfig.from_hf(m["config"]))
+    for entry in m["ranks"]:
+        for rel in tqdm(list(entry["files"]), desc=f"compare rank {entry['rank']}", disable=not progress):
+            with safe_open(str(out / rel), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    rec = entry["tensors"][name]
+                    got = f.get_tensor(name)
+                    want = _reference(src, src_table, out_table, rec, name)
+                    if got.dtype != want.dtype or got.shape != want.shape or \
+                            not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+                        raise ConvertError(f"{out / rel}: tensor {name} differs from source {rec['source']} "
+                                           f"slice {rec['split']} after the {m['weights']} cast")
+
+
+def _reference(src: Checkpoint, src_table, out_table, rec: dict, name: str) -> torch.Tensor:
+    """The expected bytes of one output tensor, computed from the source alone."""
+    w_spec = src_table[rec["source"]]
+    split = tuple(rec["split"]) if rec["split"] else None
+    is_scale = name.endswith(".scale")
+    out_name = rec["source"][: -len(".weight")] + ".scale" if is_scale else rec["source"]
+    out_spec = out_table[out_name]
+    src_fmt = w_spec.quant or ("bf16" if w_spec.dtype == "BF16" else None)
+    dst_fmt = out_table[rec["source"]].quant or ("bf16" if out_table[rec["source"]].dtype == "BF16" else None)
+
+    def read(spec, sl):
+        return src.read(spec.name) if sl is None else src.read(spec.name, *sl)
+
+    if src_fmt == dst_fmt:  # kept as published: the source slice itself
+        spec = src_table[out_name]
+        return read(spec, scale_split(split, spec) if is_scale else split)
+    s_spec = src_table.get(rec["source"][: -len(".weight")] + ".scale")
+    weight = read(w_spec, split)
+    scale = read(s_spec, scale_split(split, s_spec)) if s_spec is not None else None
+    values = quant.dequantize_weight(weight, scale, src_fmt)
+    q, s = quant.quantize_weight(values, dst_fmt)
+    out = s if is_scale else q
+    if out.dtype != TORCH_DTYPES[out_spec.dtype]:
+        raise ConvertError(f"{name}: reference cast gives {out.dtype}, manifest declares {out_spec.dtype}")
+    return out
