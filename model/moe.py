@@ -7,8 +7,8 @@ bias only chooses and never weights. The chosen scores are normalised to sum 1 a
 Expert parallelism: this rank holds the experts of its physical slots (`ParallelContext.expert_slots`), names them
 by logical id (`experts.<id>.w1.weight`, as in the checkpoint), computes the token-expert pairs its slots own and
 sums the partial outputs over the ep group; the shared expert is replicated and added after the sum. This assumes
-every rank of the ep group sees the same tokens (attention output is replicated across tp). `MoE.routed` is the
-seam where a dispatch / combine all-to-all would replace that all-reduce.
+every rank of the ep group sees the same tokens. A dispatch / combine exchange (all-to-all) replaces that
+all-reduce when `ParallelContext.moe_exchange` has one for the layer; it calls back `MoE.run_expert`.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class MoE(nn.Module):
                  kernels: Kernels = REFERENCE):
         super().__init__()
         self.parallel = parallel or ParallelContext()
+        self.layer_id = layer_id
         self.gate = Gate(layer_id, config, kernels)
         self.slots = self.parallel.expert_slots(layer_id, config.n_routed_experts)
         self.experts = nn.ModuleDict({
@@ -103,10 +104,18 @@ class MoE(nn.Module):
                 y.index_add_(0, rows, self.experts[str(e)](x[rows], weights[rows, k, None]).float())
         return y
 
+    def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+        """Local expert `expert` on rows [n, dim] with routing weights [n] (the exchange callback)."""
+        return self.experts[str(expert)](rows, row_weights.float().unsqueeze(-1))
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, input_ids.reshape(-1))
-        y = self.parallel.all_reduce_ep(self.routed(x, weights, indices))
+        exchange = self.parallel.moe_exchange.get(self.layer_id)
+        if exchange is not None:
+            y = exchange(x, weights, indices, self.run_expert).float()
+        else:
+            y = self.parallel.all_reduce_ep(self.routed(x, weights, indices))
         y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)

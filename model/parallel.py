@@ -9,12 +9,14 @@ The model never reads global state: every parallel layer gets a `ParallelContext
   expert in every slot, as in the planner's `Plan`. A logical expert may sit in several slots (replicas); the
   token-expert pairs of such an expert are spread over its replicas by token index, so each pair is computed
   exactly once in the group. Without `phy2log` the experts are split contiguously, E / ep_size per rank.
+  By default the partial outputs are summed with an all-reduce over the ep group (every rank sees the same
+  tokens); `moe_exchange` plugs in a dispatch / combine instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,10 @@ class ParallelContext:
     ep_size: int = 1
     ep_group: Any = None
     phy2log: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    # MoE layer id -> exchange(x [N, dim], weights [N, k], indices [N, k], expert_fn) -> routed output [N, dim],
+    # combined over the ep group (e.g. ascend.expert_parallel.ExpertParallel's all-to-all); expert_fn(e, rows,
+    # row_weights [n]) runs local expert e. Layers without one use the all-reduce combine of MoE.routed.
+    moe_exchange: Mapping[int, Callable[..., torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, rank, size in (("tp", self.tp_rank, self.tp_size), ("ep", self.ep_rank, self.ep_size)):

@@ -90,7 +90,7 @@ def _tp_worker(rank: int, world: int, port: int, x, w_col, w_row, out_q) -> None
     col.set_from_float(w_col.chunk(world, 0)[rank])
     row.set_from_float(w_row.chunk(world, 1)[rank])
     h = col(x)                                  # this rank's output slice feeds its row-parallel slice
-    out_q.put((rank, ctx.all_gather_tp(h), row(h)))
+    out_q.put((rank, ctx.all_gather_tp(h).numpy(), row(h).numpy()))  # numpy: pickled by value
     dist.destroy_process_group()
 
 
@@ -108,5 +108,5 @@ def test_tensor_parallel_equals_single_rank():
     h = F.linear(x, w_col)
     for r in range(2):
         gathered, y = results[r]
-        torch.testing.assert_close(gathered, h, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(y, F.linear(h, w_row), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(gathered), h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(y), F.linear(h, w_row), rtol=1e-5, atol=1e-5)

@@ -112,7 +112,7 @@ def _ep_worker(rank, world, port, state, x, ids, out_q):
     ctx = ParallelContext(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD, phy2log=LAYOUT)
     moe = MoE(2, CFG, ctx)
     moe.load_state_dict({k: v for k, v in state.items() if k in moe.state_dict()}, strict=True)
-    out_q.put((rank, sorted(moe.experts.keys(), key=int), moe(x, ids)))
+    out_q.put((rank, sorted(moe.experts.keys(), key=int), moe(x, ids).numpy()))  # numpy: pickled by value
     dist.destroy_process_group()
 
 
@@ -131,4 +131,18 @@ def test_expert_parallel_with_replicas_equals_single_rank():
         p.join(timeout=60)
     assert results[0][0] == ["0", "1", "2", "3", "4"] and results[1][0] == ["0", "1", "3", "5", "6", "7"]
     for r in range(2):
-        torch.testing.assert_close(results[r][1], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(results[r][1]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_exchange_seam_matches_all_reduce_path():
+    """ascend.expert_parallel's exchange plugged in through ParallelContext.moe_exchange gives the same output."""
+    from ascend.expert_parallel import ExpertLayout, ExpertParallel
+
+    layout = [0, 1, 2, 3, 4, 5, 6, 7, 0, 3]
+    exchange = ExpertParallel(ExpertLayout(tuple(layout), 1, CFG.n_routed_experts))
+    plain = MoE(2, CFG, ParallelContext(phy2log={2: layout}))
+    seam = MoE(2, CFG, ParallelContext(phy2log={2: layout}, moe_exchange={2: exchange}))
+    _randomise(plain, 4)
+    seam.load_state_dict(plain.state_dict())
+    x, ids = torch.randn(2, 6, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 6))
+    torch.testing.assert_close(seam(x, ids), plain(x, ids), rtol=1e-5, atol=1e-5)
