@@ -1,0 +1,59 @@
+"""Lightning indexer of DeepSeek-V4 CSA layers: picks, per query, a fixed number of compressed entries to attend.
+
+Queries come from the attention's low-rank query `qr`: q = wq_b(qr) as index_n_heads x index_head_dim, RoPE on
+the last rope dims, Hadamard rotation, FP4 simulation. Keys are the indexer compressor's entries (same pooling as
+the main compressor, index_head_dim wide, Hadamard + FP4). Per query i and entry t:
+    score[i, t] = sum_h w[i, h] * relu(q[i, h] . k[t]),   w = weights_proj(x) * index_head_dim^-0.5 * n_heads^-0.5
+summed over tensor-parallel ranks (each holds n_heads / tp heads); entry t is visible iff t < (i + 1) // ratio
+(its block ended at or before i). The top `index_topk` visible entries are kept, -1 padding the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model import kernels as K
+from model.compressor import Compressor
+from model.config import ModelConfig
+from model.linear import ColumnParallelLinear
+from model.parallel import ParallelContext
+from model.quant import fp4_round_trip
+
+__all__ = ["Indexer"]
+
+
+class Indexer(nn.Module):
+    """`attn.indexer`: wq_b, weights_proj and its own compressor (ratio 4, Hadamard-rotated keys)."""
+
+    def __init__(self, config: ModelConfig, ratio: int, parallel: ParallelContext | None = None,
+                 kernels: K.Kernels = K.REFERENCE):
+        super().__init__()
+        self.parallel = parallel or ParallelContext()
+        self.ratio, self.topk, self.head_dim = ratio, config.index_topk, config.index_head_dim
+        self.n_local_heads = self.parallel.split(config.index_n_heads, "index_n_heads")
+        self.weight_scale = config.index_head_dim ** -0.5 * config.index_n_heads ** -0.5
+        self.kernels, self.quant_sim = kernels, config.quant_sim
+        self.wq_b = ColumnParallelLinear(config.q_lora_rank, config.index_n_heads * config.index_head_dim,
+                                         config.dtype, self.parallel)
+        self.weights_proj = ColumnParallelLinear(config.dim, config.index_n_heads, "bf16", self.parallel)
+        self.compressor = Compressor(config, ratio, config.index_head_dim, rotate=True, kernels=kernels)
+
+    def queries(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[B, S, q_lora_rank] -> rotated, Hadamard-mixed, FP4-simulated queries [B, S, local heads, head_dim]."""
+        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+        q = self.kernels.hadamard(self.kernels.rope(q, cos, sin))
+        return fp4_round_trip(q) if self.quant_sim else q
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Top-k entry ids int32 [B, S, index_topk] (-1 = none) for queries at `positions` [B, S].
+
+        keys: [B, T, head_dim] the indexer cache (entries of this chunk already written); rows >= the visible count
+        are never selected.
+        """
+        q = self.queries(qr, cos, sin)
+        weights = self.weights_proj(x).float() * self.weight_scale
+        n_visible = (positions + 1) // self.ratio
+        group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
+        return self.kernels.indexer_topk(q, keys, weights, n_visible, self.topk, group)
