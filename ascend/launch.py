@@ -1,0 +1,360 @@
+"""One rank of the inference job: check the checkpoint, join the mesh, load this rank's shard, serve requests.
+
+scripts/launch.py drives these pieces under torchrun (argument parsing, printing, failing loudly);
+everything here is plain functions and small classes so each piece is testable on its own.
+
+Layout (the plan): world = dp x tp; the tp ranks of one data-parallel group split attention heads,
+indexer heads and the grouped output projection, and serve the same prompts; different dp groups
+serve different prompts. Routed experts are spread over ep ranks with the plan's redundant
+replicas; when an expert-parallel group spans several dp groups, tokens travel to their experts
+through `ascend.expert_parallel` (all-to-all, or all-gather + reduce-scatter), and every rank must
+run the same number of forward steps: a rank with nothing left to do runs a one-token idle step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from ascend.errors import AscendDeployError
+from model.chat import ChatFormatError, encode_messages, parse_completion
+from model.tokenizer import Tokenizer
+
+
+class LaunchError(AscendDeployError):
+    """The checkpoint, plan, request file or options cannot serve this launch."""
+
+
+# ============================================================================================ requests
+@dataclass
+class Request:
+    """One conversation to continue: OpenAI-style messages (+ tools), how to render it, how long to generate."""
+
+    id: str
+    messages: list[dict]
+    tools: list[dict] | None = None
+    mode: str = "chat"
+    max_new_tokens: int | None = None
+
+    def prompt(self, system: str | None = None) -> str:
+        messages = [dict(m) for m in self.messages]
+        if system is not None and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        if self.tools:
+            if not (messages and messages[0]["role"] == "system"):
+                messages.insert(0, {"role": "system", "content": ""})
+            messages[0]["tools"] = self.tools
+        return encode_messages(messages, self.mode)
+
+
+def _request_from_json(obj: Any, where: str, default_mode: str) -> Request:
+    if isinstance(obj, str):
+        obj = {"messages": [{"role": "user", "content": obj}]}
+    elif isinstance(obj, list):
+        obj = {"messages": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+        raise LaunchError(f"{where}: expected a JSON object with a non-empty \"messages\" list, a list of "
+                          f"messages, or a string")
+    mode = obj.get("mode", default_mode)
+    if mode not in ("chat", "thinking"):
+        raise LaunchError(f"{where}: \"mode\" is {mode!r}, expected \"chat\" or \"thinking\"")
+    max_new = obj.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or max_new < 1):
+        raise LaunchError(f"{where}: \"max_new_tokens\" is {max_new!r}, expected a positive integer")
+    return Request(str(obj.get("id", "")), obj["messages"], obj.get("tools"), mode, max_new)
+
+
+def read_requests(path: str | Path, mode: str = "chat") -> list[Request]:
+    """Requests from a .jsonl/.json file (one request per line) or a text file (one user prompt per line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LaunchError(f"{path}: cannot read the request file ({type(e).__name__}: {e})") from None
+    as_json = path.suffix in (".jsonl", ".json")
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if as_json:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LaunchError(f"{path}:{n}: not JSON ({e.msg}); expected one request per line") from None
+        else:
+            obj = line
+        req = _request_from_json(obj, f"{path}:{n}", mode)
+        req.id = req.id or str(len(requests))
+        requests.append(req)
+    if not requests:
+        raise LaunchError(f"{path}: no requests (empty file)")
+    return requests
+
+
+# ============================================================================================ checks
+@dataclass
+class Checked:
+    """What a rank may rely on once `check_checkpoint` passed."""
+
+    manifest: dict
+    plan: Any            # ascend.planner.plan.Plan
+    config: Any          # model.config.ModelConfig
+
+
+def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: str | Path | None = None) -> Checked:
+    """Refuse a launch whose plan, shards or world size disagree, before any weight is read."""
+    from ascend.planner.plan import Plan
+    from convert.manifest import rank_entry, read_manifest
+    from model.config import ModelConfig
+
+    ckpt = Path(ckpt)
+    try:
+        manifest = read_manifest(ckpt)
+    except AscendDeployError as e:
+        raise LaunchError(str(e)) from None
+    where = ckpt / "manifest.json"
+    if manifest.get("world_size") != world_size:
+        raise LaunchError(f"{where}: shards are for {manifest.get('world_size')} ranks but {world_size} were "
+                          f"launched; launch {manifest.get('world_size')} processes or convert for {world_size}")
+    plan_path = Path(plan_path) if plan_path else ckpt / "plan.json"
+    plan = Plan.load(plan_path)
+    if plan.to_dict() != Plan.from_dict(manifest.get("plan"), str(where)).to_dict():
+        raise LaunchError(f"{plan_path}: differs from the plan the shards in {ckpt} were converted with; "
+                          f"convert again with this plan, or launch with {ckpt / 'plan.json'}")
+    if plan.world_size != world_size:
+        raise LaunchError(f"{plan_path}: plan is for {plan.world_size} ranks, {world_size} launched")
+    entry = rank_entry(manifest, rank, str(where))
+    for rel, meta in entry["files"].items():
+        path = ckpt / rel
+        size = path.stat().st_size if path.is_file() else None
+        if size != meta.get("bytes"):
+            raise LaunchError(f"{path}: rank {rank} shard {'missing' if size is None else f'has {size} bytes'}, "
+                              f"manifest says {meta.get('bytes')} bytes (run `ascend verify {ckpt}`)")
+    config = ModelConfig.from_hf(manifest["config"])
+    if (config.n_layers, config.n_routed_experts) != (plan.n_layers, plan.n_routed_experts):
+        raise LaunchError(f"{where}: config has {config.n_layers} layers / {config.n_routed_experts} experts, "
+                          f"plan {plan.n_layers} / {plan.n_routed_experts}")
+    return Checked(manifest, plan, config)
+
+
+def experts_by_logical_id(state: dict[str, torch.Tensor], plan: Any, rank: int) -> dict[str, torch.Tensor]:
+    """Shards name routed experts by local slot; the model names them by logical expert id."""
+    out = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        if "experts" in parts and parts[parts.index("experts") - 1] == "ffn":
+            i = parts.index("experts")
+            layer = int(parts[1]) if parts[0] == "layers" else plan.n_layers + int(parts[1])
+            parts[i + 1] = str(plan.experts_on_rank(layer, rank)[int(parts[i + 1])])
+            name = ".".join(parts)
+        out[name] = t  # a rank holding two replicas of one expert keeps one copy (they are equal)
+    return out
+
+
+# ============================================================================================ sampling
+@dataclass(frozen=True)
+class Sampling:
+    """temperature <= 0: greedy. Otherwise top-k / top-p filtered softmax sampling, seeded."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise LaunchError(f"--top-p {self.top_p} / --top-k {self.top_k}: expected 0 < top-p <= 1, top-k >= 0")
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Token ids [B] from float logits [B, V]."""
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+        return (probs / noise).argmax(-1)  # Gumbel-max: one draw per row from probs
+
+
+# ============================================================================================ generation
+@dataclass
+class Completion:
+    """A finished request: tokens, text, parsed message and timings (seconds)."""
+
+    request: Request
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    logits: list[list[float]] | None = None  # per generated token, only when asked (tests compare ranks)
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first."""
+        return (self.total_s - self.ttft_s) / (len(self.tokens) - 1) if len(self.tokens) > 1 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.total_s if self.total_s > 0 else 0.0
+
+    def message(self) -> dict:
+        """The reply parsed as a V4 assistant message (tool calls as OpenAI JSON), or why it does not parse."""
+        try:
+            return parse_completion(self.text, self.request.mode)
+        except ChatFormatError as e:
+            return {"role": "assistant", "content": None, "parse_error": str(e)}
+
+    def to_dict(self) -> dict:
+        d = {"id": self.request.id, "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
+             "tokens": self.tokens, "text": self.text, "message": self.message(),
+             "finish_reason": self.finish_reason, "ttft_s": round(self.ttft_s, 6), "tpot_s": round(self.tpot_s, 6),
+             "tokens_per_s": round(self.tokens_per_s, 3)}
+        if self.logits is not None:
+            d["logits"] = self.logits
+        return d
+
+
+class Session(Protocol):
+    """The model on this rank with its own cache: `reset` starts `batch` empty sequences of up to `max_len`
+    tokens; `forward(ids [B, S], n_valid [B])` appends each row's first n_valid tokens and returns the
+    float logits [B, V] of each row's last one."""
+
+    def reset(self, batch: int, max_len: int) -> None: ...
+    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Lockstep:
+    """Keeps forward calls paired across ranks whose expert exchange spans data-parallel groups.
+
+    `tp_group`/`tp_src`: ranks serving the same prompts take rank tp_src's sampled tokens, so they never
+    diverge. `world`: when set, every step asks all ranks whether anyone still generates.
+    """
+
+    tp_group: Any = None
+    tp_src: int = 0
+    tp_size: int = 1
+    world: bool = False
+
+    def same_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.broadcast(tokens, self.tp_src, group=self.tp_group)
+        return tokens
+
+    def anyone_busy(self, busy: bool) -> bool:
+        if not self.world:
+            return busy
+        flag = torch.tensor([int(busy)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
+    """A rank with no prompts left keeps stepping (one BOS token) while other data-parallel groups generate.
+
+    Every rank runs the same sequence, forward then vote, so the expert exchanges inside the forwards pair up.
+    """
+    while True:
+        idle.reset(1, 2)
+        idle.forward(torch.tensor([[bos]]), torch.ones(1, dtype=torch.long))
+        if not lockstep.anyone_busy(False):
+            return
+
+
+def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: Sampling,
+             max_new_tokens: int, max_len: int, stop: Iterable[str] = (), lockstep: Lockstep | None = None,
+             idle: Session | None = None, on_text: Callable[[int, str], None] | None = None,
+             keep_logits: bool = False) -> list[Completion]:
+    """Generate for one batch of requests: prefill all prompts at once, then one token per step.
+
+    A request ends at EOS, at a stop string or token, or after its max new tokens. `on_text(i, delta)`
+    receives request i's text as it grows (only whole characters). With `lockstep.world`, the loop keeps
+    stepping `idle` after this batch is done while any other rank still generates.
+    """
+    lockstep = lockstep or Lockstep()
+    stop = [s for s in stop if s]
+    stop_ids = {tokenizer.eos_id} | {i for s in stop if (i := tokenizer.token_id(s)) is not None}
+    stop_text = [s for s in stop if tokenizer.token_id(s) is None]
+    prompts = [tokenizer.encode(r.prompt()) for r in requests]
+    limits = [r.max_new_tokens or max_new_tokens for r in requests]
+    longest = max(len(p) + n for p, n in zip(prompts, limits))
+    if longest > max_len:
+        raise LaunchError(f"a prompt of {max(map(len, prompts))} tokens plus {max(limits)} new tokens exceeds "
+                          f"the context {max_len} (lower --max-new-tokens or raise --max-len)")
+    B = len(requests)
+    done = [Completion(r, len(p)) for r, p in zip(requests, prompts)]
+    finished = [False] * B
+    shown = [0] * B
+    generator = torch.Generator().manual_seed(sampling.seed)
+
+    session.reset(B, longest)
+    ids = torch.full((B, max(map(len, prompts))), tokenizer.eos_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    t0 = time.perf_counter()
+    logits = session.forward(ids, torch.tensor([len(p) for p in prompts]))
+    while True:
+        nxt = lockstep.same_tokens(sampling.sample(logits, generator))
+        now = time.perf_counter() - t0
+        for i, tok in enumerate(nxt.tolist()):
+            if finished[i]:
+                continue
+            c = done[i]
+            if not c.tokens:
+                c.ttft_s = now
+            c.tokens.append(tok)
+            if keep_logits:
+                c.logits = (c.logits or []) + [logits[i].float().tolist()]
+            c.total_s = now
+            c.text = tokenizer.decode(c.tokens)
+            hit = next((s for s in stop_text if s in c.text), None)
+            if tok in stop_ids or hit is not None:
+                c.finish_reason = "stop"
+                finished[i] = True
+                if hit is not None:
+                    c.text = c.text[:c.text.index(hit)]
+            elif len(c.tokens) >= limits[i]:
+                finished[i] = True
+            if on_text is not None:
+                visible = c.text if finished[i] else c.text.rstrip("\ufffd")  # wait for whole UTF-8 characters
+                if len(visible) > shown[i]:
+                    on_text(i, visible[shown[i]:])
+                    shown[i] = len(visible)
+        if not lockstep.anyone_busy(not all(finished)):
+            break
+        if all(finished):  # others still generate: keep their collectives paired
+            idle_until_done(idle or session, lockstep, tokenizer.bos_id)
+            break
+        logits = session.forward(nxt[:, None], torch.ones(B, dtype=torch.long))
+    return done
+
+
+def split_for_dp(requests: list[Request], dp: int, dp_rank: int, max_batch: int) -> list[list[Request]]:
+    """This data-parallel group's requests (every dp-th, round robin), in batches of at most max_batch."""
+    mine = requests[dp_rank::dp]
+    return [mine[i:i + max_batch] for i in range(0, len(mine), max_batch)]
+
+
+def summary(completions: list[Completion], wall_s: float) -> dict:
+    """Aggregate throughput over all requests of the run."""
+    n = sum(len(c.tokens) for c in completions)
+    return {"requests": len(completions), "completion_tokens": n,
+            "prompt_tokens": sum(c.prompt_tokens for c in completions), "wall_s": round(wall_s, 6),
+            "tokens_per_s": round(n / wall_s, 3) if wall_s > 0 else 0.0,
+            "mean_ttft_s": round(sum(c.ttft_s for c in completions) / max(1, len(completions)), 6),
+            "mean_tpot_s": round(sum(c.tpot_s for c in completions) / max(1, len(completions)), 6)}

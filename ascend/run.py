@@ -1,0 +1,92 @@
+"""`ascend run`: start the inference job under torchrun, one process per device.
+
+The command checks what it can before any process starts (the converted checkpoint exists and was
+sharded for exactly nnodes x nproc ranks), then runs
+
+    python -m torch.distributed.run --nproc-per-node N [--standalone | --nnodes --node-rank
+        --master-addr --master-port] scripts/launch.py --ckpt DIR [launch options]
+
+and exits with torchrun's status. Options it does not know (--input, --max-new-tokens, ...) go to
+scripts/launch.py unchanged; `ascend run --ckpt DIR --nproc 1 -- --help` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from ascend.cli import device_option, json_option
+from ascend.errors import AscendDeployError
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "launch.py"
+
+
+class RunError(AscendDeployError):
+    """`ascend run` options that cannot start a job (missing checkpoint, wrong rank count)."""
+
+
+def converted_world_size(ckpt: Path) -> int:
+    """World size a converted checkpoint was sharded for (its manifest.json)."""
+    manifest = ckpt / "manifest.json"
+    if not manifest.is_file():
+        raise RunError(f"{manifest}: not found; --ckpt must be the output directory of `ascend convert`")
+    try:
+        return int(json.loads(manifest.read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def torchrun_command(ckpt: str | Path, nproc: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str | None = None, master_port: int | None = None,
+                     launch_args: tuple[str, ...] = ()) -> list[str]:
+    """The torchrun command line for this job (single node: a standalone rendezvous on a free port)."""
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise RunError(f"--nproc {nproc} --nnodes {nnodes} --node-rank {node_rank}: expected nproc >= 1, "
+                       f"nnodes >= 1 and 0 <= node-rank < nnodes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+           "--max-restarts=0", "--monitor-interval=0.5"]
+    if nnodes == 1 and master_addr is None and master_port is None:
+        cmd.append("--standalone")
+    else:
+        if nnodes > 1 and master_addr is None:
+            raise RunError(f"--nnodes {nnodes}: --master-addr (the address of node 0) is required")
+        cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr or '127.0.0.1'}",
+                f"--master-port={master_port or 29500}"]
+    # the script in a source checkout; the same entry point as a module when installed without scripts/
+    target = [str(SCRIPT)] if SCRIPT.is_file() else ["--module", "ascend.launch"]
+    return cmd + target + ["--ckpt", str(ckpt), *launch_args]
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--ckpt", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Converted checkpoint directory (output of `ascend convert`).")
+@click.option("--nproc", required=True, type=int, help="Processes (devices) on this node.")
+@click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the job.")
+@click.option("--node-rank", default=0, show_default=True, type=int, help="This node's index.")
+@click.option("--master-addr", default=None, help="Address of node 0 (multi-node).")
+@click.option("--master-port", default=None, type=int, help="Rendezvous port on node 0 (default 29500).")
+@click.option("--dry-run", is_flag=True, help="Print the torchrun command and exit.")
+@device_option
+@json_option
+@click.pass_context
+def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
+                master_port: int | None, dry_run: bool, device: str, as_json: bool) -> None:
+    """Launch multi-device inference on a converted checkpoint; other options go to scripts/launch.py."""
+    world = converted_world_size(ckpt)
+    if world != nproc * nnodes:
+        raise RunError(f"{ckpt}: converted for {world} ranks, but --nnodes {nnodes} x --nproc {nproc} = "
+                       f"{nproc * nnodes}; re-plan and convert, or launch {world} processes")
+    launch_args = ("--device", device, *(("--json",) if as_json else ()), *ctx.args)
+    cmd = torchrun_command(ckpt, nproc, nnodes, node_rank, master_addr, master_port, launch_args)
+    if dry_run:
+        click.echo(json.dumps({"command": cmd}) if as_json else shlex.join(cmd))
+        return
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    ctx.exit(subprocess.call(cmd, env=env))

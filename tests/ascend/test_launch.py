@@ -1,0 +1,99 @@
+"""The per-rank serving pieces: request files, sampling, the generation loop (with a toy model), layout checks."""
+
+import json
+
+import pytest
+import torch
+
+from ascend import launch
+from model.tokenizer import load_tokenizer, write_synthetic_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(write_synthetic_tokenizer(tmp_path_factory.mktemp("tok"), 512))
+
+
+class ToySession:
+    """A deterministic stand-in model with per-row state: next token = f(last token, row length)."""
+
+    def __init__(self, vocab: int, eos_at: int | None = None, eos: int = 1):
+        self.vocab, self.eos_at, self.eos = vocab, eos_at, eos
+
+    def reset(self, batch, max_len):
+        self.length = torch.zeros(batch, dtype=torch.long)
+        self.max_len = max_len
+
+    def forward(self, ids, n_valid):
+        self.length += n_valid
+        assert int(self.length.max()) <= self.max_len
+        last = ids[torch.arange(len(ids)), n_valid - 1]
+        nxt = (last * 31 + self.length * 7) % (self.vocab - 40) + 40  # plain (non-special) tokens
+        if self.eos_at is not None:
+            nxt = torch.where(self.length >= self.eos_at, self.eos, nxt)
+        return torch.nn.functional.one_hot(nxt, self.vocab).float()
+
+
+def test_batched_equals_one_at_a_time(tok):
+    reqs = [launch.Request(str(i), [{"role": "user", "content": "hi " * (i * 3 + 1)}]) for i in range(3)]
+    kw = dict(sampling=launch.Sampling(), max_new_tokens=6, max_len=128)
+    together = launch.generate(ToySession(tok.vocab_size), tok, reqs, **kw)
+    alone = [launch.generate(ToySession(tok.vocab_size), tok, [r], **kw)[0] for r in reqs]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert all(len(c.tokens) == 6 and c.finish_reason == "length" for c in together)
+    assert len({tuple(c.tokens) for c in together}) == 3
+
+
+def test_eos_stop_string_and_streaming(tok):
+    req = launch.Request("a", [{"role": "user", "content": "hello"}], max_new_tokens=50)
+    prompt_len = len(tok.encode(req.prompt()))
+    deltas = []
+    [c] = launch.generate(ToySession(tok.vocab_size, eos_at=prompt_len + 5), tok, [req], launch.Sampling(), 50, 128,
+                          on_text=lambda i, d: deltas.append(d))
+    assert c.finish_reason == "stop" and c.tokens[-1] == tok.eos_id and len(c.tokens) == 6
+    assert "".join(deltas) == c.text == tok.decode(c.tokens)
+    assert c.ttft_s > 0 and c.total_s >= c.ttft_s and c.tokens_per_s > 0
+    stop = c.text[len(tok.decode(c.tokens[:2])):][:1] or c.text[-1:]
+    [s] = launch.generate(ToySession(tok.vocab_size), tok, [req], launch.Sampling(), 50, 128, stop=[stop])
+    assert s.finish_reason == "stop" and stop not in s.text
+
+
+def test_context_limit_is_a_user_error(tok):
+    req = launch.Request("a", [{"role": "user", "content": "x " * 50}])
+    with pytest.raises(launch.LaunchError, match="exceeds the context 16"):
+        launch.generate(ToySession(tok.vocab_size), tok, [req], launch.Sampling(), 4, 16)
+
+
+def test_sampling_is_seeded_and_filters():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    s = launch.Sampling(temperature=0.8, top_k=3, seed=1)
+    a = s.sample(logits, torch.Generator().manual_seed(1))
+    b = s.sample(logits, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert all(int(t) in logits[i].topk(3).indices.tolist() for i, t in enumerate(a))
+    top1 = launch.Sampling(temperature=1.0, top_p=1e-6).sample(logits, torch.Generator())
+    assert torch.equal(top1, logits.argmax(-1))
+    assert torch.equal(launch.Sampling().sample(logits, torch.Generator()), logits.argmax(-1))
+
+
+def test_request_files(tmp_path):
+    jl = tmp_path / "r.jsonl"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    jl.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "q"}], "tools": tools}) + "\n\n"
+                  + json.dumps([{"role": "user", "content": "p"}]) + "\n" + json.dumps("plain") + "\n")
+    reqs = launch.read_requests(jl)
+    assert [r.id for r in reqs] == ["x", "1", "2"]
+    assert "## Tools" in reqs[0].prompt() and reqs[0].prompt().startswith("<｜begin▁of▁sentence｜>\n\n## Tools")
+    txt = tmp_path / "r.txt"
+    txt.write_text("first\nsecond\n")
+    assert [r.messages[0]["content"] for r in launch.read_requests(txt)] == ["first", "second"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n')
+    with pytest.raises(launch.LaunchError, match="bad.jsonl:1"):
+        launch.read_requests(bad)
+
+
+def test_dp_split_round_robin():
+    reqs = [launch.Request(str(i), [{"role": "user", "content": "x"}]) for i in range(5)]
+    assert [[r.id for r in b] for b in launch.split_for_dp(reqs, 2, 1, 1)] == [["1"], ["3"]]
+    assert [[r.id for r in b] for b in launch.split_for_dp(reqs, 2, 0, 2)] == [["0", "2"], ["4"]]
