@@ -5,11 +5,13 @@ returns or raises), and by a real `torch_npu` package on sys.path whose import f
 real wheel does, so the actual import statement is exercised too.
 """
 
+import importlib.util
 import logging
 import re
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,17 @@ def test_cpu_graph_replays_like_eager():
         g.replay()
         torch.testing.assert_close(y, x @ w)
         torch.testing.assert_close(z, x.sum(0))
+
+
+def test_check_device_script_passes_on_cpu():
+    """scripts/check_device.py (run on the H200 by the integrator) must pass here in --quick mode."""
+    path = Path(__file__).parents[2] / "scripts" / "check_device.py"
+    spec = importlib.util.spec_from_file_location("check_device", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.run_checks(get_device("cpu"), quick=True)
+    assert sorted(results) == ["events", "graph", "memory", "streams", "synchronize"]
+    assert all(r["ok"] for r in results.values()), results
+    # a check that raises is reported as failed, and the others still run
+    failed = script.run_checks(types.SimpleNamespace(type="cpu"), quick=True)
+    assert not any(r["ok"] for r in failed.values()) and "AttributeError" in failed["graph"]["detail"]
