@@ -2,15 +2,20 @@
 (decode after prefill vs one full forward, chunked vs single prefill, padded batch vs sequences alone)."""
 
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from model.attention import Attention
 from model.cache import KVCache
 from model.compressor import Compressor, pool_blocks
 from model.config import ModelConfig
 from model.linear import Linear
+from model.parallel import ParallelContext
 from model.quant import fp4_round_trip, fp8_round_trip
 
 
@@ -287,11 +292,9 @@ def test_sink_takes_probability_mass():
     assert (ref - no_sink).abs().max() > 1e-3
     assert heavy.abs().max() < 1e-6 * no_sink.abs().max()
     # first token with no sink attends only to itself: output = projection of its own (de-rotated) kv
-    cache = KVCache(cfg, 1, 512, torch.float32).layers[0]
-    q, _, kv, cos, sin = attn.prolog(x[:, :1], torch.zeros(1, 1, dtype=torch.long))
+    _, _, kv, cos, sin = attn.prolog(x[:, :1], torch.zeros(1, 1, dtype=torch.long))
     expect = attn.epilog(kv[:, :, None].expand(-1, -1, attn.n_local_heads, -1), cos, sin)
     torch.testing.assert_close(no_sink[:, :1], expect, atol=1e-5, rtol=1e-5)
-    del cache, q
 
 
 def test_fp8_cache_layout_matches_bf16_layout():
@@ -306,3 +309,61 @@ def test_fp8_cache_layout_matches_bf16_layout():
                                   [run(attn, x[:, t:t + 1], cache, [t]) for t in range(130, 140)], 1))
         # lossless on the FP8-simulated dims; the RoPE dims are stored in BF16 by the fp8 layout
         torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------- tensor parallel
+SPLIT_DIM0 = ("attn_sink", "wq_b.weight", "weights_proj.weight", "wo_a.weight")   # heads / groups per rank
+
+
+def _shard(state: dict, rank: int, world: int) -> dict:
+    out = {}
+    for name, t in state.items():
+        if name.endswith(SPLIT_DIM0) and "compressor" not in name:
+            t = t.chunk(world, 0)[rank]
+        elif name.endswith("wo_b.weight"):
+            t = t.chunk(world, 1)[rank]
+        out[name] = t
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ctx = ParallelContext(tp_rank=rank, tp_size=world, tp_group=dist.group.WORLD)
+    cfg = tiny()
+    x = torch.randn(1, 44, cfg.dim, generator=torch.Generator().manual_seed(5))
+    diffs = {}
+    for layer_id in (1, 2):
+        outs = []
+        for parallel in (None, ctx):
+            attn = layer(cfg, layer_id)                       # same seed: same full weights on every rank
+            if parallel is not None:
+                sharded = Attention(cfg, layer_id, parallel)
+                sharded.load_state_dict(_shard(attn.state_dict(), rank, world))
+                attn = sharded
+            cache = KVCache(cfg, 1, 512, torch.float32).layers[layer_id]
+            outs.append(torch.cat([run(attn, x[:, :40], cache, [0])] +
+                                  [run(attn, x[:, t:t + 1], cache, [t]) for t in range(40, 44)], 1))
+        diffs[layer_id] = float((outs[0] - outs[1]).abs().max())
+    out_q.put((rank, diffs))
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_equals_single_rank():
+    ctx = mp.get_context("spawn")
+    out_q, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out_q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in range(2):
+        assert max(results[rank].values()) < 1e-4, results
