@@ -42,6 +42,7 @@ class Hardware:
     intra_node_gbps: float             # per rank, inside a node
     inter_node_gbps: float             # per rank, across nodes (the unified bus inside a SuperPoD)
     max_nodes: int | None = None       # fixed-size systems (SuperPoDs)
+    reserve_gib: float = 2.0           # memory the runtime keeps per rank (estimate)
     limits: dict[str, Any] = field(default_factory=dict)   # fused-operator limits (ascend-npu.md section 2)
     estimates: tuple[str, ...] = ()    # figures that are our estimates, not published numbers
 
@@ -128,6 +129,7 @@ def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
             native_dtypes=tuple(entry["native_dtypes"]), devices_per_node=int(entry["devices_per_node"]),
             intra_node_gbps=float(entry["intra_node_gbps"]), inter_node_gbps=float(entry["inter_node_gbps"]),
             max_nodes=int(entry["max_nodes"]) if entry.get("max_nodes") else None,
+            reserve_gib=float(entry.get("reserve_gib", 2.0)),
             limits=dict(limits), estimates=tuple(entry.get("estimates", ())))
     except (TypeError, ValueError, AttributeError) as e:
         raise HardwareError(f"hardware {name!r}: malformed entry ({type(e).__name__}: {e})") from None

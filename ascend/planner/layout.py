@@ -22,7 +22,7 @@ from typing import Any
 from ascend.planner.errors import PlanError
 from ascend.planner.memory import MemorySettings, kv_bytes, linear_bytes, memory_per_rank, weight_formats
 
-__all__ = ["Candidate", "check_layout", "evaluate", "search", "divisors", "explain"]
+__all__ = ["Candidate", "check_layout", "evaluate", "search", "divisors", "explain", "plan_deployment"]
 
 GiB = 2**30
 
@@ -219,3 +219,65 @@ def explain(best: Candidate, others: list[Candidate]) -> str:
         return (f"least communication: {best.comm_us_per_token:.1f} us/token vs {o.comm_us_per_token:.1f} "
                 f"for {name}")
     return f"same communication as {name}, faster decode step: {best.step_ms:.2f} ms vs {o.step_ms:.2f}"
+
+
+def plan_deployment(config: Any, hw: Any, world: int, s: MemorySettings, *, redundant: int | None = None,
+                    tp: int | None = None, ep: int | None = None, expert_load: Any = None, n_groups: int = 1,
+                    model: str = "custom", top: int = 5) -> Any:
+    """Search layouts on `world` devices of `hw`, then place experts for the best one: a `Plan`."""
+    from ascend.planner.plan import make_plan
+
+    if hw.max_nodes and world > hw.max_nodes * hw.devices_per_node:
+        raise PlanError(f"{world} devices: {hw.name} has at most {hw.max_nodes * hw.devices_per_node} "
+                        f"({hw.max_nodes} nodes x {hw.devices_per_node})")
+    ranked = search(config, world, hw, s, redundant=redundant, tp=tp, ep=ep)
+    best = ranked[0]
+    if not best.fits:
+        raise PlanError(_no_fit(config, hw, world, s, best, redundant, model))
+    shown = [c.to_dict() for c in ranked[:top]]
+    shown[0]["why"] = explain(best, ranked[1:])
+    return make_plan(config, world, best.tp, best.ep, best.redundant, expert_load, hardware=hw, settings=s,
+                     n_groups=n_groups, model=model, candidates=shown)
+
+
+def _fits(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int | None) -> bool:
+    try:
+        return search(config, world, hw, s, redundant=redundant)[0].fits
+    except PlanError:
+        return False
+
+
+def _no_fit(config: Any, hw: Any, world: int, s: MemorySettings, best: Candidate, redundant: int | None,
+            model: str) -> str:
+    """One line: by how much the best layout misses, and what would fit instead."""
+    from dataclasses import replace
+
+    ideas = []
+    limit = hw.max_nodes * hw.devices_per_node if hw.max_nodes else max(world * 64, 8 * hw.devices_per_node)
+    step = hw.devices_per_node if world % hw.devices_per_node == 0 else 1
+    n = world + step
+    while n <= limit:
+        if _fits(config, n, hw, s, redundant):
+            nodes = f" ({n // hw.devices_per_node} nodes)" if n % hw.devices_per_node == 0 else ""
+            ideas.append(f"{n} devices{nodes}")
+            break
+        n = n + step if n < 4 * world else n * 2 // step * step
+    for w in ("keep", "int8"):
+        if w != s.weights and _fits(config, world, hw, replace(s, weights=w), redundant):
+            ideas.append(f"--weights {w}")
+            break
+    if s.kv_layout != "fp8" and _fits(config, world, hw, replace(s, kv_layout="fp8"), redundant):
+        ideas.append("--kv fp8")
+    ctx = s.context // 2
+    while ctx >= 1024:
+        if _fits(config, world, hw, replace(s, context=ctx), redundant):
+            ideas.append(f"--context {ctx}")
+            break
+        ctx //= 2
+    if s.batch > 1 and _fits(config, world, hw, replace(s, batch=max(1, s.batch // 4)), redundant):
+        ideas.append(f"--batch {max(1, s.batch // 4)}")
+    over = (best.peak_bytes - best.capacity_bytes) / GiB
+    return (f"{model} ({s.weights} weights, context {s.context}, batch {s.batch}) does not fit on {world} x "
+            f"{hw.name}: the best layout dp{best.dp}/tp{best.tp}/ep{best.ep} needs {best.peak_bytes / GiB:.1f} GiB "
+            f"per rank, {over:.1f} GiB more than the {best.capacity_bytes / GiB:.0f} GiB there; would fit: "
+            + (", or ".join(ideas) if ideas else "none of more devices, other weights or shorter context"))

@@ -32,7 +32,7 @@ __all__ = ["COMPONENTS", "WEIGHT_MODES", "KV_LAYOUTS", "MemorySettings", "linear
 COMPONENTS = ("attention", "routed_experts", "shared_expert", "embed_head", "other", "kv_cache", "workspace")
 WEIGHT_MODES = ("keep", "bf16", "int8")
 KV_LAYOUTS = ("fp8", "bf16")
-RUNTIME_RESERVE_BYTES = 2 * 2**30      # runtime, collective buffers, graph pools (estimate)
+RUNTIME_RESERVE_BYTES = 2 * 2**30      # default runtime reserve per rank (estimate; hardware entries may set it)
 PREFILL_CHUNK_TOKENS = 4096            # prefill tokens per rank per forward (chunked prefill)
 
 
@@ -44,6 +44,7 @@ class MemorySettings:
     batch: int = 1                     # concurrent sequences over the whole deployment
     weights: str = "keep"              # keep | bf16 | int8
     kv_layout: str = "fp8"             # fp8 (584 B entries) | bf16
+    reserve_bytes: int = RUNTIME_RESERVE_BYTES   # runtime, collective buffers, graph pools
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
@@ -166,7 +167,7 @@ def _workspace(config: Any, tp: int, seqs: int, s: MemorySettings) -> int:
         act += c * (s.context // 4) * 4                                 # indexer scores, FP32
     act += c * k * config.dim * 2 * 2 + c * k * config.moe_inter_dim * 4 * 2   # dispatch/combine, SwiGLU
     act += max(seqs, 1) * config.vocab_size // tp * 4                   # logits
-    return RUNTIME_RESERVE_BYTES + act
+    return s.reserve_bytes + act
 
 
 def rank_memory(config: Any, tp: int, slots_per_rank: int, seqs: int, s: MemorySettings,

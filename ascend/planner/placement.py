@@ -22,6 +22,8 @@ import numpy as np
 
 from ascend.planner.errors import PlanError
 
+COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by `place`
+
 __all__ = [
     "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound",
     "logcnt_of", "log2phy_of", "contiguous_placement", "synthetic_load", "read_expert_load",
@@ -95,6 +97,32 @@ def replica_counts(load: np.ndarray, n_slots: int) -> np.ndarray:
         active = left > 0
         best = np.argmax(w / counts, axis=1)
         counts[rows[active], best[active]] += 1
+        left -= active
+    return counts
+
+
+def _coarser_counts(load: np.ndarray, n_slots: int, factor: float) -> np.ndarray:
+    """Fewer replicas for hot experts: c_e = max(1, ceil(load_e / (factor * t*))), t* the optimal max
+    replica load; the freed slots go to the hottest single-replica experts, then greedily.
+
+    The optimum of max(load / replicas) can leave a few more big replicas than ranks, so two of them
+    share a rank; slightly larger, fewer replicas often pack better. `place` tries several factors.
+    """
+    L, E = load.shape
+    best = (load / replica_counts(load, n_slots)).max(1)
+    counts = np.maximum(1, np.ceil(load / np.maximum(best * factor, 1e-300)[:, None])).astype(np.int64)
+    left = n_slots - counts.sum(1)
+    single = np.where(counts == 1, load, -1.0)
+    order = np.argsort(-single, axis=1, kind="stable")           # hottest single-replica experts first
+    n_single = (counts == 1).sum(1)
+    take = np.arange(E)[None, :] < np.minimum(left, n_single)[:, None]
+    np.put_along_axis(counts, order, np.take_along_axis(counts, order, 1) + take, 1)
+    left -= take.sum(1)
+    rows = np.arange(L)
+    while (left > 0).any():
+        active = left > 0
+        e = np.argmax(load / counts, axis=1)
+        counts[rows[active], e[active]] += 1
         left -= active
     return counts
 
@@ -195,11 +223,17 @@ def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: i
     our flat and node-first packings and the EPLB baseline (run with `n_groups`, nodes as given)."""
     load = _check_load(load)
     P = n_ranks * slots_per_rank
-    experts, sizes = _items(load, replica_counts(load, P), P)
     rpn = ranks_per_node if ranks_per_node and n_ranks % ranks_per_node == 0 else n_ranks
-    candidates = [_pack(experts, sizes, n_ranks, n_ranks)]
-    if rpn < n_ranks:
-        candidates.append(_pack(experts, sizes, n_ranks, rpn))    # preferred on ties: spreads over nodes
+    candidates, tried = [], []
+    for factor in COUNT_FACTORS:
+        counts = replica_counts(load, P) if factor == 1 else _coarser_counts(load, P, factor)
+        if any(np.array_equal(counts, t) for t in tried):
+            continue
+        tried.append(counts)
+        experts, sizes = _items(load, counts, P)
+        if rpn < n_ranks:                                         # node first: spreads replicas over nodes
+            candidates.append(_pack(experts, sizes, n_ranks, rpn))
+        candidates.append(_pack(experts, sizes, n_ranks, n_ranks))
     candidates.append(eplb_baseline(load, P, n_ranks, n_groups=n_groups, n_nodes=n_ranks // rpn))
     peaks = np.stack([rank_loads(load, c, n_ranks).max(1) for c in candidates])      # [C, L]
     best = np.full(load.shape[0], len(candidates) - 1)

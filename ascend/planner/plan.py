@@ -220,7 +220,7 @@ def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0
         "after": pl.balancedness(load, phy2log, ep).round(6).tolist(),
         "eplb": pl.balancedness(load, eplb, ep).round(6).tolist(),
         "bound": (load.sum(1) / ep / np.maximum(pl.lower_bound(load, n_slots, ep), 1e-300)).round(6).tolist(),
-        "load": "uniform" if expert_load is None else "measured",
+        "load": "uniform" if expert_load is None else "given",
     }
     return Plan(world_size=world_size, tp=tp, ep=ep, n_layers=config.n_layers, n_mtp_layers=config.n_mtp_layers,
                 n_routed_experts=E, phy2log=phy2log, model=model, devices_per_node=dpn,
