@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Per-layer attention decode latency of V4 (CSA and HCA layers) against two baselines measured in the same run.
+
+For each (layer type, batch, context) the whole attention layer's decode step (prolog, compressor, indexer,
+sparse attention, epilog) runs from a captured graph with the CUDA backend's kernels, and is reported as ratios:
+
+* x roofline = time / max(bytes the step must read / measured copy bandwidth, FLOPs / measured matmul rate),
+  where the bytes are the layer's weights plus, per sequence, the KV rows the step reads (window, selected or all
+  compressed entries, all visible indexer keys) and the FLOPs the projections plus attention plus indexer scores;
+* x dense = time / dense attention over the same context (SDPA, 64 heads over an uncompressed single-head
+  512-dim bf16 cache of `context` tokens), also captured.
+
+Prefill throughput (tokens/s) of one layer over a 128K prompt is reported too, and the peak device memory of
+every row. `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to check the script itself.
+
+    python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
+    python3 scripts/bench_attention.py --quick                   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ascend.device import Device, get_device
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+def time_ms(device: Device, fn, reps: int, graph: bool = True) -> float:
+    """Median milliseconds of `fn()`; captured once and replayed when `graph` (CPU: eager re-runs)."""
+    if graph:
+        g = device.graph()
+        g.capture(fn, warmup=2)
+        run = g.replay
+    else:
+        fn()
+        run = fn
+    times = []
+    for _ in range(reps):
+        start, end = device.event(), device.event()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: Device, nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device=device.torch_device)
+    dst = torch.empty_like(src)
+    ms = time_ms(device, lambda: dst.copy_(src), reps=10, graph=False)
+    return 2 * src.nbytes / (ms * 1e-3)
+
+
+def matmul_rate(device: Device, n: int, dtype: torch.dtype) -> float:
+    """FLOP/s of an n x n x n matrix product on random data."""
+    a = torch.randn(n, n, device=device.torch_device, dtype=dtype)
+    b = torch.randn(n, n, device=device.torch_device, dtype=dtype)
+    ms = time_ms(device, lambda: a @ b, reps=10, graph=False)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def peak_gib(device: Device) -> float:
+    return device.memory().peak / 2 ** 30
+
+
+@dataclass
+class Row:
+    layer: str
+    batch: int
+    context: int
+    ms: float
+    roofline_ms: float
+    dense_ms: float
+    reference_ms: float | None
+    peak_gib: float
+
+    @property
+    def x_roofline(self) -> float:
+        return self.ms / self.roofline_ms
+
+    @property
+    def x_dense(self) -> float:
+        return self.ms / self.dense_ms
+
+
+# ----------------------------------------------------------------------------------------------- one layer
+@dataclass(frozen=True)
+class Shapes:
+    """What a benchmark run covers."""
+    preset: str
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    prefill_tokens: int
+    prefill_chunk: int
+    dtype: torch.dtype
+    reps: int
+
+
+FULL = Shapes("flash", (1, 8, 32), (8192, 131072, 1048576), 131072, 16384, torch.bfloat16, 20)
+QUICK = Shapes("tiny", (1, 2), (64, 256), 256, 128, torch.float32, 3)
+
+
+def layer_ids(config) -> dict[str, int]:
+    """First CSA (ratio 4) and first HCA (ratio 128) layer of the schedule."""
+    return {name: config.compress_ratios.index(r) for name, r in (("csa", 4), ("hca", 128))}
+
+
+def filled_cache(config, layer_id: int, batch: int, context: int, dtype: torch.dtype, device: Device):
+    """A layer cache of capacity `context` whose rows hold random entries (decode then sees all of them)."""
+    from model.cache import LayerCache
+
+    cache = LayerCache(config, layer_id, batch, context, dtype, device=device.torch_device)
+    cache.kv.normal_()
+    if cache.index_kv is not None:
+        cache.index_kv.normal_()
+    return cache
+
+
+def decode_roofline(config, layer, kind: str, batch: int, context: int, dtype: torch.dtype,
+                    copy_bps: float, flops_per_s: float) -> tuple[float, float, float]:
+    """(seconds, bytes, flops) one decode step must at least take: every weight and every KV row it reads
+    once, every multiply-add of its projections, attention and indexer scores once."""
+    elt = torch.finfo(dtype).bits // 8
+    weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    matmul_params = sum(m.weight.numel() for m in layer.modules() if hasattr(m, "in_features"))
+    d, h = config.head_dim, config.n_heads
+    n_entries = context // layer.ratio
+    rows = config.window_size + (min(config.index_topk, n_entries) if kind == "csa" else n_entries)
+    kv_bytes = rows * d * elt
+    flops = 2 * matmul_params + 4 * h * d * rows
+    if kind == "csa":
+        kv_bytes += n_entries * config.index_head_dim * elt
+        flops += 2 * config.index_n_heads * config.index_head_dim * n_entries
+    nbytes = weight_bytes + batch * kv_bytes
+    flops *= batch
+    return max(nbytes / copy_bps, flops / flops_per_s), nbytes, flops
+
+
+def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device: Device) -> float:
+    """Decode attention of n_heads queries over an uncompressed single-head head_dim cache of `context` tokens."""
+    dev = device.torch_device
+    q = torch.randn(batch, 1, config.n_heads, config.head_dim, device=dev, dtype=shapes.dtype)
+    kv = torch.randn(batch, 1, context, config.head_dim, device=dev, dtype=shapes.dtype)
+    ms = time_ms(device, lambda: F.scaled_dot_product_attention(q, kv, kv, scale=config.head_dim ** -0.5),
+                 shapes.reps)
+    del q, kv
+    return ms
+
+
+def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
+               copy_bps: float, flops_per_s: float, kernels, with_reference: bool) -> Row:
+    """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences."""
+    from ascend.onnx_export import use_kernels
+    from model.kernels import REFERENCE
+
+    dev = device.torch_device
+    device.reset_peak()
+    cache = filled_cache(config, layer.layer_id, batch, context, shapes.dtype, device)
+    x = torch.randn(batch, 1, config.dim, device=dev, dtype=shapes.dtype)
+    start = torch.full((batch,), context - 1, dtype=torch.int64, device=dev)
+    step = lambda: layer(x, start, cache)   # noqa: E731 -- the captured decode step
+    use_kernels(layer, kernels)
+    ms = time_ms(device, step, shapes.reps)
+    peak = peak_gib(device)
+    reference_ms = None
+    if with_reference:
+        use_kernels(layer, REFERENCE)
+        reference_ms = time_ms(device, step, shapes.reps)
+    roof_s, _, _ = decode_roofline(config, layer, kind, batch, context, shapes.dtype, copy_bps, flops_per_s)
+    return Row(kind, batch, context, ms, roof_s * 1e3, float("nan"), reference_ms, peak)
+
+
+def prefill_tokens_per_s(layer, config, shapes: Shapes, device: Device, kernels) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of one layer over a `prefill_tokens` prompt, fed in chunks of `prefill_chunk`."""
+    from ascend.onnx_export import use_kernels
+    from model.cache import LayerCache
+
+    use_kernels(layer, kernels)
+    dev = device.torch_device
+    n, chunk = shapes.prefill_tokens, shapes.prefill_chunk
+    cache = LayerCache(config, layer.layer_id, 1, n, shapes.dtype, device=dev)
+    x = torch.randn(1, n, config.dim, device=dev, dtype=shapes.dtype)
+
+    def prefill():
+        for s in range(0, n, chunk):
+            layer(x[:, s:s + chunk], torch.full((1,), s, dtype=torch.int64, device=dev), cache)
+
+    with torch.no_grad():
+        prefill()                       # compile / allocate once
+        device.reset_peak()
+        ms = time_ms(device, prefill, reps=1, graph=False)
+    return n / (ms * 1e-3), peak_gib(device)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
+    lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
+             f"({ceilings['device']})", "",
+             "| layer | batch | context | decode us | roofline us | x roofline | dense us | x dense | "
+             "reference-kernels us | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ref = f"{r.reference_ms * 1e3:.1f}" if r.reference_ms is not None else "-"
+        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {r.roofline_ms * 1e3:.1f} | "
+                     f"{r.x_roofline:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {ref} | {r.peak_gib:.2f} |")
+    lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
+    for kind, (tps, peak) in prefill.items():
+        lines.append(f"| {kind} | {ceilings['prefill_tokens']} | {tps:,.0f} | {peak:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
+    p.add_argument("--device", default=None, help="auto|cuda|npu|cpu (default: cpu with --quick, else auto)")
+    p.add_argument("--batches", type=lambda s: tuple(map(int, s.split(","))), default=None)
+    p.add_argument("--contexts", type=lambda s: tuple(map(int, s.split(","))), default=None)
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-kernels column")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
+    p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
+    args = p.parse_args(argv)
+
+    from ascend.backends.cuda import make_kernels
+    from ascend.onnx_export import synthetic_attention
+    from model.config import ModelConfig
+
+    shapes = QUICK if args.quick else FULL
+    device = get_device(args.device or ("cpu" if args.quick else None))
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    batches = args.batches or shapes.batches
+    contexts = args.contexts or shapes.contexts
+    config = ModelConfig.preset(shapes.preset, dtype="bf16", max_seq_len=max(contexts + (shapes.prefill_tokens,)))
+    kernels = make_kernels() if device.type == "cuda" else make_kernels(use_triton=False)
+    big = device.type != "cpu"
+    copy_bps = copy_bandwidth(device, 2 ** 30 if big else 2 ** 26)
+    flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
+    ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
+                "prefill_tokens": shapes.prefill_tokens}
+
+    rows, prefill, dense = [], {}, {}
+    for kind, layer_id in layer_ids(config).items():
+        layer = synthetic_attention(config, layer_id, device.torch_device)
+        for context in contexts:
+            for batch in batches:
+                row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
+                                 kernels, with_reference=not args.no_reference)
+                device.empty_cache()
+                if (batch, context) not in dense:
+                    dense[batch, context] = dense_attention_ms(config, batch, context, shapes, device)
+                    device.empty_cache()
+                row.dense_ms = dense[batch, context]
+                rows.append(row)
+                print(f"{kind} batch {batch} context {context}: {row.ms * 1e3:.1f} us", file=sys.stderr)
+        if not args.no_prefill:
+            prefill[kind] = prefill_tokens_per_s(layer, config, shapes, device, kernels)
+        del layer
+        device.empty_cache()
+
+    text = table(rows, prefill, ceilings)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_attention.md").write_text(text + "\n")
+        (args.out / "bench_attention.json").write_text(json.dumps({
+            "ceilings": ceilings, "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
+            "decode": [{**asdict(r), "x_roofline": r.x_roofline, "x_dense": r.x_dense} for r in rows],
+            "prefill": {k: {"tokens_per_s": v[0], "peak_gib": v[1]} for k, v in prefill.items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
