@@ -350,11 +350,10 @@ def split_for_dp(requests: list[Request], dp: int, dp_rank: int, max_batch: int)
     return [mine[i:i + max_batch] for i in range(0, len(mine), max_batch)]
 
 
-def summary(completions: list[Completion], wall_s: float) -> dict:
-    """Aggregate throughput over all requests of the run."""
-    n = sum(len(c.tokens) for c in completions)
-    return {"requests": len(completions), "completion_tokens": n,
-            "prompt_tokens": sum(c.prompt_tokens for c in completions), "wall_s": round(wall_s, 6),
-            "tokens_per_s": round(n / wall_s, 3) if wall_s > 0 else 0.0,
-            "mean_ttft_s": round(sum(c.ttft_s for c in completions) / max(1, len(completions)), 6),
-            "mean_tpot_s": round(sum(c.tpot_s for c in completions) / max(1, len(completions)), 6)}
+def summary(results: list[dict], wall_s: float) -> dict:
+    """Aggregate throughput and latency over the result dicts (`Completion.to_dict`) of a run."""
+    n = sum(r["completion_tokens"] for r in results)
+    mean = lambda key: round(sum(r[key] for r in results) / max(1, len(results)), 6)  # noqa: E731
+    return {"requests": len(results), "completion_tokens": n, "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+            "wall_s": round(wall_s, 6), "tokens_per_s": round(n / wall_s, 3) if wall_s > 0 else 0.0,
+            "mean_ttft_s": mean("ttft_s"), "mean_tpot_s": mean("tpot_s")}

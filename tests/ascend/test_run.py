@@ -1,0 +1,49 @@
+"""`ascend run`: the torchrun command it builds, and what it refuses before starting any process."""
+
+import json
+import shlex
+
+import pytest
+
+from ascend.cli import main
+from ascend.run import SCRIPT, RunError, torchrun_command
+
+
+def test_single_node_uses_a_standalone_rendezvous():
+    cmd = torchrun_command("/ck", 2, launch_args=("--json",))
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in cmd and "--standalone" in cmd and "--max-restarts=0" in cmd
+    assert cmd[-4:] == [str(SCRIPT), "--ckpt", "/ck", "--json"]
+
+
+def test_multi_node_flags_are_torchrun_flags():
+    cmd = torchrun_command("/ck", 8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=6000)
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=6000"} <= set(cmd)
+    assert "--standalone" not in cmd
+    with pytest.raises(RunError, match="--master-addr"):
+        torchrun_command("/ck", 8, nnodes=2, node_rank=1)
+    with pytest.raises(RunError, match="node-rank"):
+        torchrun_command("/ck", 8, nnodes=2, node_rank=2, master_addr="h")
+
+
+def _ckpt(tmp_path, world):
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "world_size": world, "ranks": []}))
+    return str(tmp_path)
+
+
+def test_dry_run_prints_the_command_with_forwarded_options(tmp_path, capsys):
+    main(["run", "--ckpt", _ckpt(tmp_path, 4), "--nproc", "2", "--nnodes", "2", "--master-addr", "h",
+          "--dry-run", "--device", "cpu", "--input", "p.jsonl", "--max-new-tokens", "5"])
+    cmd = shlex.split(capsys.readouterr().out.strip())
+    assert cmd[cmd.index("--ckpt"):] == ["--ckpt", str(tmp_path), "--device", "cpu", "--input", "p.jsonl",
+                                         "--max-new-tokens", "5"]
+
+
+def test_world_mismatch_is_refused_before_launch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", _ckpt(tmp_path, 4), "--nproc", "2", "--dry-run"])
+    assert e.value.code == 2
+    assert "converted for 4 ranks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", str(tmp_path / "nope"), "--nproc", "2"])
+    assert e.value.code == 2 and "ascend convert" in capsys.readouterr().err
