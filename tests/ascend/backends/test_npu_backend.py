@@ -1,0 +1,224 @@
+"""The NPU backend on the torch_npu emulation equals the reference kernels, stage by stage and for whole
+attention layers (window, CSA, HCA; prefill, decode, mixed lengths), and says when and why it falls back."""
+
+import dataclasses
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ascend.backends import get_kernels
+from ascend.backends.npu import Fallbacks, build_kernels
+from ascend.npu_emulation import SchemaUnavailable, emulated_torch_npu, installed
+from model.kernels import REFERENCE
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    try:
+        emulated_torch_npu()
+    except SchemaUnavailable as e:
+        pytest.skip(f"torch-npu wheel unreachable, so no operator schemas: {e}")
+    with installed() as module:
+        yield module
+
+
+def npu_kernels(soc, graph_mode=False):
+    fallbacks = Fallbacks()
+    return build_kernels(soc, graph_mode=graph_mode, fallbacks=fallbacks), fallbacks
+
+
+def assert_rel(a, b, dtype):
+    """Relative Frobenius error within the dtype's tolerance."""
+    a, b = a.double(), b.double()
+    err = (a - b).norm() / b.norm().clamp(min=1e-12)
+    assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def stage_ran_on_npu(fallbacks, stage):
+    return not any(s == stage for s, _ in fallbacks.reasons)
+
+
+# ------------------------------------------------------------------------------------- kernel by kernel
+
+@pytest.mark.parametrize("soc,dtype", [("A3", torch.bfloat16), ("A5", torch.float32), ("A5", torch.bfloat16)])
+def test_rms_norm_and_rope(emulation, soc, dtype):
+    k, fb = npu_kernels(soc)
+    x = torch.randn(2, 5, 4, 192).to(dtype)
+    ang = torch.rand(2, 5, 32) * 6
+    for weight in (None, torch.randn(192), torch.randn(192).to(dtype)):
+        assert_rel(k.rms_norm(x, weight, 1e-6), REFERENCE.rms_norm(x, weight, 1e-6), dtype)
+    for xx in (x, x[:, :, 0]):  # with and without a head dim
+        for inverse in (False, True):
+            assert_rel(k.rope(xx, ang.cos(), ang.sin(), inverse), REFERENCE.rope(xx, ang.cos(), ang.sin(), inverse), dtype)
+    assert stage_ran_on_npu(fb, "rms_norm") and stage_ran_on_npu(fb, "rope")
+
+
+@pytest.mark.parametrize("soc", ["A2", "A5"])
+def test_gate_topk_score_and_hash_routing(emulation, soc):
+    k, fb = npu_kernels(soc)
+    logits, bias = torch.randn(9, 32) * 2, torch.randn(32) * 0.5
+    w, idx = k.gate_topk(logits, bias, None, None, 6, 2.5)
+    rw, ridx = REFERENCE.gate_topk(logits, bias, None, None, 6, 2.5)
+    order, rorder = idx.argsort(-1), ridx.argsort(-1)
+    assert torch.equal(idx.gather(-1, order), ridx.gather(-1, rorder)) and idx.dtype == torch.int64
+    assert_rel(w.gather(-1, order), rw.gather(-1, rorder), torch.float32)
+    tid2eid, ids = torch.randint(0, 32, (100, 6)), torch.randint(0, 100, (9,))
+    w, idx = k.gate_topk(logits, None, tid2eid, ids, 6, 2.5)
+    rw, ridx = REFERENCE.gate_topk(logits, None, tid2eid, ids, 6, 2.5)
+    assert torch.equal(idx, ridx)
+    assert_rel(w, rw, torch.float32)
+    assert stage_ran_on_npu(fb, "gate_topk")
+
+
+def test_mhc_stages_on_ascend_950(emulation):
+    k, fb = npu_kernels("A5")
+    dtype = torch.bfloat16
+    x = torch.randn(2, 3, 4, 64).to(dtype)
+    fn, scale, base = torch.randn(24, 256) * 0.1, torch.rand(3) + 0.5, torch.randn(24) * 0.1
+    for got, want in zip(k.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6), REFERENCE.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)):
+        assert_rel(got, want, dtype)
+    mixes = torch.randn(2, 3, 24)
+    for got, want in zip(k.sinkhorn(mixes, scale, base, 20, 1e-6), REFERENCE.sinkhorn(mixes, scale, base, 20, 1e-6)):
+        assert_rel(got, want, torch.float32)
+    _, post, comb = REFERENCE.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    y = torch.randn(2, 3, 64).to(dtype)
+    assert_rel(k.hc_post(y, x, post, comb), REFERENCE.hc_post(y, x, post, comb), dtype)
+    hfn, hscale, hbase = torch.randn(4, 256) * 0.1, torch.rand(1), torch.randn(4)
+    assert_rel(k.hc_head(x, hfn, hscale, hbase, 1e-6, 1e-6), REFERENCE.hc_head(x, hfn, hscale, hbase, 1e-6, 1e-6), dtype)
+    assert all(stage_ran_on_npu(fb, s) for s in ("hc_pre", "hc_post", "hc_head", "sinkhorn"))
+
+
+def test_indexer_topk_selects_the_reference_entries(emulation):
+    k, fb = npu_kernels("A3")
+    B, S, H, T = 2, 6, 4, 37
+    q, keys = torch.randn(B, S, H, 128).bfloat16(), torch.randn(B, T, 128).bfloat16()
+    weights = torch.rand(B, S, H) + 0.1
+    n_visible = torch.tensor([[0, 1, 5, 9, 20, 37], [3, 3, 3, 4, 30, 36]])
+    for topk in (4, 40):  # fewer and more slots than visible entries
+        got, want = k.indexer_topk(q, keys, weights, n_visible, topk), REFERENCE.indexer_topk(q, keys, weights, n_visible, topk)
+        assert got.shape == want.shape == (B, S, topk) and got.dtype == torch.int32
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    assert stage_ran_on_npu(fb, "indexer_topk")
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_sparse_attn_with_sinks_and_empty_slots(emulation, heads):
+    k, fb = npu_kernels("A2")
+    B, S, T, K = 2, 3, 20, 7
+    q, kv = (torch.randn(B, S, heads, 512) * 0.05).bfloat16(), torch.randn(B, T, 512).bfloat16()
+    idx = torch.randint(0, T, (B, S, K), dtype=torch.int32)
+    idx[0, 0, ::2] = -1        # -1 between valid slots: the backend must move them to the end
+    idx[1, 2] = -1             # a query with nothing to attend: zeros
+    sink = torch.randn(heads)
+    got, want = k.sparse_attn(q, kv, idx, sink, 512 ** -0.5), REFERENCE.sparse_attn(q, kv, idx, sink, 512 ** -0.5)
+    assert_rel(got, want, torch.bfloat16)
+    assert got[1, 2].abs().max() == 0
+    assert stage_ran_on_npu(fb, "sparse_attn")
+
+
+# ------------------------------------------------------------------------------------------- fallbacks
+
+def test_fallbacks_name_the_stage_and_reason_once(emulation, caplog):
+    caplog.set_level(logging.WARNING, logger="ascend.backends.npu")
+    k, fb = npu_kernels("A3", graph_mode=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("sparse_attn" in m and "no sinks in graph mode on A3" in m for m in messages)
+    assert any("hc_pre" in m and "npu_mhc_pre" in m and "not available on A3" in m for m in messages)
+    assert k.sparse_attn is REFERENCE.sparse_attn and k.hc_pre is REFERENCE.hc_pre
+    k2, fb2 = npu_kernels("A2")
+    caplog.clear()
+    q, kv = torch.randn(1, 2, 4, 128), torch.randn(1, 5, 128)
+    idx = torch.zeros(1, 2, 3, dtype=torch.int32)
+    for _ in range(3):  # fp32 and head dim 128: the operator's limits are not met, every call
+        torch.testing.assert_close(k2.sparse_attn(q, kv, idx, torch.zeros(4), 0.1), REFERENCE.sparse_attn(q, kv, idx, torch.zeros(4), 0.1))
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["npu backend: sparse_attn runs the reference implementation: "
+                      "npu_sparse_flash_attention needs head dim 512, got 128"]
+    assert fb2.reasons[-1] == ("sparse_attn", "npu_sparse_flash_attention needs head dim 512, got 128")
+    k2.rope(torch.randn(1, 2, 64), torch.zeros(1, 2, 32), torch.ones(1, 2, 32))
+    assert ("rope", "npu_interleave_rope on A2 takes float16/bfloat16, got float32") in fb2.reasons
+
+
+def test_get_kernels_by_device_type(emulation):
+    assert get_kernels(SimpleNamespace(type="cpu")) is REFERENCE
+    k = get_kernels(SimpleNamespace(type="npu", soc="A3"))
+    assert k.sparse_attn.__name__ == "npu_sparse_attn" and k.hc_pre is REFERENCE.hc_pre
+
+
+# ------------------------------------------------------------------------------ whole attention layers
+
+def _layer(config, layer_id, kernels, seed=0):
+    from model.attention import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(config, layer_id, kernels=kernels)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape) * (1.0 if "norm" in name or "sink" in name else p.shape[-1] ** -0.5))
+    return attn
+
+
+class ReplayedSelection:
+    """The NPU indexer's choices, replayed into the reference layer once checked to be a top-k of the reference
+    scores. Indexer scores tie exactly (ReLU zeros, FP4-simulated queries and keys), and equal scores may be
+    chosen either way; replaying the checked choice lets the rest of the two layers be compared exactly."""
+
+    def __init__(self, npu_topk):
+        self.npu_topk, self.chosen = npu_topk, []
+
+    def npu(self, *args, **kwargs):
+        self.chosen.append(self.npu_topk(*args, **kwargs))
+        return self.chosen[-1]
+
+    def reference(self, q, k, weights, n_visible, topk, group=None):
+        got = self.chosen.pop(0)
+        scores = (torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu() * weights.float()[..., None]).sum(2)
+        tol = 2e-2 * scores.abs().amax().item()  # the two layers' queries differ by bf16 rounding
+        for b in range(got.shape[0]):
+            for s in range(got.shape[1]):
+                n = int(n_visible[b, s].clamp(max=k.shape[1]))
+                chosen = got[b, s][got[b, s] >= 0].long()
+                assert len(chosen) == len(set(chosen.tolist())) == min(topk, n) and (chosen < n).all()
+                rest = torch.ones(n, dtype=torch.bool)
+                rest[chosen] = False
+                if rest.any() and len(chosen):
+                    assert scores[b, s, chosen].min() >= scores[b, s, :n][rest].max() - tol
+        return got
+
+
+@pytest.mark.parametrize("layer_id,kind", [(0, "window"), (1, "CSA"), (2, "HCA")])
+def test_attention_layer_npu_equals_reference(emulation, layer_id, kind):
+    pytest.importorskip("model.attention")
+    from model.cache import LayerCache
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", head_dim=512, dtype="bf16")  # the fused attention ops need 512-dim heads
+    dtype = torch.bfloat16
+    k, fb = npu_kernels("A3")
+    replay = ReplayedSelection(k.indexer_topk)
+    reference = dataclasses.replace(REFERENCE, indexer_topk=replay.reference)
+    ref_layer = _layer(config, layer_id, reference)
+    npu_layer = _layer(config, layer_id, dataclasses.replace(k, indexer_topk=replay.npu))
+    B, S = 2, 136                       # past one HCA block (128) and the window (16)
+    n_valid = torch.tensor([S, S - 7])  # mixed lengths
+    caches = [LayerCache(config, layer_id, B, 256, dtype) for _ in range(2)]
+    start = torch.zeros(B, dtype=torch.int64)
+    x = torch.randn(B, S, config.dim).to(dtype)
+    with torch.no_grad():
+        npu_out, ref_out = (layer(x, start, cache, n_valid) for layer, cache in ((npu_layer, caches[1]), (ref_layer, caches[0])))
+        for b in range(B):
+            assert_rel(npu_out[b, :n_valid[b]], ref_out[b, :n_valid[b]], dtype)
+        start = start + n_valid
+        for _ in range(3):              # decode steps at different positions per sequence
+            x = torch.randn(B, 1, config.dim).to(dtype)
+            npu_out, ref_out = (layer(x, start, cache) for layer, cache in ((npu_layer, caches[1]), (ref_layer, caches[0])))
+            assert_rel(npu_out, ref_out, dtype)
+            start = start + 1
+    assert stage_ran_on_npu(fb, "sparse_attn") and stage_ran_on_npu(fb, "rope") and stage_ran_on_npu(fb, "rms_norm")
+    if kind == "CSA":
+        assert stage_ran_on_npu(fb, "indexer_topk") and not replay.chosen
