@@ -134,7 +134,7 @@ def init(tp: int = 1, ep: int = 1, device: Device | str | None = None,
     if env.world_size == 1:
         return Mesh(device, tp_size=tp, ep_size=ep)
 
-    device.set_device(env.local_rank % device.count)
+    device.set_device(env.local_rank)  # before the process group: NCCL/HCCL bind to the current device
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("ASCEND_DIST_TIMEOUT_S",
                                                                            DEFAULT_TIMEOUT_S)))
     if not dist.is_initialized():  # env:// joins the store torchrun's agent already runs at MASTER_ADDR:PORT

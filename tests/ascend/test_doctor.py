@@ -97,19 +97,32 @@ def test_explicit_npu_exits_2_with_one_line(capsys):
     assert captured.err == f"error: --device npu unavailable: torch-npu is not installed (pip install torch-npu=={TORCH})\n"
 
 
+def broken_torch_npu(path):
+    """A torch_npu package that raises at import, as one built for another CANN does."""
+    (path / "torch_npu").mkdir()
+    (path / "torch_npu" / "__init__.py").write_text("raise RuntimeError('acl init failed: 507008')\n")
+    return str(path)
+
+
+BROKEN = "torch-npu is installed but broken: RuntimeError: acl init failed: 507008"
+
+
 def test_broken_torch_npu_does_not_break_import_or_doctor(tmp_path):
-    """A torch_npu that raises at import (as with a mismatched CANN) leaves `ascend` usable on CPU."""
-    (tmp_path / "torch_npu").mkdir()
-    (tmp_path / "torch_npu" / "__init__.py").write_text("raise RuntimeError('acl init failed: 507008')\n")
+    """In a fresh interpreter with a broken torch_npu first on the path, `ascend doctor` still runs, on CPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "ascend.cli", "doctor"]
-    ok = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=60)
+    env["PYTHONPATH"] = os.pathsep.join([broken_torch_npu(tmp_path), env.get("PYTHONPATH", "")])
+    ok = subprocess.run([sys.executable, "-m", "ascend.cli", "doctor", "--json"], env=env, capture_output=True,
+                        text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     r = json.loads(ok.stdout)
-    assert r["backend"] == "cpu"
-    assert r["backends"]["npu"]["reason"] == "torch-npu is installed but broken: RuntimeError: acl init failed: 507008"
-    bad = subprocess.run(cmd + ["--device", "npu"], env=env, capture_output=True, text=True, timeout=60)
-    assert (bad.returncode, bad.stdout) == (2, "")
-    assert bad.stderr == ("error: --device npu unavailable: torch-npu is installed but broken: "
-                          "RuntimeError: acl init failed: 507008\n")
+    assert r["backend"] == "cpu" and r["backends"]["npu"]["reason"] == BROKEN
+
+
+def test_broken_torch_npu_explicit_request_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(broken_torch_npu(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "--device", "npu", "--json"])
+    captured = capsys.readouterr()
+    assert (e.value.code, captured.out) == (2, "")
+    assert captured.err == f"error: --device npu unavailable: {BROKEN}\n"
