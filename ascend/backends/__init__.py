@@ -1,7 +1,7 @@
 """Operator backends: the `model.kernels.Kernels` table to use on a given device.
 
 `get_kernels(device)` picks by `device.type`: 'npu' -> ascend.backends.npu (fused torch_npu operators, per-SoC
-limits from `device.soc`), 'cuda' -> ascend.backends.cuda (Triton), anything else -> the pure-PyTorch REFERENCE.
+limits from `device.soc`), 'cuda' -> ascend.backends.cuda (Triton when importable), anything else -> the pure-PyTorch REFERENCE.
 Backend modules are imported only when chosen, so torch_npu / Triton are never touched on a machine without them.
 """
 
@@ -23,9 +23,9 @@ def get_kernels(device: Any, graph_mode: bool = False) -> Kernels:
     """
     kind = getattr(device, "type", device)
     if kind == "npu":
-        from ascend.backends.npu import build_kernels
+        from ascend.backends.npu import make_kernels
 
-        return build_kernels(device.soc, graph_mode=graph_mode)
+        return make_kernels(device.soc, graph_mode=graph_mode)
     if kind == "cuda":
-        return importlib.import_module("ascend.backends.cuda").build_kernels(device)
+        return importlib.import_module("ascend.backends.cuda").make_kernels()
     return REFERENCE

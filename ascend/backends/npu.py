@@ -96,7 +96,7 @@ def _guarded(stage: str, fallbacks: Fallbacks, check: Callable[..., str | None],
     return kernel
 
 
-def build_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | None = None,
+def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | None = None,
                   fallbacks: Fallbacks | None = None) -> Kernels:
     """`Kernels` for an Ascend SoC family ('A2', 'A3', 'A5', ...), eager or graph-captured (`graph_mode`)."""
     if torch_npu is None:

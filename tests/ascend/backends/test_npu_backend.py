@@ -3,13 +3,14 @@ attention layers (window, CSA, HCA; prefill, decode, mixed lengths), and says wh
 
 import dataclasses
 import logging
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ascend.backends import get_kernels
-from ascend.backends.npu import Fallbacks, build_kernels
+from ascend.backends.npu import Fallbacks, NpuBackendError, make_kernels
 from ascend.npu_emulation import SchemaUnavailable, emulated_torch_npu, installed
 from model.kernels import REFERENCE
 
@@ -28,7 +29,7 @@ def emulation():
 
 def npu_kernels(soc, graph_mode=False):
     fallbacks = Fallbacks()
-    return build_kernels(soc, graph_mode=graph_mode, fallbacks=fallbacks), fallbacks
+    return make_kernels(soc, graph_mode=graph_mode, fallbacks=fallbacks), fallbacks
 
 
 def assert_rel(a, b, dtype):
@@ -147,6 +148,15 @@ def test_get_kernels_by_device_type(emulation):
     assert get_kernels(SimpleNamespace(type="cpu")) is REFERENCE
     k = get_kernels(SimpleNamespace(type="npu", soc="A3"))
     assert k.sparse_attn.__name__ == "npu_sparse_attn" and k.hc_pre is REFERENCE.hc_pre
+    assert get_kernels(SimpleNamespace(type="npu", soc="A3"), graph_mode=True).sparse_attn is REFERENCE.sparse_attn
+    cuda = get_kernels(SimpleNamespace(type="cuda"))  # imported by name only now; PyTorch stages without a GPU
+    assert cuda.sparse_attn is not REFERENCE.sparse_attn and cuda.rms_norm is REFERENCE.rms_norm
+
+
+def test_npu_backend_without_torch_npu_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` now raises ImportError
+    with pytest.raises(NpuBackendError, match="the npu backend needs torch_npu"):
+        get_kernels(SimpleNamespace(type="npu", soc="A3"))
 
 
 # ------------------------------------------------------------------------------ whole attention layers
