@@ -132,9 +132,9 @@ class Attention(nn.Module):
                                 positions % self.window, cache.discard_row)
         if s == 1:              # decode: the token joins the ring first and every key is a cache row
             cache.write_main(ring_rows, kv)
-            keys, ring_end = cache.main_kv(), start + 1     # row of an inactive (n_valid 0) query is stale, not read
+            keys, ring_end = cache.main_kv(), start + 1     # (an idle row, n_valid 0, reads stale rows)
         else:                   # prefill chunk: its own tokens are read from rows appended after the cache
-            keys, ring_end = torch.cat((cache.main_kv(), kv), dim=1), start
+            keys, ring_end = torch.cat((cache.main_kv(), kv.to(cache.dtype)), dim=1), start
         rows = window_rows(positions, start, ring_end, self.window, cache.kv.size(1))
         if entry_rows is not None:
             rows = torch.cat((rows, entry_rows), dim=-1)

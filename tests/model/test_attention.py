@@ -367,3 +367,17 @@ def test_tensor_parallel_equals_single_rank():
         p.join(timeout=60)
     for rank in range(2):
         assert max(results[rank].values()) < 1e-4, results
+
+
+def test_decode_step_traces_as_one_static_graph():
+    # fullgraph=True fails on any graph break (data-dependent shape, .item(), Python branch on a tensor)
+    cfg = tiny()
+    attn = layer(cfg, 1)
+    x = torch.randn(2, 31, cfg.dim)
+    eager, traced = (KVCache(cfg, 2, 512, torch.float32).layers[1] for _ in range(2))
+    for cache in (eager, traced):
+        run(attn, x[:, :30], cache, [0, 0], [30, 27])
+    step = torch.compile(attn.forward, fullgraph=True, backend="eager", dynamic=False)
+    start, n_valid = torch.tensor([30, 27]), torch.tensor([1, 1])
+    torch.testing.assert_close(step(x[:, 30:], start, traced, n_valid), attn(x[:, 30:], start, eager, n_valid))
+    assert torch.equal(traced.kv, eager.kv) and torch.equal(traced.compressor.score, eager.compressor.score)
