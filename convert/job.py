@@ -227,6 +227,7 @@ class Conversion:
                     tensors[n] = {"file": f.path, "dtype": dtype, "shape": list(shape), "sha256": hashes[f.path][1][n],
                                   "source": src, "split": split}
             ranks.append({"rank": rank, "index": f"{rank_dir(rank)}/{RANK_INDEX}",
+                          "slots": [list(layer[rank]) for layer in self.sharding.slots],
                           "files": {f.path: {"sha256": hashes[f.path][0], "bytes": (out / f.path).stat().st_size}
                                     for f in mine},
                           "tensors": tensors})

@@ -7,15 +7,16 @@ Schema (version 1), one per output directory, written last:
      "weights": "keep" | "bf16" | "int8", "world_size": W, "tp": T,
      "plan": {...plan.json...}, "config": {...config.json of the converted weights...},
      "source_config": {...config.json of the source...},
-     "ranks": [{"rank": r, "index": "rank-0000r/model.safetensors.index.json",
+     "ranks": [{"rank": r, "index": "rank-0000r/model.safetensors.index.json", "slots": [[e, ...], ...],
                 "files": {"rank-0000r/model-00001-of-00046.safetensors": {"sha256": hex, "bytes": n}, ...},
                 "tensors": {"layers.0.attn.wq_b.weight": {"file": "rank-0000r/...", "dtype": "F8_E4M3",
                             "shape": [...], "sha256": hex, "source": "layers.0.attn.wq_b.weight",
                             "split": [dim, start, stop] | null}, ...}}, ...]}
 
-Tensor names are official names with rank-local shapes; routed experts are named by local slot
-(`layers.L.ffn.experts.j.*` holds logical expert plan.experts_on_rank(L, r)[j]). `source` names the
-source tensor (logical expert) and `split` the slice of it that was taken before the cast.
+Tensor names are official names with rank-local shapes; a rank holds `layers.L.ffn.experts.E.*` for
+every distinct logical expert E in its slots of MoE layer L, and `"slots"` of its rank entry lists, per
+MoE layer, the logical expert of each local slot (plan.experts_on_rank). `source` names the source
+tensor and `split` the slice of it that was taken before the cast.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ of a block-quantised weight must fall on whole scale blocks, so its scale splits
 
 Routed experts follow the plan's placement: rank r holds, for each MoE layer, the logical experts of
 its physical slots (`plan.experts_on_rank(layer, r)`). A redundant replica is written to every rank
-that holds one, under the rank-local slot index: logical expert e in local slot j of layer L is stored
-as `layers.L.ffn.experts.j.*` (the model maps slot j back to e through the plan). The shared expert
-and all other tensors are on every rank.
+that holds one. Expert tensors keep their official names, `layers.L.ffn.experts.E.*` with E the
+logical expert id, as model/moe.py names its modules (one module per distinct expert on the rank;
+which local slots it serves comes from the plan, recorded in the manifest). Two slots of one rank
+holding the same expert therefore share one stored copy. The shared expert and all other tensors
+are on every rank.
 """
 
 from __future__ import annotations
@@ -67,9 +69,7 @@ class Sharding:
     def pieces(self, spec: TensorSpec, rank: int) -> list[Piece]:
         """The output tensors rank `rank` holds of source tensor `spec` (empty: none)."""
         if spec.expert is not None:
-            prefix, rest = spec.name.split(f".experts.{spec.expert}.")
-            return [Piece(f"{prefix}.experts.{j}.{rest}", None)
-                    for j, e in enumerate(self.slots[spec.layer][rank]) if e == spec.expert]
+            return [Piece(spec.name, None)] if spec.expert in self.slots[spec.layer][rank] else []
         if spec.split_dim is None or self.tp == 1:
             return [Piece(spec.name, None)]
         size = spec.shape[spec.split_dim] // self.tp

@@ -1,0 +1,143 @@
+"""Bad checkpoints: each is one ConvertError naming the file/tensor and what was expected; lazy partial reads."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from convert.errors import ConvertError
+from convert.reader import Checkpoint
+
+SHARD = "model-00002-of-00006.safetensors"   # layer 0
+
+
+def _index(path):
+    return json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def _set_index(path, index):
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _edit_header(file, edit):
+    """Rewrite a safetensors header (keeping the data) after `edit(header)`."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def _load(path):
+    ckpt = Checkpoint(path)
+    ckpt.validate()
+
+
+def test_partial_reads(tiny_ckpt):
+    ckpt = Checkpoint(tiny_ckpt)
+    full = ckpt.read("layers.1.attn.wo_b.weight")
+    part = ckpt.read("layers.1.attn.wo_b.weight", 1, 128, 256)
+    assert part.dtype == torch.float8_e4m3fn and torch.equal(part.view(torch.uint8), full[:, 128:256].view(torch.uint8))
+
+
+def test_missing_shard(ckpt_copy):
+    (ckpt_copy / SHARD).unlink()
+    with pytest.raises(ConvertError, match=f"shard {SHARD} does not exist"):
+        _load(ckpt_copy)
+
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_path_outside(ckpt_copy, bad):
+    index = _index(ckpt_copy)
+    index["weight_map"]["embed.weight"] = bad
+    _set_index(ckpt_copy, index)
+    with pytest.raises(ConvertError, match="must be a file name inside"):
+        _load(ckpt_copy)
+
+
+def test_index_names_missing_file(ckpt_copy):
+    index = _index(ckpt_copy)
+    index["weight_map"]["embed.weight"] = "model-99999.safetensors"
+    _set_index(ckpt_copy, index)
+    with pytest.raises(ConvertError, match="model-99999.safetensors does not exist"):
+        _load(ckpt_copy)
+
+
+def test_symlink_escape(ckpt_copy, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(ckpt_copy / SHARD, outside)
+    os.symlink(outside, ckpt_copy / SHARD)
+    with pytest.raises(ConvertError, match="outside the checkpoint directory"):
+        _load(ckpt_copy)
+
+
+def test_truncated_file(ckpt_copy):
+    f = ckpt_copy / SHARD
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(ConvertError, match=f"{SHARD}: tensor .* outside the .* data section"):
+        _load(ckpt_copy)
+
+
+@pytest.mark.parametrize("garbage, message", [
+    (b"\x05", "truncated safetensors file"),
+    (struct.pack("<Q", 1 << 40) + b"{}", "corrupt safetensors header"),
+    (struct.pack("<Q", 6) + b"{nope}", "not JSON"),
+])
+def test_corrupt_header(ckpt_copy, garbage, message):
+    (ckpt_copy / SHARD).write_bytes(garbage)
+    with pytest.raises(ConvertError, match=message):
+        _load(ckpt_copy)
+
+
+def test_gapped_data(ckpt_copy):
+    def shrink(h):  # kv_norm claims no bytes: the next tensor no longer starts where the previous ended
+        h["layers.0.attn.kv_norm.weight"]["data_offsets"][1] = h["layers.0.attn.kv_norm.weight"]["data_offsets"][0]
+        h["layers.0.attn.kv_norm.weight"]["shape"] = [0]
+    _edit_header(ckpt_copy / SHARD, shrink)
+    with pytest.raises(ConvertError, match=f"{SHARD}: tensor .* starts at byte .*overlapping or gapped"):
+        _load(ckpt_copy)
+
+
+def test_tensor_missing(ckpt_copy):
+    _edit_header(ckpt_copy / SHARD, lambda h: _drop(h, "layers.0.ffn.gate.tid2eid"))
+    index = _index(ckpt_copy)
+    index["weight_map"].pop("layers.0.ffn.gate.tid2eid")
+    _set_index(ckpt_copy, index)
+    with pytest.raises(ConvertError, match="tensor layers.0.ffn.gate.tid2eid is missing"):
+        _load(ckpt_copy)
+
+
+def _drop(header, name):
+    """Remove `name` from a header, shifting later tensors' offsets down over its bytes."""
+    b, e = header.pop(name)["data_offsets"]
+    for k, v in header.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= e:
+            v["data_offsets"] = [v["data_offsets"][0] - (e - b), v["data_offsets"][1] - (e - b)]
+
+
+def test_shape_disagrees_with_config(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["q_lora_rank"] = 256
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=r"tensor layers.0.attn.wq_a.weight is F8_E4M3 \[128, 256\], "
+                                           r"expected F8_E4M3 \[256, 256\] from config.json"):
+        _load(ckpt_copy)
+
+
+def test_expert_dtype_from_config_not_byte_width(ckpt_copy):
+    # same bytes, but config.json says the experts are FP8: I8 [256, 128] is then wrong, not "1 byte, fine"
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["expert_dtype"] = "fp8"
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=r"experts.0.w1.weight is I8 \[256, 128\], expected F8_E4M3 \[256, 256\]"):
+        _load(ckpt_copy)
+
+
+def test_unknown_dtype(ckpt_copy):
+    _edit_header(ckpt_copy / SHARD, lambda h: h["layers.0.attn.attn_sink"].update(dtype="F9_X"))
+    with pytest.raises(ConvertError, match="tensor layers.0.attn.attn_sink has unknown dtype 'F9_X'"):
+        _load(ckpt_copy)
