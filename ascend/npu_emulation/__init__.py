@@ -7,7 +7,8 @@ Every operator is defined from its schema string in torch-npu's
 `npu_native_functions_by_codegen.yaml` in a scratch torch.library namespace (`npu_emu`), so the
 dispatcher binds arguments exactly as the real binding would: an unknown keyword, a wrong type or a
 wrong number of arguments is rejected before any emulated kernel runs. The kernels (ops.py) follow
-the Ascend/op-plugin documentation of each operator. Nothing here has run on an Ascend NPU; see
+the Ascend/op-plugin documentation of each operator; shape-only Meta kernels (meta.py) let FakeTensor
+tracing run through them. Nothing here has run on an Ascend NPU; see
 docs/npu-emulation.md for what this proves and what it cannot.
 """
 
@@ -22,6 +23,7 @@ from typing import Iterator
 import torch
 from torch.library import Library
 
+from ascend.npu_emulation.meta import META
 from ascend.npu_emulation.ops import EMULATED
 from ascend.npu_emulation.schemas import TORCH_NPU_VERSION, SchemaUnavailable, load_schemas
 
@@ -45,6 +47,7 @@ def register() -> None:
             torch._C.parse_schema(schema)  # fail loudly here if a future wheel ships an unparsable schema
             lib.define(schema)
             lib.impl(name, kernel, "CPU")
+            lib.impl(name, META[name], "Meta")
         _library = lib
 
 
