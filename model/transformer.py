@@ -1,0 +1,257 @@
+"""The DeepSeek-V4 transformer: embedding -> n hyper-connected blocks (attention + MoE) -> hc head -> logits.
+
+Module paths equal the official checkpoint tensor names (`embed.weight`, `layers.3.attn.wq_b.scale`,
+`layers.3.ffn.experts.7.w1.weight`, `hc_head_fn`, `mtp.0.e_proj.weight`, ...), so `load_weights` takes an official
+state dict (or a converted rank's shard, or HF-style names, which are mapped) directly.
+
+A forward call processes a chunk of S tokens for each of B sequences against a `KVCache`: sequence b's tokens sit at
+positions cache.lengths[b] + s, and only the first n_valid[b] of them are real (right padding). One call with S > 1
+is a prefill chunk (prefill may be split into chunks), S == 1 a decode step; the call advances cache.lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascend.errors import AscendDeployError
+from model.attention import Attention
+from model.cache import KVCache, LayerCache
+from model.config import ModelConfig
+from model.hyper import HyperConnection, HyperHead, expand_streams
+from model.kernels import REFERENCE, Kernels
+from model.linear import Linear
+from model.moe import MoE
+from model.norm import RMSNorm
+from model.parallel import ParallelContext
+
+__all__ = ["WeightsError", "ParallelEmbedding", "ParallelHead", "Block", "MTPBlock", "Transformer", "init_random_"]
+
+
+class WeightsError(AscendDeployError):
+    """A state dict that does not fit the model: a missing, unexpected or mis-shaped tensor."""
+
+
+class ParallelEmbedding(nn.Module):
+    """Token embedding, vocabulary split over tensor-parallel ranks (rows [rank * V/tp, (rank+1) * V/tp))."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.part = parallel.split(vocab_size, "vocab_size")
+        self.start = parallel.tp_rank * self.part
+        self.weight = nn.Parameter(torch.empty(self.part, dim, dtype=torch.bfloat16), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(ids, self.weight).to(dtype)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).to(dtype)
+        return self.parallel.all_reduce_tp(h.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelHead(nn.Module):
+    """Output projection to the vocabulary in float32 (weight held in float32, as the official model does), the
+    vocabulary split over tensor-parallel ranks and gathered."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.weight = nn.Parameter(torch.empty(parallel.split(vocab_size, "vocab_size"), dim, dtype=torch.float32),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_gather_tp(F.linear(x.float(), self.weight))
+
+
+class Block(nn.Module):
+    """`layers.N`: mHC(attention) then mHC(MoE), each sub-block behind its RMS norm."""
+
+    def __init__(self, layer_id: int, config: ModelConfig, parallel: ParallelContext, kernels: Kernels):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn = Attention(config, layer_id, parallel, kernels)
+        self.ffn = MoE(layer_id, config, parallel, kernels)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.hc_attn = HyperConnection(self, "attn", config, kernels)
+        self.hc_ffn = HyperConnection(self, "ffn", config, kernels)
+
+    def forward(self, streams: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache,
+                input_ids: torch.Tensor) -> torch.Tensor:
+        streams = self.hc_attn(streams, lambda x: self.attn(self.attn_norm(x), start, cache, n_valid))
+        return self.hc_ffn(streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
+
+
+class MTPBlock(Block):
+    """`mtp.i`: predicts token t + 2 from the main model's streams at t and the embedding of token t + 1.
+
+    x = e_proj(enorm(embed(next ids))) (broadcast over streams) + h_proj(hnorm(streams)), then a window-only Block,
+    its own hc head and norm, and the shared head. `embed` / `head` are the main model's (not registered here, so
+    the state dict holds them once).
+    """
+
+    def __init__(self, layer_id: int, config: ModelConfig, parallel: ParallelContext, kernels: Kernels):
+        super().__init__(layer_id, config, parallel, kernels)
+        self.e_proj = Linear(config.dim, config.dim, config.dtype)
+        self.h_proj = Linear(config.dim, config.dim, config.dtype)
+        self.enorm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.hnorm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.norm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.hc_head = HyperHead(self, config, kernels)
+
+    def forward(self, streams: torch.Tensor, embedded: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
+                cache: LayerCache, input_ids: torch.Tensor) -> torch.Tensor:
+        """streams [B, S, n, dim] from the main model, embedded [B, S, dim] = embed(input_ids) -> new streams."""
+        x = self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        return super().forward(x, start, n_valid, cache, input_ids)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 with its MTP block(s); `forward` returns float32 logits."""
+
+    def __init__(self, config: ModelConfig, parallel: ParallelContext | None = None, kernels: Kernels = REFERENCE,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config, self.dtype, self.kernels = config, dtype, kernels
+        self.parallel = parallel = parallel or ParallelContext()
+        self.embed = ParallelEmbedding(config.vocab_size, config.dim, parallel)
+        self.layers = nn.ModuleList(Block(i, config, parallel, kernels) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, kernels)
+        self.head = ParallelHead(config.vocab_size, config.dim, parallel)
+        self.hc_head = HyperHead(self, config, kernels)
+        self.mtp = nn.ModuleList(MTPBlock(config.n_layers + i, config, parallel, kernels)
+                                 for i in range(config.n_mtp_layers))
+
+    # ------------------------------------------------------------------------------------------- cache
+    def new_cache(self, batch: int, max_len: int | None = None, layout: str = "bf16",
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens (default config.max_seq_len)."""
+        device = device if device is not None else self.head.weight.device
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, layout, device)
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _logits(self, streams: torch.Tensor, hc_head: HyperHead, norm: RMSNorm) -> torch.Tensor:
+        return self.head(norm(hc_head(streams)))
+
+    @staticmethod
+    def _last(x: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """x[b, n_valid[b] - 1] for every b, keeping a length-1 sequence dim (position 0 when n_valid is 0)."""
+        idx = (n_valid - 1).clamp(min=0).view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
+                all_logits: bool = False, return_streams: bool = False):
+        """Run a chunk: input_ids [B, S] at positions cache.lengths[b] + s, first n_valid[b] real (default S).
+
+        Returns logits float32 [B, V] at each sequence's last valid token, or [B, S, V] with `all_logits`; with
+        `return_streams` also the final residual streams [B, S, hc_mult, dim] (the MTP block's input).
+        """
+        b, s = input_ids.shape
+        if n_valid is None:
+            n_valid = torch.full((b,), s, dtype=torch.int64, device=input_ids.device)
+        start = cache.lengths.clone()
+        streams = expand_streams(self.embed(input_ids, self.dtype), self.config.hc_mult)
+        for layer in self.layers:
+            streams = layer(streams, start, n_valid, cache.layers[layer.layer_id], input_ids)
+        cache.advance(n_valid)
+        picked = streams if all_logits else self._last(streams, n_valid)
+        logits = self._logits(picked, self.hc_head, self.norm)
+        logits = logits if all_logits else logits.squeeze(1)
+        return (logits, streams) if return_streams else logits
+
+    def forward_mtp(self, streams: torch.Tensor, next_ids: torch.Tensor, cache: KVCache, start: torch.Tensor,
+                    n_valid: torch.Tensor | None = None, all_logits: bool = False, depth: int = 0) -> torch.Tensor:
+        """Logits of MTP block `depth` for the chunk whose main-model `streams` came from positions start[b] + s;
+        next_ids [B, S] are the tokens one position ahead. Uses the MTP layer's own cache (it does not advance
+        cache.lengths, which the main forward already did)."""
+        b, s = next_ids.shape
+        if n_valid is None:
+            n_valid = torch.full((b,), s, dtype=torch.int64, device=next_ids.device)
+        block = self.mtp[depth]
+        embedded = self.embed(next_ids, self.dtype)
+        out = block(streams, embedded, start, n_valid, cache.layers[block.layer_id], next_ids)
+        picked = out if all_logits else self._last(out, n_valid)
+        logits = self._logits(picked, block.hc_head, block.norm)
+        return logits if all_logits else logits.squeeze(1)
+
+    # ------------------------------------------------------------------------------------------- weights
+    @torch.no_grad()
+    def load_weights(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy an official-name (or HF-style) state dict into the model.
+
+        Every tensor must have the parameter's exact shape; quantised tensors (fp8 / fp4 bytes / int8 / e8m0
+        scales) must have its exact dtype, float tensors are cast (BF16 norms into float32 parameters). With
+        `strict`, a missing or unexpected name is an error. Raises `WeightsError` naming the tensor.
+        """
+        from convert.names import is_hf_style, to_official   # checkpoint naming lives in convert/
+
+        if is_hf_style(state.keys()):
+            state = {to_official(k): v for k, v in state.items()}
+        own = self.state_dict(keep_vars=True)
+        if strict:
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
+            if missing:
+                raise WeightsError(f"state dict: missing tensor {missing[0]}" + (
+                    f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            if unexpected:
+                raise WeightsError(f"state dict: unexpected tensor {unexpected[0]}" + (
+                    f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        for name, src in state.items():
+            dst = own.get(name)
+            if dst is None:
+                continue
+            if tuple(src.shape) != tuple(dst.shape):
+                raise WeightsError(f"tensor {name}: shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            plain = {torch.float32, torch.bfloat16, torch.float16}
+            if src.dtype != dst.dtype and not (src.dtype in plain and dst.dtype in plain) \
+                    and not (src.dtype in (torch.int32, torch.int64) and dst.dtype == torch.int64):
+                raise WeightsError(f"tensor {name}: dtype {src.dtype}, expected {dst.dtype}")
+            dst.copy_(src)
+
+
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every weight of a V4 model (or any of its sub-modules) with random values of a plausible scale.
+
+    Linear weights ~ N(0, 1/in) quantised into their format; norm weights ~ 1; hyper-connection `fn` rows scaled
+    so the mixes are O(1); gate `bias` small; `tid2eid` a random choice of distinct experts per token.
+    For tests and benchmarks without a checkpoint; deterministic for a seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std
+
+    linear_params = set()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.set_from_float(randn(module.out_features, module.in_features, std=module.in_features ** -0.5))
+            linear_params.update(id(p) for p in module.parameters())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in linear_params or not t.is_floating_point() and not name.endswith("tid2eid"):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("tid2eid"):
+            vocab, k = t.shape
+            n_experts = model.get_submodule(name.rsplit(".", 1)[0]).weight.shape[0]
+            value = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(vocab)])
+        elif "norm" in name and leaf == "weight":
+            value = 1 + randn(*t.shape, std=0.1)
+        elif leaf.endswith("_fn"):
+            value = randn(*t.shape, std=t.shape[-1] ** -0.5)
+        elif leaf.endswith("_scale") and leaf.startswith("hc_"):
+            value = 0.5 + torch.rand(t.shape, generator=g)
+        elif leaf in ("embed",) or name.endswith("embed.weight"):
+            value = randn(*t.shape)
+        elif t.dim() == 2:   # gate / head / compressor projections held as plain parameters
+            value = randn(*t.shape, std=t.shape[-1] ** -0.5)
+        else:                # attn_sink, ape, hc bases, gate bias
+            value = randn(*t.shape, std=0.1 if leaf in ("bias", "ape") or leaf.endswith("_base") else 1.0)
+        t.copy_(value.to(t.device))
+    return model
