@@ -143,20 +143,6 @@ def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: st
     return Checked(manifest, plan, config)
 
 
-def experts_by_logical_id(state: dict[str, torch.Tensor], plan: Any, rank: int) -> dict[str, torch.Tensor]:
-    """Shards name routed experts by local slot; the model names them by logical expert id."""
-    out = {}
-    for name, t in state.items():
-        parts = name.split(".")
-        if "experts" in parts and parts[parts.index("experts") - 1] == "ffn":
-            i = parts.index("experts")
-            layer = int(parts[1]) if parts[0] == "layers" else plan.n_layers + int(parts[1])
-            parts[i + 1] = str(plan.experts_on_rank(layer, rank)[int(parts[i + 1])])
-            name = ".".join(parts)
-        out[name] = t  # a rank holding two replicas of one expert keeps one copy (they are equal)
-    return out
-
-
 # ============================================================================================ sampling
 @dataclass(frozen=True)
 class Sampling:
@@ -300,14 +286,13 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     done = [Completion(r, len(p)) for r, p in zip(requests, prompts)]
     finished = [False] * B
     shown = [0] * B
-    generator = torch.Generator().manual_seed(sampling.seed)
-
     session.reset(B, longest)
     ids = torch.full((B, max(map(len, prompts))), tokenizer.eos_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p)
     t0 = time.perf_counter()
     logits = session.forward(ids, torch.tensor([len(p) for p in prompts]))
+    generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
     while True:
         nxt = lockstep.same_tokens(sampling.sample(logits, generator))
         now = time.perf_counter() - t0
@@ -319,7 +304,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                 c.ttft_s = now
             c.tokens.append(tok)
             if keep_logits:
-                c.logits = (c.logits or []) + [logits[i].float().tolist()]
+                c.logits = (c.logits or []) + [logits[i].float().cpu().tolist()]
             c.total_s = now
             c.text = tokenizer.decode(c.tokens)
             hit = next((s for s in stop_text if s in c.text), None)

@@ -173,7 +173,7 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                      for i, p in enumerate(args.prompt or ["Hello! Who are you?"])])
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
-    session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.max_batch)
+    session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange)
     tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this
         dist.barrier()

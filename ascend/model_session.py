@@ -1,0 +1,83 @@
+"""This rank's model: the parallel context from the mesh and the plan, the weights of its shard, a KV cache.
+
+Tensor parallelism lives in the model (`ParallelContext`); here we only decide how routed experts
+exchange tokens. When every rank of an expert-parallel group holds the same tokens (ep divides tp)
+the model's own all-reduce combine is exact and cheapest. When an ep group spans data-parallel groups
+(different prompts), tokens must travel: `ascend.expert_parallel` all-to-all or all-gather.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ascend.expert_parallel import ExpertLayout, ExpertParallel
+from ascend.launch import Checked, LaunchError
+
+EXCHANGES = ("allreduce", "alltoall", "allgather")
+
+
+def choose_exchange(requested: str, plan: Any) -> str:
+    """The expert exchange for `requested` in auto|allreduce|alltoall|allgather under `plan`."""
+    tokens_shared = plan.tp % plan.ep == 0  # each ep group sits inside one tp group: same tokens everywhere
+    if requested == "auto":
+        requested = plan.settings.get("moe_exchange") or ("allreduce" if tokens_shared else "alltoall")
+    if requested not in EXCHANGES:
+        raise LaunchError(f"plan setting moe_exchange = {requested!r}: expected one of {EXCHANGES}")
+    if requested == "allreduce" and not tokens_shared:
+        raise LaunchError(f"--moe-exchange allreduce needs every expert-parallel group inside one tensor-parallel "
+                          f"group (ep {plan.ep} dividing tp {plan.tp}); use alltoall or allgather")
+    return requested
+
+
+class CacheSession:
+    """`ascend.launch.Session` over a Transformer: a fresh KV cache per batch, logits of the last valid tokens."""
+
+    def __init__(self, model: Any, device: torch.device):
+        self.model, self.device, self.cache = model, device, None
+
+    def reset(self, batch: int, max_len: int) -> None:
+        self.cache = None  # free the previous batch's cache first
+        self.cache = self.model.new_cache(batch, max_len, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device), self.cache, n_valid.to(self.device))
+
+
+def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
+    from model.parallel import ParallelContext
+
+    phy2log = {layer: [int(e) for e in plan.phy2log[layer]] for layer in range(plan.n_moe_layers)}
+    ctx = ParallelContext(tp_rank=mesh.tp_rank, tp_size=plan.tp, tp_group=mesh.tp_group, ep_rank=mesh.ep_rank,
+                          ep_size=plan.ep, ep_group=mesh.ep_group, phy2log=phy2log)
+    if exchange != "allreduce" and plan.ep > 1:
+        ctx.moe_exchange = {
+            layer: ExpertParallel(ExpertLayout(tuple(slots), plan.ep, plan.n_routed_experts), mesh.ep_rank,
+                                  mesh.ep_group, mesh.tp_rank, plan.tp, mesh.tp_group, exchange)
+            for layer, slots in phy2log.items()}
+    return ctx
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    """BF16 activations on accelerators; float32 on CPU, where BF16 matmuls are slow and sharded sums drift."""
+    return torch.float32 if device_type == "cpu" else torch.bfloat16
+
+
+def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto") -> tuple[CacheSession, CacheSession, str]:
+    """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used)."""
+    from ascend.backends import get_kernels
+    from convert.manifest import load_rank
+    from model.transformer import Transformer
+
+    plan = checked.plan
+    exchange = choose_exchange(exchange, plan)
+    ctx = parallel_context(plan, mesh, exchange)
+    device = mesh.device.torch_device
+    with torch.device(device):
+        model = Transformer(checked.config, ctx, get_kernels(mesh.device), compute_dtype(mesh.device.type))
+    model.load_weights(load_rank(ckpt, mesh.rank))  # experts named by logical id, as the model's
+    model.eval()
+    return CacheSession(model, device), CacheSession(model, device), exchange
