@@ -18,6 +18,8 @@ and the packing handles the nibbles by hand. Every other cast is a plain `tensor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -83,11 +85,18 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = FP8_B
 
 
 # --------------------------------------------------------------------------- FP4 (e2m1) weights
+@functools.lru_cache(maxsize=None)
+def _table(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant lookup table on `device`, made once: a host-to-device copy inside CUDA/NPU graph capture fails,
+    and capture is preceded by warm-up runs that fill this cache."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round float values (already scaled into [-6, 6]) to e2m1 codes 0..15, ties to even, as uint8."""
     x = x.float()
     mag = x.abs().clamp_max(FP4_MAX)
-    mids = torch.tensor(_E2M1_MIDPOINTS, device=x.device)
+    mids = _table(_E2M1_MIDPOINTS, torch.float32, x.device)
     code = torch.bucketize(mag, mids)                    # lower code on an exact midpoint ...
     tie = (code < len(mids)) & (mag == mids[code.clamp_max(len(mids) - 1)])
     code = code + (tie & (code % 2 == 1)).long()         # ... moved up when the lower one is odd
@@ -96,7 +105,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(code: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """e2m1 codes 0..15 (any integer dtype) -> values."""
-    table = torch.tensor(E2M1_VALUES, dtype=dtype, device=code.device)
+    table = _table(tuple(E2M1_VALUES), dtype, code.device)
     return table[code.long()]
 
 
