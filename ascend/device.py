@@ -99,7 +99,9 @@ def probe_npu() -> Probe:
         if "set_env.sh" in text:
             return Probe("npu", 0, f"CANN environment incomplete ({_one_line(e)}); run `{CANN_HINT}`")
         return Probe("npu", 0, f"torch-npu is installed but broken: {type(e).__name__}: {_one_line(e)}")
-    runtime = torch_npu.npu
+    runtime = getattr(torch_npu, "npu", None)
+    if runtime is None:  # e.g. ascend.npu_emulation's operators-only stand-in
+        return Probe("npu", 0, f"torch_npu {_version(torch_npu)} has no device runtime (torch_npu.npu missing)")
     try:
         count = runtime.device_count()
     except Exception as e:  # noqa: BLE001 -- driver errors surface here

@@ -129,6 +129,16 @@ def test_driver_error_while_counting(monkeypatch):
                                       "drvGetDevNum failed, error code 87")
 
 
+def test_operators_only_torch_npu_is_not_a_device(monkeypatch):
+    """A torch_npu with operators but no runtime (what ascend.npu_emulation puts in sys.modules)."""
+    ops_only = types.ModuleType("torch_npu")
+    ops_only.__version__ = "2.14.0+cpu-emulation"
+    ops_only.npu_rms_norm = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "torch_npu", ops_only)
+    assert D.probe_npu().reason == "torch_npu 2.14.0+cpu-emulation has no device runtime (torch_npu.npu missing)"
+    assert get_device().type == "cpu"
+
+
 def test_cuda_unavailable_messages(monkeypatch):
     with pytest.raises(DeviceError, match=rf"^--device cuda unavailable: torch {re.escape(torch.__version__)} is not a CUDA build$"):
         get_device("cuda")
