@@ -69,6 +69,16 @@ def test_dispatcher_rejects_what_the_real_binding_rejects(tnpu, name):
         op(*args, *([0] * 60))
 
 
+@pytest.mark.parametrize("name", sorted(EMULATED))
+def test_meta_kernels_agree_with_cpu_kernels(tnpu, name):
+    args, kwargs = _valid_calls()[name]
+    to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    cpu = getattr(tnpu, name)(*args, **kwargs)
+    meta = getattr(tnpu, name)(*map(to_meta, args), **{k: to_meta(v) for k, v in kwargs.items()})
+    cpu, meta = (cpu, meta) if isinstance(cpu, tuple) else ((cpu,), (meta,))
+    assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu]
+
+
 def test_installed_swaps_sys_modules_and_restores():
     sentinel = object()
     sys.modules["torch_npu"] = sentinel
