@@ -381,3 +381,27 @@ def test_decode_step_traces_as_one_static_graph():
     start, n_valid = torch.tensor([30, 27]), torch.tensor([1, 1])
     torch.testing.assert_close(step(x[:, 30:], start, traced, n_valid), attn(x[:, 30:], start, eager, n_valid))
     assert torch.equal(traced.kv, eager.kv) and torch.equal(traced.compressor.score, eager.compressor.score)
+
+
+def test_parameter_names_are_checkpoint_names():
+    cfg = tiny()
+    linears = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")
+    window = {"attn_sink", "q_norm.weight", "kv_norm.weight"} | {f"{n}.weight" for n in linears}
+    comp = {"ape", "wkv.weight", "wgate.weight", "norm.weight"}
+    hca = window | {f"compressor.{n}" for n in comp}
+    csa = hca | {"indexer.wq_b.weight", "indexer.weights_proj.weight"} | {f"indexer.compressor.{n}" for n in comp}
+    for layer_id, want in ((0, window), (1, csa), (2, hca)):
+        assert set(Attention(cfg, layer_id).state_dict()) == want
+    fp8 = Attention(tiny(dtype="fp8"), 1).state_dict()      # quantised projections keep their scales
+    assert fp8["wq_b.weight"].dtype == torch.float8_e4m3fn and fp8["wq_b.scale"].dtype == torch.float8_e8m0fnu
+    assert fp8["indexer.weights_proj.weight"].dtype == torch.bfloat16 and fp8["attn_sink"].dtype == torch.float32
+    # and an FP8-weight layer runs like its dequantised twin
+    cfg8 = tiny(dtype="fp8", quant_sim=False)
+    attn8, attn = layer(cfg8, 1), Attention(tiny(quant_sim=False), 1)
+    attn.load_state_dict({k: v for k, v in attn8.state_dict().items() if not k.endswith(".scale")}, strict=False)
+    for name, m in attn8.named_modules():
+        if isinstance(m, Linear):
+            attn.get_submodule(name).set_from_float(m.dequantized(torch.float32))
+    x = torch.randn(1, 20, cfg8.dim)
+    torch.testing.assert_close(run(attn8, x, KVCache(cfg8, 1, 64, torch.float32).layers[1], [0]),
+                               run(attn, x, KVCache(cfg8, 1, 64, torch.float32).layers[1], [0]))
