@@ -200,7 +200,9 @@ class Graph:
         self._graph = None
         self._outputs = None
 
-    def capture(self, fn: Callable[..., Any], *args: Any, warmup: int = 2) -> Any:
+    def capture(self, fn: Callable[..., Any], *args: Any, warmup: int = 2, pool: Any = None) -> Any:
+        """Run `fn(*args)` `warmup` times eagerly, then capture it; `pool` (from `Device.graph_pool()`)
+        lets graphs that never replay concurrently, such as one per decode batch size, share memory."""
         rt = self.device.runtime
         side = rt.Stream()  # warm up on a side stream so lazy allocations happen outside capture
         side.wait_stream(rt.current_stream())
@@ -209,7 +211,7 @@ class Graph:
                 fn(*args)
         rt.current_stream().wait_stream(side)
         self._graph = self.device.graph_class()
-        with self.device.graph_context(self._graph):
+        with rt.graph(self._graph, pool=pool):
             self._outputs = fn(*args)
         return self._outputs
 
@@ -222,7 +224,7 @@ class Graph:
 class EagerGraph(Graph):
     """CPU stand-in: replay re-runs the function eagerly and writes into the captured outputs."""
 
-    def capture(self, fn: Callable[..., Any], *args: Any, warmup: int = 0) -> Any:
+    def capture(self, fn: Callable[..., Any], *args: Any, warmup: int = 0, pool: Any = None) -> Any:
         self._fn, self._args = fn, args
         self._outputs = fn(*args)
         self._graph = self
@@ -335,8 +337,9 @@ class Device:
     def graph_class(self) -> type:
         return self.runtime.NPUGraph if self.type == "npu" else self.runtime.CUDAGraph
 
-    def graph_context(self, g: Any) -> contextlib.AbstractContextManager:
-        return self.runtime.graph(g)
+    def graph_pool(self) -> Any:
+        """A memory-pool token for `Graph.capture(pool=...)`."""
+        return self.runtime.graph_pool_handle()
 
     # facts
     @property
@@ -412,6 +415,9 @@ class CpuDevice(Device):
 
     def graph(self) -> Graph:
         return EagerGraph(self)
+
+    def graph_pool(self) -> None:
+        return None
 
     @property
     def collective_backend(self) -> str:

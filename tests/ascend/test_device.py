@@ -247,7 +247,7 @@ def test_cpu_graph_replays_like_eager():
     g = d.graph()
     with pytest.raises(RuntimeError, match="before capture"):
         g.replay()
-    y, z = g.capture(lambda a: (a @ w, a.sum(0)), x)
+    y, z = g.capture(lambda a: (a @ w, a.sum(0)), x, pool=d.graph_pool())
     for _ in range(3):
         x.copy_(torch.randn(4, 8))  # new inputs go into the captured input tensor
         g.replay()
