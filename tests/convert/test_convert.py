@@ -1,0 +1,249 @@
+"""Conversion: shards put back together equal the source, formats equal a reference cast, atomic + resumable."""
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ascend.cli import main
+from convert import load_rank
+from convert.errors import ConvertError
+from convert.job import Conversion
+from convert.reader import Checkpoint
+from convert.shard import Sharding
+from convert.verify import verify
+from model import quant
+from model.config import ModelConfig
+from tests.convert.conftest import plan_for
+
+
+def _convert(src, out, tp, ep, redundant=0, weights="keep", **kw):
+    ckpt = Checkpoint(src)
+    plan = plan_for(ckpt.config, tp, ep, redundant)
+    Conversion(ckpt, Sharding.from_plan(plan, ckpt.config), weights).run(out, plan.to_dict(), progress=False, **kw)
+    return plan
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# The official converter's split rule, written out independently of convert/layout.py.
+_DIM0 = re.compile(r"(embed|head)\.weight|.*\.attn\.(wq_b|indexer\.wq_b|wo_a)\.(weight|scale)"
+                   r"|.*\.attn\.attn_sink|.*\.attn\.indexer\.weights_proj\.weight")
+_DIM1 = re.compile(r".*\.attn\.wo_b\.(weight|scale)")
+
+
+def test_tp2_shards_reassemble_to_source(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    _convert(tiny_ckpt, out, tp=2, ep=1)
+    src = Checkpoint(tiny_ckpt)
+    ranks = [load_rank(out, r) for r in range(2)]
+    assert set(ranks[0]) == set(ranks[1]) == set(src.tensors)
+    n_split = 0
+    for name in src.tensors:
+        dim = 0 if _DIM0.fullmatch(name) else 1 if _DIM1.fullmatch(name) else None
+        if dim is None:
+            for r in ranks:
+                assert torch.equal(_bytes(r[name]), _bytes(src.read(name))), name  # replicated
+        else:
+            n_split += 1
+            assert ranks[0][name].shape[dim] * 2 == src.tensors[name].shape[dim], name
+            whole = torch.cat([_bytes(r[name]) for r in ranks], dim=dim)
+            assert torch.equal(whole, _bytes(src.read(name))), name
+    assert n_split == 2 + 5 * 7 + 2 * 3   # embed, head; per block 7 attention tensors; 3 indexer ones per CSA layer
+    verify(out, against=tiny_ckpt)
+
+
+def test_ep2_with_redundant_replicas(tiny_ckpt, tiny_cfg, tmp_path):
+    out = tmp_path / "out"
+    plan = _convert(tiny_ckpt, out, tp=1, ep=2, redundant=2)
+    src = Checkpoint(tiny_ckpt)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for layer in range(tiny_cfg.n_layers + tiny_cfg.n_mtp_layers):
+        prefix = f"layers.{layer}" if layer < tiny_cfg.n_layers else f"mtp.{layer - tiny_cfg.n_layers}"
+        holders = {}
+        for rank in range(2):
+            sd = load_rank(out, rank)
+            held = {int(n.split(".")[-3]) for n in sd if n.startswith(f"{prefix}.ffn.experts.")}
+            assert held == set(plan.experts_on_rank(layer, rank))
+            assert manifest["ranks"][rank]["slots"][layer] == plan.experts_on_rank(layer, rank)
+            for e in held:
+                holders.setdefault(e, []).append(rank)
+                for w in ("w1.weight", "w1.scale", "w2.weight", "w3.scale"):
+                    name = f"{prefix}.ffn.experts.{e}.{w}"
+                    assert torch.equal(_bytes(sd[name]), _bytes(src.read(name)))
+            assert torch.equal(sd[f"{prefix}.ffn.shared_experts.w2.weight"].view(torch.uint8),
+                               src.read(f"{prefix}.ffn.shared_experts.w2.weight").view(torch.uint8))
+        assert set(holders) == set(range(tiny_cfg.n_routed_experts))
+        assert sum(len(v) for v in holders.values()) == tiny_cfg.n_routed_experts + 2   # replicas on 2 ranks
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_formats_equal_reference_dequantisation(tiny_ckpt, tmp_path, weights):
+    out = tmp_path / "out"
+    _convert(tiny_ckpt, out, tp=2, ep=2, weights=weights)
+    src = Checkpoint(tiny_ckpt)
+    cfg = ModelConfig.from_hf(out)
+    assert (cfg.dtype, cfg.expert_dtype) == (weights, weights)
+    r1 = load_rank(out, 1)
+    # reference: dequantise the WHOLE source weight, then take rank 1's slice (the converter slices first)
+    cases = [("layers.1.attn.wq_b", quant.dequantize_fp8, (0, 512, 1024)),
+             ("layers.1.attn.wo_b", quant.dequantize_fp8, (1, 256, 512)),
+             ("layers.3.attn.wkv", quant.dequantize_fp8, None),
+             ("layers.2.ffn.experts.5.w2", quant.dequantize_fp4, None)]
+    for stem, deq, split in cases:
+        full = deq(src.read(f"{stem}.weight"), src.read(f"{stem}.scale"))
+        part = full if split is None else full.narrow(split[0], split[1], split[2] - split[1])
+        if weights == "bf16":
+            assert f"{stem}.scale" not in r1
+            assert torch.equal(r1[f"{stem}.weight"], part.to(torch.bfloat16)), stem
+        else:
+            q = torch.round(part / (part.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
+            assert r1[f"{stem}.weight"].dtype == torch.int8 and r1[f"{stem}.scale"].dtype == torch.float32
+            assert torch.equal(r1[f"{stem}.weight"], q), stem
+            assert torch.allclose(r1[f"{stem}.scale"], part.abs().amax(1) / 127)
+    assert torch.equal(r1["layers.1.attn.compressor.wkv.weight"], src.read("layers.1.attn.compressor.wkv.weight"))
+    verify(out, against=tiny_ckpt)
+
+
+def test_cli_dry_run_writes_nothing(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "never"
+    main(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2", "--dry-run", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert not out.exists()
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    r0 = {n: s for n, _, s in report["ranks"][0]["tensor_list"]}
+    assert r0["embed.weight"] == [512, 256] and report["ranks"][0]["bytes"] > 0
+
+
+def test_cli_convert_verify_and_load(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["world_size"] == 2
+    main(["verify", str(out), "--against", str(tiny_ckpt), "--json"])
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "plan.json", "rank-00000",
+                                                    "rank-00001", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _cli_error(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # (progress bars share stderr)
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err
+    return errors[0]
+
+
+def test_verify_detects_damage(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    _convert(tiny_ckpt, out, tp=1, ep=2)
+    victim = out / "rank-00001" / "model-00003-of-00006.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert "rank-00001/model-00003-of-00006.safetensors: sha256/size differ" in _cli_error(["verify", str(out)], capsys)
+    (out / "manifest.json").unlink()
+    assert "incomplete" in _cli_error(["verify", str(out)], capsys)
+
+
+def test_verify_against_other_source(tiny_ckpt, tmp_path, capsys):
+    from convert.synth import write_synthetic
+    other = tmp_path / "other"
+    write_synthetic(other, ModelConfig.preset("tiny"), seed=2)
+    out = tmp_path / "out"
+    _convert(tiny_ckpt, out, tp=2, ep=1)
+    err = _cli_error(["verify", str(out), "--against", str(other)], capsys)
+    assert "tensor embed.weight differs from source embed.weight slice [0, 0, 512] after the keep cast" in err
+
+
+def test_plan_disagreeing_with_checkpoint(tiny_ckpt, tmp_path, capsys):
+    other = ModelConfig.preset("tiny", n_routed_experts=16)
+    plan_for(other, 1, 2).save(tmp_path / "plan.json")
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--plan",
+                      str(tmp_path / "plan.json")], capsys)
+    assert "plan is for n_routed_experts = 16, the checkpoint has 8" in err
+    plan_for(ModelConfig.preset("tiny", n_layers=2), 1, 2).save(tmp_path / "plan2.json")
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--plan",
+                      str(tmp_path / "plan2.json")], capsys)
+    assert "plan is for n_layers = 2, the checkpoint has 4" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tp_not_dividing_the_checkpoint(tiny_ckpt, tiny_cfg):
+    class Wide:  # a plan object from elsewhere whose tp cannot split this checkpoint's heads
+        world_size, tp, n_routed_experts, n_layers, n_mtp_layers = 16, 16, 8, 4, 1
+        def experts_on_rank(self, layer, rank):
+            return [rank % 8]
+    with pytest.raises(ConvertError, match="tp = 16 must divide n_heads = 8"):
+        Sharding.from_plan(Wide(), tiny_cfg, "plan.json")
+
+
+def test_output_dir_not_empty(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "1", "--ep", "1"], capsys)
+    assert "output directory is not empty (holds notes.txt)" in err
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "1", "--ep", "1", "--resume"], capsys)
+    assert "not an interrupted conversion" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_disk_full(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import convert.writer as writer
+    real = writer.SafetensorsWriter._write
+    calls = {"n": 0}
+
+    def full(self, data):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data)
+    monkeypatch.setattr(writer.SafetensorsWriter, "_write", full)
+    out = tmp_path / "out"
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2"], capsys)
+    assert "no space left on device" in err and ".safetensors" in err
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.partial"))
+    with pytest.raises(ConvertError, match="incomplete"):
+        verify(out)
+
+
+@pytest.mark.parametrize("kill_after", [3, 290])   # inside the first shard's files; in a later shard
+def test_kill_and_resume_is_byte_identical(tiny_ckpt, tmp_path, kill_after):
+    reference = tmp_path / "reference"
+    _convert(tiny_ckpt, reference, tp=2, ep=2, redundant=2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ascend.cli", "convert", "--hf", str(tiny_ckpt), "--out", str(out),
+           "--tp", "2", "--ep", "2", "--redundant", "2", "--json"]
+    env = dict(os.environ, ASCEND_CONVERT_KILL_AFTER=str(kill_after))
+    killed = subprocess.run(cmd, env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-400:]
+    assert not (out / "manifest.json").exists()
+    assert list(out.rglob("*.partial"))                      # it died in the middle of a file
+    with pytest.raises(ConvertError, match="incomplete"):
+        verify(out)
+    with pytest.raises(ConvertError, match="not empty"):
+        _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2)
+    _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2, resume=True)
+    assert _files(out) == _files(reference)
+    verify(out, against=tiny_ckpt)
+
+
+def test_resume_of_a_different_job_is_refused(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ascend.cli", "convert", "--hf", str(tiny_ckpt), "--out", str(out),
+           "--tp", "2", "--ep", "1"]
+    subprocess.run(cmd, env=dict(os.environ, ASCEND_CONVERT_KILL_AFTER="5"), capture_output=True)
+    with pytest.raises(ConvertError, match="--resume of a different job \\(weights differs"):
+        _convert(tiny_ckpt, out, tp=2, ep=1, weights="bf16", resume=True)
