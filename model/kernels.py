@@ -79,6 +79,7 @@ def hadamard(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- attention
+_QUERY_BLOCK = 256                      # queries per gather in the reference sparse_attn
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk: int,
                  group: dist.ProcessGroup | None = None) -> Tensor:
     """Lightning-indexer selection of compressed entries.
@@ -90,8 +91,10 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk:
     Returns int32 [B, S, topk]: the indices of the largest visible scores (order unspecified), -1 in every slot
     beyond the number of visible entries (and in all slots past T when topk > T).
     """
-    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu_()
-    scores = (scores * weights.float().unsqueeze(-1)).sum(dim=2)
+    keys_t = k.float().transpose(1, 2)
+    scores = q.new_zeros(q.size(0), q.size(1), k.size(1), dtype=torch.float32)
+    for h in range(q.size(2)):          # one head at a time: [B, S, T] live instead of [B, S, H, T]
+        scores += weights[:, :, h, None].float() * torch.bmm(q[:, :, h].float(), keys_t).relu_()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(scores, group=group)
     visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
@@ -114,6 +117,9 @@ def sparse_attn(q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: flo
     zeros. Float32 math; returns q's dtype, shape [B, S, H, D].
     """
     b, s, k = indices.shape
+    if s > _QUERY_BLOCK:                # bound the gathered [B, S, K, D] keys on long prefill chunks
+        return torch.cat([sparse_attn(q[:, i:i + _QUERY_BLOCK], kv, indices[:, i:i + _QUERY_BLOCK], sink, scale)
+                          for i in range(0, s, _QUERY_BLOCK)], dim=1)
     valid = indices >= 0
     rows = indices.clamp(min=0).long().reshape(b, s * k, 1).expand(-1, -1, kv.size(-1))
     keys = kv.gather(1, rows).view(b, s, k, -1).float()

@@ -369,6 +369,7 @@ def test_tensor_parallel_equals_single_rank():
         assert max(results[rank].values()) < 1e-4, results
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_decode_step_traces_as_one_static_graph():
     # fullgraph=True fails on any graph break (data-dependent shape, .item(), Python branch on a tensor)
     cfg = tiny()

@@ -188,3 +188,12 @@ def test_gate_topk_scored_and_hash():
     assert torch.equal(idx, tid2eid[ids])
     s = F.softplus(logits).sqrt().gather(1, idx)
     torch.testing.assert_close(w, s / s.sum(1, keepdim=True) * 1.5)
+
+
+def test_sparse_attn_long_chunk_in_query_blocks():
+    b, s, h, d, t, k = 1, K._QUERY_BLOCK + 7, 2, 4, 9, 3
+    q, kv, sink = torch.randn(b, s, h, d), torch.randn(b, t, d), torch.randn(h)
+    idx = torch.randint(-1, t, (b, s, k), dtype=torch.int32)
+    whole = K.sparse_attn(q, kv, idx, sink, 0.5)
+    for i in (0, K._QUERY_BLOCK - 1, K._QUERY_BLOCK, s - 1):
+        torch.testing.assert_close(whole[:, i:i + 1], K.sparse_attn(q[:, i:i + 1], kv, idx[:, i:i + 1], sink, 0.5))
