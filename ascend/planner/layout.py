@@ -233,7 +233,8 @@ def plan_deployment(config: Any, hw: Any, world: int, s: MemorySettings, *, redu
     ranked = search(config, world, hw, s, redundant=redundant, tp=tp, ep=ep)
     best = ranked[0]
     if not best.fits:
-        raise PlanError(_no_fit(config, hw, world, s, best, redundant, model))
+        closest = min(ranked, key=lambda c: c.peak_bytes)
+        raise PlanError(_no_fit(config, hw, world, s, closest, redundant, model))
     shown = [c.to_dict() for c in ranked[:top]]
     shown[0]["why"] = explain(best, ranked[1:])
     return make_plan(config, world, best.tp, best.ep, best.redundant, expert_load, hardware=hw, settings=s,
@@ -278,6 +279,6 @@ def _no_fit(config: Any, hw: Any, world: int, s: MemorySettings, best: Candidate
         ideas.append(f"--batch {max(1, s.batch // 4)}")
     over = (best.peak_bytes - best.capacity_bytes) / GiB
     return (f"{model} ({s.weights} weights, context {s.context}, batch {s.batch}) does not fit on {world} x "
-            f"{hw.name}: the best layout dp{best.dp}/tp{best.tp}/ep{best.ep} needs {best.peak_bytes / GiB:.1f} GiB "
+            f"{hw.name}: the leanest layout dp{best.dp}/tp{best.tp}/ep{best.ep} needs {best.peak_bytes / GiB:.1f} GiB "
             f"per rank, {over:.1f} GiB more than the {best.capacity_bytes / GiB:.0f} GiB there; would fit: "
             + (", or ".join(ideas) if ideas else "none of more devices, other weights or shorter context"))

@@ -213,7 +213,10 @@ def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0
                             f"or [{L}, {E}]")
     dpn = devices_per_node or (hardware.devices_per_node if hardware is not None else None)
     ranks_per_node = dpn if dpn and ep % dpn == 0 and ep > dpn else None
-    phy2log = pl.place(load, ep, n_slots // ep, ranks_per_node=ranks_per_node, n_groups=n_groups)
+    if expert_load is None and redundant == 0:       # no statistics: the official contiguous split
+        phy2log = pl.contiguous_placement(L, E, n_slots)
+    else:
+        phy2log = pl.place(load, ep, n_slots // ep, ranks_per_node=ranks_per_node, n_groups=n_groups)
     eplb = pl.eplb_baseline(load, n_slots, ep, n_groups=n_groups, n_nodes=ep // ranks_per_node if ranks_per_node else 1)
     balance = {
         "before": pl.balancedness(load, pl.contiguous_placement(L, E, n_slots), ep).round(6).tolist(),

@@ -1,0 +1,65 @@
+"""`ascend plan` and `ascend plan show` through the real entry point (errors: one line, exit 2)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ascend.cli import main
+from ascend.planner import Plan
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of `ascend ARGV`; main() returns normally on success."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_tiny_on_two_cpu_devices_with_tp_ep_and_redundancy(capsys, tmp_path):
+    code, out, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--tp", "2",
+                         "--ep", "2", "--redundant", "2", "--context", "256", "--batch", "2",
+                         "--expert-load", "lognormal:1.0", "--out", str(tmp_path / "plan.json"),
+                         "--plot", str(tmp_path / "mem.png"), "--export-vllm", str(tmp_path / "map.json"),
+                         "--export-eplb", str(tmp_path / "eplb.npz"))
+    assert code == 0, err
+    assert "winner dp1/tp2/ep2" in out and "8 logical + 2 redundant" in out
+    plan = Plan.load(tmp_path / "plan.json")
+    assert (plan.tp, plan.ep, plan.redundant) == (2, 2, 2)
+    assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "map.json").read_text())["layer_list"][0]["device_count"] == 2
+    with np.load(tmp_path / "eplb.npz") as z:
+        assert np.array_equal(z["phy2log"], plan.phy2log)
+    code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"))
+    assert code == 0 and "dp1/tp2/ep2" in out
+    code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"), "--json")
+    assert json.loads(out)["mesh"]["tp"] == 2
+
+
+def test_plan_json_output(capsys):
+    code, out, _ = run(capsys, "plan", "--preset", "flash", "--hardware", "atlas-800-a3", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["mesh"]["world_size"] == 16 and d["vllm_ascend_args"][:2] == ["vllm", "serve"]
+    assert d["candidates"][0]["fits"] and d["candidates"][0]["why"]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--hardware", "nope"], "unknown hardware 'nope'; known:"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--tp", "3"], "no valid layout"),
+    (["--preset", "flash", "--hardware", "atlas-800-a2", "--weights", "bf16"], "does not fit"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "lognormal:x"], "lognormal:SIGMA"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, expected):
+    code, _, err = run(capsys, "plan", *argv)
+    assert code == 2 and expected in err and err.count("\n") == 1
+
+
+def test_bad_load_file(capsys, tmp_path):
+    np.save(tmp_path / "load.npy", np.ones((2, 8)))
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2",
+                       "--expert-load", str(tmp_path / "load.npy"))
+    assert code == 2 and "expected [4, 8] or [5, 8]" in err
