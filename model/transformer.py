@@ -233,7 +233,7 @@ def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
         if isinstance(module, Linear):
             module.set_from_float(randn(module.out_features, module.in_features, std=module.in_features ** -0.5))
             linear_params.update(id(p) for p in module.parameters())
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t in model.state_dict(keep_vars=True).items():   # checkpoint tensors only (not RoPE tables)
         if id(t) in linear_params or not t.is_floating_point() and not name.endswith("tid2eid"):
             continue
         leaf = name.rsplit(".", 1)[-1]
