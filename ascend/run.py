@@ -89,4 +89,8 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
         return
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    ctx.exit(subprocess.call(cmd, env=env))
+    status = subprocess.call(cmd, env=env)
+    if status:
+        click.echo(f"error: the inference job failed (torchrun exit status {status}); the failing rank's "
+                   f"`rank N:` message is above", err=True)
+    sys.exit(status)  # not ctx.exit: the CLI runs click with standalone_mode=False, which swallows it
