@@ -19,12 +19,15 @@ dynamo exporter needs onnxscript, which this toolkit does not depend on.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import click
 import torch
 from torch import nn
 
@@ -146,3 +149,270 @@ def synthetic_attention(config, layer_id: int, device: torch.device | str = "cpu
         elif name.endswith(("attn_sink", "ape")):
             p.copy_(torch.randn(p.shape, generator=gen))
     return attn.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------ stages
+LAYER_TYPES = {"window": 0, "csa": 4, "hca": 128}
+STAGES = ("prolog", "compress", "select", "attend", "epilog", "layer")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export: one layer type, one phase, static sizes. `seq` is 1 for decode; `context` is the cache
+    capacity (tokens per sequence) the graphs are built for. Activations are float32 (a graph compiler lowers
+    precision itself, e.g. ATC --precision_mode); weights are BF16 values."""
+
+    layer_type: str
+    phase: str
+    batch: int = 1
+    seq: int = 1
+    context: int = 4096
+
+    def __post_init__(self):
+        if self.layer_type not in LAYER_TYPES:
+            raise ExportError(f"--layer-type {self.layer_type!r}: expected one of {', '.join(LAYER_TYPES)}")
+        if self.phase not in ("prefill", "decode"):
+            raise ExportError(f"--phase {self.phase!r}: expected prefill or decode")
+        if self.phase == "decode" and self.seq != 1:
+            raise ExportError(f"--seq {self.seq}: a decode step has exactly 1 token per sequence")
+        if min(self.batch, self.seq, self.context) < 1 or self.seq > self.context:
+            raise ExportError(f"--batch/--seq/--context {self.batch}/{self.seq}/{self.context}: expected positive "
+                              f"sizes with seq <= context")
+
+
+def layer_id_for(config, layer_type: str) -> int:
+    """The first layer of that type (window-only falls back to the MTP layer, which V4-Pro's main layers lack)."""
+    ratio = LAYER_TYPES[layer_type]
+    for i in range(config.n_layers + config.n_mtp_layers):
+        if config.compress_ratio(i) == ratio:
+            return i
+    raise ExportError(f"model config has no {layer_type} layer (compress_ratios {list(config.compress_ratios)})")
+
+
+def cache_names(ratio: int) -> list[str]:
+    """Graph names of a layer cache's tensors, in `cache_tensors` order."""
+    names = ["kv"]
+    if ratio:
+        names += ["compressor_kv", "compressor_score"]
+    if ratio == 4:
+        names += ["index_kv", "index_compressor_kv", "index_compressor_score"]
+    return names
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    out = [cache.kv]
+    if cache.compressor is not None:
+        out += [cache.compressor.kv, cache.compressor.score]
+    if cache.index_kv is not None:
+        out += [cache.index_kv, cache.index_compressor.kv, cache.index_compressor.score]
+    return out
+
+
+def cache_from(template, tensors: Sequence[torch.Tensor]):
+    """A LayerCache like `template` holding copies of `tensors`: graphs take the cache as inputs and return the
+    updated cache as outputs (ONNX graphs are functional; the model updates its cache in place)."""
+    from model.cache import CompressorState
+
+    cache = copy.copy(template)
+    it = iter(t.clone() for t in tensors)
+    cache.kv = next(it)
+    if template.compressor is not None:
+        cache.compressor = CompressorState(next(it), next(it))
+    if template.index_kv is not None:
+        cache.index_kv = next(it)
+        cache.index_compressor = CompressorState(next(it), next(it))
+    return cache
+
+
+class StageGraph(nn.Module):
+    """One stage (or the whole layer) of `attn` as a function of tensors only, ready for tracing."""
+
+    def __init__(self, attn: nn.Module, stage: str, template):
+        super().__init__()
+        # `attn` is deliberately not a registered submodule: the exporter hooks every submodule to extract
+        # functions and fails on modules called twice in one trace (the layer's Rotary); its weights are traced
+        # as constants and become initializers all the same.
+        object.__setattr__(self, "attn", attn)
+        self.stage, self.template = stage, template
+        self.fused = ExportKernels()
+        use_kernels(attn, self.fused.table())
+
+    def forward(self, *args):
+        a = self.attn
+        if self.stage == "prolog":
+            return a.prolog(*args)
+        if self.stage == "compress":
+            x, start, n_valid, *tensors = args
+            cache = cache_from(self.template, tensors)
+            a.compress(x, start, n_valid, cache)
+            return tuple(cache_tensors(cache))
+        if self.stage == "select":
+            if a.indexer is None:       # HCA: every visible entry, a function of positions only
+                (positions,) = args
+                return a.select(None, None, positions, None, None, self.template)
+            x, qr, positions, cos, sin, index_kv = args
+            cache = copy.copy(self.template)
+            cache.index_kv = index_kv
+            return a.select(x, qr, positions, cos, sin, cache)
+        if self.stage == "attend":
+            q, kv, positions, start, n_valid, *rest = args
+            entry_rows = rest.pop(0) if a.ratio else None
+            cache = copy.copy(self.template)
+            cache.kv = rest[0].clone()
+            return a.attend(q, kv, positions, start, n_valid, entry_rows, cache), cache.kv
+        if self.stage == "epilog":
+            return a.epilog(*args)
+        x, start, n_valid, *tensors = args
+        cache = cache_from(self.template, tensors)
+        return (a(x, start, cache, n_valid), *cache_tensors(cache))
+
+
+def stage_io(attn, spec: ExportSpec, x, start, n_valid, cache) -> dict[str, tuple[list, list, list[str]]]:
+    """Per stage: (input names, example inputs, output names), the examples computed by running the stages
+    eagerly on a copy of `cache` so every graph sees realistic values."""
+    ratio = attn.ratio
+    names = cache_names(ratio)
+    tensors = cache_tensors(cache)
+    work = cache_from(cache, tensors)
+    positions = start[:, None] + torch.arange(spec.seq)
+    q, qr, kv, cos, sin = attn.prolog(x, positions)
+    io = {"prolog": (["x", "positions"], [x, positions], ["q", "qr", "kv_new", "cos", "sin"])}
+    if ratio:
+        io["compress"] = (["x", "start", "n_valid", *names], [x, start, n_valid, *tensors],
+                          [f"{n}_out" for n in names])
+        attn.compress(x, start, n_valid, work)
+        if attn.indexer is not None:
+            io["select"] = (["x", "qr", "positions", "cos", "sin", "index_kv"],
+                            [x, qr, positions, cos, sin, work.index_kv], ["entry_rows"])
+        else:
+            io["select"] = (["positions"], [positions], ["entry_rows"])
+    entry_rows = attn.select(x, qr, positions, cos, sin, work)
+    rows = [entry_rows] if ratio else []
+    io["attend"] = (["q", "kv_new", "positions", "start", "n_valid", *(["entry_rows"] if ratio else []), "kv"],
+                    [q, kv, positions, start, n_valid, *rows, work.kv], ["o", "kv_out"])
+    o = attn.attend(q, kv, positions, start, n_valid, entry_rows, cache_from(work, cache_tensors(work)))
+    io["epilog"] = (["o", "cos", "sin"], [o, cos, sin], ["y"])
+    io["layer"] = (["x", "start", "n_valid", *names], [x, start, n_valid, *tensors],
+                   ["y", *[f"{n}_out" for n in names]])
+    return io
+
+
+def example_inputs(config, layer_id: int, spec: ExportSpec, seed: int = 0):
+    """(x, start, n_valid, cache) for a graph of `spec`: random activations and cache contents, the chunk placed
+    at the end of the context (decode: the last position) so every cache row is in use."""
+    from model.cache import LayerCache
+
+    gen = torch.Generator().manual_seed(seed)
+    cache = LayerCache(config, layer_id, spec.batch, spec.context, torch.float32)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=gen))
+    if cache.index_kv is not None:
+        cache.index_kv.copy_(torch.randn(cache.index_kv.shape, generator=gen))
+    for state in (cache.compressor, cache.index_compressor):
+        if state is not None:   # a half-filled block: the first slots hold tokens, the rest are empty (-inf)
+            state.kv.copy_(torch.randn(state.kv.shape, generator=gen))
+            state.score.copy_(torch.randn(state.score.shape, generator=gen))
+            state.score[:, state.score.size(1) // 2:] = float("-inf")
+    x = torch.randn(spec.batch, spec.seq, config.dim, generator=gen)
+    first = spec.context - spec.seq     # prefill of the whole context starts at 0 with empty state
+    if first == 0:
+        cache.reset()
+    start = torch.full((spec.batch,), first, dtype=torch.int64)
+    n_valid = torch.full((spec.batch,), spec.seq, dtype=torch.int64)
+    return x, start, n_valid, cache
+
+
+def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[str] = STAGES, attn=None,
+                     inputs=None, progress=None) -> dict:
+    """Write `<stage>.onnx` for each stage of one attention layer (and `layer.onnx`), plus `manifest.json`.
+
+    attn / inputs: the layer and (x, start, n_valid, cache) to trace with (default: synthetic weights and
+    `example_inputs`). Returns the manifest: per file its inputs and outputs (name, shape, dtype) and the
+    custom-domain operators it contains.
+    """
+    layer_id = layer_id_for(config, spec.layer_type)
+    if attn is None:
+        attn = synthetic_attention(config, layer_id)
+    x, start, n_valid, cache = inputs if inputs is not None else example_inputs(config, layer_id, spec)
+    attributes = {"SparseAttention": {"scale": float(attn.softmax_scale)},
+                  "IndexerTopK": {"topk": int(config.index_topk)}}
+    manifest = {"layer_type": spec.layer_type, "layer_id": layer_id, "phase": spec.phase, "batch": spec.batch,
+                "seq": spec.seq, "context": spec.context,
+                "opset": OPSET, "custom_domain": {"name": DOMAIN, "version": DOMAIN_VERSION}, "graphs": {}}
+    with torch.no_grad():
+        io = stage_io(attn, spec, x, start, n_valid, cache)
+        for stage in stages:
+            if stage not in io:         # window-only layers have no compress / select
+                continue
+            in_names, args, out_names = io[stage]
+            path = out_dir / f"{stage}.onnx"
+            model = export_graph(StageGraph(attn, stage, cache), args, path, in_names, out_names, attributes)
+            manifest["graphs"][stage] = {
+                "file": path.name,
+                "inputs": [_describe(n, t) for n, t in zip(in_names, args)],
+                "outputs": [o.name for o in model.graph.output],
+                "custom_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == DOMAIN})}
+            if progress is not None:
+                progress(stage)
+    use_kernels(attn, REFERENCE)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _describe(name: str, t: torch.Tensor) -> dict:
+    return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+# ------------------------------------------------------------------------------------ command line
+def export_config(preset: str | None, config_dir: Path | None):
+    """The model config to export: BF16 weights, no FP8/FP4 round-trip simulation (see docs/attention.md)."""
+    from model.config import ModelConfig
+
+    if (preset is None) == (config_dir is None):
+        raise ExportError("export-onnx: give exactly one of --preset or --config")
+    overrides = dict(dtype="bf16", quant_sim=False)
+    if preset is not None:
+        return ModelConfig.preset(preset, **overrides)
+    return ModelConfig.from_hf(config_dir, **overrides)
+
+
+@click.command("export-onnx")
+@click.option("--preset", type=click.Choice(["tiny", "flash", "pro"]), default=None, help="Published model shape.")
+@click.option("--config", "config_dir", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Checkpoint directory (or config.json) to read the shape from.")
+@click.option("--layer-type", type=click.Choice(list(LAYER_TYPES)), required=True,
+              help="window (ratio 0), csa (ratio 4, indexer) or hca (ratio 128).")
+@click.option("--phase", type=click.Choice(["prefill", "decode"]), required=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences per call.")
+@click.option("--seq", type=int, default=None, help="Tokens per sequence per call (decode: 1; prefill: context).")
+@click.option("--context", type=int, default=None, help="Cache capacity in tokens [min(4096, max_seq_len)].")
+@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_onnx_command(preset, config_dir, layer_type, phase, batch, seq, context, stages, out_dir, dry_run,
+                        as_json):
+    """Export one attention layer's stages and the whole layer as static-shape ONNX graphs."""
+    from tqdm import tqdm
+
+    config = export_config(preset, config_dir)
+    context = context or min(4096, config.max_seq_len)
+    seq = seq or (1 if phase == "decode" else context)
+    spec = ExportSpec(layer_type, phase, batch, seq, context)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    if unknown := sorted(set(chosen) - set(STAGES)):
+        raise ExportError(f"--stages: unknown {unknown}, expected some of {', '.join(STAGES)}")
+    if dry_run:
+        plan = {"spec": {**dataclasses.asdict(spec)}, "layer_id": layer_id_for(config, layer_type),
+                "files": [str(out_dir / f"{s}.onnx") for s in chosen
+                          if LAYER_TYPES[layer_type] or s not in ("compress", "select")]}
+        click.echo(json.dumps(plan, indent=1) if as_json else "\n".join(["would write:", *plan["files"]]))
+        return
+    with tqdm(total=len(chosen), desc="export", unit="graph", disable=as_json) as bar:
+        manifest = export_attention(config, spec, out_dir, chosen, progress=lambda _: bar.update())
+    if as_json:
+        click.echo(json.dumps(manifest, indent=1))
+        return
+    for stage, g in manifest["graphs"].items():
+        size = (out_dir / g["file"]).stat().st_size / 2 ** 20
+        ops = ", ".join(g["custom_ops"]) or "standard ops only"
+        click.echo(f"{stage:9s} {out_dir / g['file']}  {size:8.1f} MiB  {ops}")
