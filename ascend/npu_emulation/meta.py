@@ -52,6 +52,15 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     return _empty(shape, torch.int32, query), _empty((0,), query.dtype, query)
 
 
+def npu_quant_lightning_indexer(query, key, weights, query_dequant_scale, key_dequant_scale, query_quant_mode,
+                                key_quant_mode, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
+                                block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
+                                pre_tokens=(1 << 63) - 1, next_tokens=(1 << 63) - 1, query_dtype=None, key_dtype=None):
+    key_heads = key.shape[-2]
+    shape = query.shape[:2] + (key_heads, sparse_count) if layout_query == "BSND" else (query.shape[0], key_heads, sparse_count)
+    return _empty(shape, torch.int32, query)
+
+
 def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, block_table=None,
                                actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None, key_rope=None,
                                sparse_block_size=1, layout_query="BSND", layout_kv="BSND", sparse_mode=3,

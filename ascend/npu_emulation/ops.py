@@ -249,6 +249,44 @@ def _stack_rows(per_batch: list[Tensor], layout: str, batch_rows: int, fill) -> 
 
 # ------------------------------------------------------------------------- lightning indexer
 
+def _indexer_topk(op: str, query: Tensor, key: Tensor, weights: Tensor, score_scale: tuple[Tensor, Tensor] | None,
+                  actual_seq_lengths_query, actual_seq_lengths_key, block_table, layout_query: str, layout_key: str,
+                  sparse_count: int, sparse_mode: int, pre_tokens: int, next_tokens: int, max_count: int) -> Tensor:
+    """Shared body of the two lightning indexers: per query row i and visible key j,
+    score = sum_h w[i, h] * ReLU(s_q[i, h] * s_k[j] * q[i, h] . k[j]) (scales 1 when not quantised), top
+    sparse_count in descending score, int32, -1 padding at the end of a row."""
+    torch._check(query.shape[-1] == 128 and key.shape[-1] == 128, lambda: f"{op}: D must be 128")
+    torch._check(query.shape[-2] <= 64 and key.shape[-2] == 1, lambda: f"{op}: query heads <= 64 and one key head")
+    torch._check(sparse_count in SPARSE_COUNTS and sparse_count <= max_count,
+                 lambda: f"{op}: sparse_count {sparse_count} is not supported")
+    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
+    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
+    split_q = lambda t: _split_query(op, t, layout_query, actual_seq_lengths_query)  # noqa: E731
+    qs, ws = split_q(query), split_q(weights[..., None])
+    ks = _split_kv(op, key, layout_key, actual_seq_lengths_key, block_table, len(qs))
+    if score_scale is None:
+        sqs, sks = [None] * len(qs), [None] * len(qs)
+    else:
+        sqs = split_q(score_scale[0][..., None])
+        sks = _split_kv(op, score_scale[1][..., None], layout_key, actual_seq_lengths_key, block_table, len(qs))
+    results = []
+    for q, w, k, sq, sk in zip(qs, ws, ks, sqs, sks):
+        s1, s2 = q.shape[0], k.shape[0]
+        dots = torch.einsum("shd,td->sht", q.float(), k[:, 0].float())
+        if sq is not None:
+            dots = dots * sq.float() * sk[:, 0, 0].float()
+        score = (torch.relu(dots) * w.float()).sum(1)
+        visible = torch.arange(s2)[None, :] <= _causal_limit(sparse_mode, s1, s2)[:, None]
+        score = score.masked_fill(~visible, float("-inf"))
+        kk = min(sparse_count, s2)
+        idx = torch.full((s1, sparse_count), -1, dtype=torch.int32)
+        if kk:
+            top = score.topk(kk, dim=-1)
+            idx[:, :kk] = torch.where(top.values > float("-inf"), top.indices, -1).to(torch.int32)
+        results.append(idx[:, None, :])
+    return _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, -1)
+
+
 def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual_seq_lengths_query: Tensor | None = None,
                           actual_seq_lengths_key: Tensor | None = None, block_table: Tensor | None = None,
                           layout_query: str = "BSND", layout_key: str = "BSND", sparse_count: int = 2048,
@@ -261,29 +299,39 @@ def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual
     op = "npu_lightning_indexer"
     torch._check(query.dtype in HALF and key.dtype == query.dtype, lambda: f"{op}: query and key must share bf16/fp16")
     torch._check(weights.dtype == torch.float32 or weights.dtype == query.dtype, lambda: f"{op}: weights must be fp32 or query's dtype")
-    torch._check(query.shape[-1] == 128 and key.shape[-1] == 128, lambda: f"{op}: D must be 128")
-    torch._check(query.shape[-2] <= 64 and key.shape[-2] == 1, lambda: f"{op}: query heads <= 64 and one key head")
-    torch._check(sparse_count in SPARSE_COUNTS, lambda: f"{op}: sparse_count must be 1-2048 or 3072-8192 in steps of 1024")
-    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
-    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
     if return_value:
         raise _unsupported(op, "return_value=True (training only)")
-    qs = _split_query(op, query, layout_query, actual_seq_lengths_query)
-    ws = _split_query(op, weights[..., None], layout_query, actual_seq_lengths_query)
-    ks = _split_kv(op, key, layout_key, actual_seq_lengths_key, block_table, len(qs))
-    results = []
-    for q, w, k in zip(qs, ws, ks):
-        s1, s2 = q.shape[0], k.shape[0]
-        score = (torch.relu(torch.einsum("shd,td->sht", q.float(), k[:, 0].float())) * w.float()).sum(1)
-        visible = torch.arange(s2)[None, :] <= _causal_limit(sparse_mode, s1, s2)[:, None]
-        score = score.masked_fill(~visible, float("-inf"))
-        kk = min(sparse_count, s2)
-        top = score.topk(kk, dim=-1) if kk else None
-        idx = torch.full((s1, sparse_count), -1, dtype=torch.int32)
-        if kk:
-            idx[:, :kk] = torch.where(top.values > float("-inf"), top.indices, -1).to(torch.int32)
-        results.append(idx[:, None, :])
-    return _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, -1), query.new_empty(0)
+    idx = _indexer_topk(op, query, key, weights, None, actual_seq_lengths_query, actual_seq_lengths_key, block_table,
+                        layout_query, layout_key, sparse_count, sparse_mode, pre_tokens, next_tokens, 8192)
+    return idx, query.new_empty(0)
+
+
+def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, query_dequant_scale: Tensor,
+                                key_dequant_scale: Tensor, query_quant_mode: int, key_quant_mode: int, *,
+                                actual_seq_lengths_query: Tensor | None = None, actual_seq_lengths_key: Tensor | None = None,
+                                block_table: Tensor | None = None, layout_query: str = "BSND", layout_key: str = "BSND",
+                                sparse_count: int = 2048, sparse_mode: int = 3, pre_tokens: int = INT64_MAX,
+                                next_tokens: int = INT64_MAX, query_dtype: int | None = None,
+                                key_dtype: int | None = None) -> Tensor:
+    """torch_npu-npu_quant_lightning_indexer: as npu_lightning_indexer on int8 / float8_e4m3fn query and key
+    with per-token-head dequantisation: ReLU((s_q[i, h] * s_k[j]) * (q[i, h] . k[j])); sparse_count 1-2048.
+
+    query_dtype / key_dtype (the hifloat8 marker for uint8 storage) are not emulated: torch has no hifloat8.
+    """
+    op = "npu_quant_lightning_indexer"
+    if query_dtype is not None or key_dtype is not None:
+        raise _unsupported(op, "query_dtype/key_dtype (hifloat8 inputs)")
+    torch._check(query_quant_mode == 0 and key_quant_mode == 0, lambda: f"{op}: only quant mode 0 (per-token-head) is supported")
+    torch._check(query.dtype in (torch.int8, torch.float8_e4m3fn) and key.dtype == query.dtype,
+                 lambda: f"{op}: query and key must share int8 or float8_e4m3fn")
+    torch._check(weights.dtype in HALF, lambda: f"{op}: weights must be float16/bfloat16")
+    torch._check(query_dequant_scale.dtype in (torch.float16, torch.float32) and key_dequant_scale.dtype in (torch.float16, torch.float32),
+                 lambda: f"{op}: dequant scales must be float16/float32")
+    torch._check(query_dequant_scale.shape == weights.shape, lambda: f"{op}: query_dequant_scale must have weights' shape")
+    torch._check(tuple(key_dequant_scale.shape) == tuple(key.shape[:-1]), lambda: f"{op}: key_dequant_scale must be key's shape without D")
+    return _indexer_topk(op, query, key, weights, (query_dequant_scale, key_dequant_scale), actual_seq_lengths_query,
+                         actual_seq_lengths_key, block_table, layout_query, layout_key, sparse_count, sparse_mode,
+                         pre_tokens, next_tokens, 2048)
 
 
 # ---------------------------------------------------------------------- sparse flash attention
@@ -369,5 +417,6 @@ EMULATED = {
     "npu_mhc_post": npu_mhc_post,
     "npu_mhc_sinkhorn": npu_mhc_sinkhorn,
     "npu_lightning_indexer": npu_lightning_indexer,
+    "npu_quant_lightning_indexer": npu_quant_lightning_indexer,
     "npu_sparse_flash_attention": npu_sparse_flash_attention,
 }

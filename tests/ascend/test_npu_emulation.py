@@ -47,6 +47,9 @@ def _valid_calls():
         "npu_mhc_sinkhorn": ((torch.randn(3, 4, 4),), {"num_iters": 5}),
         "npu_lightning_indexer": ((torch.randn(1, 2, 4, 128, dtype=bf), torch.randn(1, 6, 1, 128, dtype=bf),
                                    torch.randn(1, 2, 4)), {"sparse_count": 3}),
+        "npu_quant_lightning_indexer": ((torch.randint(-9, 9, (1, 2, 4, 128), dtype=torch.int8),
+                                         torch.randint(-9, 9, (1, 6, 1, 128), dtype=torch.int8), torch.rand(1, 2, 4).half(),
+                                         torch.rand(1, 2, 4).half(), torch.rand(1, 6, 1).half(), 0, 0), {"sparse_count": 3}),
         "npu_sparse_flash_attention": ((torch.randn(1, 2, 2, 512, dtype=bf), torch.randn(1, 5, 1, 512, dtype=bf),
                                         torch.randn(1, 5, 1, 512, dtype=bf), torch.zeros(1, 2, 1, 3, dtype=torch.int32), 0.1),
                                        {"query_rope": torch.randn(1, 2, 2, 64, dtype=bf),
@@ -283,6 +286,25 @@ def test_lightning_indexer_tnd_paged_equals_per_query_lengths(tnpu):
         scores = _naive_scores(q[list(rows)], keys, w[list(rows)], lambda i: L)
         for i, r in enumerate(rows):
             assert _is_topk(idx[r, 0].tolist(), scores[i], 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_quant_lightning_indexer_dequantises_per_token_head(tnpu, dtype):
+    q = torch.randint(-20, 20, (1, 3, 4, 128)).to(dtype)
+    k = torch.randint(-20, 20, (2, 16, 1, 128)).to(dtype)       # two paged blocks of 16 tokens
+    w, sq, sk = torch.rand(1, 3, 4).half(), torch.rand(1, 3, 4).half() + 0.5, torch.rand(2, 16, 1).half() + 0.5
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    idx = tnpu.npu_quant_lightning_indexer(q, k, w, sq, sk, 0, 0, actual_seq_lengths_key=torch.tensor([20], dtype=torch.int32),
+                                           block_table=table, layout_key="PA_BSND", sparse_count=5, sparse_mode=3)
+    keys, key_scale = k[table[0].long()].flatten(0, 1)[:20, 0], sk[table[0].long()].flatten(0, 1)[:20, 0]
+    for i in range(3):
+        visible = 20 - 3 + i + 1
+        scores = {t: sum(w[0, i, h].item() * max(0.0, sq[0, i, h].item() * key_scale[t].item()
+                                                 * float(q[0, i, h].double() @ keys[t].double())) for h in range(4))
+                  for t in range(visible)}
+        assert _is_topk(idx[0, i, 0].tolist(), scores, 5)
+    with pytest.raises(RuntimeError, match="quant mode 0"):
+        tnpu.npu_quant_lightning_indexer(q, k[:1], w, sq, sk[:1], 1, 0, sparse_count=5)
 
 
 def _naive_sfa(q, qr, k, kr, v, idx, scale, sink, block, limit):
