@@ -39,6 +39,7 @@ from convert.writer import SafetensorsWriter, hash_file, temp_name, write_bytes_
 
 JOB = ".convert-job.json"
 RANK_INDEX = "model.safetensors.index.json"
+BLOCK_BYTES = 64 << 20  # tensors copied as is and larger than this are streamed in row blocks
 COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -68,6 +69,23 @@ class OutFile:
         for _, dtype, shape in self.entries:
             n += TensorSpec("", shape, dtype).nbytes
         return n
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """Rows of a source tensor (or of its dim-0 split) read lazily, BLOCK_BYTES at a time."""
+    ckpt: Checkpoint
+    spec: TensorSpec
+    split: tuple[int, int, int] | None
+
+    def blocks(self, bar=None):
+        start, stop = (self.split[1], self.split[2]) if self.split else (0, self.spec.shape[0])
+        step = max(1, BLOCK_BYTES * self.spec.shape[0] // self.spec.nbytes)
+        for a in range(start, stop, step):
+            rows = self.ckpt.read(self.spec.name, 0, a, min(stop, a + step))
+            if bar is not None:
+                bar.update(rows.numel() * rows.element_size())
+            yield rows
 
 
 def _fmt(spec: TensorSpec) -> str:
@@ -115,10 +133,14 @@ class Conversion:
                 of.sources[sname] = (u.weight.name, list(piece.split) if piece.split else None)
 
     # ------------------------------------------------------------------ per-unit work (worker threads)
-    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor]]]:
+    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor | RowBlocks]]]:
         """Read one source unit once and produce every listed rank's output tensors."""
         if not any(self.sharding.pieces(u.weight, r) for r in ranks):
             return {}
+        if u.scale is None and u.out_scale is None and u.weight.nbytes > BLOCK_BYTES and u.weight.split_dim != 1:
+            # a big tensor copied as is (embedding, head): streamed in row blocks, never whole in memory
+            return {r: [(p.name, RowBlocks(self.ckpt, u.weight, p.split)) for p in self.sharding.pieces(u.weight, r)]
+                    for r in ranks}
         weight = self.ckpt.read(u.weight.name)
         scale = self.ckpt.read(u.scale.name) if u.scale is not None else None
         done: dict = {}
@@ -190,8 +212,11 @@ class Conversion:
         def drain_one() -> None:
             for rank, tensors in pending.popleft().result().items():
                 for tname, t in tensors:
-                    writers[rank].write(tname, t)
-                    bar.update(t.numel() * t.element_size())
+                    if isinstance(t, RowBlocks):
+                        writers[rank].write_chunks(tname, t.blocks(bar))
+                    else:
+                        writers[rank].write(tname, t)
+                        bar.update(t.numel() * t.element_size())
 
         try:
             for name in self.ckpt.in_file(file):

@@ -247,3 +247,11 @@ def test_resume_of_a_different_job_is_refused(tiny_ckpt, tmp_path):
     subprocess.run(cmd, env=dict(os.environ, ASCEND_CONVERT_KILL_AFTER="5"), capture_output=True)
     with pytest.raises(ConvertError, match="--resume of a different job \\(weights differs"):
         _convert(tiny_ckpt, out, tp=2, ep=1, weights="bf16", resume=True)
+
+
+def test_row_block_streaming_gives_the_same_files(tiny_ckpt, tmp_path, monkeypatch):
+    import convert.job as job
+    _convert(tiny_ckpt, tmp_path / "whole", tp=2, ep=1)
+    monkeypatch.setattr(job, "BLOCK_BYTES", 4096)   # stream every plain tensor over 4 KiB in row blocks
+    _convert(tiny_ckpt, tmp_path / "blocks", tp=2, ep=1, workers=1)
+    assert _files(tmp_path / "whole") != {} and _files(tmp_path / "whole") == _files(tmp_path / "blocks")
