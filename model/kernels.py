@@ -80,6 +80,8 @@ def hadamard(x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- attention
 _QUERY_BLOCK = 256                      # queries per gather in the reference sparse_attn
+
+
 def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk: int,
                  group: dist.ProcessGroup | None = None) -> Tensor:
     """Lightning-indexer selection of compressed entries.
