@@ -190,7 +190,8 @@ class KVCache:
 
     `layers[i]` is layer i's `LayerCache` (MTP layers follow the main ones, window-only). `lengths` [B] int64 is
     the number of tokens each sequence has in the cache; the caller passes it as the next step's start positions
-    and advances it by the valid tokens of the step.
+    and advances it by the valid tokens of the step, keeping every length <= max_len (not checked on the device,
+    which would break graph capture).
     """
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
