@@ -21,7 +21,7 @@ def get_kernels(device: Any, graph_mode: bool = False) -> Kernels:
     `graph_mode`: the kernels will run inside a captured graph (NPUGraph / CUDA graph); some NPU operators
     lose features there (sinks in sparse flash attention on A2/A3), and those stages fall back.
     """
-    kind = getattr(device, "type", device)
+    kind = device.type
     if kind == "npu":
         from ascend.backends.npu import make_kernels
 

@@ -38,7 +38,7 @@ def _extract_yaml(wheel: Path, dest: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         data = z.read(YAML_IN_WHEEL)  # the one member we need, read by its fixed name (no path from the archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(dest)  # atomic: concurrent test processes never see half a file
 
@@ -50,8 +50,11 @@ def schema_yaml_path(version: str = TORCH_NPU_VERSION) -> Path:
         return dest
     with tempfile.TemporaryDirectory(prefix="torch-npu-wheel-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", tmp, f"torch-npu=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+               "--timeout", "30", "--retries", "2", "--dest", tmp, f"torch-npu=={version}"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SchemaUnavailable(f"cannot download torch-npu=={version}: {type(e).__name__}: {e}") from e
         wheels = sorted(Path(tmp).glob("torch_npu-*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

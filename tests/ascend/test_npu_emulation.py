@@ -2,12 +2,16 @@
 emulated operator equals an independent, loop-by-loop computation of its documented formula."""
 
 import math
+import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from ascend.npu_emulation import EMULATED, SchemaUnavailable, emulated_torch_npu, installed
+from ascend.npu_emulation import schemas
 from ascend.npu_emulation.schemas import load_schemas
 
 
@@ -33,6 +37,31 @@ def test_schemas_come_from_the_wheel(tnpu):
         assert parsed.name == name
         op = getattr(tnpu, name)
         assert str(op.default._schema).split("(", 1)[1] == str(parsed).split("(", 1)[1]
+
+
+def test_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASCEND_DEPLOY_CACHE", str(tmp_path))
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for torch-npu==2.14.0\n")
+    monkeypatch.setattr(schemas.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(SchemaUnavailable, match="cannot download torch-npu==2.14.0 .*No matching distribution"):
+        schemas.schema_yaml_path()
+
+
+def test_schema_yaml_is_extracted_from_the_wheel(tmp_path, monkeypatch):
+    """Only the codegen yaml leaves the downloaded wheel, into the cache directory."""
+    monkeypatch.setenv("ASCEND_DEPLOY_CACHE", str(tmp_path / "cache"))
+    body = "custom:\n- func: npu_x(Tensor self) -> Tensor\n"
+
+    def fake_pip(cmd, **kwargs):
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "torch_npu-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl", "w") as z:
+            z.writestr(schemas.YAML_IN_WHEEL, body)
+            z.writestr("torch_npu/other.py", "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(schemas.subprocess, "run", fake_pip)
+    path = schemas.schema_yaml_path()
+    assert path.read_text() == body and sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def _valid_calls():
