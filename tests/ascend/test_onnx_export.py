@@ -1,0 +1,117 @@
+"""ONNX export of the attention stages: checker-valid graphs that onnxruntime runs to PyTorch's numbers (tiny, fp32)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ascend.onnx_export import (DOMAIN, ExportError, ExportSpec, StageGraph, example_inputs, export_attention,
+                                export_config, export_onnx_command, layer_id_for, stage_io, synthetic_attention)
+
+CONFIG = export_config("tiny", None)
+
+
+def _run(path, names, args):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {n: a.numpy() for n, a in zip(names, args) if n in wanted})
+
+
+def _picked_scores(attn, args, rows):
+    """Indexer scores of the chosen entries, sorted (-inf for -1): equal iff the same set was chosen, whatever
+    the order and however exact ties (relu makes many scores exactly 0) were broken."""
+    x, qr, positions, cos, sin, keys = args
+    q = attn.indexer.queries(qr, cos, sin).double()
+    w = attn.indexer.weights_proj(x).double() * attn.indexer.weight_scale
+    s = (torch.einsum("bshd,btd->bsht", q, keys.double()).relu() * w.unsqueeze(-1)).sum(2)
+    s = torch.cat([s, s.new_full(s.shape[:-1] + (1,), float("-inf"))], -1)
+    rows = torch.as_tensor(rows).long() - attn.window         # key-buffer rows -> entry ids
+    return s.gather(-1, torch.where(rows < 0, s.size(-1) - 1, rows)).sort(-1).values
+
+
+def _export_and_compare(tmp_path, spec, stages=None):
+    layer_id = layer_id_for(CONFIG, spec.layer_type)
+    attn = synthetic_attention(CONFIG, layer_id)
+    inputs = example_inputs(CONFIG, layer_id, spec)
+    manifest = export_attention(CONFIG, spec, tmp_path, stages or ("prolog", "compress", "select", "attend",
+                                                                    "epilog", "layer"), attn=attn, inputs=inputs)
+    io = stage_io(attn, spec, *inputs)
+    for stage in manifest["graphs"]:
+        names, args, _ = io[stage]
+        got = _run(tmp_path / f"{stage}.onnx", names, args)
+        with torch.no_grad():
+            want = StageGraph(attn, stage, inputs[3])(*args)
+        want = want if isinstance(want, tuple) else (want,)
+        assert len(got) == len(want)
+        if stage == "select" and attn.indexer is not None:
+            torch.testing.assert_close(_picked_scores(attn, args, got[0]), _picked_scores(attn, args, want[0]))
+            continue
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape) and g.dtype == w.numpy().dtype
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-3, atol=1e-3, err_msg=stage)
+    return manifest
+
+
+@pytest.mark.parametrize("layer_type,phase,seq", [("csa", "decode", 1), ("hca", "decode", 1),
+                                                  ("window", "prefill", 32), ("hca", "prefill", 24)])
+def test_stages_match_pytorch_under_onnxruntime(tmp_path, layer_type, phase, seq):
+    spec = ExportSpec(layer_type, phase, batch=2, seq=seq, context=64 if phase == "decode" else 32 + seq % 32)
+    manifest = _export_and_compare(tmp_path, spec)
+    expected = {"prolog", "attend", "epilog", "layer"} | ({"compress", "select"} if layer_type != "window" else set())
+    assert set(manifest["graphs"]) == expected
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+
+
+def test_csa_prefill_chunk_selection_and_fused_nodes(tmp_path):
+    """A prefill chunk in the middle of a sequence (start 32): the indexer picks the same entries as PyTorch,
+    fused stages are ascend.deploy nodes with their attributes, and no TopK has a data-dependent k."""
+    spec = ExportSpec("csa", "prefill", batch=2, seq=32, context=64)
+    _export_and_compare(tmp_path, spec, stages=("select", "attend"))
+    select, attend = onnx.load(str(tmp_path / "select.onnx")), onnx.load(str(tmp_path / "attend.onnx"))
+    (topk_node,) = [n for n in select.graph.node if n.domain == DOMAIN]
+    (attn_node,) = [n for n in attend.graph.node if n.domain == DOMAIN]
+    assert topk_node.op_type == "IndexerTopK" and onnx.helper.get_attribute_value(topk_node.attribute[0]) == 4
+    assert attn_node.op_type == "SparseAttention"
+    assert onnx.helper.get_attribute_value(attn_node.attribute[0]) == pytest.approx(CONFIG.head_dim ** -0.5)
+    assert {(o.domain, o.version) for o in select.opset_import} >= {(DOMAIN, 1), ("", 20)}
+    for model in (select, attend):
+        for f in model.functions:   # every fused body: standard ops, and TopK's k a constant
+            assert f.domain == DOMAIN
+            constants = {o for n in f.node if n.op_type == "Constant" for o in n.output}
+            for n in f.node:
+                assert n.domain in ("", "ai.onnx")
+                if n.op_type == "TopK":
+                    assert n.input[1] in constants
+
+
+def test_cli_writes_graphs_and_manifest(tmp_path):
+    result = CliRunner().invoke(export_onnx_command, ["--preset", "tiny", "--layer-type", "window", "--phase",
+                                                      "decode", "--context", "32", "--stages", "prolog,attend",
+                                                      "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output)
+    assert sorted(manifest["graphs"]) == ["attend", "prolog"]
+    assert manifest["graphs"]["attend"]["inputs"][0] == {"name": "q", "shape": [1, 1, 8, 128], "dtype": "float32"}
+    for g in manifest["graphs"].values():
+        onnx.checker.check_model(onnx.load(str(tmp_path / g["file"])), full_check=True)
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    out = tmp_path / "x"
+    result = CliRunner().invoke(export_onnx_command, ["--preset", "pro", "--layer-type", "window", "--phase",
+                                                      "decode", "--out", str(out), "--dry-run"])
+    assert result.exit_code == 0 and "layer.onnx" in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(layer_type="mla", phase="decode"), "--layer-type"),
+                                          (dict(layer_type="csa", phase="decode", seq=4), "exactly 1 token"),
+                                          (dict(layer_type="csa", phase="prefill", seq=8, context=4), "seq <= context")])
+def test_bad_specs_are_user_errors(kwargs, match):
+    with pytest.raises(ExportError, match=match):
+        ExportSpec(**kwargs)
+    with pytest.raises(ExportError, match="exactly one of --preset or --config"):
+        export_config(None, None)
