@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data-parallel groups and the all-reduce combine otherwise")
     p.add_argument("--no-stream", action="store_true", help="print each reply when complete")
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
+    p.add_argument("--save", type=Path, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
@@ -191,10 +192,12 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                                 stream=not (args.json or args.no_stream))
         if env.rank == 0:
             total = summary(results, time.perf_counter() - t1)
+            doc = {"world_size": env.world_size, "dp": plan.dp, "tp": plan.tp, "ep": plan.ep,
+                   "redundant_experts": plan.redundant, "expert_exchange": exchange,
+                   "results": results, "summary": total}
+            if args.save:
+                args.save.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
             if args.json:
-                doc = {"world_size": env.world_size, "dp": plan.dp, "tp": plan.tp, "ep": plan.ep,
-                       "redundant_experts": plan.redundant, "expert_exchange": exchange,
-                       "results": results, "summary": total}
                 print(json.dumps(doc, ensure_ascii=False))
             else:
                 print_table(results, total)
