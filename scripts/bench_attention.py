@@ -250,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
                 "prefill_tokens": shapes.prefill_tokens}
 
-    rows, prefill, dense = [], {}, {}
+    rows, prefill, dense, failures = [], {}, {}, []
     for kind, layer_id in layer_ids(config).items():
         layer = synthetic_attention(config, layer_id, device.torch_device)
         for context in contexts:
             for batch in batches:
-                row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
-                                 kernels, with_reference=not args.no_reference)
+                try:
+                    row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
+                                     kernels, with_reference=not args.no_reference)
+                except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
+                    print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                    failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
+                    device.empty_cache()
+                    continue
                 device.empty_cache()
                 if (batch, context) not in dense:
                     dense[batch, context] = dense_attention_ms(config, batch, context, shapes, device)
@@ -265,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{kind} batch {batch} context {context}: {row.ms * 1e3:.1f} us", file=sys.stderr)
         if not args.no_prefill:
-            prefill[kind] = prefill_tokens_per_s(layer, config, shapes, device, kernels)
+            try:
+                prefill[kind] = prefill_tokens_per_s(layer, config, shapes, device, kernels)
+            except Exception as e:  # noqa: BLE001
+                print(f"{kind} prefill: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                failures.append(f"{kind} prefill: {type(e).__name__}: {str(e)[:200]}")
         del layer
         device.empty_cache()
 
-    text = table(rows, prefill, ceilings)
+    text = table(rows, prefill, ceilings) + "".join(f"\nFAILED {f}" for f in failures)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_attention.json").write_text(json.dumps({
             "ceilings": ceilings, "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
             "decode": [{**asdict(r), "x_roofline": r.x_roofline, "x_dense": r.x_dense} for r in rows],
-            "prefill": {k: {"tokens_per_s": v[0], "peak_gib": v[1]} for k, v in prefill.items()}}, indent=1))
-    return 0
+            "prefill": {k: {"tokens_per_s": v[0], "peak_gib": v[1]} for k, v in prefill.items()},
+            "failures": failures}, indent=1))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
