@@ -1,7 +1,8 @@
 """Operator backends: the `model.kernels.Kernels` table to use on a given device.
 
 `get_kernels(device)` picks by `device.type`: 'npu' -> ascend.backends.npu (fused torch_npu operators, per-SoC
-limits from `device.soc`), 'cuda' -> ascend.backends.cuda (Triton when importable), anything else -> the pure-PyTorch REFERENCE.
+limits from `device.soc`), 'cuda' -> ascend.backends.cuda (Triton when importable), anything else -> the
+pure-PyTorch REFERENCE.
 Backend modules are imported only when chosen, so torch_npu / Triton are never touched on a machine without them.
 """
 

@@ -120,9 +120,13 @@ def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | Non
     return dataclasses.replace(REFERENCE, **replaced)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype_reason(op: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> str | None:
     if t.dtype not in allowed:
-        return f"{op} takes {'/'.join(str(d).removeprefix('torch.') for d in allowed)}, got {str(t.dtype).removeprefix('torch.')}"
+        return f"{op} takes {'/'.join(_name(d) for d in allowed)}, got {_name(t.dtype)}"
     return None
 
 
@@ -228,7 +232,9 @@ class _Ops:
 
     def check_hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float,
                      norm_eps: float) -> str | None:
-        return self._mhc_reason(x) or (None if 1 <= iters <= 100 else f"npu_mhc_sinkhorn takes 1-100 iterations, got {iters}")
+        if not 1 <= iters <= 100:
+            return f"npu_mhc_sinkhorn takes 1-100 iterations, got {iters}"
+        return self._mhc_reason(x)
 
     def hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float):
         h_in, h_post, h_res, *_ = self.npu.npu_mhc_pre(x, fn.float(), scale.float(), base.float(),
@@ -243,7 +249,8 @@ class _Ops:
     def hc_post(self, y: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         return self.npu.npu_mhc_post(residual, comb.float(), y, post.float())
 
-    def check_hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> str | None:
+    def check_hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float,
+                      norm_eps: float) -> str | None:
         return self._mhc_reason(x)
 
     def hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
@@ -258,7 +265,8 @@ class _Ops:
     def check_indexer_topk(self, q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk: int,
                            group: dist.ProcessGroup | None = None) -> str | None:
         if group is not None and dist.get_world_size(group) > 1:
-            return "tensor-parallel scores must be summed across ranks before top-k; npu_lightning_indexer selects per rank"
+            return ("tensor-parallel scores must be summed across ranks before top-k; "
+                    "npu_lightning_indexer selects per rank")
         if q.shape[-1] != 128:
             return f"npu_lightning_indexer needs head dim 128, got {q.shape[-1]}"
         heads_ok = q.shape[2] in (8, 16, 24, 32, 64) if self.soc == "A5" else q.shape[2] <= 64
@@ -268,7 +276,7 @@ class _Ops:
             return f"npu_lightning_indexer sparse_count must be 1-2048 or 3072-8192 in steps of 1024, got {topk}"
         reason = _dtype_reason("npu_lightning_indexer", q, HALF)
         if reason or k.dtype != q.dtype:
-            return reason or f"npu_lightning_indexer needs key in the query's dtype, got {k.dtype}"
+            return reason or f"npu_lightning_indexer needs key in the query's dtype, got {_name(k.dtype)}"
         allowed = (q.dtype,) if self.soc == "A5" else (q.dtype, torch.float32)
         return _dtype_reason(f"npu_lightning_indexer weights on {self.soc}", weights, allowed)
 
@@ -302,7 +310,9 @@ class _Ops:
         if q.shape[2] not in SFA_HEADS:
             return f"npu_sparse_flash_attention takes 1/2/4/.../128 query heads per rank, got {q.shape[2]}"
         reason = _dtype_reason("npu_sparse_flash_attention", q, HALF)
-        return reason or (None if kv.dtype == q.dtype else f"npu_sparse_flash_attention needs kv in q's dtype, got {kv.dtype}")
+        if reason or kv.dtype == q.dtype:
+            return reason
+        return f"npu_sparse_flash_attention needs kv in q's dtype, got {_name(kv.dtype)}"
 
     def sparse_attn(self, q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> Tensor:
         # MLA-absorb mode scores [q, q_rope] . [k, k_rope]; V4's 512 dims (rope included) go in as the "nope"

@@ -54,7 +54,7 @@ def register() -> None:
 def emulated_torch_npu() -> types.ModuleType:
     """A `torch_npu`-like module whose npu_xxx attributes are the emulated dispatcher operators."""
     register()
-    module = types.ModuleType("torch_npu", f"CPU emulation of torch_npu {TORCH_NPU_VERSION} operators (ascend.npu_emulation)")
+    module = types.ModuleType("torch_npu", f"CPU emulation of torch_npu {TORCH_NPU_VERSION} operators")
     module.__version__ = f"{TORCH_NPU_VERSION}+cpu-emulation"
     module.__emulated__ = True
     ops = getattr(torch.ops, NAMESPACE)

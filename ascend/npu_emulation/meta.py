@@ -25,7 +25,8 @@ def npu_interleave_rope(x, cos, sin):
 def npu_moe_gating_top_k(x, k, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
                          group_select_mode=0, renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=1.0,
                          eps=1e-20):
-    return _empty((x.shape[0], k), x.dtype, x), _empty((x.shape[0], k), torch.int32, x), _empty(x.shape, torch.float32, x)
+    t = x.shape[0]
+    return _empty((t, k), x.dtype, x), _empty((t, k), torch.int32, x), _empty(x.shape, torch.float32, x)
 
 
 def npu_mhc_pre(x, phi, alpha, bias, *, gamma=None, norm_eps=1e-6, hc_eps=1e-6, out_flag=0, inner_precise=0):
@@ -44,25 +45,29 @@ def npu_mhc_sinkhorn(x, *, eps=1e-6, num_iters=20, out_flag=0):
     return torch.empty_like(x), _empty((0,), x.dtype, x), _empty((0,), x.dtype, x)
 
 
+def _indices(query, key, layout_query, sparse_count):
+    """int32 [B, S1, N2, sparse_count] (BSND queries) or [T1, N2, sparse_count] (TND)."""
+    rows = tuple(query.shape[:2]) if layout_query == "BSND" else (query.shape[0],)
+    return _empty(rows + (key.shape[-2], sparse_count), torch.int32, query)
+
+
 def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
                           block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
                           pre_tokens=(1 << 63) - 1, next_tokens=(1 << 63) - 1, return_value=False):
-    key_heads = key.shape[-2]
-    shape = query.shape[:2] + (key_heads, sparse_count) if layout_query == "BSND" else (query.shape[0], key_heads, sparse_count)
-    return _empty(shape, torch.int32, query), _empty((0,), query.dtype, query)
+    return _indices(query, key, layout_query, sparse_count), _empty((0,), query.dtype, query)
 
 
 def npu_quant_lightning_indexer(query, key, weights, query_dequant_scale, key_dequant_scale, query_quant_mode,
                                 key_quant_mode, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
-                                block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
-                                pre_tokens=(1 << 63) - 1, next_tokens=(1 << 63) - 1, query_dtype=None, key_dtype=None):
-    key_heads = key.shape[-2]
-    shape = query.shape[:2] + (key_heads, sparse_count) if layout_query == "BSND" else (query.shape[0], key_heads, sparse_count)
-    return _empty(shape, torch.int32, query)
+                                block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048,
+                                sparse_mode=3, pre_tokens=(1 << 63) - 1, next_tokens=(1 << 63) - 1, query_dtype=None,
+                                key_dtype=None):
+    return _indices(query, key, layout_query, sparse_count)
 
 
 def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, block_table=None,
-                               actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None, key_rope=None,
+                               actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None,
+                               key_rope=None,
                                sparse_block_size=1, layout_query="BSND", layout_kv="BSND", sparse_mode=3,
                                pre_tokens=(1 << 63) - 1, next_tokens=(1 << 63) - 1, attention_mode=0,
                                return_softmax_lse=False, sinks=None):

@@ -4,7 +4,7 @@ Each function has the exact parameter list of the operator's schema (the dispatc
 checked names, types and arity against the wheel's schema before we get here) and implements the
 semantics of the Ascend/op-plugin page `docs/zh/custom_APIs/torch_npu/torch_npu-<op>.md` named in its
 docstring, computing in float32 and returning the documented dtypes and shapes. Documented limits on
-shapes and dtypes are enforced with `torch._check` (RuntimeError, as the real operator fails);
+shapes and dtypes are enforced with `_need` (RuntimeError, as the real operator fails);
 modes the emulation does not implement raise NotImplementedError: no argument is silently ignored.
 Limits that depend on the SoC (A2/A3 vs Ascend 950) are the union here; the NPU backend
 (ascend/backends/npu.py) applies the per-SoC ones before it calls an operator.
@@ -22,6 +22,12 @@ INT64_MAX = (1 << 63) - 1
 SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
 
 
+def _need(ok: bool, message: str) -> None:
+    """Fail as the real operator does (RuntimeError) when a documented limit is not met."""
+    if not ok:
+        raise RuntimeError(message)
+
+
 def _unsupported(op: str, what: str) -> NotImplementedError:
     return NotImplementedError(f"npu emulation of {op}: {what} is not emulated")
 
@@ -30,11 +36,11 @@ def _unsupported(op: str, what: str) -> NotImplementedError:
 
 def npu_rms_norm(self: Tensor, gamma: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
     """torch_npu-npu_rms_norm: y = x * rsqrt(mean(x^2 over gamma's dims) + eps) * gamma, rstd in fp32."""
-    torch._check(self.dtype in FLOATS, lambda: f"npu_rms_norm: self dtype {self.dtype} not supported")
-    torch._check(gamma.dtype == self.dtype, lambda: "npu_rms_norm: gamma dtype must equal self dtype")
+    _need(self.dtype in FLOATS, f"npu_rms_norm: self dtype {self.dtype} not supported")
+    _need(gamma.dtype == self.dtype, "npu_rms_norm: gamma dtype must equal self dtype")
     nd = gamma.dim()
-    torch._check(1 <= nd <= self.dim() and tuple(self.shape[-nd:]) == tuple(gamma.shape),
-                 lambda: f"npu_rms_norm: gamma shape {tuple(gamma.shape)} must match the last dims of {tuple(self.shape)}")
+    _need(1 <= nd <= self.dim() and tuple(self.shape[-nd:]) == tuple(gamma.shape),
+          f"npu_rms_norm: gamma shape {tuple(gamma.shape)} must match the last dims of {tuple(self.shape)}")
     dims = tuple(range(self.dim() - nd, self.dim()))
     x = self.float()
     rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + epsilon)
@@ -47,12 +53,12 @@ def npu_interleave_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     The result stays in the de-interleaved (rotate-half) layout: out[:32] are the rotated first
     members of the pairs, out[32:] the second members.
     """
-    torch._check(x.dim() == 4 and x.shape[-1] == 64, lambda: f"npu_interleave_rope: x must be [B,N,S,64], got {tuple(x.shape)}")
-    torch._check(cos.shape == sin.shape and cos.dim() == 4, lambda: "npu_interleave_rope: cos and sin must be equal 4-D shapes")
-    torch._check(cos.shape[0] == x.shape[0] and cos.shape[1] == 1 and cos.shape[2] in (1, x.shape[2]) and cos.shape[3] == 64,
-                 lambda: f"npu_interleave_rope: cos shape {tuple(cos.shape)} must be [B,1,S or 1,64] for x {tuple(x.shape)}")
-    torch._check(x.dtype in FLOATS and cos.dtype == x.dtype and sin.dtype == x.dtype,
-                 lambda: "npu_interleave_rope: x, cos, sin must share a float dtype")
+    _need(x.dim() == 4 and x.shape[-1] == 64, f"npu_interleave_rope: x must be [B,N,S,64], got {tuple(x.shape)}")
+    _need(cos.shape == sin.shape and cos.dim() == 4, "npu_interleave_rope: cos and sin must be equal 4-D shapes")
+    _need(cos.shape[0] == x.shape[0] and cos.shape[1] == 1 and cos.shape[2] in (1, x.shape[2]) and cos.shape[3] == 64,
+          f"npu_interleave_rope: cos shape {tuple(cos.shape)} must be [B,1,S or 1,64] for x {tuple(x.shape)}")
+    _need(x.dtype in FLOATS and cos.dtype == x.dtype and sin.dtype == x.dtype,
+          "npu_interleave_rope: x, cos, sin must share a float dtype")
     q = x.float().unflatten(-1, (32, 2)).transpose(-1, -2).flatten(-2)
     rotated = torch.cat([-q[..., 32:], q[..., :32]], dim=-1)
     return (q * cos.float() + rotated * sin.float()).to(x.dtype)
@@ -72,22 +78,22 @@ def npu_moe_gating_top_k(x: Tensor, k: int, *, bias: Tensor | None = None, input
     input_ids; we take the experts as tid2eid[input_ids] and keep every other step unchanged.
     """
     T, E = x.shape if x.dim() == 2 else (0, 0)
-    torch._check(x.dim() == 2 and x.dtype in FLOATS, lambda: "npu_moe_gating_top_k: x must be a 2-D float tensor")
-    torch._check(E <= 2048, lambda: f"npu_moe_gating_top_k: at most 2048 experts, got {E}")
-    torch._check(renorm == 0, lambda: "npu_moe_gating_top_k: only renorm=0 is supported")
-    torch._check(norm_type in (0, 1), lambda: f"npu_moe_gating_top_k: norm_type must be 0 or 1, got {norm_type}")
-    torch._check(group_select_mode in (0, 1), lambda: "npu_moe_gating_top_k: group_select_mode must be 0 or 1")
-    torch._check(group_count > 0 and E % group_count == 0 and E // group_count > 2,
-                 lambda: f"npu_moe_gating_top_k: {E} experts cannot form {group_count} groups of more than 2")
-    torch._check(1 <= k_group <= group_count and 1 <= k <= E // group_count * k_group,
-                 lambda: f"npu_moe_gating_top_k: need 1 <= k_group <= group_count and 1 <= k <= E/group_count*k_group")
+    _need(x.dim() == 2 and x.dtype in FLOATS, "npu_moe_gating_top_k: x must be a 2-D float tensor")
+    _need(E <= 2048, f"npu_moe_gating_top_k: at most 2048 experts, got {E}")
+    _need(renorm == 0, "npu_moe_gating_top_k: only renorm=0 is supported")
+    _need(norm_type in (0, 1), f"npu_moe_gating_top_k: norm_type must be 0 or 1, got {norm_type}")
+    _need(group_select_mode in (0, 1), "npu_moe_gating_top_k: group_select_mode must be 0 or 1")
+    _need(group_count > 0 and E % group_count == 0 and E // group_count > 2,
+          f"npu_moe_gating_top_k: {E} experts cannot form {group_count} groups of more than 2")
+    _need(1 <= k_group <= group_count and 1 <= k <= E // group_count * k_group,
+          f"npu_moe_gating_top_k: need 1 <= k_group <= group_count and 1 <= k <= E/group_count*k_group")
     if bias is not None:
-        torch._check(bias.shape == (E,) and bias.dtype == x.dtype, lambda: "npu_moe_gating_top_k: bias must be [E] in x's dtype")
-    torch._check((input_ids is None) == (tid2eid is None), lambda: "input_ids and tid2eid must be both provided or both omitted")
+        _need(bias.shape == (E,) and bias.dtype == x.dtype, "npu_moe_gating_top_k: bias must be [E] in x's dtype")
+    _need((input_ids is None) == (tid2eid is None), "input_ids and tid2eid must be both provided or both omitted")
     norm = torch.softmax(x.float(), -1) if norm_type == 0 else torch.sigmoid(x.float())
     if tid2eid is not None:
-        torch._check(input_ids.shape == (T,) and tid2eid.dim() == 2 and tid2eid.shape[1] == k,
-                     lambda: "npu_moe_gating_top_k: input_ids must be [T] and tid2eid [vocab, k]")
+        _need(input_ids.shape == (T,) and tid2eid.dim() == 2 and tid2eid.shape[1] == k,
+              "npu_moe_gating_top_k: input_ids must be [T] and tid2eid [vocab, k]")
         idx = tid2eid[input_ids.long()].long()
     else:
         choice = norm + bias.float() if bias is not None else norm
@@ -115,21 +121,23 @@ def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: T
     Returns (h_in, h_post, h_res, inv_rms, h_mix, h_pre) with the meta function's shapes.
     inner_precise (FP32 vs HF32 matmul on the Cube) has no CPU equivalent: both compute in FP32.
     """
-    torch._check(x.dim() in (3, 4) and x.dtype in HALF, lambda: "npu_mhc_pre: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
+    _need(x.dim() in (3, 4) and x.dtype in HALF, "npu_mhc_pre: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
     n, D = x.shape[-2], x.shape[-1]
-    torch._check(n in (4, 6, 8) and 1 <= D <= 16384 and D % 16 == 0, lambda: f"npu_mhc_pre: n must be 4/6/8 and D a multiple of 16, got n={n} D={D}")
-    torch._check(alpha.numel() in (2, 3), lambda: "npu_mhc_pre: alpha must have 2 or 3 elements")
+    _need(n in (4, 6, 8) and 1 <= D <= 16384 and D % 16 == 0,
+          f"npu_mhc_pre: n must be 4/6/8 and D a multiple of 16, got n={n} D={D}")
+    _need(alpha.numel() in (2, 3), "npu_mhc_pre: alpha must have 2 or 3 elements")
     has_res = alpha.numel() == 3
     K = n * n + 2 * n if has_res else 2 * n
-    torch._check(phi.dtype == torch.float32 and tuple(phi.shape) == (K, n * D), lambda: f"npu_mhc_pre: phi must be fp32 [{K}, {n * D}]")
-    torch._check(bias.dtype == torch.float32 and bias.numel() == K, lambda: f"npu_mhc_pre: bias must be fp32 [{K}]")
-    torch._check(out_flag in (0, 1) and inner_precise in (0, 1), lambda: "npu_mhc_pre: out_flag and inner_precise must be 0 or 1")
+    _need(phi.dtype == torch.float32 and tuple(phi.shape) == (K, n * D),
+          f"npu_mhc_pre: phi must be fp32 [{K}, {n * D}]")
+    _need(bias.dtype == torch.float32 and bias.numel() == K, f"npu_mhc_pre: bias must be fp32 [{K}]")
+    _need(out_flag in (0, 1) and inner_precise in (0, 1), "npu_mhc_pre: out_flag and inner_precise must be 0 or 1")
     xf = x.float()
     flat = xf.flatten(-2)
     inv_rms = torch.rsqrt(flat.square().mean(-1) + norm_eps)
     normed = flat * inv_rms[..., None]
     if gamma is not None:
-        torch._check(tuple(gamma.shape) == (n, D), lambda: f"npu_mhc_pre: gamma must be [{n}, {D}]")
+        _need(tuple(gamma.shape) == (n, D), f"npu_mhc_pre: gamma must be [{n}, {D}]")
         normed = normed * gamma.float().flatten()
     h_mix = normed @ phi.t()
     a = alpha.float()
@@ -146,29 +154,30 @@ def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: T
 
 def npu_mhc_post(x: Tensor, h_res: Tensor | None, h_out: Tensor, h_post: Tensor) -> Tensor:
     """torch_npu-npu_mhc_post: y_j = h_post_j * h_out + sum_k h_res[k, j] * x_k (h_res None: x_j)."""
-    torch._check(x.dim() in (3, 4) and x.dtype in HALF, lambda: "npu_mhc_post: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
-    torch._check(h_out.dtype == x.dtype and tuple(h_out.shape) == tuple(x.shape[:-2]) + (x.shape[-1],),
-                 lambda: "npu_mhc_post: h_out must be x's dtype with shape [..., D]")
-    torch._check(h_post.dtype == torch.float32 and tuple(h_post.shape) == tuple(x.shape[:-1]),
-                 lambda: "npu_mhc_post: h_post must be fp32 [..., n]")
+    _need(x.dim() in (3, 4) and x.dtype in HALF, "npu_mhc_post: x must be bf16/fp16 [B,S,n,D] or [T,n,D]")
+    _need(h_out.dtype == x.dtype and tuple(h_out.shape) == tuple(x.shape[:-2]) + (x.shape[-1],),
+          "npu_mhc_post: h_out must be x's dtype with shape [..., D]")
+    _need(h_post.dtype == torch.float32 and tuple(h_post.shape) == tuple(x.shape[:-1]),
+          "npu_mhc_post: h_post must be fp32 [..., n]")
     xf = x.float()
     y = h_post[..., None] * h_out.float()[..., None, :]
     if h_res is None:
         y = y + xf
     else:
         n = x.shape[-2]
-        torch._check(h_res.dtype == torch.float32 and tuple(h_res.shape) == tuple(x.shape[:-2]) + (n, n),
-                     lambda: "npu_mhc_post: h_res must be fp32 [..., n, n]")
+        _need(h_res.dtype == torch.float32 and tuple(h_res.shape) == tuple(x.shape[:-2]) + (n, n),
+              "npu_mhc_post: h_res must be fp32 [..., n, n]")
         y = y + torch.einsum("...kj,...kd->...jd", h_res, xf)
     return y.to(x.dtype)
 
 
-def npu_mhc_sinkhorn(x: Tensor, *, eps: float = 1e-6, num_iters: int = 20, out_flag: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def npu_mhc_sinkhorn(x: Tensor, *, eps: float = 1e-6, num_iters: int = 20,
+                     out_flag: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """torch_npu-npu_mhc_sinkhorn: softmax over rows + eps, then column / row normalisation, ending
     with a column normalisation, num_iters rounds in all (every sum gets + eps)."""
-    torch._check(x.dim() in (3, 4) and x.dtype == torch.float32 and x.shape[-1] == x.shape[-2] and x.shape[-1] in (4, 6, 8),
-                 lambda: f"npu_mhc_sinkhorn: x must be fp32 [..., n, n] with n in 4/6/8, got {tuple(x.shape)} {x.dtype}")
-    torch._check(0 < num_iters <= 100, lambda: f"num_iters must be within (0, 100], but got {num_iters}.")
+    _need(x.dim() in (3, 4) and x.dtype == torch.float32 and x.shape[-1] == x.shape[-2] and x.shape[-1] in (4, 6, 8),
+          f"npu_mhc_sinkhorn: x must be fp32 [..., n, n] with n in 4/6/8, got {tuple(x.shape)} {x.dtype}")
+    _need(0 < num_iters <= 100, f"num_iters must be within (0, 100], but got {num_iters}.")
     if out_flag:
         raise _unsupported("npu_mhc_sinkhorn", "out_flag=1 (intermediate norm/sum outputs for training)")
     y = torch.softmax(x, -1) + eps
@@ -187,7 +196,7 @@ def _lengths(lengths: Tensor | None, default: int, batch: int, cumulative: bool)
         return [default] * batch
     vals = [int(v) for v in lengths.tolist()]
     if cumulative:
-        torch._check(all(b >= a for a, b in zip([0] + vals, vals)), lambda: "cumulative lengths must not decrease")
+        _need(all(b >= a for a, b in zip([0] + vals, vals)), "cumulative lengths must not decrease")
         return [b - a for a, b in zip([0] + vals, vals)]
     return vals
 
@@ -195,37 +204,39 @@ def _lengths(lengths: Tensor | None, default: int, batch: int, cumulative: bool)
 def _split_query(op: str, query: Tensor, layout: str, lengths: Tensor | None) -> list[Tensor]:
     """Per-batch [S_b, N, D] views of a BSND or TND query (TND needs cumulative lengths)."""
     if layout == "BSND":
-        torch._check(query.dim() == 4, lambda: f"{op}: BSND query must be 4-D")
+        _need(query.dim() == 4, f"{op}: BSND query must be 4-D")
         lens = _lengths(lengths, query.shape[1], query.shape[0], cumulative=False)
         return [query[b, :n] for b, n in enumerate(lens)]
     if layout == "TND":
-        torch._check(query.dim() == 3 and lengths is not None, lambda: f"{op}: TND query must be 3-D with actual_seq_lengths_query")
+        _need(query.dim() == 3 and lengths is not None, f"{op}: TND query must be 3-D with actual_seq_lengths_query")
         ends = [int(v) for v in lengths.tolist()]
         return [query[a:b] for a, b in zip([0] + ends, ends)]
     raise _unsupported(op, f"query layout {layout!r}")
 
 
-def _split_kv(op: str, key: Tensor, layout: str, lengths: Tensor | None, block_table: Tensor | None, batch: int) -> list[Tensor]:
+def _split_kv(op: str, key: Tensor, layout: str, lengths: Tensor | None, block_table: Tensor | None,
+              batch: int) -> list[Tensor]:
     """Per-batch [S2_b, N2, D] key (or value) sequences for BSND, TND and paged PA_BSND layouts."""
     if layout == "BSND":
-        torch._check(key.dim() == 4, lambda: f"{op}: BSND key must be 4-D")
+        _need(key.dim() == 4, f"{op}: BSND key must be 4-D")
         lens = _lengths(lengths, key.shape[1], key.shape[0], cumulative=False)
         return [key[b, :n] for b, n in enumerate(lens)]
     if layout == "TND":
-        torch._check(key.dim() == 3 and lengths is not None, lambda: f"{op}: TND key must be 3-D with actual lengths")
+        _need(key.dim() == 3 and lengths is not None, f"{op}: TND key must be 3-D with actual lengths")
         ends = [int(v) for v in lengths.tolist()]
         return [key[a:b] for a, b in zip([0] + ends, ends)]
     if layout == "PA_BSND":
-        torch._check(key.dim() == 4 and block_table is not None and lengths is not None,
-                     lambda: f"{op}: PA_BSND key needs [blocks, block_size, N, D], block_table and actual lengths")
+        _need(key.dim() == 4 and block_table is not None and lengths is not None,
+              f"{op}: PA_BSND key needs [blocks, block_size, N, D], block_table and actual lengths")
         block_size = key.shape[1]
-        torch._check(block_size % 16 == 0 and block_size <= 1024, lambda: f"{op}: block_size must be a multiple of 16 up to 1024")
-        torch._check(block_table.dtype == torch.int32 and block_table.shape[0] == batch, lambda: f"{op}: block_table must be int32 [B, blocks]")
+        _need(block_size % 16 == 0 and block_size <= 1024, f"{op}: block_size must be a multiple of 16 up to 1024")
+        _need(block_table.dtype == torch.int32 and block_table.shape[0] == batch,
+              f"{op}: block_table must be int32 [B, blocks]")
         lens = _lengths(lengths, 0, batch, cumulative=False)
         out = []
         for b, n in enumerate(lens):
             need = -(-n // block_size)
-            torch._check(need <= block_table.shape[1], lambda: f"{op}: block_table too short for {n} tokens")
+            _need(need <= block_table.shape[1], f"{op}: block_table too short for {n} tokens")
             out.append(key[block_table[b, :need].long()].flatten(0, 1)[:n])
         return out
     raise _unsupported(op, f"key layout {layout!r}")
@@ -255,12 +266,13 @@ def _indexer_topk(op: str, query: Tensor, key: Tensor, weights: Tensor, score_sc
     """Shared body of the two lightning indexers: per query row i and visible key j,
     score = sum_h w[i, h] * ReLU(s_q[i, h] * s_k[j] * q[i, h] . k[j]) (scales 1 when not quantised), top
     sparse_count in descending score, int32, -1 padding at the end of a row."""
-    torch._check(query.shape[-1] == 128 and key.shape[-1] == 128, lambda: f"{op}: D must be 128")
-    torch._check(query.shape[-2] <= 64 and key.shape[-2] == 1, lambda: f"{op}: query heads <= 64 and one key head")
-    torch._check(sparse_count in SPARSE_COUNTS and sparse_count <= max_count,
-                 lambda: f"{op}: sparse_count {sparse_count} is not supported")
-    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
-    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
+    _need(query.shape[-1] == 128 and key.shape[-1] == 128, f"{op}: D must be 128")
+    _need(query.shape[-2] <= 64 and key.shape[-2] == 1, f"{op}: query heads <= 64 and one key head")
+    _need(sparse_count in SPARSE_COUNTS and sparse_count <= max_count,
+          f"{op}: sparse_count {sparse_count} is not supported")
+    _need(sparse_mode in (0, 3), f"{op}: sparse_mode must be 0 or 3")
+    _need(pre_tokens == INT64_MAX and next_tokens == INT64_MAX,
+          f"{op}: only the default pre_tokens/next_tokens are supported")
     split_q = lambda t: _split_query(op, t, layout_query, actual_seq_lengths_query)  # noqa: E731
     qs, ws = split_q(query), split_q(weights[..., None])
     ks = _split_kv(op, key, layout_key, actual_seq_lengths_key, block_table, len(qs))
@@ -287,8 +299,9 @@ def _indexer_topk(op: str, query: Tensor, key: Tensor, weights: Tensor, score_sc
     return _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, -1)
 
 
-def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual_seq_lengths_query: Tensor | None = None,
-                          actual_seq_lengths_key: Tensor | None = None, block_table: Tensor | None = None,
+def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *,
+                          actual_seq_lengths_query: Tensor | None = None, actual_seq_lengths_key: Tensor | None = None,
+                          block_table: Tensor | None = None,
                           layout_query: str = "BSND", layout_key: str = "BSND", sparse_count: int = 2048,
                           sparse_mode: int = 3, pre_tokens: int = INT64_MAX, next_tokens: int = INT64_MAX,
                           return_value: bool = False) -> tuple[Tensor, Tensor]:
@@ -297,8 +310,9 @@ def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual
     in descending score, int32, padded with -1 when fewer keys are visible.
     """
     op = "npu_lightning_indexer"
-    torch._check(query.dtype in HALF and key.dtype == query.dtype, lambda: f"{op}: query and key must share bf16/fp16")
-    torch._check(weights.dtype == torch.float32 or weights.dtype == query.dtype, lambda: f"{op}: weights must be fp32 or query's dtype")
+    _need(query.dtype in HALF and key.dtype == query.dtype, f"{op}: query and key must share bf16/fp16")
+    _need(weights.dtype == torch.float32 or weights.dtype == query.dtype,
+          f"{op}: weights must be fp32 or query's dtype")
     if return_value:
         raise _unsupported(op, "return_value=True (training only)")
     idx = _indexer_topk(op, query, key, weights, None, actual_seq_lengths_query, actual_seq_lengths_key, block_table,
@@ -308,7 +322,8 @@ def npu_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, *, actual
 
 def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, query_dequant_scale: Tensor,
                                 key_dequant_scale: Tensor, query_quant_mode: int, key_quant_mode: int, *,
-                                actual_seq_lengths_query: Tensor | None = None, actual_seq_lengths_key: Tensor | None = None,
+                                actual_seq_lengths_query: Tensor | None = None,
+                                actual_seq_lengths_key: Tensor | None = None,
                                 block_table: Tensor | None = None, layout_query: str = "BSND", layout_key: str = "BSND",
                                 sparse_count: int = 2048, sparse_mode: int = 3, pre_tokens: int = INT64_MAX,
                                 next_tokens: int = INT64_MAX, query_dtype: int | None = None,
@@ -321,14 +336,16 @@ def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, que
     op = "npu_quant_lightning_indexer"
     if query_dtype is not None or key_dtype is not None:
         raise _unsupported(op, "query_dtype/key_dtype (hifloat8 inputs)")
-    torch._check(query_quant_mode == 0 and key_quant_mode == 0, lambda: f"{op}: only quant mode 0 (per-token-head) is supported")
-    torch._check(query.dtype in (torch.int8, torch.float8_e4m3fn) and key.dtype == query.dtype,
-                 lambda: f"{op}: query and key must share int8 or float8_e4m3fn")
-    torch._check(weights.dtype in HALF, lambda: f"{op}: weights must be float16/bfloat16")
-    torch._check(query_dequant_scale.dtype in (torch.float16, torch.float32) and key_dequant_scale.dtype in (torch.float16, torch.float32),
-                 lambda: f"{op}: dequant scales must be float16/float32")
-    torch._check(query_dequant_scale.shape == weights.shape, lambda: f"{op}: query_dequant_scale must have weights' shape")
-    torch._check(tuple(key_dequant_scale.shape) == tuple(key.shape[:-1]), lambda: f"{op}: key_dequant_scale must be key's shape without D")
+    _need(query_quant_mode == 0 and key_quant_mode == 0, f"{op}: only quant mode 0 (per-token-head) is supported")
+    _need(query.dtype in (torch.int8, torch.float8_e4m3fn) and key.dtype == query.dtype,
+          f"{op}: query and key must share int8 or float8_e4m3fn")
+    _need(weights.dtype in HALF, f"{op}: weights must be float16/bfloat16")
+    scale_dtypes = (torch.float16, torch.float32)
+    _need(query_dequant_scale.dtype in scale_dtypes and key_dequant_scale.dtype in scale_dtypes,
+          f"{op}: dequant scales must be float16/float32")
+    _need(query_dequant_scale.shape == weights.shape, f"{op}: query_dequant_scale must have weights' shape")
+    _need(tuple(key_dequant_scale.shape) == tuple(key.shape[:-1]),
+          f"{op}: key_dequant_scale must be key's shape without D")
     return _indexer_topk(op, query, key, weights, (query_dequant_scale, key_dequant_scale), actual_seq_lengths_query,
                          actual_seq_lengths_key, block_table, layout_query, layout_key, sparse_count, sparse_mode,
                          pre_tokens, next_tokens, 2048)
@@ -336,7 +353,8 @@ def npu_quant_lightning_indexer(query: Tensor, key: Tensor, weights: Tensor, que
 
 # ---------------------------------------------------------------------- sparse flash attention
 
-def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None, sparse_indices: Tensor, scale_value: float, *,
+def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None, sparse_indices: Tensor,
+                               scale_value: float, *,
                                block_table: Tensor | None = None, actual_seq_lengths_query: Tensor | None = None,
                                actual_seq_lengths_kv: Tensor | None = None, query_rope: Tensor | None = None,
                                key_rope: Tensor | None = None, sparse_block_size: int = 1, layout_query: str = "BSND",
@@ -360,23 +378,25 @@ def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None,
         raise _unsupported(op, f"attention_mode={attention_mode} (the page documents only 2, MLA-absorb)")
     if return_softmax_lse:
         raise _unsupported(op, "return_softmax_lse=True (training only)")
-    torch._check(query_rope is not None and key_rope is not None, lambda: f"{op}: MLA-absorb mode needs query_rope and key_rope")
-    torch._check(query.dtype in HALF and all(t.dtype == query.dtype for t in (key, value, query_rope, key_rope)),
-                 lambda: f"{op}: query, key, value, query_rope, key_rope must share bf16/fp16")
-    torch._check(query.shape[-1] == 512 and key.shape[-1] == 512 and value.shape[-1] == 512,
-                 lambda: f"{op}: query/key/value head dim must be 512")
-    torch._check(query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64, lambda: f"{op}: rope head dim must be 64")
-    torch._check(query.shape[-2] in (1, 2, 4, 8, 16, 32, 64, 128) and key.shape[-2] == 1,
-                 lambda: f"{op}: query heads must be 1/2/4/.../128 and key heads 1")
-    torch._check(sparse_indices.dtype == torch.int32, lambda: f"{op}: sparse_indices must be int32")
-    torch._check(1 <= sparse_block_size <= 128 and sparse_block_size & (sparse_block_size - 1) == 0,
-                 lambda: f"{op}: sparse_block_size must be a power of two in [1, 128]")
-    torch._check(sparse_mode in (0, 3), lambda: f"{op}: sparse_mode must be 0 or 3")
-    torch._check(pre_tokens == INT64_MAX and next_tokens == INT64_MAX, lambda: f"{op}: only the default pre_tokens/next_tokens are supported")
-    torch._check(layout_kv == "PA_BSND" or layout_kv == layout_query, lambda: f"{op}: layout_kv must equal layout_query unless PA_BSND")
+    _need(query_rope is not None and key_rope is not None, f"{op}: MLA-absorb mode needs query_rope and key_rope")
+    _need(query.dtype in HALF and all(t.dtype == query.dtype for t in (key, value, query_rope, key_rope)),
+          f"{op}: query, key, value, query_rope, key_rope must share bf16/fp16")
+    _need(query.shape[-1] == 512 and key.shape[-1] == 512 and value.shape[-1] == 512,
+          f"{op}: query/key/value head dim must be 512")
+    _need(query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64, f"{op}: rope head dim must be 64")
+    _need(query.shape[-2] in (1, 2, 4, 8, 16, 32, 64, 128) and key.shape[-2] == 1,
+          f"{op}: query heads must be 1/2/4/.../128 and key heads 1")
+    _need(sparse_indices.dtype == torch.int32, f"{op}: sparse_indices must be int32")
+    _need(1 <= sparse_block_size <= 128 and sparse_block_size & (sparse_block_size - 1) == 0,
+          f"{op}: sparse_block_size must be a power of two in [1, 128]")
+    _need(sparse_mode in (0, 3), f"{op}: sparse_mode must be 0 or 3")
+    _need(pre_tokens == INT64_MAX and next_tokens == INT64_MAX,
+          f"{op}: only the default pre_tokens/next_tokens are supported")
+    _need(layout_kv == "PA_BSND" or layout_kv == layout_query,
+          f"{op}: layout_kv must equal layout_query unless PA_BSND")
     heads = query.shape[-2]
     if sinks is not None:
-        torch._check(sinks.dtype == torch.float32 and tuple(sinks.shape) == (heads,), lambda: f"{op}: sinks must be fp32 [{heads}]")
+        _need(sinks.dtype == torch.float32 and tuple(sinks.shape) == (heads,), f"{op}: sinks must be fp32 [{heads}]")
     qs = _split_query(op, query, layout_query, actual_seq_lengths_query)
     qrs = _split_query(op, query_rope, layout_query, actual_seq_lengths_query)
     idxs = _split_query(op, sparse_indices, layout_query, actual_seq_lengths_query)
