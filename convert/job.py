@@ -35,7 +35,7 @@ from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint
 from convert.shard import Sharding, scale_split
-from convert.writer import SafetensorsWriter, hash_file, temp_name, write_bytes_atomic, write_json_atomic
+from convert.writer import SafetensorsWriter, hash_file, sha256_of, temp_name, write_bytes_atomic, write_json_atomic
 
 JOB = ".convert-job.json"
 RANK_INDEX = "model.safetensors.index.json"
@@ -133,14 +133,14 @@ class Conversion:
                 of.sources[sname] = (u.weight.name, list(piece.split) if piece.split else None)
 
     # ------------------------------------------------------------------ per-unit work (worker threads)
-    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor | RowBlocks]]]:
+    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor | RowBlocks, str | None]]]:
         """Read one source unit once and produce every listed rank's output tensors."""
         if not any(self.sharding.pieces(u.weight, r) for r in ranks):
             return {}
         if u.scale is None and u.out_scale is None and u.weight.nbytes > BLOCK_BYTES and u.weight.split_dim != 1:
             # a big tensor copied as is (embedding, head): streamed in row blocks, never whole in memory
-            return {r: [(p.name, RowBlocks(self.ckpt, u.weight, p.split)) for p in self.sharding.pieces(u.weight, r)]
-                    for r in ranks}
+            return {r: [(p.name, RowBlocks(self.ckpt, u.weight, p.split), None)
+                        for p in self.sharding.pieces(u.weight, r)] for r in ranks}
         weight = self.ckpt.read(u.weight.name)
         scale = self.ckpt.read(u.scale.name) if u.scale is not None else None
         done: dict = {}
@@ -160,7 +160,9 @@ class Conversion:
                 out.setdefault(rank, []).append((piece.name, w))
                 if u.out_scale is not None:
                     out[rank].append((piece.name[: -len(".weight")] + ".scale", s))
-        return out
+        # hash here, in the worker, so the writing thread only writes (and hashes whole files)
+        digests = {id(t): sha256_of(t) for tensors in out.values() for _, t in tensors}
+        return {r: [(n, t, digests[id(t)]) for n, t in tensors] for r, tensors in out.items()}
 
     # ------------------------------------------------------------------ identity, dry run
     def identity(self, plan_dict: dict) -> dict:
@@ -211,11 +213,11 @@ class Conversion:
 
         def drain_one() -> None:
             for rank, tensors in pending.popleft().result().items():
-                for tname, t in tensors:
+                for tname, t, digest in tensors:
                     if isinstance(t, RowBlocks):
                         writers[rank].write_chunks(tname, t.blocks(bar))
                     else:
-                        writers[rank].write(tname, t)
+                        writers[rank].write(tname, t, digest)
                         bar.update(t.numel() * t.element_size())
 
         try:

@@ -32,6 +32,15 @@ _KILL_AFTER = int(os.environ.get("ASCEND_CONVERT_KILL_AFTER", "0") or 0)
 _written = 0
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor as stored in safetensors (row-major, little-endian)."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def sha256_of(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
 def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
@@ -91,33 +100,37 @@ class SafetensorsWriter:
         self._f.write(data)
         self.file_hash.update(data)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor (it must be the next entry, with that entry's dtype and shape)."""
-        self.write_chunks(name, [tensor], tuple(tensor.shape))
+    def write(self, name: str, tensor: torch.Tensor, digest: str | None = None) -> None:
+        """Write the next tensor (it must be the next entry, with that entry's dtype and shape).
 
-    def write_chunks(self, name: str, chunks, shape: tuple[int, ...] | None = None) -> None:
+        `digest`: the tensor's sha256 if the caller already computed it (worker threads do, off this thread).
+        """
+        self.write_chunks(name, [tensor], tuple(tensor.shape), digest)
+
+    def write_chunks(self, name: str, chunks, shape: tuple[int, ...] | None = None, digest: str | None = None) -> None:
         """Write the next tensor from consecutive row blocks (so a huge tensor never sits in memory whole)."""
         global _written
         want, dtype, want_shape = self.entries[self._next]
-        h, nbytes = hashlib.sha256(), 0
+        h, nbytes = (None if digest else hashlib.sha256()), 0
         for chunk in chunks:
             if name != want or DTYPE_CODES.get(chunk.dtype) != dtype or (shape is not None and shape != tuple(want_shape)):
                 self.abort()
                 raise RuntimeError(f"{self.path}: wrote {name} {chunk.dtype} {list(chunk.shape)}, expected {want} "
                                    f"{dtype} {list(want_shape)}")  # a bug in the caller, not a user error
-            data = memoryview(chunk.contiguous().view(torch.uint8).reshape(-1).numpy())
+            data = tensor_bytes(chunk)
             try:
                 self._write(data)
             except OSError as e:
                 self.abort()
                 raise disk_error(e, self.path) from None
-            h.update(data)
+            if h is not None:
+                h.update(data)
             nbytes += len(data)
         begin, end = self.header[name]["data_offsets"]
         if nbytes != end - begin:
             self.abort()
             raise RuntimeError(f"{self.path}: {name} got {nbytes} bytes, expected {end - begin}")
-        self.tensor_hashes[name] = h.hexdigest()
+        self.tensor_hashes[name] = digest or h.hexdigest()
         self._next += 1
         _written += 1
         if _KILL_AFTER and _written >= _KILL_AFTER:
