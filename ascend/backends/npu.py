@@ -5,7 +5,7 @@ Stage -> operator (schemas of torch-npu 2.14.0; semantics from Ascend/op-plugin'
     rms_norm      npu_rms_norm
     rope          npu_interleave_rope (its output is in rotate-half layout: we re-interleave the pairs)
     gate_topk     npu_moe_gating_top_k, sigmoid mode fed logit(score / M) so that sqrt-softplus routing comes out
-                  exactly (see _gate_topk); hash layers through its tid2eid / input_ids arguments
+                  exactly (see _Ops.gate_topk); hash layers through its tid2eid / input_ids arguments
     hc_pre        npu_mhc_pre + npu_mhc_sinkhorn;  hc_post  npu_mhc_post;  sinkhorn  npu_mhc_sinkhorn
     hc_head       npu_mhc_pre with the post rows of phi zeroed (alpha of 2 elements: no res output)
     indexer_topk  npu_lightning_indexer, one TND query per token over a paged (PA_BSND) view of the key cache, so
@@ -97,7 +97,7 @@ def _guarded(stage: str, fallbacks: Fallbacks, check: Callable[..., str | None],
 
 
 def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | None = None,
-                  fallbacks: Fallbacks | None = None) -> Kernels:
+                 fallbacks: Fallbacks | None = None) -> Kernels:
     """`Kernels` for an Ascend SoC family ('A2', 'A3', 'A5', ...), eager or graph-captured (`graph_mode`)."""
     if torch_npu is None:
         try:
