@@ -340,7 +340,7 @@ def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
     cfg = tiny()
     x = torch.randn(1, 44, cfg.dim, generator=torch.Generator().manual_seed(5))
     diffs = {}
-    for layer_id in (1, 2):
+    for layer_id in (1,):                                     # CSA: split heads, groups, sink and indexer heads
         outs = []
         for parallel in (None, ctx):
             attn = layer(cfg, layer_id)                       # same seed: same full weights on every rank
@@ -437,7 +437,7 @@ def test_matches_official_inference_code(monkeypatch, quant_sim):
         o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, window_size=cfg.window_size,
         compress_ratios=tuple(cfg.compress_ratios) + (0,), index_n_heads=cfg.index_n_heads,
         index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
-    L, P = 270, 258
+    L, P = 140, 124                       # the first HCA block completes during decode
     x = torch.randn(1, L, cfg.dim)
     for layer_id in (0, 1, 2):
         ours = layer(cfg, layer_id)
