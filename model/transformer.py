@@ -217,41 +217,42 @@ class Transformer(nn.Module):
 
 @torch.no_grad()
 def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every weight of a V4 model (or any of its sub-modules) with random values of a plausible scale.
+    """Fill every checkpoint tensor of a V4 model (or of any sub-module) with random values of a plausible scale.
 
     Linear weights ~ N(0, 1/in) quantised into their format; norm weights ~ 1; hyper-connection `fn` rows scaled
-    so the mixes are O(1); gate `bias` small; `tid2eid` a random choice of distinct experts per token.
-    For tests and benchmarks without a checkpoint; deterministic for a seed.
+    so the mixes are O(1); gate `bias`, `ape` and hc bases small; `tid2eid` distinct random experts per token.
+    Values are drawn on each tensor's own device (fast on a GPU); deterministic for a seed and device.
     """
-    g = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
 
-    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return torch.randn(shape, generator=g) * std
+    def randn(t: torch.Tensor, *shape: int, std: float = 1.0) -> torch.Tensor:
+        g = generators.setdefault(t.device, torch.Generator(device=t.device).manual_seed(seed))
+        return torch.randn(shape or t.shape, generator=g, device=t.device) * std
 
-    linear_params = set()
+    in_linear = set()
     for module in model.modules():
         if isinstance(module, Linear):
-            module.set_from_float(randn(module.out_features, module.in_features, std=module.in_features ** -0.5))
-            linear_params.update(id(p) for p in module.parameters())
+            module.set_from_float(randn(module.weight, module.out_features, module.in_features,
+                                        std=module.in_features ** -0.5))
+            in_linear.update(id(p) for p in module.parameters())
     for name, t in model.state_dict(keep_vars=True).items():   # checkpoint tensors only (not RoPE tables)
-        if id(t) in linear_params or not t.is_floating_point() and not name.endswith("tid2eid"):
+        if id(t) in in_linear:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("tid2eid"):
-            vocab, k = t.shape
+        if leaf == "tid2eid":
             n_experts = model.get_submodule(name.rsplit(".", 1)[0]).weight.shape[0]
-            value = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(vocab)])
+            value = randn(t, t.shape[0], n_experts).argsort(dim=-1)[:, :t.shape[1]]
         elif "norm" in name and leaf == "weight":
-            value = 1 + randn(*t.shape, std=0.1)
-        elif leaf.endswith("_fn"):
-            value = randn(*t.shape, std=t.shape[-1] ** -0.5)
-        elif leaf.endswith("_scale") and leaf.startswith("hc_"):
-            value = 0.5 + torch.rand(t.shape, generator=g)
-        elif leaf in ("embed",) or name.endswith("embed.weight"):
-            value = randn(*t.shape)
-        elif t.dim() == 2:   # gate / head / compressor projections held as plain parameters
-            value = randn(*t.shape, std=t.shape[-1] ** -0.5)
-        else:                # attn_sink, ape, hc bases, gate bias
-            value = randn(*t.shape, std=0.1 if leaf in ("bias", "ape") or leaf.endswith("_base") else 1.0)
-        t.copy_(value.to(t.device))
+            value = 1 + randn(t, std=0.1)
+        elif leaf.startswith("hc_") and leaf.endswith("_fn"):
+            value = randn(t, std=t.shape[-1] ** -0.5)
+        elif leaf.startswith("hc_") and leaf.endswith("_scale"):
+            value = 0.5 + randn(t, std=0.2).abs()
+        elif name.endswith("embed.weight"):
+            value = randn(t)
+        elif t.dim() == 2:   # gate and head weights
+            value = randn(t, std=t.shape[-1] ** -0.5)
+        else:                # attn_sink (1), ape, hc bases and gate bias (0.1)
+            value = randn(t, std=0.1 if leaf in ("bias", "ape") or leaf.endswith("_base") else 1.0)
+        t.copy_(value)
     return model

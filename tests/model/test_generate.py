@@ -7,7 +7,7 @@ from model.config import ModelConfig
 from model.generate import Sampler, SamplingParams, generate
 from model.transformer import Transformer, init_random_
 
-CFG = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16")
+CFG = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16", quant_sim=False)  # see test_transformer.py
 
 
 @pytest.fixture(scope="module")
