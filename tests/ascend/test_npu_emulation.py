@@ -111,17 +111,18 @@ def test_meta_kernels_agree_with_cpu_kernels(tnpu, name):
     assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu]
 
 
-def test_installed_swaps_sys_modules_and_restores():
+def test_installed_swaps_sys_modules_and_restores(tnpu, monkeypatch):
     sentinel = object()
-    sys.modules["torch_npu"] = sentinel
-    try:
-        with installed() as module:
-            import torch_npu
-            assert torch_npu is module and torch_npu.__emulated__
-            assert not hasattr(torch_npu, "npu_fused_infer_attention_score_v2")  # not emulated -> absent, not faked
-        assert sys.modules["torch_npu"] is sentinel
-    finally:
-        del sys.modules["torch_npu"]
+    monkeypatch.setitem(sys.modules, "torch_npu", sentinel)
+    with installed() as module:
+        import torch_npu
+        assert torch_npu is module and torch_npu.__emulated__
+        assert not hasattr(torch_npu, "npu_fused_infer_attention_score_v2")  # not emulated -> absent, not faked
+    assert sys.modules["torch_npu"] is sentinel
+    monkeypatch.delitem(sys.modules, "torch_npu")
+    with installed():
+        pass
+    assert "torch_npu" not in sys.modules
 
 
 def test_unemulated_modes_raise_not_silently_ignored(tnpu):
