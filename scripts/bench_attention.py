@@ -204,7 +204,88 @@ def prefill_tokens_per_s(layer, config, shapes: Shapes, device: Device, kernels)
     return n / (ms * 1e-3), peak_gib(device)
 
 
+# ----------------------------------------------------------------------------------------------- kernels alone
+SPARSE_VARIANTS = {"h32 k32 w8": dict(block_h=32, block_k=32, num_warps=8, waves=2.0),
+                   "h16 k32 w4": dict(block_h=16, block_k=32, num_warps=4, waves=2.0),
+                   "h64 k32 w8": dict(block_h=64, block_k=32, num_warps=8, waves=2.0),
+                   "h32 k64 w8": dict(block_h=32, block_k=64, num_warps=8, waves=2.0),
+                   "h32 k32 w8 waves4": dict(block_h=32, block_k=32, num_warps=8, waves=4.0),
+                   "h32 k32 w4": dict(block_h=32, block_k=32, num_warps=4, waves=2.0)}
+INDEXER_VARIANTS = {"t64 w4": dict(block_t=64, num_warps=4), "t128 w8": dict(block_t=128, num_warps=8),
+                    "t32 w4": dict(block_t=32, num_warps=4), "t128 w4": dict(block_t=128, num_warps=4)}
+
+
+@dataclass
+class KernelRow:
+    kernel: str
+    layer: str
+    batch: int
+    context: int
+    variant: str
+    ms: float
+    roofline_ms: float
+    reference_ms: float
+
+
+def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, device: Device, copy_bps: float,
+                flops_per_s: float, triton: bool) -> list[KernelRow]:
+    """The decode-step sparse_attn (and, for CSA, indexer_topk) alone: each Triton launch variant, the PyTorch
+    version and the reference, captured; roofline = rows read once (and scores written once) vs FLOPs."""
+    from ascend.backends import cuda
+    from model.kernels import REFERENCE
+
+    dev, dt = device.torch_device, shapes.dtype
+    h, d, win = config.n_heads, config.head_dim, config.window_size
+    n_entries = context // (4 if kind == "csa" else 128)
+    selected = min(config.index_topk, n_entries) if kind == "csa" else n_entries
+    q = torch.randn(batch, 1, h, d, device=dev, dtype=dt)
+    kv = torch.randn(batch, win + n_entries + 1, d, device=dev, dtype=dt)
+    ring = torch.arange(win, device=dev).expand(batch, 1, win)
+    entries = win + torch.stack([torch.randperm(n_entries, device=dev)[:selected] for _ in range(batch)]).unsqueeze(1)
+    idx = torch.cat([ring, entries], -1).int()
+    sink = torch.randn(h, device=dev)
+    k_rows = idx.size(-1)
+    roof = max(batch * k_rows * d * kv.element_size() / copy_bps, 4 * batch * h * d * k_rows / flops_per_s) * 1e3
+    args = (q, kv, idx, sink, d ** -0.5)
+    ref = time_ms(device, lambda: REFERENCE.sparse_attn(*args), shapes.reps)
+    rows = [KernelRow("sparse_attn", kind, batch, context, "pytorch sdpa",
+                      time_ms(device, lambda: cuda.sparse_attn_sdpa(*args), shapes.reps), roof, ref)]
+    if triton:
+        from ascend.backends import triton_sparse_attn as tsa
+        for name, variant in SPARSE_VARIANTS.items():
+            ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
+            rows.append(KernelRow("sparse_attn", kind, batch, context, f"triton {name}", ms, roof, ref))
+    if kind == "csa":
+        di, hi = config.index_head_dim, config.index_n_heads
+        iq = torch.randn(batch, 1, hi, di, device=dev, dtype=dt)
+        ik = torch.randn(batch, n_entries + 1, di, device=dev, dtype=dt)
+        w = torch.randn(batch, 1, hi, device=dev)
+        nv = torch.full((batch, 1), n_entries, device=dev)
+        t = n_entries + 1
+        roof = max(batch * t * (di * ik.element_size() + 8) / copy_bps, 2 * batch * hi * di * t / flops_per_s) * 1e3
+        iargs = (iq, ik, w, nv)
+        topk = config.index_topk
+        ref = time_ms(device, lambda: REFERENCE.indexer_topk(*iargs, topk), shapes.reps)
+        rows.append(KernelRow("indexer_topk", kind, batch, context, "pytorch bmm",
+                              time_ms(device, lambda: cuda.indexer_topk_bmm(*iargs, topk), shapes.reps), roof, ref))
+        if triton:
+            for name, variant in INDEXER_VARIANTS.items():
+                fn = lambda: cuda.topk_fixed(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
+                rows.append(KernelRow("indexer_topk", kind, batch, context, f"triton {name}",
+                                      time_ms(device, fn, shapes.reps), roof, ref))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- report
+def kernel_table(rows: list[KernelRow]) -> str:
+    lines = ["| kernel | layer | batch | context | implementation | us | x roofline | speedup vs reference |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.kernel} | {r.layer} | {r.batch} | {r.context} | {r.variant} | {r.ms * 1e3:.1f} | "
+                     f"{r.ms / r.roofline_ms:.2f} | {r.reference_ms / r.ms:.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
              f"({ceilings['device']})", "",
@@ -229,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", type=lambda s: tuple(map(int, s.split(","))), default=None)
     p.add_argument("--no-reference", action="store_true", help="skip the reference-kernels column")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel variant table")
     p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
     args = p.parse_args(argv)
 
@@ -251,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_tokens": shapes.prefill_tokens}
 
     rows, prefill, dense, failures = [], {}, {}, []
+
+    def log(record: dict) -> None:
+        """Append each result as it comes, so a run cut short still leaves its numbers."""
+        if args.out:
+            with open(args.out / "bench_attention.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        log({"ceilings": ceilings})
     for kind, layer_id in layer_ids(config).items():
         layer = synthetic_attention(config, layer_id, device.torch_device)
         for context in contexts:
@@ -269,26 +361,44 @@ def main(argv: list[str] | None = None) -> int:
                     device.empty_cache()
                 row.dense_ms = dense[batch, context]
                 rows.append(row)
+                log({"decode": asdict(row)})
                 print(f"{kind} batch {batch} context {context}: {row.ms * 1e3:.1f} us", file=sys.stderr)
         if not args.no_prefill:
             try:
                 prefill[kind] = prefill_tokens_per_s(layer, config, shapes, device, kernels)
+                log({"prefill": kind, "tokens_per_s": prefill[kind][0], "peak_gib": prefill[kind][1]})
             except Exception as e:  # noqa: BLE001
                 print(f"{kind} prefill: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 failures.append(f"{kind} prefill: {type(e).__name__}: {str(e)[:200]}")
         del layer
         device.empty_cache()
 
-    text = table(rows, prefill, ceilings) + "".join(f"\nFAILED {f}" for f in failures)
+    krows = []
+    if not args.no_kernels:
+        from ascend.backends.cuda import triton_available
+        for kind in ("csa", "hca"):
+            for context in contexts:
+                for batch in batches:
+                    try:
+                        new = kernel_rows(config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
+                                          triton=device.type == "cuda" and triton_available())
+                        krows += new
+                        for r in new:
+                            log({"kernel": asdict(r)})
+                    except Exception as e:  # noqa: BLE001
+                        print(f"kernels {kind} b{batch} ctx{context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                        failures.append(f"kernels {kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
+                    device.empty_cache()
+
+    text = table(rows, prefill, ceilings) + "\n\n" + kernel_table(krows) + "".join(f"\nFAILED {f}" for f in failures)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_attention.md").write_text(text + "\n")
         (args.out / "bench_attention.json").write_text(json.dumps({
             "ceilings": ceilings, "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
             "decode": [{**asdict(r), "x_roofline": r.x_roofline, "x_dense": r.x_dense} for r in rows],
             "prefill": {k: {"tokens_per_s": v[0], "peak_gib": v[1]} for k, v in prefill.items()},
-            "failures": failures}, indent=1))
+            "kernels": [asdict(r) for r in krows], "failures": failures}, indent=1))
     return 1 if failures else 0
 
 

@@ -85,16 +85,21 @@ def indexer_topk_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_
     return _select(indexer_scores_bmm(q, k, weights, n_visible), topk, group)
 
 
+# Launch settings of the Triton kernels (see scripts/bench_attention.py, which times the alternatives).
+SPARSE_ATTN_CONFIG = dict(block_h=32, block_k=32, num_warps=8, waves=2.0)
+INDEXER_CONFIG = dict(block_t=64, num_warps=4)
+
+
 def sparse_attn_triton(q, kv, indices, sink, scale):
     """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`)."""
     from ascend.backends import triton_sparse_attn
-    return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale)
+    return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **SPARSE_ATTN_CONFIG)
 
 
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     """Fused Triton indexer scores, then a fixed-size `topk` (same contract as `indexer_topk_bmm`)."""
     from ascend.backends import triton_sparse_attn
-    return _select(triton_sparse_attn.indexer_scores(q, k, weights, n_visible), topk, group)
+    return _select(triton_sparse_attn.indexer_scores(q, k, weights, n_visible, **INDEXER_CONFIG), topk, group)
 
 
 def triton_available() -> bool:

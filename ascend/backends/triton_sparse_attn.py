@@ -18,15 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 32  # KV rows gathered per inner step
-
-
 @triton.jit
 def _sparse_attn_partial_kernel(
-    q_ptr, kv_ptr, idx_ptr, o_ptr, m_ptr, l_ptr,
+    q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, o_ptr, m_ptr, l_ptr,
     S, H, T, K, chunk, scale,
     sq_b, sq_s, sq_h, skv_b, skv_t, si_b, si_s,
-    D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
 ):
     bs = tl.program_id(0)           # flattened (batch, query position)
     hb = tl.program_id(1)           # block of heads
@@ -65,47 +62,68 @@ def _sparse_attn_partial_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
         m_i = m_new
 
-    part = (bs * nsplit + split) * H + heads                            # [BS, NSPLIT, H] layout
-    tl.store(o_ptr + part[:, None].to(tl.int64) * D + dims[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
-    tl.store(m_ptr + part, m_i, mask=h_ok)
-    tl.store(l_ptr + part, l_i, mask=h_ok)
+    if SINGLE:      # one chunk: normalise here, with exp(sink) in the denominator, and write the output
+        sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
+        m_all = tl.maximum(m_i, sink)
+        w = tl.exp(m_i - m_all)
+        res = acc * (w / (l_i * w + tl.exp(sink - m_all)))[:, None]
+        row = (bs * H + heads).to(tl.int64)                                 # out is contiguous [B, S, H, D]
+        tl.store(out_ptr + row[:, None] * D + dims[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=h_ok[:, None] & d_ok[None, :])
+    else:           # unnormalised partial of this chunk, merged by `_merge`
+        part = (bs * nsplit + split) * H + heads                        # [BS, NSPLIT, H] layout
+        tl.store(o_ptr + part[:, None].to(tl.int64) * D + dims[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(m_ptr + part, m_i, mask=h_ok)
+        tl.store(l_ptr + part, l_i, mask=h_ok)
 
 
-def _num_splits(programs: int, k_blocks: int, device: torch.device) -> int:
-    """Chunks of the index list per (query, head block): enough programs for ~2 waves on the GPU."""
+def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
+    """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(k_blocks, triton.cdiv(2 * sms, programs)))
+    return max(1, min(k_blocks, triton.cdiv(int(waves * sms), programs)))
 
 
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32 (-1 = skip), sink [H] fp32 -> [B,S,H,D] in q's dtype."""
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
+                block_h: int | None = None, block_k: int = 32, num_warps: int | None = None,
+                waves: float = 2.0) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32 (-1 = skip), sink [H] fp32 -> [B,S,H,D] in q's dtype.
+
+    block_h: heads per program (16 / 32 / 64); block_k: rows per inner step; waves: target programs per SM.
+    """
     B, S, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
     q, kv, indices = q.contiguous(), kv.to(q.dtype).contiguous(), indices.to(torch.int32).contiguous()
-    block_h = 16 if H <= 16 else 32
+    sink = sink.float().contiguous()
+    block_h = block_h or (16 if H <= 16 else 32)
     head_blocks = triton.cdiv(H, block_h)
-    k_blocks = triton.cdiv(K, BLOCK_K)
-    nsplit = _num_splits(B * S * head_blocks, k_blocks, q.device)
-    chunk = triton.cdiv(k_blocks, nsplit) * BLOCK_K
+    k_blocks = triton.cdiv(K, block_k)
+    nsplit = _num_splits(B * S * head_blocks, k_blocks, q.device, waves)
+    chunk = triton.cdiv(k_blocks, nsplit) * block_k
     nsplit = triton.cdiv(K, chunk)
-    o = q.new_empty(B * S, nsplit, H, D, dtype=torch.float32)
-    m = q.new_empty(B * S, nsplit, H, dtype=torch.float32)
-    l = torch.empty_like(m)
+    out = torch.empty_like(q)
+    parts = [q.new_empty(0, dtype=torch.float32)] * 3
+    if nsplit > 1:
+        parts = [q.new_empty(B * S, nsplit, H, D, dtype=torch.float32),
+                 q.new_empty(B * S, nsplit, H, dtype=torch.float32), q.new_empty(B * S, nsplit, H, dtype=torch.float32)]
     _sparse_attn_partial_kernel[(B * S, head_blocks, nsplit)](
-        q, kv, indices, o, m, l,
+        q, kv, indices, sink, out, *parts,
         S, H, T, K, chunk, scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=BLOCK_K,
-        num_warps=8 if D >= 256 else 4, num_stages=2,
+        D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
+        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
     )
-    # Merge the chunks; the sink is one more "logit" per head with a zero value vector.
-    sink = sink.float().view(1, 1, H)
-    m_all = torch.maximum(m.amax(1), sink.view(1, H))                  # [BS, H]
+    if nsplit > 1:
+        out.copy_(_merge(*parts, sink).view(B, S, H, D))
+    return out
+
+
+def _merge(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Combine chunk partials [BS, NSPLIT, H, (D)]; the sink is one more logit per head with a zero value."""
+    sink = sink.view(1, -1)
+    m_all = torch.maximum(m.amax(1), sink)                              # [BS, H]
     w = torch.exp(m - m_all.unsqueeze(1))                               # [BS, NSPLIT, H]; -inf chunks -> 0
-    denom = (l * w).sum(1) + torch.exp(sink.view(1, H) - m_all)
-    out = (o * w.unsqueeze(-1)).sum(1) / denom.unsqueeze(-1)
-    return out.view(B, S, H, D).to(q.dtype)
+    denom = (l * w).sum(1) + torch.exp(sink - m_all)
+    return (o * w.unsqueeze(-1)).sum(1) / denom.unsqueeze(-1)
 
 
 @triton.jit
@@ -137,21 +155,20 @@ def _indexer_scores_kernel(
     tl.store(out_ptr + b.to(tl.int64) * so_b + s * so_s + t, score, mask=t_ok)
 
 
-def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
-                   n_visible: torch.Tensor) -> torch.Tensor:
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
+                   block_t: int = 64, num_warps: int = 4) -> torch.Tensor:
     """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible."""
     B, S, H, D = q.shape
     T = k.shape[1]
     q, k = q.contiguous(), k.to(q.dtype).contiguous()
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
-    block_t = 64
     _indexer_scores_kernel[(B * S, triton.cdiv(T, block_t))](
         q, k, weights, n_visible, out,
         S, H, T,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )
     return out

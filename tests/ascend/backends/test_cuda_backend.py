@@ -94,6 +94,33 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
     assert B * S == 1 or out[0, 0].abs().max() == 0
 
 
+SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
+                   dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
+                   dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4)]
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", SPARSE_VARIANTS)
+@pytest.mark.parametrize("B,K", [(1, 8320), (32, 640)])
+def test_triton_sparse_attn_launch_variants(B, K, variant):
+    """Every launch setting the benchmark times computes the same function (bf16, V4 head shapes)."""
+    from ascend.backends import triton_sparse_attn
+    q, kv, idx, sink = _attn_inputs(B, 1, 64, 512, 9000, K, device="cuda", dtype=torch.bfloat16)
+    out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, 512 ** -0.5, **variant)
+    ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), 512 ** -0.5)
+    assert torch.isfinite(out).all() and (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", [dict(block_t=64, num_warps=4), dict(block_t=128, num_warps=8),
+                                     dict(block_t=32, num_warps=4), dict(block_t=128, num_warps=4)])
+def test_triton_indexer_launch_variants(variant):
+    from ascend.backends import triton_sparse_attn
+    q, k, w, n_visible = _indexer_inputs(4, 1, 64, 128, 5000, device="cuda", dtype=torch.bfloat16)
+    got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, **variant)
+    torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-2, atol=5e-2)
+
+
 @needs_triton
 @pytest.mark.parametrize("B,S,H,D,T,topk", [(1, 1, 64, 128, 4096, 512), (4, 3, 8, 32, 300, 64), (2, 1, 64, 128, 100, 512)])
 def test_triton_indexer_topk_matches_reference(B, S, H, D, T, topk):
