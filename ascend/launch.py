@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ascend.errors import AscendDeployError
 from model.chat import ChatFormatError, encode_messages, parse_completion
+from model.generate import Sampler, SamplingParams
 from model.tokenizer import Tokenizer
 
 
@@ -143,38 +144,6 @@ def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: st
     return Checked(manifest, plan, config)
 
 
-# ============================================================================================ sampling
-@dataclass(frozen=True)
-class Sampling:
-    """temperature <= 0: greedy. Otherwise top-k / top-p filtered softmax sampling, seeded."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise LaunchError(f"--top-p {self.top_p} / --top-k {self.top_k}: expected 0 < top-p <= 1, top-k >= 0")
-
-    def sample(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Token ids [B] from float logits [B, V]."""
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        logits = logits.float() / self.temperature
-        if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            sorted_logits, order = logits.sort(-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        noise = torch.empty_like(probs).exponential_(1, generator=generator)
-        return (probs / noise).argmax(-1)  # Gumbel-max: one draw per row from probs
-
-
 # ============================================================================================ generation
 @dataclass
 class Completion:
@@ -216,12 +185,12 @@ class Completion:
 
 
 class Session(Protocol):
-    """The model on this rank with its own cache: `reset` starts `batch` empty sequences of up to `max_len`
-    tokens; `forward(ids [B, S], n_valid [B])` appends each row's first n_valid tokens and returns the
-    float logits [B, V] of each row's last one."""
+    """The model on this rank with its own cache. `prefill` starts a batch (one sequence per prompt, room for
+    `max_len` tokens each) and returns the float logits [B, V] after each prompt; `decode(tokens [B], active [B])`
+    appends one token to each active sequence (inactive ones do not move) and returns logits [B, V]."""
 
-    def reset(self, batch: int, max_len: int) -> None: ...
-    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor: ...
+    def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -256,13 +225,12 @@ def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
     Every rank runs the same sequence, forward then vote, so the expert exchanges inside the forwards pair up.
     """
     while True:
-        idle.reset(1, 2)
-        idle.forward(torch.tensor([[bos]]), torch.ones(1, dtype=torch.long))
+        idle.prefill([[bos]], 1)
         if not lockstep.anyone_busy(False):
             return
 
 
-def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: Sampling,
+def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: SamplingParams,
              max_new_tokens: int, max_len: int, stop: Iterable[str] = (), lockstep: Lockstep | None = None,
              idle: Session | None = None, on_text: Callable[[int, str], None] | None = None,
              keep_logits: bool = False) -> list[Completion]:
@@ -286,15 +254,11 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     done = [Completion(r, len(p)) for r, p in zip(requests, prompts)]
     finished = [False] * B
     shown = [0] * B
-    session.reset(B, longest)
-    ids = torch.full((B, max(map(len, prompts))), tokenizer.eos_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
+    sampler = Sampler(sampling)
     t0 = time.perf_counter()
-    logits = session.forward(ids, torch.tensor([len(p) for p in prompts]))
-    generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
+    logits = session.prefill(prompts, longest)
     while True:
-        nxt = lockstep.same_tokens(sampling.sample(logits, generator))
+        nxt = lockstep.same_tokens(sampler(logits))
         now = time.perf_counter() - t0
         for i, tok in enumerate(nxt.tolist()):
             if finished[i]:
@@ -325,7 +289,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
         if all(finished):  # others still generate: keep their collectives paired
             idle_until_done(idle or session, lockstep, tokenizer.bos_id)
             break
-        logits = session.forward(nxt[:, None], torch.ones(B, dtype=torch.long))
+        logits = session.decode(nxt, torch.tensor([not f for f in finished], device=nxt.device))
     return done
 
 

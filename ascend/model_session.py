@@ -15,6 +15,7 @@ import torch
 
 from ascend.expert_parallel import ExpertLayout, ExpertParallel
 from ascend.launch import Checked, LaunchError
+from model.generate import decode_step, prefill
 
 EXCHANGES = ("allreduce", "alltoall", "allgather")
 
@@ -33,18 +34,20 @@ def choose_exchange(requested: str, plan: Any) -> str:
 
 
 class CacheSession:
-    """`ascend.launch.Session` over a Transformer: a fresh KV cache per batch, logits of the last valid tokens."""
+    """`ascend.launch.Session` over a Transformer (model.generate's prefill / decode_step on a fresh KV cache)."""
 
-    def __init__(self, model: Any, device: torch.device):
-        self.model, self.device, self.cache = model, device, None
-
-    def reset(self, batch: int, max_len: int) -> None:
-        self.cache = None  # free the previous batch's cache first
-        self.cache = self.model.new_cache(batch, max_len, device=self.device)
+    def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None):
+        self.model, self.device, self.prefill_chunk, self.cache = model, device, prefill_chunk, None
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), self.cache, n_valid.to(self.device))
+    def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor:
+        self.cache = None  # free the previous batch's cache first
+        self.cache = self.model.new_cache(len(prompts), max_len, device=self.device)
+        return prefill(self.model, prompts, self.cache, self.prefill_chunk)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, tokens.to(self.device), self.cache, active.to(self.device))
 
 
 def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
@@ -66,7 +69,8 @@ def compute_dtype(device_type: str) -> torch.dtype:
     return torch.float32 if device_type == "cpu" else torch.bfloat16
 
 
-def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto") -> tuple[CacheSession, CacheSession, str]:
+def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto",
+                  prefill_chunk: int | None = None) -> tuple[CacheSession, CacheSession, str]:
     """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used)."""
     from ascend.backends import get_kernels
     from convert.manifest import load_rank
@@ -80,4 +84,4 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
         model = Transformer(checked.config, ctx, get_kernels(mesh.device), compute_dtype(mesh.device.type))
     model.load_weights(load_rank(ckpt, mesh.rank))  # experts named by logical id, as the model's
     model.eval()
-    return CacheSession(model, device), CacheSession(model, device), exchange
+    return CacheSession(model, device, prefill_chunk), CacheSession(model, device), exchange

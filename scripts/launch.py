@@ -29,8 +29,9 @@ import torch.distributed as dist
 
 from ascend import dist as mesh_lib
 from ascend.errors import AscendDeployError
-from ascend.launch import (Lockstep, Request, Sampling, check_checkpoint, generate, idle_until_done,
+from ascend.launch import (LaunchError, Lockstep, Request, check_checkpoint, generate, idle_until_done,
                            read_requests, split_for_dp, summary)
+from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
 
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-len", type=int, default=4096, help="context length to allocate per sequence")
     p.add_argument("--max-batch", type=int, default=8, help="requests per batch on one data-parallel group")
+    p.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="<= 0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -108,7 +110,10 @@ def print_table(results: list[dict], total: dict) -> None:
 
 def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request], lockstep, stream: bool) -> list[dict]:
     """All requests over the data-parallel groups; returns (on rank 0) every result in request order."""
-    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed + mesh.dp_rank)
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise LaunchError(f"--top-p {args.top_p} / --top-k {args.top_k}: expected 0 < top-p <= 1 and top-k >= 0")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed + mesh.dp_rank)
     index = {id(r): i for i, r in enumerate(requests)}
     batches = split_for_dp(requests, mesh.dp_size, mesh.dp_rank, args.max_batch)
     rounds = max(len(split_for_dp(requests, mesh.dp_size, d, args.max_batch)) for d in range(mesh.dp_size))
@@ -174,7 +179,7 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                      for i, p in enumerate(args.prompt or ["Hello! Who are you?"])])
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
-    session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange)
+    session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk)
     tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this
         dist.barrier()
