@@ -39,12 +39,12 @@ def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     batch = torch.arange(B, device=kv.device).view(B, 1, 1)
     keys = kv.to(q.dtype)[batch, rows]                                            # [B,S,K,D]
     keys = torch.cat([keys, keys.new_zeros(B, S, 1, D)], dim=2).view(B * S, 1, K + 1, D)
+    # one KV head shared by all heads: the heads become the query rows of a single-head attention
     mask = torch.zeros(B, S, H, K + 1, device=q.device, dtype=q.dtype)
     mask[..., :K].masked_fill_(~valid.unsqueeze(2), float("-inf"))
     mask[..., K] = sink.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q.reshape(B * S, H, 1, D), keys.expand(-1, H, -1, -1), keys.expand(-1, H, -1, -1),
-        attn_mask=mask.view(B * S, H, 1, K + 1), scale=scale)
+    out = F.scaled_dot_product_attention(q.reshape(B * S, 1, H, D), keys, keys,
+                                         attn_mask=mask.view(B * S, 1, H, K + 1), scale=scale)
     return out.view(B, S, H, D)
 
 
