@@ -182,11 +182,15 @@ def main() -> None:
     ap.add_argument("--layout", default="bf16", choices=["bf16", "fp8"], help="cache layout for the latency table")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny preset on CPU with small sizes (checks the script)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.device, args.layers = "tiny", "cpu", 4
         args.prefill_len, args.decode_steps, args.contexts, args.reps = 32, 4, "128,512", 1
+        args.threads = args.threads or 1          # a shared CI box: oversubscribed threads make CPU timings noise
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = get_device(args.device)
     torch.manual_seed(0)
