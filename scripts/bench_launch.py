@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Launcher-path decode benchmark on one device: what `ascend run` serves per second, against its roofline.
+
+A reduced-depth model at full width (default: V4-Flash width, 4 layers, all 256 routed experts, random
+weights) runs the launcher's own session (model.generate prefill / decode_step on a KV cache), decode
+replayed from captured graphs where the device has them (ascend.graph.DecodeGraphRunner; eager on CPU).
+For every (prompt length, batch):
+
+- prefill: one sequence of the prompt length, in chunks; its cache rows are copied to every sequence of the
+  batch (the same context for all, so a 64K x 32 prefill is not needed to measure decode at 64K);
+- decode tokens/s over --steps steps, and the roofline: (weight bytes read + KV-cache bytes read) per step
+  over the measured device copy bandwidth, i.e. the best a memory-bound step could do here;
+- baseline in the same run: HF transformers' DeepseekV4ForCausalLM on the same weights when the installed
+  transformers has it (greedy decode tokens/s at the shortest prompt, and logits agreement of the prompt's
+  last position); otherwise the table says why it was skipped.
+
+    python3 scripts/bench_launch.py --quick                 # CPU, tiny width: checks the script end to end
+    python3 scripts/bench_launch.py                         # one H200: Flash width, 4 layers, 1K/64K x 1/32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ascend.backends import get_kernels
+from ascend.device import Device, get_device
+from ascend.graph import DecodeGraphRunner
+from model.config import ModelConfig
+from model.generate import decode_step, prefill
+from model.moe import MoE
+from model.transformer import Transformer, init_random_
+
+
+# ------------------------------------------------------------------------------------------------- model
+@torch.no_grad()
+def random_model(cfg: ModelConfig, device: Device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """Random weights; every layer's routed experts share one random expert's bytes (initialising 256 x 4
+    FP4 experts one by one on the host takes longer than the benchmark; speed does not depend on values)."""
+    with torch.device(device.torch_device):
+        model = Transformer(cfg, kernels=get_kernels(device), dtype=dtype)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    held = [m.experts for m in moes]
+    for m in moes:
+        m.experts = nn.ModuleDict()
+    init_random_(model, seed)
+    for i, (m, experts) in enumerate(zip(moes, held)):
+        m.experts = experts
+        first = next(iter(experts.values()))
+        init_random_(first, seed + 1 + i)
+        for e in experts.values():
+            for dst, src in zip(e.parameters(), first.parameters()):
+                dst.copy_(src)
+    return model.eval()
+
+
+def weight_bytes_per_step(model: Transformer, batch: int) -> int:
+    """Bytes of weights a decode step reads: everything but routed experts, plus the experts `batch` tokens
+    touch in expectation (each token picks k of E)."""
+    cfg = model.config
+    expert_bytes, other = 0, 0
+    for name, p in model.named_parameters():
+        if ".experts." in name and not name.startswith("mtp."):
+            expert_bytes += p.nbytes
+        elif not name.startswith("mtp."):
+            other += p.nbytes
+    touched = 1 - (1 - cfg.n_activated_experts / cfg.n_routed_experts) ** batch
+    return int(other + expert_bytes * touched)
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers[:len(cache.layers)]:
+        total += layer.kv.nbytes + (layer.index_kv.nbytes if layer.index_kv is not None else 0)
+    return total
+
+
+def copy_bandwidth(device: Device, nbytes: int) -> float:
+    """Device memory bandwidth in bytes/s from timed copies (each copy reads and writes nbytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device.torch_device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    device.synchronize()
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    device.synchronize()
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def replicate_rows(src, dst) -> None:
+    """Copy sequence 0 of cache `src` into every sequence of cache `dst` (same max_len)."""
+    for a, b in zip(src.layers, dst.layers):
+        b.kv.copy_(a.kv[:1].expand_as(b.kv))
+        if a.index_kv is not None:
+            b.index_kv.copy_(a.index_kv[:1].expand_as(b.index_kv))
+        for sa, sb in ((a.compressor, b.compressor), (a.index_compressor, b.index_compressor)):
+            if sa is not None:
+                sb.kv.copy_(sa.kv[:1].expand_as(sb.kv))
+                sb.score.copy_(sa.score[:1].expand_as(sb.score))
+    dst.lengths.copy_(src.lengths[:1].expand_as(dst.lengths))
+
+
+# ------------------------------------------------------------------------------------------------- measure
+@torch.no_grad()
+def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, steps: int, chunk: int,
+             graphs: bool) -> dict:
+    cfg = model.config
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(2, cfg.vocab_size, (prompt_len,), generator=g).tolist()
+    max_len = prompt_len + steps + 1
+    one = model.new_cache(1, max_len)
+    device.synchronize()
+    t0 = time.perf_counter()
+    logits = prefill(model, [prompt], one, chunk)
+    device.synchronize()
+    prefill_s = time.perf_counter() - t0
+    cache = model.new_cache(batch, max_len)
+    replicate_rows(one, cache)
+    del one
+    tokens = logits.argmax(-1).expand(batch).contiguous()
+    active = torch.ones(batch, dtype=torch.bool, device=tokens.device)
+
+    def step(tok, act):
+        return decode_step(model, tok, cache, act)
+
+    mode = "eager"
+    fn = step
+    if graphs:
+        try:
+            runner = DecodeGraphRunner(step, lambda b: (tokens[:b].clone(), active[:b].clone()), device,
+                                       buckets=(batch,), warmup=1)
+            saved = cache.lengths.clone()
+            runner.capture()
+            cache.lengths.copy_(saved)  # capture ran the step: undo its advance (its writes are overwritten)
+            fn, mode = runner, "graph" if device.type != "cpu" else "graph (eager replay on CPU)"
+        except Exception as e:  # noqa: BLE001 -- report and measure eagerly instead
+            mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            cache.lengths.fill_(prompt_len)
+    device.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = fn(tokens, active).argmax(-1)
+    device.synchronize()
+    decode_s = time.perf_counter() - t0
+    read = weight_bytes_per_step(model, batch) + cache_bytes(cache)
+    return {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
+            "decode_tok_s": batch * steps / decode_s, "step_ms": decode_s / steps * 1e3, "bytes_per_step": read,
+            "mode": mode, "peak_gib": device.memory().peak / 2**30}
+
+
+@torch.no_grad()
+def hf_baseline(model: Transformer, device: Device, prompt_len: int, batches: list[int], steps: int) -> dict:
+    """HF transformers' DeepseekV4ForCausalLM on our weights (saved as an official-layout checkpoint)."""
+    try:
+        from transformers import DeepseekV4ForCausalLM
+    except Exception as e:  # noqa: BLE001 -- not installed, or too old to have deepseek_v4
+        return {"skipped": f"transformers without DeepseekV4ForCausalLM ({type(e).__name__})"}
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+            hf = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=model.dtype, device_map=str(device.torch_device))
+        hf.eval()
+        g = torch.Generator().manual_seed(prompt_len)
+        ids = torch.randint(2, cfg.vocab_size, (1, prompt_len), generator=g).to(device.torch_device)
+        ours = model(ids, model.new_cache(1, prompt_len + 1))
+        theirs = hf(ids).logits[:, -1].float()
+        out = {"cosine": float(torch.nn.functional.cosine_similarity(ours, theirs).item()),
+               "max_abs_diff": float((ours - theirs).abs().max()), "argmax_equal": bool((ours.argmax(-1) ==
+                                                                                          theirs.argmax(-1)).all())}
+        for b in batches:
+            x = ids.expand(b, -1)
+            hf.generate(x, max_new_tokens=2, do_sample=False)
+            device.synchronize()
+            t0 = time.perf_counter()
+            hf.generate(x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            device.synchronize()
+            out[f"decode_tok_s_b{b}"] = b * steps / (time.perf_counter() - t0)  # includes its prefill
+        return out
+    except Exception as e:  # noqa: BLE001 -- the baseline must not stop our own measurements
+        return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU-sized: tiny width, 2 layers, short prompts")
+    p.add_argument("--preset", default="flash", choices=["flash", "pro", "tiny"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompts", type=int, nargs="+", default=[1024, 65536])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.preset, args.layers, args.prompts, args.batches, args.steps, args.chunk = "tiny", 2, [64, 256], [1, 4], 4, 64
+    device = get_device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = ModelConfig.preset(args.preset, n_layers=args.layers,
+                             max_seq_len=max(max(args.prompts) + args.steps + 1, 1024))
+    t0 = time.perf_counter()
+    model = random_model(cfg, device, dtype)
+    build_s = time.perf_counter() - t0
+    bandwidth = copy_bandwidth(device, 2**30 if device.type != "cpu" else 2**27)
+    rows = [run_case(model, device, pl, b, args.steps, args.chunk, not args.no_graphs)
+            for pl in args.prompts for b in args.batches]
+    for r in rows:
+        r["roofline_tok_s"] = r["batch"] * bandwidth / r["bytes_per_step"]
+        r["of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
+    hf = {"skipped": "--no-hf"} if args.no_hf else hf_baseline(model, device, min(args.prompts), args.batches, args.steps)
+    for r in rows:
+        key = f"decode_tok_s_b{r['batch']}"
+        r["vs_hf"] = r["decode_tok_s"] / hf[key] if key in hf and r["prompt"] == min(args.prompts) else None
+    doc = {"device": str(device), "preset": args.preset, "layers": args.layers, "experts": cfg.n_routed_experts,
+           "dtype": str(dtype), "build_s": build_s, "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
+    if args.json:
+        print(json.dumps(doc))
+        return
+    print(f"{device}: {args.preset} width, {args.layers} layers, {cfg.n_routed_experts} experts, {dtype}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; model built in {build_s:.1f} s")
+    print(f"{'prompt':>7} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} {'MB/step':>8} "
+          f"{'roofline tok/s':>14} {'of roof':>7} {'vs HF':>6} {'peak GiB':>8}  mode")
+    for r in rows:
+        vs = f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-"
+        print(f"{r['prompt']:>7} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} "
+              f"{r['step_ms']:>8.2f} {r['bytes_per_step'] / 1e6:>8.1f} {r['roofline_tok_s']:>14.1f} "
+              f"{r['of_roofline']:>7.1%} {vs:>6} {r['peak_gib']:>8.2f}  {r['mode']}")
+    print("HF transformers baseline: " + ("skipped: " + hf["skipped"] if "skipped" in hf else
+          f"logits cosine {hf['cosine']:.6f}, max |diff| {hf['max_abs_diff']:.3g}, argmax equal {hf['argmax_equal']}"))
+
+
+if __name__ == "__main__":
+    main()
