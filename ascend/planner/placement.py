@@ -161,32 +161,39 @@ def _grid(experts: np.ndarray, sizes: np.ndarray, bins: np.ndarray, n_bins: int)
 
 
 def _refine(experts: np.ndarray, sizes: np.ndarray, max_rounds: int) -> None:
-    """In place: swap one item of the busiest bin with one of another bin while that lowers the peak.
+    """In place: swap one item of the busiest bin with one of a light bin while that lowers the peak.
 
-    Per layer the best swap is the one whose two new bin totals have the smallest maximum; a layer
-    stops when its busiest bin has no improving swap.
+    Per layer the best swap (smallest max of the two new bin totals) with one of the lightest bins is
+    applied; a layer stops when its busiest bin has no improving swap. Only the lightest bins are tried
+    so the [layers, k, bins, k] candidate array stays a few million entries.
     """
     L, B, k = sizes.shape
+    if k == 1 or B == 1:                          # a swap cannot lower the peak
+        return
+    n_light = int(min(B, max(4, 4_000_000 // max(L * k * k, 1))))
     active = np.arange(L)
     for _ in range(max_rounds):
         if active.size == 0:
             return
+        A = np.arange(active.size)
         s = sizes[active]                                         # [A, B, k]
         tot = s.sum(2)
         m = tot.argmax(1)
-        peak = tot[np.arange(active.size), m]
-        sm = s[np.arange(active.size), m]                         # [A, k] items of the busiest bin
-        d = sm[:, :, None, None] - s[:, None, :, :]               # [A, k(from m), B, k(in b)]
-        new_peak = np.maximum(peak[:, None, None, None] - d, tot[:, None, :, None] + d)
+        peak = tot[A, m]
+        light = np.argsort(tot, axis=1, kind="stable")[:, :n_light]                  # [A, n]
+        s_l = np.take_along_axis(s, light[:, :, None], 1)                           # [A, n, k]
+        d = s[A, m][:, :, None, None] - s_l[:, None, :, :]                          # [A, k, n, k]
+        new_peak = np.maximum(peak[:, None, None, None] - d,
+                              np.take_along_axis(tot, light, 1)[:, None, :, None] + d)
         new_peak[d <= 0] = np.inf
         flat = new_peak.reshape(active.size, -1)
         best = flat.argmin(1)
-        gain = peak - flat[np.arange(active.size), best]
-        ok = gain > 1e-12 * np.maximum(peak, 1e-300)
+        ok = peak - flat[A, best] > 1e-12 * np.maximum(peak, 1e-300)
         if not ok.any():
             return
         a = active[ok]
-        i, b, j = np.unravel_index(best[ok], (k, B, k))
+        i, bl, j = np.unravel_index(best[ok], (k, n_light, k))
+        b = light[ok, bl]
         mm = m[ok]
         for arr in (sizes, experts):
             held = arr[a, mm, i].copy()
@@ -199,21 +206,21 @@ def _pack(experts: np.ndarray, sizes: np.ndarray, n_ranks: int, ranks_per_node: 
     """Physical placement [L, P] of sorted items onto ranks, optionally node first."""
     L, P = experts.shape
     n_nodes = n_ranks // ranks_per_node
-    rounds = 4 * P + 64
     if n_nodes <= 1 or ranks_per_node <= 1:
         e, s = _grid(experts, sizes, _pack_rounds(sizes, n_ranks), n_ranks)
-        _refine(e, s, rounds)
+        _refine(e, s, 4 * n_ranks + 32)
         return e.reshape(L, P)
     # node first: replicas of one expert fall in the same round, hence on different nodes
     e, s = _grid(experts, sizes, _pack_rounds(sizes, n_nodes), n_nodes)
-    _refine(e, s, rounds)
+    if P > n_ranks:                                               # one slot per rank: node totals do not matter
+        _refine(e, s, 4 * n_nodes + 32)
     # then the dies of each node (node-major rows: layer l, node n -> row l*n_nodes + n)
     e, s = e.reshape(L * n_nodes, -1), s.reshape(L * n_nodes, -1)
     order = np.lexsort((e, -s), axis=1)
     e, s = np.take_along_axis(e, order, 1), np.take_along_axis(s, order, 1)
     e, s = _grid(e, s, _pack_rounds(s, ranks_per_node), ranks_per_node)
     e, s = e.reshape(L, n_ranks, -1), s.reshape(L, n_ranks, -1)
-    _refine(e, s, rounds)                                         # final swaps across all ranks
+    _refine(e, s, 4 * n_ranks + 32)                               # final swaps across all ranks
     return e.reshape(L, P)
 
 
