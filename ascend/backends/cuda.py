@@ -85,9 +85,11 @@ def indexer_topk_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_
     return _select(indexer_scores_bmm(q, k, weights, n_visible), topk, group)
 
 
-# Launch settings of the Triton kernels (see scripts/bench_attention.py, which times the alternatives).
-SPARSE_ATTN_CONFIG = dict(block_h=32, block_k=32, num_warps=8, waves=2.0)
-INDEXER_CONFIG = dict(block_t=64, num_warps=4)
+# Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
+# H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
+# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
+SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
+INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 
 
 def sparse_attn_triton(q, kv, indices, sink, scale):
