@@ -127,6 +127,12 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(config.n_layers + i, config, parallel, kernels)
                                  for i in range(config.n_mtp_layers))
 
+    def set_quant_sim(self, enabled: bool) -> None:
+        """Switch the FP8 KV / FP4 indexer round-trip simulations everywhere (default: config.quant_sim)."""
+        for module in self.modules():
+            if hasattr(module, "quant_sim"):
+                module.quant_sim = enabled
+
     # ------------------------------------------------------------------------------------------- cache
     def new_cache(self, batch: int, max_len: int | None = None, layout: str = "bf16",
                   device: torch.device | str | None = None) -> KVCache:

@@ -157,4 +157,66 @@ def test_quant_simulation_switch(quant_model):
     a = quant_model(ids, quant_model.new_cache(1, 32), all_logits=True)
     b = off(ids, off.new_cache(1, 32), all_logits=True)
     assert TINY.quant_sim and not torch.equal(a, b)                # on by default, and it acts
+    off.set_quant_sim(True)
+    assert torch.equal(off(ids, off.new_cache(1, 32), all_logits=True), a)
     torch.testing.assert_close(a[:, 0], b[:, 0], rtol=0, atol=0.2)   # token 0: only the FP8 KV round trip differs
+
+
+# ----------------------------------------------------------------------------------------------- TP x EP = 2 x 2
+def _local_slice(full: torch.Tensor, local_shape: tuple, rank: int) -> torch.Tensor:
+    """The rank's contiguous slice along every dim where the local parameter is smaller (vocab, heads, groups,
+    wo_b inputs, block scales)."""
+    for d, (n_full, n_local) in enumerate(zip(full.shape, local_shape)):
+        if n_full != n_local:
+            full = full.narrow(d, rank * n_local, n_local)
+    return full
+
+
+def _parallel_worker(rank, world, port, state, ids, out_q):
+    import os
+
+    import torch.distributed as dist
+
+    from model.parallel import ParallelContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    ctx = ParallelContext(tp_rank=rank, tp_size=world, tp_group=group, ep_rank=rank, ep_size=world, ep_group=group)
+    model = Transformer(ModelConfig.preset("tiny", quant_sim=False), ctx, dtype=torch.float32).eval()
+    local = model.state_dict()
+    model.load_weights({k: _local_slice(state[k], tuple(v.shape), rank) for k, v in local.items()})
+    with torch.no_grad():
+        cache = model.new_cache(2, 48)
+        out = [model(ids[:, :40], cache)] + [model(ids[:, p:p + 1], cache) for p in range(40, 43)]
+    out_q.put((rank, len(model.layers[1].ffn.experts), torch.stack(out).numpy()))
+    dist.destroy_process_group()
+
+
+def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    exact = Transformer(ModelConfig.preset("tiny", quant_sim=False), dtype=torch.float32).eval()
+    exact.load_weights(quant_model.state_dict())
+    ids = _ids(2, 43, 8)
+    with torch.no_grad():
+        cache = exact.new_cache(2, 48)
+        want = torch.stack([exact(ids[:, :40], cache)] + [exact(ids[:, p:p + 1], cache) for p in range(40, 43)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = mp.get_context("spawn")
+    out_q = spawn.Queue()
+    state = {k: v.contiguous() for k, v in quant_model.state_dict().items()}
+    procs = [spawn.Process(target=_parallel_worker, args=(r, 2, port, state, ids, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out_q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    for rank, n_local_experts, got in results:
+        assert n_local_experts == TINY.n_routed_experts // 2
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-4, msg=f"rank {rank}")
