@@ -72,8 +72,12 @@ class ExpertLayout:
 
     def choose_slots(self, indices: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Physical slot for every (row, k) pair: replica (row + offset + k) mod replicas of the expert."""
-        rows = torch.arange(indices.shape[0]).unsqueeze(1) + offset
-        cols = torch.arange(indices.shape[1]).unsqueeze(0)
+        dev = indices.device
+        if self.logcnt.device != dev:  # tables follow the tokens' device (kept there after the first call)
+            object.__setattr__(self, "logcnt", self.logcnt.to(dev))
+            object.__setattr__(self, "log2phy", self.log2phy.to(dev))
+        rows = torch.arange(indices.shape[0], device=dev).unsqueeze(1) + offset
+        cols = torch.arange(indices.shape[1], device=dev).unsqueeze(0)
         replica = (rows + cols) % self.logcnt[indices]
         return self.log2phy[indices, replica]
 
@@ -122,7 +126,7 @@ class ExpertParallel:
         x_mine, w_mine, i_mine = x[lo:hi], weights[lo:hi], indices[lo:hi]
         if self.layout.ep_size == 1:
             slots = self.layout.choose_slots(i_mine, lo)
-            rows = torch.arange(hi - lo).repeat_interleave(indices.shape[1])
+            rows = torch.arange(hi - lo, device=x.device).repeat_interleave(indices.shape[1])
             y = run_local(self.layout, 0, x_mine, slots.flatten(), w_mine.flatten(), rows, expert_fn)
         elif self.scheme == "alltoall":
             y = self._alltoall(x_mine, w_mine, i_mine, lo, expert_fn)
@@ -146,12 +150,12 @@ class ExpertParallel:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        meta = torch.stack([slots[order].double(), weights.flatten()[order].double()], 1)
+        meta = torch.stack([slots[order].float(), weights.flatten()[order].float()], 1)  # fp32: exact for slot ids and gate weights, on every backend
         in_x = x.new_empty(sum(recv), x.shape[1])
         in_meta = meta.new_empty(sum(recv), 2)
         dist.all_to_all_single(in_x, x[rows].contiguous(), recv, send, group=self.ep_group)
         dist.all_to_all_single(in_meta, meta, recv, send, group=self.ep_group)
-        pair = torch.arange(in_x.shape[0])
+        pair = torch.arange(in_x.shape[0], device=x.device)
         out = run_local(self.layout, self.ep_rank, in_x, in_meta[:, 0].long(), in_meta[:, 1].to(weights.dtype),
                         pair, expert_fn)
         back = out.new_empty(len(order), x.shape[1])
@@ -160,8 +164,8 @@ class ExpertParallel:
 
     def _allgather(self, x, weights, indices, expert_fn):
         ep, n = self.layout.ep_size, x.shape[0]
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(ep)]
-        dist.all_gather(sizes, torch.tensor([n]), group=self.ep_group)
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(ep)]
+        dist.all_gather(sizes, torch.tensor([n], device=x.device), group=self.ep_group)
         sizes = [int(s) for s in sizes]
         width = max(sizes)
 
@@ -175,8 +179,9 @@ class ExpertParallel:
         xs, ws, ids = gather(x), gather(weights), gather(indices)
         # every rank must pick the same replica for a pair, so the choice depends on the owner only
         slots = torch.cat([self.layout.choose_slots(ids[r], r * width) for r in range(ep)])
-        rows = torch.arange(ep * width).repeat_interleave(indices.shape[1])
-        valid = torch.cat([torch.arange(width) < sizes[r] for r in range(ep)]).repeat_interleave(indices.shape[1])
+        rows = torch.arange(ep * width, device=x.device).repeat_interleave(indices.shape[1])
+        valid = (torch.arange(width, device=x.device) < torch.tensor(sizes, device=x.device)[:, None]).flatten()
+        valid = valid.repeat_interleave(indices.shape[1])
         slots = torch.where(valid, slots.flatten(), -1)
         partial = run_local(self.layout, self.ep_rank, torch.cat(xs), slots, torch.cat(ws).flatten(), rows, expert_fn)
         if dist.get_backend(self.ep_group) == "gloo":  # gloo has no reduce_scatter

@@ -205,6 +205,7 @@ class Lockstep:
     tp_src: int = 0
     tp_size: int = 1
     world: bool = False
+    device: Any = None  # where collective tensors live (the accelerator for nccl / hccl)
 
     def same_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
@@ -214,7 +215,7 @@ class Lockstep:
     def anyone_busy(self, busy: bool) -> bool:
         if not self.world:
             return busy
-        flag = torch.tensor([int(busy)])
+        flag = torch.tensor([int(busy)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -225,7 +226,7 @@ def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
     Every rank runs the same sequence, forward then vote, so the expert exchanges inside the forwards pair up.
     """
     while True:
-        idle.prefill([[bos]], 1)
+        idle.prefill([[bos]], 2)
         if not lockstep.anyone_busy(False):
             return
 

@@ -187,7 +187,7 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                   f"{mesh.device.collective_backend if mesh.distributed else mesh.device.type}; expert exchange: "
                   f"{exchange}")
     lockstep = Lockstep(mesh.tp_group, mesh.dp_rank * mesh.tp_size, mesh.tp_size,
-                        world=mesh.distributed and mesh.dp_size > 1)
+                        world=mesh.distributed and mesh.dp_size > 1, device=mesh.device.torch_device)
     if args.interactive:
         interactive(args, mesh, session, idle, tokenizer, lockstep)
     else:
