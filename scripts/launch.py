@@ -153,14 +153,14 @@ def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
             messages.append({"role": "user", "content": line})
         results = serve_batches(args, mesh, session, idle, tokenizer, [Request("chat", list(messages), mode=args.mode)],
                                 lockstep, stream=True)
-        reply = share(results[0]["message"] if mesh.rank == 0 else None, mesh.rank)
+        result = share(results[0] if mesh.rank == 0 else None, mesh.rank)
+        reply = result["message"]
         if reply.get("tool_calls") and mesh.rank == 0:
             print(json.dumps(reply["tool_calls"], ensure_ascii=False, indent=1))
-        if "parse_error" in reply:
-            messages.pop()
-            log(mesh.rank, f"(reply not added to the conversation: {reply['parse_error']})")
-        else:
-            messages.append(reply)
+        if "parse_error" in reply:  # e.g. cut off by --max-new-tokens: keep the raw text as the reply
+            log(mesh.rank, f"(reply kept as plain text: {reply['parse_error']})")
+            reply = {"role": "assistant", "content": tokenizer.decode(result["tokens"], skip_special_tokens=True)}
+        messages.append(reply)
 
 
 def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:

@@ -126,3 +126,12 @@ def test_mismatched_launch_is_refused_before_loading(work, tmp_path):
             check_checkpoint(work / "dp2ep2", 1, 2)
     finally:
         shard.write_bytes(data)
+
+
+def test_interactive_chat_with_a_tool_result(work):
+    """One process, no torchrun: stdin drives the conversation; /tool feeds a result back."""
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "launch.py"), "--ckpt", str(work / "1"), "--device",
+                        "cpu", "--interactive", "--max-new-tokens", "3"], input='hi\n/tool {"celsius": 21}\n/exit\n',
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count(">>> ") == 3 and p.stderr.count("reply kept as plain text") == 2
