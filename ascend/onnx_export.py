@@ -9,6 +9,8 @@ ONNX (opset 20) except the fused stages, which appear as single nodes of the cus
 |-------------------------------|-----------------------------------------------|-------------|------------------------|
 | `ascend.deploy::SparseAttention` | q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32, sink [H] f32 | scale: float | [B,S,H,D] |
 | `ascend.deploy::IndexerTopK`  | q [B,S,Hi,Di], k [B,T,Di], weights [B,S,Hi], n_visible [B,S] int64 | topk: int | int32 [B,S,topk], -1 padded |
+| `ascend.deploy::Fp8RoundTrip` | x [..., n] | block: int | x quantised to e4m3 per block (power-of-two scale) and back |
+| `ascend.deploy::Fp4RoundTrip` | x [..., n] | block: int | x quantised to e2m1 per block (power-of-two scale) and back |
 
 Each such node is also a model-local ONNX *function* whose body is the reference computation in
 standard operators (`model.kernels`), so onnxruntime or any runtime that does not know the domain
@@ -19,9 +21,12 @@ dynamo exporter needs onnxscript, which this toolkit does not depend on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import importlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from torch import nn
 
 from ascend.errors import AscendDeployError
 from model.kernels import REFERENCE, Kernels
+from model.quant import FP4_BLOCK, FP4_MAX, FP8_MAX, KV_FP8_BLOCK
 
 DOMAIN = "ascend.deploy"
 DOMAIN_VERSION = 1
@@ -64,20 +70,102 @@ class IndexerTopK(nn.Module):
         return REFERENCE.indexer_topk(q, k, weights, n_visible, topk)
 
 
-FUSED = (SparseAttention, IndexerTopK)
+# The quantisation-aware-training simulations (model/quant.py) cast through float8 types and use exp2 /
+# bucketize, none of which the exporter can write. These are the same functions in float32 arithmetic only
+# (exact: power-of-two scales, round-half-even on the format's grid), exported as their own operators.
+def _floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for a > 0, exact: Log/Log(2) can be off by one at powers of two, so correct it."""
+    e = torch.floor(torch.log(a) / math.log(2.0))
+    return e + (torch.pow(2.0, e + 1) <= a).float() - (torch.pow(2.0, e) > a).float()
+
+
+def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= r (exponent clamped to the ue8m0 range), as model.quant.pow2_scale."""
+    e = _floor_log2(r)
+    return torch.pow(2.0, (e + (torch.pow(2.0, e) < r).float()).clamp(-127, 127))
+
+
+def fp8_round_trip_exportable(x: torch.Tensor, block: int) -> torch.Tensor:
+    """model.quant.fp8_round_trip (e4m3, power-of-two scale per `block`) in float arithmetic."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = _pow2_ceil(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4) / FP8_MAX)
+    v = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
+    step = torch.pow(2.0, _floor_log2(v.abs().clamp_min(2.0 ** -6)) - 3)   # 3 mantissa bits; subnormals 2^-9
+    r = (torch.round(v.abs() / step) * step).clamp_max(FP8_MAX)
+    return (torch.sign(v) * r * scale).flatten(-2).to(x.dtype)
+
+
+def fp4_round_trip_exportable(x: torch.Tensor, block: int) -> torch.Tensor:
+    """model.quant.fp4_round_trip (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; power-of-two scale per `block`)."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = _pow2_ceil(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0 ** -126) / FP4_MAX)
+    v = blocks / scale
+    a = v.abs().clamp_max(FP4_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return (torch.sign(v) * torch.round(a / step) * step * scale).flatten(-2).to(x.dtype)
+
+
+class Fp8RoundTrip(nn.Module):
+    """`model.quant.fp8_round_trip` as one node (a graph compiler may map it to a quantise/dequantise pair)."""
+
+    def forward(self, x, block=KV_FP8_BLOCK):
+        return fp8_round_trip_exportable(x, block)
+
+
+class Fp4RoundTrip(nn.Module):
+    """`model.quant.fp4_round_trip` as one node."""
+
+    def forward(self, x, block=FP4_BLOCK):
+        return fp4_round_trip_exportable(x, block)
+
+
+FUSED = (SparseAttention, IndexerTopK, Fp8RoundTrip, Fp4RoundTrip)
+# Where the model calls the simulations (module, name): patched while tracing, see `ExportKernels.quant_patched`.
+QUANT_CALL_SITES = (("model.attention", "fp8_round_trip", "fp8"), ("model.compressor", "fp8_round_trip", "fp8"),
+                    ("model.compressor", "fp4_round_trip", "fp4"), ("model.indexer", "fp4_round_trip", "fp4"))
+MAX_QUANT_CALLS = 4     # per format and graph; each call needs its own module (the exporter's function
+                        # extraction fails on a module called twice in one trace)
 
 
 class ExportKernels(nn.Module):
-    """Owns one module per fused stage (they must be submodules of the exported module to become functions)
+    """Owns one module per fused call (they must be submodules of the exported module to become functions)
     and the `Kernels` table that routes the model's calls through them."""
 
     def __init__(self):
         super().__init__()
         self.sparse_attn = SparseAttention()
         self.indexer_topk = IndexerTopK()
+        self.fp8 = nn.ModuleList(Fp8RoundTrip() for _ in range(MAX_QUANT_CALLS))
+        self.fp4 = nn.ModuleList(Fp4RoundTrip() for _ in range(MAX_QUANT_CALLS))
+        self.blocks: dict[str, set[int]] = {"fp8": set(), "fp4": set()}
 
     def table(self) -> Kernels:
         return dataclasses.replace(REFERENCE, sparse_attn=self.sparse_attn, indexer_topk=self.indexer_topk)
+
+    @contextlib.contextmanager
+    def quant_patched(self):
+        """Route the model's FP8 / FP4 simulations through this object's modules while tracing."""
+        used = {"fp8": 0, "fp4": 0}
+
+        def router(fmt):
+            def call(x, block=KV_FP8_BLOCK if fmt == "fp8" else FP4_BLOCK):
+                if used[fmt] == MAX_QUANT_CALLS:
+                    raise ExportError(f"more than {MAX_QUANT_CALLS} {fmt} simulations in one graph")
+                module = getattr(self, fmt)[used[fmt]]
+                used[fmt] += 1
+                self.blocks[fmt].add(block)
+                return module(x, block)
+            return call
+
+        saved = [(importlib.import_module(m), name, getattr(importlib.import_module(m), name))
+                 for m, name, _ in QUANT_CALL_SITES]
+        try:
+            for (module, name, _), (_, _, fmt) in zip(saved, QUANT_CALL_SITES):
+                setattr(module, name, router(fmt))
+            yield
+        finally:
+            for module, name, original in saved:
+                setattr(module, name, original)
 
 
 def _retag(model, attributes: dict[str, dict[str, Any]]):
@@ -334,9 +422,10 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
         attn = synthetic_attention(config, layer_id)
     x, start, n_valid, cache = inputs if inputs is not None else example_inputs(config, layer_id, spec)
     attributes = {"SparseAttention": {"scale": float(attn.softmax_scale)},
-                  "IndexerTopK": {"topk": int(config.index_topk)}}
+                  "IndexerTopK": {"topk": int(config.index_topk)},
+                  "Fp8RoundTrip": {"block": KV_FP8_BLOCK}, "Fp4RoundTrip": {"block": FP4_BLOCK}}
     manifest = {"layer_type": spec.layer_type, "layer_id": layer_id, "phase": spec.phase, "batch": spec.batch,
-                "seq": spec.seq, "context": spec.context,
+                "seq": spec.seq, "context": spec.context, "quant_sim": bool(config.quant_sim),
                 "opset": OPSET, "custom_domain": {"name": DOMAIN, "version": DOMAIN_VERSION}, "graphs": {}}
     with torch.no_grad():
         io = stage_io(attn, spec, x, start, n_valid, cache)
@@ -345,7 +434,11 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
                 continue
             in_names, args, out_names = io[stage]
             path = out_dir / f"{stage}.onnx"
-            model = export_graph(StageGraph(attn, stage, cache), args, path, in_names, out_names, attributes)
+            graph = StageGraph(attn, stage, cache)
+            with graph.fused.quant_patched():
+                model = export_graph(graph, args, path, in_names, out_names, attributes)
+            if graph.fused.blocks["fp8"] - {KV_FP8_BLOCK} or graph.fused.blocks["fp4"] - {FP4_BLOCK}:
+                raise RuntimeError(f"quantisation blocks {graph.fused.blocks} differ from the attributes written")
             manifest["graphs"][stage] = {
                 "file": path.name,
                 "inputs": [_describe(n, t) for n, t in zip(in_names, args)],
@@ -363,13 +456,14 @@ def _describe(name: str, t: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------ command line
-def export_config(preset: str | None, config_dir: Path | None):
-    """The model config to export: BF16 weights, no FP8/FP4 round-trip simulation (see docs/attention.md)."""
+def export_config(preset: str | None, config_dir: Path | None, quant_sim: bool = True):
+    """The model config to export: BF16 weights (FP8 weight dequantisation is not exportable), with or without
+    the FP8/FP4 round-trip simulations of activations (see docs/attention.md)."""
     from model.config import ModelConfig
 
     if (preset is None) == (config_dir is None):
         raise ExportError("export-onnx: give exactly one of --preset or --config")
-    overrides = dict(dtype="bf16", quant_sim=False)
+    overrides = dict(dtype="bf16", quant_sim=quant_sim)
     if preset is not None:
         return ModelConfig.preset(preset, **overrides)
     return ModelConfig.from_hf(config_dir, **overrides)
@@ -387,14 +481,16 @@ def export_config(preset: str | None, config_dir: Path | None):
 @click.option("--context", type=int, default=None, help="Cache capacity in tokens [min(4096, max_seq_len)].")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to write.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--quant-sim/--no-quant-sim", default=True, show_default=True,
+              help="Keep the FP8 KV / FP4 indexer round trips (as ascend.deploy::Fp8RoundTrip / Fp4RoundTrip).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_onnx_command(preset, config_dir, layer_type, phase, batch, seq, context, stages, out_dir, dry_run,
-                        as_json):
+def export_onnx_command(preset, config_dir, layer_type, phase, batch, seq, context, stages, out_dir, quant_sim,
+                        dry_run, as_json):
     """Export one attention layer's stages and the whole layer as static-shape ONNX graphs."""
     from tqdm import tqdm
 
-    config = export_config(preset, config_dir)
+    config = export_config(preset, config_dir, quant_sim)
     context = context or min(4096, config.max_seq_len)
     seq = seq or (1 if phase == "decode" else context)
     spec = ExportSpec(layer_type, phase, batch, seq, context)

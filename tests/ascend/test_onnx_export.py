@@ -10,9 +10,23 @@ import torch
 from click.testing import CliRunner
 
 from ascend.onnx_export import (DOMAIN, ExportError, ExportSpec, StageGraph, example_inputs, export_attention,
-                                export_config, export_onnx_command, layer_id_for, stage_io, synthetic_attention)
+                                export_config, export_onnx_command, fp4_round_trip_exportable,
+                                fp8_round_trip_exportable, layer_id_for, stage_io, synthetic_attention)
+from model import quant
 
-CONFIG = export_config("tiny", None)
+CONFIG = export_config("tiny", None)     # BF16 weights, FP8 / FP4 simulations on (as the model runs)
+
+
+def test_exportable_quant_simulations_are_bit_exact():
+    """The float-only FP8 / FP4 round trips equal model.quant's (float8 casts, bucketize) on every value class:
+    powers of two, zeros, format midpoints (ties to even), tiny and huge blocks."""
+    x = torch.randn(48, 256) * torch.logspace(-8, 8, 48).unsqueeze(1)
+    x[0, :64] = 2.0 ** torch.arange(-32, 32)
+    x[1, :64] = 0
+    x[2, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4)          # e2m1 midpoints, amax 6
+    x[3, :64] = torch.tensor([1.0625, 1.1875, 9.0, 11.0, 208.0, 232.0, 448.0, -3.0] * 8)  # e4m3 midpoints
+    assert torch.equal(fp8_round_trip_exportable(x, 64), quant.fp8_round_trip(x, 64))
+    assert torch.equal(fp4_round_trip_exportable(x, 32), quant.fp4_round_trip(x, 32))
 
 
 def _run(path, names, args):
@@ -72,11 +86,11 @@ def test_csa_prefill_chunk_selection_and_fused_nodes(tmp_path):
     spec = ExportSpec("csa", "prefill", batch=2, seq=32, context=64)
     _export_and_compare(tmp_path, spec, stages=("select", "attend"))
     select, attend = onnx.load(str(tmp_path / "select.onnx")), onnx.load(str(tmp_path / "attend.onnx"))
-    (topk_node,) = [n for n in select.graph.node if n.domain == DOMAIN]
-    (attn_node,) = [n for n in attend.graph.node if n.domain == DOMAIN]
-    assert topk_node.op_type == "IndexerTopK" and onnx.helper.get_attribute_value(topk_node.attribute[0]) == 4
-    assert attn_node.op_type == "SparseAttention"
-    assert onnx.helper.get_attribute_value(attn_node.attribute[0]) == pytest.approx(CONFIG.head_dim ** -0.5)
+    fused = {n.op_type: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for m in (select, attend) for n in m.graph.node if n.domain == DOMAIN}
+    assert set(fused) == {"IndexerTopK", "Fp4RoundTrip", "SparseAttention"}   # FP4 simulation of the queries
+    assert fused["IndexerTopK"]["topk"] == 4 and fused["Fp4RoundTrip"]["block"] == 32
+    assert fused["SparseAttention"]["scale"] == pytest.approx(CONFIG.head_dim ** -0.5)
     assert {(o.domain, o.version) for o in select.opset_import} >= {(DOMAIN, 1), ("", 20)}
     for model in (select, attend):
         for f in model.functions:   # every fused body: standard ops, and TopK's k a constant
