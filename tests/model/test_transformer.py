@@ -220,3 +220,60 @@ def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
     for rank, n_local_experts, got in results:
         assert n_local_experts == TINY.n_routed_experts // 2
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-4, msg=f"rank {rank}")
+
+
+# ----------------------------------------------------------------------------------------------- official parity
+OFFICIAL = __import__("os").environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(f"{OFFICIAL}/model.py"),
+                    reason="official DeepSeek-V4 inference/ not available (set DSV4_OFFICIAL_INFERENCE)")
+@pytest.mark.parametrize("quant_sim", [False, True])
+def test_matches_official_transformer(monkeypatch, quant_sim):
+    """The whole model (mHC, attention, MoE with hash and score routing, hc head, MTP) against the official
+    `inference/model.py` Transformer run from its own folder with its pure-torch kernel.py, same weights, float32:
+    prefill, then decode across the first HCA block boundary. As in test_attention.py, the official pure-torch
+    act_quant / fp4_act_quant (which skip the FP8 / FP4 cast its tilelang kernels do) are replaced by the true
+    round trips, and 32 indexer heads avoid exact-zero index-score ties."""
+    import importlib.util
+    import sys
+
+    from model.quant import fp4_round_trip, fp8_round_trip
+
+    monkeypatch.syspath_prepend(OFFICIAL)
+    spec = importlib.util.spec_from_file_location("dsv4_official_model", f"{OFFICIAL}/model.py")
+    off = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(off)
+    off.rotate_activation = lambda v: sys.modules["kernel"].hadamard_transform(v, scale=v.size(-1) ** -0.5)
+    off.act_quant = lambda v, block=128, *a, **k: v.copy_(fp8_round_trip(v, block)) if quant_sim else v
+    off.fp4_act_quant = lambda v, block=32, *a, **k: v.copy_(fp4_round_trip(v, block)) if quant_sim else v
+    cfg = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16", index_n_heads=32, quant_sim=quant_sim)
+    ours = _model(cfg, 5)
+    args = off.ModelArgs(
+        max_batch_size=1, max_seq_len=256, dtype="bf16", expert_dtype=None, vocab_size=cfg.vocab_size,
+        dim=cfg.dim, moe_inter_dim=cfg.moe_inter_dim, n_layers=cfg.n_layers, n_hash_layers=cfg.n_hash_layers,
+        n_heads=cfg.n_heads, n_routed_experts=cfg.n_routed_experts, n_activated_experts=cfg.n_activated_experts,
+        route_scale=cfg.route_scale, q_lora_rank=cfg.q_lora_rank, head_dim=cfg.head_dim,
+        rope_head_dim=cfg.rope_head_dim, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
+        window_size=cfg.window_size, compress_ratios=tuple(cfg.compress_ratios) + (0,),
+        index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
+    theirs = off.Transformer(args).float()
+    result = theirs.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                     for k, v in ours.state_dict().items()}, strict=False)
+    # the official MTP block registers the shared embed / head a second time; nothing else may be left out
+    assert set(result.missing_keys) == {"mtp.0.embed.weight", "mtp.0.head.weight"} and not result.unexpected_keys
+    streams = {}
+    theirs.layers[-1].register_forward_hook(lambda m, i, o: None if "h" in streams else streams.update(h=o))
+
+    L, P = 136, 124                                  # the first HCA entry (tokens 0..127) completes in decode
+    ids = _ids(1, L, 9)
+    with torch.no_grad():
+        want = [theirs(ids[:, :P], 0)] + [theirs(ids[:, t:t + 1], t) for t in range(P, L)]
+        cache = ours.new_cache(1, 256)
+        got = [ours(ids[:, :P], cache)] + [ours(ids[:, t:t + 1], cache) for t in range(P, L)]
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=1e-4)
+        # MTP block on the official main-model streams of the prefill (both codes feed it the same token ids)
+        mtp_cache = ours.new_cache(1, 256)
+        mtp_want = theirs.mtp[0](streams["h"], 0, ids[:, :P])
+        mtp_got = ours.forward_mtp(streams["h"], ids[:, :P], mtp_cache, torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(mtp_got, mtp_want, rtol=0, atol=1e-4)
