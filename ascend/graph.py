@@ -13,10 +13,14 @@ What the step must allow:
   replay: any state it writes (KV caches) must tolerate that, e.g. by writing rows >= the live batch
   that the next prefill overwrites anyway;
 - no host syncs (.item(), data-dependent shapes) inside, or capture fails.
+
+`batch_rows(cache, n)` gives the step of bucket n a view of the first n sequences of a preallocated
+`model.cache.KVCache` / `LayerCache`, so one cache serves every bucket.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,6 +35,25 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 class GraphError(AscendDeployError):
     """A batch the captured graphs cannot serve, or a bad bucket list."""
+
+
+def batch_rows(cache: Any, n: int) -> Any:
+    """A shallow copy of a `KVCache` or `LayerCache` whose tensors are views of its first `n` batch rows
+    (writes through the view land in `cache`)."""
+    view = copy.copy(cache)
+    if hasattr(cache, "layers"):                       # KVCache
+        view.layers = [batch_rows(layer, n) for layer in cache.layers]
+        view.lengths = cache.lengths[:n]
+        view.batch = n
+        return view
+    for name in ("kv", "index_kv"):
+        if getattr(cache, name) is not None:
+            setattr(view, name, getattr(cache, name)[:n])
+    for name in ("compressor", "index_compressor"):
+        state = getattr(cache, name)
+        if state is not None:
+            setattr(view, name, type(state)(state.kv[:n], state.score[:n]))
+    return view
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:

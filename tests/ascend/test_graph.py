@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ascend.device import get_device
-from ascend.graph import DecodeGraphRunner, GraphError, bucket_for
+from ascend.graph import DecodeGraphRunner, GraphError, batch_rows, bucket_for
 from ascend.onnx_export import synthetic_attention, use_kernels
-from model.cache import CompressorState, LayerCache
+from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
 from model.kernels import REFERENCE
 
@@ -78,19 +78,6 @@ def test_bucket_for_and_errors():
         DecodeGraphRunner(lambda x: x, lambda b: (torch.zeros(1),), get_device("cpu"), buckets=(2,)).capture()
 
 
-def _cache_rows(cache, b):
-    """The first b batch rows of a LayerCache as views (writes land in the full cache)."""
-    view = copy.copy(cache)
-    view.kv = cache.kv[:b]
-    if cache.index_kv is not None:
-        view.index_kv = cache.index_kv[:b]
-    for name in ("compressor", "index_compressor"):
-        state = getattr(cache, name)
-        if state is not None:
-            setattr(view, name, CompressorState(state.kv[:b], state.score[:b]))
-    return view
-
-
 def _check_attention_decode(device_name, kernels):
     """Real V4 attention (tiny CSA layer): bucketed graph replay of decode == eager decode on a copy of the cache."""
     device = get_device(device_name)
@@ -99,7 +86,7 @@ def _check_attention_decode(device_name, kernels):
     layer = use_kernels(synthetic_attention(config, 1, dev), kernels)
     batch, cap = 3, 64
     cache = LayerCache(config, 1, 4, cap, torch.float32, device=dev)
-    views = {b: _cache_rows(cache, b) for b in (1, 2, 4)}
+    views = {b: batch_rows(cache, b) for b in (1, 2, 4)}
     runner = DecodeGraphRunner(lambda x, start: layer(x, start, views[x.shape[0]]),
                                lambda b: (torch.zeros(b, 1, config.dim, device=dev),
                                           torch.full((b,), cap - 1, dtype=torch.long, device=dev)),
@@ -112,7 +99,7 @@ def _check_attention_decode(device_name, kernels):
     for _ in range(4):          # crosses a compression boundary (position 23)
         x = torch.randn(batch, 1, config.dim, device=dev)
         out = runner(x, start)
-        ref = layer(x, start, _cache_rows(eager_cache, batch))
+        ref = layer(x, start, batch_rows(eager_cache, batch))
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         start = start + 1
     torch.testing.assert_close(cache.kv[:batch], eager_cache.kv[:batch])
@@ -126,3 +113,16 @@ def test_attention_decode_replay_equals_eager_on_cpu():
 def test_attention_decode_replay_equals_eager_on_cuda():
     from ascend.backends.cuda import make_kernels
     _check_attention_decode("cuda", make_kernels())
+
+
+def test_batch_rows_views_write_through():
+    config = ModelConfig.preset("tiny")
+    cache = KVCache(config, batch=4, max_len=32, dtype=torch.float32)
+    view = batch_rows(cache, 2)
+    assert view.lengths.shape == (2,) and all(l.kv.shape[0] == 2 for l in view.layers)
+    view.lengths += 3
+    view.layers[1].index_kv.fill_(1.0)
+    view.layers[1].compressor.score.fill_(0.0)
+    assert cache.lengths.tolist() == [3, 3, 0, 0]
+    assert cache.layers[1].index_kv[:2].eq(1).all() and cache.layers[1].index_kv[2:].eq(0).all()
+    assert cache.layers[1].compressor.score[:2].eq(0).all() and cache.layers[1].compressor.score[2:].isinf().all()
