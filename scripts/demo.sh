@@ -40,11 +40,11 @@ ascend verify "$OUT/ckpt-2" --against "$OUT/hf"
 step "6/8 launch 2 ranks on Gloo (torchrun): chat prompt -> V4 chat template -> greedy decoding, streamed"
 echo "(random weights: the reply below is meaningless text)"
 ascend run --ckpt "$OUT/ckpt-2" --nproc 2 --device cpu --prompt "$PROMPT" --max-new-tokens 24 \
-  --save "$OUT/run-2.json"
+  --save "$OUT/run-2.json" --dump-logits
 
 step "7/8 the same request on 1 rank (reference)"
 ascend run --ckpt "$OUT/ckpt-1" --nproc 1 --device cpu --prompt "$PROMPT" --max-new-tokens 24 --no-stream \
-  --save "$OUT/run-1.json" > /dev/null
+  --save "$OUT/run-1.json" --dump-logits > /dev/null
 
 step "8/8 parity: 2-rank tokens vs 1-rank tokens"
 python3 - "$OUT/run-2.json" "$OUT/run-1.json" <<'EOF'
@@ -56,8 +56,13 @@ print(f"2 ranks (dp {two['dp']} x tp {two['tp']}, ep {two['ep']}, {two['redundan
 print(f"1 rank:  {b}")
 if a != b:
     first = next(i for i, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)
-    print(f"PARITY FAILED: the token streams differ from position {first}")
+    ref = sorted(one["results"][0]["logits"][first], reverse=True)
+    print(f"PARITY FAILED: the token streams differ from position {first} "
+          f"(1-rank top-2 logit gap there: {ref[0] - ref[1]:.3g})")
     sys.exit(1)
+worst = max(abs(x - y) for r2, r1 in zip(two["results"][0]["logits"], one["results"][0]["logits"])
+            for x, y in zip(r2, r1))
+print(f"largest logit difference over all steps: {worst:.2g} (float32 sums in a different order)")
 print(f"PARITY OK: {len(a)} greedy tokens identical")
 EOF
 echo "demo finished in $(( $(date +%s) - T0 )) s; outputs in $OUT"
