@@ -30,7 +30,7 @@ def _sparse_attn_partial_kernel(
     split = tl.program_id(2)        # chunk of the index list
     nsplit = tl.num_programs(2)
     b = bs // S
-    s = bs % S
+    s = (bs % S).to(tl.int64)       # s * stride overflows int32 for long prefill chunks
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, D_P2)
     h_ok = heads < H
@@ -136,7 +136,7 @@ def _indexer_scores_kernel(
     bs = tl.program_id(0)
     tb = tl.program_id(1)
     b = bs // S
-    s = bs % S
+    s = (bs % S).to(tl.int64)       # s * stride overflows int32 for long prefill chunks
     heads = tl.arange(0, H_P2)
     dims = tl.arange(0, D_P2)
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
