@@ -198,12 +198,12 @@ def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int |
             r = redundant if redundant is not None else (-E) % e
             problems = check_layout(config, world, t, e, r, hardware=hw, batch=s.batch)
             if problems:
-                reasons.append(f"tp={t} ep={e}: {problems[0]}")
+                if problems[0] not in reasons:
+                    reasons.append(problems[0])
                 continue
             found.append(evaluate(config, world, t, e, r, hw, s))
     if not found:
-        hint = reasons[0] if len(reasons) == 1 else "; ".join(reasons[:3])
-        raise PlanError(f"no valid layout for {world} x {hw.name}: {hint}")
+        raise PlanError(f"no valid layout for {world} x {hw.name}: {'; '.join(reasons[:3])}")
     return sorted(found, key=Candidate.key)
 
 
