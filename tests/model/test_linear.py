@@ -1,13 +1,7 @@
 """Linear layers: stored formats and memory, dequantise-per-use numerics, TP slices against one rank (gloo)."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from model import quant
 from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
@@ -74,39 +68,24 @@ def test_expert_slots_default_and_replicated():
         ParallelContext(tp_rank=2, tp_size=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tp_worker(rank: int, world: int, port: int, x, w_col, w_row, out_q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    ctx = ParallelContext(tp_rank=rank, tp_size=world, tp_group=dist.group.WORLD)
-    col = ColumnParallelLinear(256, 256, "fp32", parallel=ctx)
-    row = RowParallelLinear(256, 128, "fp32", parallel=ctx)
-    col.set_from_float(w_col.chunk(world, 0)[rank])
-    row.set_from_float(w_row.chunk(world, 1)[rank])
-    h = col(x)                                  # this rank's output slice feeds its row-parallel slice
-    out_q.put((rank, ctx.all_gather_tp(h).numpy(), row(h).numpy()))  # numpy: pickled by value
-    dist.destroy_process_group()
-
-
-def test_tensor_parallel_equals_single_rank():
+def test_tensor_parallel_slices_recompose_the_full_layer():
+    """Column slices concatenate to the full output, row slices' partial sums add up to it (the all-reduce itself
+    runs on gloo in tests/model/test_transformer.py::test_tensor_and_expert_parallel_equal_single_rank)."""
     x, w_col, w_row = torch.randn(3, 256), torch.randn(256, 256) / 16, torch.randn(128, 256) / 16
-    ctx = mp.get_context("spawn")
-    out_q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, x, w_col, w_row, out_q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, (g, y)) for r, g, y in (out_q.get(timeout=60) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-    h = F.linear(x, w_col)
-    for r in range(2):
-        gathered, y = results[r]
-        torch.testing.assert_close(torch.from_numpy(gathered), h, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(y), F.linear(h, w_row), rtol=1e-5, atol=1e-5)
+    cols, partials = [], []
+    for rank in range(2):
+        ctx = ParallelContext(tp_rank=rank, tp_size=2)
+        col = ColumnParallelLinear(256, 256, "fp8", parallel=ctx)
+        row = RowParallelLinear(256, 128, "fp8", parallel=ctx)
+        assert (col.weight.shape, col.scale.shape, row.weight.shape, row.scale.shape) == (
+            (128, 256), (1, 2), (128, 128), (1, 1))
+        col.set_from_float(w_col.chunk(2, 0)[rank])
+        row.set_from_float(w_row.chunk(2, 1)[rank])
+        cols.append(col(x))
+        partials.append(Linear.forward(row, cols[-1]))     # before the all-reduce
+    full_col, full_row = Linear(256, 256, "fp8"), Linear(256, 128, "fp8")
+    full_col.set_from_float(w_col)
+    full_row.set_from_float(w_row)
+    h = full_col(x)
+    torch.testing.assert_close(torch.cat(cols, -1), h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sum(partials), full_row(h), rtol=1e-5, atol=1e-5)
