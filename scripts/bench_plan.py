@@ -4,6 +4,7 @@ For V4-Flash (256 experts, 43 MoE layers) and V4-Pro (384, 61) on synthetic logn
 (sigma 0.5 / 1 / 2), in four EP settings, it prints per-layer balancedness (mean rank load / max rank
 load) of our placement, of the greedy EPLB baseline run on the same input, and the lower bound for the
 replica budget; then the time to plan 8,192 devices x 61 layers x 384 experts, and the peak memory.
+Times are CPU seconds of this process (time.process_time), so a busy machine does not inflate them.
 
     python scripts/bench_plan.py            # full table (a few minutes on one core)
     python scripts/bench_plan.py --quick    # one seed, fewer settings
@@ -40,12 +41,12 @@ def fill_redundant(n_experts: int, ep: int, redundant: int) -> int:
 def run_case(E: int, L: int, ep: int, redundant: int, rpn: int, groups: int, sigma: float, seed: int) -> dict:
     load = pl.synthetic_load(L, E, sigma, seed)
     P = E + redundant
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     ours = pl.place(load, ep, P // ep, ranks_per_node=rpn, n_groups=groups)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_ours = time.process_time() - t0
+    t0 = time.process_time()
     base = pl.eplb_baseline(load, P, ep, n_groups=groups, n_nodes=ep // rpn)
-    t_base = time.perf_counter() - t0
+    t_base = time.process_time() - t0
     b_ours, b_base = pl.balancedness(load, ours, ep), pl.balancedness(load, base, ep)
     peak = pl.rank_loads(load, ours, ep).max(1)
     bound = pl.lower_bound(load, P, ep)
@@ -63,7 +64,7 @@ def main() -> None:
     settings = SETTINGS[:2] if args.quick else SETTINGS
 
     print("| model | setting | sigma | ours mean | EPLB mean | ours / EPLB | bound mean | ours worst | EPLB worst "
-          "| layers within 2% of bound | layers worse than EPLB | ours s | EPLB s |")
+          "| layers within 2% of bound | layers worse than EPLB | ours CPU s | EPLB CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     all_ratio, all_worse = [], 0
     for model, (E, L) in MODELS.items():
@@ -89,21 +90,21 @@ def main() -> None:
     hw = get_hardware("atlas-950-superpod")
     load = pl.synthetic_load(pro.n_layers + pro.n_mtp_layers, pro.n_routed_experts, 1.0, seed=0)
     settings_ = MemorySettings(context=131072, batch=8192 * 16)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     plan = plan_deployment(pro, hw, 8192, settings_, expert_load=load, model="pro")
-    t_plan = time.perf_counter() - t0
+    t_plan = time.process_time() - t0
     print(f"\nplan V4-Pro on 8,192 x {hw.name} (search + placement of {plan.n_moe_layers} MoE layers x "
-          f"{pro.n_routed_experts} experts): {t_plan:.2f} s -> dp{plan.dp}/tp{plan.tp}/ep{plan.ep} "
+          f"{pro.n_routed_experts} experts): {t_plan:.2f} CPU s -> dp{plan.dp}/tp{plan.tp}/ep{plan.ep} "
           f"+{plan.redundant} redundant, balancedness {np.mean(plan.balance['after']):.4f} "
           f"(EPLB {np.mean(plan.balance['eplb']):.4f})")
     for ep, redundant in ((768, 384), (8192, 8192 - 384)):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         phy2log = pl.place(load, ep, (384 + redundant) // ep, ranks_per_node=64)
-        t_place = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_place = time.process_time() - t0
+        t0 = time.process_time()
         base = pl.eplb_baseline(load, 384 + redundant, ep)
-        t_base = time.perf_counter() - t0
-        print(f"placement alone, EP{ep} (+{redundant} redundant), 62 layers x 384 experts: {t_place:.2f} s "
+        t_base = time.process_time() - t0
+        print(f"placement alone, EP{ep} (+{redundant} redundant), 62 layers x 384 experts: {t_place:.2f} CPU s "
               f"(EPLB greedy {t_base:.2f} s); balancedness {pl.balancedness(load, phy2log, ep).mean():.4f} vs "
               f"{pl.balancedness(load, base, ep).mean():.4f}")
     print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -231,6 +231,7 @@ def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: i
     load = _check_load(load)
     P = n_ranks * slots_per_rank
     rpn = ranks_per_node if ranks_per_node and n_ranks % ranks_per_node == 0 else n_ranks
+    bound = lower_bound(load, P, n_ranks)
     candidates, tried = [], []
     for factor in COUNT_FACTORS:
         counts = replica_counts(load, P) if factor == 1 else _coarser_counts(load, P, factor)
@@ -241,6 +242,9 @@ def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: i
         if rpn < n_ranks:                                         # node first: spreads replicas over nodes
             candidates.append(_pack(experts, sizes, n_ranks, rpn))
         candidates.append(_pack(experts, sizes, n_ranks, n_ranks))
+        best_peak = np.min([rank_loads(load, c, n_ranks).max(1) for c in candidates], axis=0)
+        if (best_peak <= bound * (1 + 1e-3)).all():              # every layer within 0.1% of optimal
+            break
     candidates.append(eplb_baseline(load, P, n_ranks, n_groups=n_groups, n_nodes=n_ranks // rpn))
     peaks = np.stack([rank_loads(load, c, n_ranks).max(1) for c in candidates])      # [C, L]
     best = np.full(load.shape[0], len(candidates) - 1)
