@@ -7,7 +7,7 @@ sharded for exactly nnodes x nproc ranks), then runs
         --master-addr --master-port] scripts/launch.py --ckpt DIR [launch options]
 
 and exits with torchrun's status. Options it does not know (--input, --max-new-tokens, ...) go to
-scripts/launch.py unchanged; `ascend run --ckpt DIR --nproc 1 -- --help` lists them.
+scripts/launch.py unchanged; `python3 scripts/launch.py --help` lists them.
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def torchrun_command(ckpt: str | Path, nproc: int, nnodes: int = 1, node_rank: i
 @click.pass_context
 def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_rank: int, master_addr: str | None,
                 master_port: int | None, dry_run: bool, device: str, as_json: bool) -> None:
-    """Launch multi-device inference on a converted checkpoint; other options go to scripts/launch.py."""
+    """Launch multi-device inference on a converted checkpoint.
+
+    Options not listed here go to scripts/launch.py (`python3 scripts/launch.py --help`): --input, --prompt,
+    --interactive, --max-new-tokens, --temperature, --stop, --json, ...
+    """
     world = converted_world_size(ckpt)
     if world != nproc * nnodes:
         raise RunError(f"{ckpt}: converted for {world} ranks, but --nnodes {nnodes} x --nproc {nproc} = "
