@@ -1,5 +1,7 @@
 """The whole model on CPU (tiny, float32): incremental == full forward, chunking, padding, MTP, weights I/O."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -173,8 +175,6 @@ def _local_slice(full: torch.Tensor, local_shape: tuple, rank: int) -> torch.Ten
 
 
 def _parallel_worker(rank, world, port, state, ids, out_q):
-    import os
-
     import torch.distributed as dist
 
     from model.parallel import ParallelContext
@@ -223,10 +223,10 @@ def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
 
 
 # ----------------------------------------------------------------------------------------------- official parity
-OFFICIAL = __import__("os").environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference")
+OFFICIAL = os.environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference")
 
 
-@pytest.mark.skipif(not __import__("os").path.exists(f"{OFFICIAL}/model.py"),
+@pytest.mark.skipif(not os.path.exists(f"{OFFICIAL}/model.py"),
                     reason="official DeepSeek-V4 inference/ not available (set DSV4_OFFICIAL_INFERENCE)")
 @pytest.mark.parametrize("quant_sim", [False, True])
 def test_matches_official_transformer(monkeypatch, quant_sim):
