@@ -157,7 +157,7 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
         kv_read += n * kv["entry_bytes"]
         flops += 2 * 2 * t * (config.n_heads // tp) * config.head_dim * n
         if r == 4:
-            kv_read += ctx // 4 * (kv["per_type"]["csa"] * 4 - kv["entry_bytes"])   # indexer keys
+            kv_read += ctx // 4 * kv["index_entry_bytes"]                        # indexer keys
             flops += 2 * t * (config.index_n_heads // tp) * config.index_head_dim * (ctx // 4)
     pairs_per_slot = t * dp * k / (world // ep) / (E + redundant)         # expected tokens per expert slot
     touched = 1 - math.exp(-pairs_per_slot)

@@ -14,7 +14,7 @@ weights_proj, embed and head; everything else is replicated. Routed experts cost
 rank holds `slots_per_rank` experts per MoE layer (MTP layers included).
 
 KV cache per sequence = context x bytes per token (per layer type) + a fixed part (128-token window per
-layer and the compressors' partial blocks). Workspace is an estimate: a fixed runtime reserve plus the
+layer and the compressors' partial blocks), as `model.cache.cache_bytes_per_token` counts them. Workspace is an estimate: a fixed runtime reserve plus the
 activations of one prefill chunk (see docs/planner.md).
 """
 
@@ -85,27 +85,20 @@ def _ratios(config: Any) -> list[int]:
 
 
 def kv_bytes(config: Any, layout: str) -> dict[str, Any]:
-    """KV cache bytes: per token (by layer type and summed over layers) and the fixed part per sequence."""
-    nope = config.head_dim - config.rope_head_dim
-    if layout == "fp8":   # FP8 non-RoPE dims + BF16 RoPE dims + ue8m0 scale per 64, padded to 8 bytes
-        entry = nope + 2 * config.rope_head_dim + 8 * math.ceil(math.ceil(nope / 64) / 8)
-        index_entry = config.index_head_dim // 2 + math.ceil(config.index_head_dim / 32)   # FP4 + scales
-    else:
-        entry, index_entry = 2 * config.head_dim, 2 * config.index_head_dim
-    per_type = {"window": 0.0, "csa": entry / 4 + index_entry / 4, "hca": entry / 128}
-    by_ratio = {0: "window", 4: "csa", 128: "hca"}
-    per_token = 0.0
-    fixed = 0
-    for r in _ratios(config):
-        if r:
-            per_token += entry / r + (index_entry / r if r == 4 else 0)
-            coff = 2 if r == 4 else 1   # partial-block state of the compressor: kv and score, FP32
-            fixed += 2 * 4 * (coff * r) * (coff * config.head_dim)
-            if r == 4:
-                fixed += 2 * 4 * (coff * r) * (coff * config.index_head_dim)
-        fixed += config.window_size * entry
-    return {"entry_bytes": entry, "per_type": per_type, "per_token": per_token, "per_sequence_fixed": fixed,
-            "layers": {t: sum(1 for r in _ratios(config) if by_ratio.get(r) == t) for t in per_type}}
+    """KV cache bytes, from `model.cache.cache_bytes_per_token`: per token (per layer of each type and
+    summed over layers) and the fixed part per sequence (windows, compressor state, MTP window)."""
+    from model.cache import cache_bytes_per_token, index_entry_bytes, main_entry_bytes
+
+    main = main_entry_bytes(config.head_dim, config.rope_head_dim, layout)
+    index = index_entry_bytes(config.index_head_dim, layout)
+    c = cache_bytes_per_token(config, layout)
+    fixed = c["window_bytes_per_sequence"] + c["state_bytes_per_sequence"]
+    fixed += config.n_mtp_layers * config.window_size * main      # the MTP layer is window-only
+    ratios = _ratios(config)
+    return {"entry_bytes": main, "index_entry_bytes": index,
+            "per_type": {"window": 0.0, "csa": (main + index) / 4, "hca": main / 128},
+            "per_token": c["total"], "per_sequence_fixed": int(fixed),
+            "layers": {"window": ratios.count(0), "csa": ratios.count(4), "hca": ratios.count(128)}}
 
 
 def _attention_layer(config: Any, ratio: int, tp: int, f: dict[str, str]) -> int:
