@@ -277,3 +277,27 @@ def test_matches_official_transformer(monkeypatch, quant_sim):
         mtp_want = theirs.mtp[0](streams["h"], 0, ids[:, :P])
         mtp_got = ours.forward_mtp(streams["h"], ids[:, :P], mtp_cache, torch.zeros(1, dtype=torch.long))
         torch.testing.assert_close(mtp_got, mtp_want, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_synthetic_published_checkpoint_loads(tmp_path):
+    """convert.synth's checkpoint in the published layout (config.json + index + shards, official and HF-style
+    names) loads strictly into a model built from its own config.json, and both spellings give the same logits."""
+    import json
+
+    from convert.synth import write_synthetic
+
+    logits = []
+    for hf_names in (False, True):
+        out = tmp_path / ("hf" if hf_names else "official")
+        write_synthetic(out, TINY, seed=3, hf_names=hf_names)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        state = {}
+        for fname in sorted(set(index["weight_map"].values())):
+            state.update(load_file(out / fname))
+        cfg = ModelConfig.from_hf(out)
+        assert cfg == TINY
+        model = Transformer(cfg, dtype=torch.float32).eval()
+        model.load_weights(state)
+        logits.append(model(_ids(1, 20, 10), model.new_cache(1, 32)))
+    assert torch.isfinite(logits[0]).all() and torch.equal(logits[0], logits[1])
