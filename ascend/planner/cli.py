@@ -153,14 +153,25 @@ def plan(ctx: click.Context, preset, config_dir, hardware, hardware_file, nodes,
             click.echo(f"wrote {what}: {path}")
 
 
+def _layer_lines(plan: Plan) -> list[str]:
+    """Per MoE layer: balancedness before / after / EPLB / bound and replicas of the hottest expert."""
+    b = plan.balance
+    lines = ["layer  before   after    EPLB     bound    max replicas"]
+    for i in range(plan.n_moe_layers):
+        lines.append(f"{i:5d}  {b['before'][i]:.4f}   {b['after'][i]:.4f}   {b['eplb'][i]:.4f}   "
+                     f"{b['bound'][i]:.4f}   {int(plan.logcnt[i].max()):5d}")
+    return lines
+
+
 @plan.command("show")
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--layers", is_flag=True, help="Also print balancedness per MoE layer.")
 @json_option
-def show(path: str, as_json: bool) -> None:
+def show(path: str, layers: bool, as_json: bool) -> None:
     """Print a saved plan.json (after checking it)."""
     p = Plan.load(path)
     if as_json:
         click.echo(json.dumps(p.to_dict()))
         return
-    for line in _summary(p):
+    for line in _summary(p) + (_layer_lines(p) if layers and p.balance else []):
         click.echo(line)

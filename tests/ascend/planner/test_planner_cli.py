@@ -34,8 +34,11 @@ def test_plan_tiny_on_two_cpu_devices_with_tp_ep_and_redundancy(capsys, tmp_path
     assert json.loads((tmp_path / "map.json").read_text())["layer_list"][0]["device_count"] == 2
     with np.load(tmp_path / "eplb.npz") as z:
         assert np.array_equal(z["phy2log"], plan.phy2log)
-    code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"))
+    code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"), "--layers")
     assert code == 0 and "dp1/tp2/ep2" in out
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(5))                    # one row per MoE layer
+    assert all(float(r[2]) >= float(r[3]) - 1e-4 for r in rows)          # after >= EPLB
     code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"), "--json")
     assert json.loads(out)["mesh"]["tp"] == 2
 
