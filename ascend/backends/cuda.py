@@ -9,11 +9,16 @@ Two implementations per stage, both static-shaped and free of host syncs (CUDA-g
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
+
+`rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
+multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
+launches, which is what a small-batch decode step is made of.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 
 import torch
@@ -92,6 +97,40 @@ SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 
 
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`kernels.rms_norm` through torch's fused RMS norm (float32 math, x's dtype out)."""
+    w = weight.float() if weight is not None else None
+    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)
+
+
+def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`kernels.rope` as one complex multiply of the (even, odd) pairs of the last 2 * cos.size(-1) dims."""
+    r = 2 * cos.size(-1)
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    turn = torch.complex(cos.float(), -sin.float() if inverse else sin.float())
+    pairs = torch.view_as_complex(x[..., -r:].float().unflatten(-1, (-1, 2)).contiguous())
+    rotated = torch.view_as_real(pairs * turn).flatten(-2)
+    return torch.cat((x[..., :-r], rotated.to(x.dtype)), dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
+    """Sylvester H_d * d^-0.5 in float32, built once per device (warm-up runs fill this before graph capture)."""
+    h = torch.ones(1, 1)
+    while h.size(0) < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h * d ** -0.5).to(device)
+
+
+def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
+    """`kernels.hadamard` as one float32 matmul with the (symmetric) normalised Hadamard matrix."""
+    d = x.size(-1)
+    if d & (d - 1):
+        raise ValueError(f"hadamard: last dim {d} is not a power of two")
+    return (x.float() @ _hadamard_matrix(d, x.device)).to(x.dtype)
+
+
 def sparse_attn_triton(q, kv, indices, sink, scale):
     """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`)."""
     from ascend.backends import triton_sparse_attn
@@ -110,9 +149,12 @@ def triton_available() -> bool:
 
 
 def make_kernels(use_triton: bool | None = None) -> Kernels:
-    """The CUDA `Kernels`: Triton stages when available (default), else the PyTorch ones."""
+    """The CUDA `Kernels`: Triton attention stages when available (default), else the PyTorch ones; the short
+    rms_norm / rope / hadamard either way. Every other stage is the reference."""
     if use_triton is None:
         use_triton = triton_available()
+    short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
     if use_triton:
-        return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton)
-    return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm)
+        return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
+                                   **short)
+    return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)

@@ -71,11 +71,33 @@ def test_topk_fixed_shape_does_not_depend_on_values():
     assert cuda.topk_fixed(scores, 5).tolist() == [[1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]
 
 
-def test_make_kernels_replaces_only_the_two_stages():
+def test_make_kernels_replaces_only_its_stages():
     k = cuda.make_kernels(use_triton=False)
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
     changed = {f.name for f in dataclasses.fields(k) if getattr(k, f.name) is not getattr(REFERENCE, f.name)}
-    assert changed == {"sparse_attn", "indexer_topk"}
+    assert changed == {"sparse_attn", "indexer_topk", "rms_norm", "rope", "hadamard"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_elementwise_stages_match_reference(dtype):
+    x3 = (torch.randn(2, 3, 192) * 3).to(dtype)
+    x4 = torch.randn(2, 3, 4, 128).to(dtype)
+    angles = torch.randn(2, 3, 32) * 10
+    cos, sin = angles.cos(), angles.sin()
+    w = torch.randn(192)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    for weight in (w, None):
+        torch.testing.assert_close(cuda.rms_norm_fused(x3, weight, 1e-6), REFERENCE.rms_norm(x3, weight, 1e-6), **tol)
+    for x in (x3, x4):
+        for inverse in (False, True):
+            out = cuda.rope_complex(x, cos, sin, inverse)
+            assert out.dtype == x.dtype
+            torch.testing.assert_close(out, REFERENCE.rope(x, cos, sin, inverse), **tol)
+        if dtype == torch.float32:  # inverse undoes forward (in bf16 the intermediate rounding dominates)
+            torch.testing.assert_close(cuda.rope_complex(cuda.rope_complex(x, cos, sin), cos, sin, True), x, **tol)
+    torch.testing.assert_close(cuda.hadamard_matmul(x4), REFERENCE.hadamard(x4), **tol)
+    with pytest.raises(ValueError, match="power of two"):
+        cuda.hadamard_matmul(x3)
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
@@ -158,3 +180,23 @@ def test_triton_stages_replay_under_cuda_graph():
         out, sel = step()
         torch.testing.assert_close(static_out, out)
         assert torch.equal(static_idx.sort(-1).values, sel.sort(-1).values)
+
+
+@pytest.mark.parametrize("layer_id", [0, 1, 2])   # tiny: window-only, CSA, HCA
+def test_attention_layer_with_cuda_pytorch_stages_matches_reference(layer_id):
+    """A whole layer (prefill then decode) built on the CUDA backend's PyTorch stages equals the reference
+    layer. Short context, so the indexer keeps every visible entry (no top-k tie can differ)."""
+    from ascend.onnx_export import synthetic_attention, use_kernels
+    from model.cache import LayerCache
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", quant_sim=False)
+    layer = synthetic_attention(config, layer_id)
+    x = torch.randn(2, 16, config.dim)
+    outs = []
+    for kernels in (REFERENCE, cuda.make_kernels(use_triton=False)):
+        use_kernels(layer, kernels)
+        cache = LayerCache(config, layer_id, 2, 32, torch.float32)
+        y = layer(x[:, :15], torch.zeros(2, dtype=torch.long), cache)
+        outs.append(torch.cat([y, layer(x[:, 15:], torch.full((2,), 15), cache)], dim=1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
