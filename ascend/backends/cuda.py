@@ -1,6 +1,6 @@
-"""CUDA backend: `Kernels` with fused versions of the two hot decode stages of V4 attention.
+"""CUDA backend: `Kernels` with fused versions of the hot decode stages of V4 attention.
 
-Two implementations per stage, both static-shaped and free of host syncs (CUDA-graph capturable):
+The two attention stages have two implementations each, both static-shaped and free of host syncs (CUDA-graph capturable):
 
 | stage          | Triton (CUDA + Triton present)                 | PyTorch (any device, also the CPU tests)     |
 |----------------|------------------------------------------------|----------------------------------------------|
@@ -42,7 +42,7 @@ def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     valid = indices >= 0
     rows = indices.clamp(min=0).long()
     batch = torch.arange(B, device=kv.device).view(B, 1, 1)
-    keys = kv.to(q.dtype)[batch, rows]                                            # [B,S,K,D]
+    keys = kv[batch, rows].to(q.dtype)                                            # [B,S,K,D]
     keys = torch.cat([keys, keys.new_zeros(B, S, 1, D)], dim=2).view(B * S, 1, K + 1, D)
     # one KV head shared by all heads: the heads become the query rows of a single-head attention
     mask = torch.zeros(B, S, H, K + 1, device=q.device, dtype=q.dtype)
@@ -90,13 +90,6 @@ def indexer_topk_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_
     return _select(indexer_scores_bmm(q, k, weights, n_visible), topk, group)
 
 
-# Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
-# H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
-# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
-SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
-INDEXER_CONFIG = dict(block_t=128, num_warps=4)
-
-
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`kernels.rms_norm` through torch's fused RMS norm (float32 math, x's dtype out)."""
     w = weight.float() if weight is not None else None
@@ -124,11 +117,19 @@ def _hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
 
 
 def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
-    """`kernels.hadamard` as one float32 matmul with the (symmetric) normalised Hadamard matrix."""
+    """`kernels.hadamard` as one float32 matmul with the (symmetric) normalised Hadamard matrix (exact to float32
+    rounding under torch's default matmul precision; TF32 would not be)."""
     d = x.size(-1)
     if d & (d - 1):
         raise ValueError(f"hadamard: last dim {d} is not a power of two")
     return (x.float() @ _hadamard_matrix(d, x.device)).to(x.dtype)
+
+
+# Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
+# H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
+# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
+SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
+INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 
 
 def sparse_attn_triton(q, kv, indices, sink, scale):
