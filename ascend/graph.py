@@ -90,7 +90,8 @@ class DecodeGraphRunner:
         self._captured: dict[int, _Captured] = {}
 
     def capture(self) -> DecodeGraphRunner:
-        """Capture every bucket, largest first (the big graph sets the allocator's high-water mark)."""
+        """Capture every bucket, largest first. Each graph keeps its own memory pool for its intermediates
+        (`Device.graph()` shares none), so many large buckets cost memory."""
         for bucket in reversed(self.buckets):
             inputs = tuple(self.make_inputs(bucket))
             if any(t.shape[0] != bucket for t in inputs):
