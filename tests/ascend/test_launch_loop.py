@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ascend import launch
+from model.chat import encode_messages
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, write_synthetic_tokenizer
 
@@ -93,3 +94,14 @@ def test_dp_split_round_robin():
     reqs = [launch.Request(str(i), [{"role": "user", "content": "x"}]) for i in range(5)]
     assert [[r.id for r in b] for b in launch.split_for_dp(reqs, 2, 1, 1)] == [["1"], ["3"]]
     assert [[r.id for r in b] for b in launch.split_for_dp(reqs, 2, 0, 2)] == [["0", "2"], ["4"]]
+
+
+def test_completion_with_tool_calls_parses_to_openai_json():
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]
+    text = encode_messages([{"role": "user", "content": "q"},
+                            {"role": "assistant", "content": "Checking.", "tool_calls": calls}]).split("</think>", 1)[1]
+    c = launch.Completion(launch.Request("t", [{"role": "user", "content": "q"}]), 5, tokens=[1], text=text)
+    msg = c.to_dict()["message"]
+    assert msg["content"] == "Checking." and msg["tool_calls"] == calls
+    cut = launch.Completion(c.request, 5, tokens=[1], text=text[:-10], finish_reason="length")
+    assert "parse_error" in cut.to_dict()["message"]

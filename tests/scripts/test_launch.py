@@ -111,6 +111,18 @@ def test_failing_rank_ends_every_rank_with_its_message(work):
     assert elapsed < 45  # torchrun stops rank 0, which is blocked in an expert exchange with rank 1
 
 
+def test_bad_shard_on_one_rank_ends_the_job(work, tmp_path):
+    """Same size (passes the manifest check), unreadable header: rank 1 fails while loading, rank 0 waits for it."""
+    shard = next((work / "tp2ep2" / "rank-00001").glob("*.safetensors"))
+    data = shard.read_bytes()
+    try:
+        shard.write_bytes(b"\xff" * 16 + data[16:])
+        rc, _, err, elapsed = ascend_run(work / "tp2ep2", 2, "--prompt", "hi", timeout=60)
+    finally:
+        shard.write_bytes(data)
+    assert rc != 0 and "rank 1: " in err and elapsed < 45
+
+
 def test_mismatched_launch_is_refused_before_loading(work, tmp_path):
     rc, _, err, _ = ascend_run(work / "1", 2, "--prompt", "hi")
     assert rc == 2 and "converted for 1 ranks" in err  # `ascend run` refuses before starting torchrun
