@@ -82,6 +82,11 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
     device = mesh.device.torch_device
     with torch.device(device):
         model = Transformer(checked.config, ctx, get_kernels(mesh.device), compute_dtype(mesh.device.type))
-    model.load_weights(load_rank(ckpt, mesh.rank))  # experts named by logical id, as the model's
+    try:
+        state = load_rank(ckpt, mesh.rank)  # experts named by logical id, as the model's
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own types on damaged files
+        raise LaunchError(f"{ckpt}: cannot read rank {mesh.rank}'s shard ({type(e).__name__}: {e}); "
+                          f"run `ascend verify {ckpt}`") from None
+    model.load_weights(state)
     model.eval()
     return CacheSession(model, device, prefill_chunk), CacheSession(model, device), exchange
