@@ -12,6 +12,7 @@ is a prefill chunk (prefill may be split into chunks), S == 1 a decode step; the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,13 @@ __all__ = ["WeightsError", "ParallelEmbedding", "ParallelHead", "Block", "MTPBlo
 
 class WeightsError(AscendDeployError):
     """A state dict that does not fit the model: a missing, unexpected or mis-shaped tensor."""
+
+
+class LoadResult(NamedTuple):
+    """Names the model has but the state dict lacked, and names the model does not have (as torch reports)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class ParallelEmbedding(nn.Module):
@@ -187,8 +195,8 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- weights
     @torch.no_grad()
-    def load_weights(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Copy an official-name (or HF-style) state dict into the model.
+    def load_weights(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> LoadResult:
+        """Copy an official-name (or HF-style) state dict into the model; returns the names left out either way.
 
         Every tensor must have the parameter's exact shape; quantised tensors (fp8 / fp4 bytes / int8 / e8m0
         scales) must have its exact dtype, float tensors are cast (BF16 norms into float32 parameters). With
@@ -199,26 +207,31 @@ class Transformer(nn.Module):
         if is_hf_style(state.keys()):
             state = {to_official(k): v for k, v in state.items()}
         own = self.state_dict(keep_vars=True)
-        if strict:
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            if missing:
-                raise WeightsError(f"state dict: missing tensor {missing[0]}" + (
-                    f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-            if unexpected:
-                raise WeightsError(f"state dict: unexpected tensor {unexpected[0]}" + (
-                    f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        result = LoadResult(sorted(set(own) - set(state)), sorted(set(state) - set(own)))
+        for kind, names in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+            if strict and names:
+                more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+                raise WeightsError(f"state dict: {kind} tensor {names[0]}{more}")
+        plain = (torch.float32, torch.bfloat16, torch.float16)
         for name, src in state.items():
             dst = own.get(name)
             if dst is None:
                 continue
             if tuple(src.shape) != tuple(dst.shape):
                 raise WeightsError(f"tensor {name}: shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            plain = {torch.float32, torch.bfloat16, torch.float16}
-            if src.dtype != dst.dtype and not (src.dtype in plain and dst.dtype in plain) \
-                    and not (src.dtype in (torch.int32, torch.int64) and dst.dtype == torch.int64):
+            castable = (src.dtype in plain and dst.dtype in plain) or (
+                src.dtype in (torch.int32, torch.int64) and dst.dtype == torch.int64)
+            if src.dtype != dst.dtype and not castable:
                 raise WeightsError(f"tensor {name}: dtype {src.dtype}, expected {dst.dtype}")
             dst.copy_(src)
+        return result
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False) -> LoadResult:
+        """torch's entry point, routed through `load_weights` (same checks, `WeightsError`; `assign` unsupported)."""
+        if assign:
+            raise WeightsError("Transformer.load_state_dict: assign=True is not supported (weights are copied)")
+        return self.load_weights(state_dict, strict)
 
 
 @torch.no_grad()

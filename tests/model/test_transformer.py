@@ -148,7 +148,9 @@ def test_load_weights_names_the_bad_tensor(quant_model):
     with pytest.raises(WeightsError, match="tensor layers.0.attn.wq_a.weight: dtype torch.bfloat16"):
         model.load_weights({**state, "layers.0.attn.wq_a.weight": state["layers.0.attn.wq_a.weight"].bfloat16()})
     with pytest.raises(WeightsError, match="unexpected tensor extra.weight"):
-        model.load_weights({**state, "extra.weight": torch.zeros(1)})
+        model.load_state_dict({**state, "extra.weight": torch.zeros(1)})   # torch's entry point, same checks
+    partial = model.load_weights({k: v for k, v in state.items() if not k.startswith("mtp.")}, strict=False)
+    assert partial.unexpected_keys == [] and all(k.startswith("mtp.0.") for k in partial.missing_keys)
 
 
 @torch.no_grad()
