@@ -90,8 +90,9 @@ class DecodeGraphRunner:
         self._captured: dict[int, _Captured] = {}
 
     def capture(self) -> DecodeGraphRunner:
-        """Capture every bucket, largest first. Each graph keeps its own memory pool for its intermediates
-        (`Device.graph()` shares none), so many large buckets cost memory."""
+        """Capture every bucket into one shared memory pool (`Device.graph_pool()`), largest first so the
+        pool is sized once; safe because buckets never replay concurrently and `__call__` copies outputs out."""
+        pool = self.device.graph_pool()
         for bucket in reversed(self.buckets):
             inputs = tuple(self.make_inputs(bucket))
             if any(t.shape[0] != bucket for t in inputs):
@@ -99,7 +100,7 @@ class DecodeGraphRunner:
                                  f"got shapes {[tuple(t.shape) for t in inputs]}")
             padding = tuple(t.clone() for t in inputs)
             graph = self.device.graph()
-            outputs = graph.capture(self.step, *inputs, warmup=self.warmup)
+            outputs = graph.capture(self.step, *inputs, warmup=self.warmup, pool=pool)
             self._captured[bucket] = _Captured(graph, inputs, padding, outputs)
         return self
 
@@ -118,5 +119,5 @@ class DecodeGraphRunner:
             static[:n].copy_(x)
             static[n:].copy_(pad[n:])
         c.graph.replay()
-        # the static outputs are overwritten by the next replay: hand out copies of the live rows
+        # the static outputs live in the shared pool, overwritten by the next replay: hand out copies
         return tree_map(lambda o: o[:n].clone() if isinstance(o, torch.Tensor) else o, c.outputs)
