@@ -244,7 +244,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     lockstep = lockstep or Lockstep()
     stop = [s for s in stop if s]
     stop_ids = {tokenizer.eos_id} | {i for s in stop if (i := tokenizer.token_id(s)) is not None}
-    stop_text = [s for s in stop if tokenizer.token_id(s) is None]
+    stop_text = stop  # matched in the text too: a vocabulary entry can also arrive inside longer tokens
     prompts = [tokenizer.encode(r.prompt()) for r in requests]
     limits = [r.max_new_tokens or max_new_tokens for r in requests]
     longest = max(len(p) + n for p, n in zip(prompts, limits))
@@ -256,6 +256,8 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     finished = [False] * B
     shown = [0] * B
     sampler = Sampler(sampling)
+    eos_text = tokenizer.decode([tokenizer.eos_id])
+    hold = max(map(len, stop_text), default=1) - 1  # a stop string may be arriving: do not stream its start yet
     t0 = time.perf_counter()
     logits = session.prefill(prompts, longest)
     while True:
@@ -281,7 +283,11 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
             elif len(c.tokens) >= limits[i]:
                 finished[i] = True
             if on_text is not None:
-                visible = c.text if finished[i] else c.text.rstrip("\ufffd")  # wait for whole UTF-8 characters
+                if finished[i]:
+                    visible = c.text.removesuffix(eos_text)
+                else:  # whole UTF-8 characters only, and not what may be the start of a stop string
+                    visible = c.text.rstrip("\ufffd")
+                    visible = visible[:len(visible) - hold] if hold else visible
                 if len(visible) > shown[i]:
                     on_text(i, visible[shown[i]:])
                     shown[i] = len(visible)

@@ -60,11 +60,14 @@ def test_eos_stop_string_and_streaming(tok):
     [c] = launch.generate(ToySession(tok.vocab_size, eos_at=prompt_len + 5), tok, [req], SamplingParams(), 50, 128,
                           on_text=lambda i, d: deltas.append(d))
     assert c.finish_reason == "stop" and c.tokens[-1] == tok.eos_id and len(c.tokens) == 6
-    assert "".join(deltas) == c.text == tok.decode(c.tokens)
+    assert c.text == tok.decode(c.tokens) and "".join(deltas) + "<｜end▁of▁sentence｜>" == c.text
     assert c.ttft_s > 0 and c.total_s >= c.ttft_s and c.tokens_per_s > 0
-    stop = c.text[len(tok.decode(c.tokens[:2])):][:1] or c.text[-1:]
-    [s] = launch.generate(ToySession(tok.vocab_size), tok, [req], SamplingParams(), 50, 128, stop=[stop])
-    assert s.finish_reason == "stop" and stop not in s.text
+    free = launch.generate(ToySession(tok.vocab_size), tok, [req], SamplingParams(), 12, 128)[0].text
+    stop = free[4:6]  # a two-character stop string: its first character must not be streamed early
+    streamed = []
+    [s] = launch.generate(ToySession(tok.vocab_size), tok, [req], SamplingParams(), 12, 128, stop=[stop],
+                          on_text=lambda i, d: streamed.append(d))
+    assert s.finish_reason == "stop" and s.text == free[:free.index(stop)] and "".join(streamed) == s.text
 
 
 def test_context_limit_is_a_user_error(tok):
