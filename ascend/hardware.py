@@ -62,17 +62,13 @@ class Hardware:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    import yaml
+
     try:
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, ValueError) as e:   # yaml.YAMLError and json.JSONDecodeError are ValueErrors or close
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise HardwareError(f"{path}: cannot read hardware file ({type(e).__name__}: {e})") from None
-    except Exception as e:               # noqa: BLE001 - yaml.YAMLError does not subclass ValueError
-        raise HardwareError(f"{path}: cannot parse hardware file ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or not ({"devices", "systems"} & set(data)):
         raise HardwareError(f"{path}: expected a mapping with 'devices' and/or 'systems' (see docs/hardware.md)")
     return data

@@ -16,7 +16,7 @@ Candidates rank by (fits, communication per token to 2 significant digits, decod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ascend.planner.errors import PlanError
@@ -251,8 +251,6 @@ def _fits(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int | 
 def _no_fit(config: Any, hw: Any, world: int, s: MemorySettings, best: Candidate, redundant: int | None,
             model: str) -> str:
     """One line: by how much the best layout misses, and what would fit instead."""
-    from dataclasses import replace
-
     ideas = []
     limit = hw.max_nodes * hw.devices_per_node if hw.max_nodes else max(world * 64, 8 * hw.devices_per_node)
     step = hw.devices_per_node if world % hw.devices_per_node == 0 else 1

@@ -27,7 +27,7 @@ from typing import Any
 from ascend.planner.errors import PlanError
 
 __all__ = ["COMPONENTS", "WEIGHT_MODES", "KV_LAYOUTS", "MemorySettings", "linear_bytes", "weight_formats",
-           "kv_bytes", "rank_memory", "memory_per_rank"]
+           "weight_bytes", "kv_bytes", "rank_memory", "memory_per_rank"]
 
 COMPONENTS = ("attention", "routed_experts", "shared_expert", "embed_head", "other", "kv_cache", "workspace")
 WEIGHT_MODES = ("keep", "bf16", "int8")

@@ -26,7 +26,7 @@ COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by
 
 __all__ = [
     "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound",
-    "logcnt_of", "log2phy_of", "contiguous_placement", "synthetic_load", "read_expert_load",
+    "logcnt_of", "log2phy_of", "contiguous_placement", "synthetic_load", "read_expert_load", "check_load",
 ]
 
 
@@ -226,9 +226,10 @@ def _pack(experts: np.ndarray, sizes: np.ndarray, n_ranks: int, ranks_per_node: 
 
 def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: int | None = None,
           n_groups: int = 1) -> np.ndarray:
-    """Best placement found, [L, n_ranks*slots_per_rank]: per layer the smallest peak rank load of
-    our flat and node-first packings and the EPLB baseline (run with `n_groups`, nodes as given)."""
-    load = _check_load(load)
+    """Best placement found, [L, n_ranks*slots_per_rank]: per layer the smallest peak rank load among
+    our packings (flat and node-first, for each replica-count variant, stopping once every layer is
+    within 0.1% of the lower bound) and the EPLB baseline (run with `n_groups`, nodes as given)."""
+    load = check_load(load)
     P = n_ranks * slots_per_rank
     rpn = ranks_per_node if ranks_per_node and n_ranks % ranks_per_node == 0 else n_ranks
     bound = lower_bound(load, P, n_ranks)
@@ -332,7 +333,8 @@ def synthetic_load(n_layers: int, n_experts: int, sigma: float = 1.0, seed: int 
     return w / w.sum(1, keepdims=True) * tokens
 
 
-def _check_load(load: np.ndarray, source: str = "expert load") -> np.ndarray:
+def check_load(load: np.ndarray, source: str = "expert load") -> np.ndarray:
+    """`load` as a float64 [layers, experts] array, or a PlanError for a wrong shape, NaN or negative values."""
     arr = np.asarray(load)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
         raise PlanError(f"{source}: expected a numeric [layers, experts] array, got shape {arr.shape} ({arr.dtype})")
@@ -365,7 +367,7 @@ def read_expert_load(path: str | Path, n_layers: int, n_experts: int, n_mtp_laye
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PlanError(f"{path}: cannot read expert load ({type(e).__name__}: {e})") from None
-    arr = _check_load(arr, str(path))
+    arr = check_load(arr, str(path))
     total = n_layers + n_mtp_layers
     if arr.shape[1] != n_experts or arr.shape[0] not in (n_layers, total):
         raise PlanError(f"{path}: expert load has shape {list(arr.shape)}; expected [{n_layers}, {n_experts}]"

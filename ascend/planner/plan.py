@@ -205,7 +205,7 @@ def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0
     if expert_load is None:
         load = np.ones((L, E))
     else:
-        load = pl._check_load(expert_load)
+        load = pl.check_load(expert_load)
         if load.shape == (config.n_layers, E) and L > config.n_layers:
             load = np.concatenate([load, np.repeat(load.mean(0, keepdims=True), L - config.n_layers, 0)])
         if load.shape != (L, E):
