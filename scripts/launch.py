@@ -24,7 +24,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ascend import dist as mesh_lib

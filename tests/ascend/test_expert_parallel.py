@@ -1,6 +1,5 @@
 """EP dispatch/combine over Gloo equals the single-process sum over routed experts, with replicas."""
 
-import os
 
 import pytest
 import torch

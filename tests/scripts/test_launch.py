@@ -6,6 +6,7 @@ compared with the single-process run on the same requests.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ def ascend_run(ckpt: Path, nproc: int, *args: str, timeout: float = 90) -> tuple
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "ascend.cli", "run", "--ckpt", str(ckpt), "--nproc", str(nproc),
                         "--device", "cpu", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
 
 
