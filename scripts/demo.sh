@@ -29,6 +29,15 @@ step "3/8 plan 2 CPU ranks: tp 2 x ep 2, 2 redundant expert slots placed for a s
 ascend plan --config "$OUT/hf" --hardware cpu --devices 2 --tp 2 --ep 2 --redundant 2 \
   --expert-load lognormal:1.0:0 --out "$OUT/plan-2.json" | tail -n 4
 ascend plan --config "$OUT/hf" --hardware cpu --devices 1 --tp 1 --ep 1 --out "$OUT/plan-1.json" > /dev/null
+python3 - "$OUT/plan-2.json" <<'PY'
+import sys
+from ascend.planner.plan import Plan
+plan = Plan.load(sys.argv[1])
+for layer in (0, 1):
+    held = [plan.experts_on_rank(layer, r) for r in range(plan.world_size)]
+    twice = sorted({e for e in held[0] if e in held[1]})
+    print(f"MoE layer {layer}: rank 0 holds experts {held[0]}, rank 1 holds {held[1]}; on both: {twice}")
+PY
 
 step "4/8 convert: one directory of safetensors per rank, following the plan"
 ascend convert --hf "$OUT/hf" --plan "$OUT/plan-2.json" --out "$OUT/ckpt-2"
@@ -38,6 +47,8 @@ step "5/8 verify: manifest, completeness against the plan, hashes, and every ten
 ascend verify "$OUT/ckpt-2" --against "$OUT/hf"
 
 step "6/8 launch 2 ranks on Gloo (torchrun): chat prompt -> V4 chat template -> greedy decoding, streamed"
+python3 -c 'import sys; from model.chat import encode_messages
+print("prompt as the model sees it:", repr(encode_messages([{"role": "user", "content": sys.argv[1]}])))' "$PROMPT"
 echo "(random weights: the reply below is meaningless text)"
 ascend run --ckpt "$OUT/ckpt-2" --nproc 2 --device cpu --prompt "$PROMPT" --max-new-tokens 24 \
   --save "$OUT/run-2.json" --dump-logits
