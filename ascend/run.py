@@ -58,9 +58,10 @@ def torchrun_command(ckpt: str | Path, nproc: int, nnodes: int = 1, node_rank: i
             raise RunError(f"--nnodes {nnodes}: --master-addr (the address of node 0) is required")
         cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr or '127.0.0.1'}",
                 f"--master-port={master_port or 29500}"]
-    # the script in a source checkout; the same entry point as a module when installed without scripts/
-    target = [str(SCRIPT)] if SCRIPT.is_file() else ["--module", "ascend.launch"]
-    return cmd + target + ["--ckpt", str(ckpt), *launch_args]
+    if not SCRIPT.is_file():
+        raise RunError(f"{SCRIPT}: not found; `ascend run` needs a source checkout (bash scripts/setup.sh installs "
+                       f"it in editable mode)")
+    return cmd + [str(SCRIPT), "--ckpt", str(ckpt), *launch_args]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
