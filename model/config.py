@@ -94,6 +94,8 @@ class ModelConfig:
     eos_token_id: int = 1
     # simulate the quantisation-aware-training round trips (FP8 KV, FP4 indexer) as the official model does
     quant_sim: bool = True
+    # round fp8 / fp4 projections' inputs to FP8 per 128 (the official FP8 / FP4 GEMMs' activation quantisation)
+    act_quant: bool = False
 
     def __post_init__(self) -> None:
         self.compress_ratios = tuple(int(r) for r in self.compress_ratios)

@@ -134,6 +134,13 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(self, config, kernels)
         self.mtp = nn.ModuleList(MTPBlock(config.n_layers + i, config, parallel, kernels)
                                  for i in range(config.n_mtp_layers))
+        self.set_act_quant(config.act_quant)
+
+    def set_act_quant(self, enabled: bool) -> None:
+        """Switch the FP8 activation rounding of fp8 / fp4 projections (default: config.act_quant)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.act_quant = enabled
 
     def set_quant_sim(self, enabled: bool) -> None:
         """Switch the FP8 KV / FP4 indexer round-trip simulations everywhere (default: config.quant_sim)."""

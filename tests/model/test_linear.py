@@ -89,3 +89,21 @@ def test_tensor_parallel_slices_recompose_the_full_layer():
     h = full_col(x)
     torch.testing.assert_close(torch.cat(cols, -1), h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sum(partials), full_row(h), rtol=1e-5, atol=1e-5)
+
+
+def test_act_quant_rounds_inputs_of_quantised_layers_only():
+    x = torch.randn(4, 256) * 3
+    for fmt in ("fp8", "fp4", "bf16"):
+        lin = Linear(256, 128, fmt)
+        lin.set_from_float(torch.randn(128, 256) / 16)
+        plain = lin(x)
+        lin.act_quant = True
+        if fmt == "bf16":
+            assert torch.equal(lin(x), plain)
+            continue
+        # the official FP8 / FP4 GEMM input: e4m3 per 128 values with power-of-two scales
+        blocks = x.unflatten(-1, (-1, 128))
+        scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True) / 448)))
+        xq = ((blocks / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
+        torch.testing.assert_close(lin(x), xq @ lin.dequantized(torch.float32).T, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(lin(x), plain)
