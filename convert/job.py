@@ -35,7 +35,7 @@ from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint
 from convert.shard import Sharding, scale_split
-from convert.writer import SafetensorsWriter, hash_file, sha256_of, temp_name, write_bytes_atomic, write_json_atomic
+from convert.writer import SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic, write_json_atomic
 
 JOB = ".convert-job.json"
 RANK_INDEX = "model.safetensors.index.json"
@@ -79,13 +79,19 @@ class RowBlocks:
     split: tuple[int, int, int] | None
 
     def blocks(self, bar=None):
+        """The row blocks in order, each read on a helper thread while the previous one is written."""
         start, stop = (self.split[1], self.split[2]) if self.split else (0, self.spec.shape[0])
         step = max(1, BLOCK_BYTES * self.spec.shape[0] // self.spec.nbytes)
-        for a in range(start, stop, step):
-            rows = self.ckpt.read(self.spec.name, 0, a, min(stop, a + step))
-            if bar is not None:
-                bar.update(rows.numel() * rows.element_size())
-            yield rows
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reads = [pool.submit(self.ckpt.read, self.spec.name, 0, a, min(stop, a + step))
+                     for a in range(start, min(stop, start + 2 * step), step)]
+            for a in range(start + 2 * step, stop + 2 * step, step):
+                rows = reads.pop(0).result()
+                if a < stop:
+                    reads.append(pool.submit(self.ckpt.read, self.spec.name, 0, a, min(stop, a + step)))
+                if bar is not None:
+                    bar.update(rows.numel() * rows.element_size())
+                yield rows
 
 
 def _fmt(spec: TensorSpec) -> str:
@@ -230,6 +236,7 @@ class Conversion:
                 drain_one()
             for of in group:
                 hashes[of.path] = (writers[of.rank].finish(), writers[of.rank].tensor_hashes)
+            self.ckpt.release(file)
         except BaseException:
             for p in pending:
                 p.cancel()

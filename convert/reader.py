@@ -28,6 +28,7 @@ from model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+REMAP_BYTES = 128 << 20       # re-open a shard after this much was read through one mapping (bounds RSS)
 # Every dtype code safetensors defines (so an unknown one is reported as unknown, a known-but-wrong one as wrong)
 ALL_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64", "F64",
               "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
@@ -135,7 +136,8 @@ class Checkpoint:
                 b, en = e["data_offsets"]
                 self.tensors[name] = StoredTensor(name, key, file, e["dtype"], tuple(e["shape"]), start + b, start + en)
         self._check_index()
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._handles: dict[Path, list] = {}  # file -> [safe_open handle, bytes read through it]
 
     def _shard_files(self) -> list[Path]:
         index = self.root / INDEX
@@ -187,23 +189,41 @@ class Checkpoint:
         return expected
 
     # ------------------------------------------------------------------ data
-    def _handle(self, file: Path):
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        if file not in handles:
-            handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handles[file]
+    def _handle(self, file: Path, nbytes: int):
+        """An open safe_open handle for `file`, replaced after REMAP_BYTES have been read through it.
+
+        safe_open maps the whole file; every page read stays resident (and counted in RSS) while the
+        mapping lives, so long-lived handles would make memory grow to the checkpoint's size.
+        """
+        with self._lock:
+            entry = self._handles.get(file)
+            if entry is None or entry[1] > REMAP_BYTES:
+                entry = self._handles[file] = [safe_open(str(file), framework="pt", device="cpu"), 0]
+            entry[1] += nbytes
+            return entry[0]
+
+    def release(self, file: Path | None = None) -> None:
+        """Drop the mapping of `file` (or of every file)."""
+        with self._lock:
+            if file is None:
+                self._handles.clear()
+            else:
+                self._handles.pop(file, None)
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tensor `name` (official), or rows/columns [start, stop) of dimension `dim` read lazily via get_slice."""
         t = self.tensors[name]
-        f = self._handle(t.file)
+        f = self._handle(t.file, t.end - t.begin if dim is None else
+                         (t.end - t.begin) * ((stop if stop is not None else t.shape[dim]) - start) // max(1, t.shape[dim]))
         if dim is None:
-            return f.get_tensor(t.key)
-        index = [slice(None)] * len(t.shape)
-        index[dim] = slice(start, stop)
-        return f.get_slice(t.key)[tuple(index)]
+            tensor = f.get_tensor(t.key)
+        else:
+            index = [slice(None)] * len(t.shape)
+            index[dim] = slice(start, stop)
+            tensor = f.get_slice(t.key)[tuple(index)]
+        # safe_open returns views of its file mapping, which keep every page they touched resident; a copy
+        # lets the mapping go (see _handle) so memory stays bounded by the tensors in flight
+        return tensor.clone()
 
     def nbytes(self, name: str) -> int:
         t = self.tensors[name]

@@ -18,7 +18,6 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from convert.errors import ConvertError
-from convert.formats import output_config
 from convert.layout import expected_tensors
 from convert.manifest import MANIFEST, rank_entry, read_manifest
 from convert.reader import Checkpoint, read_header, safe_member

@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import signal
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,6 +71,38 @@ def write_json_atomic(path: Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+class _BackgroundHash:
+    """sha256 of a byte stream, computed on a helper thread (hashlib releases the GIL) with bounded backlog."""
+
+    MAX_PENDING = 128 << 20
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque = deque()   # (future, nbytes), in submission order
+        self._bytes = 0
+
+    def update(self, data) -> None:
+        self._pending.append((self._pool.submit(self._hash.update, data), len(data)))
+        self._bytes += len(data)
+        while self._bytes > self.MAX_PENDING:
+            self._pop()
+
+    def _pop(self) -> None:
+        future, n = self._pending.popleft()
+        future.result()
+        self._bytes -= n
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pop()
+        self._pool.shutdown()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 class SafetensorsWriter:
     """Write the tensors `entries` = [(name, dtype code, shape)] to `path`, in that order, one call each."""
 
@@ -86,7 +120,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
         self.header = header
         self.nbytes = 8 + len(raw) + at
-        self.file_hash = hashlib.sha256()
+        self.file_hash = _BackgroundHash()
         self.tensor_hashes: dict[str, str] = {}
         self._next = 0
         try:
@@ -98,7 +132,7 @@ class SafetensorsWriter:
 
     def _write(self, data) -> None:
         self._f.write(data)
-        self.file_hash.update(data)
+        self.file_hash.update(data)  # on its own thread, overlapping the next write
 
     def write(self, name: str, tensor: torch.Tensor, digest: str | None = None) -> None:
         """Write the next tensor (it must be the next entry, with that entry's dtype and shape).
@@ -111,7 +145,7 @@ class SafetensorsWriter:
         """Write the next tensor from consecutive row blocks (so a huge tensor never sits in memory whole)."""
         global _written
         want, dtype, want_shape = self.entries[self._next]
-        h, nbytes = (None if digest else hashlib.sha256()), 0
+        h, nbytes = (None if digest else _BackgroundHash()), 0
         for chunk in chunks:
             if name != want or DTYPE_CODES.get(chunk.dtype) != dtype or (shape is not None and shape != tuple(want_shape)):
                 self.abort()
@@ -152,6 +186,7 @@ class SafetensorsWriter:
         return self.file_hash.hexdigest()
 
     def abort(self) -> None:
+        self.file_hash.close()
         f = getattr(self, "_f", None)
         if f is not None and not f.closed:
             f.close()
