@@ -129,7 +129,8 @@ def plan(ctx: click.Context, preset, config_dir, hardware, hardware_file, nodes,
     settings = MemorySettings(context=context, batch=batch, weights=weights, kv_layout=kv_layout,
                               reserve_bytes=int(hw.reserve_gib * GiB))
     result = plan_deployment(config, hw, devices, settings, redundant=redundant, tp=tp, ep=ep,
-                             expert_load=_expert_load(expert_load, config), n_groups=groups, model=name)
+                             expert_load=_expert_load(expert_load, config), n_groups=groups, model=name,
+                             distinct=bool(export_vllm))          # vllm-ascend: distinct experts per device
     if out:
         result.save(out)
     if plot:

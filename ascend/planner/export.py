@@ -53,7 +53,12 @@ def read_eplb(path: str | Path, n_experts: int | None = None) -> np.ndarray:
 
 
 def vllm_ascend_expert_map(plan: Plan) -> dict[str, Any]:
+    """The static map; vllm-ascend indexes a device's experts by id, so each must appear once per device."""
     s = plan.slots_per_rank
+    dup = np.flatnonzero(pl.duplicate_slots(plan.phy2log[:plan.n_layers], plan.ep))
+    if dup.size:
+        raise PlanError(f"MoE layer {int(dup[0])} puts two replicas of one expert on one device, which vllm-ascend's "
+                        "expert map cannot express; plan with --export-vllm (keeps replicas apart) or fewer redundant slots")
     return {
         "moe_layer_count": plan.n_layers,
         "layer_list": [

@@ -223,7 +223,7 @@ def explain(best: Candidate, others: list[Candidate]) -> str:
 
 def plan_deployment(config: Any, hw: Any, world: int, s: MemorySettings, *, redundant: int | None = None,
                     tp: int | None = None, ep: int | None = None, expert_load: Any = None, n_groups: int = 1,
-                    model: str = "custom", top: int = 5) -> Any:
+                    model: str = "custom", top: int = 5, distinct: bool = False) -> Any:
     """Search layouts on `world` devices of `hw`, then place experts for the best one: a `Plan`."""
     from ascend.planner.plan import make_plan
 
@@ -238,7 +238,7 @@ def plan_deployment(config: Any, hw: Any, world: int, s: MemorySettings, *, redu
     shown = [c.to_dict() for c in ranked[:top]]
     shown[0]["why"] = explain(best, ranked[1:])
     return make_plan(config, world, best.tp, best.ep, best.redundant, expert_load, hardware=hw, settings=s,
-                     n_groups=n_groups, model=model, candidates=shown)
+                     n_groups=n_groups, model=model, distinct=distinct, candidates=shown)
 
 
 def _fits(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int | None) -> bool:

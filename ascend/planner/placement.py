@@ -26,7 +26,8 @@ COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by
 
 __all__ = [
     "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound",
-    "logcnt_of", "log2phy_of", "contiguous_placement", "synthetic_load", "read_expert_load", "check_load",
+    "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load", "read_expert_load",
+    "check_load",
 ]
 
 
@@ -72,59 +73,60 @@ def lower_bound(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- replication
-def replica_counts(load: np.ndarray, n_slots: int) -> np.ndarray:
-    """Replicas per expert, [L, E], summing to n_slots, minimising the largest load / replicas.
+def replica_counts(load: np.ndarray, n_slots: int, cap: int | None = None) -> np.ndarray:
+    """Replicas per expert, [L, E], summing to n_slots, minimising the largest load / replicas
+    (with at most `cap` replicas each: one per rank keeps replicas on distinct ranks possible).
 
-    Water-filling: c_e = max(1, ceil(load_e / t)) for the smallest threshold t whose total fits
+    Water-filling: c_e = clip(ceil(load_e / t), 1, cap) for the smallest threshold t whose total fits
     (bisection on t, all layers at once); slots left over go one at a time to the largest load / c.
     """
     L, E = load.shape
-    if n_slots < E:
-        raise PlanError(f"{n_slots} physical expert slots cannot hold {E} experts: expected >= {E}")
+    cap = n_slots if cap is None else cap
+    if n_slots < E or cap * E < n_slots:
+        raise PlanError(f"{n_slots} physical expert slots cannot hold {E} experts with 1..{cap} replicas each")
     w = load.astype(np.float64)
     lo = np.zeros(L)
     hi = np.maximum(w.max(1), 1e-300)                             # at t = max load every expert needs 1
     for _ in range(64):
         mid = (lo + hi) / 2
-        need = np.maximum(1, np.ceil(w / np.maximum(mid, 1e-300)[:, None])).sum(1)
+        need = np.clip(np.ceil(w / np.maximum(mid, 1e-300)[:, None]), 1, cap).sum(1)
         fits = need <= n_slots
         hi = np.where(fits, mid, hi)
         lo = np.where(fits, lo, mid)
-    counts = np.maximum(1, np.ceil(w / hi[:, None])).astype(np.int64)
+    counts = np.clip(np.ceil(w / hi[:, None]), 1, cap).astype(np.int64)
+    return _fill(w, counts, n_slots, cap)
+
+
+def _fill(load: np.ndarray, counts: np.ndarray, n_slots: int, cap: int) -> np.ndarray:
+    """Give the slots still free one at a time to the expert with the largest load / replicas (< cap)."""
     left = n_slots - counts.sum(1)
-    rows = np.arange(L)
-    while (left > 0).any():                                       # at most E rounds
+    rows = np.arange(load.shape[0])
+    while (left > 0).any():                                       # at most E * cap rounds
         active = left > 0
-        best = np.argmax(w / counts, axis=1)
+        best = np.argmax(np.where(counts < cap, load / counts, -1.0), axis=1)
         counts[rows[active], best[active]] += 1
         left -= active
     return counts
 
 
-def _coarser_counts(load: np.ndarray, n_slots: int, factor: float) -> np.ndarray:
-    """Fewer replicas for hot experts: c_e = max(1, ceil(load_e / (factor * t*))), t* the optimal max
-    replica load; the freed slots go to the hottest single-replica experts, then greedily.
+def _coarser_counts(load: np.ndarray, n_slots: int, factor: float, cap: int | None = None) -> np.ndarray:
+    """Fewer replicas for hot experts: c_e = clip(ceil(load_e / (factor * t*)), 1, cap), t* the optimal
+    max replica load; the freed slots go to the hottest single-replica experts, then greedily.
 
     The optimum of max(load / replicas) can leave a few more big replicas than ranks, so two of them
     share a rank; slightly larger, fewer replicas often pack better. `place` tries several factors.
     """
     L, E = load.shape
-    best = (load / replica_counts(load, n_slots)).max(1)
-    counts = np.maximum(1, np.ceil(load / np.maximum(best * factor, 1e-300)[:, None])).astype(np.int64)
+    cap = n_slots if cap is None else cap
+    best = (load / replica_counts(load, n_slots, cap)).max(1)
+    counts = np.clip(np.ceil(load / np.maximum(best * factor, 1e-300)[:, None]), 1, cap).astype(np.int64)
     left = n_slots - counts.sum(1)
     single = np.where(counts == 1, load, -1.0)
     order = np.argsort(-single, axis=1, kind="stable")           # hottest single-replica experts first
-    n_single = (counts == 1).sum(1)
+    n_single = (counts == 1).sum(1) if cap > 1 else np.zeros(L, dtype=np.int64)
     take = np.arange(E)[None, :] < np.minimum(left, n_single)[:, None]
     np.put_along_axis(counts, order, np.take_along_axis(counts, order, 1) + take, 1)
-    left -= take.sum(1)
-    rows = np.arange(L)
-    while (left > 0).any():
-        active = left > 0
-        e = np.argmax(load / counts, axis=1)
-        counts[rows[active], e[active]] += 1
-        left -= active
-    return counts
+    return _fill(load, counts, n_slots, cap)
 
 
 def _items(load: np.ndarray, counts: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +162,13 @@ def _grid(experts: np.ndarray, sizes: np.ndarray, bins: np.ndarray, n_bins: int)
             np.take_along_axis(sizes, order, 1).reshape(L, n_bins, -1))
 
 
-def _refine(experts: np.ndarray, sizes: np.ndarray, max_rounds: int) -> None:
+def _refine(experts: np.ndarray, sizes: np.ndarray, max_rounds: int, distinct: bool = False) -> None:
     """In place: swap one item of the busiest bin with one of a light bin while that lowers the peak.
 
     Per layer the best swap (smallest max of the two new bin totals) with one of the lightest bins is
     applied; a layer stops when its busiest bin has no improving swap. Only the lightest bins are tried
-    so the [layers, k, bins, k] candidate array stays a few million entries.
+    so the [layers, k, bins, k] candidate array stays a few million entries. With `distinct` (ranks, not
+    nodes) a swap may not bring an expert into a bin that already holds it.
     """
     L, B, k = sizes.shape
     if k == 1 or B == 1:                          # a swap cannot lower the peak
@@ -186,6 +189,12 @@ def _refine(experts: np.ndarray, sizes: np.ndarray, max_rounds: int) -> None:
         new_peak = np.maximum(peak[:, None, None, None] - d,
                               np.take_along_axis(tot, light, 1)[:, None, :, None] + d)
         new_peak[d <= 0] = np.inf
+        if distinct:
+            e = experts[active]
+            e_m, e_l = e[A, m], np.take_along_axis(e, light[:, :, None], 1)             # [A, k], [A, n, k]
+            into_light = (e_m[:, :, None, None] == e_l[:, None, :, :]).any(-1)       # [A, k, n]
+            into_peak = (e_l[:, :, :, None] == e_m[:, None, None, :]).any(-1)        # [A, n, k]
+            new_peak[into_light[:, :, :, None] | into_peak[:, None, :, :]] = np.inf
         flat = new_peak.reshape(active.size, -1)
         best = flat.argmin(1)
         ok = peak - flat[A, best] > 1e-12 * np.maximum(peak, 1e-300)
@@ -208,7 +217,7 @@ def _pack(experts: np.ndarray, sizes: np.ndarray, n_ranks: int, ranks_per_node: 
     n_nodes = n_ranks // ranks_per_node
     if n_nodes <= 1 or ranks_per_node <= 1:
         e, s = _grid(experts, sizes, _pack_rounds(sizes, n_ranks), n_ranks)
-        _refine(e, s, 4 * n_ranks + 32)
+        _refine(e, s, 4 * n_ranks + 32, distinct=True)
         return e.reshape(L, P)
     # node first: replicas of one expert fall in the same round, hence on different nodes
     e, s = _grid(experts, sizes, _pack_rounds(sizes, n_nodes), n_nodes)
@@ -220,22 +229,26 @@ def _pack(experts: np.ndarray, sizes: np.ndarray, n_ranks: int, ranks_per_node: 
     e, s = np.take_along_axis(e, order, 1), np.take_along_axis(s, order, 1)
     e, s = _grid(e, s, _pack_rounds(s, ranks_per_node), ranks_per_node)
     e, s = e.reshape(L, n_ranks, -1), s.reshape(L, n_ranks, -1)
-    _refine(e, s, 4 * n_ranks + 32)                               # final swaps across all ranks
+    _refine(e, s, 4 * n_ranks + 32, distinct=True)                # final swaps across all ranks
     return e.reshape(L, P)
 
 
 def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: int | None = None,
-          n_groups: int = 1) -> np.ndarray:
+          n_groups: int = 1, distinct: bool = False) -> np.ndarray:
     """Best placement found, [L, n_ranks*slots_per_rank]: per layer the smallest peak rank load among
     our packings (flat and node-first, for each replica-count variant, stopping once every layer is
-    within 0.1% of the lower bound) and the EPLB baseline (run with `n_groups`, nodes as given)."""
+    within 0.1% of the lower bound) and the EPLB baseline (run with `n_groups`, nodes as given).
+
+    Replicas of one expert then move to different ranks where that costs no balance; with `distinct`
+    (vllm-ascend's static map needs it) they move even at some cost, and EPLB's placement only counts
+    for layers where it gives no expert more replicas than ranks."""
     load = check_load(load)
     P = n_ranks * slots_per_rank
     rpn = ranks_per_node if ranks_per_node and n_ranks % ranks_per_node == 0 else n_ranks
     bound = lower_bound(load, P, n_ranks)
     candidates, tried = [], []
-    for factor in COUNT_FACTORS:
-        counts = replica_counts(load, P) if factor == 1 else _coarser_counts(load, P, factor)
+    for factor in COUNT_FACTORS:       # at most one replica of an expert per rank
+        counts = replica_counts(load, P, n_ranks) if factor == 1 else _coarser_counts(load, P, factor, n_ranks)
         if any(np.array_equal(counts, t) for t in tried):
             continue
         tried.append(counts)
@@ -248,10 +261,51 @@ def place(load: np.ndarray, n_ranks: int, slots_per_rank: int, ranks_per_node: i
             break
     candidates.append(eplb_baseline(load, P, n_ranks, n_groups=n_groups, n_nodes=n_ranks // rpn))
     peaks = np.stack([rank_loads(load, c, n_ranks).max(1) for c in candidates])      # [C, L]
+    if distinct:
+        peaks[-1, logcnt_of(candidates[-1], load.shape[1]).max(1) > n_ranks] = np.inf
     best = np.full(load.shape[0], len(candidates) - 1)
     for c in range(len(candidates) - 2, -1, -1):                 # earlier candidates win ties
         best = np.where(peaks[c] <= peaks[best, np.arange(load.shape[0])] * (1 + 1e-12), c, best)
-    return np.stack(candidates)[best, np.arange(load.shape[0])]
+    chosen = np.stack(candidates)[best, np.arange(load.shape[0])]
+    separate_replicas(load, chosen, n_ranks, allow_rise=distinct)
+    return chosen
+
+
+def duplicate_slots(phy2log: np.ndarray, n_ranks: int) -> np.ndarray:
+    """Per layer, how many slots repeat an expert already held by the same rank."""
+    grid = np.sort(phy2log.reshape(phy2log.shape[0], n_ranks, -1), axis=2)
+    return (grid[:, :, 1:] == grid[:, :, :-1]).sum((1, 2))
+
+
+def separate_replicas(load: np.ndarray, phy2log: np.ndarray, n_ranks: int, allow_rise: bool = False) -> None:
+    """In place: where a rank holds two replicas of one expert, swap one for a replica of another expert
+    on a rank that holds neither, choosing the swap with the smallest new pair maximum; unless
+    `allow_rise`, only swaps that keep the layer's peak rank load. (vllm-ascend's expert map needs
+    distinct experts per device; a layer where an expert has more replicas than ranks keeps duplicates.)"""
+    size = load / logcnt_of(phy2log, load.shape[1])
+    for layer in np.flatnonzero(duplicate_slots(phy2log, n_ranks)):
+        grid = phy2log[layer].reshape(n_ranks, -1)              # a view: swaps write through
+        w = size[layer]
+        loads = w[grid].sum(1)
+        peak = loads.max()
+        for r in range(n_ranks):
+            for i in range(grid.shape[1]):
+                e = grid[r, i]
+                if (grid[r, :i] != e).all():
+                    continue                                     # first copy on this rank
+                y = w[grid]                                      # [ranks, slots]: candidates to swap in
+                new_r = loads[r] - w[e] + y
+                new_other = loads[:, None] - y + w[e]
+                cost = np.maximum(new_r, new_other)
+                cost[(grid == e).any(1)] = np.inf                # that rank already holds e
+                cost[np.isin(grid, grid[r])] = np.inf            # rank r already holds that expert
+                if not allow_rise:
+                    cost[cost > peak * (1 + 1e-12)] = np.inf
+                r2, j = np.unravel_index(np.argmin(cost), cost.shape)
+                if not np.isfinite(cost[r2, j]):
+                    continue
+                loads[r], loads[r2] = new_r[r2, j], new_other[r2, j]
+                grid[r, i], grid[r2, j] = grid[r2, j], e
 
 
 # ----------------------------------------------------------------------------------- EPLB baseline

@@ -186,12 +186,14 @@ class Plan:
 
 def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0,
               expert_load: np.ndarray | None = None, *, hardware: Any = None, devices_per_node: int | None = None,
-              settings: Any = None, n_groups: int = 1, model: str = "custom",
+              settings: Any = None, n_groups: int = 1, model: str = "custom", distinct: bool = False,
               candidates: list[dict[str, Any]] | None = None) -> Plan:
     """Plan for given degrees: checks the layout rules, places experts, and counts memory per rank.
 
     `expert_load` is [n_layers (+ n_mtp_layers), n_routed_experts] token counts (None: uniform);
-    `hardware` (an `ascend.hardware.Hardware`, optional) adds its fused-operator limits and capacity.
+    `hardware` (an `ascend.hardware.Hardware`, optional) adds its fused-operator limits and capacity;
+    `distinct` keeps replicas of one expert on different ranks even at some cost in balance
+    (vllm-ascend's static map needs it; `balance` records the result).
     """
     from ascend.planner.layout import check_layout
     from ascend.planner.memory import MemorySettings, memory_per_rank
@@ -216,7 +218,8 @@ def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0
     if expert_load is None and redundant == 0:       # no statistics: the official contiguous split
         phy2log = pl.contiguous_placement(L, E, n_slots)
     else:
-        phy2log = pl.place(load, ep, n_slots // ep, ranks_per_node=ranks_per_node, n_groups=n_groups)
+        phy2log = pl.place(load, ep, n_slots // ep, ranks_per_node=ranks_per_node, n_groups=n_groups,
+                           distinct=distinct)
     eplb = pl.eplb_baseline(load, n_slots, ep, n_groups=n_groups, n_nodes=ep // ranks_per_node if ranks_per_node else 1)
     balance = {
         "before": pl.balancedness(load, pl.contiguous_placement(L, E, n_slots), ep).round(6).tolist(),

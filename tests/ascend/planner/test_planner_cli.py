@@ -24,14 +24,12 @@ def test_plan_tiny_on_two_cpu_devices_with_tp_ep_and_redundancy(capsys, tmp_path
     code, out, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--tp", "2",
                          "--ep", "2", "--redundant", "2", "--context", "256", "--batch", "2",
                          "--expert-load", "lognormal:1.0", "--out", str(tmp_path / "plan.json"),
-                         "--plot", str(tmp_path / "mem.png"), "--export-vllm", str(tmp_path / "map.json"),
-                         "--export-eplb", str(tmp_path / "eplb.npz"))
+                         "--plot", str(tmp_path / "mem.png"), "--export-eplb", str(tmp_path / "eplb.npz"))
     assert code == 0, err
     assert "winner dp1/tp2/ep2" in out and "8 logical + 2 redundant" in out
     plan = Plan.load(tmp_path / "plan.json")
     assert (plan.tp, plan.ep, plan.redundant) == (2, 2, 2)
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "map.json").read_text())["layer_list"][0]["device_count"] == 2
     with np.load(tmp_path / "eplb.npz") as z:
         assert np.array_equal(z["phy2log"], plan.phy2log)
     code, out, _ = run(capsys, "plan", "show", str(tmp_path / "plan.json"), "--layers")
@@ -66,3 +64,19 @@ def test_bad_load_file(capsys, tmp_path):
     code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2",
                        "--expert-load", str(tmp_path / "load.npy"))
     assert code == 2 and "expected [4, 8] or [5, 8]" in err
+
+
+def test_export_vllm_keeps_replicas_on_distinct_devices(capsys, tmp_path):
+    # vllm-ascend maps (device, expert) -> local slot, so a device may hold each expert once
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "4", "--tp", "1",
+                       "--ep", "4", "--redundant", "4", "--expert-load", "lognormal:2.0:3",
+                       "--export-vllm", str(tmp_path / "map.json"), "--out", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    m = json.loads((tmp_path / "map.json").read_text())
+    assert m["moe_layer_count"] == 4 and m["layer_list"][0]["device_count"] == 4
+    for layer in m["layer_list"]:
+        for device in layer["device_list"]:
+            assert len(set(device["device_expert"])) == len(device["device_expert"]) == 3
+    plan = Plan.load(tmp_path / "plan.json")
+    assert np.array_equal(plan.phy2log[:4], [sum((d["device_expert"] for d in layer["device_list"]), [])
+                                             for layer in m["layer_list"]])

@@ -14,7 +14,7 @@ from model.config import ModelConfig
 @pytest.fixture
 def plan():
     tiny = ModelConfig.preset("tiny")
-    return make_plan(tiny, 4, 1, 4, redundant=4, expert_load=pl.synthetic_load(4, 8, 1.5, seed=2))
+    return make_plan(tiny, 4, 1, 4, redundant=4, expert_load=pl.synthetic_load(4, 8, 1.5, seed=2), distinct=True)
 
 
 def test_eplb_round_trip(plan, tmp_path):
@@ -56,3 +56,11 @@ def test_vllm_ascend_args(plan):
     assert notes == []                                                  # ep == world: vLLM can express it
     _, notes = export.vllm_ascend_args(make_plan(ModelConfig.preset("tiny"), 4, 1, 2), "m.json")
     assert notes and "ep = 2" in notes[0]
+
+
+def test_vllm_ascend_map_refuses_two_replicas_on_one_device():
+    tiny = ModelConfig.preset("tiny")
+    plan = make_plan(tiny, 2, 1, 2, redundant=2)
+    plan.phy2log[1] = [0, 0, 1, 2, 3, 4, 5, 6, 7, 1]        # rank 0 holds expert 0 twice in layer 1
+    with pytest.raises(PlanError, match="MoE layer 1 puts two replicas"):
+        export.vllm_ascend_expert_map(plan)

@@ -132,3 +132,13 @@ def test_read_expert_load_formats_and_errors(tmp_path):
         pl.read_expert_load(tmp_path / "obj.npy", 3, 4)
     with pytest.raises(PlanError, match="expected .npy"):
         pl.read_expert_load(tmp_path / "a.txt", 3, 4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_distinct_mode_keeps_replicas_on_different_ranks(seed):
+    rng = np.random.default_rng(10 + seed)
+    load = rng.lognormal(0, 2.0, size=(6, 32))
+    phy2log = pl.place(load, 8, 6, distinct=True)                    # 48 slots: 16 redundant
+    _check_invariants(phy2log, 32, 8, 6)
+    assert pl.duplicate_slots(phy2log, 8).sum() == 0
+    assert pl.logcnt_of(phy2log, 32).max() <= 8
