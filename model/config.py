@@ -132,6 +132,10 @@ class ModelConfig:
         for name in ("n_hash_layers", "n_mtp_layers"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, name, "an integer >= 0")
+        for name in ("route_scale", "swiglu_limit", "norm_eps", "hc_eps", "rope_theta", "compress_rope_theta",
+                     "rope_factor", "beta_fast", "beta_slow", "original_seq_len"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "a number")
         need(self.n_shared_experts == 1, "n_shared_experts", "1 (one shared expert per MoE layer)")
         need(self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
              f"<= n_routed_experts ({self.n_routed_experts})")
@@ -160,6 +164,10 @@ class ModelConfig:
         if self.expert_dtype == "fp4":
             for name in ("dim", "moe_inter_dim"):
                 need(getattr(self, name) % 32 == 0, name, "a multiple of 32 (FP4 scale blocks)")
+        # act_quant rounds every fp8 / fp4 projection input in blocks of 128
+        if self.act_quant:
+            for name in ("dim", "q_lora_rank", "o_lora_rank", "moe_inter_dim"):
+                need(getattr(self, name) % 128 == 0, name, "a multiple of 128 with act_quant (FP8 input blocks)")
 
     # ----------------------------------------------------------------- presets
     @classmethod

@@ -101,6 +101,8 @@ def test_reduced_depth_preset_keeps_published_schedule():
     (dict(index_head_dim=96), "index_head_dim"),
     (dict(score_func="relu"), "score_func"),
     (dict(dim=0), "dim"),
+    (dict(route_scale="2.5"), "route_scale"),
+    (dict(act_quant=True, moe_inter_dim=160), "moe_inter_dim"),
 ])
 def test_validation_names_field(change, field):
     with pytest.raises(ConfigError, match=field) as err:
