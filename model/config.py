@@ -155,7 +155,8 @@ class ModelConfig:
         need(self.rope_head_dim % 2 == 0, "rope_head_dim", "even (interleaved RoPE pairs)")
         need(self.rope_head_dim < self.head_dim, "rope_head_dim", f"< head_dim ({self.head_dim})")
         need((self.head_dim - self.rope_head_dim) % 64 == 0, "head_dim",
-             f"head_dim - rope_head_dim a multiple of 64 (FP8 KV simulation blocks), rope_head_dim={self.rope_head_dim}")
+             f"head_dim - rope_head_dim a multiple of 64 (FP8 KV simulation blocks); rope_head_dim = "
+             f"{self.rope_head_dim}")
         need(self.n_heads % self.o_groups == 0, "n_heads", f"a multiple of o_groups ({self.o_groups})")
         need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim % 32 == 0,
              "index_head_dim", "a power of two >= 32 (Hadamard rotation, FP4 blocks of 32)")

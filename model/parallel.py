@@ -63,7 +63,8 @@ class ParallelContext:
     def __post_init__(self) -> None:
         for name, rank, size in (("tp", self.tp_rank, self.tp_size), ("ep", self.ep_rank, self.ep_size)):
             if size < 1 or not 0 <= rank < size:
-                raise ParallelError(f"parallel context: {name}_rank = {rank}, expected 0 <= rank < {name}_size = {size}")
+                raise ParallelError(f"parallel context: {name}_rank = {rank}, "
+                                    f"expected 0 <= rank < {name}_size = {size}")
 
     # ----------------------------------------------------------------- sizes
     def split(self, n: int, what: str) -> int:

@@ -18,7 +18,8 @@ def test_presets_round_trip_through_hf_dict():
 
 def test_flash_and_pro_schedules():
     flash, pro = ModelConfig.preset("flash"), ModelConfig.preset("pro")
-    assert (flash.dim, flash.n_layers, flash.n_heads, flash.n_routed_experts, flash.route_scale) == (4096, 43, 64, 256, 1.5)
+    assert (flash.dim, flash.n_layers, flash.n_heads, flash.n_routed_experts, flash.route_scale) == (
+        4096, 43, 64, 256, 1.5)
     assert [flash.compress_ratios.count(r) for r in (0, 4, 128)] == [2, 21, 20]
     assert flash.compress_ratios[:4] == (0, 0, 4, 128) and flash.compress_ratios[-1] == 4
     assert (pro.dim, pro.n_layers, pro.n_heads, pro.o_groups, pro.index_topk) == (7168, 61, 128, 16, 1024)

@@ -25,7 +25,8 @@ def _randomise(moe: MoE, seed: int = 0) -> None:
         if moe.gate.bias is not None:
             moe.gate.bias.copy_(torch.randn(moe.gate.bias.shape, generator=g) / 10)
         else:
-            moe.gate.tid2eid.copy_(torch.stack([torch.randperm(CFG.n_routed_experts, generator=g)[:CFG.n_activated_experts]
+            k = CFG.n_activated_experts
+            moe.gate.tid2eid.copy_(torch.stack([torch.randperm(CFG.n_routed_experts, generator=g)[:k]
                                                 for _ in range(CFG.vocab_size)]))
 
 
