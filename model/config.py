@@ -322,6 +322,10 @@ def _values_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
                             ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
             if rope.get(key) is not None:
                 values[field_] = rope[key]
+        if "qk_rope_head_dim" not in raw and raw.get("partial_rotary_factor") is not None:
+            # transformers spelling: the RoPE width as a fraction of head_dim
+            head_dim = int(raw.get("head_dim", ModelConfig.head_dim))
+            values["rope_head_dim"] = round(head_dim * raw["partial_rotary_factor"])
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         # per-layer schedules in the transformers spelling

@@ -48,7 +48,8 @@ def test_file_and_directory_paths(tmp_path):
 def test_transformers_spelling():
     tiny = ModelConfig.preset("tiny")
     d = tiny.to_hf_dict()
-    del d["compress_ratios"], d["num_hash_layers"], d["rope_scaling"]
+    del d["compress_ratios"], d["num_hash_layers"], d["rope_scaling"], d["qk_rope_head_dim"]
+    d["partial_rotary_factor"] = 0.5                   # 64 of head_dim 128
     names = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
     d["layer_types"] = [names[r] for r in tiny.compress_ratios]
     d["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
