@@ -6,11 +6,12 @@ Tokens of an expert are split evenly over its replicas, so a rank's load is
 sum over its slots of load[e] / replicas[e]. Quality per layer is the balancedness
 mean rank load / max rank load (1.0 is perfect).
 
-`place` (ours): optimal replica counts by water-filling, packing by sorted rounds (the heaviest
-remaining replicas onto the lightest ranks), then pairwise swaps that lower the busiest rank, flat and
-node-first; it also runs `eplb_baseline` (our implementation of DeepSeek's published greedy EPLB) and
-keeps, per layer, whichever placement has the smaller maximum rank load, so it is never worse.
-All steps are vectorised over layers with numpy.
+`place` (ours): replica counts by water-filling (and coarser variants), packing by sorted rounds (the
+heaviest remaining replicas onto the lightest ranks), then pairwise swaps that lower the busiest rank,
+flat and node-first; it also runs `eplb_baseline` (our implementation of DeepSeek's published greedy
+EPLB) and keeps, per layer, whichever placement has the smaller maximum rank load, so it is never
+worse. Replicas of one expert are kept on different ranks where that costs nothing (or always, with
+`distinct`). All steps are vectorised over layers with numpy.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import numpy as np
 
 from ascend.planner.errors import PlanError
 
-COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by `place`
-
 __all__ = [
-    "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound",
-    "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load", "read_expert_load",
-    "check_load",
+    "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound", "logcnt_of",
+    "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
+    "read_expert_load", "check_load",
 ]
+
+COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by `place`
 
 
 # ----------------------------------------------------------------------------------- bookkeeping
