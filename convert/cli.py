@@ -26,7 +26,8 @@ def _plan(plan_path, tp, ep, redundant, cfg):
 
 
 @click.command("convert")
-@click.option("--hf", "hf", required=True, type=click.Path(), help="Checkpoint directory (index + shards + config.json).")
+@click.option("--hf", "hf", required=True, type=click.Path(),
+              help="Checkpoint directory (index + shards + config.json).")
 @click.option("--out", "out", required=True, type=click.Path(), help="New or empty output directory.")
 @click.option("--plan", "plan_path", type=click.Path(), default=None, help="plan.json from `ascend plan`.")
 @click.option("--tp", type=int, default=None, help="Tensor-parallel degree (without --plan).")

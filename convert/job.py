@@ -139,8 +139,11 @@ class Conversion:
                 of.sources[sname] = (u.weight.name, list(piece.split) if piece.split else None)
 
     # ------------------------------------------------------------------ per-unit work (worker threads)
-    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple[str, torch.Tensor | RowBlocks, str | None]]]:
-        """Read one source unit once and produce every listed rank's output tensors."""
+    def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple]]:
+        """Read one source unit once and produce every listed rank's output tensors.
+
+        Returns {rank: [(name, tensor or RowBlocks, sha256 or None)]} in writing order.
+        """
         if not any(self.sharding.pieces(u.weight, r) for r in ranks):
             return {}
         if u.scale is None and u.out_scale is None and u.weight.nbytes > BLOCK_BYTES and u.weight.split_dim != 1:
@@ -295,7 +298,8 @@ def _prepare(out: Path, ident: dict, resume: bool) -> None:
         try:
             previous = json.loads(job.read_text())
         except (OSError, ValueError):
-            raise ConvertError(f"{out}: holds files but no readable {JOB}; it is not an interrupted conversion") from None
+            raise ConvertError(f"{out}: holds files but no readable {JOB}; "
+                               f"it is not an interrupted conversion") from None
         if previous != ident:
             diff = next(k for k in ident if previous.get(k) != ident[k])
             raise ConvertError(f"{out}: --resume of a different job ({diff} differs from the interrupted run)")

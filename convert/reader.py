@@ -54,13 +54,14 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise ConvertError(f"{path}: truncated safetensors file ({size} bytes, expected an 8-byte header length)")
+                raise ConvertError(f"{path}: truncated safetensors file ({size} bytes, expected an 8-byte "
+                                   f"header length)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ConvertError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: corrupt safetensors header (not JSON: {e.msg if hasattr(e, 'msg') else e})") from None
+        raise ConvertError(f"{path}: corrupt safetensors header (not JSON: {getattr(e, 'msg', e)})") from None
     except OSError as e:
         raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
@@ -70,11 +71,13 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     spans = []
     for key, e in header.items():
         if not (isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)
-                and len(e["data_offsets"]) == 2 and all(isinstance(x, int) and x >= 0 for x in e["shape"] + e["data_offsets"])):
+                and len(e["data_offsets"]) == 2
+                and all(isinstance(x, int) and x >= 0 for x in e["shape"] + e["data_offsets"])):
             raise ConvertError(f"{path}: corrupt safetensors header entry for {key!r}")
         dtype = e.get("dtype")
         if dtype not in ALL_DTYPES:
-            raise ConvertError(f"{path}: tensor {key} has unknown dtype {dtype!r}, expected one of {sorted(DTYPE_BYTES)}")
+            raise ConvertError(f"{path}: tensor {key} has unknown dtype {dtype!r}, expected one of "
+                               f"{sorted(DTYPE_BYTES)}")
         begin, end = e["data_offsets"]
         if not begin <= end <= data_bytes:
             raise ConvertError(f"{path}: tensor {key} data [{begin}, {end}) lies outside the {data_bytes}-byte data "
@@ -87,7 +90,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     at = 0
     for begin, end, key in spans:
         if begin != at:
-            raise ConvertError(f"{path}: tensor {key} starts at byte {begin}, expected {at} (overlapping or gapped data)")
+            raise ConvertError(f"{path}: tensor {key} starts at byte {begin}, expected {at} "
+                               f"(overlapping or gapped data)")
         at = end
     return header, 8 + n
 
@@ -138,6 +142,7 @@ class Checkpoint:
         self._check_index()
         self._lock = threading.Lock()
         self._handles: dict[Path, list] = {}  # file -> [safe_open handle, bytes read through it]
+        self._by_file: dict[Path, list[str]] | None = None
 
     def _shard_files(self) -> list[Path]:
         index = self.root / INDEX
@@ -166,7 +171,8 @@ class Checkpoint:
                 continue
             t = self.tensors.get(name)
             if t is None or t.file.name != Path(file).name:
-                raise ConvertError(f"{self.root / INDEX}: tensor {key} is mapped to {file}, but that shard does not hold it")
+                raise ConvertError(f"{self.root / INDEX}: tensor {key} is mapped to {file}, "
+                                   f"but that shard does not hold it")
 
     # ------------------------------------------------------------------ validation
     def validate(self, cfg: ModelConfig | None = None) -> dict[str, TensorSpec]:
@@ -213,13 +219,13 @@ class Checkpoint:
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tensor `name` (official), or rows/columns [start, stop) of dimension `dim` read lazily via get_slice."""
         t = self.tensors[name]
-        f = self._handle(t.file, t.end - t.begin if dim is None else
-                         (t.end - t.begin) * ((stop if stop is not None else t.shape[dim]) - start) // max(1, t.shape[dim]))
         if dim is None:
-            tensor = f.get_tensor(t.key)
+            tensor = self._handle(t.file, t.end - t.begin).get_tensor(t.key)
         else:
+            stop = t.shape[dim] if stop is None else stop
             index = [slice(None)] * len(t.shape)
             index[dim] = slice(start, stop)
+            f = self._handle(t.file, (t.end - t.begin) * (stop - start) // max(1, t.shape[dim]))
             tensor = f.get_slice(t.key)[tuple(index)]
         # safe_open returns views of its file mapping, which keep every page they touched resident; a copy
         # lets the mapping go (see _handle) so memory stays bounded by the tensors in flight
@@ -231,4 +237,8 @@ class Checkpoint:
 
     def in_file(self, file: Path) -> list[str]:
         """Official names stored in `file`, in storage order."""
-        return [n for n, t in self.tensors.items() if t.file == file]
+        if self._by_file is None:
+            self._by_file = {}
+            for n, t in self.tensors.items():
+                self._by_file.setdefault(t.file, []).append(n)
+        return self._by_file.get(file, [])

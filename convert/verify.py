@@ -47,34 +47,14 @@ def verify(out: str | Path, against: str | Path | None = None, plan=None, progre
         plan = Plan.load(out / "plan.json")
     sharding = Sharding.from_plan(plan, cfg_out, str(out / "plan.json"))
     if sharding.world_size != m["world_size"] or len(m["ranks"]) != m["world_size"]:
-        raise ConvertError(f"{origin}: {len(m['ranks'])} ranks recorded, plan.json has world size {sharding.world_size}")
+        raise ConvertError(f"{origin}: {len(m['ranks'])} ranks recorded, plan.json has world size "
+                           f"{sharding.world_size}")
     n_files = n_tensors = n_bytes = 0
-    for rank in range(sharding.world_size):
-        entry = rank_entry(m, rank, str(origin))
-        want = expected_rank_tensors(cfg_out, sharding, rank)
-        have = entry["tensors"]
-        for name in sorted(set(want) | set(have)):
-            if name not in have:
-                raise ConvertError(f"{origin}: rank {rank} lacks tensor {name} that the plan puts there")
-            if name not in want:
-                raise ConvertError(f"{origin}: rank {rank} holds tensor {name} that the plan does not put there")
-            if (have[name]["dtype"], tuple(have[name]["shape"])) != want[name]:
-                raise ConvertError(f"{origin}: rank {rank} tensor {name} is {have[name]['dtype']} {have[name]['shape']}, "
-                                   f"expected {want[name][0]} {list(want[name][1])}")
-        for rel, rec in tqdm(entry["files"].items(), desc=f"hash rank {rank}", disable=not progress):
-            path = safe_member(out, rel, origin)
-            file_sha, tensor_sha = hash_file(path)
-            if file_sha != rec["sha256"] or path.stat().st_size != rec["bytes"]:
-                raise ConvertError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
-            header, _ = read_header(path)
-            for name, e in header.items():
-                t = have.get(name)
-                if t is None or t["file"] != rel or t["sha256"] != tensor_sha[name] or \
-                        (e["dtype"], e["shape"]) != (t["dtype"], t["shape"]):
-                    raise ConvertError(f"{path}: tensor {name} does not match its manifest entry")
-            n_files += 1
-            n_bytes += rec["bytes"]
-        n_tensors += len(have)
+    total = sum(rec["bytes"] for entry in m["ranks"] for rec in entry["files"].values())
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="hash", disable=not progress) as bar:
+        for rank in range(sharding.world_size):
+            n = _check_rank(out, m, cfg_out, sharding, rank, bar)
+            n_files, n_tensors, n_bytes = n_files + n[0], n_tensors + n[1], n_bytes + n[2]
     summary = {"ok": True, "out": str(out), "world_size": sharding.world_size, "weights": m["weights"],
                "files": n_files, "tensors": n_tensors, "bytes": n_bytes, "against": None}
     if against is not None:
@@ -83,12 +63,45 @@ def verify(out: str | Path, against: str | Path | None = None, plan=None, progre
     return summary
 
 
+def _check_rank(out: Path, m: dict, cfg_out: ModelConfig, sharding: Sharding, rank: int, bar) -> tuple[int, int, int]:
+    """Completeness and hashes of one rank; returns (files, tensors, bytes)."""
+    origin = out / MANIFEST
+    n_files = n_bytes = 0
+    entry = rank_entry(m, rank, str(origin))
+    want = expected_rank_tensors(cfg_out, sharding, rank)
+    have = entry["tensors"]
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            raise ConvertError(f"{origin}: rank {rank} lacks tensor {name} that the plan puts there")
+        if name not in want:
+            raise ConvertError(f"{origin}: rank {rank} holds tensor {name} that the plan does not put there")
+        if (have[name]["dtype"], tuple(have[name]["shape"])) != want[name]:
+            raise ConvertError(f"{origin}: rank {rank} tensor {name} is {have[name]['dtype']} {have[name]['shape']}, "
+                               f"expected {want[name][0]} {list(want[name][1])}")
+    for rel, rec in entry["files"].items():
+        path = safe_member(out, rel, origin)
+        file_sha, tensor_sha = hash_file(path)
+        if file_sha != rec["sha256"] or path.stat().st_size != rec["bytes"]:
+            raise ConvertError(f"{path}: sha256/size differ from the manifest (file changed or corrupt)")
+        header, _ = read_header(path)
+        for name, e in header.items():
+            t = have.get(name)
+            if t is None or t["file"] != rel or t["sha256"] != tensor_sha[name] or \
+                    (e["dtype"], e["shape"]) != (t["dtype"], t["shape"]):
+                raise ConvertError(f"{path}: tensor {name} does not match its manifest entry")
+        n_files += 1
+        n_bytes += rec["bytes"]
+        bar.update(rec["bytes"])
+    return n_files, len(have), n_bytes
+
+
 def compare_with_source(out: Path, m: dict, src: Checkpoint, progress: bool = False) -> None:
     """Every output tensor == its source slice after the declared cast (bitwise)."""
     src_table = src.validate()
     out_table = expected_tensors(ModelConfig.from_hf(m["config"]))
-    for entry in m["ranks"]:
-        for rel in tqdm(list(entry["files"]), desc=f"compare rank {entry['rank']}", disable=not progress):
+    files = [(entry, rel) for entry in m["ranks"] for rel in entry["files"]]
+    with tqdm(files, desc="compare", unit="file", disable=not progress) as bar:
+        for entry, rel in bar:
             with safe_open(str(out / rel), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     rec = entry["tensors"][name]

@@ -147,7 +147,8 @@ class SafetensorsWriter:
         want, dtype, want_shape = self.entries[self._next]
         h, nbytes = (None if digest else _BackgroundHash()), 0
         for chunk in chunks:
-            if name != want or DTYPE_CODES.get(chunk.dtype) != dtype or (shape is not None and shape != tuple(want_shape)):
+            wrong_shape = shape is not None and shape != tuple(want_shape)
+            if name != want or DTYPE_CODES.get(chunk.dtype) != dtype or wrong_shape:
                 self.abort()
                 raise RuntimeError(f"{self.path}: wrote {name} {chunk.dtype} {list(chunk.shape)}, expected {want} "
                                    f"{dtype} {list(want_shape)}")  # a bug in the caller, not a user error

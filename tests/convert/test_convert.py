@@ -148,6 +148,13 @@ def _cli_error(args, capsys):
 def test_verify_detects_damage(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     _convert(tiny_ckpt, out, tp=1, ep=2)
+    manifest = (out / "manifest.json").read_text()
+    broken = json.loads(manifest)
+    del broken["ranks"][0]["tensors"]["layers.2.attn.wo_a.scale"]
+    (out / "manifest.json").write_text(json.dumps(broken))
+    assert "rank 0 lacks tensor layers.2.attn.wo_a.scale that the plan puts there" in _cli_error(
+        ["verify", str(out)], capsys)
+    (out / "manifest.json").write_text(manifest)
     victim = out / "rank-00001" / "model-00003-of-00006.safetensors"
     data = bytearray(victim.read_bytes())
     data[-5] ^= 0xFF
@@ -255,3 +262,16 @@ def test_row_block_streaming_gives_the_same_files(tiny_ckpt, tmp_path, monkeypat
     monkeypatch.setattr(job, "BLOCK_BYTES", 4096)   # stream every plain tensor over 4 KiB in row blocks
     _convert(tiny_ckpt, tmp_path / "blocks", tp=2, ep=1, workers=1)
     assert _files(tmp_path / "whole") != {} and _files(tmp_path / "whole") == _files(tmp_path / "blocks")
+
+
+def test_hf_named_checkpoint_converts_to_the_same_shards(tmp_path):
+    from convert.synth import write_synthetic
+    cfg = ModelConfig.preset("tiny", n_layers=2)
+    write_synthetic(tmp_path / "official", cfg, seed=5)
+    write_synthetic(tmp_path / "hf", cfg, seed=5, hf_names=True)
+    for name in ("official", "hf"):
+        _convert(tmp_path / name, tmp_path / f"out-{name}", tp=2, ep=2)
+    a, b = _files(tmp_path / "out-official"), _files(tmp_path / "out-hf")
+    ranks = [k for k in a if k.startswith("rank-")]
+    assert ranks and {k: a[k] for k in ranks} == {k: b[k] for k in ranks}   # official names, same bytes
+    verify(tmp_path / "out-hf", against=tmp_path / "hf")
