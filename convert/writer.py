@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,26 +73,36 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class _BackgroundHash:
-    """sha256 of a byte stream, computed on a helper thread (hashlib releases the GIL) with bounded backlog."""
+    """sha256 of a byte stream, computed on a helper thread (hashlib releases the GIL).
+
+    Data waiting to be hashed stays referenced, so the backlog of all hashers together is capped at
+    MAX_PENDING bytes: a writer that finds the cap exceeded waits for its own oldest chunk.
+    """
 
     MAX_PENDING = 128 << 20
+    _total = 0                       # bytes waiting in all hashers
+    _lock = threading.Lock()
 
     def __init__(self):
         self._hash = hashlib.sha256()
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: deque = deque()   # (future, nbytes), in submission order
-        self._bytes = 0
 
     def update(self, data) -> None:
         self._pending.append((self._pool.submit(self._hash.update, data), len(data)))
-        self._bytes += len(data)
-        while self._bytes > self.MAX_PENDING:
+        self._add(len(data))
+        while self._pending and _BackgroundHash._total > self.MAX_PENDING:
             self._pop()
+
+    @classmethod
+    def _add(cls, n: int) -> None:
+        with cls._lock:
+            cls._total += n
 
     def _pop(self) -> None:
         future, n = self._pending.popleft()
         future.result()
-        self._bytes -= n
+        self._add(-n)
 
     def hexdigest(self) -> str:
         while self._pending:
@@ -101,6 +112,8 @@ class _BackgroundHash:
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
+        self._add(-sum(n for _, n in self._pending))
+        self._pending.clear()
 
 
 class SafetensorsWriter:
