@@ -8,8 +8,8 @@ model), in the format a converted checkpoint holds them:
   official converter dequantises it), everything else BF16 / FP32 as stored;
 * `bf16`: every projection BF16;  `int8`: every projection INT8 + one FP32 scale per output row.
 
-Tensors the official model keeps in FP32 (head, compressor wkv / wgate, ape, mHC, attn_sink, gate bias)
-are counted at 4 bytes. Tensor parallelism splits wq_b, wo_a, wo_b, attn_sink, the indexer's wq_b and
+Tensors model/ keeps in FP32 (head, ape, mHC, attn_sink, gate bias) are counted at 4 bytes; the
+compressors' wkv / wgate at 2 (BF16, as stored and as model/compressor.py holds them). Tensor parallelism splits wq_b, wo_a, wo_b, attn_sink, the indexer's wq_b and
 weights_proj, embed and head; everything else is replicated. Routed experts cost their slots: every
 rank holds `slots_per_rank` experts per MoE layer (MTP layers included).
 
@@ -111,11 +111,11 @@ def _attention_layer(config: Any, ratio: int, tp: int, f: dict[str, str]) -> int
     b += 4 * config.n_heads // tp + 2 * (q + hd)                                     # attn_sink, norms
     if ratio:
         coff = 2 if ratio == 4 else 1
-        b += 2 * linear_bytes(coff * hd, d, "fp32") + 4 * ratio * coff * hd + 2 * hd  # compressor
+        b += 2 * linear_bytes(coff * hd, d, "bf16") + 4 * ratio * coff * hd + 2 * hd  # compressor
     if ratio == 4:
         ih, idim = config.index_n_heads, config.index_head_dim
         b += linear_bytes(ih * idim // tp, q, f["proj"]) + linear_bytes(ih // tp, d, "bf16")
-        b += 2 * linear_bytes(2 * idim, d, "fp32") + 4 * 4 * 2 * idim + 2 * idim    # indexer compressor
+        b += 2 * linear_bytes(2 * idim, d, "bf16") + 4 * 4 * 2 * idim + 2 * idim    # indexer compressor
     return b
 
 

@@ -23,11 +23,11 @@ def test_linear_bytes_match_the_model_storage_layout(fmt, shape):
 @pytest.mark.parametrize("name,published_gb", [("flash", 159.6), ("pro", 864.7)])
 def test_weights_add_up_to_the_published_checkpoint(name, published_gb):
     # all experts on one rank (tp 1, slots = E) is the whole model; deepseek-v4.md section 1 gives the
-    # checkpoint sizes. We count head and compressor projections in FP32 as the official model holds them
-    # (the checkpoint stores BF16), so we may only be above, by at most 2.5%.
+    # checkpoint sizes. We count the head in FP32 as model/ holds it (the checkpoint stores BF16, +1 GB on
+    # Flash), so we may only be above, by at most 2%.
     c = ModelConfig.preset(name)
     total = sum(weight_bytes(c, 1, c.n_routed_experts, "keep").values()) / 1e9
-    assert published_gb <= total <= published_gb * 1.025
+    assert published_gb <= total <= published_gb * 1.02
 
 
 def test_kv_cache_per_token_matches_the_published_accounting():
