@@ -3,9 +3,9 @@
 Weights are counted tensor by tensor from the config (the shapes of deepseek-v4.md and the official
 model), in the format a converted checkpoint holds them:
 
-* `keep`: as published: attention / shared-expert / MTP projections FP8 (e4m3 + one ue8m0 byte per
-  128x128 block), routed experts FP4 (half a byte + one ue8m0 byte per 32 inputs), wo_a BF16 (the
-  official converter dequantises it), everything else BF16 / FP32 as stored;
+* `keep`: as published: attention (wo_a included, which convert/ keeps in FP8 where the official
+  converter dequantises it) / shared-expert / MTP projections FP8 (e4m3 + one ue8m0 byte per 128x128
+  block), routed experts FP4 (half a byte + one ue8m0 byte per 32 inputs), the rest BF16 / FP32;
 * `bf16`: every projection BF16;  `int8`: every projection INT8 + one FP32 scale per output row.
 
 Tensors model/ keeps in FP32 (head, ape, mHC, attn_sink, gate bias) are counted at 4 bytes; the
@@ -73,7 +73,7 @@ def linear_bytes(n_out: int, n_in: int, fmt: str) -> int:
 def weight_formats(config: Any, weights: str) -> dict[str, str]:
     """Storage format of projections ('proj'), wo_a and routed experts for a weight mode."""
     if weights == "keep":
-        return {"proj": config.dtype, "wo_a": "bf16", "expert": config.expert_dtype}
+        return {"proj": config.dtype, "wo_a": config.dtype, "expert": config.expert_dtype}
     if weights in ("bf16", "int8"):
         return {"proj": weights, "wo_a": weights, "expert": weights}
     raise PlanError(f"--weights {weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
