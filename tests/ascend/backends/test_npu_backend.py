@@ -179,7 +179,7 @@ def test_get_kernels_by_device_type(emulation):
     assert k.sparse_attn.__name__ == "npu_sparse_attn" and k.hc_pre is REFERENCE.hc_pre
     assert get_kernels(SimpleNamespace(type="npu", soc="A3"), graph_mode=True).sparse_attn is REFERENCE.sparse_attn
     cuda = get_kernels(SimpleNamespace(type="cuda"))  # imported by name only now; PyTorch stages without a GPU
-    assert cuda.sparse_attn is not REFERENCE.sparse_attn and cuda.rms_norm is REFERENCE.rms_norm
+    assert cuda.sparse_attn is not REFERENCE.sparse_attn and cuda.gate_topk is REFERENCE.gate_topk
 
 
 def test_npu_backend_without_torch_npu_is_a_user_error(monkeypatch):
