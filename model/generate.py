@@ -11,10 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ascend.errors import AscendDeployError
 from model.cache import KVCache
 from model.transformer import Transformer
 
-__all__ = ["SamplingParams", "Sampler", "prefill", "decode_step", "generate"]
+__all__ = ["GenerationError", "SamplingParams", "Sampler", "prefill", "decode_step", "generate"]
+
+
+class GenerationError(AscendDeployError):
+    """Sampling settings or prompts that generation cannot use."""
 
 
 @dataclass
@@ -27,6 +32,13 @@ class SamplingParams:
     top_p: float = 1.0
     stop_tokens: tuple[int, ...] | None = None
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, ok, expected in (("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
+                                   ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                                   ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)")):
+            if not ok:
+                raise GenerationError(f"sampling option {name} = {getattr(self, name)!r}, expected {expected}")
 
 
 class Sampler:
@@ -92,7 +104,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     """Complete each prompt; returns the new tokens per prompt, without the stop token that ended it."""
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
+        raise GenerationError("generate: every prompt needs at least one token")
     stops = params.stop_tokens if params.stop_tokens is not None else (model.config.eos_token_id,)
     if cache is None:
         cache = model.new_cache(len(prompts), max(map(len, prompts)) + params.max_new_tokens)

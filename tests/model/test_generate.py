@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.generate import Sampler, SamplingParams, generate
+from model.generate import GenerationError, Sampler, SamplingParams, generate
 from model.transformer import Transformer, init_random_
 
 CFG = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16", quant_sim=False)  # see test_transformer.py
@@ -69,5 +69,7 @@ def test_sampler_filters_and_seed():
 def test_sampled_generation_is_reproducible(model):
     params = SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.95, seed=3, stop_tokens=())
     assert generate(model, _prompts(), params) == generate(model, _prompts(), params)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(GenerationError, match="at least one token"):
         generate(model, [[]], params)
+    with pytest.raises(GenerationError, match="top_p = 0"):
+        SamplingParams(top_p=0)
