@@ -9,7 +9,7 @@
 
 from model.cache import KVCache, cache_bytes_per_token
 from model.config import ConfigError, ModelConfig
-from model.generate import Sampler, SamplingParams, decode_step, generate, prefill
+from model.generate import GenerationError, Sampler, SamplingParams, decode_step, generate, prefill
 from model.kernels import REFERENCE, Kernels
 from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from model.parallel import ParallelContext, ParallelError
@@ -18,5 +18,5 @@ from model.transformer import Transformer, WeightsError, init_random_
 __all__ = [
     "ModelConfig", "ConfigError", "Transformer", "WeightsError", "init_random_", "KVCache", "cache_bytes_per_token",
     "Kernels", "REFERENCE", "ParallelContext", "ParallelError", "Linear", "ColumnParallelLinear",
-    "RowParallelLinear", "generate", "prefill", "decode_step", "Sampler", "SamplingParams",
+    "RowParallelLinear", "generate", "prefill", "decode_step", "Sampler", "SamplingParams", "GenerationError",
 ]

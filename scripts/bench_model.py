@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto | cuda | npu | cpu")
     ap.add_argument("--backend", default="reference", choices=["reference", "auto"],
                     help="kernels: pure-PyTorch reference, or the device's backend (ascend.backends)")
+    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default: the preset's)")
+    ap.add_argument("--act-quant", action="store_true", help="FP8 activation rounding in fp8/fp4 projections")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill-len", type=int, default=4096)
     ap.add_argument("--decode-steps", type=int, default=32)
@@ -197,6 +199,7 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     base = ModelConfig.preset(args.preset)
     cfg = ModelConfig.preset(args.preset, n_layers=min(args.layers, base.n_layers),
+                             n_routed_experts=args.experts or base.n_routed_experts, act_quant=args.act_quant,
                              max_seq_len=max(base.max_seq_len, *contexts, args.prefill_len + args.decode_steps))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     kernels = REFERENCE
