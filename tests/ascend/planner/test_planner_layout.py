@@ -104,3 +104,6 @@ def test_plan_deployment_tiny_on_two_cpu_devices():
                            redundant=2, model="tiny")
     assert (plan.tp, plan.ep, plan.redundant, plan.slots_per_rank, plan.hardware) == (2, 2, 2, 5, "cpu")
     assert plan.candidates[0]["why"]
+    # the ranking used the same memory the plan records
+    assert plan.candidates[0]["peak_bytes"] == max(sum(r["bytes"].values()) for r in plan.memory)
+    assert plan.capacity_bytes == 8 * GiB                               # the cpu entry's nominal memory
