@@ -9,6 +9,18 @@ by logical id (`experts.<id>.w1.weight`, as in the checkpoint), computes the tok
 sums the partial outputs over the ep group; the shared expert is replicated and added after the sum. This assumes
 every rank of the ep group sees the same tokens. A dispatch / combine exchange (all-to-all) replaces that
 all-reduce when `ParallelContext.moe_exchange` has one for the layer; it calls back `MoE.run_expert`.
+
+Two ways to run the routed experts, same result:
+- dynamic (`routed`): per local expert, gather the tokens that chose it. Reads each chosen expert once, but the
+  row counts depend on the data (a host sync per layer), so it cannot be graph-captured. Used for big prefills.
+- static (`routed_static`): one row per (token, choice) selection, N = tokens x topk; each selection gathers its
+  expert's stored weights (fp4 / fp8 / int8 / bf16 + scales) by index, dequantises them and runs batched
+  matmuls. Fixed shapes and no host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
+  Selections owned by another rank (or another replica) are masked to zero before the same all-reduce.
+  To gather by index the local experts' tensors live stacked ([n_local, ...] per tensor); each
+  `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
+`MoE.mode` picks: "auto" (static while capturing / compiling or when tokens x topk <= `STATIC_MAX_SELECTIONS`),
+"static" or "dynamic"; `set_moe_mode(model, mode)` sets every layer.
 """
 
 from __future__ import annotations
@@ -17,12 +29,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ascend.errors import AscendDeployError
+from model import quant
 from model.config import ModelConfig
 from model.kernels import REFERENCE, Kernels
 from model.linear import Linear
 from model.parallel import ParallelContext
 
-__all__ = ["Gate", "Expert", "MoE"]
+__all__ = ["MoEError", "Gate", "Expert", "MoE", "MOE_MODES", "STATIC_MAX_SELECTIONS", "set_moe_mode"]
+
+MOE_MODES = ("auto", "static", "dynamic")
+STATIC_MAX_SELECTIONS = 256
+"""auto mode runs the static path up to this many selections (tokens x topk): decode batches up to ~40 tokens.
+Beyond it the per-selection weight copies (N x expert size, dequantised) cost more than the dynamic path's sync."""
+
+
+class MoEError(AscendDeployError):
+    """An unknown MoE execution mode."""
+
+
+def _capturing() -> bool:
+    """Inside torch.compile tracing or a CUDA / NPU graph capture on the current stream."""
+    if torch.compiler.is_compiling():
+        return True
+    for runtime in (torch.cuda, getattr(torch, "npu", None)):
+        check = getattr(runtime, "is_current_stream_capturing", None)
+        if check is not None and runtime.is_available() and check():
+            return True
+    return False
+
+
+def _take(stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """stack[index] along dim 0; one-byte dtypes (fp8, e8m0, packed fp4) gathered as bytes, which every
+    backend's index kernel supports."""
+    if stack.element_size() == 1 and stack.dtype != torch.uint8:
+        return stack.view(torch.uint8)[index].view(stack.dtype)
+    return stack[index]
 
 
 class Gate(nn.Module):
@@ -76,16 +118,57 @@ class MoE(nn.Module):
         super().__init__()
         self.parallel = parallel or ParallelContext()
         self.layer_id = layer_id
+        self.mode = "auto"
         self.gate = Gate(layer_id, config, kernels)
         self.slots = self.parallel.expert_slots(layer_id, config.n_routed_experts)
+        local = sorted(set(self.slots.experts))
         self.experts = nn.ModuleDict({
             str(e): Expert(config.dim, config.moe_inter_dim, config.expert_dtype, config.swiglu_limit)
-            for e in sorted(set(self.slots.experts))})
+            for e in local})
         # the official model clamps the shared expert with the same limit as the routed ones
         self.shared_experts = Expert(config.dim, config.moe_inter_dim, config.dtype, config.swiglu_limit)
+        # static path tables: selection (token t, expert e) -> local stack row local_row[e, t % n_replicas[e]]
+        n_replicas = torch.ones(config.n_routed_experts, dtype=torch.int64)
+        for e, n in zip(self.slots.experts, self.slots.n_replicas):
+            n_replicas[e] = n
+        local_row = torch.full((config.n_routed_experts, int(n_replicas.max())), -1, dtype=torch.int64)
+        for e, replica in zip(self.slots.experts, self.slots.replica):
+            local_row[e, replica] = local.index(e)
+        self.register_buffer("n_replicas", n_replicas, persistent=False)
+        self.register_buffer("local_row", local_row, persistent=False)
+        self._stack_experts(copy=False)
 
+    # ------------------------------------------------------------------------------------------ stacked storage
+    def _stack_experts(self, copy: bool = True) -> None:
+        """Make every routed expert tensor a view of one [n_local, ...] stack per tensor name (w1.weight, ...)."""
+        experts = list(self.experts.values())
+        self._stacks: dict[str, torch.Tensor] = {}
+        for name, first in experts[0].named_parameters():
+            params = [e.get_parameter(name) for e in experts]
+            if copy:
+                stack = torch.stack([p.data for p in params])
+            else:  # freshly built: values are uninitialised anyway
+                stack = torch.empty((len(params), *first.shape), dtype=first.dtype, device=first.device)
+            for i, p in enumerate(params):
+                p.data = stack[i]
+            self._stacks[name] = stack
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` / `.cuda()` replace each parameter's tensor: stack the moved experts again."""
+        out = super()._apply(fn, recurse)
+        self._stack_experts()
+        return out
+
+    def use_static(self, n_selections: int) -> bool:
+        if self.mode not in MOE_MODES:
+            raise MoEError(f"MoE.mode = {self.mode!r}: expected one of {MOE_MODES}")
+        if self.mode != "auto":
+            return self.mode == "static"
+        return n_selections <= STATIC_MAX_SELECTIONS or _capturing()
+
+    # ------------------------------------------------------------------------------------------ routed experts
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """This rank's share of sum_k weights[:, k] * expert_{indices[:, k]}(x), float32 [N, dim].
+        """This rank's share of sum_k weights[:, k] * expert_{indices[:, k]}(x), float32 [N, dim] (dynamic shapes).
 
         A pair (token t, expert e) belongs to the local slot holding replica t % n_replicas(e) of e, so over the ep
         group every pair is computed exactly once.
@@ -104,6 +187,37 @@ class MoE(nn.Module):
                 y.index_add_(0, rows, self.experts[str(e)](x[rows], weights[rows, k, None]).float())
         return y
 
+    def _gathered(self, name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Projection `name` (w1 / w2 / w3) of the expert in each stack row of `rows`, dequantised [M, out, in]."""
+        weight = _take(self._stacks[f"{name}.weight"], rows)
+        scale = self._stacks.get(f"{name}.scale")
+        fmt = next(iter(self.experts.values())).get_submodule(name).fmt
+        return quant.dequantize_weight(weight, None if scale is None else _take(scale, rows), fmt, dtype)
+
+    def routed_static(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection."""
+        n, k = indices.shape
+        token = torch.arange(n, device=x.device).unsqueeze(1)
+        row = self.local_row[indices, token % self.n_replicas[indices]].flatten()   # [n*k], -1: not ours
+        mine = row >= 0
+        rows = row.clamp(min=0)
+        probe = next(iter(self.experts.values()))
+        xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, 1, x.size(-1))
+        if probe.w1.act_quant and probe.w1.fmt in ("fp8", "fp4"):
+            xs = quant.fp8_round_trip(xs, quant.FP8_BLOCK)
+        # one projection at a time, so at most one [n*k, out, in] dequantised copy is alive
+        gate = torch.bmm(xs, self._gathered("w1", rows, x.dtype).mT).float()
+        up = torch.bmm(xs, self._gathered("w3", rows, x.dtype).mT).float()
+        if probe.swiglu_limit > 0:
+            gate = gate.clamp(max=probe.swiglu_limit)
+            up = up.clamp(-probe.swiglu_limit, probe.swiglu_limit)
+        h = (F.silu(gate) * up * weights.reshape(n * k, 1, 1)).to(x.dtype)
+        if probe.w2.act_quant and probe.w2.fmt in ("fp8", "fp4"):
+            h = quant.fp8_round_trip(h, quant.FP8_BLOCK)
+        out = torch.bmm(h, self._gathered("w2", rows, x.dtype).mT).float()
+        out = torch.where(mine.view(n * k, 1, 1), out, 0.0)
+        return out.view(n, k, -1).sum(1)
+
     def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """Local expert `expert` on rows [n, dim] with routing weights [n] (the exchange callback)."""
         return self.experts[str(expert)](rows, row_weights.float().unsqueeze(-1))
@@ -116,6 +230,16 @@ class MoE(nn.Module):
         if exchange is not None:
             y = exchange(x, weights, indices, self.run_expert).float()
         else:
-            y = self.parallel.all_reduce_ep(self.routed(x, weights, indices))
+            routed = self.routed_static if self.use_static(indices.numel()) else self.routed
+            y = self.parallel.all_reduce_ep(routed(x, weights, indices))
         y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+
+def set_moe_mode(model: nn.Module, mode: str) -> None:
+    """Set `MoE.mode` ("auto" | "static" | "dynamic") in every MoE layer of `model`."""
+    if mode not in MOE_MODES:
+        raise MoEError(f"MoE mode {mode!r}: expected one of {MOE_MODES}")
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.mode = mode

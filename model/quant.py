@@ -59,8 +59,10 @@ def _blocks_2d(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple[int, in
 
 
 def _expand_2d(scale: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
-    """Repeat a per-block scale over its block and crop to `shape`."""
-    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: shape[0], : shape[1]]
+    """Repeat a per-block scale [..., r, c] over its block and crop the last two dims to `shape`."""
+    r, c = scale.shape[-2:]
+    full = scale[..., :, None, :, None].expand(*scale.shape[:-2], r, block, c, block)
+    return full.reshape(*scale.shape[:-2], r * block, c * block)[..., : shape[0], : shape[1]]
 
 
 # --------------------------------------------------------------------------- FP8 weights
@@ -80,8 +82,9 @@ def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Te
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_fp8`; exact in bfloat16 and float32 (e4m3 times a power of two)."""
-    return weight.to(dtype) * _expand_2d(scale.to(dtype), tuple(weight.shape), block)
+    """Inverse of `quantize_fp8`; exact in bfloat16 and float32 (e4m3 times a power of two). Leading batch dims
+    (a stack of weights [..., out, in] with scales [..., out/128, in/128]) are allowed."""
+    return weight.to(dtype) * _expand_2d(scale.to(dtype), tuple(weight.shape[-2:]), block)
 
 
 # --------------------------------------------------------------------------- FP4 (e2m1) weights
@@ -158,8 +161,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_int8` (computed in float32, then cast)."""
-    return (weight.float() * scale.float()[:, None]).to(dtype)
+    """Inverse of `quantize_int8` (computed in float32, then cast); leading batch dims allowed."""
+    return (weight.float() * scale.float()[..., None]).to(dtype)
 
 
 # --------------------------------------------------------------------------- round-trip simulations
@@ -219,12 +222,13 @@ def quantize_weight(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A stored weight (+ scale) in format `fmt` -> the [out, in] weight in `dtype`."""
+    """A stored weight (+ scale) in format `fmt` -> the [out, in] weight in `dtype`. Also takes a stack of
+    weights [..., out, in] with their scales stacked the same way (the static MoE path gathers them so)."""
     if fmt == "fp8":
         return dequantize_fp8(weight, scale, dtype=dtype)
     if fmt == "fp4":
         return dequantize_fp4(weight, scale, dtype=dtype)
     if fmt == "int8":
         return dequantize_int8(weight, scale, dtype=dtype)
-    weight_layout(*weight.shape, fmt)
+    weight_layout(*weight.shape[-2:], fmt)
     return weight.to(dtype)

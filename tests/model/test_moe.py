@@ -1,4 +1,5 @@
-"""MoE: routing rules, SwiGLU clamps, the layer against a per-token loop, expert parallelism with replicas."""
+"""MoE: routing rules, SwiGLU clamps, the layer against a per-token loop, expert parallelism with replicas, and the
+static-shape path (gathered stored-format weights) against the dynamic one."""
 
 import os
 import socket
@@ -7,9 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import pytest
 
 from model.config import ModelConfig
-from model.moe import Expert, Gate, MoE
+from model.moe import Expert, Gate, MoE, MoEError, set_moe_mode
 from model.parallel import ParallelContext
 
 CFG = ModelConfig.preset("tiny", expert_dtype="fp4", dtype="fp8")
@@ -113,7 +115,10 @@ def _ep_worker(rank, world, port, state, x, ids, out_q):
     ctx = ParallelContext(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD, phy2log=LAYOUT)
     moe = MoE(2, CFG, ctx)
     moe.load_state_dict({k: v for k, v in state.items() if k in moe.state_dict()}, strict=True)
-    out_q.put((rank, sorted(moe.experts.keys(), key=int), moe(x, ids).numpy()))  # numpy: pickled by value
+    moe.mode = "dynamic"
+    dynamic = moe(x, ids).numpy()                    # numpy: pickled by value
+    moe.mode = "static"
+    out_q.put((rank, sorted(moe.experts.keys(), key=int), dynamic, moe(x, ids).numpy()))
     dist.destroy_process_group()
 
 
@@ -121,18 +126,20 @@ def test_expert_parallel_with_replicas_equals_single_rank():
     single = MoE(2, CFG)
     _randomise(single, 3)
     x, ids = torch.randn(3, 7, CFG.dim), torch.randint(0, CFG.vocab_size, (3, 7))
+    single.mode = "dynamic"
     want = single(x, ids)
     ctx = mp.get_context("spawn")
     out_q, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, single.state_dict(), x, ids, out_q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = {r: (experts, y) for r, experts, y in (out_q.get(timeout=60) for _ in procs)}
+    results = {r: (experts, y, y_static) for r, experts, y, y_static in (out_q.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     assert results[0][0] == ["0", "1", "2", "3", "4"] and results[1][0] == ["0", "1", "3", "5", "6", "7"]
     for r in range(2):
         torch.testing.assert_close(torch.from_numpy(results[r][1]), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(results[r][2]), want, rtol=1e-5, atol=1e-5)  # static path
 
 
 def test_exchange_seam_matches_all_reduce_path():
@@ -147,3 +154,44 @@ def test_exchange_seam_matches_all_reduce_path():
     seam.load_state_dict(plain.state_dict())
     x, ids = torch.randn(2, 6, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 6))
     torch.testing.assert_close(seam(x, ids), plain(x, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "int8", "bf16"])
+def test_static_path_equals_dynamic_path(fmt):
+    """Gathered, dequantised, batched experts == per-expert dynamic gather, for every stored format; replicas on one
+    rank (expert 0 twice, 3 twice) take their share of the tokens either way."""
+    cfg = ModelConfig.preset("tiny", expert_dtype=fmt, dtype="bf16")
+    moe = MoE(2, cfg, ParallelContext(phy2log={2: [0, 1, 2, 3, 4, 5, 6, 7, 0, 3]}))
+    _randomise(moe, 5)
+    x, ids = torch.randn(3, 5, cfg.dim), torch.randint(0, cfg.vocab_size, (3, 5))
+    moe.mode = "dynamic"
+    want = moe(x, ids)
+    moe.mode = "static"
+    torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
+    if fmt == "fp8":                                   # with the FP8 activation rounding of fp8 / fp4 GEMMs
+        for m in moe.modules():
+            if hasattr(m, "act_quant"):
+                m.act_quant = True
+        moe.mode = "dynamic"
+        want = moe(x, ids)
+        moe.mode = "static"
+        torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_mode_and_stacked_storage():
+    moe = MoE(2, CFG)
+    _randomise(moe, 6)
+    assert moe.use_static(4 * CFG.n_activated_experts) and not moe.use_static(10_000)
+    moe.mode = "dynamic"
+    assert not moe.use_static(1)
+    with pytest.raises(MoEError, match="auto"):
+        set_moe_mode(moe, "fast")
+    # experts are views of the stacks: loading a state dict updates the static path's weights too
+    w = moe.experts["5"].w2.weight
+    assert w.data_ptr() == moe._stacks["w2.weight"][5].data_ptr()
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    state["experts.5.w2.weight"] = torch.randint(-100, 100, w.shape, dtype=torch.int8)
+    moe.load_state_dict(state)
+    assert torch.equal(moe._stacks["w2.weight"][5], state["experts.5.w2.weight"])
+    moved = moe.to(torch.float64)                      # _apply re-stacks (quantised tensors stay as they are)
+    assert moved.experts["5"].w2.weight.data_ptr() == moved._stacks["w2.weight"][5].data_ptr()
