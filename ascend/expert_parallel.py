@@ -15,6 +15,12 @@ Two exchange schemes, chosen by the plan:
 With tensor parallelism the ranks of a tensor-parallel group hold the same tokens; each takes one
 share of the rows into the exchange and the shares are all-gathered afterwards, so no expert
 computes a token twice.
+
+Every exchange counts what it moves (`ExpertParallel.traffic`, a `Traffic`): the bytes this rank
+sends to and receives from other ranks, by phase, computed from sizes the exchange already holds on
+the host (no extra synchronisation). They are the logical payload of each collective (what one
+rank's data must reach the others), not the wire bytes of a particular algorithm; a rank's own share
+stays local and is not counted.
 """
 
 from __future__ import annotations
@@ -98,6 +104,55 @@ def run_local(layout: ExpertLayout, ep_rank: int, x: torch.Tensor, slots: torch.
     return out
 
 
+PHASES = ("counts", "dispatch", "meta", "combine", "tp_gather")
+
+
+@dataclass
+class Traffic:
+    """Bytes sent to / received from other ranks by one rank's expert exchanges, by phase.
+
+    counts: per-destination row counts (all-to-all) or row totals (all-gather); dispatch: token rows
+    to the experts; meta: slot ids and gate weights of those rows; combine: expert outputs back to
+    their tokens; tp_gather: the tensor-parallel shares of the result.
+    """
+
+    calls: int = 0
+    sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    received: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+
+    def add(self, phase: str, sent: int, received: int) -> None:
+        self.sent[phase] += int(sent)
+        self.received[phase] += int(received)
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.sent = dict.fromkeys(PHASES, 0)
+        self.received = dict.fromkeys(PHASES, 0)
+
+    def __iadd__(self, other: "Traffic") -> "Traffic":
+        self.calls += other.calls
+        for phase in PHASES:
+            self.add(phase, other.sent[phase], other.received[phase])
+        return self
+
+    def to_dict(self) -> dict:
+        return {"calls": self.calls, "sent": dict(self.sent), "received": dict(self.received),
+                "sent_total": sum(self.sent.values()), "received_total": sum(self.received.values())}
+
+
+def total_traffic(exchanges) -> Traffic:
+    """The sum of the `traffic` of several exchanges (e.g. `ParallelContext.moe_exchange.values()`)."""
+    total = Traffic()
+    for ex in exchanges:
+        total += ex.traffic
+    return total
+
+
+def reset_traffic(exchanges) -> None:
+    for ex in exchanges:
+        ex.traffic.reset()
+
+
 @dataclass
 class ExpertParallel:
     """Dispatch/combine for one MoE layer on one rank; call it with the routed pairs and the local experts."""
@@ -109,6 +164,7 @@ class ExpertParallel:
     tp_size: int = 1
     tp_group: object = None
     scheme: str = "alltoall"
+    traffic: Traffic = field(default_factory=Traffic)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -124,6 +180,7 @@ class ExpertParallel:
         share = -(-T // self.tp_size)  # rows each tensor-parallel rank takes into the exchange
         lo, hi = min(T, self.tp_rank * share), min(T, (self.tp_rank + 1) * share)
         x_mine, w_mine, i_mine = x[lo:hi], weights[lo:hi], indices[lo:hi]
+        self.traffic.calls += 1
         if self.layout.ep_size == 1:
             slots = self.layout.choose_slots(i_mine, lo)
             rows = torch.arange(hi - lo, device=x.device).repeat_interleave(indices.shape[1])
@@ -138,6 +195,8 @@ class ExpertParallel:
             padded[: hi - lo] = y
             parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
             dist.all_gather(parts, padded, group=self.tp_group)
+            nbytes = (self.tp_size - 1) * padded.numel() * padded.element_size()
+            self.traffic.add("tp_gather", nbytes, nbytes)
             y = torch.cat(parts)[:T]
         return y
 
@@ -158,25 +217,38 @@ class ExpertParallel:
         pair = torch.arange(in_x.shape[0], device=x.device)
         out = run_local(self.layout, self.ep_rank, in_x, in_meta[:, 0].long(), in_meta[:, 1].to(weights.dtype),
                         pair, expert_fn)
-        back = out.new_empty(len(order), x.shape[1])
-        dist.all_to_all_single(back, out, send, recv, group=self.ep_group)
-        return torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, rows, back)
+        # one row per pair, each an expert output in x's dtype: sending it back in that dtype is exact
+        back = x.new_empty(len(order), x.shape[1])
+        dist.all_to_all_single(back, out.to(x.dtype), send, recv, group=self.ep_group)
+        out_rows, in_rows = sum(send) - send[self.ep_rank], sum(recv) - recv[self.ep_rank]
+        row = x.shape[1] * x.element_size()
+        t = self.traffic
+        t.add("counts", (ep - 1) * send_counts.element_size(), (ep - 1) * send_counts.element_size())
+        t.add("dispatch", out_rows * row, in_rows * row)
+        t.add("meta", out_rows * 2 * meta.element_size(), in_rows * 2 * meta.element_size())
+        t.add("combine", in_rows * row, out_rows * row)
+        return torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device).index_add_(
+            0, rows, back.float())
 
     def _allgather(self, x, weights, indices, expert_fn):
         ep, n = self.layout.ep_size, x.shape[0]
         sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(ep)]
+        sizes_bytes = sizes[0].element_size()
         dist.all_gather(sizes, torch.tensor([n], device=x.device), group=self.ep_group)
         sizes = [int(s) for s in sizes]
         width = max(sizes)
+        self.traffic.add("counts", (ep - 1) * sizes_bytes, (ep - 1) * sizes_bytes)
 
-        def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        def gather(t: torch.Tensor, phase: str) -> list[torch.Tensor]:
             padded = t.new_zeros(width, *t.shape[1:])
             padded[:n] = t
             parts = [torch.empty_like(padded) for _ in range(ep)]
             dist.all_gather(parts, padded, group=self.ep_group)
+            nbytes = (ep - 1) * padded.numel() * padded.element_size()
+            self.traffic.add(phase, nbytes, nbytes)
             return parts
 
-        xs, ws, ids = gather(x), gather(weights), gather(indices)
+        xs, ws, ids = gather(x, "dispatch"), gather(weights, "meta"), gather(indices, "meta")
         # every rank must pick the same replica for a pair, so the choice depends on the owner only
         slots = torch.cat([self.layout.choose_slots(ids[r], r * width) for r in range(ep)])
         rows = torch.arange(ep * width, device=x.device).repeat_interleave(indices.shape[1])
@@ -190,4 +262,6 @@ class ExpertParallel:
         else:
             mine = partial.new_empty(width, x.shape[1])
             dist.reduce_scatter_tensor(mine, partial, group=self.ep_group)
+        nbytes = (ep - 1) * width * x.shape[1] * partial.element_size()  # the reduce-scatter's payload
+        self.traffic.add("combine", nbytes, nbytes)
         return mine[:n]
