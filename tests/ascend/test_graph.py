@@ -126,3 +126,73 @@ def test_batch_rows_views_write_through():
     assert cache.lengths.tolist() == [3, 3, 0, 0]
     assert cache.layers[1].index_kv[:2].eq(1).all() and cache.layers[1].index_kv[2:].eq(0).all()
     assert cache.layers[1].compressor.score[:2].eq(0).all() and cache.layers[1].compressor.score[2:].isinf().all()
+
+
+def _decode_model():
+    from model.transformer import Transformer, init_random_
+    config = ModelConfig.preset("tiny")          # fp4 experts, fp8 projections, a hash layer, CSA and HCA layers
+    return init_random_(Transformer(config, dtype=torch.float32), seed=3).eval()
+
+
+def _check_transformer_decode(device_name):
+    """A whole decode step (static MoE path) replayed from bucketed graphs == eager decode with the dynamic MoE."""
+    from model.generate import decode_step, prefill
+    from model.moe import set_moe_mode
+
+    device = get_device(device_name)
+    dev = device.torch_device
+    with torch.device(dev):
+        model = _decode_model()
+    cache = model.new_cache(4, 48, device=dev)
+    views = {b: batch_rows(cache, b) for b in (1, 2, 4)}
+    runner = DecodeGraphRunner(lambda tok, act: decode_step(model, tok, views[tok.shape[0]], act),
+                               lambda b: (torch.zeros(b, dtype=torch.long, device=dev),
+                                          torch.zeros(b, dtype=torch.bool, device=dev)),   # padding: inactive
+                               device, buckets=(1, 2, 4)).capture()
+    cache.reset()
+    live = batch_rows(cache, 3)
+    prompts = [list(range(5, 35)), list(range(40, 47)), [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12, 13, 14, 15, 16, 17]]
+    tokens = prefill(model, prompts, live).argmax(-1)
+    eager = copy.deepcopy(live)
+    active = torch.tensor([True, True, False], device=dev)   # a finished sequence rides along frozen
+    for _ in range(3):                                       # crosses the CSA compression boundary at 32
+        out = runner(tokens, active)
+        set_moe_mode(model, "dynamic")
+        ref = decode_step(model, tokens, eager, active)
+        set_moe_mode(model, "auto")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        tokens = ref.argmax(-1)
+    assert torch.equal(live.lengths, eager.lengths) and live.lengths.tolist() == [33, 10, 16]
+    for a, b in zip(live.layers, eager.layers):
+        torch.testing.assert_close(a.kv, b.kv, rtol=1e-4, atol=1e-4)   # summation order of the MoE paths
+
+
+def test_transformer_decode_replay_equals_eager_on_cpu():
+    _check_transformer_decode("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transformer_decode_replay_equals_eager_on_cuda():
+    _check_transformer_decode("cuda")
+
+
+def test_transformer_decode_step_traces_as_one_graph():
+    """torch.compile(fullgraph=True) refuses any graph break (host sync, data-dependent shape): the whole decode
+    step traces with the static MoE path and gives the eager result; the dynamic MoE path does not trace."""
+    from model.generate import decode_step, prefill
+    from model.moe import set_moe_mode
+
+    model = _decode_model()
+    cache = model.new_cache(2, 40)
+    tokens = prefill(model, [list(range(5, 25)), [7, 8, 9]], cache).argmax(-1)
+    active = torch.ones(2, dtype=torch.bool)
+    eager_cache = copy.deepcopy(cache)
+    step = torch.compile(lambda tok, act: decode_step(model, tok, cache, act), backend="eager", fullgraph=True)
+    out = step(tokens, active)
+    set_moe_mode(model, "dynamic")
+    torch.testing.assert_close(out, decode_step(model, tokens, eager_cache, active), rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache.lengths, eager_cache.lengths)
+    broken = torch.compile(lambda tok, act: decode_step(model, tok, eager_cache, act), backend="eager",
+                           fullgraph=True)
+    with pytest.raises(Exception, match="(?i)graph break|data.dependent|tolist|item|nonzero"):
+        broken(tokens, active)
