@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from ascend.expert_parallel import ExpertLayout, ExpertParallel
+from ascend.graph import DEFAULT_BUCKETS, DecodeGraphRunner, batch_rows, bucket_for
 from ascend.launch import Checked, LaunchError
 from model.generate import decode_step, prefill
+from model.moe import MoE, set_moe_mode
 
 EXCHANGES = ("allreduce", "alltoall", "allgather")
 
@@ -34,20 +36,64 @@ def choose_exchange(requested: str, plan: Any) -> str:
 
 
 class CacheSession:
-    """`ascend.launch.Session` over a Transformer (model.generate's prefill / decode_step on a fresh KV cache)."""
+    """`ascend.launch.Session` over a Transformer (model.generate's prefill / decode_step on a KV cache).
 
-    def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None):
+    With `graphs` (an accelerator `ascend.device.Device`), decode replays a captured graph: the batch is padded to
+    the smallest of `buckets` that holds it, the cache is allocated for that many rows and kept while later
+    batches fit it (same bucket, no longer context), and the graph is captured once per such cache. Padding rows
+    are inactive, so they neither move nor write. The MoE layers run their static-shape path inside the graph.
+    """
+
+    def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None, graphs: Any = None,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model, self.device, self.prefill_chunk, self.cache = model, device, prefill_chunk, None
+        self.graphs, self.buckets = graphs, tuple(sorted(buckets))
+        self._full = None        # the graph path's cache: bucket rows, reused across batches that fit it
+        self._runner = None      # DecodeGraphRunner over self._full
+        self._graphed = False    # whether this batch decodes through self._runner
+
+    def _graph_cache(self, batch: int, max_len: int) -> Any | None:
+        """The bucket-sized cache (captured graph included) for a batch of `batch` rows, or None: run eagerly."""
+        if self.graphs is None or batch > self.buckets[-1]:
+            return None
+        rows = bucket_for(batch, self.buckets)
+        full = self._full
+        if full is None or full.batch != rows or full.max_len < max_len:
+            self.cache = self._full = self._runner = None             # free the old cache and graph first
+            self.graphs.empty_cache()
+            full = self.model.new_cache(rows, max_len, device=self.device)
+            runner = DecodeGraphRunner(lambda tok, act: decode_step(self.model, tok, full, act),
+                                       lambda b: (torch.zeros(b, dtype=torch.long, device=self.device),
+                                                  torch.zeros(b, dtype=torch.bool, device=self.device)),
+                                       self.graphs, buckets=(rows,))
+            modes = [(m, m.mode) for m in self.model.modules() if isinstance(m, MoE)]
+            set_moe_mode(self.model, "static")      # warm-up runs too, so the capture meets warm allocations
+            try:
+                runner.capture()
+            finally:
+                for m, mode in modes:
+                    m.mode = mode
+            self._full, self._runner = full, runner
+        full.reset()
+        return full
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor:
         self.cache = None  # free the previous batch's cache first
-        self.cache = self.model.new_cache(len(prompts), max_len, device=self.device)
+        full = self._graph_cache(len(prompts), max_len)
+        self._graphed = full is not None
+        if full is None:
+            self.cache = self.model.new_cache(len(prompts), max_len, device=self.device)
+        else:
+            self.cache = batch_rows(full, len(prompts))
         return prefill(self.model, prompts, self.cache, self.prefill_chunk)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return decode_step(self.model, tokens.to(self.device), self.cache, active.to(self.device))
+        tokens, active = tokens.to(self.device), active.to(self.device)
+        if self._graphed:
+            return self._runner(tokens, active)
+        return decode_step(self.model, tokens, self.cache, active)
 
 
 def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
@@ -69,9 +115,20 @@ def compute_dtype(device_type: str) -> torch.dtype:
     return torch.float32 if device_type == "cpu" else torch.bfloat16
 
 
+def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
+    """Decode graph capture: on CUDA by default (None); never on CPU (no graphs) or with an all-to-all /
+    all-gather expert exchange, whose per-step token counts are data-dependent."""
+    if requested is False or device_type == "cpu" or (exchange != "allreduce" and ep > 1):
+        return False
+    return requested or device_type == "cuda"
+
+
 def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto",
-                  prefill_chunk: int | None = None) -> tuple[CacheSession, CacheSession, str]:
-    """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used)."""
+                  prefill_chunk: int | None = None, graphs: bool | None = None
+                  ) -> tuple[CacheSession, CacheSession, str]:
+    """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used).
+
+    `graphs`: capture decode (see `use_graphs`; None = the device's default)."""
     from ascend.backends import get_kernels
     from convert.manifest import load_rank
     from model.transformer import Transformer
@@ -89,4 +146,5 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
                           f"run `ascend verify {ckpt}`") from None
     model.load_weights(state)
     model.eval()
-    return CacheSession(model, device, prefill_chunk), CacheSession(model, device), exchange
+    graph_device = mesh.device if use_graphs(graphs, mesh.device.type, exchange, plan.ep) else None
+    return CacheSession(model, device, prefill_chunk, graph_device), CacheSession(model, device), exchange

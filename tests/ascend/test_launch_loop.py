@@ -108,3 +108,44 @@ def test_completion_with_tool_calls_parses_to_openai_json():
     assert msg["content"] == "Checking." and msg["tool_calls"] == calls
     cut = launch.Completion(c.request, 5, tokens=[1], text=text[:-10], finish_reason="length")
     assert "parse_error" in cut.to_dict()["message"]
+
+
+def test_cache_session_graph_decode_equals_eager():
+    """CacheSession with graphs (CPU: the Device's eager-replay graph) == without, over batches that reuse the
+    bucket's cache and batches that need a new one; the eager side runs the dynamic MoE path."""
+    from ascend.device import get_device
+    from ascend.model_session import CacheSession, use_graphs
+    from model.config import ModelConfig
+    from model.moe import set_moe_mode
+    from model.transformer import Transformer, init_random_
+
+    model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32), seed=1).eval()
+    cpu = torch.device("cpu")
+    graphed = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(1, 4))
+    eager = CacheSession(model, cpu)
+    kept = None
+    for prompts, max_len in (([[5, 6, 7], list(range(10, 30)), [40]], 40),   # bucket 4: new cache + capture
+                             ([[8, 9], [3, 4, 5, 6], [70, 71], [11]], 24),   # bucket 4 again, shorter: reused
+                             ([[12, 13, 14]], 16)):                           # bucket 1: new cache
+        set_moe_mode(model, "auto")
+        a = graphed.prefill(prompts, max_len)
+        if kept is not None and len(prompts) == 4:
+            assert graphed._full is kept
+        kept = graphed._full
+        set_moe_mode(model, "dynamic")
+        b = eager.prefill(prompts, max_len)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        active = torch.ones(len(prompts), dtype=torch.bool)
+        for step in range(3):
+            tokens = b.argmax(-1)
+            active[0] = step < 1                     # the first sequence stops early and stays frozen
+            set_moe_mode(model, "auto")
+            a = graphed.decode(tokens, active)
+            set_moe_mode(model, "dynamic")
+            b = eager.decode(tokens, active)
+            torch.testing.assert_close(a[active], b[active], rtol=1e-5, atol=1e-5)
+        assert graphed._graphed and graphed.cache.lengths.tolist() == eager.cache.lengths.tolist()
+    set_moe_mode(model, "auto")
+    assert use_graphs(None, "cuda", "allreduce", 2) and not use_graphs(None, "npu", "allreduce", 1)
+    assert not use_graphs(None, "cpu", "allreduce", 1) and not use_graphs(True, "cuda", "alltoall", 2)
+    assert not use_graphs(False, "cuda", "allreduce", 1) and use_graphs(True, "npu", "allgather", 1)
