@@ -8,14 +8,17 @@ For every (prompt length, batch):
 
 - prefill: one sequence of the prompt length, in chunks; its cache rows are copied to every sequence of the
   batch (the same context for all, so a 64K x 32 prefill is not needed to measure decode at 64K);
-- decode tokens/s over --steps steps, and the roofline: (weight bytes read + KV-cache bytes read) per step
-  over the measured device copy bandwidth, i.e. the best a memory-bound step could do here;
+- decode tokens/s over --steps steps, eager and replayed from a captured graph (the MoE layers take their
+  static-shape path; `--no-graph` measures eager only), and the roofline: (weight bytes read + KV-cache
+  bytes read) per step over the device copy bandwidth measured in this run, i.e. the best a memory-bound
+  step could do here;
 - baseline in the same run: HF transformers' DeepseekV4ForCausalLM on the same weights when the installed
   transformers has it (greedy decode tokens/s at the shortest prompt, and logits agreement of the prompt's
   last position); otherwise the table says why it was skipped.
 
     python3 scripts/bench_launch.py --quick                 # CPU, tiny width: checks the script end to end
     python3 scripts/bench_launch.py                         # one H200: Flash width, 4 layers, 1K/64K x 1/32
+    python3 scripts/bench_launch.py --no-graph --no-hf      # eager decode only, no baseline
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
 from model.config import ModelConfig
 from model.generate import decode_step, prefill
-from model.moe import MoE
+from model.moe import MOE_MODES, MoE, set_moe_mode
 from model.transformer import Transformer, init_random_
 
 
@@ -109,13 +112,27 @@ def replicate_rows(src, dst) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- measure
+def timed_decode(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, device: Device) -> float:
+    """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits, the device synchronised around."""
+    device.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = fn(tokens, active).argmax(-1)
+    device.synchronize()
+    return time.perf_counter() - t0
+
+
 @torch.no_grad()
 def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, steps: int, chunk: int,
              graphs: bool) -> dict:
+    """Prefill one prompt, copy its cache to `batch` rows, then decode eagerly and (with `graphs`) from a
+    captured graph, each from the same prefilled state."""
     cfg = model.config
+    device.empty_cache()
+    device.reset_peak()
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(2, cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    max_len = prompt_len + steps + 1
+    max_len = prompt_len + steps + 2
     one = model.new_cache(1, max_len)
     device.synchronize()
     t0 = time.perf_counter()
@@ -123,37 +140,35 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     device.synchronize()
     prefill_s = time.perf_counter() - t0
     cache = model.new_cache(batch, max_len)
-    replicate_rows(one, cache)
-    del one
-    tokens = logits.argmax(-1).expand(batch).contiguous()
-    active = torch.ones(batch, dtype=torch.bool, device=tokens.device)
+    first = logits.argmax(-1).expand(batch).contiguous()
+    active = torch.ones(batch, dtype=torch.bool, device=first.device)
 
     def step(tok, act):
         return decode_step(model, tok, cache, act)
 
-    mode = "eager"
-    fn = step
+    replicate_rows(one, cache)
+    eager_s = timed_decode(step, first, active, steps, device)
+    graph_s, mode = None, "off (--no-graph)"
     if graphs:
         try:
-            runner = DecodeGraphRunner(step, lambda b: (tokens[:b].clone(), active[:b].clone()), device,
-                                       buckets=(batch,), warmup=1)
-            saved = cache.lengths.clone()
+            runner = DecodeGraphRunner(step, lambda b: (first[:b].clone(), active[:b].clone()), device,
+                                       buckets=(batch,), warmup=2)
             runner.capture()
-            cache.lengths.copy_(saved)  # capture ran the step: undo its advance (its writes are overwritten)
-            fn, mode = runner, "graph" if device.type != "cpu" else "graph (eager replay on CPU)"
-        except Exception as e:  # noqa: BLE001 -- report and measure eagerly instead
-            mode = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
-            cache.lengths.fill_(prompt_len)
-    device.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens = fn(tokens, active).argmax(-1)
-    device.synchronize()
-    decode_s = time.perf_counter() - t0
-    read = weight_bytes_per_step(model, batch) + cache_bytes(cache)
-    return {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
-            "decode_tok_s": batch * steps / decode_s, "step_ms": decode_s / steps * 1e3, "bytes_per_step": read,
-            "mode": mode, "peak_gib": device.memory().peak / 2**30}
+            replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
+            graph_s = timed_decode(runner, first, active, steps, device)
+            mode = "captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)"
+            del runner
+        except Exception as e:  # noqa: BLE001 -- report it; the eager numbers stand
+            mode = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    row = {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
+           "eager_tok_s": batch * steps / eager_s, "eager_step_ms": eager_s / steps * 1e3,
+           "graph_tok_s": batch * steps / graph_s if graph_s else None,
+           "graph_step_ms": graph_s / steps * 1e3 if graph_s else None,
+           "bytes_per_step": weight_bytes_per_step(model, batch) + cache_bytes(cache), "graph": mode,
+           "peak_gib": device.memory().peak / 2**30}
+    del one, cache, logits
+    device.empty_cache()
+    return row
 
 
 def official_checkpoint(model: Transformer, quantised: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -189,12 +204,21 @@ def hf_baseline(model: Transformer, device: Device, prompt_len: int, batches: li
                 state, config = official_checkpoint(model, quantised)
                 save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
                 (Path(tmp) / "config.json").write_text(json.dumps(config))
-                hf = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=model.dtype,
-                                                           device_map=str(device.torch_device))
+                hf, info = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=model.dtype, output_loading_info=True,
+                                                                 device_map=str(device.torch_device))
+            # from_pretrained random-initialises what it could not map: that would be a baseline of noise
+            missing = sorted(info.get("missing_keys") or [])
+            mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+            if missing or mismatched:
+                bad = (missing + mismatched)
+                del hf
+                hf = None
+                raise RuntimeError(f"{len(bad)} HF tensors not filled from our checkpoint, e.g. {bad[:3]}")
             break
         except Exception as e:  # noqa: BLE001 -- record why, try the other layout
-            tried.append(f"{'fp8/fp4' if quantised else 'bf16'}: {type(e).__name__}: {str(e)[:100]}")
+            tried.append(f"{'fp8/fp4' if quantised else 'bf16'}: {type(e).__name__}: {str(e)[:200]}")
     if hf is None:
+        device.empty_cache()
         return {"skipped": "transformers could not load our weights (" + "; ".join(tried) + ")"}
     try:
         hf.eval()
@@ -220,6 +244,9 @@ def hf_baseline(model: Transformer, device: Device, prompt_len: int, batches: li
         return out
     except Exception as e:  # noqa: BLE001 -- the baseline must not stop our own measurements
         return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+    finally:
+        del hf
+        device.empty_cache()
 
 
 def main() -> None:
@@ -231,7 +258,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
-    p.add_argument("--no-graphs", action="store_true")
+    p.add_argument("--no-graph", "--no-graphs", dest="no_graph", action="store_true",
+                   help="measure eager decode only (no graph capture)")
+    p.add_argument("--moe", default="auto", choices=list(MOE_MODES),
+                   help="MoE path: auto (static for decode / capture), static, or dynamic (eager only)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
@@ -241,36 +271,48 @@ def main() -> None:
     device = get_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     cfg = ModelConfig.preset(args.preset, n_layers=args.layers,
-                             max_seq_len=max(max(args.prompts) + args.steps + 1, 1024))
+                             max_seq_len=max(max(args.prompts) + args.steps + 2, 1024))
     t0 = time.perf_counter()
     model = random_model(cfg, device, dtype)
+    set_moe_mode(model, args.moe)
     build_s = time.perf_counter() - t0
     bandwidth = copy_bandwidth(device, 2**30 if device.type != "cpu" else 2**27)
-    rows = [run_case(model, device, pl, b, args.steps, args.chunk, not args.no_graphs)
-            for pl in args.prompts for b in args.batches]
+    graphs = not args.no_graph and args.moe != "dynamic"
+    rows = [run_case(model, device, pl, b, args.steps, args.chunk, graphs) for pl in args.prompts for b in args.batches]
     for r in rows:
         r["roofline_tok_s"] = r["batch"] * bandwidth / r["bytes_per_step"]
-        r["of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        best = max(r["eager_tok_s"], r["graph_tok_s"] or 0.0)
+        r["of_roofline"] = best / r["roofline_tok_s"]
     hf = {"skipped": "--no-hf"} if args.no_hf else hf_baseline(model, device, min(args.prompts), args.batches, args.steps)
     for r in rows:
         key = f"decode_tok_s_b{r['batch']}"
-        r["vs_hf"] = r["decode_tok_s"] / hf[key] if key in hf and r["prompt"] == min(args.prompts) else None
+        best = max(r["eager_tok_s"], r["graph_tok_s"] or 0.0)
+        r["vs_hf"] = best / hf[key] if key in hf and r["prompt"] == min(args.prompts) else None
     doc = {"device": str(device), "preset": args.preset, "layers": args.layers, "experts": cfg.n_routed_experts,
-           "dtype": str(dtype), "build_s": build_s, "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
+           "expert_dtype": cfg.expert_dtype, "dtype": str(dtype), "moe": args.moe, "build_s": build_s,
+           "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
     if args.json:
         print(json.dumps(doc))
         return
-    print(f"{device}: {args.preset} width, {args.layers} layers, {cfg.n_routed_experts} experts, {dtype}; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; model built in {build_s:.1f} s")
-    print(f"{'prompt':>7} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'step ms':>8} {'MB/step':>8} "
-          f"{'roofline tok/s':>14} {'of roof':>7} {'vs HF':>6} {'peak GiB':>8}  mode")
+    print(f"{device}: {args.preset} width, {args.layers} layers, {cfg.n_routed_experts} experts ({cfg.expert_dtype}), "
+          f"{dtype}, MoE {args.moe}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured); model built in "
+          f"{build_s:.1f} s")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"{'prompt':>7} {'batch':>5} {'prefill tok/s':>13} {'eager tok/s':>11} {'graph tok/s':>11} "
+          f"{'graph x':>7} {'step ms e/g':>13} {'MB/step':>8} {'roofline tok/s':>14} {'of roof':>7} {'vs HF':>6} "
+          f"{'peak GiB':>8}  graph")
     for r in rows:
-        vs = f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-"
-        print(f"{r['prompt']:>7} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} "
-              f"{r['step_ms']:>8.2f} {r['bytes_per_step'] / 1e6:>8.1f} {r['roofline_tok_s']:>14.1f} "
-              f"{r['of_roofline']:>7.1%} {vs:>6} {r['peak_gib']:>8.2f}  {r['mode']}")
+        speedup = r["graph_tok_s"] / r["eager_tok_s"] if r["graph_tok_s"] else None
+        steps_ms = f"{r['eager_step_ms']:.2f}/{fmt(r['graph_step_ms'], '.2f')}"
+        print(f"{r['prompt']:>7} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['eager_tok_s']:>11.1f} "
+              f"{fmt(r['graph_tok_s'], '.1f'):>11} {fmt(speedup, '.2f'):>7} {steps_ms:>13} "
+              f"{r['bytes_per_step'] / 1e6:>8.1f} {r['roofline_tok_s']:>14.1f} {r['of_roofline']:>7.1%} "
+              f"{fmt(r['vs_hf'], '.2f'):>6} {r['peak_gib']:>8.2f}  {r['graph']}")
+    print("roofline: (weights a step reads, routed experts by expected distinct use, + whole KV cache) / copy "
+          "bandwidth; 'of roof' and 'vs HF' use the faster of eager and graph")
     print("HF transformers baseline: " + ("skipped: " + hf["skipped"] if "skipped" in hf else
-          f"logits cosine {hf['cosine']:.6f}, max |diff| {hf['max_abs_diff']:.3g}, argmax equal {hf['argmax_equal']}"))
+          f"logits cosine {hf['cosine']:.6f}, max |diff| {hf['max_abs_diff']:.3g}, argmax equal {hf['argmax_equal']}, "
+          + ", ".join(f"batch {b}: {hf[f'decode_tok_s_b{b}']:.1f} tok/s" for b in args.batches)))
 
 
 if __name__ == "__main__":
