@@ -2,7 +2,9 @@
 """Per-layer attention decode latency of V4 (CSA and HCA layers) against two baselines measured in the same run.
 
 For each (layer type, batch, context) the whole attention layer's decode step (prolog, compressor, indexer,
-sparse attention, epilog) runs from a captured graph with the CUDA backend's kernels, and is reported as ratios:
+sparse attention, epilog) runs from a captured graph with the CUDA backend's kernels, eager ("decode") and, with
+`--compile` (the default on CUDA), also compiled by `ascend.backends.cuda.compile_decode` (torch.compile, one
+static graph, then captured the same way), and is reported as ratios:
 
 * x roofline = time / max(bytes the step must read / measured copy bandwidth, FLOPs / measured matmul rate),
   where the bytes are the layer's weights plus, per sequence, the KV rows the step reads (window, selected or all
@@ -15,6 +17,7 @@ every row. `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to
 
     python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
     python3 scripts/bench_attention.py --quick                   # CPU smoke test
+    python3 scripts/bench_attention.py --quick --compile on --compile-backend aot_eager   # checks the compiled path
 """
 
 from __future__ import annotations
@@ -85,14 +88,22 @@ class Row:
     dense_ms: float
     reference_ms: float | None
     peak_gib: float
+    compiled_ms: float | None = None     # the same step through compile_decode
+    compile_s: float | None = None       # its first call (trace, code generation, kernel builds)
+    compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
+    compile_error: str | None = None     # why the compiled step could not be timed
+
+    @property
+    def best_ms(self) -> float:
+        return self.ms if self.compiled_ms is None else min(self.ms, self.compiled_ms)
 
     @property
     def x_roofline(self) -> float:
-        return self.ms / self.roofline_ms
+        return self.best_ms / self.roofline_ms
 
     @property
     def x_dense(self) -> float:
-        return self.ms / self.dense_ms
+        return self.best_ms / self.dense_ms
 
 
 # ----------------------------------------------------------------------------------------------- one layer
@@ -160,8 +171,13 @@ def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device:
 
 
 def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
-               copy_bps: float, flops_per_s: float, kernels, with_reference: bool) -> Row:
-    """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences."""
+               copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
+               compiled_kernels=None, compile_options: dict | None = None) -> Row:
+    """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
+    with `compiled_kernels`, also the step compiled by `compile_decode` on them. Repeating the step at the same
+    position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
+    the eager timing and the compiled step's first output see the same cache."""
+    from ascend.backends.cuda import compile_decode, inplace_writes
     from ascend.onnx_export import use_kernels
     from model.kernels import REFERENCE
 
@@ -173,13 +189,31 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     step = lambda: layer(x, start, cache)   # noqa: E731 -- the captured decode step
     use_kernels(layer, kernels)
     ms = time_ms(device, step, shapes.reps)
-    peak = peak_gib(device)
-    reference_ms = None
+    eager_out = step().float()
+    row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0)
+    if compiled_kernels is not None:
+        torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
+        use_kernels(layer, compiled_kernels)
+        inplace_writes(cache)
+        compiled = compile_decode(layer, **(compile_options or {}))
+        t0 = time.perf_counter()
+        try:
+            out = compiled(x, start, cache).float()
+            device.synchronize()
+            row.compile_s = time.perf_counter() - t0
+            row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
+            row.compiled_ms = time_ms(device, lambda: compiled(x, start, cache), shapes.reps)
+        except Exception as e:  # noqa: BLE001 -- keep the eager numbers of the row
+            row.compile_s = time.perf_counter() - t0
+            row.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+        torch._dynamo.reset()
+    row.peak_gib = peak_gib(device)
     if with_reference:
         use_kernels(layer, REFERENCE)
-        reference_ms = time_ms(device, step, shapes.reps)
+        row.reference_ms = time_ms(device, step, shapes.reps)
     roof_s, _, _ = decode_roofline(config, layer, kind, batch, context, shapes.dtype, copy_bps, flops_per_s)
-    return Row(kind, batch, context, ms, roof_s * 1e3, float("nan"), reference_ms, peak)
+    row.roofline_ms = roof_s * 1e3
+    return row
 
 
 def prefill_tokens_per_s(layer, config, shapes: Shapes, device: Device, kernels) -> tuple[float, float]:
@@ -288,13 +322,18 @@ def kernel_table(rows: list[KernelRow]) -> str:
 def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
              f"({ceilings['device']})", "",
-             "| layer | batch | context | decode us | roofline us | x roofline | dense us | x dense | "
-             "reference-kernels us | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
+             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     for r in rows:
-        ref = f"{r.reference_ms * 1e3:.1f}" if r.reference_ms is not None else "-"
-        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {r.roofline_ms * 1e3:.1f} | "
-                     f"{r.x_roofline:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {ref} | {r.peak_gib:.2f} |")
+        compiled_us = None if r.compiled_ms is None else r.compiled_ms * 1e3
+        speedup = None if r.compiled_ms is None else r.ms / r.compiled_ms
+        ref_us = None if r.reference_ms is None else r.reference_ms * 1e3
+        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {fmt(compiled_us, '.1f')} | "
+                     f"{fmt(speedup, '.2f')} | {r.roofline_ms * 1e3:.1f} | {r.x_roofline:.2f} | "
+                     f"{r.ms / r.roofline_ms:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {fmt(ref_us, '.1f')} | "
+                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | {r.peak_gib:.2f} |")
     lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
     for kind, (tps, peak) in prefill.items():
         lines.append(f"| {kind} | {ceilings['prefill_tokens']} | {tps:,.0f} | {peak:.2f} |")
@@ -310,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the reference-kernels column")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel variant table")
+    p.add_argument("--compile", choices=("on", "off"), default=None,
+                   help="also time the step compiled by compile_decode (default: on for CUDA, off elsewhere)")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds of compilation after which the remaining rows are timed eagerly only")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled step (aot_eager: trace only, for quick checks)")
     p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
     args = p.parse_args(argv)
 
@@ -324,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batches or shapes.batches
     contexts = args.contexts or shapes.contexts
     config = ModelConfig.preset(shapes.preset, dtype="bf16", max_seq_len=max(contexts + (shapes.prefill_tokens,)))
-    kernels = make_kernels() if device.type == "cuda" else make_kernels(use_triton=False)
+    use_triton = None if device.type == "cuda" else False     # None: Triton when it imports
+    kernels = make_kernels(use_triton)
+    compiled_kernels = None
+    if (args.compile or ("on" if device.type == "cuda" else "off")) == "on":
+        compiled_kernels = make_kernels(use_triton, for_compile=True)
     big = device.type != "cpu"
     copy_bps = copy_bandwidth(device, 2 ** 30 if big else 2 ** 26)
     flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
@@ -342,26 +391,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         log({"ceilings": ceilings})
-    for kind, layer_id in layer_ids(config).items():
-        layer = synthetic_attention(config, layer_id, device.torch_device)
-        for context in contexts:
-            for batch in batches:
+    layers = {kind: synthetic_attention(config, layer_id, device.torch_device)
+              for kind, layer_id in layer_ids(config).items()}
+    compile_s = 0.0
+    for context in contexts:              # both layer types per shape: a run cut short still covers both
+        for batch in batches:
+            for kind, layer in layers.items():
+                within_budget = args.compile_budget is None or compile_s < args.compile_budget
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
-                                     kernels, with_reference=not args.no_reference)
+                                     kernels, not args.no_reference, compiled_kernels if within_budget else None,
+                                     {"backend": args.compile_backend})
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
                     device.empty_cache()
                     continue
                 device.empty_cache()
+                compile_s += row.compile_s or 0.0
+                if row.compile_error:
+                    failures.append(f"{kind} b{batch} ctx{context} compiled: {row.compile_error}")
                 if (batch, context) not in dense:
                     dense[batch, context] = dense_attention_ms(config, batch, context, shapes, device)
                     device.empty_cache()
                 row.dense_ms = dense[batch, context]
                 rows.append(row)
                 log({"decode": asdict(row)})
-                print(f"{kind} batch {batch} context {context}: {row.ms * 1e3:.1f} us", file=sys.stderr)
+                print(f"{kind} batch {batch} context {context}: {row.ms * 1e3:.1f} us eager"
+                      + ("" if row.compiled_ms is None else
+                         f", {row.compiled_ms * 1e3:.1f} us compiled ({row.compile_s:.0f} s to compile)"),
+                      file=sys.stderr)
+    rows.sort(key=lambda r: (list(layers).index(r.layer), r.context, r.batch))
+    for kind, layer in layers.items():
         if not args.no_prefill:
             try:
                 prefill[kind] = prefill_tokens_per_s(layer, config, shapes, device, kernels)
@@ -369,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001
                 print(f"{kind} prefill: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 failures.append(f"{kind} prefill: {type(e).__name__}: {str(e)[:200]}")
-        del layer
-        device.empty_cache()
+    del layers
+    device.empty_cache()
 
     krows = []
     if not args.no_kernels:

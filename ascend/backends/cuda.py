@@ -13,18 +13,24 @@ tests compare with `model.kernels.REFERENCE`.
 `rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
 launches, which is what a small-batch decode step is made of.
+
+`compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
+on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
+epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few dozen generated kernels; the
+Triton stages enter the graph as opaque custom ops. Capture the compiled step in a graph as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model.cache import LayerCache, encode_index_entries, encode_main_entries
 from model.kernels import REFERENCE, Kernels
 
 
@@ -107,13 +113,20 @@ def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     return torch.cat((x[..., :-r], rotated.to(x.dtype)), dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
-    """Sylvester H_d * d^-0.5 in float32, built once per device (warm-up runs fill this before graph capture)."""
-    h = torch.ones(1, 1)
-    while h.size(0) < d:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h * d ** -0.5).to(device)
+    """Sylvester H_d * d^-0.5 in float32, built once per (d, device). A dict rather than `lru_cache` so that a
+    compiled graph reads the filled entry as a tensor (eager warm-up runs fill it before compilation and capture)
+    instead of re-tracing and re-running the construction on every call."""
+    h = _HADAMARD.get((d, device))
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.size(0) < d:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        h = _HADAMARD[d, device] = (h * d ** -0.5).to(device)
+    return h
 
 
 def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
@@ -132,16 +145,37 @@ SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 
 
-def sparse_attn_triton(q, kv, indices, sink, scale):
+# The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake
+# implementation giving its output shape) instead of tracing into the launch code.
+@torch.library.custom_op("ascend_cuda::sparse_attn", mutates_args=())
+def sparse_attn_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
+                       scale: float) -> torch.Tensor:
     """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`)."""
     from ascend.backends import triton_sparse_attn
     return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **SPARSE_ATTN_CONFIG)
 
 
+@sparse_attn_triton.register_fake
+def _(q, kv, indices, sink, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("ascend_cuda::indexer_scores", mutates_args=())
+def indexer_scores_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                          n_visible: torch.Tensor) -> torch.Tensor:
+    """Fused Triton indexer scores, float32 [B,S,T] (same contract as `indexer_scores_bmm`)."""
+    from ascend.backends import triton_sparse_attn
+    return triton_sparse_attn.indexer_scores(q, k, weights, n_visible, **INDEXER_CONFIG)
+
+
+@indexer_scores_triton.register_fake
+def _(q, k, weights, n_visible):
+    return q.new_empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)
+
+
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     """Fused Triton indexer scores, then a fixed-size `topk` (same contract as `indexer_topk_bmm`)."""
-    from ascend.backends import triton_sparse_attn
-    return _select(triton_sparse_attn.indexer_scores(q, k, weights, n_visible, **INDEXER_CONFIG), topk, group)
+    return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group)
 
 
 def triton_available() -> bool:
@@ -149,13 +183,63 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def make_kernels(use_triton: bool | None = None) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages when available (default), else the PyTorch ones; the short
-    rms_norm / rope / hadamard either way. Every other stage is the reference."""
+def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
+    """The CUDA `Kernels`: Triton attention stages when available (default), else the PyTorch ones; every other
+    stage is the reference, except rms_norm / rope / hadamard.
+
+    Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
+    `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
+    neighbours; the complex-number RoPE does not compile) and the matmul Hadamard."""
     if use_triton is None:
         use_triton = triton_available()
-    short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
+    if for_compile:
+        short = dict(hadamard=hadamard_matmul)
+    else:
+        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
     if use_triton:
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
+
+
+def _put_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[b, rows[b, i]] = values[b, i], as an index_put_."""
+    batch = torch.arange(buffer.size(0), device=buffer.device).unsqueeze(-1)
+    buffer.index_put_((batch, rows), values.to(buffer.dtype))
+
+
+class InplaceLayerCache(LayerCache):
+    """A `LayerCache` that writes rows with `index_put_` instead of `scatter_`: the same values, but inductor turns
+    a functionalised index_put of a graph input back into an in-place write, while for a scatter it copies the
+    whole buffer first (gigabytes per step at 1M tokens)."""
+
+    def write_main(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        _put_rows(self.kv, rows, encode_main_entries(values, self.rope_dim) if self.layout == "fp8" else values)
+
+    def write_index(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        _put_rows(self.index_kv, rows, encode_index_entries(values) if self.layout == "fp8" else values)
+
+
+def inplace_writes(cache):
+    """Switch a `LayerCache` or every layer of a `KVCache` to `InplaceLayerCache` (in place; returns `cache`).
+    Needed by `compile_decode`d steps; harmless for eager ones."""
+    for layer in getattr(cache, "layers", [cache]):
+        layer.__class__ = InplaceLayerCache
+    return cache
+
+
+def compile_decode(step: Callable, **options) -> Callable:
+    """`torch.compile` a decode step (an `Attention` layer, a whole-model step, any function) as ONE static graph:
+    inductor, `fullgraph=True` (a graph break is an error, not a silent slow path), `dynamic=False` (every shape is
+    fixed per batch bucket and cache capacity, so kernels are specialised to them).
+
+    The step's modules should use `make_kernels(for_compile=True)` (`ascend.onnx_export.use_kernels`) and its
+    caches `inplace_writes(cache)` (else every cache write copies the whole cache). Compilation
+    happens at the first call of each new shape (tens of seconds); replay the compiled step from a captured graph
+    (`Device.graph()`, `ascend.graph.DecodeGraphRunner`) so that launches cost nothing: no CUDA graphs of inductor's
+    own (default mode). Mutations of the cache tensors stay in place. `options` go to `torch.compile` (e.g.
+    `mode="max-autotune-no-cudagraphs"`, or `backend="aot_eager"` to check tracing without code generation).
+    Each shape is one more entry of the step's compile cache: call `torch._dynamo.reset()` between unrelated
+    shapes rather than exceed dynamo's recompile limit (8), past which it silently runs eagerly.
+    """
+    return torch.compile(step, **{"fullgraph": True, "dynamic": False, **options})

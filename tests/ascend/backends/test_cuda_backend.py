@@ -100,6 +100,64 @@ def test_short_elementwise_stages_match_reference(dtype):
         cuda.hadamard_matmul(x3)
 
 
+def test_make_kernels_for_compile_uses_traceable_forms():
+    k = cuda.make_kernels(use_triton=False, for_compile=True)
+    assert k.rms_norm is REFERENCE.rms_norm and k.rope is REFERENCE.rope and k.hadamard is cuda.hadamard_matmul
+    assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
+
+
+@pytest.mark.parametrize("layout", ["bf16", "fp8"])
+def test_inplace_cache_writes_equal_scatter_writes(layout):
+    from model.cache import LayerCache
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny")
+    caches = [LayerCache(config, 1, 3, 64, torch.float32, layout=layout) for _ in range(2)]
+    cuda.inplace_writes(caches[1])
+    assert isinstance(caches[1], cuda.InplaceLayerCache) and not isinstance(caches[0], cuda.InplaceLayerCache)
+    main = torch.randn(3, 5, config.head_dim)
+    index = torch.randn(3, 5, config.index_head_dim)
+    main_rows = torch.stack([torch.randperm(caches[0].discard_row)[:5] for _ in range(3)])
+    index_rows = torch.stack([torch.randperm(caches[0].n_entries)[:5] for _ in range(3)])
+    for c in caches:
+        c.write_main(main_rows, main)
+        c.write_index(index_rows, index)
+    assert torch.equal(caches[0].kv, caches[1].kv) and torch.equal(caches[0].index_kv, caches[1].index_kv)
+    assert caches[1].kv.abs().sum() > 0
+
+
+def _decode_twice(layer, config, layer_id, step, device="cpu", dtype=torch.float32, batch=3):
+    """Prefill 18 tokens eagerly, then two decode steps through `step` (crossing a CSA block boundary)."""
+    from model.cache import LayerCache
+
+    torch.manual_seed(1)
+    cache = cuda.inplace_writes(LayerCache(config, layer_id, batch, 64, dtype, device=device))
+    x = torch.randn(batch, 20, config.dim, device=device, dtype=dtype)
+    layer(x[:, :18], torch.zeros(batch, dtype=torch.long, device=device), cache)
+    ys = [step(x[:, p:p + 1].contiguous(), torch.full((batch,), p, device=device), cache) for p in (18, 19)]
+    return torch.cat(ys, 1), cache
+
+
+@pytest.mark.parametrize("layer_id", [1, 2])    # tiny: CSA, HCA
+def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id):
+    """fullgraph compile of a whole decode layer (aot_eager: the functionalised graph, run without code generation,
+    so the test stays fast on CPU) equals the eager layer, cache writes included; the GPU test below runs inductor."""
+    from ascend.onnx_export import synthetic_attention, use_kernels
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny")
+    layer = use_kernels(synthetic_attention(config, layer_id), cuda.make_kernels(use_triton=False, for_compile=True))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y_eager, c_eager = _decode_twice(layer, config, layer_id, layer)
+        y_comp, c_comp = _decode_twice(layer, config, layer_id, cuda.compile_decode(layer, backend="aot_eager"))
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    for name in ("kv", "index_kv"):
+        if getattr(c_eager, name) is not None:
+            torch.testing.assert_close(getattr(c_comp, name), getattr(c_eager, name), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_comp.compressor.kv, c_eager.compressor.kv, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 @needs_triton
@@ -200,3 +258,44 @@ def test_attention_layer_with_cuda_pytorch_stages_matches_reference(layer_id):
         y = layer(x[:, :15], torch.zeros(2, dtype=torch.long), cache)
         outs.append(torch.cat([y, layer(x[:, 15:], torch.full((2,), 15), cache)], dim=1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_inductor_compiled_decode_with_triton_matches_eager_and_replays():
+    """The real thing on the GPU: a tiny CSA layer (indexer, both compressors, FP8 / FP4 simulations, Triton stages
+    as custom ops) compiled by inductor equals the eager CUDA layer, and replays from a captured CUDA graph."""
+    from ascend.device import get_device
+    from ascend.onnx_export import synthetic_attention, use_kernels
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", dtype="bf16")
+    layer = synthetic_attention(config, 1, "cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        use_kernels(layer, cuda.make_kernels())
+        y_eager, c_eager = _decode_twice(layer, config, 1, layer, "cuda", torch.bfloat16)
+        use_kernels(layer, cuda.make_kernels(for_compile=True))
+        compiled = cuda.compile_decode(layer)
+        y_comp, c_comp = _decode_twice(layer, config, 1, compiled, "cuda", torch.bfloat16)
+        err = (y_comp.float() - y_eager.float()).norm() / y_eager.float().norm()
+        assert torch.isfinite(y_comp).all() and err < 2e-2, err
+        for name in ("kv", "index_kv"):
+            a, b = getattr(c_comp, name).float(), getattr(c_eager, name).float()
+            assert (a - b).norm() / b.norm() < 2e-2
+        # replay: the same two decode steps from captured graphs of the compiled step (capture's warm-up run
+        # writes the cache, so its state is restored before the replay)
+        graphs = []
+
+        def replayed(x, start, cache):
+            state = [t for t in (cache.kv, cache.index_kv, cache.compressor.kv, cache.compressor.score,
+                                 cache.index_compressor.kv, cache.index_compressor.score)]
+            saved = [t.clone() for t in state]
+            graphs.append(get_device("cuda").graph())
+            out = graphs[-1].capture(compiled, x, start, cache, warmup=1)
+            for t, v in zip(state, saved):
+                t.copy_(v)
+            graphs[-1].replay()
+            return out.clone()
+        y_graph, c_graph = _decode_twice(layer, config, 1, replayed, "cuda", torch.bfloat16)
+    torch.testing.assert_close(y_graph, y_comp)
+    torch.testing.assert_close(c_graph.kv, c_comp.kv)
