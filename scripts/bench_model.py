@@ -3,7 +3,8 @@
 
 Three tables, every number measured in this run:
 
-1. prefill and decode tokens/s of the whole model (random quantised weights) and the peak device memory;
+1. prefill and decode tokens/s of the whole model (random quantised weights) and the peak device memory; decode
+   eagerly and, on an accelerator, replayed from a captured graph (the MoE's static-shape path; --no-graph skips);
 2. decode latency of one block (mHC + attention + MoE) per layer type (window-only, CSA, HCA) at each context,
    with the ratio to the smallest context. The cache is filled SYNTHETICALLY for this table: random entries in
    every buffer and lengths set to context - 1, so a 1M context needs no 1M-token prefill; the work per step is
@@ -26,6 +27,7 @@ import time
 import torch
 
 from ascend.device import Device, get_device
+from ascend.graph import DecodeGraphRunner
 from model.cache import KVCache, cache_bytes_per_token, encode_index_entries, encode_main_entries
 from model.config import ModelConfig
 from model.kernels import REFERENCE
@@ -79,7 +81,10 @@ def layer_cache_bytes(layer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- the three tables
-def throughput(model: Transformer, device: Device, batch: int, prefill_len: int, steps: int) -> list[list]:
+def throughput(model: Transformer, device: Device, batch: int, prefill_len: int, steps: int,
+               graphs: bool) -> list[list]:
+    """Prefill then decode tokens/s; decode eagerly and, with `graphs`, replayed from a captured graph (from the
+    same prefilled state: the cache lengths are put back between the two)."""
     cfg = model.config
     g = torch.Generator(device=device.torch_device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (batch, prefill_len + steps), generator=g, device=device.torch_device)
@@ -95,15 +100,33 @@ def throughput(model: Transformer, device: Device, batch: int, prefill_len: int,
         device.synchronize()
         t_prefill = time.perf_counter() - t0
         peak_prefill = device.memory().peak
-        t0 = time.perf_counter()
-        for s in range(steps):
-            model(ids[:, prefill_len + s:prefill_len + s + 1], cache)
-        device.synchronize()
-        t_decode = time.perf_counter() - t0
-    peak = device.memory().peak
-    rows.append(["prefill", batch * prefill_len, t_prefill, batch * prefill_len / t_prefill, 1.0, peak_prefill / 2**30])
-    decode_tps = batch * steps / t_decode
-    rows.append(["decode", batch * steps, t_decode, decode_tps, decode_tps / rows[0][3], peak / 2**30])
+        rows.append(["prefill", batch * prefill_len, t_prefill, batch * prefill_len / t_prefill, 1.0,
+                     peak_prefill / 2**30])
+        prefilled = cache.lengths.clone()
+
+        def step(tokens):
+            return model(tokens, cache)
+
+        decoders = [("decode (eager)", step)]
+        if graphs:
+            runner = DecodeGraphRunner(step, lambda b: (ids[:b, prefill_len:prefill_len + 1].clone(),), device,
+                                       buckets=(batch,), warmup=2)
+            runner.capture()
+            label = "decode (graph)" if device.type != "cpu" else "decode (graph, eager re-run on CPU)"
+            decoders.append((label, runner))
+        for label, fn in decoders:
+            cache.lengths.copy_(prefilled)
+            device.synchronize()
+            t0 = time.perf_counter()
+            for s in range(steps):
+                fn(ids[:, prefill_len + s:prefill_len + s + 1])
+            device.synchronize()
+            t_decode = time.perf_counter() - t0
+            decode_tps = batch * steps / t_decode
+            rows.append([label, batch * steps, t_decode, decode_tps, decode_tps / rows[0][3],
+                         device.memory().peak / 2**30])
+        del decoders, cache
+        device.empty_cache()
     return rows
 
 
@@ -183,6 +206,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,131072,1048576", help="comma-separated decode contexts")
     ap.add_argument("--layout", default="bf16", choices=["bf16", "fp8"], help="cache layout for the latency table")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-graph", action="store_true",
+                    help="decode eagerly only (default on CUDA / NPU and with --quick: also from a captured graph)")
     ap.add_argument("--quick", action="store_true", help="tiny preset on CPU with small sizes (checks the script)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -210,7 +235,8 @@ def main() -> None:
         model = init_random_(Transformer(cfg, kernels=kernels, dtype=dtype)).eval()
     weight_gib = sum(t.nbytes for t in model.state_dict().values()) / 2**30
 
-    tp_rows = throughput(model, device, args.batch, args.prefill_len, args.decode_steps)
+    tp_rows = throughput(model, device, args.batch, args.prefill_len, args.decode_steps,
+                         graphs=not args.no_graph and (device.type != "cpu" or args.quick))  # --quick checks that path
     lat_headers, lat_rows = decode_latency(model, device, args.batch, contexts, args.layout, args.reps)
     cb_headers, cb_rows = cache_bytes(cfg, device, contexts)
     accounting = {lay: cache_bytes_per_token(base, lay) for lay in ("bf16", "fp8")}
