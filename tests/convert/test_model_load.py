@@ -27,12 +27,18 @@ def _mtp_inputs(model, ids):
     return streams, ids[:, 1:], cache, torch.zeros(ids.shape[0], dtype=torch.int64)
 
 
-@pytest.mark.parametrize("weights", ["keep", "bf16", "int8"])
-def test_converted_rank_reproduces_source_logits(tiny_ckpt, tmp_path, weights):
+@pytest.fixture(scope="module")
+def source_logits(tiny_ckpt):
+    """Token ids and the logits (main and MTP) of the unconverted checkpoint."""
     src = Checkpoint(tiny_ckpt)
     ids = torch.randint(0, src.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    want, want_mtp = _logits(src.config, {n: src.read(n) for n in src.tensors}, ids)
+    return ids, *_logits(src.config, {n: src.read(n) for n in src.tensors}, ids)
 
+
+@pytest.mark.parametrize("weights", ["keep", "bf16", "int8"])
+def test_converted_rank_reproduces_source_logits(tiny_ckpt, tmp_path, weights, source_logits):
+    ids, want, want_mtp = source_logits
+    src = Checkpoint(tiny_ckpt)
     plan = plan_for(src.config, 1, 1)
     Conversion(src, Sharding.from_plan(plan, src.config), weights).run(tmp_path / "out", plan.to_dict(), progress=False)
     got, got_mtp = _logits(ModelConfig.from_hf(tmp_path / "out"), load_rank(tmp_path / "out", 0), ids)
