@@ -209,7 +209,8 @@ class ExpertParallel:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        meta = torch.stack([slots[order].float(), weights.flatten()[order].float()], 1)  # fp32: exact for slot ids and gate weights, on every backend
+        # fp32 on every backend: exact for slot ids and gate weights
+        meta = torch.stack([slots[order].float(), weights.flatten()[order].float()], 1)
         in_x = x.new_empty(sum(recv), x.shape[1])
         in_meta = meta.new_empty(sum(recv), 2)
         dist.all_to_all_single(in_x, x[rows].contiguous(), recv, send, group=self.ep_group)
