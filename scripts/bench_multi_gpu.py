@@ -17,8 +17,9 @@ exchange choice and cache session). Then, per layout:
 - decode tokens/s at each --batch (the global batch, dealt round robin to the data-parallel groups; at least
   one sequence per group, the expert exchange needs every rank stepping), eager, device synchronised around
   the timed steps after warm-up, the slowest rank's time; peak device memory of each rank;
-- expert-exchange bytes per decoded token, summed over ranks (ascend.expert_parallel's counters: bytes each
-  rank sends to other ranks), against the planner's per-token estimate (docs/planner.md, cost model):
+- expert-exchange bytes per decoded token in the planner's unit: what one rank sends to other ranks per token
+  of its data-parallel group (ascend.expert_parallel's counters summed over ranks / world / tokens per dp group),
+  against the planner's estimate (docs/planner.md, cost model; ascend/planner/layout.py `evaluate`):
 
       n_layers x top-k x dim x (b_dispatch + b_combine) / tp x (ep - 1) / ep,   b = activation bytes (2, BF16)
 
