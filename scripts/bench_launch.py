@@ -203,9 +203,16 @@ def hf_baseline(model: Transformer, device: Device, prompt_len: int, batches: li
             with tempfile.TemporaryDirectory() as tmp:
                 state, config = official_checkpoint(model, quantised)
                 save_file(state, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+                del state
                 (Path(tmp) / "config.json").write_text(json.dumps(config))
-                hf, info = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=model.dtype, output_loading_info=True,
-                                                                 device_map=str(device.torch_device))
+                try:
+                    hf, info = DeepseekV4ForCausalLM.from_pretrained(
+                        tmp, dtype=model.dtype, output_loading_info=True, device_map=str(device.torch_device))
+                except (ImportError, ValueError) as e:   # device_map needs `accelerate`: load, then move
+                    if "accelerate" not in str(e):
+                        raise
+                    hf, info = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=model.dtype, output_loading_info=True)
+                    hf = hf.to(device.torch_device)
             # from_pretrained random-initialises what it could not map: that would be a baseline of noise
             missing = sorted(info.get("missing_keys") or [])
             mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
