@@ -35,11 +35,11 @@ from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint
 from convert.shard import Sharding, scale_split
-from convert.writer import SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic, write_json_atomic
+from convert.writer import (CopyBuffers, SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic,
+                            write_json_atomic)
 
 JOB = ".convert-job.json"
 RANK_INDEX = "model.safetensors.index.json"
-BLOCK_BYTES = 64 << 20  # tensors copied as is and larger than this are streamed in row blocks
 COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -72,26 +72,11 @@ class OutFile:
 
 
 @dataclass(frozen=True)
-class RowBlocks:
-    """Rows of a source tensor (or of its dim-0 split) read lazily, BLOCK_BYTES at a time."""
-    ckpt: Checkpoint
-    spec: TensorSpec
-    split: tuple[int, int, int] | None
-
-    def blocks(self, bar=None):
-        """The row blocks in order, each read on a helper thread while the previous one is written."""
-        start, stop = (self.split[1], self.split[2]) if self.split else (0, self.spec.shape[0])
-        step = max(1, BLOCK_BYTES * self.spec.shape[0] // self.spec.nbytes)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            reads = [pool.submit(self.ckpt.read, self.spec.name, 0, a, min(stop, a + step))
-                     for a in range(start, min(stop, start + 2 * step), step)]
-            for a in range(start + 2 * step, stop + 2 * step, step):
-                rows = reads.pop(0).result()
-                if a < stop:
-                    reads.append(pool.submit(self.ckpt.read, self.spec.name, 0, a, min(stop, a + step)))
-                if bar is not None:
-                    bar.update(rows.numel() * rows.element_size())
-                yield rows
+class SourceRange:
+    """Bytes [offset, offset + nbytes) of a source file: a tensor, or rows of one, that is written as stored."""
+    file: Path
+    offset: int
+    nbytes: int
 
 
 def _fmt(spec: TensorSpec) -> str:
@@ -142,14 +127,16 @@ class Conversion:
     def convert_unit(self, u: Unit, ranks: list[int]) -> dict[int, list[tuple]]:
         """Read one source unit once and produce every listed rank's output tensors.
 
-        Returns {rank: [(name, tensor or RowBlocks, sha256 or None)]} in writing order.
+        Returns {rank: [(name, tensor or SourceRange, sha256 or None)]} in writing order.
         """
-        if not any(self.sharding.pieces(u.weight, r) for r in ranks):
+        pieces = {r: self.sharding.pieces(u.weight, r) for r in ranks}
+        if not any(pieces.values()):
             return {}
-        if u.scale is None and u.out_scale is None and u.weight.nbytes > BLOCK_BYTES and u.weight.split_dim != 1:
-            # a big tensor copied as is (embedding, head): streamed in row blocks, never whole in memory
-            return {r: [(p.name, RowBlocks(self.ckpt, u.weight, p.split), None)
-                        for p in self.sharding.pieces(u.weight, r)] for r in ranks}
+        if _fmt(u.weight) == _fmt(u.out_weight) and all(p.split is None or p.split[0] == 0
+                                                          for ps in pieces.values() for p in ps):
+            # stored as is and cut, if at all, along rows: a byte range of the source, copied (and hashed)
+            # by the writer straight from the file, never made into a tensor
+            return {r: [item for p in ps for item in self._ranges(u, p.name, p.split)] for r, ps in pieces.items() if ps}
         weight = self.ckpt.read(u.weight.name)
         scale = self.ckpt.read(u.scale.name) if u.scale is not None else None
         done: dict = {}
@@ -172,6 +159,21 @@ class Conversion:
         # hash here, in the worker, so the writing thread only writes (and hashes whole files)
         digests = {id(t): sha256_of(t) for tensors in out.values() for _, t in tensors}
         return {r: [(n, t, digests[id(t)]) for n, t in tensors] for r, tensors in out.items()}
+
+    def _ranges(self, u: Unit, name: str, split: tuple[int, int, int] | None) -> list[tuple]:
+        """The source bytes of one piece (dim-0 split or whole) of `u`: weight, then scale if any."""
+        out = [(name, self._range(u.weight, split), None)]
+        if u.scale is not None:
+            out.append((name[: -len(".weight")] + ".scale",
+                        self._range(u.scale, scale_split(split, u.scale)), None))
+        return out
+
+    def _range(self, spec: TensorSpec, split: tuple[int, int, int] | None) -> SourceRange:
+        t = self.ckpt.tensors[spec.name]
+        if split is None:
+            return SourceRange(t.file, t.begin, t.end - t.begin)
+        row = (t.end - t.begin) // t.shape[0]  # row-major: rows [a, b) are one contiguous byte range
+        return SourceRange(t.file, t.begin + split[1] * row, (split[2] - split[1]) * row)
 
     # ------------------------------------------------------------------ identity, dry run
     def identity(self, plan_dict: dict) -> dict:
@@ -208,14 +210,16 @@ class Conversion:
                     left.append(of)
             todo.append(left)
         total = sum(of.nbytes for group in todo for of in group)
+        buffers = CopyBuffers()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
                   dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for file, group in zip(self.ckpt.files, todo):
                 if group:
-                    self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar)
+                    self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar, buffers)
+        buffers.close()
         return self._finish(out, plan_dict, hashes)
 
-    def _write_group(self, out, file, group, pool, window, hashes, bar) -> None:
+    def _write_group(self, out, file, group, pool, window, hashes, bar, buffers: CopyBuffers) -> None:
         writers = {of.rank: SafetensorsWriter(out / of.path, of.entries) for of in group}
         ranks = sorted(writers)
         pending: deque = deque()
@@ -223,8 +227,9 @@ class Conversion:
         def drain_one() -> None:
             for rank, tensors in pending.popleft().result().items():
                 for tname, t, digest in tensors:
-                    if isinstance(t, RowBlocks):
-                        writers[rank].write_chunks(tname, t.blocks(bar))
+                    if isinstance(t, SourceRange):
+                        writers[rank].write_range(tname, t.file, t.offset, t.nbytes, buffers)
+                        bar.update(t.nbytes)
                     else:
                         writers[rank].write(tname, t, digest)
                         bar.update(t.numel() * t.element_size())

@@ -17,9 +17,10 @@ import os
 import signal
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from convert.errors import ConvertError
@@ -88,11 +89,13 @@ class _BackgroundHash:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: deque = deque()   # (future, nbytes), in submission order
 
-    def update(self, data) -> None:
-        self._pending.append((self._pool.submit(self._hash.update, data), len(data)))
+    def update(self, data) -> Future:
+        future = self._pool.submit(self._hash.update, data)
+        self._pending.append((future, len(data)))
         self._add(len(data))
         while self._pending and _BackgroundHash._total > self.MAX_PENDING:
             self._pop()
+        return future
 
     @classmethod
     def _add(cls, n: int) -> None:
@@ -116,6 +119,38 @@ class _BackgroundHash:
         self._pending.clear()
 
 
+class CopyBuffers:
+    """A few reusable chunk buffers for copying byte ranges of source files (`SafetensorsWriter.write_range`).
+
+    A chunk is read into a buffer, handed to the two hashers (tensor and file, on their own threads,
+    in parallel: hashlib releases the GIL) and written; the buffer is reused once both hashes are
+    done with it. Reusing them avoids allocating and faulting in fresh pages for every tensor, and
+    bounds the memory of a copy to CHUNK x SLOTS.
+    """
+
+    CHUNK = 16 << 20
+    SLOTS = 3
+
+    def __init__(self):
+        self._buffers = [np.empty(self.CHUNK, np.uint8) for _ in range(self.SLOTS)]
+        self._busy: list[list[Future]] = [[] for _ in range(self.SLOTS)]
+        self._next = 0
+        self.tensor_hasher = ThreadPoolExecutor(max_workers=1)  # one thread keeps a tensor's chunks in order
+
+    def take(self, n: int) -> tuple[memoryview, list[Future]]:
+        """The next free buffer (first n bytes) and the list to put the futures still reading it in."""
+        i, self._next = self._next, (self._next + 1) % self.SLOTS
+        wait(self._busy[i])  # (a cancelled hash of an aborted file counts as done)
+        self._busy[i] = []
+        return memoryview(self._buffers[i])[:n], self._busy[i]
+
+    def close(self) -> None:
+        for busy in self._busy:
+            for f in busy:
+                f.cancel()
+        self.tensor_hasher.shutdown()
+
+
 class SafetensorsWriter:
     """Write the tensors `entries` = [(name, dtype code, shape)] to `path`, in that order, one call each."""
 
@@ -137,15 +172,19 @@ class SafetensorsWriter:
         self.tensor_hashes: dict[str, str] = {}
         self._next = 0
         try:
-            self._f = open(self.tmp, "wb")
+            self._f = open(self.tmp, "wb", buffering=0)  # large writes, no copy through a buffer
             self._write(len(raw).to_bytes(8, "little") + raw)
         except OSError as e:
             self.abort()
             raise disk_error(e, self.path) from None
 
-    def _write(self, data) -> None:
-        self._f.write(data)
-        self.file_hash.update(data)  # on its own thread, overlapping the next write
+    def _write(self, data) -> Future:
+        """Write `data`; its file hash runs on the hash thread, overlapping the write and what follows."""
+        future = self.file_hash.update(data)
+        view = memoryview(data)
+        while view:  # an unbuffered write may take only part
+            view = view[self._f.write(view):]
+        return future
 
     def write(self, name: str, tensor: torch.Tensor, digest: str | None = None) -> None:
         """Write the next tensor (it must be the next entry, with that entry's dtype and shape).
@@ -156,7 +195,6 @@ class SafetensorsWriter:
 
     def write_chunks(self, name: str, chunks, shape: tuple[int, ...] | None = None, digest: str | None = None) -> None:
         """Write the next tensor from consecutive row blocks (so a huge tensor never sits in memory whole)."""
-        global _written
         want, dtype, want_shape = self.entries[self._next]
         h, nbytes = (None if digest else _BackgroundHash()), 0
         for chunk in chunks:
@@ -174,11 +212,48 @@ class SafetensorsWriter:
             if h is not None:
                 h.update(data)
             nbytes += len(data)
+        self._done(name, nbytes, digest or h.hexdigest())
+
+    def write_range(self, name: str, src: Path, offset: int, nbytes: int, buffers: CopyBuffers) -> None:
+        """Write the next tensor as `nbytes` bytes copied from file `src` at `offset` (a tensor stored as is).
+
+        The bytes go through `buffers` chunk by chunk: read, hashed for the tensor and for the file on
+        two threads at once, written; no tensor object, no copy beyond the read.
+        """
+        if name != self.entries[self._next][0]:
+            self.abort()
+            raise RuntimeError(f"{self.path}: wrote {name}, expected {self.entries[self._next][0]}")
+        h, pool, done, busy = hashlib.sha256(), buffers.tensor_hasher, 0, []
+        try:
+            fd = os.open(src, os.O_RDONLY)
+        except OSError as e:
+            self.abort()
+            raise ConvertError(f"{src}: cannot read ({e.strerror})") from None
+        try:
+            while done < nbytes:
+                view, busy = buffers.take(min(buffers.CHUNK, nbytes - done))
+                got = os.preadv(fd, [view], offset + done)
+                if got != len(view):
+                    self.abort()
+                    raise ConvertError(f"{src}: truncated while reading {name} (file changed during conversion?)")
+                busy.append(pool.submit(h.update, view))
+                busy.append(self._write(view))
+                done += got
+        except OSError as e:
+            self.abort()
+            raise disk_error(e, self.path) from None
+        finally:
+            os.close(fd)
+        wait(busy)  # the tensor hash of the last chunk (earlier ones ran before it on the same thread)
+        self._done(name, nbytes, h.hexdigest())
+
+    def _done(self, name: str, nbytes: int, digest: str) -> None:
+        global _written
         begin, end = self.header[name]["data_offsets"]
         if nbytes != end - begin:
             self.abort()
             raise RuntimeError(f"{self.path}: {name} got {nbytes} bytes, expected {end - begin}")
-        self.tensor_hashes[name] = digest or h.hexdigest()
+        self.tensor_hashes[name] = digest
         self._next += 1
         _written += 1
         if _KILL_AFTER and _written >= _KILL_AFTER:
