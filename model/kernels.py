@@ -91,7 +91,8 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk:
     score[b, s, t] = sum_h weights[b, s, h] * relu(q[b, s, h] . k[b, t]) in float32; when `group` is given (tensor
     parallel: each rank holds some heads) the scores are summed over the group before selection.
     Returns int32 [B, S, topk]: the indices of the largest visible scores (order unspecified), -1 in every slot
-    beyond the number of visible entries (and in all slots past T when topk > T).
+    beyond the number of visible entries (and in all slots past T when topk > T). Among entries tied with the
+    topk-th largest score the lowest indices win, so equal scores always select the same entries.
     """
     keys_t = k.float().transpose(1, 2)
     scores = q.new_zeros(q.size(0), q.size(1), k.size(1), dtype=torch.float32)
@@ -102,11 +103,29 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk:
     visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
     scores = scores.masked_fill(~visible, float("-inf"))
     n = min(topk, k.size(1))
-    values, idx = scores.topk(n, dim=-1)
-    idx = torch.where(values == float("-inf"), -1, idx).int()
+    idx = topk_lowest_index(scores, n)
+    idx = torch.where(scores.gather(-1, idx) == float("-inf"), -1, idx).int()
     if n < topk:
         idx = F.pad(idx, (0, topk - n), value=-1)
     return idx
+
+
+def topk_lowest_index(scores: Tensor, n: int) -> Tensor:
+    """Indices (int64, order unspecified) of the `n` largest `scores` along the last dim, ties broken by index.
+
+    torch.topk breaks ties in an implementation-defined way that on CPU depends on the *other* values: swapping two
+    scores that are both selected anyway can change which of several entries tied at the boundary is kept. The
+    indexer's scores tie exactly whenever every head's ReLU is zero (score 0), so that choice must not depend on
+    rounding elsewhere. Here everything above the n-th largest value is kept, then the lowest-index entries equal
+    to it fill the remaining slots. Static shapes: two top-k passes and a cumulative sum.
+    """
+    kth = scores.topk(n, dim=-1).values[..., -1:]           # the n-th largest value (sorted descending)
+    above = scores > kth
+    tied = scores == kth
+    keep = above | (tied & (tied.cumsum(-1) <= n - above.sum(-1, keepdim=True)))
+    t = scores.size(-1)
+    rank = torch.arange(t, 0, -1, device=scores.device, dtype=torch.float32)  # exact below 2^24 entries
+    return (keep * rank).topk(n, dim=-1).indices
 
 
 def sparse_attn(q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> Tensor:

@@ -83,6 +83,34 @@ def test_indexer_topk_against_loop():
     assert wide.shape == (b, s, 9) and (wide[..., 6:] == -1).all()
 
 
+def test_indexer_topk_breaks_ties_by_lowest_index():
+    # Entries whose every head has a negative dot product score exactly 0 (ReLU), so ties at the top-k boundary
+    # are common. torch.topk's choice among them depends on the other scores: swapping the two largest (both
+    # selected either way) made it keep entry 7, then 6. The lowest tied index must win whatever the rest holds.
+    def select(first: float, second: float) -> list[int]:
+        keys = torch.tensor([-1.0, -2.0, first, 1.0, second, -1.0, -3.0, -1.0])   # relu -> 0, 0, x, 1, y, 0, 0, 0
+        k = F.pad(keys[None, :, None], (0, 3))                                      # [1, T=8, Dk=4]
+        q = F.pad(torch.ones(1, 1, 1, 1), (0, 3))                                   # q = e0, one head
+        return sorted(K.indexer_topk(q, k, torch.ones(1, 1, 1), torch.tensor([[8]]), 4)[0, 0].tolist())
+
+    assert select(3.0, 2.0) == select(2.0, 3.0) == [0, 2, 3, 4]
+    # fewer positive scores than slots, and nothing visible: ties among zeros / -inf resolved the same way
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 10, 8)
+    w = torch.randn(2, 3, 2)
+    idx = K.indexer_topk(q, k, w, torch.tensor([[0, 3, 10], [10, 10, 1]]), 4)
+    assert (idx[0, 0] == -1).all() and sorted(idx[0, 1].tolist()) == [-1, 0, 1, 2]
+    assert sorted(idx[1, 2].tolist()) == [-1, -1, -1, 0]
+
+
+def test_topk_lowest_index_against_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    for t, n in ((5, 1), (12, 4), (100, 7), (1000, 64)):
+        x = torch.randint(-3, 4, (6, t), generator=g).float()       # many exact ties
+        x[0] = float("-inf")
+        want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :n]
+        assert torch.equal(K.topk_lowest_index(x, n).sort(-1).values, want.sort(-1).values)
+
+
 def test_sparse_attn_against_loop():
     b, s, h, d, t, k = 2, 3, 4, 8, 7, 5
     q, kv = torch.randn(b, s, h, d), torch.randn(b, t, d)
