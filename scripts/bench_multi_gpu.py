@@ -16,7 +16,8 @@ exchange choice and cache session). Then, per layout:
   reference's top-2 margin there;
 - decode tokens/s at each --batch (the global batch, dealt round robin to the data-parallel groups; at least
   one sequence per group, the expert exchange needs every rank stepping), eager, device synchronised around
-  the timed steps after warm-up, the slowest rank's time; peak device memory of each rank;
+  the timed steps after warm-up, the slowest rank's time; decode as the launcher runs it (captured graphs on
+  CUDA unless the exchange is all-to-all / all-gather, or --no-graph); peak device memory of each rank;
 - expert-exchange bytes per decoded token in the planner's unit: what one rank sends to other ranks per token
   of its data-parallel group (ascend.expert_parallel's counters summed over ranks / world / tokens per dp group),
   against the planner's estimate (docs/planner.md, cost model; ascend/planner/layout.py `evaluate`):
@@ -51,7 +52,7 @@ from ascend import dist as mesh_lib
 from ascend.backends import get_kernels
 from ascend.device import Device, get_device
 from ascend.expert_parallel import reset_traffic, total_traffic
-from ascend.model_session import CacheSession, choose_exchange, compute_dtype, parallel_context
+from ascend.model_session import CacheSession, choose_exchange, compute_dtype, parallel_context, use_graphs
 from ascend.planner.plan import make_plan
 from convert.layout import expected_tensors
 from convert.shard import Sharding, scale_split
@@ -235,28 +236,45 @@ class Runner:
         mine = list(range(len(self.prompts)))[dp_rank::dp]
         out = {"mode": "1 device" if alone else mode.name, "exchange": "-" if alone else exchange,
                "redundant": plan.redundant}
-        for check in (True, False):  # the check model first, then the launcher's
+        graphs = use_graphs(False if self.args.no_graph else None, self.device.type, exchange, mode.ep)
+        for check in (True, False):  # the check model first (eager), then the launcher's (its decode graphs)
             t0 = time.perf_counter()
             model = self.load(ctx, state, self.check_dtype if check else self.dtype)
             if check:  # smooth in its inputs: no FP8 KV / FP4 indexer rounding for a tiny difference to flip
                 model.set_quant_sim(False)
             load_s = time.perf_counter() - t0
-            session = CacheSession(model, self.device.torch_device)
-            tokens, margins = greedy(session, [self.prompts[i] for i in mine], self.args.new_tokens)
-            merged: dict[int, tuple] = {}
-            for rank, (idx, toks, marg) in enumerate(self.gather((mine, tokens, margins), alone)):
-                if rank % mode.tp == 0:
-                    merged.update(zip(idx, zip(toks, marg)))
             key = "" if check else "launch_"
-            out[key + "tokens"] = [merged[i][0] for i in range(len(self.prompts))]
-            out[key + "margins"] = [merged[i][1] for i in range(len(self.prompts))]
+            if check or not graphs:
+                self.generate(out, key, CacheSession(model, self.device.torch_device), mode, mine, alone)
+                out["decode"] = "eager"
+            else:
+                try:
+                    self.generate(out, key, CacheSession(model, self.device.torch_device, graphs=self.device), mode,
+                                  mine, alone)
+                    out["decode"] = "graphs"
+                except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
+                    out["decode"] = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
+                    self.device.empty_cache()
+                    self.generate(out, key, CacheSession(model, self.device.torch_device), mode, mine, alone)
             if not check:
                 out["load_s"] = load_s
-                out["speed"] = self.measure(session, mode.tp, list(ctx.moe_exchange.values()), alone)
-            del model, session
+            del model
         act = torch.empty((), dtype=self.dtype).element_size()
         out["estimate"] = estimate_bytes(self.cfg, mode, exchange, act)
         return out
+
+    def generate(self, out: dict, key: str, session: CacheSession, mode: Mode, mine: list[int], alone: bool) -> None:
+        """Greedy tokens of this rank's check prompts into out[key + "tokens"]; with the launch model, speed too."""
+        tokens, margins = greedy(session, [self.prompts[i] for i in mine], self.args.new_tokens)
+        merged: dict[int, tuple] = {}
+        for rank, (idx, toks, marg) in enumerate(self.gather((mine, tokens, margins), alone)):
+            if rank % mode.tp == 0:
+                merged.update(zip(idx, zip(toks, marg)))
+        out[key + "tokens"] = [merged[i][0] for i in range(len(self.prompts))]
+        out[key + "margins"] = [merged[i][1] for i in range(len(self.prompts))]
+        if key:
+            exchanges = list(session.model.parallel.moe_exchange.values())
+            out["speed"] = self.measure(session, mode.tp, exchanges, alone)
 
     def main(self) -> dict:
         a = self.args
@@ -323,10 +341,10 @@ def verdict(results: dict) -> dict:
 
 def table(results: dict) -> str:
     ref = {s["batch"]: s["tokens_per_s"] for s in results["runs"][0]["speed"]}
-    lines = ["| layout | exchange | batch (global) | decode tok/s | vs 1 device | peak GiB per rank | "
+    lines = ["| layout | exchange | decode | batch (global) | decode tok/s | vs 1 device | peak GiB per rank | "
              "EP B/token/rank: payload / total | planner estimate | payload / estimate | greedy = 1 device "
              f"({results['check_dtype']}) | {results['dtype']} tokens agreeing |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         est = run["estimate"]
         same = "reference" if "tokens_equal" not in run else "yes" if run["tokens_equal"] else "NO"
@@ -334,7 +352,8 @@ def table(results: dict) -> str:
         for s in run["speed"]:
             ratio = f"{s['payload_bytes_per_token'] / est:.3f}" if est else "-"
             lines.append(
-                f"| {run['mode']} | {run['exchange']} | {s['batch']} ({s['global_batch']}) | {s['tokens_per_s']:.1f} | "
+                f"| {run['mode']} | {run['exchange']} | {run['decode']} | {s['batch']} ({s['global_batch']}) | "
+                f"{s['tokens_per_s']:.1f} | "
                 f"{s['tokens_per_s'] / ref[s['batch']]:.2f} | {' / '.join(f'{p:.2f}' for p in s['peak_gib'])} | "
                 f"{s['payload_bytes_per_token']:,.0f} / {s['bytes_per_token']:,.0f} | "
                 f"{f'{est:,.0f}' if est else '-'} | {ratio} | "
@@ -360,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(float32: reduction-order differences of the layouts stay far below a random model's top-2 "
                         "logit gaps; BF16 ones do not, so BF16 agreement is reported, not required)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-graph", action="store_true", help="decode eagerly (default: as the launcher, captured "
+                   "graphs on CUDA where the expert exchange allows)")
     p.add_argument("--out", type=Path, default=None, help="directory for results.json and results.md")
     p.add_argument("--quick", action="store_true", help="CPU-sized run: tiny preset, short prompts and runs")
     a = p.parse_args(argv)
