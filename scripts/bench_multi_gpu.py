@@ -99,12 +99,12 @@ def fingerprint(state: dict[str, torch.Tensor]) -> int:
 
 def rank_state(full: dict[str, torch.Tensor], cfg: ModelConfig, sharding: Sharding, rank: int) -> dict:
     """Rank `rank`'s tensors (official names, local shapes) sliced from the full ones as convert/job.py does."""
-    out = {}
-    for name, spec in expected_tensors(cfg).items():
+    out, specs = {}, expected_tensors(cfg)
+    for name, spec in specs.items():
         if spec.quant and spec.quant.endswith("_scale"):
             continue
         stem = name[: -len(".weight")] if name.endswith(".weight") else None
-        scale = expected_tensors(cfg).get(f"{stem}.scale") if stem else None
+        scale = specs.get(f"{stem}.scale") if stem else None
         for piece in sharding.pieces(spec, rank):
             w, s = full[name], full[f"{stem}.scale"] if scale is not None else None
             if piece.split is not None:
@@ -130,7 +130,7 @@ def greedy(session: CacheSession, prompts: list[list[int]], new_tokens: int) -> 
     """Greedy tokens per prompt and the top-1 minus top-2 logit margin at each step (to judge a near tie)."""
     logits = session.prefill(prompts, max(map(len, prompts)) + new_tokens)
     tokens, margins = [], []
-    active = torch.ones(len(prompts), dtype=torch.bool)
+    active = torch.ones(len(prompts), dtype=torch.bool, device=logits.device)
     for step in range(new_tokens):
         top = logits.float().topk(2, dim=-1)
         tokens.append(top.indices[:, 0].tolist())
@@ -142,9 +142,9 @@ def greedy(session: CacheSession, prompts: list[list[int]], new_tokens: int) -> 
 
 def decode_speed(session: CacheSession, device: Device, prompts: list[list[int]], steps: int, warmup: int,
                  exchanges: list) -> dict:
-    """Timed eager decode steps of this rank's prompts; exchange bytes counted over the timed steps only."""
+    """Timed decode steps of this rank's prompts; exchange bytes counted over the timed steps only."""
     logits = session.prefill(prompts, max(map(len, prompts)) + warmup + steps + 1)
-    active = torch.ones(len(prompts), dtype=torch.bool)
+    active = torch.ones(len(prompts), dtype=torch.bool, device=logits.device)
     tokens = logits.argmax(-1)
     for _ in range(warmup):
         tokens = session.decode(tokens, active).argmax(-1)
