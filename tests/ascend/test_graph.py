@@ -128,9 +128,9 @@ def test_batch_rows_views_write_through():
     assert cache.layers[1].compressor.score[:2].eq(0).all() and cache.layers[1].compressor.score[2:].isinf().all()
 
 
-def _decode_model():
+def _decode_model(n_layers: int = 4):
     from model.transformer import Transformer, init_random_
-    config = ModelConfig.preset("tiny")          # fp4 experts, fp8 projections, a hash layer, CSA and HCA layers
+    config = ModelConfig.preset("tiny", n_layers=n_layers)   # fp4 experts, fp8 projections, hash, window, CSA, HCA
     return init_random_(Transformer(config, dtype=torch.float32), seed=3).eval()
 
 
@@ -182,7 +182,7 @@ def test_transformer_decode_step_traces_as_one_graph():
     from model.generate import decode_step, prefill
     from model.moe import set_moe_mode
 
-    model = _decode_model()
+    model = _decode_model(n_layers=3)                       # one layer of each type: tracing time grows with depth
     cache = model.new_cache(2, 40)
     tokens = prefill(model, [list(range(5, 25)), [7, 8, 9]], cache).argmax(-1)
     active = torch.ones(2, dtype=torch.bool)
