@@ -121,11 +121,11 @@ def topk_lowest_index(scores: Tensor, n: int) -> Tensor:
     """
     kth = scores.topk(n, dim=-1).values[..., -1:]           # the n-th largest value (sorted descending)
     above = scores > kth
-    tied = scores == kth
-    keep = above | (tied & (tied.cumsum(-1) <= n - above.sum(-1, keepdim=True)))
-    t = scores.size(-1)
-    rank = torch.arange(t, 0, -1, device=scores.device, dtype=torch.float32)  # exact below 2^24 entries
-    return (keep * rank).topk(n, dim=-1).indices
+    tied = (scores == kth).int()                            # int32: ONNX CumSum takes no bool
+    free = n - above.int().sum(-1, keepdim=True)            # slots left for the tied entries
+    keep = above | ((tied > 0) & (tied.cumsum(-1) <= free))
+    rank = torch.arange(scores.size(-1), 0, -1, device=scores.device, dtype=torch.float32)  # exact below 2^24
+    return torch.where(keep, rank, 0.0).topk(n, dim=-1).indices
 
 
 def sparse_attn(q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> Tensor:
