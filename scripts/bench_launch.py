@@ -132,7 +132,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     device.reset_peak()
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(2, cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    max_len = prompt_len + steps + 2
+    max_len = prompt_len + steps + 3    # room for the capture's warm-up + capture steps
     one = model.new_cache(1, max_len)
     device.synchronize()
     t0 = time.perf_counter()
@@ -153,6 +153,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
         try:
             runner = DecodeGraphRunner(step, lambda b: (first[:b].clone(), active[:b].clone()), device,
                                        buckets=(batch,), warmup=2)
+            replicate_rows(one, cache)      # capture runs the step warmup + 1 times: from the prefilled lengths
             runner.capture()
             replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
             graph_s = timed_decode(runner, first, active, steps, device)
@@ -278,7 +279,7 @@ def main() -> None:
     device = get_device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     cfg = ModelConfig.preset(args.preset, n_layers=args.layers,
-                             max_seq_len=max(max(args.prompts) + args.steps + 2, 1024))
+                             max_seq_len=max(max(args.prompts) + args.steps + 3, 1024))
     t0 = time.perf_counter()
     model = random_model(cfg, device, dtype)
     set_moe_mode(model, args.moe)
