@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ascend.errors import AscendDeployError
 
-# expert_fn(logical expert id, rows [n, dim], routing weights [n]) -> rows [n, dim]
+# expert_fn(logical expert id, rows [n, dim], routing weights [n]) -> rows [n, dim] in the rows' dtype
+# (the all-to-all combine sends them back in that dtype)
 ExpertFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEMES = ("alltoall", "allgather")
 
