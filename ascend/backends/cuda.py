@@ -228,18 +228,32 @@ def inplace_writes(cache):
     return cache
 
 
-def compile_decode(step: Callable, **options) -> Callable:
+def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
     """`torch.compile` a decode step (an `Attention` layer, a whole-model step, any function) as ONE static graph:
     inductor, `fullgraph=True` (a graph break is an error, not a silent slow path), `dynamic=False` (every shape is
     fixed per batch bucket and cache capacity, so kernels are specialised to them).
 
     The step's modules should use `make_kernels(for_compile=True)` (`ascend.onnx_export.use_kernels`) and its
-    caches `inplace_writes(cache)` (else every cache write copies the whole cache). Compilation
-    happens at the first call of each new shape (tens of seconds); replay the compiled step from a captured graph
+    caches `inplace_writes(cache)` (else every cache write copies the whole cache). Compilation happens at the first
+    call of each new shape (seconds to tens of seconds); replay the compiled step from a captured graph
     (`Device.graph()`, `ascend.graph.DecodeGraphRunner`) so that launches cost nothing: no CUDA graphs of inductor's
-    own (default mode). Mutations of the cache tensors stay in place. `options` go to `torch.compile` (e.g.
-    `mode="max-autotune-no-cudagraphs"`, or `backend="aot_eager"` to check tracing without code generation).
+    own (default mode). `options` go to `torch.compile` (e.g. `mode="max-autotune-no-cudagraphs"`, or
+    `backend="aot_eager"` to check tracing without code generation).
+
+    `eager_numerics` (default) compiles with inductor's `emulate_precision_casts`: fused code rounds to bf16 wherever
+    the eager step does. Without it inductor keeps fused intermediates in float32, which is more precise but moves
+    values across the FP4 / FP8 simulations' rounding boundaries: the indexer then picks other entries and a CSA
+    layer's output moved by 13-26% (relative norm) at V4-Flash shapes on the H200 (HCA, without an indexer: 0.4%).
+
     Each shape is one more entry of the step's compile cache: call `torch._dynamo.reset()` between unrelated
     shapes rather than exceed dynamo's recompile limit (8), past which it silently runs eagerly.
     """
-    return torch.compile(step, **{"fullgraph": True, "dynamic": False, **options})
+    compiled = torch.compile(step, **{"fullgraph": True, "dynamic": False, **options})
+    if not eager_numerics:
+        return compiled
+
+    def run(*args, **kwargs):
+        # inductor reads its config when it compiles, i.e. inside the first call of each shape
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            return compiled(*args, **kwargs)
+    return run

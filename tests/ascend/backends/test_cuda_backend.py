@@ -158,6 +158,25 @@ def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id):
     torch.testing.assert_close(c_comp.compressor.kv, c_eager.compressor.kv, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_step_keeps_the_eager_roundings_before_fp4():
+    """inductor (on CPU here) with `eager_numerics`: the indexer queries (RoPE, Hadamard, FP4 simulation, bf16) equal
+    the eager ones bit for bit. Without it fused float32 intermediates move FP4 codes (3% here; on the H200 the
+    indexer then picked other entries and a V4-Flash CSA layer's output moved by 13-26%)."""
+    from ascend.onnx_export import synthetic_attention, use_kernels
+    from model.config import ModelConfig
+
+    config = ModelConfig.preset("tiny", dtype="bf16")
+    layer = use_kernels(synthetic_attention(config, 1), cuda.make_kernels(use_triton=False, for_compile=True))
+    torch.manual_seed(0)
+    qr = torch.randn(4, 1, config.q_lora_rank, dtype=torch.bfloat16) * 3
+    cos, sin = layer.rotary(torch.tensor([[5], [70], [1000], [12345]]))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer.indexer.queries(qr, cos, sin)
+        compiled = cuda.compile_decode(layer.indexer.queries)(qr, cos, sin)
+    assert torch.equal(compiled, eager)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 @needs_triton
