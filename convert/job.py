@@ -11,9 +11,11 @@ Output layout (OUT = --out):
     OUT/.convert-job.json                    what is being converted (lets --resume check it continues the same job)
 
 Work goes source shard by source shard. For one shard, every rank's output file is opened with its
-header already written (shapes are known from the config and plan), then the shard's tensors are read
-by worker threads in a bounded window and written, in a fixed order, to the ranks that need them. Memory
-is therefore a few tensors, never a shard or a rank. Each output file appears under its final name only
+header already written (shapes are known from the config and plan), then the shard's tensors are
+written, in a fixed order, to the ranks that need them: a tensor stored as is (whole or rows) is copied
+as a byte range of the source file by the writer, chunk by chunk; one that is re-encoded or cut along
+columns is read and cast by worker threads in a bounded window. Memory is therefore a few tensors and
+chunk buffers, never a shard or a rank. Each output file appears under its final name only
 when complete, and its bytes depend only on the source, the plan and the format, so --resume keeps the
 finished files and redoes the rest to the same bytes.
 """

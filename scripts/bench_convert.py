@@ -8,6 +8,7 @@ RSS is measured exactly (wait4). Prints one table; ratios are against the `cp` o
 
     python scripts/bench_convert.py                    # Flash width, 32 experts, 2 and 4 layers (~4 and ~5 GB)
     python scripts/bench_convert.py --quick            # tiny model, seconds
+    python scripts/bench_convert.py --workdir W --keep-sources   # reuse W's synthetic checkpoints next time
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (Flash has 256)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--keep-sources", action="store_true",
+                    help="keep the synthetic checkpoints in --workdir and reuse them in later runs (synth is "
+                         "deterministic, so the bytes are the same; writing them takes minutes on 2 cores)")
     ap.add_argument("--naive-convert", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.naive_convert:
@@ -89,9 +93,11 @@ def main() -> None:
 
     try:
         for i, layers in enumerate(args.layers):
-            src = work / f"src-{layers}"
-            run(py + ["synth", "--preset", preset, "--layers", str(layers), "--experts", str(experts),
-                      "--out", str(src), "--json"])
+            src = work / f"src-{preset}-{layers}-{experts}"
+            if not (args.keep_sources and (src / "config.json").is_file()):  # config.json is written last
+                shutil.rmtree(src, ignore_errors=True)
+                run(py + ["synth", "--preset", preset, "--layers", str(layers), "--experts", str(experts),
+                          "--out", str(src), "--json"])
             size = du(src)
             cp_out = work / "cp"
             cp_out.mkdir()
@@ -114,7 +120,8 @@ def main() -> None:
                 measure(f"convert keep tp2 ep2, {layers} layers",
                         py + ["convert", "--hf", str(src), "--tp", "2", "--ep", "2", "--json", "--workers",
                               str(args.workers), "--out", str(work / "o")], work / "o", size, base)
-            shutil.rmtree(src)
+            if not args.keep_sources:
+                shutil.rmtree(src)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
