@@ -128,14 +128,14 @@ class MoE(nn.Module):
         # the official model clamps the shared expert with the same limit as the routed ones
         self.shared_experts = Expert(config.dim, config.moe_inter_dim, config.dtype, config.swiglu_limit)
         # static path tables: selection (token t, expert e) -> local stack row local_row[e, t % n_replicas[e]]
-        n_replicas = torch.ones(config.n_routed_experts, dtype=torch.int64)
+        n_replicas = [1] * config.n_routed_experts
         for e, n in zip(self.slots.experts, self.slots.n_replicas):
             n_replicas[e] = n
-        local_row = torch.full((config.n_routed_experts, int(n_replicas.max())), -1, dtype=torch.int64)
+        local_row = [[-1] * max(n_replicas) for _ in n_replicas]
         for e, replica in zip(self.slots.experts, self.slots.replica):
-            local_row[e, replica] = local.index(e)
-        self.register_buffer("n_replicas", n_replicas, persistent=False)
-        self.register_buffer("local_row", local_row, persistent=False)
+            local_row[e][replica] = local.index(e)
+        self.register_buffer("n_replicas", torch.tensor(n_replicas), persistent=False)
+        self.register_buffer("local_row", torch.tensor(local_row), persistent=False)
         self._stack_experts(copy=False)
 
     # ------------------------------------------------------------------------------------------ stacked storage
