@@ -141,6 +141,7 @@ def _check_transformer_decode(device_name):
 
     device = get_device(device_name)
     dev = device.torch_device
+    tol = 1e-5 if device_name == "cpu" else 1e-4      # GPU GEMM and batched GEMM sum in different orders
     with torch.device(dev):
         model = _decode_model()
     cache = model.new_cache(4, 48, device=dev)
@@ -160,11 +161,11 @@ def _check_transformer_decode(device_name):
         set_moe_mode(model, "dynamic")
         ref = decode_step(model, tokens, eager, active)
         set_moe_mode(model, "auto")
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
         tokens = ref.argmax(-1)
     assert torch.equal(live.lengths, eager.lengths) and live.lengths.tolist() == [33, 10, 16]
     for a, b in zip(live.layers, eager.layers):
-        torch.testing.assert_close(a.kv, b.kv, rtol=1e-4, atol=1e-4)   # summation order of the MoE paths
+        torch.testing.assert_close(a.kv, b.kv, rtol=10 * tol, atol=10 * tol)   # summation order of the MoE paths
 
 
 def test_transformer_decode_replay_equals_eager_on_cpu():
