@@ -146,6 +146,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     def step(tok, act):
         return decode_step(model, tok, cache, act)
 
+    timed_decode(step, first, active, 2, device)      # warm-up: lazy kernel builds, allocator
     replicate_rows(one, cache)
     eager_s = timed_decode(step, first, active, steps, device)
     graph_s, mode = None, "off (--no-graph)"

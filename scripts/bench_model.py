@@ -115,6 +115,7 @@ def throughput(model: Transformer, device: Device, batch: int, prefill_len: int,
             label = "decode (graph)" if device.type != "cpu" else "decode (graph, eager re-run on CPU)"
             decoders.append((label, runner))
         for label, fn in decoders:
+            fn(ids[:, prefill_len:prefill_len + 1])               # warm-up step (lazy kernels), then start over
             cache.lengths.copy_(prefilled)
             device.synchronize()
             t0 = time.perf_counter()
