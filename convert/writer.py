@@ -125,11 +125,12 @@ class CopyBuffers:
     A chunk is read into a buffer, handed to the two hashers (tensor and file, on their own threads,
     in parallel: hashlib releases the GIL) and written; the buffer is reused once both hashes are
     done with it. Reusing them avoids allocating and faulting in fresh pages for every tensor, and
-    bounds the memory of a copy to CHUNK x SLOTS.
+    bounds the memory of a copy to CHUNK x SLOTS. Chunks are small so that a chunk is still in the CPU
+    cache when the hashes and the write read it (16 MiB chunks were ~25% slower here than 1-4 MiB ones).
     """
 
-    CHUNK = 16 << 20
-    SLOTS = 3
+    CHUNK = 4 << 20
+    SLOTS = 8
 
     def __init__(self):
         self._buffers = [np.empty(self.CHUNK, np.uint8) for _ in range(self.SLOTS)]
