@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model import quant
+
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "expert_matmul", "take_rows"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -234,6 +236,29 @@ def gate_topk(logits: Tensor, bias: Tensor | None, tid2eid: Tensor | None, input
     return weights, indices
 
 
+def take_rows(stack: Tensor, index: Tensor) -> Tensor:
+    """stack[index] along dim 0; one-byte dtypes (fp8, e8m0, packed fp4) gathered as bytes, which every
+    backend's index kernel supports."""
+    if stack.element_size() == 1 and stack.dtype != torch.uint8:
+        return stack.view(torch.uint8)[index].view(stack.dtype)
+    return stack[index]
+
+
+def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
+    """One row per selection times the stored weight of that selection's expert (the static MoE path).
+
+    x: [N, in]; weight: stacked stored weights [E, out, in/2] int8 (fp4, e2m1 low nibble first), [E, out, in]
+    float8_e4m3fn (fp8) / int8 / bfloat16 / float32; scale: the stacked scales ([E, out, in/32] float8_e8m0fnu for
+    fp4, [E, ceil(out/128), ceil(in/128)] for fp8, float32 [E, out] for int8, None for bf16 / fp32), as
+    `model.quant` stores them; fmt: the format name; expert_idx: [N] integer stack rows. y[n] =
+    dequant(weight[expert_idx[n]]) @ x[n], returned [N, out] in x's dtype. Reference: gathers and dequantises
+    every selection's weight ([N, out, in] in x's dtype), then one batched matmul.
+    """
+    w = quant.dequantize_weight(take_rows(weight, expert_idx), None if scale is None else take_rows(scale, expert_idx),
+                                fmt, x.dtype)
+    return torch.bmm(x.unsqueeze(1), w.mT).squeeze(1)
+
+
 # ----------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Kernels:
@@ -249,6 +274,7 @@ class Kernels:
     hc_post: Callable[..., Tensor] = hc_post
     hc_head: Callable[..., Tensor] = hc_head
     gate_topk: Callable[..., tuple[Tensor, Tensor]] = gate_topk
+    expert_matmul: Callable[..., Tensor] = expert_matmul
 
 
 REFERENCE = Kernels()

@@ -13,9 +13,9 @@ all-reduce when `ParallelContext.moe_exchange` has one for the layer; it calls b
 Two ways to run the routed experts, same result:
 - dynamic (`routed`): per local expert, gather the tokens that chose it. Reads each chosen expert once, but the
   row counts depend on the data (a host sync per layer), so it cannot be graph-captured. Used for big prefills.
-- static (`routed_static`): one row per (token, choice) selection, N = tokens x topk; each selection gathers its
-  expert's stored weights (fp4 / fp8 / int8 / bf16 + scales) by index, dequantises them and runs batched
-  matmuls. Fixed shapes and no host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
+- static (`routed_static`): one row per (token, choice) selection, N = tokens x topk; `kernels.expert_matmul`
+  multiplies each row by its expert's stored weights (fp4 / fp8 / int8 / bf16 + scales), picked by index (the
+  reference gathers and dequantises them; the CUDA backend reads the FP4 bytes in-kernel). Fixed shapes and no host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
   Selections owned by another rank (or another replica) are masked to zero before the same all-reduce.
   To gather by index the local experts' tensors live stacked ([n_local, ...] per tensor); each
   `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
@@ -57,14 +57,6 @@ def _capturing() -> bool:
         if check is not None and runtime.is_available() and check():
             return True
     return False
-
-
-def _take(stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """stack[index] along dim 0; one-byte dtypes (fp8, e8m0, packed fp4) gathered as bytes, which every
-    backend's index kernel supports."""
-    if stack.element_size() == 1 and stack.dtype != torch.uint8:
-        return stack.view(torch.uint8)[index].view(stack.dtype)
-    return stack[index]
 
 
 class Gate(nn.Module):
@@ -119,6 +111,7 @@ class MoE(nn.Module):
         self.parallel = parallel or ParallelContext()
         self.layer_id = layer_id
         self.mode = "auto"
+        self.kernels = kernels
         self.gate = Gate(layer_id, config, kernels)
         self.slots = self.parallel.expert_slots(layer_id, config.n_routed_experts)
         local = sorted(set(self.slots.experts))
@@ -187,12 +180,11 @@ class MoE(nn.Module):
                 y.index_add_(0, rows, self.experts[str(e)](x[rows], weights[rows, k, None]).float())
         return y
 
-    def _gathered(self, name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Projection `name` (w1 / w2 / w3) of the expert in each stack row of `rows`, dequantised [M, out, in]."""
-        weight = _take(self._stacks[f"{name}.weight"], rows)
-        scale = self._stacks.get(f"{name}.scale")
+    def _project(self, name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Projection `name` (w1 / w2 / w3) of the expert in stack row rows[i] applied to xs[i]: [M, out]."""
         fmt = next(iter(self.experts.values())).get_submodule(name).fmt
-        return quant.dequantize_weight(weight, None if scale is None else _take(scale, rows), fmt, dtype)
+        return self.kernels.expert_matmul(xs, self._stacks[f"{name}.weight"], self._stacks.get(f"{name}.scale"),
+                                          fmt, rows)
 
     def routed_static(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection."""
@@ -202,20 +194,19 @@ class MoE(nn.Module):
         mine = row >= 0
         rows = row.clamp(min=0)
         probe = next(iter(self.experts.values()))
-        xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, 1, x.size(-1))
+        xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, x.size(-1))
         if probe.w1.act_quant and probe.w1.fmt in ("fp8", "fp4"):
             xs = quant.fp8_round_trip(xs, quant.FP8_BLOCK)
-        # one projection at a time, so at most one [n*k, out, in] dequantised copy is alive
-        gate = torch.bmm(xs, self._gathered("w1", rows, x.dtype).mT).float()
-        up = torch.bmm(xs, self._gathered("w3", rows, x.dtype).mT).float()
+        gate = self._project("w1", xs, rows).float()
+        up = self._project("w3", xs, rows).float()
         if probe.swiglu_limit > 0:
             gate = gate.clamp(max=probe.swiglu_limit)
             up = up.clamp(-probe.swiglu_limit, probe.swiglu_limit)
-        h = (F.silu(gate) * up * weights.reshape(n * k, 1, 1)).to(x.dtype)
+        h = (F.silu(gate) * up * weights.reshape(n * k, 1)).to(x.dtype)
         if probe.w2.act_quant and probe.w2.fmt in ("fp8", "fp4"):
             h = quant.fp8_round_trip(h, quant.FP8_BLOCK)
-        out = torch.bmm(h, self._gathered("w2", rows, x.dtype).mT).float()
-        out = torch.where(mine.view(n * k, 1, 1), out, 0.0)
+        out = self._project("w2", h, rows).float()
+        out = torch.where(mine.view(n * k, 1), out, 0.0)
         return out.view(n, k, -1).sum(1)
 
     def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:

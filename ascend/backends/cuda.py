@@ -1,11 +1,12 @@
 """CUDA backend: `Kernels` with fused versions of the hot decode stages of V4 attention.
 
-The two attention stages have two implementations each, both static-shaped and free of host syncs (CUDA-graph capturable):
+The two attention stages (and the static MoE path's expert matmul) have two implementations each, both static-shaped and free of host syncs (CUDA-graph capturable):
 
 | stage          | Triton (CUDA + Triton present)                 | PyTorch (any device, also the CPU tests)     |
 |----------------|------------------------------------------------|----------------------------------------------|
 | `sparse_attn`  | gather-and-attend over the index list, split-K | gather rows, one SDPA call, sink as a key     |
 | `indexer_topk` | fused relu-weighted scores, then fixed `topk`  | two batched matmuls, then fixed `topk`       |
+| `expert_matmul`| fp4 / fp8 bytes decoded in registers           | the reference (gather, dequantise, bmm)      |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -23,6 +24,7 @@ Triton stages enter the graph as opaque custom ops. Capture the compiled step in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from typing import Callable
 
@@ -143,6 +145,10 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
+# Not yet timed against alternatives on the GPU: 32 output rows per program; fp4 walks 512 inputs (8 KiB of packed
+# bytes) per step, fp8 128 (one scale block).
+EXPERT_MATMUL_CONFIG = {"fp4": dict(block_out=32, block_in=512, num_warps=4),
+                        "fp8": dict(block_out=32, block_in=128, num_warps=4)}
 
 
 # The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake
@@ -178,14 +184,43 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group)
 
 
+@torch.library.custom_op("ascend_cuda::expert_matmul", mutates_args=())
+def expert_matmul_quant_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
+                               expert_idx: torch.Tensor) -> torch.Tensor:
+    """Triton `kernels.expert_matmul` for fp4 / fp8 weights: the stored bytes are decoded in registers, never
+    materialised in the activation dtype."""
+    from ascend.backends import triton_moe
+    launch = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
+    return launch(x, weight, scale, expert_idx, **EXPERT_MATMUL_CONFIG[fmt])
+
+
+@expert_matmul_quant_triton.register_fake
+def _(x, weight, scale, fmt, expert_idx):
+    return x.new_empty(x.size(0), weight.size(1))
+
+
+def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                         expert_idx: torch.Tensor, formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+    """`kernels.expert_matmul`: the Triton kernel for the quantised `formats` (fp4 is V4's routed experts), the
+    reference otherwise."""
+    if fmt in formats:
+        return expert_matmul_quant_triton(x, weight, scale, fmt, expert_idx)
+    return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
+
+
+def _triton_expert_formats() -> tuple[str, ...]:
+    """Loading float8_e4m3fn in Triton needs sm_89+ (Ada, Hopper); FP4 is decoded from plain bytes anywhere."""
+    return ("fp4", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("fp4",)
+
+
 def triton_available() -> bool:
     """True when the Triton kernels can run: a CUDA device and an importable `triton`."""
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages when available (default), else the PyTorch ones; every other
-    stage is the reference, except rms_norm / rope / hadamard.
+    """The CUDA `Kernels`: Triton attention stages and fp4 / fp8 expert matmul when available (default), else the PyTorch
+    ones; every other stage is the reference, except rms_norm / rope / hadamard.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
@@ -198,7 +233,8 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
     if use_triton:
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
-                                   **short)
+                                   expert_matmul=functools.partial(expert_matmul_triton,
+                                                                   formats=_triton_expert_formats()), **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

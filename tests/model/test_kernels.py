@@ -225,3 +225,25 @@ def test_sparse_attn_long_chunk_in_query_blocks():
     whole = K.sparse_attn(q, kv, idx, sink, 0.5)
     for i in (0, K._QUERY_BLOCK - 1, K._QUERY_BLOCK, s - 1):
         torch.testing.assert_close(whole[:, i:i + 1], K.sparse_attn(q[:, i:i + 1], kv, idx[:, i:i + 1], sink, 0.5))
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "int8", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_matmul_against_per_row_dequantised_matmul(fmt, dtype):
+    """Stacked stored weights picked per row == each expert dequantised alone (model.quant), one matvec per row;
+    ragged FP8 blocks (out 136, in 160) and repeated experts included."""
+    from model import quant
+    g = torch.Generator().manual_seed(3)
+    n_experts, d_out, d_in = 4, 136, 160
+    stored = [quant.quantize_weight(torch.randn(d_out, d_in, generator=g) / 4, fmt) for _ in range(n_experts)]
+    weight = torch.stack([w for w, _ in stored])
+    scale = None if stored[0][1] is None else torch.stack([s for _, s in stored])
+    x = torch.randn(7, d_in, generator=g).to(dtype)
+    idx = torch.tensor([2, 0, 2, 3, 1, 1, 2])
+    y = K.expert_matmul(x, weight, scale, fmt, idx)
+    assert y.shape == (7, d_out) and y.dtype == dtype
+    for row, e in enumerate(idx.tolist()):
+        w = quant.dequantize_weight(*stored[e], fmt, torch.float64)
+        want = w @ x[row].double()
+        torch.testing.assert_close(y[row].double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=5e-2 if dtype == torch.bfloat16 else 1e-5)

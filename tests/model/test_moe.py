@@ -195,3 +195,27 @@ def test_auto_mode_and_stacked_storage():
     assert torch.equal(moe._stacks["w2.weight"][5], state["experts.5.w2.weight"])
     moved = moe.to(torch.float64)                      # _apply re-stacks (quantised tensors stay as they are)
     assert moved.experts["5"].w2.weight.data_ptr() == moved._stacks["w2.weight"][5].data_ptr()
+
+
+def test_static_path_calls_the_kernels_expert_matmul():
+    """routed_static goes through the Kernels table the MoE was built with: one expert_matmul per projection,
+    one row per (token, choice) selection, and whatever that kernel returns is what the layer computes with."""
+    import dataclasses
+    from model.kernels import REFERENCE
+    calls = []
+
+    def recording(x, weight, scale, fmt, expert_idx):
+        calls.append((tuple(x.shape), tuple(weight.shape), fmt, tuple(expert_idx.shape)))
+        return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
+
+    moe = MoE(2, CFG, kernels=dataclasses.replace(REFERENCE, expert_matmul=recording))
+    plain = MoE(2, CFG)
+    _randomise(moe, 7)
+    _randomise(plain, 7)
+    moe.mode = plain.mode = "static"
+    x, ids = torch.randn(2, 3, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 3))
+    torch.testing.assert_close(moe(x, ids), plain(x, ids), rtol=0, atol=0)
+    n = 6 * CFG.n_activated_experts
+    inter, dim, e = CFG.moe_inter_dim, CFG.dim, CFG.n_routed_experts
+    assert calls == [((n, dim), (e, inter, dim // 2), "fp4", (n,)), ((n, dim), (e, inter, dim // 2), "fp4", (n,)),
+                     ((n, inter), (e, dim, inter // 2), "fp4", (n,))]

@@ -4,6 +4,8 @@ The PyTorch implementations run everywhere (CPU here); the Triton ones only with
 """
 
 import dataclasses
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,6 +14,12 @@ from ascend.backends import cuda
 from model.kernels import REFERENCE
 
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
+# Triton kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), or on the GPU when there is one
+TRITON_DEVICE = "cuda" if cuda.triton_available() else "cpu"
+needs_triton_or_interpreter = pytest.mark.skipif(
+    not cuda.triton_available() and not (os.environ.get("TRITON_INTERPRET") == "1"
+                                         and importlib.util.find_spec("triton") is not None),
+    reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
 
 
 def _attn_inputs(B, S, H, D, T, K, device="cpu", dtype=torch.float32):
@@ -177,6 +185,59 @@ def test_compiled_step_keeps_the_eager_roundings_before_fp4():
     assert torch.equal(compiled, eager)
 
 
+def _fp4_experts(n_experts, d_out, d_in, n, device="cpu", dtype=torch.float32, seed=0):
+    """Random packed e2m1 bytes (every code, -0 included) with ue8m0 scales 2^-6 .. 2^1, rows and expert ids."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-128, 128, (n_experts, d_out, d_in // 2), generator=g, dtype=torch.int8)
+    scale = torch.randint(121, 129, (n_experts, d_out, d_in // 32), generator=g, dtype=torch.uint8)
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    idx = torch.randint(0, n_experts, (n,), generator=g)
+    return x.to(device), weight.to(device), scale.view(torch.float8_e8m0fnu).to(device), idx.to(device)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "bf16"])
+def test_expert_matmul_keeps_the_reference_for_other_formats(fmt):       # fp8: as on GPUs before sm_89
+    from model import quant
+    stored = [quant.quantize_weight(torch.randn(16, 256), fmt) for _ in range(3)]
+    weight, scale = torch.stack([w for w, _ in stored]), None if stored[0][1] is None else torch.stack(
+        [s for _, s in stored])
+    x, idx = torch.randn(5, 256), torch.tensor([2, 0, 0, 1, 2])
+    assert torch.equal(cuda.expert_matmul_triton(x, weight, scale, fmt, idx, formats=("fp4",)),
+                       REFERENCE.expert_matmul(x, weight, scale, fmt, idx))
+
+
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("d_out,d_in,launch", [(40, 96, dict(block_out=16, block_in=64)),       # ragged out and in
+                                               (64, 128, dict(block_out=32, block_in=128, sort=False)),
+                                               (24, 64, dict(block_out=32, block_in=32))])
+def test_triton_expert_matmul_fp4_matches_reference(d_out, d_in, launch):
+    """The in-register e2m1 / ue8m0 decoding against model.quant's dequantisation (float32 rows: exact products,
+    so only the summation order differs)."""
+    from ascend.backends import triton_moe
+    x, weight, scale, idx = _fp4_experts(3, d_out, d_in, 5, TRITON_DEVICE)
+    y = triton_moe.expert_matmul_fp4(x, weight, scale, idx, **launch)
+    torch.testing.assert_close(y, REFERENCE.expert_matmul(x, weight, scale, "fp4", idx), rtol=1e-5, atol=1e-4)
+
+
+def _fp8_experts(n_experts, d_out, d_in, n, device="cpu", dtype=torch.float32, seed=0):
+    """Random e4m3 weights with ue8m0 scales 2^-3 .. 2^0 per 128 x 128 block (ragged edges allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n_experts, d_out, d_in, generator=g) * 8).to(torch.float8_e4m3fn)
+    scale = torch.randint(124, 128, (n_experts, -(-d_out // 128), -(-d_in // 128)), generator=g, dtype=torch.uint8)
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    idx = torch.randint(0, n_experts, (n,), generator=g)
+    return x.to(device), weight.to(device), scale.view(torch.float8_e8m0fnu).to(device), idx.to(device)
+
+
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("launch", [dict(block_out=16, block_in=32), dict(block_out=64, block_in=128, sort=False)])
+def test_triton_expert_matmul_fp8_matches_reference(launch):
+    from ascend.backends import triton_moe
+    x, weight, scale, idx = _fp8_experts(3, 136, 160, 5, TRITON_DEVICE)           # ragged 128-blocks both ways
+    y = triton_moe.expert_matmul_fp8(x, weight, scale, idx, **launch)
+    torch.testing.assert_close(y, REFERENCE.expert_matmul(x, weight, scale, "fp8", idx), rtol=1e-5, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 @needs_triton
@@ -318,3 +379,60 @@ def test_inductor_compiled_decode_with_triton_matches_eager_and_replays():
         y_graph, c_graph = _decode_twice(layer, config, 1, replayed, "cuda", torch.bfloat16)
     torch.testing.assert_close(y_graph, y_comp)
     torch.testing.assert_close(c_graph.kv, c_comp.kv)
+
+
+@needs_triton
+@pytest.mark.parametrize("d_out,d_in", [(2048, 4096), (4096, 2048)])        # V4-Flash w1 / w3 and w2
+@pytest.mark.parametrize("n", [6, 192])                                     # batch 1 and 32, 6 experts each
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_triton_expert_matmul_at_flash_shapes(d_out, d_in, n, fmt):
+    kernels = cuda.make_kernels()
+    assert kernels.expert_matmul.func is cuda.expert_matmul_triton
+    if fmt not in kernels.expert_matmul.keywords["formats"]:
+        pytest.skip("Triton fp8 loads need sm_89+")
+    make = _fp4_experts if fmt == "fp4" else _fp8_experts
+    x, weight, scale, idx = make(256 if fmt == "fp4" else 32, d_out, d_in, n, "cuda", torch.bfloat16)
+    idx[: n // 3] = 7                                                       # shared experts, as at batch 32
+    y = torch.full((n, d_out), float("nan"), device="cuda", dtype=torch.bfloat16)
+    y.copy_(kernels.expert_matmul(x, weight, scale, fmt, idx))
+    ref = REFERENCE.expert_matmul(x.float(), weight, scale, fmt, idx)
+    err = (y.float() - ref).norm() / ref.norm()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all() and err < 1e-2, err
+
+
+@needs_triton
+def test_triton_expert_matmul_replays_under_cuda_graph():
+    x, weight, scale, idx = _fp4_experts(16, 256, 512, 12, "cuda", torch.bfloat16)
+    kernels = cuda.make_kernels()
+    kernels.expert_matmul(x, weight, scale, "fp4", idx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.expert_matmul(x, weight, scale, "fp4", idx)
+    for seed in (1, 2):      # new rows and new expert choices in the captured buffers
+        x2, _, _, idx2 = _fp4_experts(16, 256, 512, 12, "cuda", torch.bfloat16, seed=seed)
+        x.copy_(x2)
+        idx.copy_(idx2)
+        graph.replay()
+        torch.testing.assert_close(out, kernels.expert_matmul(x, weight, scale, "fp4", idx))
+
+
+@needs_triton
+def test_moe_static_path_with_triton_expert_matmul_matches_reference():
+    from model.config import ModelConfig
+    from model.moe import MoE
+    cfg = ModelConfig.preset("tiny", expert_dtype="fp4", dtype="bf16")
+    layers = [MoE(2, cfg), MoE(2, cfg, kernels=cuda.make_kernels())]
+    for moe in layers:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in moe.modules():
+                if hasattr(m, "set_from_float"):
+                    m.set_from_float(torch.randn(m.out_features, m.in_features, generator=g) / 8)
+            moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=g) / 8)
+        moe.to("cuda").mode = "static"
+    x = torch.randn(4, 3, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (4, 3), device="cuda")
+    with torch.no_grad():
+        want, got = (moe(x, ids).float() for moe in layers)
+    assert (got - want).norm() / want.norm() < 1e-2
