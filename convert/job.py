@@ -213,12 +213,15 @@ class Conversion:
             todo.append(left)
         total = sum(of.nbytes for group in todo for of in group)
         buffers = CopyBuffers()
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress,
-                  dynamic_ncols=True) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for file, group in zip(self.ckpt.files, todo):
-                if group:
-                    self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar, buffers)
-        buffers.close()
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                      disable=not progress, dynamic_ncols=True) as bar, \
+                    ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for file, group in zip(self.ckpt.files, todo):
+                    if group:
+                        self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar, buffers)
+        finally:
+            buffers.close()
         return self._finish(out, plan_dict, hashes)
 
     def _write_group(self, out, file, group, pool, window, hashes, bar, buffers: CopyBuffers) -> None:

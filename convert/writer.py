@@ -233,7 +233,11 @@ class SafetensorsWriter:
         try:
             while done < nbytes:
                 view, busy = buffers.take(min(buffers.CHUNK, nbytes - done))
-                got = os.preadv(fd, [view], offset + done)
+                try:
+                    got = os.preadv(fd, [view], offset + done)
+                except OSError as e:
+                    self.abort()
+                    raise ConvertError(f"{src}: cannot read {name} ({e.strerror})") from None
                 if got != len(view):
                     self.abort()
                     raise ConvertError(f"{src}: truncated while reading {name} (file changed during conversion?)")
