@@ -12,9 +12,12 @@ For every (prompt length, batch):
   static-shape path; `--no-graph` measures eager only), and the roofline: (weight bytes read + KV-cache
   bytes read) per step over the device copy bandwidth measured in this run, i.e. the best a memory-bound
   step could do here;
-- baseline in the same run: HF transformers' DeepseekV4ForCausalLM on the same weights when the installed
-  transformers has it (greedy decode tokens/s at the shortest prompt, and logits agreement of the prompt's
-  last position); otherwise the table says why it was skipped.
+- baseline in the same run: HF transformers' DeepseekV4ForCausalLM, built in memory and filled with our weights
+  dequantised (no checkpoint written, no HF fp8 quantizer), when the installed transformers has it: greedy decode
+  tokens/s per (prompt, batch) on its own cache (an out-of-memory prefill is reported as "OOM at prompt N batch
+  B"; each case's decode is timed for at most --hf-limit seconds), and logits / greedy-token agreement on a short
+  prompt with our FP8-KV / FP4-indexer simulations off (HF has neither); otherwise the table says why it was
+  skipped. The HF model is freed before the script ends.
 
     python3 scripts/bench_launch.py --quick                 # CPU, tiny width: checks the script end to end
     python3 scripts/bench_launch.py                         # one H200: Flash width, 4 layers, 1K/64K x 1/32
@@ -355,7 +358,8 @@ def hf_baseline(model: Transformer, device: Device, prompts: list[int], batches:
     except Exception as e:  # noqa: BLE001 -- report why; our own measurements stand
         device.empty_cache()
         return {"skipped": f"could not build it on our weights: {type(e).__name__}: {str(e)[:300]}"}
-    out = {"version": transformers.__version__, "build_s": time.perf_counter() - t0, "cases": {}}
+    out = {"version": transformers.__version__, "build_s": time.perf_counter() - t0, "cases": {},
+           "experts": str(getattr(hf.config, "_experts_implementation", None) or "eager")}
     try:
         out["agreement"] = hf_agreement(model, hf, min(64, min(prompts)), 4)
     except Exception as e:  # noqa: BLE001
@@ -454,7 +458,8 @@ def main() -> None:
         print("HF transformers baseline: skipped: " + hf["skipped"])
         return
     print(f"HF transformers {hf['version']} baseline: DeepseekV4ForCausalLM built in memory on our weights "
-          f"dequantised to {dtype} ({hf['build_s']:.1f} s), eager attention, its own cache, greedy; decode timed "
+          f"dequantised to {dtype} ({hf['build_s']:.1f} s), eager attention, experts '{hf['experts']}', its own "
+          f"cache, greedy; decode timed "
           f"over <= {args.steps} steps or {args.hf_limit:g} s per case")
     for key, c in hf["cases"].items():
         print(f"  HF {key}: " + (c["skipped"] if "skipped" in c else
