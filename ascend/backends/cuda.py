@@ -1,6 +1,7 @@
 """CUDA backend: `Kernels` with fused versions of the hot decode stages of V4 attention.
 
-The two attention stages (and the static MoE path's expert matmul) have two implementations each, both static-shaped and free of host syncs (CUDA-graph capturable):
+The two attention stages and the static MoE path's expert matmul have two implementations each, both
+static-shaped and free of host syncs (CUDA-graph capturable):
 
 | stage          | Triton (CUDA + Triton present)                 | PyTorch (any device, also the CPU tests)     |
 |----------------|------------------------------------------------|----------------------------------------------|
@@ -219,8 +220,8 @@ def triton_available() -> bool:
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages and fp4 / fp8 expert matmul when available (default), else the PyTorch
-    ones; every other stage is the reference, except rms_norm / rope / hadamard.
+    """The CUDA `Kernels`: Triton attention stages and fp4 / fp8 expert matmul when available (default), else the
+    PyTorch ones; every other stage is the reference, except rms_norm / rope / hadamard.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
