@@ -423,8 +423,8 @@ def main() -> None:
         r["roofline_tok_s"] = r["batch"] * bandwidth / r["bytes_per_step"]
         best = max(r["eager_tok_s"], r["graph_tok_s"] or 0.0)
         r["of_roofline"] = best / r["roofline_tok_s"]
-    hf = {"skipped": "--no-hf"} if args.no_hf else hf_baseline(model, device, args.prompts, args.batches,
-                                                               args.steps, args.hf_limit)
+    hf = ({"skipped": "--no-hf"} if args.no_hf
+          else hf_baseline(model, device, args.prompts, args.batches, args.steps, args.hf_limit))
     for r in rows:
         theirs = hf.get("cases", {}).get(f"{r['prompt']}x{r['batch']}", {})
         r["hf_tok_s"] = theirs.get("tok_s")
