@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -306,6 +308,15 @@ def hf_agreement(model: Transformer, hf, prompt_len: int, steps: int) -> dict:
             "greedy_agree": f"{agree}/{len(same)}"}
 
 
+def oom_site(e: BaseException) -> str:
+    """Where in HF's model an out-of-memory error was raised, and the allocation that failed."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "deepseek_v4" in f.filename] or \
+        traceback.extract_tb(e.__traceback__)[-1:]
+    size = re.search(r"Tried to allocate [0-9.]+ [KMGT]iB", str(e))
+    where = f"{frames[-1].name}: {frames[-1].line}" if frames else "?"
+    return where + (f"; t{size.group(0)[1:]}" if size else "")
+
+
 @torch.no_grad()
 def hf_decode(hf, device: Device, vocab: int, prompt_len: int, batch: int, steps: int, limit_s: float) -> dict:
     """HF greedy decode tokens/s: its forward over the batched prompt (prefill, eager attention), then one
@@ -336,8 +347,8 @@ def hf_decode(hf, device: Device, vocab: int, prompt_len: int, batch: int, steps
         decode_s = time.perf_counter() - t0
         return {"tok_s": batch * done / decode_s, "prefill_s": prefill_s, "steps": done,
                 "peak_gib": device.memory().peak / 2**30}
-    except torch.OutOfMemoryError:
-        return {"skipped": f"OOM at prompt {prompt_len} batch {batch}", "oom": True}
+    except torch.OutOfMemoryError as e:
+        return {"skipped": f"OOM at prompt {prompt_len} batch {batch} ({oom_site(e)})", "oom": True}
     finally:
         pkv = out = None
         device.empty_cache()
