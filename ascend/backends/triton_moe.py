@@ -59,7 +59,7 @@ def _fp4_expert_matmul_kernel(
     w_rows = w_ptr + expert * sw_e + rows[:, None, None].to(tl.int64) * sw_o
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
-    acc = tl.zeros([BLOCK_OUT], tl.float32)
+    acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)     # summed over groups once, after the loop
     for k0 in range(0, IN, BLOCK_IN):
         group = k0 // 32 + g                                          # [GROUPS] scale column
         group_ok = group < IN // 32                                   # IN is a multiple of 32
@@ -71,9 +71,9 @@ def _fp4_expert_matmul_kernel(
         part = tl.sum(_e2m1_times_2_pow_minus_14(packed & 15) * x_even[None]
                       + _e2m1_times_2_pow_minus_14(packed >> 4) * x_odd[None], axis=2)
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
-        acc += tl.sum(part * _e8m0_value(scale), axis=1)
-    acc = acc * 16384.0                                               # 2^14: see _e2m1_times_2_pow_minus_14
-    tl.store(y_ptr + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+        acc += part * _e8m0_value(scale)
+    y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
+    tl.store(y_ptr + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
