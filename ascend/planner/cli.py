@@ -43,6 +43,20 @@ def _expert_load(spec: str | None, config: Any) -> np.ndarray | None:
     return pl.read_expert_load(spec, config.n_layers, E, config.n_mtp_layers)
 
 
+def _record_rank_loads(plan: Plan, load: np.ndarray | None) -> None:
+    """Store each EP rank's load per MoE layer, before (contiguous split) and after placement, as
+    `balance.rank_load` (an optional plan.json key that `--plot-placement` draws; older readers ignore it)."""
+    from ascend.planner import placement as pl
+
+    L, E = plan.n_moe_layers, plan.n_routed_experts
+    load = np.ones((L, E)) if load is None else np.asarray(load, dtype=np.float64)
+    if load.shape[0] < L:                # no MTP statistics: make_plan gives MTP layers the mean load
+        load = np.concatenate([load, np.repeat(load.mean(0, keepdims=True), L - load.shape[0], 0)])
+    contiguous = pl.contiguous_placement(L, E, plan.n_physical_experts)
+    plan.balance["rank_load"] = {"before": pl.rank_loads(load, contiguous, plan.ep).round(3).tolist(),
+                                 "after": pl.rank_loads(load, plan.phy2log, plan.ep).round(3).tolist()}
+
+
 def _fmt(n: float, unit: int) -> str:
     return f"{n / unit:.2f}"
 
@@ -107,12 +121,15 @@ def _summary(plan: Plan) -> list[str]:
 @click.option("--ep", type=int, help="Force the expert-parallel degree.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of memory per rank here.")
+@click.option("--plot-placement", type=click.Path(dir_okay=False),
+              help="Write a PNG heat map of expert load per MoE layer and EP rank, before / after placement.")
 @click.option("--export-eplb", type=click.Path(dir_okay=False), help="Write DeepSeek EPLB arrays (.npz).")
 @click.option("--export-vllm", type=click.Path(dir_okay=False), help="Write a vllm-ascend expert map JSON.")
 @json_option
 @click.pass_context
 def plan(ctx: click.Context, preset, config_dir, hardware, hardware_file, nodes, devices, context, batch, weights,
-         kv_layout, expert_load, redundant, groups, tp, ep, out, plot, export_eplb, export_vllm, as_json) -> None:
+         kv_layout, expert_load, redundant, groups, tp, ep, out, plot, plot_placement, export_eplb, export_vllm,
+         as_json) -> None:
     """Choose a parallel layout and expert placement; `ascend plan show plan.json` prints a saved plan."""
     if ctx.invoked_subcommand is not None:
         return
@@ -128,14 +145,19 @@ def plan(ctx: click.Context, preset, config_dir, hardware, hardware_file, nodes,
         raise PlanError(f"--devices {devices}: expected a positive number")
     settings = MemorySettings(context=context, batch=batch, weights=weights, kv_layout=kv_layout,
                               reserve_bytes=int(hw.reserve_gib * GiB))
+    load = _expert_load(expert_load, config)
     result = plan_deployment(config, hw, devices, settings, redundant=redundant, tp=tp, ep=ep,
-                             expert_load=_expert_load(expert_load, config), n_groups=groups, model=name,
+                             expert_load=load, n_groups=groups, model=name,
                              distinct=bool(export_vllm))          # vllm-ascend: distinct experts per device
+    _record_rank_loads(result, load)
     if out:
         result.save(out)
     if plot:
         from ascend.planner.plot import plot_memory
         plot_memory(result, plot)
+    if plot_placement:
+        from ascend.planner.plot import plot_placement as draw_placement
+        draw_placement(result, plot_placement)
     args, notes = export.vllm_ascend_args(result, export_vllm or "expert_map.json")
     if export_eplb:
         export.write_eplb(result, export_eplb)
@@ -149,7 +171,8 @@ def plan(ctx: click.Context, preset, config_dir, hardware, hardware_file, nodes,
     click.echo("vllm-ascend: " + " ".join(a if " " not in a and "{" not in a else f"'{a}'" for a in args))
     for note in notes:
         click.echo(f"note: {note}")
-    for what, path in (("plan", out), ("plot", plot), ("EPLB arrays", export_eplb), ("expert map", export_vllm)):
+    for what, path in (("plan", out), ("plot", plot), ("placement plot", plot_placement),
+                       ("EPLB arrays", export_eplb), ("expert map", export_vllm)):
         if path:
             click.echo(f"wrote {what}: {path}")
 
@@ -167,12 +190,19 @@ def _layer_lines(plan: Plan) -> list[str]:
 @plan.command("show")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--layers", is_flag=True, help="Also print balancedness per MoE layer.")
+@click.option("--plot-placement", type=click.Path(dir_okay=False),
+              help="Write a PNG heat map of expert load per MoE layer and EP rank, before / after placement.")
 @json_option
-def show(path: str, layers: bool, as_json: bool) -> None:
+def show(path: str, layers: bool, plot_placement: str | None, as_json: bool) -> None:
     """Print a saved plan.json (after checking it)."""
     p = Plan.load(path)
+    if plot_placement:
+        from ascend.planner.plot import plot_placement as draw_placement
+        draw_placement(p, plot_placement)
     if as_json:
         click.echo(json.dumps(p.to_dict()))
         return
     for line in _summary(p) + (_layer_lines(p) if layers and p.balance else []):
         click.echo(line)
+    if plot_placement:
+        click.echo(f"wrote placement plot: {plot_placement}")

@@ -80,3 +80,27 @@ def test_export_vllm_keeps_replicas_on_distinct_devices(capsys, tmp_path):
     plan = Plan.load(tmp_path / "plan.json")
     assert np.array_equal(plan.phy2log[:4], [sum((d["device_expert"] for d in layer["device_list"]), [])
                                              for layer in m["layer_list"]])
+
+
+def test_plot_placement_from_plan_and_from_show(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--tp", "2",
+                       "--ep", "2", "--redundant", "2", "--context", "256", "--batch", "2", "--expert-load",
+                       "lognormal:1.0", "--out", str(tmp_path / "plan.json"), "--plot-placement", str(tmp_path / "a.png"))
+    assert code == 0, err
+    png = (tmp_path / "a.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 1_000_000
+    # the stored rank loads agree with the balancedness make_plan computed on its own
+    d = json.loads((tmp_path / "plan.json").read_text())
+    for when in ("before", "after"):
+        loads = np.array(d["balance"]["rank_load"][when])
+        assert loads.shape == (5, 2)
+        np.testing.assert_allclose(loads.mean(1) / loads.max(1), d["balance"][when], atol=2e-3)
+    code, out, err = run(capsys, "plan", "show", str(tmp_path / "plan.json"), "--plot-placement",
+                         str(tmp_path / "b.png"))
+    assert code == 0 and "wrote placement plot" in out, err
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a v1 plan written before rank loads were stored still loads and plots (one unit of load per expert)
+    del d["balance"]["rank_load"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    code, _, err = run(capsys, "plan", "show", str(tmp_path / "old.json"), "--plot-placement", str(tmp_path / "c.png"))
+    assert code == 0 and (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
