@@ -211,7 +211,8 @@ def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 def _triton_expert_formats() -> tuple[str, ...]:
     """Loading float8_e4m3fn in Triton needs sm_89+ (Ada, Hopper); FP4 is decoded from plain bytes anywhere."""
-    return ("fp4", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("fp4",)
+    old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
+    return ("fp4",) if old_gpu else ("fp4", "fp8")
 
 
 def triton_available() -> bool:
