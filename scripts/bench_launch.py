@@ -251,6 +251,15 @@ def build_hf_model(model: Transformer, device: Device):
     with torch.device(device.torch_device):
         hf = DeepseekV4ForCausalLM._from_config(hf_cfg, dtype=model.dtype)
     hf.eval()
+    # from_pretrained keeps HF's `_keep_in_fp32_modules_strict` in float32 at bf16 / fp16; _from_config does not.
+    # The norms among them are left in `dtype`: a float32 norm weight makes the next projection's input float32,
+    # which its bf16 weight rejects in this HF version.
+    if model.dtype in (torch.bfloat16, torch.float16):
+        keep = [re.compile(rf"(^|\.){re.escape(k)}(\.|$)") for k in hf._keep_in_fp32_modules_strict or ()
+                if "norm" not in k]
+        for name, t in hf.named_parameters():
+            if any(k.search(name) for k in keep):
+                t.data = t.data.float()
     params = hf.state_dict(keep_vars=True)
     filled: dict[str, int] = {}
     seen: set[tuple[str, str]] = set()
