@@ -31,7 +31,7 @@ def _e2m1_times_2_pow_minus_14(code):
     e2m1 (sign, 2 exponent bits with bias 1, 1 mantissa bit) sits inside float16 (5 exponent bits, bias 15):
     sign bit 3 -> bit 15, the 3 magnitude bits -> bits 9..11 (top of the exponent-low / mantissa fields) gives the
     float16 of value * 2^-14, subnormal codes 0 / 1 (0, .5) included; float16 subnormals are never flushed.
-    The 2^14 is folded into the group scale."""
+    The kernel multiplies its sums by 2^14 once, at the end."""
     bits = ((code & 8) << 12) | ((code & 7) << 9)
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
