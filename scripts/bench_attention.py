@@ -177,7 +177,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     with `compiled_kernels`, also the step compiled by `compile_decode` on them. Repeating the step at the same
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
     the eager timing and the compiled step's first output see the same cache."""
-    from ascend.backends.cuda import compile_decode, inplace_writes
+    from ascend.backends.cuda import compile_decode
     from ascend.onnx_export import use_kernels
     from model.kernels import REFERENCE
 
@@ -194,7 +194,6 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     if compiled_kernels is not None:
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, compiled_kernels)
-        inplace_writes(cache)
         compiled = compile_decode(layer, **(compile_options or {}))
         t0 = time.perf_counter()
         try:

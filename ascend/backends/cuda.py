@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.cache import LayerCache, encode_index_entries, encode_main_entries
 from model.kernels import REFERENCE, Kernels
 
 
@@ -240,40 +239,14 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 
-def _put_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """buffer[b, rows[b, i]] = values[b, i], as an index_put_."""
-    batch = torch.arange(buffer.size(0), device=buffer.device).unsqueeze(-1)
-    buffer.index_put_((batch, rows), values.to(buffer.dtype))
-
-
-class InplaceLayerCache(LayerCache):
-    """A `LayerCache` that writes rows with `index_put_` instead of `scatter_`: the same values, but inductor turns
-    a functionalised index_put of a graph input back into an in-place write, while for a scatter it copies the
-    whole buffer first (gigabytes per step at 1M tokens)."""
-
-    def write_main(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        _put_rows(self.kv, rows, encode_main_entries(values, self.rope_dim) if self.layout == "fp8" else values)
-
-    def write_index(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        _put_rows(self.index_kv, rows, encode_index_entries(values) if self.layout == "fp8" else values)
-
-
-def inplace_writes(cache):
-    """Switch a `LayerCache` or every layer of a `KVCache` to `InplaceLayerCache` (in place; returns `cache`).
-    Needed by `compile_decode`d steps; harmless for eager ones."""
-    for layer in getattr(cache, "layers", [cache]):
-        layer.__class__ = InplaceLayerCache
-    return cache
-
-
 def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
     """`torch.compile` a decode step (an `Attention` layer, a whole-model step, any function) as ONE static graph:
     inductor, `fullgraph=True` (a graph break is an error, not a silent slow path), `dynamic=False` (every shape is
     fixed per batch bucket and cache capacity, so kernels are specialised to them).
 
-    The step's modules should use `make_kernels(for_compile=True)` (`ascend.onnx_export.use_kernels`) and its
-    caches `inplace_writes(cache)` (else every cache write copies the whole cache). Compilation happens at the first
-    call of each new shape (seconds to tens of seconds); replay the compiled step from a captured graph
+    The step's modules should use `make_kernels(for_compile=True)` (`ascend.onnx_export.use_kernels`); the cache's
+    row writes are `index_put_`s, which inductor keeps in place. Compilation happens at the first call of each new
+    shape (seconds to tens of seconds); replay the compiled step from a captured graph
     (`Device.graph()`, `ascend.graph.DecodeGraphRunner`) so that launches cost nothing: no CUDA graphs of inductor's
     own (default mode). `options` go to `torch.compile` (e.g. `mode="max-autotune-no-cudagraphs"`, or
     `backend="aot_eager"` to check tracing without code generation).

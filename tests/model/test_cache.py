@@ -81,3 +81,26 @@ def test_fp8_layout_write_read():
     layer.write_main(torch.tensor([[0, 5, 20], [1, 2, 3]]), v)
     back = layer.main_kv()
     assert torch.equal(back[0, [0, 5, 20]], v[0]) and torch.equal(back[1, [1, 2, 3]], v[1])
+
+
+def test_row_writes_equal_a_per_row_assignment():
+    """write_main / write_index put values[b, i] at row rows[b, i] of sequence b, in both layouts (an index_put_,
+    so compiled steps keep it in place)."""
+    from model.cache import LayerCache
+
+    config = ModelConfig.preset("tiny")
+    for layout in ("bf16", "fp8"):
+        cache = LayerCache(config, 1, 3, 64, torch.float32, layout=layout)
+        expect_kv, expect_index = cache.kv.clone(), cache.index_kv.clone()
+        main, index = torch.randn(3, 5, config.head_dim), torch.randn(3, 5, config.index_head_dim)
+        main_rows = torch.stack([torch.randperm(cache.discard_row)[:5] for _ in range(3)])
+        index_rows = torch.stack([torch.randperm(cache.n_entries)[:5] for _ in range(3)])
+        cache.write_main(main_rows, main)
+        cache.write_index(index_rows, index)
+        enc_main = encode_main_entries(main, config.rope_head_dim) if layout == "fp8" else main
+        enc_index = encode_index_entries(index) if layout == "fp8" else index
+        for b in range(3):
+            for i in range(5):
+                expect_kv[b, main_rows[b, i]] = enc_main[b, i].to(expect_kv.dtype)
+                expect_index[b, index_rows[b, i]] = enc_index[b, i].to(expect_index.dtype)
+        assert torch.equal(cache.kv, expect_kv) and torch.equal(cache.index_kv, expect_index), layout

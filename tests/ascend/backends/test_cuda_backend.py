@@ -114,32 +114,12 @@ def test_make_kernels_for_compile_uses_traceable_forms():
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
 
 
-@pytest.mark.parametrize("layout", ["bf16", "fp8"])
-def test_inplace_cache_writes_equal_scatter_writes(layout):
-    from model.cache import LayerCache
-    from model.config import ModelConfig
-
-    config = ModelConfig.preset("tiny")
-    caches = [LayerCache(config, 1, 3, 64, torch.float32, layout=layout) for _ in range(2)]
-    cuda.inplace_writes(caches[1])
-    assert isinstance(caches[1], cuda.InplaceLayerCache) and not isinstance(caches[0], cuda.InplaceLayerCache)
-    main = torch.randn(3, 5, config.head_dim)
-    index = torch.randn(3, 5, config.index_head_dim)
-    main_rows = torch.stack([torch.randperm(caches[0].discard_row)[:5] for _ in range(3)])
-    index_rows = torch.stack([torch.randperm(caches[0].n_entries)[:5] for _ in range(3)])
-    for c in caches:
-        c.write_main(main_rows, main)
-        c.write_index(index_rows, index)
-    assert torch.equal(caches[0].kv, caches[1].kv) and torch.equal(caches[0].index_kv, caches[1].index_kv)
-    assert caches[1].kv.abs().sum() > 0
-
-
 def _decode_twice(layer, config, layer_id, step, device="cpu", dtype=torch.float32, batch=3):
     """Prefill 18 tokens eagerly, then two decode steps through `step` (crossing a CSA block boundary)."""
     from model.cache import LayerCache
 
     torch.manual_seed(1)
-    cache = cuda.inplace_writes(LayerCache(config, layer_id, batch, 64, dtype, device=device))
+    cache = LayerCache(config, layer_id, batch, 64, dtype, device=device)
     x = torch.randn(batch, 20, config.dim, device=device, dtype=dtype)
     layer(x[:, :18], torch.zeros(batch, dtype=torch.long, device=device), cache)
     ys = [step(x[:, p:p + 1].contiguous(), torch.full((batch,), p, device=device), cache) for p in (18, 19)]
