@@ -53,6 +53,7 @@ from ascend.backends import get_kernels
 from ascend.device import Device, get_device
 from ascend.expert_parallel import reset_traffic, total_traffic
 from ascend.model_session import CacheSession, choose_exchange, compute_dtype, parallel_context, use_graphs
+from ascend.planner.layout import ep_exchange_bytes
 from ascend.planner.plan import make_plan
 from convert.layout import expected_tensors
 from convert.shard import Sharding, scale_split
@@ -161,7 +162,7 @@ def estimate_bytes(cfg: ModelConfig, mode: Mode, exchange: str, act_bytes: int) 
     """The planner's EP dispatch + combine bytes per decoded token (0 when the exchange is the all-reduce)."""
     if mode.ep == 1 or exchange == "allreduce":
         return 0.0
-    return cfg.n_layers * cfg.n_activated_experts * cfg.dim * 2 * act_bytes / mode.tp * (mode.ep - 1) / mode.ep
+    return ep_exchange_bytes(cfg.n_layers, cfg.n_activated_experts, cfg.dim, mode.tp, mode.ep, act_bytes, act_bytes)
 
 
 class Runner:

@@ -114,6 +114,14 @@ class Candidate:
         return d
 
 
+def ep_exchange_bytes(n_layers: int, topk: int, dim: int, tp: int, ep: int, dispatch_b: float,
+                      combine_b: float = 2) -> float:
+    """Bytes one rank sends to other ranks per decoded token for the expert exchange: each of a token's top-k
+    choices travels out (dispatch) and back (combine, BF16); tensor-parallel ranks split the tokens, and with
+    uniform routing a fraction (ep - 1) / ep of the destinations is remote."""
+    return n_layers * topk * dim * (dispatch_b + combine_b) / tp * (ep - 1) / ep
+
+
 def _link_time(nbytes: float, group: int, dpn: int, hw: Any) -> float:
     """Seconds to move `nbytes` spread evenly over the other ranks of a group of `group` consecutive ranks."""
     if group <= 1:
@@ -139,8 +147,7 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
     ar_bytes = n_layers * d * 2 + n_csa * (s.context // 4) * 4          # wo_b output BF16, indexer scores FP32
     tp_time = _link_time(2 * (tp - 1) / tp * ar_bytes, tp, dpn, hw)     # ring all-reduce
     dispatch_b = 1 if hw.limits else 2                                   # fused dispatch quantises to INT8
-    ep_bytes = n_layers * k * d * (dispatch_b + 2) / tp                  # dispatch + combine (BF16), tokens split over tp
-    ep_time = _link_time(ep_bytes * (ep - 1) / ep, ep, dpn, hw)          # remote share of the destinations
+    ep_time = _link_time(ep_exchange_bytes(n_layers, k, d, tp, ep, dispatch_b), ep, dpn, hw)
     # --- decode step on one rank
     t = math.ceil(s.batch / dp)                                          # decode tokens per rank
     seqs = t
