@@ -244,6 +244,13 @@ def take_rows(stack: Tensor, index: Tensor) -> Tensor:
     return stack[index]
 
 
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
+    """y = x W^T for a weight kept in its stored format (`model.linear.Linear`): x [..., in], weight / scale as
+    `model.quant.weight_layout` stores them, returns [..., out] in x's dtype. Reference: dequantise the whole weight
+    into x's dtype (exact), then one matmul; fused backends read the stored bytes instead."""
+    return F.linear(x, quant.dequantize_weight(weight, scale, fmt, x.dtype))
+
+
 def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
     """One row per selection times the stored weight of that selection's expert (the static MoE path).
 
@@ -265,6 +272,7 @@ class Kernels:
     """The table of fused stages the model calls; each field defaults to the reference function of that name."""
 
     rms_norm: Callable[..., Tensor] = rms_norm
+    linear: Callable[..., Tensor] = linear
     rope: Callable[..., Tensor] = rope
     hadamard: Callable[..., Tensor] = hadamard
     indexer_topk: Callable[..., Tensor] = indexer_topk

@@ -3,9 +3,9 @@
 `Linear.weight` (and `Linear.scale` for fp8 / fp4 / int8) have exactly the checkpoint's shapes and dtypes, so a
 state dict in official names loads without conversion and the resident memory is the quantised size. Each call
 dequantises the weight into the activation dtype (exact: e4m3 / e2m1 values times a power of two) and runs a
-plain matmul. With `act_quant` (off by default; `ModelConfig.act_quant`) an fp8 / fp4 layer first rounds its input to
+plain matmul (`kernels.linear`; the model points every layer at its `Kernels` table). With `act_quant` (off by default; `ModelConfig.act_quant`) an fp8 / fp4 layer first rounds its input to
 FP8 e4m3 per 128 values with power-of-two scales, as the official FP8 / FP4 GEMMs quantise activations, which makes
-the numerics those of the official model. A fused-kernel backend may instead read `weight` and `scale` directly.
+the numerics those of the official model. A fused-kernel backend's `linear` reads `weight` and `scale` directly.
 
 Column- and row-parallel variants take their slice sizes from a `ParallelContext`: a column-parallel layer holds
 out_features / tp rows, a row-parallel one in_features / tp columns and sums its partial outputs over the tp group.
@@ -14,10 +14,10 @@ out_features / tp rows, a row-parallel one in_features / tp columns and sums its
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model import quant
+from model.kernels import REFERENCE, Kernels
 from model.parallel import ParallelContext
 
 __all__ = ["Linear", "ColumnParallelLinear", "RowParallelLinear"]
@@ -30,6 +30,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.act_quant = False
+        self.kernels: Kernels = REFERENCE      # `Transformer` points it at the model's table
         (w_shape, w_dtype), scale = quant.weight_layout(out_features, in_features, fmt)
         self.weight = nn.Parameter(torch.empty(w_shape, dtype=w_dtype), requires_grad=False)
         if scale is None:
@@ -54,7 +55,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant and self.fmt in ("fp8", "fp4"):
             x = quant.fp8_round_trip(x, quant.FP8_BLOCK)
-        return F.linear(x, self.dequantized(x.dtype))
+        return self.kernels.linear(x, self.weight, self.scale, self.fmt)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

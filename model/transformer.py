@@ -134,6 +134,9 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(self, config, kernels)
         self.mtp = nn.ModuleList(MTPBlock(config.n_layers + i, config, parallel, kernels)
                                  for i in range(config.n_mtp_layers))
+        for module in self.modules():      # projections run through the table too (`kernels.linear`)
+            if isinstance(module, Linear):
+                module.kernels = kernels
         self.set_act_quant(config.act_quant)
 
     def set_act_quant(self, enabled: bool) -> None:

@@ -208,6 +208,24 @@ def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
 
 
+LINEAR_FUSED_MAX_ROWS = 8    # the kernel re-reads the weight per row: decode-sized inputs only
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                  formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+    """`kernels.linear` for decode: an fp8 / fp4 projection of at most LINEAR_FUSED_MAX_ROWS tokens runs the expert
+    kernel with one "expert" (the stored bytes decoded in registers, read once per row) instead of dequantising the
+    whole weight into the activation dtype every call; larger inputs (prefill) keep the reference, whose
+    dequantisation is amortised over the rows."""
+    rows = x.numel() // x.size(-1)
+    if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
+        return REFERENCE.linear(x, weight, scale, fmt)
+    flat = x.reshape(rows, x.size(-1))
+    idx = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    y = expert_matmul_quant_triton(flat, weight.unsqueeze(0), scale.unsqueeze(0), fmt, idx)
+    return y.reshape(*x.shape[:-1], weight.size(0))
+
+
 def _triton_expert_formats() -> tuple[str, ...]:
     """Loading float8_e4m3fn in Triton needs sm_89+ (Ada, Hopper); FP4 is decoded from plain bytes anywhere."""
     old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
@@ -220,8 +238,9 @@ def triton_available() -> bool:
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages and fp4 / fp8 expert matmul when available (default), else the
-    PyTorch ones; every other stage is the reference, except rms_norm / rope / hadamard.
+    """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul and decode-sized fp4 / fp8 projections
+    when available (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope /
+    hadamard.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
@@ -233,9 +252,10 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     else:
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
     if use_triton:
+        formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
-                                   expert_matmul=functools.partial(expert_matmul_triton,
-                                                                   formats=_triton_expert_formats()), **short)
+                                   expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
+                                   linear=functools.partial(linear_triton, formats=formats), **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

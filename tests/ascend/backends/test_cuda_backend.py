@@ -219,6 +219,24 @@ def test_triton_expert_matmul_fp8_matches_reference(launch):
     torch.testing.assert_close(y, REFERENCE.expert_matmul(x, weight, scale, "fp8", idx), rtol=1e-5, atol=1e-3)
 
 
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_fused_linear_matches_reference_and_falls_back_for_prefill(fmt, monkeypatch):
+    """`kernels.linear` on decode-sized inputs ([B, S, in] with B * S <= LINEAR_FUSED_MAX_ROWS) runs the stored-format
+    kernel and equals dequantise-then-matmul; a larger input takes the reference (checked by making the kernel
+    unreachable)."""
+    make = _fp4_experts if fmt == "fp4" else _fp8_experts
+    _, weight, scale, _ = make(1, 136, 256, 1, TRITON_DEVICE)
+    weight, scale = weight[0], scale[0]
+    x = torch.randn(2, 3, 256, device=TRITON_DEVICE)
+    y = cuda.linear_triton(x, weight, scale, fmt)
+    assert y.shape == (2, 3, 136)
+    torch.testing.assert_close(y, REFERENCE.linear(x, weight, scale, fmt), rtol=1e-5, atol=1e-3)
+    monkeypatch.setattr(cuda, "expert_matmul_quant_triton", None)        # any call to the kernel now fails
+    big = torch.randn(cuda.LINEAR_FUSED_MAX_ROWS + 1, 256, device=TRITON_DEVICE)
+    torch.testing.assert_close(cuda.linear_triton(big, weight, scale, fmt), REFERENCE.linear(big, weight, scale, fmt))
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 @needs_triton
