@@ -38,7 +38,6 @@ __all__ = ["CompressorState", "LayerCache", "KVCache", "cache_bytes_per_token", 
            "decode_index_entries"]
 
 Layout = Literal["bf16", "fp8"]
-LAYER_TYPES = {0: "sliding", 4: "csa", 128: "hca"}
 
 
 # ----------------------------------------------------------------------------------------------- byte layouts

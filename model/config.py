@@ -29,13 +29,12 @@ EXPERT_FORMATS = ("fp4", "fp8", "bf16", "int8")
 COMPRESS_RATIOS = (0, 4, 128)
 SCORE_FUNCS = ("sqrtsoftplus",)   # the only routing score V4 uses (kernels.gate_topk)
 
-# HF transformers layer-type labels <-> compression ratio.
+# HF transformers layer-type labels -> compression ratio.
 _LAYER_TYPE_TO_RATIO = {
     "sliding_attention": 0,
     "compressed_sparse_attention": 4,
     "heavily_compressed_attention": 128,
 }
-_RATIO_TO_LAYER_TYPE = {v: k for k, v in _LAYER_TYPE_TO_RATIO.items()}
 
 
 class ConfigError(AscendDeployError):
