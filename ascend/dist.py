@@ -130,7 +130,7 @@ def init(tp: int = 1, ep: int = 1, device: Device | str | None = None,
     """
     env = LaunchEnv.from_env()
     device = device if isinstance(device, Device) else get_device(device)
-    mesh_groups(env.world_size, tp, ep)  # validate before touching the network
+    groups = mesh_groups(env.world_size, tp, ep)  # validate before touching the network
     if env.world_size == 1:
         return Mesh(device, tp_size=tp, ep_size=ep)
 
@@ -141,7 +141,7 @@ def init(tp: int = 1, ep: int = 1, device: Device | str | None = None,
         dist.init_process_group(backend=device.collective_backend, init_method="env://", rank=env.rank,
                                 world_size=env.world_size, timeout=timeout)
     mesh = Mesh(device, env.rank, env.world_size, env.local_rank, tp, ep)
-    for kind, rank_lists in mesh_groups(env.world_size, tp, ep).items():
+    for kind, rank_lists in groups.items():
         mine, _ = dist.new_subgroups_by_enumeration(rank_lists, timeout=timeout, backend=device.collective_backend)
         mesh.groups[kind] = mine
     log.info("rank %d/%d: dp %d x tp %d, ep %d on %s", env.rank, env.world_size, mesh.dp_size, tp, ep,
