@@ -201,45 +201,38 @@ def _lengths(lengths: Tensor | None, default: int, batch: int, cumulative: bool)
     return vals
 
 
-def _split_query(op: str, query: Tensor, layout: str, lengths: Tensor | None) -> list[Tensor]:
-    """Per-batch [S_b, N, D] views of a BSND or TND query (TND needs cumulative lengths)."""
+def _split_query(op: str, query: Tensor, layout: str, lengths: Tensor | None, what: str = "query") -> list[Tensor]:
+    """Per-batch [S_b, N, D] views of a BSND or TND tensor (TND needs cumulative lengths); `what` names it in
+    errors."""
     if layout == "BSND":
-        _need(query.dim() == 4, f"{op}: BSND query must be 4-D")
+        _need(query.dim() == 4, f"{op}: BSND {what} must be 4-D")
         lens = _lengths(lengths, query.shape[1], query.shape[0], cumulative=False)
         return [query[b, :n] for b, n in enumerate(lens)]
     if layout == "TND":
-        _need(query.dim() == 3 and lengths is not None, f"{op}: TND query must be 3-D with actual_seq_lengths_query")
+        _need(query.dim() == 3 and lengths is not None, f"{op}: TND {what} must be 3-D with its actual lengths")
         ends = [int(v) for v in lengths.tolist()]
         return [query[a:b] for a, b in zip([0] + ends, ends)]
-    raise _unsupported(op, f"query layout {layout!r}")
+    raise _unsupported(op, f"{what} layout {layout!r}")
 
 
 def _split_kv(op: str, key: Tensor, layout: str, lengths: Tensor | None, block_table: Tensor | None,
               batch: int) -> list[Tensor]:
     """Per-batch [S2_b, N2, D] key (or value) sequences for BSND, TND and paged PA_BSND layouts."""
-    if layout == "BSND":
-        _need(key.dim() == 4, f"{op}: BSND key must be 4-D")
-        lens = _lengths(lengths, key.shape[1], key.shape[0], cumulative=False)
-        return [key[b, :n] for b, n in enumerate(lens)]
-    if layout == "TND":
-        _need(key.dim() == 3 and lengths is not None, f"{op}: TND key must be 3-D with actual lengths")
-        ends = [int(v) for v in lengths.tolist()]
-        return [key[a:b] for a, b in zip([0] + ends, ends)]
-    if layout == "PA_BSND":
-        _need(key.dim() == 4 and block_table is not None and lengths is not None,
-              f"{op}: PA_BSND key needs [blocks, block_size, N, D], block_table and actual lengths")
-        block_size = key.shape[1]
-        _need(block_size % 16 == 0 and block_size <= 1024, f"{op}: block_size must be a multiple of 16 up to 1024")
-        _need(block_table.dtype == torch.int32 and block_table.shape[0] == batch,
-              f"{op}: block_table must be int32 [B, blocks]")
-        lens = _lengths(lengths, 0, batch, cumulative=False)
-        out = []
-        for b, n in enumerate(lens):
-            need = -(-n // block_size)
-            _need(need <= block_table.shape[1], f"{op}: block_table too short for {n} tokens")
-            out.append(key[block_table[b, :need].long()].flatten(0, 1)[:n])
-        return out
-    raise _unsupported(op, f"key layout {layout!r}")
+    if layout != "PA_BSND":
+        return _split_query(op, key, layout, lengths, "key")
+    _need(key.dim() == 4 and block_table is not None and lengths is not None,
+          f"{op}: PA_BSND key needs [blocks, block_size, N, D], block_table and actual lengths")
+    block_size = key.shape[1]
+    _need(block_size % 16 == 0 and block_size <= 1024, f"{op}: block_size must be a multiple of 16 up to 1024")
+    _need(block_table.dtype == torch.int32 and block_table.shape[0] == batch,
+          f"{op}: block_table must be int32 [B, blocks]")
+    lens = _lengths(lengths, 0, batch, cumulative=False)
+    out = []
+    for b, n in enumerate(lens):
+        need = -(-n // block_size)
+        _need(need <= block_table.shape[1], f"{op}: block_table too short for {n} tokens")
+        out.append(key[block_table[b, :need].long()].flatten(0, 1)[:n])
+    return out
 
 
 def _causal_limit(sparse_mode: int, s1: int, s2: int) -> Tensor:
