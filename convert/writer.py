@@ -14,7 +14,6 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -30,11 +29,6 @@ from convert.reader import read_header
 TORCH_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "I8": torch.int8,
                 "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
 DTYPE_CODES = {v: k for k, v in TORCH_DTYPES.items()}
-
-# Test hook: SIGKILL this process after this many tensors have been written (crash-safety tests).
-_KILL_AFTER = int(os.environ.get("ASCEND_CONVERT_KILL_AFTER", "0") or 0)
-_written = 0
-
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor as stored in safetensors (row-major, little-endian)."""
@@ -253,16 +247,12 @@ class SafetensorsWriter:
         self._done(name, nbytes, h.hexdigest())
 
     def _done(self, name: str, nbytes: int, digest: str) -> None:
-        global _written
         begin, end = self.header[name]["data_offsets"]
         if nbytes != end - begin:
             self.abort()
             raise RuntimeError(f"{self.path}: {name} got {nbytes} bytes, expected {end - begin}")
         self.tensor_hashes[name] = digest
         self._next += 1
-        _written += 1
-        if _KILL_AFTER and _written >= _KILL_AFTER:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self) -> str:
         """fsync, rename into place; returns the file's sha256."""

@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import re
 import subprocess
 import sys
@@ -234,13 +233,28 @@ def uninterrupted(tiny_ckpt, tmp_path_factory):
     return _files(out)
 
 
+# `ascend <args>` in a process that SIGKILLs itself once argv[1] tensors have been written in all.
+_KILL_AFTER_N_TENSORS = """
+import os, signal, sys
+from ascend.cli import main
+from convert.writer import SafetensorsWriter
+limit, written, done = int(sys.argv[1]), [0], SafetensorsWriter._done
+def _done(self, *args):
+    done(self, *args)
+    written[0] += 1
+    if written[0] >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+SafetensorsWriter._done = _done
+main(sys.argv[2:])
+"""
+
+
 @pytest.mark.parametrize("kill_after", [3, 290])   # inside the first shard's files; in a later shard
 def test_kill_and_resume_is_byte_identical(tiny_ckpt, tmp_path, kill_after, uninterrupted):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ascend.cli", "convert", "--hf", str(tiny_ckpt), "--out", str(out),
-           "--tp", "2", "--ep", "2", "--redundant", "2", "--json"]
-    env = dict(os.environ, ASCEND_CONVERT_KILL_AFTER=str(kill_after))
-    killed = subprocess.run(cmd, env=env, capture_output=True)
+    cmd = [sys.executable, "-c", _KILL_AFTER_N_TENSORS, str(kill_after), "convert", "--hf", str(tiny_ckpt),
+           "--out", str(out), "--tp", "2", "--ep", "2", "--redundant", "2", "--json"]
+    killed = subprocess.run(cmd, capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()[-400:]
     assert not (out / "manifest.json").exists()
     assert list(out.rglob("*.partial"))                      # it died in the middle of a file
