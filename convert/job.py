@@ -143,8 +143,8 @@ class Conversion:
         scale = self.ckpt.read(u.scale.name) if u.scale is not None else None
         done: dict = {}
         out: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for rank in ranks:
-            for piece in self.sharding.pieces(u.weight, rank):
+        for rank, ps in pieces.items():
+            for piece in ps:
                 if piece.split not in done:
                     w, s = weight, scale
                     if piece.split is not None:
