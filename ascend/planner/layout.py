@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ascend.planner.errors import PlanError
-from ascend.planner.memory import MemorySettings, kv_bytes, linear_bytes, memory_per_rank, weight_formats
+from ascend.planner.memory import (MemorySettings, expert_bytes, kv_bytes, layer_ratios, memory_per_rank,
+                                   weight_formats)
 
 __all__ = ["Candidate", "check_layout", "evaluate", "search", "divisors", "explain", "plan_deployment"]
 
@@ -139,7 +140,7 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
     slots = (E + redundant) // ep
     runs = memory_per_rank(config, world, tp, slots, s)
     peak = max(sum(r["bytes"].values()) for r in runs)
-    ratios = list(config.compress_ratios) + [0] * config.n_mtp_layers
+    ratios = layer_ratios(config)
     n_layers = len(ratios)
     n_csa = sum(1 for r in ratios if r == 4)
     dpn = hw.devices_per_node
@@ -150,10 +151,8 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
     ep_time = _link_time(ep_exchange_bytes(n_layers, k, d, tp, ep, dispatch_b), ep, dpn, hw)
     # --- decode step on one rank
     t = math.ceil(s.batch / dp)                                          # decode tokens per rank
-    seqs = t
     f = weight_formats(config, s.weights)
     attn_params = sum(_attn_params(config, r) for r in ratios) / tp
-    expert_bytes = 2 * linear_bytes(config.moe_inter_dim, d, f["expert"]) + linear_bytes(d, config.moe_inter_dim, f["expert"])
     flops = 2 * t * (attn_params + 3 * d * config.moe_inter_dim * (n_layers * (1 + k / tp)))
     flops += 2 * t * config.vocab_size // tp * d
     kv = kv_bytes(config, s.kv_layout)
@@ -170,7 +169,7 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
     touched = 1 - math.exp(-pairs_per_slot)
     w = runs[0]["bytes"]
     read = w["attention"] + w["shared_expert"] + config.vocab_size // tp * d * 4 + \
-        n_layers * slots * expert_bytes * touched + seqs * kv_read
+        n_layers * slots * expert_bytes(config, f["expert"]) * touched + t * kv_read
     dtype = hw.compute_dtype(s.weights)
     compute_s = flops / (hw.tflops[dtype] * 1e12)
     memory_s = read / (hw.memory_gbps * 1e9)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ascend.planner.errors import PlanError
 
-__all__ = ["COMPONENTS", "WEIGHT_MODES", "KV_LAYOUTS", "MemorySettings", "linear_bytes", "weight_formats",
+__all__ = ["COMPONENTS", "WEIGHT_MODES", "KV_LAYOUTS", "MemorySettings", "linear_bytes", "expert_bytes", "layer_ratios", "weight_formats",
            "weight_bytes", "kv_bytes", "rank_memory", "memory_per_rank"]
 
 COMPONENTS = ("attention", "routed_experts", "shared_expert", "embed_head", "other", "kv_cache", "workspace")
@@ -79,9 +79,15 @@ def weight_formats(config: Any, weights: str) -> dict[str, str]:
     raise PlanError(f"--weights {weights!r}: expected one of {', '.join(WEIGHT_MODES)}")
 
 
-def _ratios(config: Any) -> list[int]:
+def layer_ratios(config: Any) -> list[int]:
     """Compression ratio of every layer that has attention, MTP layers (window-only) last."""
     return list(config.compress_ratios) + [0] * config.n_mtp_layers
+
+
+def expert_bytes(config: Any, fmt: str) -> int:
+    """One expert's w1, w3 ([moe_inter_dim, dim]) and w2 ([dim, moe_inter_dim]) stored as `fmt`."""
+    d, inter = config.dim, config.moe_inter_dim
+    return 2 * linear_bytes(inter, d, fmt) + linear_bytes(d, inter, fmt)
 
 
 def kv_bytes(config: Any, layout: str) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def kv_bytes(config: Any, layout: str) -> dict[str, Any]:
     c = cache_bytes_per_token(config, layout)
     fixed = c["window_bytes_per_sequence"] + c["state_bytes_per_sequence"]
     fixed += config.n_mtp_layers * config.window_size * main      # the MTP layer is window-only
-    ratios = _ratios(config)
+    ratios = layer_ratios(config)
     return {"entry_bytes": main, "index_entry_bytes": index,
             "per_type": {"window": 0.0, "csa": (main + index) / 4, "hca": main / 128},
             "per_token": c["total"], "per_sequence_fixed": int(fixed),
@@ -132,19 +138,17 @@ def _other_layer(config: Any, layer_id: int, f: dict[str, str]) -> int:
 def weight_bytes(config: Any, tp: int, slots_per_rank: int, weights: str) -> dict[str, int]:
     """Weight bytes on one rank, by component."""
     f = weight_formats(config, weights)
-    d, inter = config.dim, config.moe_inter_dim
-    ratios = _ratios(config)
+    d = config.dim
+    ratios = layer_ratios(config)
     n_moe = len(ratios)                                        # every block (MTP too) has an MoE
-    expert = 2 * linear_bytes(inter, d, f["expert"]) + linear_bytes(d, inter, f["expert"])
-    shared = 2 * linear_bytes(inter, d, f["proj"]) + linear_bytes(d, inter, f["proj"])
     other = sum(_other_layer(config, i, f) for i in range(n_moe))
     hc_head = 4 * (config.hc_mult * config.hc_mult * d + config.hc_mult + 1)
     other += 2 * d + hc_head                                   # final norm, hc_head
     other += config.n_mtp_layers * (2 * linear_bytes(d, d, f["proj"]) + 3 * 2 * d + hc_head)  # e/h_proj, norms
     return {
         "attention": sum(_attention_layer(config, r, tp, f) for r in ratios),
-        "routed_experts": n_moe * slots_per_rank * expert,
-        "shared_expert": n_moe * shared,
+        "routed_experts": n_moe * slots_per_rank * expert_bytes(config, f["expert"]),
+        "shared_expert": n_moe * expert_bytes(config, f["proj"]),
         "embed_head": config.vocab_size // tp * d * (2 + 4),      # embed BF16, head FP32
         "other": other,
     }
