@@ -52,10 +52,14 @@ class Linear(nn.Module):
         if s is not None:
             self.scale.copy_(s)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def round_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's GEMM sees it: rounded to FP8 per 128 with `act_quant` on an fp8 / fp4 layer."""
         if self.act_quant and self.fmt in ("fp8", "fp4"):
-            x = quant.fp8_round_trip(x, quant.FP8_BLOCK)
-        return self.kernels.linear(x, self.weight, self.scale, self.fmt)
+            return quant.fp8_round_trip(x, quant.FP8_BLOCK)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(self.round_input(x), self.weight, self.scale, self.fmt)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascend.errors import AscendDeployError
-from model import quant
 from model.config import ModelConfig
 from model.kernels import REFERENCE, Kernels
 from model.linear import Linear
@@ -81,6 +80,15 @@ class Gate(nn.Module):
         return self.kernels.gate_topk(logits, self.bias, self.tid2eid, input_ids, self.topk, self.route_scale)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up in float32, gate clamped to <= limit and up to [-limit, limit] when limit > 0."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 class Expert(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * (w3 x)), gate clamped to <= limit and up to [-limit, limit] when limit > 0."""
 
@@ -93,11 +101,7 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, dim]; weights [N, 1] (routing weight, applied before w2) or None."""
-        gate, up = self.w1(x).float(), self.w3(x).float()
-        if self.swiglu_limit > 0:
-            gate = gate.clamp(max=self.swiglu_limit)
-            up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
-        h = F.silu(gate) * up
+        h = swiglu(self.w1(x), self.w3(x), self.swiglu_limit)
         if weights is not None:
             h = h * weights
         return self.w2(h.to(x.dtype))
@@ -196,16 +200,9 @@ class MoE(nn.Module):
         rows = row.clamp(min=0)
         probe = next(iter(self.experts.values()))
         xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, x.size(-1))
-        if probe.w1.act_quant and probe.w1.fmt in ("fp8", "fp4"):
-            xs = quant.fp8_round_trip(xs, quant.FP8_BLOCK)
-        gate = self._project("w1", xs, rows).float()
-        up = self._project("w3", xs, rows).float()
-        if probe.swiglu_limit > 0:
-            gate = gate.clamp(max=probe.swiglu_limit)
-            up = up.clamp(-probe.swiglu_limit, probe.swiglu_limit)
-        h = (F.silu(gate) * up * weights.reshape(n * k, 1)).to(x.dtype)
-        if probe.w2.act_quant and probe.w2.fmt in ("fp8", "fp4"):
-            h = quant.fp8_round_trip(h, quant.FP8_BLOCK)
+        xs = probe.w1.round_input(xs)
+        h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
+        h = probe.w2.round_input((h * weights.reshape(n * k, 1)).to(x.dtype))
         out = self._project("w2", h, rows).float()
         out = torch.where(mine.view(n * k, 1), out, 0.0)
         return out.view(n, k, -1).sum(1)
