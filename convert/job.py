@@ -282,9 +282,9 @@ class Conversion:
             src = self.ckpt.root / name
             if src.is_file():
                 write_bytes_atomic(out / name, src.read_bytes())
+        ident = self.identity(plan_dict)
         manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": SCHEMA,
-                    "source": self.identity(plan_dict)["source"],
-                    "source_files": self.identity(plan_dict)["source_files"],
+                    "source": ident["source"], "source_files": ident["source_files"],
                     "weights": self.weights, "world_size": self.sharding.world_size, "tp": self.sharding.tp,
                     "plan": plan_dict, "config": self.out_config.to_hf_dict(),
                     "source_config": self.ckpt.config.to_hf_dict(), "ranks": ranks}
