@@ -208,13 +208,10 @@ class Checkpoint:
             entry[1] += nbytes
             return entry[0]
 
-    def release(self, file: Path | None = None) -> None:
-        """Drop the mapping of `file` (or of every file)."""
+    def release(self, file: Path) -> None:
+        """Drop the mapping of `file`."""
         with self._lock:
-            if file is None:
-                self._handles.clear()
-            else:
-                self._handles.pop(file, None)
+            self._handles.pop(file, None)
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tensor `name` (official), or rows/columns [start, stop) of dimension `dim` read lazily via get_slice."""
@@ -230,10 +227,6 @@ class Checkpoint:
         # safe_open returns views of its file mapping, which keep every page they touched resident; a copy
         # lets the mapping go (see _handle) so memory stays bounded by the tensors in flight
         return tensor.clone()
-
-    def nbytes(self, name: str) -> int:
-        t = self.tensors[name]
-        return t.end - t.begin
 
     def in_file(self, file: Path) -> list[str]:
         """Official names stored in `file`, in storage order."""
