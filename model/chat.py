@@ -195,9 +195,9 @@ def _with_tools(text: str, msg: Message) -> str:
     return text
 
 
-def _render(i: int, messages: list[Message], thinking: bool, drop_thinking: bool, effort: str | None) -> str:
+def _render(i: int, messages: list[Message], last_user: int, thinking: bool, drop_thinking: bool,
+            effort: str | None) -> str:
     msg, role = messages[i], messages[i]["role"]
-    last_user = _last_user_index(messages)
     out = _MAX_EFFORT_PREFIX if i == 0 and thinking and effort == "max" else ""
 
     if role == "system":
@@ -252,7 +252,9 @@ def encode_messages(messages: list[Message], mode: str = "chat", drop_thinking: 
     drop_thinking = drop_thinking and not any(m.get("tools") for m in messages)
     if thinking and drop_thinking:
         messages = _drop_old_reasoning(messages)
-    body = "".join(_render(i, messages, thinking, drop_thinking, reasoning_effort) for i in range(len(messages)))
+    last_user = _last_user_index(messages)
+    body = "".join(_render(i, messages, last_user, thinking, drop_thinking, reasoning_effort)
+                   for i in range(len(messages)))
     return (BOS if add_bos else "") + body
 
 
