@@ -27,7 +27,8 @@ from ascend.planner.layout import plan_deployment  # noqa: E402
 from ascend.planner.memory import MemorySettings  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 
-MODELS = {"V4-Flash": (256, 43), "V4-Pro": (384, 61)}
+PRESETS = {"V4-Flash": ModelConfig.preset("flash"), "V4-Pro": ModelConfig.preset("pro")}
+MODELS = {name: (c.n_routed_experts, c.n_layers) for name, c in PRESETS.items()}   # MTP layers left out
 # (label, ep, redundant asked for, ranks per node, expert groups for EPLB)
 SETTINGS = [("EP32+32", 32, 32, 16, 1), ("EP64, groups = nodes", 64, 0, 8, 8),
             ("EP144+32", 144, 32, 16, 1), ("EP256+256", 256, 256, 16, 1)]
@@ -86,25 +87,26 @@ def main() -> None:
           f"{np.mean(all_ratio):.4f} (min {np.min(all_ratio):.4f}, max {np.max(all_ratio):.4f})")
 
     # --- a SuperPoD-sized plan: layout search + placement for V4-Pro on 8,192 Ascend 950DT
-    pro = ModelConfig.preset("pro")
+    pro = PRESETS["V4-Pro"]
+    L, E = pro.n_layers + pro.n_mtp_layers, pro.n_routed_experts
     hw = get_hardware("atlas-950-superpod")
-    load = pl.synthetic_load(pro.n_layers + pro.n_mtp_layers, pro.n_routed_experts, 1.0, seed=0)
+    load = pl.synthetic_load(L, E, 1.0, seed=0)
     settings_ = MemorySettings(context=131072, batch=8192 * 16)
     t0 = time.process_time()
     plan = plan_deployment(pro, hw, 8192, settings_, expert_load=load, model="pro")
     t_plan = time.process_time() - t0
     print(f"\nplan V4-Pro on 8,192 x {hw.name} (search + placement of {plan.n_moe_layers} MoE layers x "
-          f"{pro.n_routed_experts} experts): {t_plan:.2f} CPU s -> dp{plan.dp}/tp{plan.tp}/ep{plan.ep} "
+          f"{E} experts): {t_plan:.2f} CPU s -> dp{plan.dp}/tp{plan.tp}/ep{plan.ep} "
           f"+{plan.redundant} redundant, balancedness {np.mean(plan.balance['after']):.4f} "
           f"(EPLB {np.mean(plan.balance['eplb']):.4f})")
-    for ep, redundant in ((768, 384), (8192, 8192 - 384)):
+    for ep, redundant in ((768, 768 - E), (8192, 8192 - E)):
         t0 = time.process_time()
-        phy2log = pl.place(load, ep, (384 + redundant) // ep, ranks_per_node=64)
+        phy2log = pl.place(load, ep, (E + redundant) // ep, ranks_per_node=64)
         t_place = time.process_time() - t0
         t0 = time.process_time()
-        base = pl.eplb_baseline(load, 384 + redundant, ep)
+        base = pl.eplb_baseline(load, E + redundant, ep)
         t_base = time.process_time() - t0
-        print(f"placement alone, EP{ep} (+{redundant} redundant), 62 layers x 384 experts: {t_place:.2f} CPU s "
+        print(f"placement alone, EP{ep} (+{redundant} redundant), {L} layers x {E} experts: {t_place:.2f} CPU s "
               f"(EPLB greedy {t_base:.2f} s); balancedness {pl.balancedness(load, phy2log, ep).mean():.4f} vs "
               f"{pl.balancedness(load, base, ep).mean():.4f}")
     print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
