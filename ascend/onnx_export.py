@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ascend.errors import AscendDeployError
-from model.kernels import REFERENCE, Kernels
+from model.kernels import REFERENCE, Kernels, use_kernels
 from model.quant import FP4_BLOCK, FP4_MAX, FP8_MAX, KV_FP8_BLOCK
 
 DOMAIN = "ascend.deploy"
@@ -211,14 +211,6 @@ def export_graph(module: nn.Module, args: Sequence[torch.Tensor], path: Path, in
 
 
 # ------------------------------------------------------------------------------------ synthetic layers
-def use_kernels(module: nn.Module, kernels: Kernels) -> nn.Module:
-    """Point every submodule that calls kernels (attention, compressor, indexer, norms) at `kernels`."""
-    for m in module.modules():
-        if isinstance(getattr(m, "kernels", None), Kernels):
-            m.kernels = kernels
-    return module
-
-
 @torch.no_grad()
 def synthetic_attention(config, layer_id: int, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
     """`model.attention.Attention` of `layer_id` with random weights of realistic scale (1/sqrt(fan-in)), for

@@ -28,7 +28,7 @@ from model import quant
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "expert_matmul", "take_rows"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "expert_matmul", "take_rows", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -286,3 +286,12 @@ class Kernels:
 
 
 REFERENCE = Kernels()
+
+
+def use_kernels(module: torch.nn.Module, kernels: Kernels) -> torch.nn.Module:
+    """Point every submodule of `module` that calls kernels (attention, compressor, indexer, norms, projections)
+    at `kernels`; returns `module`."""
+    for m in module.modules():
+        if isinstance(getattr(m, "kernels", None), Kernels):
+            m.kernels = kernels
+    return module

@@ -178,7 +178,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
     the eager timing and the compiled step's first output see the same cache."""
     from ascend.backends.cuda import compile_decode
-    from ascend.onnx_export import use_kernels
+    from model.kernels import use_kernels
     from model.kernels import REFERENCE
 
     dev = device.torch_device
@@ -217,7 +217,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
 
 def prefill_tokens_per_s(layer, config, shapes: Shapes, device: Device, kernels) -> tuple[float, float]:
     """(tokens/s, peak GiB) of one layer over a `prefill_tokens` prompt, fed in chunks of `prefill_chunk`."""
-    from ascend.onnx_export import use_kernels
+    from model.kernels import use_kernels
     from model.cache import LayerCache
 
     use_kernels(layer, kernels)

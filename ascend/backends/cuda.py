@@ -264,7 +264,7 @@ def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Ca
     inductor, `fullgraph=True` (a graph break is an error, not a silent slow path), `dynamic=False` (every shape is
     fixed per batch bucket and cache capacity, so kernels are specialised to them).
 
-    The step's modules should use `make_kernels(for_compile=True)` (`ascend.onnx_export.use_kernels`); the cache's
+    The step's modules should use `make_kernels(for_compile=True)` (`model.kernels.use_kernels`); the cache's
     row writes are `index_put_`s, which inductor keeps in place. Compilation happens at the first call of each new
     shape (seconds to tens of seconds); replay the compiled step from a captured graph
     (`Device.graph()`, `ascend.graph.DecodeGraphRunner`) so that launches cost nothing: no CUDA graphs of inductor's

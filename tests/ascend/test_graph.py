@@ -7,10 +7,10 @@ import torch
 
 from ascend.device import get_device
 from ascend.graph import DecodeGraphRunner, GraphError, batch_rows, bucket_for
-from ascend.onnx_export import synthetic_attention, use_kernels
+from ascend.onnx_export import synthetic_attention
 from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
-from model.kernels import REFERENCE
+from model.kernels import REFERENCE, use_kernels
 
 H, D, T, MAX_BATCH = 4, 32, 16, 8
 

@@ -130,7 +130,8 @@ def _decode_twice(layer, config, layer_id, step, device="cpu", dtype=torch.float
 def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id):
     """fullgraph compile of a whole decode layer (aot_eager: the functionalised graph, run without code generation,
     so the test stays fast on CPU) equals the eager layer, cache writes included; the GPU test below runs inductor."""
-    from ascend.onnx_export import synthetic_attention, use_kernels
+    from ascend.onnx_export import synthetic_attention
+    from model.kernels import use_kernels
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny")
@@ -150,7 +151,8 @@ def test_compiled_step_keeps_the_eager_roundings_before_fp4():
     """inductor (on CPU here) with `eager_numerics`: the indexer queries (RoPE, Hadamard, FP4 simulation, bf16) equal
     the eager ones bit for bit. Without it fused float32 intermediates move FP4 codes (3% here; on the H200 the
     indexer then picked other entries and a V4-Flash CSA layer's output moved by 13-26%)."""
-    from ascend.onnx_export import synthetic_attention, use_kernels
+    from ascend.onnx_export import synthetic_attention
+    from model.kernels import use_kernels
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny", dtype="bf16")
@@ -323,7 +325,8 @@ def test_triton_stages_replay_under_cuda_graph():
 def test_attention_layer_with_cuda_pytorch_stages_matches_reference(layer_id):
     """A whole layer (prefill then decode) built on the CUDA backend's PyTorch stages equals the reference
     layer. Short context, so the indexer keeps every visible entry (no top-k tie can differ)."""
-    from ascend.onnx_export import synthetic_attention, use_kernels
+    from ascend.onnx_export import synthetic_attention
+    from model.kernels import use_kernels
     from model.cache import LayerCache
     from model.config import ModelConfig
 
@@ -344,7 +347,8 @@ def test_inductor_compiled_decode_with_triton_matches_eager_and_replays():
     """The real thing on the GPU: a tiny CSA layer (indexer, both compressors, FP8 / FP4 simulations, Triton stages
     as custom ops) compiled by inductor equals the eager CUDA layer, and replays from a captured CUDA graph."""
     from ascend.device import get_device
-    from ascend.onnx_export import synthetic_attention, use_kernels
+    from ascend.onnx_export import synthetic_attention
+    from model.kernels import use_kernels
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny", dtype="bf16")
