@@ -171,10 +171,6 @@ class ExpertParallel:
         if self.scheme not in SCHEMES:
             raise ExpertParallelError(f"expert exchange scheme {self.scheme!r}: expected one of {SCHEMES}")
 
-    @property
-    def local_experts(self) -> list[int]:
-        return self.layout.experts_on(self.ep_rank)
-
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
         """Routed-expert output for x [T, dim] with top-k `weights`/`indices` [T, k]; returns [T, dim] in x's dtype."""
         T = x.shape[0]
