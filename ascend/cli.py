@@ -59,10 +59,11 @@ def cli() -> None:
     """DeepSeek-V4 on Ascend NPUs: plan, convert, verify, run, export."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+def run_command(command: click.Command, argv: list[str] | None = None) -> None:
+    """Run a click command (the `ascend` group, or a script's own command): user errors become one line
+    on stderr and exit code 2, never a traceback."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `ascend` command."""
+    run_command(cli, argv)
 
 
 if __name__ == "__main__":

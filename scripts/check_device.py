@@ -17,9 +17,8 @@ from typing import Callable
 import click
 import torch
 
-from ascend.cli import device_option, json_option
+from ascend.cli import device_option, json_option, run_command
 from ascend.device import Device, get_device
-from ascend.errors import AscendDeployError
 
 
 def check_synchronize(d: Device, n: int) -> dict:
@@ -139,11 +138,4 @@ def main(device: str, as_json: bool, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except AscendDeployError as e:  # same one-line error and exit code as the ascend command
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_command(main)  # same one-line errors and exit codes as the ascend command
