@@ -82,7 +82,7 @@ def weight_bytes_per_step(model: Transformer, batch: int) -> int:
 
 def cache_bytes(cache) -> int:
     total = 0
-    for layer in cache.layers[:len(cache.layers)]:
+    for layer in cache.layers:
         total += layer.kv.nbytes + (layer.index_kv.nbytes if layer.index_kv is not None else 0)
     return total
 
