@@ -13,7 +13,6 @@ Limits that depend on the SoC (A2/A3 vs Ascend 950) are the union here; the NPU 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 HALF = (torch.float16, torch.bfloat16)
