@@ -242,9 +242,8 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     stepping `idle` after this batch is done while any other rank still generates.
     """
     lockstep = lockstep or Lockstep()
-    stop = [s for s in stop if s]
+    stop = [s for s in stop if s]  # matched in the text too: a vocabulary entry can also arrive inside longer tokens
     stop_ids = {tokenizer.eos_id} | {i for s in stop if (i := tokenizer.token_id(s)) is not None}
-    stop_text = stop  # matched in the text too: a vocabulary entry can also arrive inside longer tokens
     prompts = [tokenizer.encode(r.prompt()) for r in requests]
     limits = [r.max_new_tokens or max_new_tokens for r in requests]
     longest = max(len(p) + n for p, n in zip(prompts, limits))
@@ -257,7 +256,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     shown = [0] * B
     sampler = Sampler(sampling)
     eos_text = tokenizer.decode([tokenizer.eos_id])
-    hold = max(map(len, stop_text), default=1) - 1  # a stop string may be arriving: do not stream its start yet
+    hold = max(map(len, stop), default=1) - 1  # a stop string may be arriving: do not stream its start yet
     t0 = time.perf_counter()
     logits = session.prefill(prompts, longest)
     while True:
@@ -274,7 +273,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                 c.logits = (c.logits or []) + [logits[i].float().cpu().tolist()]
             c.total_s = now
             c.text = tokenizer.decode(c.tokens)
-            hit = next((s for s in stop_text if s in c.text), None)
+            hit = next((s for s in stop if s in c.text), None)
             if tok in stop_ids or hit is not None:
                 c.finish_reason = "stop"
                 finished[i] = True
