@@ -23,7 +23,7 @@ from model.attention import Attention
 from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
 from model.hyper import HyperConnection, HyperHead, expand_streams
-from model.kernels import REFERENCE, Kernels
+from model.kernels import REFERENCE, Kernels, use_kernels
 from model.linear import Linear
 from model.moe import MoE
 from model.norm import RMSNorm
@@ -134,9 +134,7 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(self, config, kernels)
         self.mtp = nn.ModuleList(MTPBlock(config.n_layers + i, config, parallel, kernels)
                                  for i in range(config.n_mtp_layers))
-        for module in self.modules():      # projections run through the table too (`kernels.linear`)
-            if isinstance(module, Linear):
-                module.kernels = kernels
+        use_kernels(self, kernels)         # projections too: `Linear` starts at REFERENCE (`kernels.linear`)
         self.set_act_quant(config.act_quant)
 
     def set_act_quant(self, enabled: bool) -> None:
