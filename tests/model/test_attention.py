@@ -3,7 +3,6 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from model.config import ModelConfig
 from model.linear import Linear
 from model.parallel import ParallelContext
 from model.quant import fp4_round_trip, fp8_round_trip
+from tests.conftest import free_port
 
 
 def tiny(**kw) -> ModelConfig:
@@ -326,12 +326,6 @@ def _shard(state: dict, rank: int, world: int) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -358,7 +352,7 @@ def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
 
 def test_tensor_parallel_equals_single_rank():
     ctx = mp.get_context("spawn")
-    out_q, port = ctx.Queue(), _free_port()
+    out_q, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, out_q)) for r in range(2)]
     for p in procs:
         p.start()

@@ -2,7 +2,6 @@
 static-shape path (gathered stored-format weights) against the dynamic one."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,6 +12,7 @@ import pytest
 from model.config import ModelConfig
 from model.moe import Expert, Gate, MoE, MoEError, set_moe_mode
 from model.parallel import ParallelContext
+from tests.conftest import free_port
 
 CFG = ModelConfig.preset("tiny", expert_dtype="fp4", dtype="fp8")
 
@@ -99,12 +99,6 @@ def test_moe_equals_per_token_loop():
     assert moe.experts["0"].w1.weight.dtype == torch.int8 and moe.shared_experts.w1.weight.dtype == torch.float8_e4m3fn
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LAYOUT = {2: [0, 1, 2, 3, 0, 4, 5, 6, 7, 3, 1, 0]}    # 12 slots for 8 experts: 0 x3, 1 x2, 3 x2
 
 
@@ -129,7 +123,7 @@ def test_expert_parallel_with_replicas_equals_single_rank():
     single.mode = "dynamic"
     want = single(x, ids)
     ctx = mp.get_context("spawn")
-    out_q, port = ctx.Queue(), _free_port()
+    out_q, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, single.state_dict(), x, ids, out_q)) for r in range(2)]
     for p in procs:
         p.start()

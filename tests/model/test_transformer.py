@@ -10,6 +10,7 @@ from convert.layout import expected_tensors
 from convert.names import to_hf
 from model.config import ModelConfig
 from model.transformer import Transformer, WeightsError, init_random_
+from tests.conftest import free_port
 
 TINY = ModelConfig.preset("tiny")
 # Exactness tests switch the FP8 / FP4 round-trip simulations off: with them on, a value that full and incremental
@@ -197,8 +198,6 @@ def _parallel_worker(rank, world, port, state, ids, out_q):
 
 
 def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
-    import socket
-
     import torch.multiprocessing as mp
 
     exact = Transformer(ModelConfig.preset("tiny", quant_sim=False), dtype=torch.float32).eval()
@@ -207,9 +206,7 @@ def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
     with torch.no_grad():
         cache = exact.new_cache(2, 48)
         want = torch.stack([exact(ids[:, :40], cache)] + [exact(ids[:, p:p + 1], cache) for p in range(40, 43)])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spawn = mp.get_context("spawn")
     out_q = spawn.Queue()
     state = {k: v.contiguous() for k, v in quant_model.state_dict().items()}
