@@ -38,9 +38,10 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 # Launch settings, not yet timed on a GPU (scripts/bench_mhc.py compares variants): 128-wide K blocks give 128
-# GEMV programs at V4-Flash batch 1; the mix kernel's Sinkhorn is ~40 dependent reductions of a 4 x 4 tile, which
-# one warp does with shuffles only, and a 512-wide block of D keeps that warp's y loads at 64 values per thread.
-PRE_CONFIG = dict(block_k=128, block_d=512, mix_warps=1)
+# GEMV programs at V4-Flash batch 1, and each program reuses its fn block for up to 8 tokens (at batch 32 fn is read
+# 4 times from L2, not 32); the mix kernel's Sinkhorn is ~40 dependent reductions of a 4 x 4 tile, which one warp
+# does with shuffles only, and a 512-wide block of D keeps that warp's y loads at 64 values per thread.
+PRE_CONFIG = dict(block_k=128, block_t=8, block_d=512, mix_warps=1)
 POST_CONFIG = dict(block_d=128, num_warps=4)
 
 
@@ -48,24 +49,26 @@ POST_CONFIG = dict(block_d=128, num_warps=4)
 @triton.jit
 def _hc_partials_kernel(
     x_ptr, fn_ptr, part_ptr,
-    D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
+    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2)."""
-    t = tl.program_id(0)
+    """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for BLOCK_T
+    tokens t, which share one load of the fn block."""
     kb = tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_K)
     k = kb // n_db
     d = (kb % n_db) * BLOCK_K + tl.arange(0, BLOCK_K)
     d_ok = d < D
-    x = tl.load(x_ptr + t.to(tl.int64) * sx_t + k * sx_k + d * sx_d, mask=d_ok, other=0.0).to(tl.float32)
     rows = tl.arange(0, M_PAD)
     row_ok = rows < M
     w = tl.load(fn_ptr + rows[:, None] * sf_m + (k * D + d)[None, :].to(tl.int64) * sf_c,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    out = part_ptr + (t.to(tl.int64) * tl.num_programs(1) + kb) * (M + 1)
-    tl.store(out + rows, tl.sum(w * x[None, :], axis=1), mask=row_ok)
-    tl.store(out + M, tl.sum(x * x, axis=0))
+    for tt in range(BLOCK_T):
+        t = (tl.program_id(0) * BLOCK_T + tt).to(tl.int64)
+        x = tl.load(x_ptr + t * sx_t + k * sx_k + d * sx_d, mask=d_ok & (t < T), other=0.0).to(tl.float32)
+        out = part_ptr + (t * tl.num_programs(1) + kb) * (M + 1)
+        tl.store(out + rows, tl.sum(w * x[None, :], axis=1), mask=row_ok & (t < T))
+        tl.store(out + M, tl.sum(x * x, axis=0), mask=t < T)
 
 
 @triton.jit
@@ -154,7 +157,8 @@ def _hc_post_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float,
-                    sinkhorn: bool, block_k: int, block_d: int, mix_warps: int) -> tuple[Tensor, Tensor, Tensor]:
+                    sinkhorn: bool, block_k: int, block_t: int, block_d: int,
+                    mix_warps: int) -> tuple[Tensor, Tensor, Tensor]:
     """The two launches shared by hc_pre (`sinkhorn=True`) and hc_head: returns y, post, comb (the last two
     [.., 0]-sized for hc_head)."""
     *lead, n, D = x.shape
@@ -170,8 +174,10 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
         return y, post, comb
     kb = n * triton.cdiv(D, block_k)
     part = torch.empty(T, kb, m + 1, dtype=torch.float32, device=x.device)
-    _hc_partials_kernel[(T, kb)](xt, fn, part, D, m, *xt.stride(), *fn.stride(),
-                                 M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k)
+    block_t = min(block_t, triton.next_power_of_2(T))
+    _hc_partials_kernel[(triton.cdiv(T, block_t), kb)](xt, fn, part, T, D, m, *xt.stride(), *fn.stride(),
+                                                       M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k,
+                                                       BLOCK_T=block_t)
     _hc_mix_kernel[(T, triton.cdiv(D, block_d))](
         xt, part, scale, base, y, post, comb, D, kb, iters, eps, norm_eps, *xt.stride(),
         N=n, N_PAD=triton.next_power_of_2(n), KB_PAD=triton.next_power_of_2(kb), BLOCK_D=block_d,
@@ -180,32 +186,30 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
 
 
 def launch_hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float,
-                  block_k: int = PRE_CONFIG["block_k"], block_d: int = PRE_CONFIG["block_d"],
-                  mix_warps: int = PRE_CONFIG["mix_warps"]) -> tuple[Tensor, Tensor, Tensor]:
-    """`model.kernels.hc_pre` in two launches, with explicit launch settings (for benchmarks)."""
-    return _reduce_streams(x, fn, scale.float(), base.float(), iters, eps, norm_eps, True, block_k, block_d,
-                           mix_warps)
+                  **launch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`model.kernels.hc_pre` in two launches; `launch` overrides PRE_CONFIG's settings (benchmarks, tests)."""
+    return _reduce_streams(x, fn, scale.float().contiguous(), base.float().contiguous(), iters, eps, norm_eps,
+                           True, **{**PRE_CONFIG, **launch})
 
 
 def launch_hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float,
-                   block_k: int = PRE_CONFIG["block_k"], block_d: int = PRE_CONFIG["block_d"],
-                   mix_warps: int = PRE_CONFIG["mix_warps"]) -> Tensor:
-    """`model.kernels.hc_head` in two launches (hc_pre's kernels, no Sinkhorn)."""
-    return _reduce_streams(x, fn, scale.float(), base.float(), 1, eps, norm_eps, False, block_k, block_d,
-                           mix_warps)[0]
+                   **launch: int) -> Tensor:
+    """`model.kernels.hc_head` in two launches (hc_pre's kernels without Sinkhorn); `launch` as for hc_pre."""
+    return _reduce_streams(x, fn, scale.float().contiguous(), base.float().contiguous(), 1, eps, norm_eps,
+                           False, **{**PRE_CONFIG, **launch})[0]
 
 
-def launch_hc_post(y: Tensor, residual: Tensor, post: Tensor, comb: Tensor, block_d: int = POST_CONFIG["block_d"],
-                   num_warps: int = POST_CONFIG["num_warps"]) -> Tensor:
-    """`model.kernels.hc_post` in one launch."""
+def launch_hc_post(y: Tensor, residual: Tensor, post: Tensor, comb: Tensor, **launch: int) -> Tensor:
+    """`model.kernels.hc_post` in one launch; `launch` overrides POST_CONFIG's settings."""
+    launch = {**POST_CONFIG, **launch}
     *lead, n, D = residual.shape
     yt, rt = y.reshape(-1, D), residual.reshape(-1, n, D)
     pt, ct = post.reshape(-1, n), comb.reshape(-1, n, n)
     out = y.new_empty(*lead, n, D)
     if yt.size(0):
-        _hc_post_kernel[(yt.size(0), triton.cdiv(D, block_d))](
+        _hc_post_kernel[(yt.size(0), triton.cdiv(D, launch["block_d"]))](
             yt, rt, pt, ct, out, D, *yt.stride(), *rt.stride(), *pt.stride(), *ct.stride(),
-            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=block_d, num_warps=num_warps)
+            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=launch["block_d"], num_warps=launch["num_warps"])
     return out
 
 
