@@ -1,18 +1,22 @@
-"""Triton kernel for the static MoE path: rows times gathered FP4 expert weights, dequantised in registers.
+"""Triton kernels for quantised weights picked per row: the static MoE path and decode-sized projections.
 
-`expert_matmul_fp4(x, weight, scale, expert_idx, ...)`: y[n] = dequant(weight[expert_idx[n]]) @ x[n] (the contract
-of `model.kernels.expert_matmul` for fmt "fp4"). The reference gathers and dequantises every selection's weight
-to bf16 first ([N, out, in], ~10 GB per layer at batch 32 on V4-Flash); here each program reads only the packed
-e2m1 bytes and ue8m0 scales of its own (selection, block of output rows) and decodes them next to the multiply, so
-the traffic is the FP4 bytes of each selection (4x less than bf16, and no write-back).
+Contract (`model.kernels.expert_matmul`, fmt "fp4" / "fp8"): y[n] = dequant(weight[expert_idx[n]]) @ x[n]. The
+reference gathers and dequantises every selection's weight into x's dtype first ([N, out, in], ~10 GB per layer at
+batch 32 on V4-Flash); these kernels read the stored bytes (packed e2m1 + ue8m0, or e4m3 + ue8m0 per 128 x 128) and
+decode them in registers next to the multiply. Two kernels per format, picked by `expert_matmul`:
 
-Layout: one program per (block of BLOCK_OUT output rows, selection). Programs run selections in the order of
-`argsort(expert_idx)`, so selections sharing an expert are launched back to back and the second one reads the
-expert's bytes from L2. The input is walked in BLOCK_IN chunks seen as [BLOCK_IN / 32 scale groups, 16 bytes]:
-low nibbles multiply the even inputs, high nibbles the odd ones, each group's float32 partial sum is scaled once.
-Decoding is a few integer ops per nibble (a float16 bit pattern, see `_e2m1_times_2_pow_minus_14`): at batch 32
-the kernel decodes ~2.4 GB of FP4 per V4-Flash layer, so ALU work per byte matters as much as bytes.
-Shapes of the launch depend only on tensor shapes and there is no host sync, so it is CUDA-graph capturable.
+- per selection (`expert_matmul_fp4` / `_fp8`): a GEMV per (block of BLOCK_OUT output rows, selection). Each
+  selection decodes its expert's tile again (the second one mostly from L2, as programs run in the order of
+  `argsort(expert_idx)`); no tensor cores. Best when each expert has about one row (batch-1 decode).
+- grouped (`grouped_matmul_fp4` / `_fp8`): selections sorted by expert; a program per (block of output rows,
+  expert) decodes the expert's tile ONCE per chunk of BLOCK_M of its rows and multiplies it with them through
+  `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row).
+
+The per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 16 bytes]: low nibbles multiply the
+even inputs, high nibbles the odd ones, each group's float32 partial sum is scaled once. Decoding is a few integer
+ops per nibble (a float16 bit pattern, see `_e2m1_times_2_pow_minus_14`): at batch 32 that kernel decodes ~2.4 GB of
+FP4 per V4-Flash layer, so ALU work per byte matters as much as bytes.
+Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -137,3 +141,172 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128."""
     assert weight.size(2) == x.size(1) and 128 % block_in == 0
     return _launch(_fp8_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort)
+
+
+# ------------------------------------------------------------------------------------------------ grouped kernels
+@triton.jit
+def _fp4_grouped_kernel(
+    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
+    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
+    dtype (exact: an e2m1 value times a power of two), low and high nibbles interleaved back into input order
+    (`tl.join`), and meets BLOCK_M of the expert's rows in one `tl.dot`."""
+    GROUPS: tl.constexpr = BLOCK_IN // 32
+    expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
+    count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
+    first = tl.load(starts_ptr + expert)
+    rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    row_ok = rows < OUT
+    g = tl.arange(0, GROUPS)
+    cols = tl.arange(0, BLOCK_IN)
+    w_rows = w_ptr + expert * sw_e + rows[:, None, None].to(tl.int64) * sw_o
+    s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
+    dot_type = x_ptr.dtype.element_ty
+    for m0 in range(0, count, BLOCK_M):
+        m_ok = m0 + tl.arange(0, BLOCK_M) < count
+        sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
+        x_cols = x_ptr + sel[None, :] * sx                                   # [1, BLOCK_M]: x seen transposed
+        acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
+        for k0 in range(0, IN, BLOCK_IN):
+            group = k0 // 32 + g                                             # [GROUPS] scale column
+            group_ok = group < IN // 32                                      # IN is a multiple of 32
+            byte = group[:, None] * 16 + tl.arange(0, 16)[None, :]           # [GROUPS, 16] packed column
+            packed = tl.load(w_rows + byte[None, :, :], mask=row_ok[:, None, None] & group_ok[None, :, None],
+                             other=0).to(tl.int32)                           # uint8 -> 0..255
+            scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0)
+            scale = (_e8m0_value(scale.to(tl.int32)) * 16384.0)[:, :, None]   # 2^14: see _e2m1_times_2_pow_minus_14
+            even = (_e2m1_times_2_pow_minus_14(packed & 15) * scale).to(dot_type)
+            odd = (_e2m1_times_2_pow_minus_14(packed >> 4) * scale).to(dot_type)
+            w = tl.reshape(tl.join(even, odd), [BLOCK_OUT, BLOCK_IN])        # [.., byte, nibble] = input order
+            col = k0 + cols
+            xt = tl.load(x_cols + col[:, None], mask=(col < IN)[:, None] & m_ok[None, :], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        tl.store(y_ptr + sel[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
+def _fp8_grouped_kernel(
+    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
+    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
+    multiplies the tile's float32 partial product (a power of two: the same value as scaling the weights first)."""
+    expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
+    count = tl.load(counts_ptr + expert)
+    first = tl.load(starts_ptr + expert)
+    ob = tl.program_id(0)
+    rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    row_ok = rows < OUT
+    cols = tl.arange(0, BLOCK_IN)
+    w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
+    s_row = s_ptr + expert * ss_e + (ob * BLOCK_OUT // 128) * ss_o
+    dot_type = x_ptr.dtype.element_ty
+    for m0 in range(0, count, BLOCK_M):
+        m_ok = m0 + tl.arange(0, BLOCK_M) < count
+        sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
+        x_cols = x_ptr + sel[None, :] * sx
+        acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
+        for k0 in range(0, IN, BLOCK_IN):
+            col = k0 + cols
+            col_ok = col < IN
+            w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            xt = tl.load(x_cols + col[:, None], mask=col_ok[:, None] & m_ok[None, :], other=0.0)
+            scale = _e8m0_value(tl.load(s_row + k0 // 128).to(tl.int32))
+            acc += tl.dot(w.to(dot_type), xt, input_precision=PRECISION) * scale
+        tl.store(y_ptr + sel[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & m_ok[None, :])
+
+
+def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """Selections grouped by expert with static shapes and no host sync (no `bincount`, whose CUDA version reads
+    the maximum back): `order` lists the selections expert by expert, expert e owning order[starts[e] :
+    starts[e] + counts[e]]; `experts` lists min(E, N) experts, most rows first, so it holds every used one and the
+    grid needs no column per idle expert (256 at V4 decode)."""
+    idx = expert_idx.long()
+    order = torch.argsort(idx)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device)
+    counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    experts = torch.argsort(counts, descending=True)[:min(n_experts, idx.numel())]
+    return order, starts, counts, experts
+
+
+def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, num_warps,
+                    num_stages) -> torch.Tensor:
+    n = x.size(0)
+    x = x.contiguous()
+    s = scale.view(torch.uint8)
+    assert weight.stride(-1) == 1 and s.stride(-1) == 1
+    y = torch.empty(n, weight.size(1), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    if block_m is None:
+        block_m = grouped_block_m(n, weight.size(0))
+    order, starts, counts, experts = _groups(expert_idx, weight.size(0))
+    grid = (triton.cdiv(weight.size(1), block_out), experts.numel())
+    kernel[grid](x, weight, s, order, starts, counts, experts, y, weight.size(1), x.size(1), x.stride(0),
+                 weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
+                 BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
+                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+GROUPED_MAX_BLOCK_M = 64
+
+
+def grouped_block_m(n_rows: int, n_experts: int) -> int:
+    """Rows per `tl.dot` tile from shapes alone: the mean rows per expert if min(E, N) experts share them, as a
+    power of two in [16 (the smallest dot), GROUPED_MAX_BLOCK_M]. A projection (E = 1) at batch 32 gets 32, so
+    its weight is decoded once; MoE decode (E = 256, N <= 256) gets 16."""
+    per_expert = -(-n_rows // max(1, min(n_experts, n_rows)))
+    return min(GROUPED_MAX_BLOCK_M, max(16, triton.next_power_of_2(per_expert)))
+
+
+def grouped_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
+                       block_out: int = 64, block_m: int | None = None, block_in: int = 256, num_warps: int = 4,
+                       num_stages: int = 2) -> torch.Tensor:
+    """`expert_matmul_fp4` with the rows grouped by expert (tensor cores). `block_out`, `block_m` >= 16 and
+    `block_in` >= 32 are powers of two; `block_m=None` picks `grouped_block_m`."""
+    assert weight.size(2) * 2 == x.size(1) and block_in >= 2 * 16
+    return _launch_grouped(_fp4_grouped_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_m,
+                           block_in, num_warps, num_stages)
+
+
+def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
+                       block_out: int = 64, block_m: int | None = None, block_in: int = 128, num_warps: int = 4,
+                       num_stages: int = 2) -> torch.Tensor:
+    """`expert_matmul_fp8` with the rows grouped by expert (tensor cores). `block_out` and `block_in` are powers of
+    two in [16, 128] (one scale block per tile), `block_m` >= 16 a power of two or None."""
+    assert weight.size(2) == x.size(1) and 128 % block_out == 0 and 128 % block_in == 0 and block_in >= 16
+    return _launch_grouped(_fp8_grouped_kernel, x, weight, scale, expert_idx, block_out, block_m, block_in,
+                           num_warps, num_stages)
+
+
+# ------------------------------------------------------------------------------------------------ the chooser
+GROUPED_MIN_ROWS = 16
+"""`expert_matmul` runs the grouped kernel from this many rows (selections) on, and for every multi-row projection
+(one expert: the per-selection kernel would read the whole weight once per row). A first guess, to be set from
+scripts/bench_moe.py on the GPU: V4 MoE decode has 6 rows per token, so batch 1 (6 rows, ~1 per expert) stays
+per selection and batch >= 3 is grouped."""
+
+_KERNELS = {"fp4": (expert_matmul_fp4, grouped_matmul_fp4), "fp8": (expert_matmul_fp8, grouped_matmul_fp8)}
+
+
+def use_grouped(n_rows: int, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -> bool:
+    """The chooser's rule, from shapes only (so a captured graph keeps one kernel)."""
+    return n_rows >= min_rows or (n_experts == 1 and n_rows > 1)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str, expert_idx: torch.Tensor,
+                  gemv: dict | None = None, grouped: dict | None = None,
+                  min_rows: int = GROUPED_MIN_ROWS) -> torch.Tensor:
+    """`model.kernels.expert_matmul` for fmt "fp4" / "fp8": the grouped kernel when `use_grouped`, else the
+    per-selection one, each with its launch settings (`gemv`, `grouped`: keyword arguments of the launchers)."""
+    per_selection, by_expert = _KERNELS[fmt]
+    if use_grouped(x.size(0), weight.size(0), min_rows):
+        return by_expert(x, weight, scale, expert_idx, **(grouped or {}))
+    return per_selection(x, weight, scale, expert_idx, **(gemv or {}))

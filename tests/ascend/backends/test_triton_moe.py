@@ -1,0 +1,255 @@
+"""The quantised-weight Triton kernels (ascend/backends/triton_moe.py) against model.kernels.REFERENCE.
+
+On CPU they run through Triton's interpreter (TRITON_INTERPRET=1), on the GPU natively; without triton the file skips.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ascend.backends import cuda
+from model.kernels import REFERENCE
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
+needs_triton_or_interpreter = pytest.mark.skipif(not cuda.triton_available() and not INTERPRET,
+                                                 reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
+pytestmark = needs_triton_or_interpreter
+DEVICE = "cuda" if cuda.triton_available() else "cpu"
+BF16_TOL = dict(rtol=2 ** -6, atol=2e-2)      # two bf16 roundings (kernel, reference) apart, fp32 sums
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_bf16(monkeypatch):
+    """Triton 3.6's interpreter multiplies bfloat16 `tl.dot` operands as their raw uint16 storage and rounds float32
+    to bfloat16 towards zero; make it widen dot operands to float32 first (exact, as the tensor cores' products are)
+    and round to nearest even (as the GPU and torch do), so bf16 kernels can be checked on CPU."""
+    if not INTERPRET:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def widened(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        data = interpreter._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def rounded(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+        return interpreter.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+
+    monkeypatch.setattr(builder, "create_dot", lambda self, a, b, *args: dot(self, widened(a), widened(b), *args))
+    monkeypatch.setattr(builder, "cast_impl", rounded)
+
+
+def _stack(fmt, n_experts, d_out, d_in, seed=0):
+    """Random stored weights: every e2m1 code (fp4, ue8m0 2^-6 .. 2^1 per 32) or e4m3 values (fp8, ue8m0 2^-3 .. 2^0
+    per 128 x 128, ragged edges allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "fp4":
+        weight = torch.randint(-128, 128, (n_experts, d_out, d_in // 2), generator=g, dtype=torch.int8)
+        scale = torch.randint(121, 129, (n_experts, d_out, d_in // 32), generator=g, dtype=torch.uint8)
+    else:
+        weight = (torch.randn(n_experts, d_out, d_in, generator=g) * 8).to(torch.float8_e4m3fn)
+        scale = torch.randint(124, 128, (n_experts, -(-d_out // 128), -(-d_in // 128)), generator=g,
+                              dtype=torch.uint8)
+    return weight.to(DEVICE), scale.view(torch.float8_e8m0fnu).to(DEVICE)
+
+
+def _rows(n, d_in, dtype, seed=1):
+    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def _check(y, x, weight, scale, fmt, idx):
+    """fp32 rows: the reference up to float32 summation order. bf16 rows: the reference in bf16 up to two roundings,
+    and the exact products (the reference on the same rows widened to fp32) up to one."""
+    ref = REFERENCE.expert_matmul(x, weight, scale, fmt, idx)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+        return
+    torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
+    exact = REFERENCE.expert_matmul(x.float(), weight, scale, fmt, idx)
+    torch.testing.assert_close(y.float(), exact, rtol=2 ** -7, atol=1e-3)
+
+
+def _uneven_experts(n_experts, block_m):
+    """Expert ids with expert 0 unused, expert 1 on one row, expert 2 on more rows than one dot tile, the rest spread
+    and shuffled (the kernel must not rely on sorted input)."""
+    idx = [1] + [2] * (block_m + 3) + [3 + i % (n_experts - 3) for i in range(9)]
+    return torch.tensor(idx)[torch.randperm(len(idx), generator=torch.Generator().manual_seed(2))].to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,d_out,d_in,launch", [
+    ("fp4", 40, 96, dict(block_out=16, block_m=16, block_in=64)),         # ragged out and in, 5 experts
+    ("fp4", 24, 64, dict(block_out=32, block_m=None, block_in=32)),       # block_m from the shapes
+    ("fp8", 136, 160, dict(block_out=16, block_m=16, block_in=32)),       # ragged 128-blocks both ways
+    ("fp8", 136, 160, dict(block_out=128, block_m=32, block_in=128)),
+])
+def test_grouped_matches_reference(fmt, d_out, d_in, launch, dtype):
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 5, d_out, d_in)
+    idx = _uneven_experts(5, launch["block_m"] or 16)
+    x = _rows(idx.numel(), d_in, dtype)
+    grouped = triton_moe.grouped_matmul_fp4 if fmt == "fp4" else triton_moe.grouped_matmul_fp8
+    _check(grouped(x, weight, scale, idx, **launch), x, weight, scale, fmt, idx)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_per_selection_kernel_with_bf16_rows(fmt):
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 3, 40, 128)
+    idx = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    x = _rows(4, 128, torch.bfloat16)
+    per_selection = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
+    _check(per_selection(x, weight, scale, idx, block_out=16, block_in=64), x, weight, scale, fmt, idx)
+
+
+def test_groups_are_static_and_complete():
+    """order / starts / counts list every selection once under its expert; `experts` (min(E, N) long, most rows
+    first) holds every used expert."""
+    from ascend.backends import triton_moe
+    idx = torch.tensor([4, 1, 4, 6, 1, 4])
+    order, starts, counts, experts = triton_moe._groups(idx, 7)
+    assert counts.tolist() == [0, 2, 0, 0, 3, 0, 1] and starts.tolist() == [0, 0, 2, 2, 2, 5, 5]
+    for e in range(7):
+        assert (idx[order[starts[e]:starts[e] + counts[e]]] == e).all()
+    assert experts.numel() == 6 and experts[:3].tolist() == [4, 1, 6]
+    assert triton_moe._groups(torch.tensor([0, 0, 0]), 1)[3].tolist() == [0]
+
+
+def test_block_m_follows_rows_per_expert():
+    from ascend.backends import triton_moe
+    assert triton_moe.grouped_block_m(192, 256) == 16          # V4-Flash MoE at batch 32
+    assert triton_moe.grouped_block_m(32, 1) == 32             # a projection at batch 32
+    assert triton_moe.grouped_block_m(1000, 1) == triton_moe.GROUPED_MAX_BLOCK_M
+    assert triton_moe.grouped_block_m(40, 2) == 32
+
+
+@pytest.fixture
+def picks(monkeypatch):
+    """Record which kernel (`gemv` / `grouped`) the chooser launches."""
+    from ascend.backends import triton_moe
+    calls = []
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return run
+    monkeypatch.setattr(triton_moe, "_KERNELS", {fmt: (recorded("gemv", gemv), recorded("grouped", grouped))
+                                                 for fmt, (gemv, grouped) in triton_moe._KERNELS.items()})
+    return calls
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_chooser_picks_by_rows(fmt, picks):
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 7, 24, 128)
+    for n, n_experts, want in [(5, 7, "gemv"), (triton_moe.GROUPED_MIN_ROWS, 7, "grouped"), (1, 1, "gemv"),
+                               (3, 1, "grouped"), (0, 7, "gemv")]:
+        x = _rows(n, 128, torch.float32)
+        idx = torch.randint(0, n_experts, (n,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
+        w, s = weight[:n_experts], scale[:n_experts]
+        y = triton_moe.expert_matmul(x, w, s, fmt, idx, gemv=dict(block_out=16, block_in=64),
+                                     grouped=dict(block_out=16, block_in=64))
+        assert picks[-1] == want and triton_moe.use_grouped(n, n_experts) == (want == "grouped")
+        _check(y, x, w, s, fmt, idx)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("rows", [1, 32, cuda.LINEAR_FUSED_MAX_ROWS])
+def test_linear_decode_sizes_match_reference(fmt, rows, picks):
+    """Decode-sized projections run the kernels with one "expert": one row per GEMV, more rows grouped (the weight
+    decoded once per tile); [B, S, in] inputs keep their leading dims."""
+    weight, scale = _stack(fmt, 1, 72, 256, seed=rows)
+    x = _rows(rows, 256, torch.float32).view(rows, 1, 256)
+    y = cuda.linear_triton(x, weight[0], scale[0], fmt)
+    assert y.shape == (rows, 1, 72) and picks == ["gemv" if rows == 1 else "grouped"]
+    torch.testing.assert_close(y, REFERENCE.linear(x, weight[0], scale[0], fmt), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_linear_prefill_keeps_the_reference(fmt, picks):
+    weight, scale = _stack(fmt, 1, 72, 256)
+    x = _rows(cuda.LINEAR_FUSED_MAX_ROWS + 1, 256, torch.float32)
+    y = cuda.linear_triton(x, weight[0], scale[0], fmt)
+    assert picks == []
+    assert torch.equal(y, REFERENCE.linear(x, weight[0], scale[0], fmt))
+
+
+def _moe_pair(expert_fmt):
+    """The same MoE layer (tiny: 8 experts, top 3, fp8 shared expert) on the reference and on the CUDA kernels, every
+    submodule included (shared expert -> linear_triton, routed -> expert_matmul)."""
+    from model.config import ModelConfig
+    from model.kernels import use_kernels
+    from model.moe import MoE
+    cfg = ModelConfig.preset("tiny", expert_dtype=expert_fmt)
+    layers = [MoE(2, cfg), use_kernels(MoE(2, cfg), cuda.make_kernels(use_triton=True))]
+    for moe in layers:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in moe.modules():
+                if hasattr(m, "set_from_float"):
+                    m.set_from_float(torch.randn(m.out_features, m.in_features, generator=g) / 8)
+            moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, generator=g) / 8)
+        moe.to(DEVICE).mode = "static"
+    return cfg, layers
+
+
+@pytest.mark.parametrize("expert_fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("tokens,path", [(1, "gemv"), (6, "grouped")])      # 3 and 18 selections
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_static_path_matches_reference(expert_fmt, tokens, path, dtype, picks):
+    cfg, layers = _moe_pair(expert_fmt)
+    x = torch.randn(tokens, 1, cfg.dim, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (tokens, 1), device=DEVICE)
+    with torch.no_grad():
+        want, got = (moe(x, ids).float() for moe in layers)
+    assert picks == [path] * 6          # w1, w3, w2 of the routed experts, then of the shared one (one "expert")
+    assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@needs_triton
+@pytest.mark.parametrize("fmt,d_out,d_in", [("fp4", 2048, 4096), ("fp4", 4096, 2048), ("fp8", 4096, 8192)])
+@pytest.mark.parametrize("launch", [dict(), dict(block_out=128, block_m=32, num_warps=8), dict(block_out=32)])
+def test_grouped_at_flash_shapes(fmt, d_out, d_in, launch):
+    """V4-Flash expert / projection shapes in bf16, several launch settings (for tuning the configs)."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 16, d_out, d_in)
+    idx = torch.randint(0, 16, (96,), device=DEVICE)
+    idx[:40] = 3                                                   # one expert on more rows than a tile
+    x = _rows(96, d_in, torch.bfloat16)
+    grouped = triton_moe.grouped_matmul_fp4 if fmt == "fp4" else triton_moe.grouped_matmul_fp8
+    y = grouped(x, weight, scale, idx, **launch)
+    ref = REFERENCE.expert_matmul(x.float(), weight, scale, fmt, idx)
+    assert torch.isfinite(y).all() and (y.float() - ref).norm() / ref.norm() < 1e-2
+
+
+@needs_triton
+def test_grouped_replays_under_cuda_graph():
+    """Captured once, replayed with new rows and new expert choices (other groups, other counts)."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack("fp4", 16, 256, 512)
+    x, idx = _rows(48, 512, torch.bfloat16), torch.randint(0, 16, (48,), device=DEVICE)
+    triton_moe.expert_matmul(x, weight, scale, "fp4", idx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_moe.expert_matmul(x, weight, scale, "fp4", idx)
+    for seed in (1, 2):
+        x.copy_(_rows(48, 512, torch.bfloat16, seed=seed))
+        idx.copy_(torch.randint(0, 4 * seed, (48,), device=DEVICE))
+        graph.replay()
+        torch.testing.assert_close(out, triton_moe.expert_matmul(x, weight, scale, "fp4", idx))
