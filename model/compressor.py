@@ -69,8 +69,8 @@ class Compressor(nn.Module):
         r, ov = self.ratio, int(self.overlap)
         steps = torch.arange(s, device=x.device)
         pos = start[:, None] + steps
-        kv = self.wkv(x.float())
-        score = self.wgate(x.float()) + self.ape[pos % r]
+        kv = self.kernels.f32_linear(x, self.wkv.weight)          # float32 projections of the bf16 weights
+        score = self.kernels.f32_linear(x, self.wgate.weight) + self.ape[pos % r]
 
         # staging buffer: blocks (first - ov) .. first + n - 1, starting with the saved state, plus a discard slot
         first = start // r                                  # block of the chunk's first token

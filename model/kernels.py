@@ -28,7 +28,7 @@ from model import quant
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "expert_matmul", "take_rows", "use_kernels"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "expert_matmul", "take_rows", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -251,6 +251,15 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
     return F.linear(x, quant.dequantize_weight(weight, scale, fmt, x.dtype))
 
 
+def f32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """y = x W^T in float32 for the float32 projections of the model (router, compressor wkv / wgate, output head):
+    x [..., in] and weight [out, in] each bf16 or float32, as held; returns float32 [..., out]. Reference: both cast
+    to float32, one matmul. The product of two bf16 values is exact in float32, so a backend may multiply bf16
+    operands directly with float32 accumulation and output (the same products, summed in another order) instead of
+    materialising a float32 copy of the weight on every call."""
+    return F.linear(x.float(), weight.float())
+
+
 def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
     """One row per selection times the stored weight of that selection's expert (the static MoE path).
 
@@ -282,6 +291,7 @@ class Kernels:
     hc_post: Callable[..., Tensor] = hc_post
     hc_head: Callable[..., Tensor] = hc_head
     gate_topk: Callable[..., tuple[Tensor, Tensor]] = gate_topk
+    f32_linear: Callable[..., Tensor] = f32_linear
     expert_matmul: Callable[..., Tensor] = expert_matmul
 
 
@@ -289,8 +299,8 @@ REFERENCE = Kernels()
 
 
 def use_kernels(module: torch.nn.Module, kernels: Kernels) -> torch.nn.Module:
-    """Point every submodule of `module` that calls kernels (attention, compressor, indexer, norms, projections)
-    at `kernels`; returns `module`."""
+    """Point every submodule of `module` that calls kernels (attention, compressor, indexer, norms, projections,
+    router, head) at `kernels`; returns `module`."""
     for m in module.modules():
         if isinstance(getattr(m, "kernels", None), Kernels):
             m.kernels = kernels

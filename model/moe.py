@@ -76,7 +76,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim], input_ids [N] -> (weights float32 [N, k], expert ids int64 [N, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = self.kernels.f32_linear(x, self.weight)
         return self.kernels.gate_topk(logits, self.bias, self.tid2eid, input_ids, self.topk, self.route_scale)
 
 

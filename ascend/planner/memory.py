@@ -8,8 +8,9 @@ model), in the format a converted checkpoint holds them:
   block), routed experts FP4 (half a byte + one ue8m0 byte per 32 inputs), the rest BF16 / FP32;
 * `bf16`: every projection BF16;  `int8`: every projection INT8 + one FP32 scale per output row.
 
-Tensors model/ keeps in FP32 (head, ape, mHC, attn_sink, gate bias) are counted at 4 bytes; the
-compressors' wkv / wgate at 2 (BF16, as stored and as model/compressor.py holds them). Tensor parallelism splits wq_b, wo_a, wo_b, attn_sink, the indexer's wq_b and
+Tensors model/ keeps in FP32 (ape, mHC, attn_sink, gate bias) are counted at 4 bytes; the head and the
+compressors' wkv / wgate at 2 (BF16, as stored and as model/ holds them: their float32 products come from
+`kernels.f32_linear`). Tensor parallelism splits wq_b, wo_a, wo_b, attn_sink, the indexer's wq_b and
 weights_proj, embed and head; everything else is replicated. Routed experts cost their slots: every
 rank holds `slots_per_rank` experts per MoE layer (MTP layers included).
 
@@ -149,7 +150,7 @@ def weight_bytes(config: Any, tp: int, slots_per_rank: int, weights: str) -> dic
         "attention": sum(_attention_layer(config, r, tp, f) for r in ratios),
         "routed_experts": n_moe * slots_per_rank * expert_bytes(config, f["expert"]),
         "shared_expert": n_moe * expert_bytes(config, f["proj"]),
-        "embed_head": config.vocab_size // tp * d * (2 + 4),      # embed BF16, head FP32
+        "embed_head": config.vocab_size // tp * d * (2 + 2),      # embed and head BF16
         "other": other,
     }
 

@@ -83,7 +83,21 @@ def test_make_kernels_replaces_only_its_stages():
     k = cuda.make_kernels(use_triton=False)
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
     changed = {f.name for f in dataclasses.fields(k) if getattr(k, f.name) is not getattr(REFERENCE, f.name)}
-    assert changed == {"sparse_attn", "indexer_topk", "rms_norm", "rope", "hadamard"}
+    assert changed == {"sparse_attn", "indexer_topk", "rms_norm", "rope", "hadamard", "f32_linear"}
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
+def test_f32_linear_is_the_float32_product_of_the_held_values(x_dtype, w_dtype):
+    """Float32 output from bf16 operands without widening the weight (mm with out_dtype on CUDA; the reference
+    elsewhere): the products are exact in float32, so only the summation order may differ."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 256, device=device).to(x_dtype)
+    w = torch.randn(96, 256, device=device).to(w_dtype)
+    out = cuda.f32_linear_bf16(x, w)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 96)
+    exact = (x.double() @ w.double().t()).float()
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,6 +125,7 @@ def test_short_elementwise_stages_match_reference(dtype):
 def test_make_kernels_for_compile_uses_traceable_forms():
     k = cuda.make_kernels(use_triton=False, for_compile=True)
     assert k.rms_norm is REFERENCE.rms_norm and k.rope is REFERENCE.rope and k.hadamard is cuda.hadamard_matmul
+    assert k.f32_linear is cuda.f32_linear_bf16
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
 
 
