@@ -9,7 +9,9 @@ For every (prompt length, batch):
 - prefill: one sequence of the prompt length, in chunks; its cache rows are copied to every sequence of the
   batch (the same context for all, so a 64K x 32 prefill is not needed to measure decode at 64K);
 - decode tokens/s over --steps steps, eager and replayed from a captured graph (the MoE layers take their
-  static-shape path; `--no-graph` measures eager only), and the roofline: (weight bytes read + KV-cache
+  static-shape path; `--no-graph` measures eager only); with `--compile` also the whole decode step compiled by
+  `ascend.backends.cuda.compile_decode` (torch.compile, one static graph) and then captured, with its first
+  step's logits against the eager step's from the same state; and the roofline: (weight bytes read + KV-cache
   bytes read) per step over the device copy bandwidth measured in this run, i.e. the best a memory-bound
   step could do here;
 - baseline in the same run: HF transformers' DeepseekV4ForCausalLM, built in memory and filled with our weights
@@ -22,6 +24,10 @@ For every (prompt length, batch):
     python3 scripts/bench_launch.py --quick                 # CPU, tiny width: checks the script end to end
     python3 scripts/bench_launch.py                         # one H200: Flash width, 4 layers, 1K/64K x 1/32
     python3 scripts/bench_launch.py --no-graph --no-hf      # eager decode only, no baseline
+    python3 scripts/bench_launch.py --compile --profile     # also the compiled step; where a step's time goes
+
+`--profile` prints, per case, the kernels of one replayed decode step (torch.profiler; the graph's kernels when
+the profiler sees inside graphs, else an eager step's) grouped by name: launches and device time per step.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 
 from ascend.backends import get_kernels
+from model.kernels import use_kernels
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
 from model.config import ModelConfig
@@ -125,17 +132,40 @@ def timed_decode(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, dev
     return time.perf_counter() - t0
 
 
+def kernel_profile(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, top: int = 12) -> dict:
+    """Device kernels of `steps` calls of fn(tokens, active), grouped by name: launches and microseconds per step,
+    the `top` names by time, and the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timed_decode(fn, tokens, active, steps, get_device("cuda"))
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            n, us = kernels.get(e.name, (0, 0.0))
+            kernels[e.name] = (n + 1, us + e.device_time)
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    return {"launches_per_step": sum(n for n, _ in kernels.values()) / steps,
+            "kernel_us_per_step": sum(us for _, us in kernels.values()) / steps,
+            "top": [{"kernel": k[:90], "calls_per_step": n / steps, "us_per_step": us / steps}
+                    for k, (n, us) in rows[:top]]}
+
+
+def logit_gap(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"rel_err": float((a - b).norm() / b.norm()), "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
 @torch.no_grad()
 def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, steps: int, chunk: int,
-             graphs: bool) -> dict:
-    """Prefill one prompt, copy its cache to `batch` rows, then decode eagerly and (with `graphs`) from a
-    captured graph, each from the same prefilled state."""
+             graphs: bool, compile_step: bool = False, profile_steps: int = 0) -> dict:
+    """Prefill one prompt, copy its cache to `batch` rows, then decode eagerly, from a captured graph (`graphs`) and
+    compiled then captured (`compile_step`), each from the same prefilled state."""
     cfg = model.config
     device.empty_cache()
     device.reset_peak()
     g = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(2, cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    max_len = prompt_len + steps + 3    # room for the capture's warm-up + capture steps
+    max_len = prompt_len + 2 * steps + profile_steps + 8    # room for warm-ups, captures and the profile
     one = model.new_cache(1, max_len)
     device.synchronize()
     t0 = time.perf_counter()
@@ -149,28 +179,62 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     def step(tok, act):
         return decode_step(model, tok, cache, act)
 
+    def captured(fn):
+        runner = DecodeGraphRunner(fn, lambda b: (first[:b].clone(), active[:b].clone()), device,
+                                   buckets=(batch,), warmup=2)
+        replicate_rows(one, cache)      # capture runs the step warmup + 1 times: from the prefilled lengths
+        runner.capture()
+        replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
+        return runner
+
     timed_decode(step, first, active, 2, device)      # warm-up: lazy kernel builds, allocator
     replicate_rows(one, cache)
+    eager_logits = step(first, active).clone()
+    replicate_rows(one, cache)
     eager_s = timed_decode(step, first, active, steps, device)
-    graph_s, mode = None, "off (--no-graph)"
-    if graphs:
-        try:
-            runner = DecodeGraphRunner(step, lambda b: (first[:b].clone(), active[:b].clone()), device,
-                                       buckets=(batch,), warmup=2)
-            replicate_rows(one, cache)      # capture runs the step warmup + 1 times: from the prefilled lengths
-            runner.capture()
-            replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
-            graph_s = timed_decode(runner, first, active, steps, device)
-            mode = "captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)"
-            del runner
-        except Exception as e:  # noqa: BLE001 -- report it; the eager numbers stand
-            mode = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     row = {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
            "eager_tok_s": batch * steps / eager_s, "eager_step_ms": eager_s / steps * 1e3,
-           "graph_tok_s": batch * steps / graph_s if graph_s else None,
-           "graph_step_ms": graph_s / steps * 1e3 if graph_s else None,
-           "bytes_per_step": weight_bytes_per_step(model, batch) + cache_bytes(cache), "graph": mode,
-           "peak_gib": device.memory().peak / 2**30}
+           "graph_tok_s": None, "graph_step_ms": None, "graph": "off (--no-graph)",
+           "compiled_tok_s": None, "compiled_step_ms": None, "compile_s": None, "compiled_vs_eager": None,
+           "compiled": "off" if not compile_step else ""}
+    if graphs:
+        try:
+            runner = captured(step)
+            graph_s = timed_decode(runner, first, active, steps, device)
+            row.update(graph_tok_s=batch * steps / graph_s, graph_step_ms=graph_s / steps * 1e3,
+                       graph="captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)")
+            if profile_steps and device.type == "cuda":
+                row["profile"] = kernel_profile(runner, first, active, profile_steps)
+            del runner
+        except Exception as e:  # noqa: BLE001 -- report it; the eager numbers stand
+            row["graph"] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    if compile_step:
+        from ascend.backends.cuda import compile_decode, make_kernels
+
+        eager_kernels = model.kernels
+        use_kernels(model, make_kernels(for_compile=True))
+        torch._dynamo.reset()           # a new cache object and shapes: start from an empty compile cache
+        try:
+            fn = compile_decode(step)
+            replicate_rows(one, cache)
+            t0 = time.perf_counter()
+            compiled_logits = fn(first, active).clone()
+            row["compile_s"] = time.perf_counter() - t0
+            row["compiled_vs_eager"] = logit_gap(compiled_logits, eager_logits)
+            runner = captured(fn) if graphs else fn
+            compiled_s = timed_decode(runner, first, active, steps, device)
+            row.update(compiled_tok_s=batch * steps / compiled_s, compiled_step_ms=compiled_s / steps * 1e3,
+                       compiled="compiled + captured" if graphs else "compiled, eager launches")
+            if profile_steps and device.type == "cuda":
+                row["compiled_profile"] = kernel_profile(runner, first, active, profile_steps)
+            del runner, fn
+        except Exception as e:  # noqa: BLE001 -- report it; the other numbers stand
+            row["compiled"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        finally:
+            use_kernels(model, eager_kernels)
+            torch._dynamo.reset()
+    row["bytes_per_step"] = weight_bytes_per_step(model, batch) + cache_bytes(cache)
+    row["peak_gib"] = device.memory().peak / 2**30
     del one, cache, logits
     device.empty_cache()
     return row
@@ -420,6 +484,10 @@ def main() -> None:
                    help="measure eager decode only (no graph capture)")
     p.add_argument("--moe", default="auto", choices=list(MOE_MODES),
                    help="MoE path: auto (static for decode / capture), static, or dynamic (eager only)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the decode step compiled by ascend.backends.cuda.compile_decode (then captured)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="CUDA: profile this many replayed decode steps per case and print the top kernels")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--hf-limit", type=float, default=10.0,
                    help="seconds of HF decode per case at most (fewer steps are timed when it is slow)")
@@ -438,19 +506,19 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     bandwidth = copy_bandwidth(device, 2**30 if device.type != "cpu" else 2**27)
     graphs = not args.no_graph and args.moe != "dynamic"
-    rows = [run_case(model, device, pl, b, args.steps, args.chunk, graphs) for pl in args.prompts for b in args.batches]
+    rows = [run_case(model, device, pl, b, args.steps, args.chunk, graphs, args.compile, args.profile)
+            for pl in args.prompts for b in args.batches]
+    best = lambda r: max(r["eager_tok_s"], r["graph_tok_s"] or 0.0, r["compiled_tok_s"] or 0.0)  # noqa: E731
     for r in rows:
         r["roofline_tok_s"] = r["batch"] * bandwidth / r["bytes_per_step"]
-        best = max(r["eager_tok_s"], r["graph_tok_s"] or 0.0)
-        r["of_roofline"] = best / r["roofline_tok_s"]
+        r["of_roofline"] = best(r) / r["roofline_tok_s"]
     hf = ({"skipped": "--no-hf"} if args.no_hf
           else hf_baseline(model, device, args.prompts, args.batches, args.steps, args.hf_limit))
     for r in rows:
         theirs = hf.get("cases", {}).get(f"{r['prompt']}x{r['batch']}", {})
         r["hf_tok_s"] = theirs.get("tok_s")
         r["hf_note"] = theirs.get("skipped", "")
-        best = max(r["eager_tok_s"], r["graph_tok_s"] or 0.0)
-        r["vs_hf"] = best / r["hf_tok_s"] if r["hf_tok_s"] else None
+        r["vs_hf"] = best(r) / r["hf_tok_s"] if r["hf_tok_s"] else None
     doc = {"device": str(device), "preset": args.preset, "layers": args.layers, "experts": cfg.n_routed_experts,
            "expert_dtype": cfg.expert_dtype, "dtype": str(dtype), "moe": args.moe, "build_s": build_s,
            "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
@@ -462,18 +530,28 @@ def main() -> None:
           f"{build_s:.1f} s")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"{'prompt':>7} {'batch':>5} {'prefill tok/s':>13} {'eager tok/s':>11} {'graph tok/s':>11} "
-          f"{'graph x':>7} {'step ms e/g':>13} {'MB/step':>8} {'roofline tok/s':>14} {'of roof':>7} {'HF tok/s':>9} "
-          f"{'vs HF':>6} {'peak GiB':>8}  graph")
+          f"{'compiled tok/s':>14} {'step ms e/g/c':>19} {'MB/step':>8} {'roofline tok/s':>14} {'of roof':>7} "
+          f"{'HF tok/s':>9} {'vs HF':>6} {'peak GiB':>8}  graph; compiled")
     for r in rows:
-        speedup = r["graph_tok_s"] / r["eager_tok_s"] if r["graph_tok_s"] else None
-        steps_ms = f"{r['eager_step_ms']:.2f}/{fmt(r['graph_step_ms'], '.2f')}"
+        steps_ms = "/".join(fmt(r[k], ".2f") for k in ("eager_step_ms", "graph_step_ms", "compiled_step_ms"))
+        gap = r["compiled_vs_eager"]
+        compiled = r["compiled"] + (f" in {r['compile_s']:.0f} s, logits vs eager: rel err {gap['rel_err']:.2g}, "
+                                    f"argmax equal {gap['argmax_equal']:.0%}" if gap else "")
         print(f"{r['prompt']:>7} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['eager_tok_s']:>11.1f} "
-              f"{fmt(r['graph_tok_s'], '.1f'):>11} {fmt(speedup, '.2f'):>7} {steps_ms:>13} "
+              f"{fmt(r['graph_tok_s'], '.1f'):>11} {fmt(r['compiled_tok_s'], '.1f'):>14} {steps_ms:>19} "
               f"{r['bytes_per_step'] / 1e6:>8.1f} {r['roofline_tok_s']:>14.1f} {r['of_roofline']:>7.1%} "
-              f"{fmt(r['hf_tok_s'], '.1f'):>9} {fmt(r['vs_hf'], '.2f'):>6} {r['peak_gib']:>8.2f}  {r['graph']}"
-              + (f"; HF: {r['hf_note']}" if r["hf_note"] else ""))
+              f"{fmt(r['hf_tok_s'], '.1f'):>9} {fmt(r['vs_hf'], '.2f'):>6} {r['peak_gib']:>8.2f}  {r['graph']}; "
+              f"{compiled}" + (f"; HF: {r['hf_note']}" if r["hf_note"] else ""))
     print("roofline: (weights a step reads, routed experts by expected distinct use, + whole KV cache) / copy "
-          "bandwidth; 'of roof' and 'vs HF' use the faster of eager and graph")
+          "bandwidth; 'of roof' and 'vs HF' use the fastest of eager, graph and compiled")
+    for r in rows:
+        for key, what in (("profile", "captured"), ("compiled_profile", "compiled + captured")):
+            prof = r.get(key)
+            if prof:
+                print(f"kernels of one {what} step, prompt {r['prompt']} batch {r['batch']}: "
+                      f"{prof['launches_per_step']:.0f} launches, {prof['kernel_us_per_step']:.0f} us of kernels")
+                for k in prof["top"]:
+                    print(f"  {k['us_per_step']:>9.1f} us {k['calls_per_step']:>6.1f}x  {k['kernel']}")
     if "skipped" in hf:
         print("HF transformers baseline: skipped: " + hf["skipped"])
         return
