@@ -14,8 +14,7 @@ tests compare with `model.kernels.REFERENCE`.
 
 `rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
-launches, which is what a small-batch decode step is made of. `f32_linear` (router, compressors, head) multiplies
-the bf16 weights directly into float32 instead of widening them on every call.
+launches, which is what a small-batch decode step is made of.
 
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
@@ -105,15 +104,6 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
     return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)
 
 
-def f32_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`kernels.f32_linear`: bf16 operands straight into one float32-accumulating, float32-output GEMM (`mm` with
-    `out_dtype`, CUDA only) instead of a float32 copy of the weight per call; other dtypes take the reference."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_cuda:
-        return REFERENCE.f32_linear(x, weight)
-    y = torch.mm(x.reshape(-1, x.size(-1)), weight.t(), out_dtype=torch.float32)
-    return y.view(*x.shape[:-1], weight.size(0))
-
-
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`kernels.rope` as one complex multiply of the (even, odd) pairs of the last 2 * cos.size(-1) dims."""
     r = 2 * cos.size(-1)
@@ -155,10 +145,17 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
-# Not yet timed against alternatives on the GPU: 32 output rows per program; fp4 walks 512 inputs (8 KiB of packed
-# bytes) per step, fp8 128 (one scale block).
-EXPERT_MATMUL_CONFIG = {"fp4": dict(block_out=32, block_in=512, num_warps=4),
-                        "fp8": dict(block_out=32, block_in=128, num_warps=4)}
+# Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
+# per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
+# out / block_out programs and wants smaller blocks). Not yet timed against alternatives on the GPU:
+# scripts/bench_moe.py times variants. gemv: 32 output rows per program, fp4 walks 512 inputs (8 KiB of packed bytes)
+# per step, fp8 128 (one scale block); grouped: 64 (32) x 256 (128) tiles, rows per dot from the shapes.
+EXPERT_MATMUL_CONFIG = {
+    "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=64, block_in=256)),
+    "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
+LINEAR_MATMUL_CONFIG = {
+    "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
+    "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=32, block_in=128))}
 
 
 # The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake
@@ -196,16 +193,16 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
 
 @torch.library.custom_op("ascend_cuda::expert_matmul", mutates_args=())
 def expert_matmul_quant_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
-                               expert_idx: torch.Tensor) -> torch.Tensor:
+                               expert_idx: torch.Tensor, projection: bool = False) -> torch.Tensor:
     """Triton `kernels.expert_matmul` for fp4 / fp8 weights: the stored bytes are decoded in registers, never
-    materialised in the activation dtype."""
+    materialised in the activation dtype. `projection`: launch settings of LINEAR_MATMUL_CONFIG."""
     from ascend.backends import triton_moe
-    launch = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
-    return launch(x, weight, scale, expert_idx, **EXPERT_MATMUL_CONFIG[fmt])
+    config = (LINEAR_MATMUL_CONFIG if projection else EXPERT_MATMUL_CONFIG)[fmt]
+    return triton_moe.expert_matmul(x, weight, scale, fmt, expert_idx, **config)
 
 
 @expert_matmul_quant_triton.register_fake
-def _(x, weight, scale, fmt, expert_idx):
+def _(x, weight, scale, fmt, expert_idx, projection=False):
     return x.new_empty(x.size(0), weight.size(1))
 
 
@@ -218,21 +215,23 @@ def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
     return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
 
 
-LINEAR_FUSED_MAX_ROWS = 8    # the kernel re-reads the weight per row: decode-sized inputs only
+# Up to here the fused kernel (one weight read, decoded once per chunk of up to 64 rows) beats dequantising the whole
+# weight and one cuBLAS matmul; a guess covering batch-64 decode, to be set from scripts/bench_moe.py.
+LINEAR_FUSED_MAX_ROWS = 64
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
                   formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
     """`kernels.linear` for decode: an fp8 / fp4 projection of at most LINEAR_FUSED_MAX_ROWS tokens runs the expert
-    kernel with one "expert" (the stored bytes decoded in registers, read once per row) instead of dequantising the
-    whole weight into the activation dtype every call; larger inputs (prefill) keep the reference, whose
-    dequantisation is amortised over the rows."""
+    kernels with one "expert" (the stored bytes decoded in registers: one row per GEMV, more rows grouped into
+    tensor-core tiles) instead of dequantising the whole weight into the activation dtype every call; larger inputs
+    (prefill) keep the reference, whose dequantisation is amortised over the rows."""
     rows = x.numel() // x.size(-1)
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
     flat = x.reshape(rows, x.size(-1))
     idx = torch.zeros(rows, dtype=torch.int64, device=x.device)
-    y = expert_matmul_quant_triton(flat, weight.unsqueeze(0), scale.unsqueeze(0), fmt, idx)
+    y = expert_matmul_quant_triton(flat, weight.unsqueeze(0), scale.unsqueeze(0), fmt, idx, projection=True)
     return y.reshape(*x.shape[:-1], weight.size(0))
 
 
@@ -258,9 +257,9 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     if use_triton is None:
         use_triton = triton_available()
     if for_compile:
-        short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
+        short = dict(hadamard=hadamard_matmul)
     else:
-        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
+        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
     if use_triton:
         formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
