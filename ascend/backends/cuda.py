@@ -14,7 +14,8 @@ tests compare with `model.kernels.REFERENCE`.
 
 `rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
-launches, which is what a small-batch decode step is made of.
+launches, which is what a small-batch decode step is made of. `f32_linear` (router, compressors, head) multiplies
+the bf16 weights directly into float32 instead of widening them on every call.
 
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
@@ -102,6 +103,15 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
     """`kernels.rms_norm` through torch's fused RMS norm (float32 math, x's dtype out)."""
     w = weight.float() if weight is not None else None
     return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)
+
+
+def f32_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`kernels.f32_linear`: bf16 operands straight into one float32-accumulating, float32-output GEMM (`mm` with
+    `out_dtype`, CUDA only) instead of a float32 copy of the weight per call; other dtypes take the reference."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_cuda:
+        return REFERENCE.f32_linear(x, weight)
+    y = torch.mm(x.reshape(-1, x.size(-1)), weight.t(), out_dtype=torch.float32)
+    return y.view(*x.shape[:-1], weight.size(0))
 
 
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -257,9 +267,9 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     if use_triton is None:
         use_triton = triton_available()
     if for_compile:
-        short = dict(hadamard=hadamard_matmul)
+        short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     else:
-        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul)
+        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     if use_triton:
         formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
