@@ -76,8 +76,10 @@ def test_hc_pre_matches_reference(n, tokens, d, dtype):
     _check_pre(triton_mhc.launch_hc_pre(x, fn, scale, base, ITERS, EPS, NORM_EPS, **SMALL), x, fn, scale, base)
 
 
-def test_hc_pre_custom_op_default_launch_and_iteration_counts():
+def test_hc_pre_custom_op_default_launch_strided_streams_and_iteration_counts():
     x, fn, scale, base = _streams(3, 4, 200, torch.bfloat16, seed=1)
+    x = torch.cat((x, x), dim=-1)[..., 100:300]            # streams 400 elements apart, not 200
+    assert not x.is_contiguous()
     _check_pre(triton_mhc.hc_pre(x, fn, scale, base, ITERS, EPS, NORM_EPS), x, fn, scale, base)
     for iters in (1, 2):            # the first round (row softmax, columns) alone, and one alternation after it
         got = triton_mhc.launch_hc_pre(x, fn, scale, base, iters, EPS, NORM_EPS, **SMALL)
@@ -157,6 +159,15 @@ def test_wrong_fn_shape_is_rejected():
     x, fn, scale, base = _streams(1, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="hc fn"):
         triton_mhc.launch_hc_pre(x, fn[:, :-1], scale, base, ITERS, EPS, NORM_EPS)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    """Schema, fake (meta) implementations and dispatch of the three ops, as torch.library checks them."""
+    x, fn, scale, base = _streams(2, 4, 32, torch.bfloat16, seed=12)
+    torch.library.opcheck(triton_mhc.hc_pre, (x, fn, scale, base, ITERS, EPS, NORM_EPS))
+    y, post, comb = triton_mhc.hc_pre(x, fn, scale, base, ITERS, EPS, NORM_EPS)
+    torch.library.opcheck(triton_mhc.hc_post, (y, x, post, comb))
+    torch.library.opcheck(triton_mhc.hc_head, (x, fn[:4], scale[:1], base[:4], EPS, NORM_EPS))
 
 
 def test_custom_ops_trace_as_single_nodes():
