@@ -42,12 +42,14 @@ class CacheSession:
     the smallest of `buckets` that holds it, the cache is allocated for that many rows and kept while later
     batches fit it (same bucket, no longer context), and the graph is captured once per such cache. Padding rows
     are inactive, so they neither move nor write. The MoE layers run their static-shape path inside the graph.
+    With `compile` the captured step is the decode step compiled by `ascend.backends.cuda.compile_decode` (one
+    inductor graph per cache; the model should hold `make_kernels(for_compile=True)`).
     """
 
     def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None, graphs: Any = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile: bool = False):
         self.model, self.device, self.prefill_chunk, self.cache = model, device, prefill_chunk, None
-        self.graphs, self.buckets = graphs, tuple(sorted(buckets))
+        self.graphs, self.buckets, self.compile = graphs, tuple(sorted(buckets)), compile
         self._full = None        # the graph path's cache: bucket rows, reused across batches that fit it
         self._runner = None      # DecodeGraphRunner over self._full
         self._graphed = False    # whether this batch decodes through self._runner
@@ -62,7 +64,13 @@ class CacheSession:
             self.cache = self._full = self._runner = None             # free the old cache and graph first
             self.graphs.empty_cache()
             full = self.model.new_cache(rows, max_len, device=self.device)
-            runner = DecodeGraphRunner(lambda tok, act: decode_step(self.model, tok, full, act),
+            step = lambda tok, act: decode_step(self.model, tok, full, act)  # noqa: E731
+            if self.compile:
+                from ascend.backends.cuda import compile_decode
+
+                torch._dynamo.reset()       # the previous cache's graph is gone: do not count it as a recompile
+                step = compile_decode(step)
+            runner = DecodeGraphRunner(step,
                                        lambda b: (torch.zeros(b, dtype=torch.long, device=self.device),
                                                   torch.zeros(b, dtype=torch.bool, device=self.device)),
                                        self.graphs, buckets=(rows,))
@@ -124,21 +132,31 @@ def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int)
 
 
 def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto",
-                  prefill_chunk: int | None = None, graphs: bool | None = None
+                  prefill_chunk: int | None = None, graphs: bool | None = None, compile: bool = False
                   ) -> tuple[CacheSession, CacheSession, str]:
     """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used).
 
-    `graphs`: capture decode (see `use_graphs`; None = the device's default)."""
+    `graphs`: capture decode (see `use_graphs`; None = the device's default). `compile`: capture the decode step
+    compiled by torch.compile (CUDA, with graphs only: refused before any weight is loaded otherwise)."""
     from ascend.backends import get_kernels
     from convert.manifest import load_rank
     from model.transformer import Transformer
 
     plan = checked.plan
     exchange = choose_exchange(exchange, plan)
+    graphed = use_graphs(graphs, mesh.device.type, exchange, plan.ep)
+    if compile and not (mesh.device.type == "cuda" and graphed):
+        raise LaunchError(f"--compile needs CUDA with captured decode graphs (here: {mesh.device.type}, graphs "
+                          f"{'on' if graphed else 'off'}); drop --compile")
     ctx = parallel_context(plan, mesh, exchange)
     device = mesh.device.torch_device
+    kernels = get_kernels(mesh.device)
+    if compile:
+        from ascend.backends.cuda import make_kernels
+
+        kernels = make_kernels(for_compile=True)
     with torch.device(device):
-        model = Transformer(checked.config, ctx, get_kernels(mesh.device), compute_dtype(mesh.device.type))
+        model = Transformer(checked.config, ctx, kernels, compute_dtype(mesh.device.type))
     try:
         state = load_rank(ckpt, mesh.rank)  # experts named by logical id, as the model's
     except Exception as e:  # noqa: BLE001 -- safetensors raises its own types on damaged files
@@ -146,5 +164,6 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
                           f"run `ascend verify {ckpt}`") from None
     model.load_weights(state)
     model.eval()
-    graph_device = mesh.device if use_graphs(graphs, mesh.device.type, exchange, plan.ep) else None
-    return CacheSession(model, device, prefill_chunk, graph_device), CacheSession(model, device), exchange
+    graph_device = mesh.device if graphed else None
+    return (CacheSession(model, device, prefill_chunk, graph_device, compile=compile), CacheSession(model, device),
+            exchange)

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data-parallel groups and the all-reduce combine otherwise")
     p.add_argument("--no-graph", action="store_true",
                    help="decode eagerly (default on CUDA: replay captured graphs, batch padded to 1/2/4/.../32)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: capture the decode step compiled by torch.compile (inductor; tens of seconds per batch "
+                        "bucket at start, then fewer, fused kernels per token)")
     p.add_argument("--no-stream", action="store_true", help="print each reply when complete")
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
     p.add_argument("--save", type=Path, help="also write that JSON document to this file")
@@ -181,13 +184,14 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
     session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk,
-                                            graphs=False if args.no_graph else None)
+                                            graphs=False if args.no_graph else None, compile=args.compile)
     tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this
         dist.barrier()
     log(env.rank, f"[launch] rank shards loaded in {time.perf_counter() - t0:.1f} s on "
                   f"{mesh.device.collective_backend if mesh.distributed else mesh.device.type}; expert exchange: "
-                  f"{exchange}; decode {'graphs' if session.graphs is not None else 'eager'}")
+                  f"{exchange}; decode {'graphs' if session.graphs is not None else 'eager'}"
+                  f"{' (compiled)' if session.compile else ''}")
     lockstep = Lockstep(mesh.tp_group, mesh.dp_rank * mesh.tp_size, mesh.tp_size,
                         world=mesh.distributed and mesh.dp_size > 1, device=mesh.device.torch_device)
     if args.interactive:
