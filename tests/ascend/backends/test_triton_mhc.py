@@ -56,11 +56,10 @@ def _assert_rounded_from(out: torch.Tensor, exact: torch.Tensor) -> None:
 
 
 def _check_pre(got, x, fn, scale, base, iters=ITERS):
+    """post and comb against the reference Sinkhorn of the reference mixes; y against the reference hc_pre."""
     y, post, comb = got
-    ref_y, ref_post, ref_comb = REFERENCE.hc_pre(x.float(), fn, scale, base, iters, EPS, NORM_EPS)
-    # post and comb are the reference's Sinkhorn of the reference mixes
-    s_pre, s_post, s_comb = REFERENCE.sinkhorn(_hc_mixes(x, fn, NORM_EPS), scale, base, iters, EPS)
-    assert torch.equal(s_post, ref_post) and torch.equal(s_comb, ref_comb)
+    _, ref_post, ref_comb = REFERENCE.sinkhorn(_hc_mixes(x, fn, NORM_EPS), scale, base, iters, EPS)
+    ref_y = REFERENCE.hc_pre(x.float(), fn, scale, base, iters, EPS, NORM_EPS)[0]
     assert y.shape == x.shape[:2] + x.shape[3:] and y.dtype == x.dtype
     assert post.dtype == comb.dtype == torch.float32 and comb.shape == x.shape[:3] + x.shape[2:3]
     torch.testing.assert_close(post, ref_post, rtol=1e-5, atol=1e-6)
