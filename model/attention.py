@@ -70,7 +70,7 @@ class Attention(nn.Module):
         self.window, self.head_dim, self.rope_dim = config.window_size, config.head_dim, config.rope_head_dim
         self.n_local_heads = parallel.split(config.n_heads, "n_heads")
         self.n_local_groups = parallel.split(config.o_groups, "o_groups")
-        self.o_lora_rank, self.eps = config.o_lora_rank, config.norm_eps
+        self.eps = config.norm_eps
         self.softmax_scale = config.head_dim ** -0.5
 
         self.attn_sink = nn.Parameter(torch.empty(self.n_local_heads, dtype=torch.float32), requires_grad=False)
@@ -147,8 +147,7 @@ class Attention(nn.Module):
         """Undo the RoPE on the output's last dims, then wo_a per head group (grouped einsum) and wo_b."""
         o = self.kernels.rope(o, cos, sin, inverse=True)
         o = o.flatten(2).unflatten(-1, (self.n_local_groups, -1))              # [B, S, groups, heads/group * D]
-        wo_a = self.wo_a.dequantized(o.dtype).view(self.n_local_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
+        o = self.kernels.grouped_linear(o, self.wo_a.weight, self.wo_a.scale, self.wo_a.fmt)   # [B, S, groups, r]
         return self.wo_b(o.flatten(2))
 
     # ------------------------------------------------------------------------------------------- forward

@@ -28,7 +28,7 @@ from model import quant
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "expert_matmul", "take_rows", "use_kernels"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "expert_matmul", "take_rows", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -260,6 +260,16 @@ def f32_linear(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.float(), weight.float())
 
 
+def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
+    """A block-diagonal projection (attention's grouped output projection `wo_a`): x [..., G, in]; weight / scale
+    a stored [G * out, in] weight (`model.quant.weight_layout`) whose rows [g * out, (g + 1) * out) serve group g.
+    Returns [..., G, out] in x's dtype, y[..., g, :] = x[..., g, :] @ W_g^T. Reference: dequantise the whole weight
+    into x's dtype, then one einsum over the groups."""
+    groups = x.size(-2)
+    w = quant.dequantize_weight(weight, scale, fmt, x.dtype).view(groups, weight.size(0) // groups, -1)
+    return torch.einsum("...gd,grd->...gr", x, w)
+
+
 def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
     """One row per selection times the stored weight of that selection's expert (the static MoE path).
 
@@ -292,6 +302,7 @@ class Kernels:
     hc_head: Callable[..., Tensor] = hc_head
     gate_topk: Callable[..., tuple[Tensor, Tensor]] = gate_topk
     f32_linear: Callable[..., Tensor] = f32_linear
+    grouped_linear: Callable[..., Tensor] = grouped_linear
     expert_matmul: Callable[..., Tensor] = expert_matmul
 
 

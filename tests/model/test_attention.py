@@ -138,7 +138,8 @@ def naive_attention(attn: Attention, x, sim=False):
         o = p @ keys_i
         o = torch.stack([_rot(h, f * i, inverse=True) for h in o])
         o = o.reshape(attn.n_local_groups, -1)
-        wo_a = attn.wo_a.dequantized(torch.float64).view(attn.n_local_groups, attn.o_lora_rank, -1)
+        groups = attn.n_local_groups
+        wo_a = attn.wo_a.dequantized(torch.float64).view(groups, attn.wo_a.out_features // groups, -1)
         o = torch.einsum("gd,grd->gr", o, wo_a).flatten()
         outs.append(o @ attn.wo_b.dequantized(torch.float64).T)
     return torch.stack(outs)
