@@ -39,9 +39,10 @@ Tensor = torch.Tensor
 
 # Launch settings, not yet timed on a GPU (scripts/bench_mhc.py compares variants): 128-wide K blocks give 128
 # GEMV programs at V4-Flash batch 1, and each program reuses its fn block for up to 8 tokens (at batch 32 fn is read
-# 4 times from L2, not 32); the mix kernel's Sinkhorn is ~40 dependent reductions of a 4 x 4 tile, which one warp
-# does with shuffles only, and a 512-wide block of D keeps that warp's y loads at 64 values per thread.
-PRE_CONFIG = dict(block_k=128, block_t=8, block_d=512, mix_warps=1)
+# 4 times from L2, not 32); the mix kernel adds the partials up 64 rows at a time (80 registers per thread at any D),
+# its Sinkhorn is ~40 dependent reductions of a 4 x 4 tile, which one warp does with shuffles only, and a 512-wide
+# block of D keeps that warp's y loads at 64 values per thread.
+PRE_CONFIG = dict(block_k=128, block_t=8, kb_chunk=64, block_d=512, mix_warps=1)
 POST_CONFIG = dict(block_d=128, num_warps=4)
 
 
@@ -81,34 +82,40 @@ def _hc_mix_kernel(
     x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
     D, KB, iters, eps, norm_eps,
     sx_t, sx_k, sx_d,
-    N: tl.constexpr, N_PAD: tl.constexpr, KB_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
 ):
     """Sum the partials of token t, normalise, sigmoid (+ Sinkhorn), y[t, block] = sum_k pre_k x[t, k, block]."""
     M: tl.constexpr = (2 + N) * N if SINKHORN else N
     t = tl.program_id(0)
     db = tl.program_id(1)
-    kb = tl.arange(0, KB_PAD)
-    kb_ok = kb < KB
-    part = part_ptr + t.to(tl.int64) * KB * (M + 1) + kb * (M + 1)               # [KB_PAD] row starts
-
-    sumsq = tl.sum(tl.load(part + M, mask=kb_ok, other=0.0), axis=0)
-    mean = tl.math.div_rn(sumsq, (N * D).to(tl.float32))
-    rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + norm_eps))                  # rsqrt, IEEE-rounded
-
     i = tl.arange(0, N_PAD)
     i_ok = i < N
-    kb_i = kb_ok[:, None] & i_ok[None, :]
-    pre = tl.sum(tl.load(part[:, None] + i[None, :], mask=kb_i, other=0.0), axis=0) * rms
-    pre = _sigmoid(pre * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)) + eps
+    cell = 2 * N + i[:, None] * N + i[None, :]                                    # comb[k, j], row-major
+    ok = i_ok[:, None] & i_ok[None, :]
+    # the partials' rows KB_CHUNK at a time (registers stay bounded for any D)
+    kb = tl.arange(0, KB_CHUNK)
+    sumsq = 0.0
+    pre = tl.zeros([N_PAD], tl.float32)
+    post = tl.zeros([N_PAD], tl.float32)
+    z = tl.zeros([N_PAD, N_PAD], tl.float32)
+    for k0 in range(0, KB, KB_CHUNK):
+        kb_ok = k0 + kb < KB
+        row = part_ptr + (t.to(tl.int64) * KB + k0 + kb) * (M + 1)                  # [KB_CHUNK] row starts
+        sumsq += tl.sum(tl.load(row + M, mask=kb_ok, other=0.0), axis=0)
+        pre += tl.sum(tl.load(row[:, None] + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0), axis=0)
+        if SINKHORN:
+            post += tl.sum(tl.load(row[:, None] + N + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0),
+                           axis=0)
+            z += tl.sum(tl.load(row[:, None, None] + cell[None], mask=kb_ok[:, None, None] & ok[None], other=0.0),
+                        axis=0)
+
+    mean = tl.math.div_rn(sumsq, (N * D).to(tl.float32))
+    rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + norm_eps))                  # rsqrt, IEEE-rounded
+    pre = _sigmoid(pre * rms * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)) + eps
 
     if SINKHORN:
-        post = tl.sum(tl.load(part[:, None] + N + i[None, :], mask=kb_i, other=0.0), axis=0) * rms
-        post = 2.0 * _sigmoid(post * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + i, mask=i_ok, other=0.0))
-        cell = 2 * N + i[:, None] * N + i[None, :]                                # comb[k, j], row-major
-        ok = i_ok[:, None] & i_ok[None, :]
-        z = tl.sum(tl.load(part[:, None, None] + cell[None], mask=kb_ok[:, None, None] & ok[None], other=0.0),
-                   axis=0) * rms
-        z = z * tl.load(scale_ptr + 2) + tl.load(base_ptr + cell, mask=ok, other=0.0)
+        post = 2.0 * _sigmoid(post * rms * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + i, mask=i_ok, other=0.0))
+        z = z * rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + cell, mask=ok, other=0.0)
         # round 1: softmax over each row, + eps, then divide the columns by their sums (+ eps). Padding columns
         # (n not a power of two) are -inf for the softmax; padding rows stay finite, then everything padded is 0.
         z = tl.where(i_ok[None, :], z, float("-inf"))
@@ -157,7 +164,7 @@ def _hc_post_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float,
-                    sinkhorn: bool, block_k: int, block_t: int, block_d: int,
+                    sinkhorn: bool, block_k: int, block_t: int, kb_chunk: int, block_d: int,
                     mix_warps: int) -> tuple[Tensor, Tensor, Tensor]:
     """The two launches shared by hc_pre (`sinkhorn=True`) and hc_head: returns y, post, comb (the last two
     [.., 0]-sized for hc_head)."""
@@ -180,7 +187,7 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
                                                        BLOCK_T=block_t)
     _hc_mix_kernel[(T, triton.cdiv(D, block_d))](
         xt, part, scale, base, y, post, comb, D, kb, iters, eps, norm_eps, *xt.stride(),
-        N=n, N_PAD=triton.next_power_of_2(n), KB_PAD=triton.next_power_of_2(kb), BLOCK_D=block_d,
+        N=n, N_PAD=triton.next_power_of_2(n), KB_CHUNK=min(kb_chunk, triton.next_power_of_2(kb)), BLOCK_D=block_d,
         SINKHORN=sinkhorn, num_warps=mix_warps)
     return y, post, comb
 

@@ -28,7 +28,8 @@ if not cuda.triton_available() and not (os.environ.get("TRITON_INTERPRET") == "1
 from ascend.backends import triton_mhc  # noqa: E402  (imports triton)
 
 ITERS, EPS, NORM_EPS = 20, 1e-6, 1e-6
-SMALL = dict(block_k=32, block_t=4, block_d=32)   # several blocks of D and of tokens, partial last ones
+# several blocks of D, of tokens and of partial sums, partial last ones, at test sizes
+SMALL = dict(block_k=32, block_t=4, kb_chunk=4, block_d=32)
 # One rounding of float32 to bf16, relative: half a bf16 ulp (2^-8) on the GPU (round to nearest even); the
 # interpreter's float32 -> bf16 cast truncates, up to a whole ulp (2^-7).
 BF16_ROUNDING = 2 ** -8 if TRITON_DEVICE == "cuda" else 2 ** -7
