@@ -10,7 +10,8 @@ decode them in registers next to the multiply. Two kernels per format, picked by
   `argsort(expert_idx)`); no tensor cores. Best when each expert has about one row (batch-1 decode).
 - grouped (`grouped_matmul_fp4` / `_fp8`): selections sorted by expert; a program per (block of output rows,
   expert) decodes the expert's tile ONCE per chunk of BLOCK_M of its rows and multiplies it with them through
-  `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row).
+  `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row);
+  a grid of few programs (a projection with few output blocks) is split over the inputs too (split-K).
 
 The per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 16 bytes]: low nibbles multiply the
 even inputs, high nibbles the odd ones, each group's float32 partial sum is scaled once. Decoding is a few integer
@@ -147,7 +148,7 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 @triton.jit
 def _fp4_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
-    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
@@ -157,6 +158,8 @@ def _fp4_grouped_kernel(
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
     first = tl.load(starts_ptr + expert)
+    k_split = tl.program_id(2)                            # this program's share of the inputs: K_SPLIT of them
+    k_first = k_split * K_SPLIT
     rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
     g = tl.arange(0, GROUPS)
@@ -169,7 +172,7 @@ def _fp4_grouped_kernel(
         sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
         x_cols = x_ptr + sel[None, :] * sx                                   # [1, BLOCK_M]: x seen transposed
         acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
-        for k0 in range(0, IN, BLOCK_IN):
+        for k0 in range(k_first, tl.minimum(IN, k_first + K_SPLIT), BLOCK_IN):
             group = k0 // 32 + g                                             # [GROUPS] scale column
             group_ok = group < IN // 32                                      # IN is a multiple of 32
             byte = group[:, None] * 16 + tl.arange(0, 16)[None, :]           # [GROUPS, 16] packed column
@@ -183,14 +186,14 @@ def _fp4_grouped_kernel(
             col = k0 + cols
             xt = tl.load(x_cols + col[:, None], mask=(col < IN)[:, None] & m_ok[None, :], other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        tl.store(y_ptr + sel[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & m_ok[None, :])
+        y_at = y_ptr + k_split * sy_split + sel[None, :] * sy + rows[:, None]
+        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
 def _fp8_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
-    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
@@ -198,6 +201,8 @@ def _fp8_grouped_kernel(
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     first = tl.load(starts_ptr + expert)
+    k_split = tl.program_id(2)                            # this program's share of the inputs: K_SPLIT of them
+    k_first = k_split * K_SPLIT
     ob = tl.program_id(0)
     rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
@@ -210,15 +215,15 @@ def _fp8_grouped_kernel(
         sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
         x_cols = x_ptr + sel[None, :] * sx
         acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
-        for k0 in range(0, IN, BLOCK_IN):
+        for k0 in range(k_first, tl.minimum(IN, k_first + K_SPLIT), BLOCK_IN):
             col = k0 + cols
             col_ok = col < IN
             w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             xt = tl.load(x_cols + col[:, None], mask=col_ok[:, None] & m_ok[None, :], other=0.0)
             scale = _e8m0_value(tl.load(s_row + k0 // 128).to(tl.int32))
             acc += tl.dot(w.to(dot_type), xt, input_precision=PRECISION) * scale
-        tl.store(y_ptr + sel[None, :] * sy + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & m_ok[None, :])
+        y_at = y_ptr + k_split * sy_split + sel[None, :] * sy + rows[:, None]
+        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
 
 
 def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
@@ -235,24 +240,45 @@ def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...
     return order, starts, counts, experts
 
 
-def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, num_warps,
+def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, split_k, num_warps,
                     num_stages) -> torch.Tensor:
-    n = x.size(0)
+    n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     x = x.contiguous()
     s = scale.view(torch.uint8)
     assert weight.stride(-1) == 1 and s.stride(-1) == 1
-    y = torch.empty(n, weight.size(1), dtype=x.dtype, device=x.device)
     if n == 0:
-        return y
+        return torch.empty(0, n_out, dtype=x.dtype, device=x.device)
     if block_m is None:
         block_m = grouped_block_m(n, weight.size(0))
     order, starts, counts, experts = _groups(expert_idx, weight.size(0))
-    grid = (triton.cdiv(weight.size(1), block_out), experts.numel())
-    kernel[grid](x, weight, s, order, starts, counts, experts, y, weight.size(1), x.size(1), x.stride(0),
-                 weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
-                 BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
-                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
-    return y
+    grid = (triton.cdiv(n_out, block_out), experts.numel())
+    if split_k is None:
+        split_k = grouped_split_k(grid[0] * grid[1], n_in, block_in, x.device)
+    k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in      # whole input blocks per split
+    split_k = triton.cdiv(n_in, k_split)
+    # with several splits each writes its float32 partial sums, added up below (deterministic, unlike atomics)
+    out = torch.empty((split_k, n, n_out)[split_k == 1:], dtype=x.dtype if split_k == 1 else torch.float32,
+                      device=x.device)
+    kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
+                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
+                              out.stride(0) if split_k > 1 else 0,
+                              BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                              num_stages=num_stages)
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+SPLIT_K_PROGRAMS_PER_SM = 4
+
+
+def grouped_split_k(programs: int, n_in: int, block_in: int, device: torch.device) -> int:
+    """Input splits from shapes alone so that a small grid still has SPLIT_K_PROGRAMS_PER_SM programs per SM: a
+    projection (E = 1) has only out / block_out programs (wo_b: 128 of 64 KiB-plus each on 132 SMs), while the
+    routed experts already have many. At least two input blocks per split; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_in // (2 * block_in), SPLIT_K_PROGRAMS_PER_SM * sms // programs))
 
 
 GROUPED_MAX_BLOCK_M = 64
@@ -267,23 +293,24 @@ def grouped_block_m(n_rows: int, n_experts: int) -> int:
 
 
 def grouped_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
-                       block_out: int = 64, block_m: int | None = None, block_in: int = 256, num_warps: int = 4,
-                       num_stages: int = 2) -> torch.Tensor:
+                       block_out: int = 64, block_m: int | None = None, block_in: int = 256,
+                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """`expert_matmul_fp4` with the rows grouped by expert (tensor cores). `block_out`, `block_m` >= 16 and
-    `block_in` >= 32 are powers of two; `block_m=None` picks `grouped_block_m`."""
+    `block_in` >= 32 are powers of two; None picks `block_m` by `grouped_block_m`, `split_k` (programs per
+    output tile, each over a share of the inputs) by `grouped_split_k`."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= 2 * 16
     return _launch_grouped(_fp4_grouped_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_m,
-                           block_in, num_warps, num_stages)
+                           block_in, split_k, num_warps, num_stages)
 
 
 def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
-                       block_out: int = 64, block_m: int | None = None, block_in: int = 128, num_warps: int = 4,
-                       num_stages: int = 2) -> torch.Tensor:
+                       block_out: int = 64, block_m: int | None = None, block_in: int = 128,
+                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """`expert_matmul_fp8` with the rows grouped by expert (tensor cores). `block_out` and `block_in` are powers of
-    two in [16, 128] (one scale block per tile), `block_m` >= 16 a power of two or None."""
+    two in [16, 128] (one scale block per tile); `block_m`, `split_k` as for `grouped_matmul_fp4`."""
     assert weight.size(2) == x.size(1) and 128 % block_out == 0 and 128 % block_in == 0 and block_in >= 16
     return _launch_grouped(_fp8_grouped_kernel, x, weight, scale, expert_idx, block_out, block_m, block_in,
-                           num_warps, num_stages)
+                           split_k, num_warps, num_stages)
 
 
 # ------------------------------------------------------------------------------------------------ the chooser

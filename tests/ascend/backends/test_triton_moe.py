@@ -95,6 +95,8 @@ def _uneven_experts(n_experts, block_m):
     ("fp4", 24, 64, dict(block_out=32, block_m=None, block_in=32)),       # block_m from the shapes
     ("fp8", 136, 160, dict(block_out=16, block_m=16, block_in=32)),       # ragged 128-blocks both ways
     ("fp8", 136, 160, dict(block_out=128, block_m=32, block_in=128)),
+    ("fp4", 40, 96, dict(block_out=16, block_m=16, block_in=32, split_k=3)),     # float32 partial sums
+    ("fp8", 136, 160, dict(block_out=16, block_m=16, block_in=32, split_k=2)),   # a split across scale blocks
 ])
 def test_grouped_matches_reference(fmt, d_out, d_in, launch, dtype):
     from ascend.backends import triton_moe

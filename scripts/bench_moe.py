@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Quantised-weight matmuls of the static MoE path and of decode-sized projections: the reference (gather,
+dequantise, bmm / matmul) against the per-selection GEMV and the grouped tensor-core kernel of
+`ascend.backends.triton_moe`, all measured in the same run, each replayed from a captured graph.
+
+Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2048 and w2 = 2048 -> 4096) with
+batch x 6 selections (6 distinct random experts per token), and FP8 projections with one weight (wq_b 1024 -> 32768,
+wo_b 8192 -> 4096) with batch rows. Columns: microseconds per call (median of 5 runs of back-to-back replays),
+GB/s of the distinct weight bytes the call must read (packed values + scales of every expert used), speed-up
+against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
+the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
+`cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times grouped launch settings (candidates for cuda.py's
+EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the grouped settings.
+
+    python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1, 8, 32, 64
+    python3 scripts/bench_moe.py --variants --json > moe.json
+    python3 scripts/bench_moe.py --quick                   # CPU smoke test: kernels only with TRITON_INTERPRET=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ascend.device import Device, get_device
+from model.kernels import REFERENCE
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fmt: str
+    n_experts: int           # 1: a projection (rows = batch), else routed experts (rows = batch x topk)
+    d_out: int
+    d_in: int
+
+
+@dataclass(frozen=True)
+class Shapes:
+    cases: tuple[Case, ...]
+    batches: tuple[int, ...]
+    topk: int
+    reps: int
+    dtype: torch.dtype       # of the rows (Triton's interpreter cannot take bf16 tl.dot operands)
+
+
+FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w2", "fp4", 256, 4096, 2048),
+               Case("wq_b", "fp8", 1, 32768, 1024), Case("wo_b", "fp8", 1, 4096, 8192)),
+              (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
+QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256)), (1, 4), 6, 1,
+               torch.float32)
+MOE_MAX_BATCH = 64            # routed-expert rows beyond decode sizes run the dynamic MoE path, not this one
+VARIANTS = {"fp4": {"o32 k256": dict(block_out=32, block_in=256), "o128 k256 w8": dict(block_out=128, num_warps=8),
+                    "o64 k128": dict(block_out=64, block_in=128), "o64 k512 w8": dict(block_in=512, num_warps=8),
+                    "o64 k256 s3": dict(num_stages=3), "o16 k256": dict(block_out=16), "m16": dict(block_m=16)},
+            "fp8": {"o32 k128": dict(block_out=32), "o128 k128 w8": dict(block_out=128, num_warps=8),
+                    "o64 k64": dict(block_in=64), "o64 k128 s3": dict(num_stages=3), "o16 k128": dict(block_out=16),
+                    "m16": dict(block_m=16), "split 1": dict(split_k=1), "split 8": dict(split_k=8)}}
+
+
+@dataclass
+class Row:
+    case: str
+    fmt: str
+    batch: int
+    rows: int
+    experts_used: int
+    impl: str
+    us: float
+    gbps: float
+    speedup: float           # reference us / us
+    rel_err: float
+    chosen: bool
+    peak_gib: float
+
+
+def kernels_available(device: Device) -> bool:
+    """Triton kernels on a CUDA device, or on CPU tensors through Triton's interpreter."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    return has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def time_us(device: Device, fn, reps: int) -> float:
+    """Microseconds per call of `fn`: captured once, then back-to-back replays (about 20 ms of them, at least
+    `reps`) between two events, median of 5 such runs (CPU: eager re-runs)."""
+    graph = device.graph()
+    graph.capture(fn)
+    t0 = time.perf_counter()
+    graph.replay()
+    device.synchronize()
+    n = max(reps, min(200, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+    runs = []
+    for _ in range(5):
+        start, end = device.event(), device.event()
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        runs.append(start.elapsed_time(end) * 1e3 / n)
+    del graph
+    return statistics.median(runs)
+
+
+def stored_weights(case: Case, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random stored bytes drawn on the device: every e2m1 code with ue8m0 scales 2^-6 .. 2^1 (fp4), or e4m3 values
+    with scales 2^-3 .. 2^0 per 128 x 128 (fp8)."""
+    dev, e, o, i = device.torch_device, case.n_experts, case.d_out, case.d_in
+    g = torch.Generator(dev).manual_seed(0)
+    if case.fmt == "fp4":
+        w = torch.randint(-128, 128, (e, o, i // 2), generator=g, dtype=torch.int8, device=dev)
+        s = torch.randint(121, 129, (e, o, i // 32), generator=g, dtype=torch.uint8, device=dev)
+    else:
+        w = (torch.randn(e, o, i, generator=g, device=dev) * 8).to(torch.float8_e4m3fn)
+        s = torch.randint(124, 128, (e, -(-o // 128), -(-i // 128)), generator=g, dtype=torch.uint8, device=dev)
+    return w, s.view(torch.float8_e8m0fnu)
+
+
+def selections(case: Case, batch: int, topk: int, device: Device) -> torch.Tensor:
+    """Expert id per row: `topk` distinct random experts per token, or all zeros for a projection."""
+    if case.n_experts == 1:
+        return torch.zeros(batch, dtype=torch.int64, device=device.torch_device)
+    g = torch.Generator().manual_seed(batch)
+    return torch.stack([torch.randperm(case.n_experts, generator=g)[:topk] for _ in range(batch)]).flatten().to(
+        device.torch_device)
+
+
+def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool,
+                 grouped_override: dict) -> list[Row]:
+    from ascend.backends import cuda
+
+    weight, scale = stored_weights(case, device)
+    per_expert_bytes = weight[0].numel() * weight.element_size() + scale[0].numel()
+    config = (cuda.LINEAR_MATMUL_CONFIG if case.n_experts == 1 else cuda.EXPERT_MATMUL_CONFIG)[case.fmt]
+    rows = []
+    for batch in shapes.batches:
+        if case.n_experts > 1 and batch > MOE_MAX_BATCH:
+            continue
+        idx = selections(case, batch, shapes.topk, device)
+        n = idx.numel()
+        x = torch.randn(n, case.d_in, generator=torch.Generator().manual_seed(1)).to(device.torch_device,
+                                                                                     shapes.dtype)
+        used = int(idx.unique().numel())
+        if case.n_experts == 1:
+            reference = lambda: REFERENCE.linear(x, weight[0], scale[0], case.fmt)  # noqa: E731
+        else:
+            reference = lambda: REFERENCE.expert_matmul(x, weight, scale, case.fmt, idx)  # noqa: E731
+        impls = {"reference": reference}
+        fused = case.n_experts > 1 or n <= cuda.LINEAR_FUSED_MAX_ROWS
+        pick = "reference"
+        if kernels is not None:
+            if fused:
+                pick = "grouped" if kernels.use_grouped(n, case.n_experts) else "gemv"
+            gemv, grouped = kernels._KERNELS[case.fmt]
+            if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
+                impls["gemv"] = lambda: gemv(x, weight, scale, idx, **config["gemv"])  # noqa: E731
+            settings = {"grouped": {**config["grouped"], **grouped_override}}
+            if variants:
+                settings.update({f"grouped {k}": {**config["grouped"], **v} for k, v in VARIANTS[case.fmt].items()})
+            for name, kw in settings.items():
+                impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, **kw)
+        ref = reference().float()
+        ref_us = None
+        for name, fn in impls.items():
+            device.reset_peak()
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            us = time_us(device, fn, shapes.reps)
+            ref_us = ref_us or us
+            rows.append(Row(case.name, case.fmt, batch, n, used, name, us, used * per_expert_bytes / (us * 1e3),
+                            ref_us / us, err, name == pick, device.memory().peak / 2 ** 30))
+        del x, ref
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| case | fmt | batch | rows | experts used | implementation | us | GB/s | x reference | rel err | "
+             "peak GiB |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mark = " *" if r.chosen else ""
+        lines.append(f"| {r.case} | {r.fmt} | {r.batch} | {r.rows} | {r.experts_used} | {r.impl}{mark} | {r.us:.1f} | "
+                     f"{r.gbps:.3g} | {r.speedup:.2f} | {r.rel_err:.1e} | {r.peak_gib:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
+    p.add_argument("--device", default=None, help="auto|cuda|cpu (default: cpu with --quick, else auto)")
+    p.add_argument("--batch", type=lambda s: tuple(map(int, s.split(","))), default=None,
+                   help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at 64)")
+    p.add_argument("--variants", action="store_true", help="also time grouped launch-setting variants")
+    p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = p.parse_args(argv)
+
+    shapes = QUICK if args.quick else FULL
+    if args.batch:
+        shapes = Shapes(shapes.cases, args.batch, shapes.topk, shapes.reps, shapes.dtype)
+    device = get_device(args.device or ("cpu" if args.quick else None))
+    torch.set_grad_enabled(False)
+    kernels = None
+    if kernels_available(device):
+        from ascend.backends import triton_moe as kernels
+    rows = [r for case in shapes.cases for r in measure_case(case, shapes, device, kernels, args.variants,
+                                                              args.grouped)]
+    if args.json:
+        from ascend.backends import cuda
+        print(json.dumps({"device": device.name, "kernels": kernels is not None,
+                          "grouped_min_rows": kernels.GROUPED_MIN_ROWS if kernels else None,
+                          "linear_fused_max_rows": cuda.LINEAR_FUSED_MAX_ROWS,
+                          "cases": [asdict(c) for c in shapes.cases], "rows": [asdict(r) for r in rows]}, indent=1))
+    else:
+        print(f"{device.name}: {shapes.dtype} rows, * = what the CUDA backend runs for that shape"
+              + ("" if kernels is not None else " (Triton kernels unavailable here: reference only)"))
+        print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

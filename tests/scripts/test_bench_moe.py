@@ -1,0 +1,32 @@
+"""scripts/bench_moe.py --quick runs end to end on CPU: the reference everywhere, the Triton kernels too where Triton's
+interpreter is on (TRITON_INTERPRET=1), each with the chooser's pick marked."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def test_quick_mode_reports_every_case_as_json(capsys):
+    path = Path(__file__).parents[2] / "scripts" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench          # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    try:
+        rc = bench.main(["--quick", "--batch", "4", "--json"])
+    finally:
+        torch.set_grad_enabled(True)
+    assert rc == 0
+    results = json.loads(capsys.readouterr().out)
+    rows = results["rows"]
+    assert {r["case"] for r in rows} == {"moe w1/w3", "wo_b"} and all(r["us"] > 0 for r in rows)
+    assert [r["rows"] for r in rows if r["impl"] == "reference"] == [24, 4]      # 4 tokens x 6 experts; 4 rows
+    for case in ("moe w1/w3", "wo_b"):                  # exactly one implementation is what the backend runs
+        assert sum(r["chosen"] for r in rows if r["case"] == case) == 1
+    if results["kernels"]:
+        assert {r["impl"] for r in rows} == {"reference", "gemv", "grouped"}
+        assert all(r["rel_err"] < 1e-5 for r in rows)                              # float32 rows
+        assert [r["impl"] for r in rows if r["chosen"]] == ["grouped", "grouped"]
