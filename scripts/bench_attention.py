@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ascend import profiling
 from ascend.device import Device, get_device
 
 
@@ -91,6 +92,7 @@ class Row:
     compile_s: float | None = None       # its first call (trace, code generation, kernel builds)
     compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
     compile_error: str | None = None     # why the compiled step could not be timed
+    profiles: dict | None = None         # --profile: kernels of one captured step, eager and compiled
 
     @property
     def best_ms(self) -> float:
@@ -171,11 +173,12 @@ def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device:
 
 def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
                copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
-               compiled_kernels=None, compile_options: dict | None = None) -> Row:
+               compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0) -> Row:
     """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them. Repeating the step at the same
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
-    the eager timing and the compiled step's first output see the same cache."""
+    the eager timing and the compiled step's first output see the same cache. `profile_steps`: also the kernels of
+    that many replays of each captured step (CUDA)."""
     from ascend.backends.cuda import compile_decode
     from model.kernels import use_kernels
     from model.kernels import REFERENCE
@@ -186,10 +189,18 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     x = torch.randn(batch, 1, config.dim, device=dev, dtype=shapes.dtype)
     start = torch.full((batch,), context - 1, dtype=torch.int64, device=dev)
     step = lambda: layer(x, start, cache)   # noqa: E731 -- the captured decode step
+    def profile(fn) -> None:
+        if profile_steps and device.type == "cuda":
+            g = device.graph()
+            g.capture(fn, warmup=2)
+            row.profiles = {**(row.profiles or {}), name: profiling.kernel_table(g.replay, profile_steps)}
+
     use_kernels(layer, kernels)
     ms = time_ms(device, step, shapes.reps)
     eager_out = step().float()
     row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0)
+    name = "eager"
+    profile(step)
     if compiled_kernels is not None:
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, compiled_kernels)
@@ -201,6 +212,8 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.compile_s = time.perf_counter() - t0
             row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
             row.compiled_ms = time_ms(device, lambda: compiled(x, start, cache), shapes.reps)
+            name = "compiled"
+            profile(lambda: compiled(x, start, cache))
         except Exception as e:  # noqa: BLE001 -- keep the eager numbers of the row
             row.compile_s = time.perf_counter() - t0
             row.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -353,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of compilation after which the remaining rows are timed eagerly only")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled step (aot_eager: trace only, for quick checks)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
     p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
     args = p.parse_args(argv)
 
@@ -399,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
                                      kernels, not args.no_reference, compiled_kernels if within_budget else None,
-                                     {"backend": args.compile_backend})
+                                     {"backend": args.compile_backend}, args.profile)
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
@@ -449,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
                     device.empty_cache()
 
     text = table(rows, prefill, ceilings) + "\n\n" + kernel_table(krows) + "".join(f"\nFAILED {f}" for f in failures)
+    for r in rows:
+        for name, t in (r.profiles or {}).items():
+            text += "\n\n" + profiling.format_kernel_table(t, f"{name} {r.layer} step, batch {r.batch}, "
+                                                                 f"context {r.context}")
     print(text)
     if args.out:
         (args.out / "bench_attention.md").write_text(text + "\n")

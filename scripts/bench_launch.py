@@ -45,6 +45,7 @@ from ascend.backends import get_kernels
 from model.kernels import use_kernels
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
+from ascend.profiling import format_kernel_table, kernel_table
 from model.config import ModelConfig
 from model.generate import decode_step, prefill
 from model.moe import MOE_MODES, MoE, set_moe_mode
@@ -132,25 +133,6 @@ def timed_decode(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, dev
     return time.perf_counter() - t0
 
 
-def kernel_profile(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, top: int = 12) -> dict:
-    """Device kernels of `steps` calls of fn(tokens, active), grouped by name: launches and microseconds per step,
-    the `top` names by time, and the totals."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed_decode(fn, tokens, active, steps, get_device("cuda"))
-    kernels = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            n, us = kernels.get(e.name, (0, 0.0))
-            kernels[e.name] = (n + 1, us + e.device_time)
-    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    return {"launches_per_step": sum(n for n, _ in kernels.values()) / steps,
-            "kernel_us_per_step": sum(us for _, us in kernels.values()) / steps,
-            "top": [{"kernel": k[:90], "calls_per_step": n / steps, "us_per_step": us / steps}
-                    for k, (n, us) in rows[:top]]}
-
-
 def logit_gap(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"rel_err": float((a - b).norm() / b.norm()), "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
@@ -204,7 +186,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
             row.update(graph_tok_s=batch * steps / graph_s, graph_step_ms=graph_s / steps * 1e3,
                        graph="captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)")
             if profile_steps and device.type == "cuda":
-                row["profile"] = kernel_profile(runner, first, active, profile_steps)
+                row["profile"] = kernel_table(lambda: runner(first, active), profile_steps)
             del runner
         except Exception as e:  # noqa: BLE001 -- report it; the eager numbers stand
             row["graph"] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
@@ -226,7 +208,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
             row.update(compiled_tok_s=batch * steps / compiled_s, compiled_step_ms=compiled_s / steps * 1e3,
                        compiled="compiled + captured" if graphs else "compiled, eager launches")
             if profile_steps and device.type == "cuda":
-                row["compiled_profile"] = kernel_profile(runner, first, active, profile_steps)
+                row["compiled_profile"] = kernel_table(lambda: runner(first, active), profile_steps)
             del runner, fn
         except Exception as e:  # noqa: BLE001 -- report it; the other numbers stand
             row["compiled"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
@@ -546,12 +528,8 @@ def main() -> None:
           "bandwidth; 'of roof' and 'vs HF' use the fastest of eager, graph and compiled")
     for r in rows:
         for key, what in (("profile", "captured"), ("compiled_profile", "compiled + captured")):
-            prof = r.get(key)
-            if prof:
-                print(f"kernels of one {what} step, prompt {r['prompt']} batch {r['batch']}: "
-                      f"{prof['launches_per_step']:.0f} launches, {prof['kernel_us_per_step']:.0f} us of kernels")
-                for k in prof["top"]:
-                    print(f"  {k['us_per_step']:>9.1f} us {k['calls_per_step']:>6.1f}x  {k['kernel']}")
+            if r.get(key):
+                print(format_kernel_table(r[key], f"{what} step, prompt {r['prompt']} batch {r['batch']}"))
     if "skipped" in hf:
         print("HF transformers baseline: skipped: " + hf["skipped"])
         return

@@ -1,0 +1,44 @@
+"""Where a step's device time goes: its kernels grouped by name, from torch.profiler.
+
+The benchmarks (`scripts/bench_launch.py --profile`, `scripts/bench_attention.py --profile`) print this next to
+their timings. Kernels replayed from a captured CUDA graph are traced too (CUPTI reports graph kernels), so a
+captured decode step can be profiled as it runs in production.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["kernel_table", "format_kernel_table"]
+
+
+def kernel_table(fn: Callable[[], Any], steps: int, top: int = 12) -> dict:
+    """Run `fn()` `steps` times under the profiler; per step: kernel launches, kernel microseconds, and the `top`
+    kernel names by time with their calls and microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, tuple[int, float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            n, us = kernels.get(e.name, (0, 0.0))
+            kernels[e.name] = (n + 1, us + e.device_time)
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    return {"launches_per_step": sum(n for n, _ in kernels.values()) / steps,
+            "kernel_us_per_step": sum(us for _, us in kernels.values()) / steps,
+            "top": [{"kernel": name[:90], "calls_per_step": n / steps, "us_per_step": us / steps}
+                    for name, (n, us) in rows[:top]]}
+
+
+def format_kernel_table(table: dict, title: str) -> str:
+    """`kernel_table`'s result as lines: a title with the totals, then one line per kernel."""
+    lines = [f"kernels of one {title}: {table['launches_per_step']:.0f} launches, "
+             f"{table['kernel_us_per_step']:.0f} us of kernels"]
+    lines += [f"  {k['us_per_step']:>9.1f} us {k['calls_per_step']:>6.1f}x  {k['kernel']}" for k in table["top"]]
+    return "\n".join(lines)
