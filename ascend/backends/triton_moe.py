@@ -256,9 +256,10 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
         split_k = grouped_split_k(grid[0] * grid[1], n_in, block_in, x.device)
     k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in      # whole input blocks per split
     split_k = triton.cdiv(n_in, k_split)
-    # with several splits each writes its float32 partial sums, added up below (deterministic, unlike atomics)
-    out = torch.empty((split_k, n, n_out)[split_k == 1:], dtype=x.dtype if split_k == 1 else torch.float32,
-                      device=x.device)
+    if split_k == 1:
+        out = torch.empty(n, n_out, dtype=x.dtype, device=x.device)
+    else:   # each split writes its float32 partial sums, added up below (deterministic, unlike atomic adds)
+        out = torch.empty(split_k, n, n_out, dtype=torch.float32, device=x.device)
     kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
                               out.stride(0) if split_k > 1 else 0,
@@ -273,8 +274,8 @@ SPLIT_K_PROGRAMS_PER_SM = 4
 
 def grouped_split_k(programs: int, n_in: int, block_in: int, device: torch.device) -> int:
     """Input splits from shapes alone so that a small grid still has SPLIT_K_PROGRAMS_PER_SM programs per SM: a
-    projection (E = 1) has only out / block_out programs (wo_b: 128 of 64 KiB-plus each on 132 SMs), while the
-    routed experts already have many. At least two input blocks per split; 1 off CUDA."""
+    projection (E = 1) has only out / block_out programs (wo_b with 32-row blocks: 128 programs of 256 KiB each
+    on 132 SMs), while the routed experts already have many. At least two input blocks per split; 1 off CUDA."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

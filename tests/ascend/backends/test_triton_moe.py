@@ -230,13 +230,27 @@ def test_grouped_at_flash_shapes(fmt, d_out, d_in, launch):
     """V4-Flash expert / projection shapes in bf16, several launch settings (for tuning the configs)."""
     from ascend.backends import triton_moe
     weight, scale = _stack(fmt, 16, d_out, d_in)
-    idx = torch.randint(0, 16, (96,), device=DEVICE)
-    idx[:40] = 3                                                   # one expert on more rows than a tile
-    x = _rows(96, d_in, torch.bfloat16)
+    idx = torch.randint(0, 16, (48,), device=DEVICE)
+    idx[:20] = 3                                                   # one expert on more rows than a tile
+    x = _rows(48, d_in, torch.bfloat16)
     grouped = triton_moe.grouped_matmul_fp4 if fmt == "fp4" else triton_moe.grouped_matmul_fp8
     y = grouped(x, weight, scale, idx, **launch)
     ref = REFERENCE.expert_matmul(x.float(), weight, scale, fmt, idx)
     assert torch.isfinite(y).all() and (y.float() - ref).norm() / ref.norm() < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [32, 64])
+def test_linear_at_flash_shapes_splits_k(rows):
+    """wo_b (8192 -> 4096, fp8): few output blocks, so the grouped kernel splits the inputs (float32 partials)."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack("fp8", 1, 4096, 8192)
+    config = cuda.LINEAR_MATMUL_CONFIG["fp8"]["grouped"]
+    assert triton_moe.grouped_split_k(4096 // config["block_out"], 8192, config["block_in"], weight.device) > 1
+    x = _rows(rows, 8192, torch.bfloat16)
+    y = cuda.linear_triton(x, weight[0], scale[0], "fp8")
+    ref = REFERENCE.linear(x.float(), weight[0], scale[0], "fp8")
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() / ref.norm() < 1e-2
 
 
 @needs_triton
