@@ -227,16 +227,14 @@ def _fp8_grouped_kernel(
 
 
 def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
-    """Selections grouped by expert with static shapes and no host sync (no `bincount`, whose CUDA version reads
-    the maximum back): `order` lists the selections expert by expert, expert e owning order[starts[e] :
-    starts[e] + counts[e]]; `experts` lists min(E, N) experts, most rows first, so it holds every used one and the
-    grid needs no column per idle expert (256 at V4 decode)."""
-    idx = expert_idx.long()
-    order = torch.argsort(idx)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device)
-    counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
-    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    experts = torch.argsort(counts, descending=True)[:min(n_experts, idx.numel())]
+    """Selections grouped by expert with static shapes, no host sync (`bincount` reads its maximum back) and no
+    atomics: `order` lists the selections expert by expert, expert e owning order[starts[e] : starts[e] + counts[e]];
+    `experts` lists min(E, N) experts, most rows first, so it holds every used one and the grid needs no column per
+    idle expert (256 at V4 decode)."""
+    sorted_idx, order = torch.sort(expert_idx.long())
+    bounds = torch.searchsorted(sorted_idx, torch.arange(n_experts + 1, device=sorted_idx.device))
+    starts, counts = bounds[:-1], bounds.diff()
+    experts = torch.argsort(counts, descending=True)[:min(n_experts, order.numel())]
     return order, starts, counts, experts
 
 
