@@ -57,12 +57,11 @@ FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w2", "fp4", 
 QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256)), (1, 4), 6, 1,
                torch.float32)
 MOE_MAX_BATCH = 64            # routed-expert rows beyond decode sizes run the dynamic MoE path, not this one
-VARIANTS = {"fp4": {"o32 k256": dict(block_out=32, block_in=256), "o128 k256 w8": dict(block_out=128, num_warps=8),
-                    "o64 k128": dict(block_out=64, block_in=128), "o64 k512 w8": dict(block_in=512, num_warps=8),
-                    "o64 k256 s3": dict(num_stages=3), "o16 k256": dict(block_out=16), "m16": dict(block_m=16)},
-            "fp8": {"o32 k128": dict(block_out=32), "o128 k128 w8": dict(block_out=128, num_warps=8),
-                    "o64 k64": dict(block_in=64), "o64 k128 s3": dict(num_stages=3), "o16 k128": dict(block_out=16),
-                    "m16": dict(block_m=16), "split 1": dict(split_k=1), "split 8": dict(split_k=8)}}
+# grouped launch settings timed by --variants, each on top of the backend's current settings for the case
+VARIANTS = {"fp4": (dict(block_out=32), dict(block_out=128, num_warps=8), dict(block_out=16), dict(block_in=128),
+                    dict(block_in=512, num_warps=8), dict(num_stages=3), dict(block_m=16), dict(block_m=32)),
+            "fp8": (dict(block_out=64), dict(block_out=128, num_warps=8), dict(block_out=16), dict(block_in=64),
+                    dict(num_stages=3), dict(block_m=16), dict(block_m=32), dict(split_k=1), dict(split_k=8))}
 
 
 @dataclass
@@ -163,7 +162,8 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                 impls["gemv"] = lambda: gemv(x, weight, scale, idx, **config["gemv"])  # noqa: E731
             settings = {"grouped": {**config["grouped"], **grouped_override}}
             if variants:
-                settings.update({f"grouped {k}": {**config["grouped"], **v} for k, v in VARIANTS[case.fmt].items()})
+                settings.update({"grouped " + " ".join(f"{k}={v}" for k, v in variant.items()):
+                                 {**config["grouped"], **variant} for variant in VARIANTS[case.fmt]})
             for name, kw in settings.items():
                 impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, **kw)
         ref = reference().float()
@@ -186,6 +186,25 @@ def table(rows: list[Row]) -> str:
         mark = " *" if r.chosen else ""
         lines.append(f"| {r.case} | {r.fmt} | {r.batch} | {r.rows} | {r.experts_used} | {r.impl}{mark} | {r.us:.1f} | "
                      f"{r.gbps:.3g} | {r.speedup:.2f} | {r.rel_err:.1e} | {r.peak_gib:.2f} |")
+    return "\n".join(lines)
+
+
+def best(rows: list[Row]) -> list[dict]:
+    """Per (case, batch): the fastest implementation against what the backend runs now (for setting the
+    thresholds and launch settings)."""
+    out = []
+    for key in dict.fromkeys((r.case, r.batch) for r in rows):
+        group = [r for r in rows if (r.case, r.batch) == key]
+        fastest, chosen = min(group, key=lambda r: r.us), next(r for r in group if r.chosen)
+        out.append(dict(case=key[0], batch=key[1], fastest=fastest.impl, fastest_us=fastest.us, chosen=chosen.impl,
+                        chosen_us=chosen.us, reference_us=group[0].us))
+    return out
+
+
+def best_table(summary: list[dict]) -> str:
+    lines = ["| case | batch | fastest | us | backend runs | us | reference us |", "|---|---:|---|---:|---|---:|---:|"]
+    lines += [f"| {b['case']} | {b['batch']} | {b['fastest']} | {b['fastest_us']:.1f} | {b['chosen']} | "
+              f"{b['chosen_us']:.1f} | {b['reference_us']:.1f} |" for b in summary]
     return "\n".join(lines)
 
 
@@ -215,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"device": device.name, "kernels": kernels is not None,
                           "grouped_min_rows": kernels.GROUPED_MIN_ROWS if kernels else None,
                           "linear_fused_max_rows": cuda.LINEAR_FUSED_MAX_ROWS,
-                          "cases": [asdict(c) for c in shapes.cases], "rows": [asdict(r) for r in rows]}, indent=1))
+                          "cases": [asdict(c) for c in shapes.cases], "rows": [asdict(r) for r in rows],
+                          "best": best(rows)}, indent=1))
     else:
         print(f"{device.name}: {shapes.dtype} rows, * = what the CUDA backend runs for that shape"
               + ("" if kernels is not None else " (Triton kernels unavailable here: reference only)"))
         print(table(rows))
+        print()
+        print(best_table(best(rows)))
     return 0
 
 

@@ -26,6 +26,7 @@ def test_quick_mode_reports_every_case_as_json(capsys):
     assert [r["rows"] for r in rows if r["impl"] == "reference"] == [24, 4]      # 4 tokens x 6 experts; 4 rows
     for case in ("moe w1/w3", "wo_b"):                  # exactly one implementation is what the backend runs
         assert sum(r["chosen"] for r in rows if r["case"] == case) == 1
+    assert [(b["case"], b["batch"]) for b in results["best"]] == [("moe w1/w3", 4), ("wo_b", 4)]
     if results["kernels"]:
         assert {r["impl"] for r in rows} == {"reference", "gemv", "grouped"}
         assert all(r["rel_err"] < 1e-5 for r in rows)                              # float32 rows
