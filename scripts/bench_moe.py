@@ -157,7 +157,8 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
         if kernels is not None:
             if fused:
                 pick = "grouped" if kernels.use_grouped(n, case.n_experts) else "gemv"
-            gemv, grouped = kernels._KERNELS[case.fmt]
+            gemv = getattr(kernels, f"expert_matmul_{case.fmt}")          # per selection
+            grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
                 impls["gemv"] = lambda: gemv(x, weight, scale, idx, **config["gemv"])  # noqa: E731
             settings = {"grouped": {**config["grouped"], **grouped_override}}
