@@ -313,6 +313,7 @@ def use_kernels(module: torch.nn.Module, kernels: Kernels) -> torch.nn.Module:
     """Point every submodule of `module` that calls kernels (attention, compressor, indexer, norms, projections,
     router, head) at `kernels`; returns `module`."""
     for m in module.modules():
-        if isinstance(getattr(m, "kernels", None), Kernels):
-            m.kernels = kernels
+        for holder in (m, *vars(m).values()):     # the module, and plain helpers it holds (mHC around a block)
+            if isinstance(getattr(holder, "kernels", None), Kernels):
+                holder.kernels = kernels
     return module

@@ -1,5 +1,6 @@
 """Reference kernels against naive per-element loops written independently from the vectorised bodies."""
 
+import collections
 import dataclasses
 import math
 
@@ -247,3 +248,24 @@ def test_expert_matmul_against_per_row_dequantised_matmul(fmt, dtype):
         want = w @ x[row].double()
         torch.testing.assert_close(y[row].double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=5e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_use_kernels_reaches_every_holder_including_mhc_helpers():
+    """A model built with one table and switched with `use_kernels` runs every stage from the new table: modules
+    and the plain mHC helpers they hold (HyperConnection, HyperHead), as a run shows."""
+    from model.config import ModelConfig
+    from model.transformer import Transformer, init_random_
+
+    calls = collections.Counter()
+
+    def counted(name):
+        fn = getattr(K.REFERENCE, name)
+        return lambda *a, **k: calls.update([name]) or fn(*a, **k)
+
+    model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32))
+    names = ("hc_pre", "hc_post", "hc_head", "rms_norm", "linear", "f32_linear", "grouped_linear", "gate_topk")
+    K.use_kernels(model, dataclasses.replace(K.REFERENCE, **{n: counted(n) for n in names}))
+    model(torch.tensor([[3, 4, 5]]), model.new_cache(1, 8))
+    n_blocks = model.config.n_layers
+    assert calls["hc_pre"] == calls["hc_post"] == 2 * n_blocks and calls["hc_head"] == 1
+    assert all(calls[n] > 0 for n in names), calls
