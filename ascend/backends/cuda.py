@@ -1,13 +1,15 @@
-"""CUDA backend: `Kernels` with fused versions of the hot decode stages of V4 attention.
+"""CUDA backend: `Kernels` with fused versions of the hot decode stages of V4.
 
-The two attention stages and the static MoE path's expert matmul have two implementations each, both
-static-shaped and free of host syncs (CUDA-graph capturable):
+The attention stages, the quantised matmuls and mHC have a Triton implementation each, static-shaped and free of
+host syncs (CUDA-graph capturable), and a PyTorch fallback:
 
-| stage          | Triton (CUDA + Triton present)                 | PyTorch (any device, also the CPU tests)     |
-|----------------|------------------------------------------------|----------------------------------------------|
-| `sparse_attn`  | gather-and-attend over the index list, split-K | gather rows, one SDPA call, sink as a key     |
-| `indexer_topk` | fused relu-weighted scores, then fixed `topk`  | two batched matmuls, then fixed `topk`       |
-| `expert_matmul`| fp4 / fp8 bytes decoded in registers           | the reference (gather, dequantise, bmm)      |
+| stage                    | Triton (CUDA + Triton present)                       | PyTorch (any device, CPU tests)      |
+|--------------------------|------------------------------------------------------|--------------------------------------|
+| `sparse_attn`            | gather-and-attend over the index list, split-K       | gather rows, one SDPA call, sink key |
+| `indexer_topk`           | fused relu-weighted scores, then fixed `topk`        | two batched matmuls, fixed `topk`    |
+| `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)    | the reference                        |
+| `linear`, `grouped_linear` | the same kernels for decode-sized fp8 / fp4 inputs | the reference                        |
+| `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc)   | the reference                        |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -245,6 +247,22 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return y.reshape(*x.shape[:-1], weight.size(0))
 
 
+def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                          formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+    """`kernels.grouped_linear` for decode (attention's `wo_a`): each of the G groups is one "expert" of the expert
+    kernels (its [out, in] block of the stored weight, decoded in registers), the tokens' group slices its rows;
+    beyond LINEAR_FUSED_MAX_ROWS tokens (prefill) the reference dequantises once and runs one einsum."""
+    groups, d_in = x.size(-2), x.size(-1)
+    tokens = x.numel() // (groups * d_in)
+    out = weight.size(0) // groups
+    if fmt not in formats or tokens > LINEAR_FUSED_MAX_ROWS or (fmt == "fp8" and out % 128):
+        return REFERENCE.grouped_linear(x, weight, scale, fmt)
+    idx = torch.arange(groups, device=x.device).repeat(tokens)
+    y = expert_matmul_quant_triton(x.reshape(tokens * groups, d_in), weight.view(groups, out, -1),
+                                   scale.view(groups, -1, scale.size(-1)), fmt, idx, projection=True)
+    return y.view(*x.shape[:-1], out)
+
+
 def _triton_expert_formats() -> tuple[str, ...]:
     """Loading float8_e4m3fn in Triton needs sm_89+ (Ada, Hopper); FP4 is decoded from plain bytes anywhere."""
     old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
@@ -257,9 +275,9 @@ def triton_available() -> bool:
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul and decode-sized fp4 / fp8 projections
-    when available (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope /
-    hadamard.
+    """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
+    (plain and grouped) and the mHC stages (`ascend.backends.triton_mhc`) when available (default), else the PyTorch
+    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
@@ -271,10 +289,15 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     else:
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     if use_triton:
+        from ascend.backends import triton_mhc     # imports triton: only here
+
         formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
-                                   linear=functools.partial(linear_triton, formats=formats), **short)
+                                   linear=functools.partial(linear_triton, formats=formats),
+                                   grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
+                                   hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
+                                   **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

@@ -254,6 +254,36 @@ def test_fused_linear_matches_reference_and_falls_back_for_prefill(fmt, monkeypa
     torch.testing.assert_close(cuda.linear_triton(big, weight, scale, fmt), REFERENCE.linear(big, weight, scale, fmt))
 
 
+@needs_triton_or_interpreter
+def test_triton_table_covers_the_decode_stages():
+    from ascend.backends import triton_mhc
+
+    k = cuda.make_kernels(use_triton=True)
+    assert (k.hc_pre, k.hc_post, k.hc_head) == (triton_mhc.hc_pre, triton_mhc.hc_post, triton_mhc.hc_head)
+    assert k.sparse_attn is cuda.sparse_attn_triton and k.grouped_linear.func is cuda.grouped_linear_triton
+    assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
+
+
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_grouped_linear_matches_reference_and_falls_back_for_prefill(fmt, monkeypatch):
+    """`kernels.grouped_linear` (wo_a: 4 groups of a [4 * 128, 256] stored weight) on decode-sized inputs runs the
+    expert kernels with one expert per group and equals dequantise-then-einsum; a prefill-sized input takes the
+    reference."""
+    from model import quant
+
+    groups, out, d_in = 4, 128, 256
+    weight, scale = quant.quantize_weight(torch.randn(groups * out, d_in, device=TRITON_DEVICE) / 16, fmt)
+    x = torch.randn(2, 3, groups, d_in, device=TRITON_DEVICE)
+    y = cuda.grouped_linear_triton(x, weight, scale, fmt)
+    assert y.shape == (2, 3, groups, out)
+    torch.testing.assert_close(y, REFERENCE.grouped_linear(x, weight, scale, fmt), rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(cuda, "expert_matmul_quant_triton", None)        # any call to the kernel now fails
+    big = torch.randn(cuda.LINEAR_FUSED_MAX_ROWS + 1, 1, groups, d_in, device=TRITON_DEVICE)
+    torch.testing.assert_close(cuda.grouped_linear_triton(big, weight, scale, fmt),
+                               REFERENCE.grouped_linear(big, weight, scale, fmt))
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 @needs_triton
