@@ -50,7 +50,7 @@ def _e8m0_value(byte):
 @triton.jit
 def _fp4_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
-    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK_IN // 32
@@ -65,7 +65,8 @@ def _fp4_expert_matmul_kernel(
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)     # summed over groups once, after the loop
-    for k0 in range(0, IN, BLOCK_IN):
+    k_split = tl.program_id(2)
+    for k0 in range(k_split * K_SPLIT, tl.minimum(IN, (k_split + 1) * K_SPLIT), BLOCK_IN):
         group = k0 // 32 + g                                          # [GROUPS] scale column
         group_ok = group < IN // 32                                   # IN is a multiple of 32
         byte = group[:, None] * 16 + b[None, :]                       # [GROUPS, 16] packed column
@@ -78,13 +79,13 @@ def _fp4_expert_matmul_kernel(
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
         acc += part * _e8m0_value(scale)
     y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
-    tl.store(y_ptr + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + k_split * sy_split + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _fp8_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
-    OUT, IN, sx, sw_e, sw_o, ss_e, ss_o, sy,
+    OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     """Same walk for FP8 e4m3 weights with one ue8m0 scale per 128 x 128 block: BLOCK_IN is at most 128 and
@@ -99,49 +100,66 @@ def _fp8_expert_matmul_kernel(
     s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT], tl.float32)
-    for k0 in range(0, IN, BLOCK_IN):
+    k_split = tl.program_id(2)
+    for k0 in range(k_split * K_SPLIT, tl.minimum(IN, (k_split + 1) * K_SPLIT), BLOCK_IN):
         col = k0 + cols
         col_ok = col < IN
         x = tl.load(x_row + col, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
         acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
-    tl.store(y_ptr + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + k_split * sy_split + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort) -> torch.Tensor:
-    n = x.size(0)
+def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int) -> tuple[int, int, torch.Tensor]:
+    """(splits, inputs per split, output buffer): whole input blocks per split; one split writes y in x's dtype,
+    several write float32 partial sums [splits, N, out] that the caller adds up (deterministic, unlike atomics)."""
+    k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in
+    split_k = triton.cdiv(n_in, k_split)
+    if split_k == 1:
+        return 1, k_split, torch.empty(x.size(0), n_out, dtype=x.dtype, device=x.device)
+    return split_k, k_split, torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
+
+
+def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k) -> torch.Tensor:
+    n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     x = x.contiguous()
     s = scale.view(torch.uint8)
     assert weight.stride(-1) == 1 and s.stride(-1) == 1
-    order = torch.argsort(expert_idx) if sort else torch.arange(n, device=x.device)
-    y = torch.empty(n, weight.size(1), dtype=x.dtype, device=x.device)
     if n == 0:
-        return y
-    grid = (triton.cdiv(weight.size(1), block_out), n)
-    kernel[grid](x, weight, s, expert_idx, order, y, weight.size(1), x.size(1), x.stride(0), weight.stride(0),
-                 weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
-                 BLOCK_OUT=block_out, BLOCK_IN=block_in, num_warps=num_warps)
-    return y
+        return torch.empty(0, n_out, dtype=x.dtype, device=x.device)
+    # one weight (a projection): nothing to order; else selections of one expert run back to back (L2 reuse)
+    order = torch.argsort(expert_idx.int()) if sort and weight.size(0) > 1 else torch.arange(n, device=x.device)
+    grid = (triton.cdiv(n_out, block_out), n)
+    if split_k is None:
+        split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
+    split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
+    kernel[grid + (split_k,)](x, weight, s, expert_idx, order, out, n_out, n_in, k_split, x.stride(0),
+                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
+                              out.stride(0) if split_k > 1 else 0,
+                              BLOCK_OUT=block_out, BLOCK_IN=block_in, num_warps=num_warps)
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 
 def expert_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                       block_out: int = 32, block_in: int = 512, num_warps: int = 4,
-                      sort: bool = True) -> torch.Tensor:
+                      sort: bool = True, split_k: int | None = None) -> torch.Tensor:
     """x [N, in]; weight [E, out, in/2] packed e2m1 (int8 / uint8); scale [E, out, in/32] float8_e8m0fnu (or its
-    bytes); expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two >= 32."""
+    bytes); expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two >= 32; `split_k` (programs per
+    output block, each over a share of the inputs) None: `split_k_for`."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= FP4_GROUP
     return _launch(_fp4_expert_matmul_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_in,
-                   num_warps, sort)
+                   num_warps, sort, split_k)
 
 
 def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                       block_out: int = 32, block_in: int = 128, num_warps: int = 4,
-                      sort: bool = True) -> torch.Tensor:
+                      sort: bool = True, split_k: int | None = None) -> torch.Tensor:
     """x [N, in]; weight [E, out, in] float8_e4m3fn; scale [E, ceil(out/128), ceil(in/128)] float8_e8m0fnu;
-    expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128."""
+    expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128; `split_k` as for fp4."""
     assert weight.size(2) == x.size(1) and 128 % block_in == 0
-    return _launch(_fp8_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort)
+    return _launch(_fp8_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort,
+                   split_k)
 
 
 # ------------------------------------------------------------------------------------------------ grouped kernels
@@ -231,8 +249,13 @@ def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...
     atomics: `order` lists the selections expert by expert, expert e owning order[starts[e] : starts[e] + counts[e]];
     `experts` lists min(E, N) experts, most rows first, so it holds every used one and the grid needs no column per
     idle expert (256 at V4 decode)."""
-    sorted_idx, order = torch.sort(expert_idx.long())
-    bounds = torch.searchsorted(sorted_idx, torch.arange(n_experts + 1, device=sorted_idx.device))
+    dev = expert_idx.device
+    if n_experts == 1:      # a projection: every row is expert 0's, nothing to sort (sorts cost ~25 us at decode)
+        n = expert_idx.numel()
+        return (torch.arange(n, device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
+                torch.full((1,), n, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
+    sorted_idx, order = torch.sort(expert_idx.int())       # int32 keys: half the radix passes of int64
+    bounds = torch.searchsorted(sorted_idx, torch.arange(n_experts + 1, device=dev, dtype=torch.int32))
     starts, counts = bounds[:-1], bounds.diff()
     experts = torch.argsort(counts, descending=True)[:min(n_experts, order.numel())]
     return order, starts, counts, experts
@@ -251,13 +274,8 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
     order, starts, counts, experts = _groups(expert_idx, weight.size(0))
     grid = (triton.cdiv(n_out, block_out), experts.numel())
     if split_k is None:
-        split_k = grouped_split_k(grid[0] * grid[1], n_in, block_in, x.device)
-    k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in      # whole input blocks per split
-    split_k = triton.cdiv(n_in, k_split)
-    if split_k == 1:
-        out = torch.empty(n, n_out, dtype=x.dtype, device=x.device)
-    else:   # each split writes its float32 partial sums, added up below (deterministic, unlike atomic adds)
-        out = torch.empty(split_k, n, n_out, dtype=torch.float32, device=x.device)
+        split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
+    split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
     kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
                               out.stride(0) if split_k > 1 else 0,
@@ -270,10 +288,11 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
 SPLIT_K_PROGRAMS_PER_SM = 4
 
 
-def grouped_split_k(programs: int, n_in: int, block_in: int, device: torch.device) -> int:
+def split_k_for(programs: int, n_in: int, block_in: int, device: torch.device) -> int:
     """Input splits from shapes alone so that a small grid still has SPLIT_K_PROGRAMS_PER_SM programs per SM: a
     projection (E = 1) has only out / block_out programs (wo_b with 32-row blocks: 128 programs of 256 KiB each
-    on 132 SMs), while the routed experts already have many. At least two input blocks per split; 1 off CUDA."""
+    on 132 SMs; wkv, 512 outputs: 16), while the routed experts already have many. At least two input blocks per
+    split; 1 off CUDA."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -127,7 +127,23 @@ def test_groups_are_static_and_complete():
     for e in range(7):
         assert (idx[order[starts[e]:starts[e] + counts[e]]] == e).all()
     assert experts.numel() == 6 and experts[:3].tolist() == [4, 1, 6]
-    assert triton_moe._groups(torch.tensor([0, 0, 0]), 1)[3].tolist() == [0]
+    one = triton_moe._groups(torch.tensor([0, 0, 0]), 1)              # a projection: no sort, one group
+    assert [t.tolist() for t in one] == [[0, 1, 2], [0], [3], [0]]
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_per_selection_kernel_split_over_inputs(fmt, split_k):
+    """The per-selection kernels with their inputs split over programs (float32 partials added up): the same as
+    the reference, for several selections of several experts and for one projection row."""
+    from ascend.backends import triton_moe
+    launch = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
+    weight, scale = _stack(fmt, 5, 40, 384)
+    for n, n_experts in ((6, 5), (1, 1)):
+        x = _rows(n, 384, torch.float32)
+        idx = torch.randint(0, n_experts, (n,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
+        w, s = weight[:n_experts], scale[:n_experts]
+        _check(launch(x, w, s, idx, block_out=16, block_in=64, split_k=split_k), x, w, s, fmt, idx)
 
 
 def test_block_m_follows_rows_per_expert():
@@ -251,7 +267,7 @@ def test_linear_at_flash_shapes_splits_k(rows):
     from ascend.backends import triton_moe
     weight, scale = _stack("fp8", 1, 4096, 8192)
     config = cuda.LINEAR_MATMUL_CONFIG["fp8"]["grouped"]
-    assert triton_moe.grouped_split_k(4096 // config["block_out"], 8192, config["block_in"], weight.device) > 1
+    assert triton_moe.split_k_for(4096 // config["block_out"], 8192, config["block_in"], weight.device) > 1
     x = _rows(rows, 8192, torch.bfloat16)
     y = cuda.linear_triton(x, weight[0], scale[0], "fp8")
     ref = REFERENCE.linear(x.float(), weight[0], scale[0], "fp8")
