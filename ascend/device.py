@@ -324,6 +324,7 @@ class Device:
                           free, total)
 
     def reset_peak(self) -> None:
+        self.runtime.init()      # the allocator's statistics exist once the runtime is up ("invalid device" before)
         self.runtime.reset_peak_memory_stats(self.index)
 
     def empty_cache(self) -> None:
