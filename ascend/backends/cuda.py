@@ -159,11 +159,12 @@ SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
-# out / block_out programs and wants smaller blocks). Not yet timed against alternatives on the GPU:
-# scripts/bench_moe.py times variants. gemv: 32 output rows per program, fp4 walks 512 inputs (8 KiB of packed bytes)
-# per step, fp8 128 (one scale block); grouped: 64 (32) x 256 (128) tiles, rows per dot from the shapes.
+# out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).
+# gemv: 32 output rows per program, fp4 walks 512 inputs (8 KiB of packed bytes) per step, fp8 128 (one scale
+# block); grouped: 64 (32) x 128 (256) tiles, rows per dot from the shapes. The fp4 expert tile of 128 inputs was
+# the fastest of scripts/bench_moe.py's variants on an H200 at batch 8-64 (1.3-1.8x over 256); the rest untuned.
 EXPERT_MATMUL_CONFIG = {
-    "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=64, block_in=256)),
+    "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=64, block_in=128)),
     "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
 LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),

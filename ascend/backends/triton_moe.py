@@ -332,11 +332,11 @@ def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ the chooser
-GROUPED_MIN_ROWS = 16
+GROUPED_MIN_ROWS = 128
 """`expert_matmul` runs the grouped kernel from this many rows (selections) on, and for every multi-row projection
-(one expert: the per-selection kernel would read the whole weight once per row). A first guess, to be set from
-scripts/bench_moe.py on the GPU: V4 MoE decode has 6 rows per token, so batch 1 (6 rows, ~1 per expert) stays
-per selection and batch >= 3 is grouped."""
+(one expert: the per-selection kernel would read the whole weight once per row). From scripts/bench_moe.py on an
+H200 at V4-Flash shapes (fp4 experts, 6 per token): per selection was faster at 6 and 48 rows (batch 1 and 8: most
+experts have one row), grouped at 192 and 384 (batch 32 and 64)."""
 
 _KERNELS = {"fp4": (expert_matmul_fp4, grouped_matmul_fp4), "fp8": (expert_matmul_fp8, grouped_matmul_fp8)}
 
