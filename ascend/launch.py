@@ -231,6 +231,29 @@ def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
             return
 
 
+class Detokenizer:
+    """A completion's text, grown token by token at a cost independent of its length.
+
+    Each step decodes only the last few tokens twice, with and without the newest one, and appends the
+    difference: the shared leading tokens give both decodes the same context (a decoder may treat the first token
+    specially, e.g. drop a leading space), and a tail that ends inside a UTF-8 character (byte-level BPE splits
+    characters over tokens) waits for the next token, so the pieces are whole characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0     # ids[prefix:read]: context already returned; ids[read:]: not yet
+
+    def push(self, token: int, final: bool = False) -> str:
+        """Add a token; returns the text added (empty while a character is incomplete, unless `final`)."""
+        self.ids.append(token)
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix:])
+        if now.endswith("\ufffd") and not final:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(seen):]
+
+
 def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: SamplingParams,
              max_new_tokens: int, max_len: int, stop: Iterable[str] = (), lockstep: Lockstep | None = None,
              idle: Session | None = None, on_text: Callable[[int, str], None] | None = None,
@@ -252,6 +275,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                           f"the context {max_len} (lower --max-new-tokens or raise --max-len)")
     B = len(requests)
     done = [Completion(r, len(p)) for r, p in zip(requests, prompts)]
+    texts = [Detokenizer(tokenizer) for _ in requests]
     finished = [False] * B
     shown = [0] * B
     sampler = Sampler(sampling)
@@ -272,21 +296,24 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
             if keep_logits:
                 c.logits = (c.logits or []) + [logits[i].float().cpu().tolist()]
             c.total_s = now
-            c.text = tokenizer.decode(c.tokens)
-            hit = next((s for s in stop if s in c.text), None)
+            before = len(c.text)
+            last = tok in stop_ids or len(c.tokens) >= limits[i]
+            c.text += texts[i].push(tok, final=last)
+            # a stop string can only end in the added text: search from where it could have started
+            at = max(0, before - hold)
+            hit = min(((c.text.find(s, at), s) for s in stop if c.text.find(s, at) >= 0), default=None)
             if tok in stop_ids or hit is not None:
                 c.finish_reason = "stop"
                 finished[i] = True
                 if hit is not None:
-                    c.text = c.text[:c.text.index(hit)]
-            elif len(c.tokens) >= limits[i]:
+                    c.text = c.text[:hit[0]]
+            elif last:
                 finished[i] = True
             if on_text is not None:
                 if finished[i]:
                     visible = c.text.removesuffix(eos_text)
-                else:  # whole UTF-8 characters only, and not what may be the start of a stop string
-                    visible = c.text.rstrip("\ufffd")
-                    visible = visible[:len(visible) - hold] if hold else visible
+                else:  # not what may be the start of a stop string (the text holds whole characters only)
+                    visible = c.text[:len(c.text) - hold] if hold else c.text
                 if len(visible) > shown[i]:
                     on_text(i, visible[shown[i]:])
                     shown[i] = len(visible)

@@ -70,6 +70,20 @@ def test_eos_stop_string_and_streaming(tok):
     assert s.finish_reason == "stop" and s.text == free[:free.index(stop)] and "".join(streamed) == s.text
 
 
+def test_detokenizer_streams_whole_characters_at_a_bounded_cost(tok, monkeypatch):
+    """Token by token, the pieces join to the full decode; a character split over tokens (byte-level BPE) arrives
+    whole; and no step decodes more than a few tokens, however long the text (streaming stays linear)."""
+    text = "héllo wörld 你好 🙂 ok " * 20
+    ids = tok.encode(text)
+    sizes = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, *a, **k: sizes.append(len(ids)) or decode(ids, *a, **k))
+    d = launch.Detokenizer(tok)
+    pieces = [d.push(t, final=k == len(ids) - 1) for k, t in enumerate(ids)]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    assert "" in pieces and max(sizes) <= 8 and len(ids) > 200
+
+
 def test_context_limit_is_a_user_error(tok):
     req = launch.Request("a", [{"role": "user", "content": "x " * 50}])
     with pytest.raises(launch.LaunchError, match="exceeds the context 16"):
