@@ -121,13 +121,18 @@ def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: i
     return split_k, k_split, torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
 
 
-def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k) -> torch.Tensor:
-    n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
-    x = x.contiguous()
+def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows made contiguous and the scales seen as bytes, as both launchers pass them."""
     s = scale.view(torch.uint8)
     assert weight.stride(-1) == 1 and s.stride(-1) == 1
+    return x.contiguous(), s
+
+
+def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k) -> torch.Tensor:
+    n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     if n == 0:
-        return torch.empty(0, n_out, dtype=x.dtype, device=x.device)
+        return x.new_empty(0, n_out)
+    x, s = _operands(x, weight, scale)
     # one weight (a projection): nothing to order; else selections of one expert run back to back (L2 reuse)
     order = torch.argsort(expert_idx.int()) if sort and weight.size(0) > 1 else torch.arange(n, device=x.device)
     grid = (triton.cdiv(n_out, block_out), n)
@@ -264,11 +269,9 @@ def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...
 def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, split_k, num_warps,
                     num_stages) -> torch.Tensor:
     n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
-    x = x.contiguous()
-    s = scale.view(torch.uint8)
-    assert weight.stride(-1) == 1 and s.stride(-1) == 1
     if n == 0:
-        return torch.empty(0, n_out, dtype=x.dtype, device=x.device)
+        return x.new_empty(0, n_out)
+    x, s = _operands(x, weight, scale)
     if block_m is None:
         block_m = grouped_block_m(n, weight.size(0))
     order, starts, counts, experts = _groups(expert_idx, weight.size(0))
