@@ -20,13 +20,13 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from ascend.device import Device, get_device
+from ascend.profiling import kernel_table, replay_us
 from model.kernels import REFERENCE
 
 
@@ -69,34 +69,12 @@ def fused_available(device: Device) -> bool:
     return has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def time_us(device: Device, fn, reps: int) -> float:
-    """Microseconds per call of `fn`: captured once, then `reps` back-to-back replays between two events, median
-    of 5 such runs (CPU: eager re-runs)."""
-    graph = device.graph()
-    graph.capture(fn)
-    runs = []
-    for _ in range(5):
-        start, end = device.event(), device.event()
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        runs.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(runs)
-
-
 def count_kernels(device: Device, fn) -> int | None:
     """Device kernels one eager call of `fn` launches (CUDA profiler), None elsewhere."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    fn()                                   # warm: lazy allocations and kernel builds happen outside the count
+    return round(kernel_table(fn, 1)["launches_per_step"])
 
 
 def inputs(shapes: Shapes, tokens: int, device: Device) -> dict[str, torch.Tensor]:
@@ -144,11 +122,11 @@ def measure(shapes: Shapes, device: Device, fused) -> list[Row]:
         ref_calls = stage_calls(REFERENCE, a, shapes.iters)
         fused_calls = stage_calls(fused, a, shapes.iters) if fused is not None else {}
         for stage, ref_fn in ref_calls.items():
-            row = Row(stage, tokens, time_us(device, ref_fn, shapes.reps), None, None, count_kernels(device, ref_fn),
+            row = Row(stage, tokens, replay_us(device, ref_fn, shapes.reps), None, None, count_kernels(device, ref_fn),
                       None)
             if stage in fused_calls:
                 fused_fn = fused_calls[stage]
-                row.fused_us = time_us(device, fused_fn, shapes.reps)
+                row.fused_us = replay_us(device, fused_fn, shapes.reps)
                 row.rel_err = rel_err(fused_fn(), ref_fn())
                 row.fused_kernels = count_kernels(device, fused_fn)
             rows.append(row)
@@ -162,7 +140,7 @@ def measure_variants(shapes: Shapes, device: Device, fused) -> list[dict]:
         for v in VARIANTS:
             def call(v=v):
                 return fused.launch_hc_pre(a["x"], a["fn"], a["scale"], a["base"], shapes.iters, EPS, NORM_EPS, **v)
-            out.append(dict(tokens=tokens, **v, us=time_us(device, call, shapes.reps)))
+            out.append(dict(tokens=tokens, **v, us=replay_us(device, call, shapes.reps)))
     return out
 
 

@@ -23,13 +23,12 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ascend.device import Device, get_device
+from ascend.profiling import replay_us
 from model.kernels import REFERENCE
 
 
@@ -84,28 +83,6 @@ def kernels_available(device: Device) -> bool:
     """Triton kernels on a CUDA device, or on CPU tensors through Triton's interpreter."""
     has_triton = importlib.util.find_spec("triton") is not None
     return has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def time_us(device: Device, fn, reps: int) -> float:
-    """Microseconds per call of `fn`: captured once, then back-to-back replays (about 20 ms of them, at least
-    `reps`) between two events, median of 5 such runs (CPU: eager re-runs)."""
-    graph = device.graph()
-    graph.capture(fn)
-    t0 = time.perf_counter()
-    graph.replay()
-    device.synchronize()
-    n = max(reps, min(200, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    runs = []
-    for _ in range(5):
-        start, end = device.event(), device.event()
-        start.record()
-        for _ in range(n):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        runs.append(start.elapsed_time(end) * 1e3 / n)
-    del graph
-    return statistics.median(runs)
 
 
 def stored_weights(case: Case, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +149,7 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
         for name, fn in impls.items():
             device.reset_peak()
             err = ((fn().float() - ref).norm() / ref.norm()).item()
-            us = time_us(device, fn, shapes.reps)
+            us = replay_us(device, fn, shapes.reps)
             ref_us = ref_us or us
             rows.append(Row(case.name, case.fmt, batch, n, used, name, us, used * per_expert_bytes / (us * 1e3),
                             ref_us / us, err, name == pick, device.memory().peak / 2 ** 30))
