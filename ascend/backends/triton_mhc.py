@@ -37,12 +37,12 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-# Launch settings (`scripts/bench_mhc.py --variants` on an H200: within 5% of the best of its variants at 1, 8 and
-# 32 tokens, docs/performance.md): 128-wide K blocks give 128
-# GEMV programs at V4-Flash batch 1, and each program reuses its fn block for up to 8 tokens (at batch 32 fn is read
-# 4 times from L2, not 32); the mix kernel adds the partials up 64 rows at a time (80 registers per thread at any D),
-# its Sinkhorn is ~40 dependent reductions of a 4 x 4 tile, which one warp does with shuffles only, and a 512-wide
-# block of D keeps that warp's y loads at 64 values per thread.
+# Launch settings (`scripts/bench_mhc.py --variants` on an H200: within 6% of the fastest of its variants at 1, 8 and
+# 32 tokens, docs/performance.md): 128-wide K blocks give 128 GEMV programs at V4-Flash batch 1, and each program
+# reuses its fn block for up to 8 tokens (at batch 32 fn is read 4 times from L2, not 32); the mix kernel adds the
+# partials up 64 rows at a time (80 registers per thread at any D), its Sinkhorn is ~40 dependent reductions of a
+# 4 x 4 tile, which one warp does with shuffles only, and a 512-wide block of D keeps that warp's y loads at 64
+# values per thread.
 PRE_CONFIG = dict(block_k=128, block_t=8, kb_chunk=64, block_d=512, mix_warps=1)
 POST_CONFIG = dict(block_d=128, num_warps=4)
 
