@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib
+import functools
 import json
 import math
 import warnings
@@ -120,9 +120,6 @@ class Fp4RoundTrip(nn.Module):
 
 
 FUSED = (SparseAttention, IndexerTopK, Fp8RoundTrip, Fp4RoundTrip)
-# Where the model calls the simulations (module, name): patched while tracing, see `ExportKernels.quant_patched`.
-QUANT_CALL_SITES = (("model.attention", "fp8_round_trip", "fp8"), ("model.compressor", "fp8_round_trip", "fp8"),
-                    ("model.compressor", "fp4_round_trip", "fp4"), ("model.indexer", "fp4_round_trip", "fp4"))
 MAX_QUANT_CALLS = 4     # per format and graph; each call needs its own module (the exporter's function
                         # extraction fails on a module called twice in one trace)
 
@@ -138,34 +135,27 @@ class ExportKernels(nn.Module):
         self.fp8 = nn.ModuleList(Fp8RoundTrip() for _ in range(MAX_QUANT_CALLS))
         self.fp4 = nn.ModuleList(Fp4RoundTrip() for _ in range(MAX_QUANT_CALLS))
         self.blocks: dict[str, set[int]] = {"fp8": set(), "fp4": set()}
+        self.used = {"fp8": 0, "fp4": 0}
 
     def table(self) -> Kernels:
-        return dataclasses.replace(REFERENCE, sparse_attn=self.sparse_attn, indexer_topk=self.indexer_topk)
+        return dataclasses.replace(REFERENCE, sparse_attn=self.sparse_attn, indexer_topk=self.indexer_topk,
+                                   fp8_round_trip=functools.partial(self._round_trip, "fp8"),
+                                   fp4_round_trip=functools.partial(self._round_trip, "fp4"))
+
+    def _round_trip(self, fmt: str, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The model's FP8 / FP4 simulation as the next unused module of that format (one per call site)."""
+        if self.used[fmt] == MAX_QUANT_CALLS:
+            raise ExportError(f"more than {MAX_QUANT_CALLS} {fmt} simulations in one graph")
+        module = getattr(self, fmt)[self.used[fmt]]
+        self.used[fmt] += 1
+        self.blocks[fmt].add(block)
+        return module(x, block)
 
     @contextlib.contextmanager
-    def quant_patched(self):
-        """Route the model's FP8 / FP4 simulations through this object's modules while tracing."""
-        used = {"fp8": 0, "fp4": 0}
-
-        def router(fmt):
-            def call(x, block=KV_FP8_BLOCK if fmt == "fp8" else FP4_BLOCK):
-                if used[fmt] == MAX_QUANT_CALLS:
-                    raise ExportError(f"more than {MAX_QUANT_CALLS} {fmt} simulations in one graph")
-                module = getattr(self, fmt)[used[fmt]]
-                used[fmt] += 1
-                self.blocks[fmt].add(block)
-                return module(x, block)
-            return call
-
-        saved = [(importlib.import_module(m), name, getattr(importlib.import_module(m), name))
-                 for m, name, _ in QUANT_CALL_SITES]
-        try:
-            for (module, name, _), (_, _, fmt) in zip(saved, QUANT_CALL_SITES):
-                setattr(module, name, router(fmt))
-            yield
-        finally:
-            for module, name, original in saved:
-                setattr(module, name, original)
+    def trace(self):
+        """One traced graph: the simulation modules are handed out from the first again."""
+        self.used = {"fp8": 0, "fp4": 0}
+        yield
 
 
 def _retag(model, attributes: dict[str, dict[str, Any]]):
@@ -427,7 +417,7 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
             in_names, args, out_names = io[stage]
             path = out_dir / f"{stage}.onnx"
             graph = StageGraph(attn, stage, cache)
-            with graph.fused.quant_patched():
+            with graph.fused.trace():
                 model = export_graph(graph, args, path, in_names, out_names, attributes)
             if graph.fused.blocks["fp8"] - {KV_FP8_BLOCK} or graph.fused.blocks["fp4"] - {FP4_BLOCK}:
                 raise RuntimeError(f"quantisation blocks {graph.fused.blocks} differ from the attributes written")

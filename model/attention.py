@@ -31,7 +31,6 @@ from model.indexer import Indexer
 from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
-from model.quant import KV_FP8_BLOCK, fp8_round_trip
 from model.rope import Rotary
 
 __all__ = ["Attention", "window_rows", "visible_entry_rows"]
@@ -100,8 +99,8 @@ class Attention(nn.Module):
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = self.kernels.rope(self.kernels.rms_norm(q, None, self.eps), cos, sin)
         kv = self.kernels.rope(self.kv_norm(self.wkv(x)), cos, sin)
-        if self.quant_sim:      # FP8 round trip on the non-RoPE dims (the RoPE dims stay in the model dtype)
-            kv = torch.cat((fp8_round_trip(kv[..., :-self.rope_dim], KV_FP8_BLOCK), kv[..., -self.rope_dim:]), -1)
+        if self.quant_sim:
+            kv = K.round_kv_entries(self.kernels, kv, self.rope_dim)
         return q, qr, kv, cos, sin
 
     def compress(self, x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache) -> None:

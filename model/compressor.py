@@ -22,7 +22,7 @@ from model.cache import CompressorState
 from model.config import ModelConfig
 from model.linear import Linear
 from model.norm import RMSNorm
-from model.quant import KV_FP8_BLOCK, fp4_round_trip, fp8_round_trip
+from model.quant import FP4_BLOCK
 from model.rope import Rotary
 
 __all__ = ["Compressor", "pool_blocks"]
@@ -96,10 +96,9 @@ class Compressor(nn.Module):
         if self.rotate:
             entries = self.kernels.hadamard(entries)
             if self.quant_sim:
-                entries = fp4_round_trip(entries)
+                entries = self.kernels.fp4_round_trip(entries, FP4_BLOCK)
         elif self.quant_sim:
-            entries = torch.cat((fp8_round_trip(entries[..., :-self.rope_dim], KV_FP8_BLOCK),
-                                 entries[..., -self.rope_dim:]), dim=-1)
+            entries = K.round_kv_entries(self.kernels, entries, self.rope_dim)
 
         # new state: the block holding the next token (and the one before it for overlap)
         keep = ((start + n_valid) // r - first)[:, None] * r + torch.arange(state.kv.size(1), device=x.device)

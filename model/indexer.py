@@ -18,7 +18,7 @@ from model.compressor import Compressor
 from model.config import ModelConfig
 from model.linear import ColumnParallelLinear
 from model.parallel import ParallelContext
-from model.quant import fp4_round_trip
+from model.quant import FP4_BLOCK
 
 __all__ = ["Indexer"]
 
@@ -43,7 +43,7 @@ class Indexer(nn.Module):
         """[B, S, q_lora_rank] -> rotated, Hadamard-mixed, FP4-simulated queries [B, S, local heads, head_dim]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = self.kernels.hadamard(self.kernels.rope(q, cos, sin))
-        return fp4_round_trip(q) if self.quant_sim else q
+        return self.kernels.fp4_round_trip(q, FP4_BLOCK) if self.quant_sim else q
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

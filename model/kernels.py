@@ -28,7 +28,8 @@ from model import quant
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "expert_matmul", "take_rows", "use_kernels"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "expert_matmul", "take_rows",
+           "round_kv_entries", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -304,9 +305,20 @@ class Kernels:
     f32_linear: Callable[..., Tensor] = f32_linear
     grouped_linear: Callable[..., Tensor] = grouped_linear
     expert_matmul: Callable[..., Tensor] = expert_matmul
+    # the FP8 KV / FP4 indexer round-trip simulations (model.quant, (x, block) -> x's dtype): a table may route them
+    # elsewhere, as the ONNX export does to write each as one node
+    fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip
+    fp4_round_trip: Callable[..., Tensor] = quant.fp4_round_trip
 
 
 REFERENCE = Kernels()
+
+
+def round_kv_entries(kernels: Kernels, x: Tensor, rope_dim: int) -> Tensor:
+    """The KV cache's FP8 simulation of main entries (the window's rows and the compressor's pooled ones): the
+    non-RoPE dims through `kernels.fp8_round_trip` per `quant.KV_FP8_BLOCK`; the last `rope_dim` (RoPE) dims stay
+    in the model dtype, as the cache stores them in BF16."""
+    return torch.cat((kernels.fp8_round_trip(x[..., :-rope_dim], quant.KV_FP8_BLOCK), x[..., -rope_dim:]), dim=-1)
 
 
 def use_kernels(module: torch.nn.Module, kernels: Kernels) -> torch.nn.Module:

@@ -263,7 +263,8 @@ def test_use_kernels_reaches_every_holder_including_mhc_helpers():
         return lambda *a, **k: calls.update([name]) or fn(*a, **k)
 
     model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32))
-    names = ("hc_pre", "hc_post", "hc_head", "rms_norm", "linear", "f32_linear", "grouped_linear", "gate_topk")
+    names = ("hc_pre", "hc_post", "hc_head", "rms_norm", "linear", "f32_linear", "grouped_linear", "gate_topk",
+             "fp8_round_trip", "fp4_round_trip")
     K.use_kernels(model, dataclasses.replace(K.REFERENCE, **{n: counted(n) for n in names}))
     model(torch.tensor([[3, 4, 5]]), model.new_cache(1, 8))
     n_blocks = model.config.n_layers
