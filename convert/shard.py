@@ -78,19 +78,10 @@ class Sharding:
 
 
 def _check_tp(cfg: ModelConfig, tp: int, origin: str) -> None:
-    """Every TP-split dimension must divide evenly, on whole quantisation blocks."""
-    need = {"n_heads": cfg.n_heads, "o_groups": cfg.o_groups, "index_n_heads": cfg.index_n_heads,
-            "vocab_size": cfg.vocab_size}
-    for field, value in need.items():
-        if value % tp:
-            raise ConvertError(f"{origin}: tp = {tp} must divide {field} = {value} of the checkpoint")
-    if cfg.dtype == "fp8":
-        for what, rows in (("wq_b rows", cfg.n_heads * cfg.head_dim), ("wo_a rows", cfg.o_groups * cfg.o_lora_rank),
-                           ("indexer wq_b rows", cfg.index_n_heads * cfg.index_head_dim),
-                           ("wo_b columns", cfg.o_groups * cfg.o_lora_rank)):
-            if rows // tp % FP8_BLOCK:
-                raise ConvertError(f"{origin}: tp = {tp} splits {what} ({rows}) into {rows // tp}, not a multiple of "
-                                   f"the {FP8_BLOCK}-wide FP8 scale blocks")
+    """Every TP-split dimension must divide evenly, on whole quantisation blocks (`ModelConfig.tp_split_problem`)."""
+    problem = cfg.tp_split_problem(tp)
+    if problem:
+        raise ConvertError(f"{origin}: {problem} of the checkpoint")
 
 
 def scale_split(split: tuple[int, int, int] | None, scale: TensorSpec) -> tuple[int, int, int] | None:

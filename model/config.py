@@ -109,6 +109,25 @@ class ModelConfig:
         """Whether the MoE of layer `layer_id` routes by token id (`tid2eid`) instead of by score."""
         return layer_id < self.n_hash_layers
 
+    def tp_split_problem(self, tp: int) -> str | None:
+        """Why `tp` tensor-parallel ranks cannot split this model, or None. Tensor parallelism splits the attention
+        heads, the output groups, the indexer heads and the vocabulary evenly, and each FP8 projection it splits on
+        whole 128-row scale blocks (one rule for the planner and the converter)."""
+        from model.quant import FP8_BLOCK
+
+        for name in ("o_groups", "n_heads", "index_n_heads", "vocab_size"):
+            if getattr(self, name) % tp:
+                return f"tp={tp} must divide {name}={getattr(self, name)}"
+        if self.dtype == "fp8":
+            split = self.o_groups * self.o_lora_rank
+            for what, rows in (("wq_b rows", self.n_heads * self.head_dim), ("wo_a rows", split),
+                               ("indexer wq_b rows", self.index_n_heads * self.index_head_dim),
+                               ("wo_b columns", split)):
+                if rows // tp % FP8_BLOCK:
+                    return (f"tp={tp} splits {what} ({rows}) into {rows // tp}, not a multiple of the {FP8_BLOCK}-wide "
+                            f"FP8 scale blocks")
+        return None
+
     @property
     def n_hc_mix(self) -> int:
         """Rows of `hc_*_fn`: hc pre weights + hc post weights + an hc x hc combination matrix."""

@@ -41,13 +41,10 @@ def check_layout(config: Any, world: int, tp: int, ep: int, redundant: int, hard
         out.append(f"tp={tp} must divide the {world} devices (try {divisors(world)})")
     if ep < 1 or world % ep:
         out.append(f"ep={ep} must divide the {world} devices (try {divisors(world)})")
-    for name in ("o_groups", "n_heads", "index_n_heads", "vocab_size"):
-        value = getattr(config, name)
-        if tp >= 1 and value % tp:
-            ok = [d for d in divisors(math.gcd(config.o_groups, config.n_heads, config.index_n_heads,
-                                               config.vocab_size)) if world % d == 0]
-            out.append(f"tp={tp} must divide {name}={value} (valid tp here: {ok})")
-            break
+    problem = config.tp_split_problem(tp) if tp >= 1 else None
+    if problem:
+        ok = [d for d in divisors(world) if config.tp_split_problem(d) is None]
+        out.append(f"{problem} (valid tp here: {ok})")
     if redundant < 0:
         out.append(f"redundant={redundant}: expected >= 0")
     elif ep >= 1 and (E + redundant) % ep:

@@ -187,11 +187,11 @@ def test_plan_disagreeing_with_checkpoint(tiny_ckpt, tmp_path, capsys):
 
 
 def test_tp_not_dividing_the_checkpoint(tiny_ckpt, tiny_cfg):
-    class Wide:  # a plan object from elsewhere whose tp cannot split this checkpoint's heads
+    class Wide:  # a plan object from elsewhere whose tp cannot split this checkpoint (4 output groups)
         world_size, tp, n_routed_experts, n_layers, n_mtp_layers = 16, 16, 8, 4, 1
         def experts_on_rank(self, layer, rank):
             return [rank % 8]
-    with pytest.raises(ConvertError, match="tp = 16 must divide n_heads = 8"):
+    with pytest.raises(ConvertError, match="plan.json: tp=16 must divide o_groups=4 of the checkpoint"):
         Sharding.from_plan(Wide(), tiny_cfg, "plan.json")
 
 

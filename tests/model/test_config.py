@@ -117,3 +117,18 @@ def test_unknown_preset_and_field():
         ModelConfig.preset("huge")
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_hf({**ModelConfig.preset("tiny").to_hf_dict()}, not_a_field=1)
+
+
+def test_tp_split_problem_names_the_dimension_or_the_scale_blocks():
+    """One rule for the planner and the converter: even splits of heads, groups, indexer heads and vocabulary, and
+    FP8 projections split on whole 128-row scale blocks."""
+    flash = ModelConfig.preset("flash")
+    assert flash.tp_split_problem(8) is None
+    assert flash.tp_split_problem(16) == "tp=16 must divide o_groups=8"
+    tiny = ModelConfig.preset("tiny")                       # 4 groups x 128 wo_a rows, 4 indexer heads x 128
+    assert tiny.tp_split_problem(4) is None
+    narrow = ModelConfig.preset("tiny", o_lora_rank=64)     # 4 x 64 rows of wo_a: 2 ranks get 128 each, 4 get 64
+    assert narrow.tp_split_problem(2) is None
+    assert narrow.tp_split_problem(4) == ("tp=4 splits wo_a rows (256) into 64, not a multiple of the 128-wide FP8 "
+                                          "scale blocks")
+    assert ModelConfig.preset("tiny", o_lora_rank=64, dtype="bf16").tp_split_problem(4) is None
