@@ -36,7 +36,7 @@ from convert.formats import cast_linear, output_config
 from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint
-from convert.shard import Sharding, scale_split
+from convert.shard import Sharding, cut, scale_split
 from convert.writer import (CopyBuffers, SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic,
                             write_json_atomic)
 
@@ -146,13 +146,7 @@ class Conversion:
         for rank, ps in pieces.items():
             for piece in ps:
                 if piece.split not in done:
-                    w, s = weight, scale
-                    if piece.split is not None:
-                        dim, a, b = piece.split
-                        w = w.narrow(dim, a, b - a)
-                        ss = scale_split(piece.split, u.scale) if u.scale is not None else None
-                        if ss is not None:
-                            s = s.narrow(ss[0], ss[1], ss[2] - ss[1])
+                    w, s = cut(weight, scale, u.scale, piece.split)
                     done[piece.split] = cast_linear(w, s, _fmt(u.weight), _fmt(u.out_weight))
                 w, s = done[piece.split]
                 out.setdefault(rank, []).append((piece.name, w))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from convert.errors import ConvertError
 from convert.layout import FP8_BLOCK, TensorSpec
 from model.config import ModelConfig
@@ -92,3 +94,15 @@ def scale_split(split: tuple[int, int, int] | None, scale: TensorSpec) -> tuple[
     if scale.quant == "fp8_scale":
         return dim, start // FP8_BLOCK, stop // FP8_BLOCK
     return split
+
+
+def cut(weight: torch.Tensor, scale: torch.Tensor | None, scale_spec: TensorSpec | None,
+        split: tuple[int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slice `split` (dim, start, stop) of a weight and the matching slice of its scale (views; None: whole)."""
+    if split is None:
+        return weight, scale
+    dim, a, b = split
+    ss = scale_split(split, scale_spec) if scale_spec is not None else None
+    if ss is not None:
+        scale = scale.narrow(ss[0], ss[1], ss[2] - ss[1])
+    return weight.narrow(dim, a, b - a), scale

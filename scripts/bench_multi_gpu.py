@@ -56,7 +56,7 @@ from ascend.model_session import CacheSession, choose_exchange, compute_dtype, p
 from ascend.planner.layout import ep_exchange_bytes
 from ascend.planner.plan import make_plan
 from convert.layout import expected_tensors
-from convert.shard import Sharding, scale_split
+from convert.shard import Sharding, cut
 from model.config import ModelConfig
 from model.parallel import ParallelContext
 from model.transformer import Transformer, init_random_
@@ -107,13 +107,7 @@ def rank_state(full: dict[str, torch.Tensor], cfg: ModelConfig, sharding: Shardi
         stem = name[: -len(".weight")] if name.endswith(".weight") else None
         scale = specs.get(f"{stem}.scale") if stem else None
         for piece in sharding.pieces(spec, rank):
-            w, s = full[name], full[f"{stem}.scale"] if scale is not None else None
-            if piece.split is not None:
-                dim, a, b = piece.split
-                w = w.narrow(dim, a, b - a)
-                ss = scale_split(piece.split, scale) if scale is not None else None
-                if ss is not None:
-                    s = s.narrow(ss[0], ss[1], ss[2] - ss[1])
+            w, s = cut(full[name], full[f"{stem}.scale"] if scale is not None else None, scale, piece.split)
             out[piece.name] = w
             if s is not None:
                 out[f"{stem}.scale"] = s
