@@ -277,13 +277,15 @@ def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, exp
     x: [N, in]; weight: stacked stored weights [E, out, in/2] int8 (fp4, e2m1 low nibble first), [E, out, in]
     float8_e4m3fn (fp8) / int8 / bfloat16 / float32; scale: the stacked scales ([E, out, in/32] float8_e8m0fnu for
     fp4, [E, ceil(out/128), ceil(in/128)] for fp8, float32 [E, out] for int8, None for bf16 / fp32), as
-    `model.quant` stores them; fmt: the format name; expert_idx: [N] integer stack rows. y[n] =
-    dequant(weight[expert_idx[n]]) @ x[n], returned [N, out] in x's dtype. Reference: gathers and dequantises
-    every selection's weight ([N, out, in] in x's dtype), then one batched matmul.
+    `model.quant` stores them; fmt: the format name; expert_idx: [N] integer stack rows, negative for a selection no
+    local expert serves (expert parallelism: another rank's). y[n] = dequant(weight[expert_idx[n]]) @ x[n], zeros
+    where expert_idx[n] < 0, returned [N, out] in x's dtype. Reference: gathers and dequantises every selection's
+    weight ([N, out, in] in x's dtype), then one batched matmul.
     """
-    w = quant.dequantize_weight(take_rows(weight, expert_idx), None if scale is None else take_rows(scale, expert_idx),
-                                fmt, x.dtype)
-    return torch.bmm(x.unsqueeze(1), w.mT).squeeze(1)
+    rows = expert_idx.clamp(min=0)
+    w = quant.dequantize_weight(take_rows(weight, rows), None if scale is None else take_rows(scale, rows), fmt, x.dtype)
+    y = torch.bmm(x.unsqueeze(1), w.mT).squeeze(1)
+    return torch.where((expert_idx >= 0).unsqueeze(1), y, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------- the table

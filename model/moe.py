@@ -17,7 +17,8 @@ Two ways to run the routed experts, same result:
   multiplies each row by its expert's stored weights (fp4 / fp8 / int8 / bf16 + scales), picked by index (the
   reference gathers and dequantises them; the CUDA backend reads the FP4 bytes in-kernel). Fixed shapes and no
   host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
-  Selections owned by another rank (or another replica) are masked to zero before the same all-reduce.
+  Selections owned by another rank (or another replica) get expert row -1, which `expert_matmul` turns into
+  zeros (a fused kernel skips their work), before the same all-reduce.
   To gather by index the local experts' tensors live stacked ([n_local, ...] per tensor); each
   `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
 `MoE.mode` picks: "auto" (static while capturing / compiling or when tokens x topk <= `STATIC_MAX_SELECTIONS`),
@@ -195,17 +196,13 @@ class MoE(nn.Module):
         """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection."""
         n, k = indices.shape
         token = torch.arange(n, device=x.device).unsqueeze(1)
-        row = self.local_row[indices, token % self.n_replicas[indices]].flatten()   # [n*k], -1: not ours
-        mine = row >= 0
-        rows = row.clamp(min=0)
+        rows = self.local_row[indices, token % self.n_replicas[indices]].flatten()   # [n*k], -1: not ours (zeros)
         probe = next(iter(self.experts.values()))
         xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, x.size(-1))
         xs = probe.w1.round_input(xs)
         h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
         h = probe.w2.round_input((h * weights.reshape(n * k, 1)).to(x.dtype))
-        out = self._project("w2", h, rows).float()
-        out = torch.where(mine.view(n * k, 1), out, 0.0)
-        return out.view(n, k, -1).sum(1)
+        return self._project("w2", h, rows).float().view(n, k, -1).sum(1)
 
     def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """Local expert `expert` on rows [n, dim] with routing weights [n] (the exchange callback)."""

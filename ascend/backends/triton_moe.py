@@ -57,6 +57,8 @@ def _fp4_expert_matmul_kernel(
     ob = tl.program_id(0)
     sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
     expert = tl.load(idx_ptr + sel).to(tl.int64)
+    skip = expert < 0                       # another rank's selection: no input block is read, the row stays 0
+    expert = tl.maximum(expert, 0)
     rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
     g = tl.arange(0, GROUPS)
@@ -66,7 +68,8 @@ def _fp4_expert_matmul_kernel(
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)     # summed over groups once, after the loop
     k_split = tl.program_id(2)
-    for k0 in range(k_split * K_SPLIT, tl.minimum(IN, (k_split + 1) * K_SPLIT), BLOCK_IN):
+    k_lo = k_split * K_SPLIT
+    for k0 in range(k_lo, tl.where(skip, k_lo, tl.minimum(IN, k_lo + K_SPLIT)), BLOCK_IN):
         group = k0 // 32 + g                                          # [GROUPS] scale column
         group_ok = group < IN // 32                                   # IN is a multiple of 32
         byte = group[:, None] * 16 + b[None, :]                       # [GROUPS, 16] packed column
@@ -93,6 +96,8 @@ def _fp8_expert_matmul_kernel(
     ob = tl.program_id(0)
     sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
     expert = tl.load(idx_ptr + sel).to(tl.int64)
+    skip = expert < 0                       # another rank's selection: no input block is read, the row stays 0
+    expert = tl.maximum(expert, 0)
     rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
     cols = tl.arange(0, BLOCK_IN)
@@ -101,7 +106,8 @@ def _fp8_expert_matmul_kernel(
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT], tl.float32)
     k_split = tl.program_id(2)
-    for k0 in range(k_split * K_SPLIT, tl.minimum(IN, (k_split + 1) * K_SPLIT), BLOCK_IN):
+    k_lo = k_split * K_SPLIT
+    for k0 in range(k_lo, tl.where(skip, k_lo, tl.minimum(IN, k_lo + K_SPLIT)), BLOCK_IN):
         col = k0 + cols
         col_ok = col < IN
         x = tl.load(x_row + col, mask=col_ok, other=0.0).to(tl.float32)
@@ -252,13 +258,17 @@ def _fp8_grouped_kernel(
 def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
     """Selections grouped by expert with static shapes, no host sync (`bincount` reads its maximum back) and no
     atomics: `order` lists the selections expert by expert, expert e owning order[starts[e] : starts[e] + counts[e]];
-    `experts` lists min(E, N) experts, most rows first, so it holds every used one and the grid needs no column per
-    idle expert (256 at V4 decode)."""
+    a negative id (another rank's selection) belongs to no expert. `experts` lists min(E, N) experts, most rows
+    first, so it holds every used one and the grid needs no column per idle expert (256 at V4 decode)."""
     dev = expert_idx.device
-    if n_experts == 1:      # a projection: every row is expert 0's, nothing to sort (sorts cost ~25 us at decode)
-        n = expert_idx.numel()
-        return (torch.arange(n, device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
-                torch.full((1,), n, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    if n_experts == 1:      # a projection: valid rows first, no sort (sorts cost ~25 us at decode)
+        valid = expert_idx >= 0
+        kept = valid.cumsum(0)
+        count = kept[-1:] if kept.numel() else zero
+        pos = torch.where(valid, kept - 1, count + (~valid).cumsum(0) - 1)
+        order = torch.empty_like(pos).scatter_(0, pos, torch.arange(pos.numel(), device=dev))
+        return order, zero, count, zero
     sorted_idx, order = torch.sort(expert_idx.int())       # int32 keys: half the radix passes of int64
     bounds = torch.searchsorted(sorted_idx, torch.arange(n_experts + 1, device=dev, dtype=torch.int32))
     starts, counts = bounds[:-1], bounds.diff()
@@ -279,6 +289,7 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
     split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
+    out.zero_()             # rows of no expert (negative ids) are never written
     kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
                               out.stride(0) if split_k > 1 else 0,

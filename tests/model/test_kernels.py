@@ -270,3 +270,17 @@ def test_use_kernels_reaches_every_holder_including_mhc_helpers():
     n_blocks = model.config.n_layers
     assert calls["hc_pre"] == calls["hc_post"] == 2 * n_blocks and calls["hc_head"] == 1
     assert all(calls[n] > 0 for n in names), calls
+
+
+def test_expert_matmul_negative_ids_select_nothing():
+    """The static MoE path marks another rank's selections with expert -1: those rows are zeros, the others are
+    dequant(weight[e]) @ x as a per-row matmul computes them."""
+    from model import quant
+    w, s = zip(*(quant.quantize_weight(torch.randn(16, 64), "fp8") for _ in range(3)))
+    weight, scale = torch.stack(w), torch.stack(s)
+    x = torch.randn(5, 64)
+    idx = torch.tensor([2, -1, 0, -1, 1])
+    y = K.expert_matmul(x, weight, scale, "fp8", idx)
+    for n, e in enumerate(idx.tolist()):
+        want = torch.zeros(16) if e < 0 else quant.dequantize_weight(weight[e], scale[e], "fp8", torch.float32) @ x[n]
+        torch.testing.assert_close(y[n], want, rtol=1e-5, atol=1e-5)

@@ -146,6 +146,24 @@ def test_per_selection_kernel_split_over_inputs(fmt, split_k):
         _check(launch(x, w, s, idx, block_out=16, block_in=64, split_k=split_k), x, w, s, fmt, idx)
 
 
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_negative_ids_give_zero_rows_on_both_kernels(fmt):
+    """A negative expert id (another rank's selection under expert parallelism) selects nothing: zero rows from
+    the per-selection and the grouped kernel, with several experts and with one (a projection-like stack)."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 5, 40, 256)
+    x = _rows(20, 256, torch.float32)
+    for n_experts in (5, 1):
+        idx = torch.tensor([-1, 0, -1, 2, 4, -1, 1, 3] * 2 + [0, -1, 2, -1])[:20] % (n_experts + 1)
+        idx = torch.where(idx == n_experts, -1, idx).to(DEVICE)
+        w, s = weight[:n_experts], scale[:n_experts]
+        for launch in (triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8,
+                       triton_moe.grouped_matmul_fp4 if fmt == "fp4" else triton_moe.grouped_matmul_fp8):
+            y = launch(x, w, s, idx, block_out=16, block_in=64)
+            assert (y[idx < 0] == 0).all() and (y[idx >= 0] != 0).any()
+            _check(y, x, w, s, fmt, idx)
+
+
 def test_block_m_follows_rows_per_expert():
     from ascend.backends import triton_moe
     assert triton_moe.grouped_block_m(192, 256) == 16          # V4-Flash MoE at batch 32
