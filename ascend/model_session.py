@@ -148,6 +148,8 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
     if compile and not (mesh.device.type == "cuda" and graphed):
         raise LaunchError(f"--compile needs CUDA with captured decode graphs (here: {mesh.device.type}, graphs "
                           f"{'on' if graphed else 'off'}); drop --compile")
+    if compile and plan.world_size > 1:     # collectives inside a compiled step have not been traced or tested
+        raise LaunchError(f"--compile is for one device; this plan has {plan.world_size} ranks; drop --compile")
     ctx = parallel_context(plan, mesh, exchange)
     device = mesh.device.torch_device
     kernels = get_kernels(mesh.device)

@@ -199,7 +199,11 @@ def test_compile_is_refused_before_loading_where_it_cannot_run(tmp_path):
     from ascend.launch import LaunchError
     from ascend.model_session import build_session
 
-    plan = SimpleNamespace(tp=1, ep=1, settings={})
+    plan = SimpleNamespace(tp=1, ep=1, world_size=1, settings={})
     mesh = SimpleNamespace(device=get_device("cpu"))
     with pytest.raises(LaunchError, match="--compile needs CUDA with captured decode graphs"):
         build_session(tmp_path / "missing", SimpleNamespace(plan=plan), mesh, compile=True)
+    cuda = SimpleNamespace(type="cuda")                 # what the check reads of a CUDA device
+    two = SimpleNamespace(tp=2, ep=1, world_size=2, settings={})
+    with pytest.raises(LaunchError, match="--compile is for one device; this plan has 2 ranks"):
+        build_session(tmp_path / "missing", SimpleNamespace(plan=two), SimpleNamespace(device=cuda), compile=True)
