@@ -6,6 +6,8 @@ Stage -> operator (schemas of torch-npu 2.14.0; semantics from Ascend/op-plugin'
     rope          npu_interleave_rope (its output is in rotate-half layout: we re-interleave the pairs)
     gate_topk     npu_moe_gating_top_k, sigmoid mode fed logit(score / M) so that sqrt-softplus routing comes out
                   exactly (see _Ops.gate_topk); hash layers through its tid2eid / input_ids arguments
+    expert_matmul npu_grouped_matmul on the selections sorted by expert (one x, one [E, in, out] weight view,
+                  m-axis groups): bf16 / fp16 experts as they are, int8 experts per-channel pseudo-quantised
     hc_pre        npu_mhc_pre + npu_mhc_sinkhorn;  hc_post  npu_mhc_post;  sinkhorn  npu_mhc_sinkhorn
     hc_head       npu_mhc_pre with the post rows of phi zeroed (alpha of 2 elements: no res output)
     indexer_topk  npu_lightning_indexer, one TND query per token over a paged (PA_BSND) view of the key cache, so
@@ -42,6 +44,7 @@ SUPPORTED_SOCS = {
     "npu_rms_norm": {"A2", "A3", "A5", "310P"},
     "npu_interleave_rope": {"A2", "A3", "A5"},
     "npu_moe_gating_top_k": {"A2", "A3", "A5"},  # A5 from ops-transformer's aclnnMoeGatingTopK page
+    "npu_grouped_matmul": {"A2", "A3"},          # its torch_npu page (and 310P, fp16 only: not a V4 target)
     "npu_mhc_pre": {"A5"},
     "npu_mhc_post": {"A5"},
     "npu_mhc_sinkhorn": {"A5"},
@@ -52,6 +55,7 @@ STAGE_OPS = {
     "rms_norm": ("npu_rms_norm",),
     "rope": ("npu_interleave_rope",),
     "gate_topk": ("npu_moe_gating_top_k",),
+    "expert_matmul": ("npu_grouped_matmul",),
     "sinkhorn": ("npu_mhc_sinkhorn",),
     "hc_pre": ("npu_mhc_pre", "npu_mhc_sinkhorn"),
     "hc_post": ("npu_mhc_post",),
@@ -202,6 +206,33 @@ class _Ops:
             y, idx, _ = self.npu.npu_moe_gating_top_k(x, topk, bias=None if bias is None else bias.float() / m,
                                                       norm_type=1, routed_scaling_factor=route_scale)
         return y.float(), idx.long()
+
+    # --------------------------------------------------------------------------------- expert_matmul
+    def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,
+                            expert_idx: Tensor) -> str | None:
+        if fmt not in ("bf16", "int8"):
+            return (f"npu_grouped_matmul on {self.soc} takes bf16 / fp16 or int8 (pseudo-quantised) expert weights, "
+                    f"not {fmt}: convert with --weights bf16 or int8")
+        if fmt == "bf16" and weight.dtype != x.dtype:
+            return (f"npu_grouped_matmul multiplies one float dtype, got {_name(x.dtype)} rows and "
+                    f"{_name(weight.dtype)} weights")
+        if weight.shape[0] > 1024 or max(weight.shape[1:]) >= 65536:
+            return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got weights {tuple(weight.shape)}"
+        return _dtype_reason("npu_grouped_matmul", x, HALF)
+
+    def expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
+        # one grouped matmul over the selections sorted by expert (static shapes, no host sync): group e is the
+        # rows of expert e; another rank's selection (id -1) rides with expert 0 and is zeroed afterwards, since
+        # the groups must cover every row
+        experts = weight.shape[0]
+        rows = expert_idx.clamp(min=0)
+        sorted_rows, order = torch.sort(rows, stable=True)
+        ends = torch.searchsorted(sorted_rows, torch.arange(1, experts + 1, device=x.device, dtype=rows.dtype))
+        quant = {} if fmt == "bf16" else {"antiquant_scale": [scale.to(x.dtype)]}
+        y = self.npu.npu_grouped_matmul([x[order]], [weight.transpose(1, 2)], group_list=ends.long(), split_item=3,
+                                        group_type=0, group_list_type=0, **quant)[0]
+        out = torch.empty_like(y).index_copy_(0, order, y)
+        return torch.where((expert_idx >= 0).unsqueeze(1), out, 0.0)
 
     # ------------------------------------------------------------------------------------------- mHC
     def _mhc_reason(self, x: Tensor) -> str | None:

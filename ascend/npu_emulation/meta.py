@@ -29,6 +29,15 @@ def npu_moe_gating_top_k(x, k, *, bias=None, input_ids=None, tid2eid=None, k_gro
     return _empty((t, k), x.dtype, x), _empty((t, k), torch.int32, x), _empty(x.shape, torch.float32, x)
 
 
+def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                       per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
+                       activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
+                       tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
+                       per_token_scale_dtype=None):
+    """The single-tensor m-grouped scenario the emulation implements: y [M, N] in x's dtype."""
+    return [_empty((x[0].shape[0], weight[0].shape[-1]), x[0].dtype, x[0])]
+
+
 def npu_mhc_pre(x, phi, alpha, bias, *, gamma=None, norm_eps=1e-6, hc_eps=1e-6, out_flag=0, inner_precise=0):
     lead, n = tuple(x.shape[:-2]), x.shape[-2]
     res = lead + (n, n) if alpha.numel() == 3 else (1,)

@@ -109,6 +109,80 @@ def npu_moe_gating_top_k(x: Tensor, k: int, *, bias: Tensor | None = None, input
     return (y * routed_scaling_factor).to(x.dtype), idx.to(torch.int32), norm
 
 
+# ----------------------------------------------------------------------------------- experts
+GMM_MAX_GROUPS = 1024       # group_list length ("group_list第1维最大支持1024")
+GMM_INNER_LIMIT = 65536     # each x / weight tensor's last dim ("内轴限制InnerLimit为65536")
+
+
+def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tensor] | None = None,
+                       scale: list[Tensor] | None = None, offset: list[Tensor] | None = None,
+                       antiquant_scale: list[Tensor] | None = None, antiquant_offset: list[Tensor] | None = None,
+                       per_token_scale: list[Tensor] | None = None, group_list: Tensor | None = None,
+                       activation_input: list[Tensor] | None = None,
+                       activation_quant_scale: list[Tensor] | None = None,
+                       activation_quant_offset: list[Tensor] | None = None, split_item: int | None = 0,
+                       group_type: int | None = None, group_list_type: int | None = 0, act_type: int | None = 0,
+                       tuning_config: list[int] | None = None, output_dtype: int | None = None,
+                       x_dtype: int | None = None, weight_dtype: int | None = None, scale_dtype: int | None = None,
+                       per_token_scale_dtype: int | None = None) -> list[Tensor]:
+    """torch_npu-npu_grouped_matmul.md, the single-tensor m-axis scenario ("单单单"): one x [M, K], one weight
+    [E, K, N] (a transposed view allowed), one y [M, N]; split_item 2 or 3, group_type 0, group_list a tensor of
+    E values, cumulative row counts (group_list_type 0) or row counts (1), covering all M rows; rows of group e
+    use weight[e]. Not quantised (x and weight of one float dtype: y_e = x_e @ w_e), or per-channel pseudo-quantised
+    (int8 weight, antiquant_scale and optional antiquant_offset [E, N] in x's half dtype:
+    y_e = x_e @ ((w_e + offset_e) * scale_e)). Every other scenario or argument raises NotImplementedError."""
+    op = "npu_grouped_matmul"
+    for name, value in (("bias", bias), ("scale", scale), ("offset", offset), ("per_token_scale", per_token_scale),
+                        ("activation_input", activation_input), ("activation_quant_scale", activation_quant_scale),
+                        ("activation_quant_offset", activation_quant_offset), ("tuning_config", tuning_config),
+                        ("output_dtype", output_dtype), ("x_dtype", x_dtype), ("weight_dtype", weight_dtype),
+                        ("scale_dtype", scale_dtype), ("per_token_scale_dtype", per_token_scale_dtype)):
+        if value is not None:
+            raise _unsupported(op, f"{name}")
+    if act_type not in (None, 0):
+        raise _unsupported(op, f"act_type={act_type}")
+    if len(x) != 1 or len(weight) != 1 or split_item not in (2, 3) or group_type != 0:
+        raise _unsupported(op, f"{len(x)} x / {len(weight)} weight tensors, split_item={split_item}, "
+                               f"group_type={group_type} (only single tensors grouped on m)")
+    if group_list_type not in (0, 1):
+        raise _unsupported(op, f"group_list_type={group_list_type}")
+    a, w = x[0], weight[0]
+    _need(group_list is not None, f"{op}: group_list is required for single-tensor grouping")
+    _need(a.dim() == 2 and w.dim() == 3, f"{op}: x must be 2-D and weight 3-D, got {a.dim()}-D and {w.dim()}-D")
+    groups, k, n = w.shape
+    _need(a.shape[1] == k, f"{op}: x has {a.shape[1]} columns, weight groups take {k}")
+    _need(max(k, n) < GMM_INNER_LIMIT, f"{op}: inner dims must be < {GMM_INNER_LIMIT}, got K={k} N={n}")
+    _need(group_list.dim() == 1 and group_list.numel() == groups <= GMM_MAX_GROUPS and group_list.dtype == torch.int64,
+          f"{op}: group_list must be int64 [{groups}] (at most {GMM_MAX_GROUPS}), got {group_list.dtype} "
+          f"{tuple(group_list.shape)}")
+    values = group_list.tolist()
+    _need(all(v >= 0 for v in values), f"{op}: group_list must be non-negative")
+    if group_list_type == 0:
+        _need(all(b >= a_ for a_, b in zip(values, values[1:])), f"{op}: cumulative group_list must not decrease")
+        ends = values
+    else:
+        ends = torch.tensor(values).cumsum(0).tolist()
+    _need(ends[-1] == a.shape[0], f"{op}: group_list covers {ends[-1]} rows, x has {a.shape[0]}")
+    if w.dtype == torch.int8:
+        _need(a.dtype in HALF and antiquant_scale is not None and len(antiquant_scale) == 1,
+              f"{op}: an int8 weight with {a.dtype} x needs a float16 / bfloat16 x and antiquant_scale")
+        s = antiquant_scale[0]
+        o = antiquant_offset[0] if antiquant_offset is not None else torch.zeros_like(s)
+        _need(s.dtype == a.dtype and o.dtype == a.dtype and s.shape == o.shape == (groups, n),
+              f"{op}: antiquant_scale / antiquant_offset must be {a.dtype} [{groups}, {n}]")
+        w = (w.float() + o.float()[:, None, :]) * s.float()[:, None, :]
+    else:
+        _need(antiquant_scale is None and antiquant_offset is None, f"{op}: antiquant_* need an int8 weight")
+        _need(a.dtype == w.dtype and a.dtype in FLOATS, f"{op}: x and weight must be one of float16 / bfloat16 / "
+                                                        f"float32 without quantisation, got {a.dtype} and {w.dtype}")
+    y = a.new_empty(a.shape[0], n)
+    start = 0
+    for e, end in enumerate(ends):
+        y[start:end] = (a[start:end].float() @ w[e].float()).to(a.dtype)
+        start = end
+    return [y]
+
+
 # --------------------------------------------------------------------------------------- mHC
 
 def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: Tensor | None = None,
@@ -425,6 +499,7 @@ EMULATED = {
     "npu_rms_norm": npu_rms_norm,
     "npu_interleave_rope": npu_interleave_rope,
     "npu_moe_gating_top_k": npu_moe_gating_top_k,
+    "npu_grouped_matmul": npu_grouped_matmul,
     "npu_mhc_pre": npu_mhc_pre,
     "npu_mhc_post": npu_mhc_post,
     "npu_mhc_sinkhorn": npu_mhc_sinkhorn,

@@ -71,6 +71,8 @@ def _valid_calls():
         "npu_rms_norm": ((torch.randn(2, 8), torch.ones(8)), {"epsilon": 1e-6}),
         "npu_interleave_rope": ((torch.randn(1, 2, 3, 64), torch.randn(1, 1, 3, 64), torch.randn(1, 1, 3, 64)), {}),
         "npu_moe_gating_top_k": ((torch.randn(3, 8), 2), {"norm_type": 1}),
+        "npu_grouped_matmul": (([torch.randn(5, 16, dtype=bf)], [torch.randn(3, 16, 8, dtype=bf)]),
+                               {"group_list": torch.tensor([2, 2, 5]), "split_item": 3, "group_type": 0}),
         "npu_mhc_pre": ((x4, torch.randn(24, 128), torch.ones(3), torch.zeros(24)), {"hc_eps": 1e-6}),
         "npu_mhc_post": ((x4, torch.rand(1, 2, 4, 4), torch.randn(1, 2, 32, dtype=bf), torch.rand(1, 2, 4)), {}),
         "npu_mhc_sinkhorn": ((torch.randn(3, 4, 4),), {"num_iters": 5}),
@@ -104,10 +106,14 @@ def test_dispatcher_rejects_what_the_real_binding_rejects(tnpu, name):
 @pytest.mark.parametrize("name", sorted(EMULATED))
 def test_meta_kernels_agree_with_cpu_kernels(tnpu, name):
     args, kwargs = _valid_calls()[name]
-    to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    def to_meta(v):
+        if isinstance(v, list):     # Tensor[] arguments
+            return [to_meta(t) for t in v]
+        return v.to("meta") if isinstance(v, torch.Tensor) else v
+
     cpu = getattr(tnpu, name)(*args, **kwargs)
     meta = getattr(tnpu, name)(*map(to_meta, args), **{k: to_meta(v) for k, v in kwargs.items()})
-    cpu, meta = (cpu, meta) if isinstance(cpu, tuple) else ((cpu,), (meta,))
+    cpu, meta = (tuple(cpu), tuple(meta)) if isinstance(cpu, (tuple, list)) else ((cpu,), (meta,))
     assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu]
 
 
@@ -371,3 +377,33 @@ def test_sparse_flash_attention(tnpu, block, mode, with_sink):
     assert out.dtype == bf and out.shape == q.shape
     _close(out[0], want, 2e-2)
     assert out[0, 2].abs().max() == 0  # the row starting with -1 selects nothing
+
+
+def test_grouped_matmul_groups_rows_by_group_list(tnpu):
+    """npu_grouped_matmul, single x / weight / y on the m axis: rows of group e times weight[e], for cumulative and
+    per-group counts, a transposed weight view, and int8 weights pseudo-quantised per channel; bad group lists fail
+    as the operator does."""
+    bf = torch.bfloat16
+    x = torch.randn(7, 16, dtype=bf)
+    w = torch.randn(3, 8, 16, dtype=bf)                        # [E, N, K]: passed as its [E, K, N] transpose
+    groups = [(0, 2), (2, 2), (2, 7)]                          # group 1 empty
+    want = torch.zeros(7, 8)
+    for e, (a, b) in enumerate(groups):
+        want[a:b] = x[a:b].float() @ w[e].float().T
+    call = dict(split_item=3, group_type=0)
+    for gl, kind in ((torch.tensor([2, 2, 7]), 0), (torch.tensor([2, 0, 5]), 1)):
+        y = tnpu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=gl, group_list_type=kind, **call)[0]
+        torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+    q = torch.randint(-127, 128, (3, 16, 8), dtype=torch.int8)
+    scale = (torch.rand(3, 8) / 50).to(bf)
+    y = tnpu.npu_grouped_matmul([x], [q], antiquant_scale=[scale], group_list=torch.tensor([2, 2, 7]), **call)[0]
+    deq = q.float() * scale.float()[:, None, :]
+    want_q = torch.cat([x[a:b].float() @ deq[e] for e, (a, b) in enumerate(groups)])
+    torch.testing.assert_close(y.float(), want_q, rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="covers 6 rows, x has 7"):
+        tnpu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=torch.tensor([2, 2, 6]), **call)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        tnpu.npu_grouped_matmul([x], [w.transpose(1, 2)], group_list=torch.tensor([3, 2, 7]), **call)
+    with pytest.raises(NotImplementedError, match="bias is not emulated"):
+        tnpu.npu_grouped_matmul([x], [w.transpose(1, 2)], bias=[torch.zeros(8)], group_list=torch.tensor([2, 2, 7]),
+                                **call)
