@@ -8,6 +8,8 @@ Stage -> operator (schemas of torch-npu 2.14.0; semantics from Ascend/op-plugin'
                   exactly (see _Ops.gate_topk); hash layers through its tid2eid / input_ids arguments
     expert_matmul npu_grouped_matmul on the selections sorted by expert (one x, one [E, in, out] weight view,
                   m-axis groups): bf16 / fp16 experts as they are, int8 experts per-channel pseudo-quantised
+    linear        int8 projections: npu_weight_quant_batchmatmul (per-channel pseudo-quantised, transposed weight);
+                  bf16 / fp16 ones: a plain matmul (the reference); fp8 / fp4 ones fall back (dequantised per call)
     hc_pre        npu_mhc_pre + npu_mhc_sinkhorn;  hc_post  npu_mhc_post;  sinkhorn  npu_mhc_sinkhorn
     hc_head       npu_mhc_pre with the post rows of phi zeroed (alpha of 2 elements: no res output)
     indexer_topk  npu_lightning_indexer, one TND query per token over a paged (PA_BSND) view of the key cache, so
@@ -45,6 +47,7 @@ SUPPORTED_SOCS = {
     "npu_interleave_rope": {"A2", "A3", "A5"},
     "npu_moe_gating_top_k": {"A2", "A3", "A5"},  # A5 from ops-transformer's aclnnMoeGatingTopK page
     "npu_grouped_matmul": {"A2", "A3"},          # its torch_npu page (and 310P, fp16 only: not a V4 target)
+    "npu_weight_quant_batchmatmul": {"A2", "A3"},  # likewise
     "npu_mhc_pre": {"A5"},
     "npu_mhc_post": {"A5"},
     "npu_mhc_sinkhorn": {"A5"},
@@ -56,6 +59,7 @@ STAGE_OPS = {
     "rope": ("npu_interleave_rope",),
     "gate_topk": ("npu_moe_gating_top_k",),
     "expert_matmul": ("npu_grouped_matmul",),
+    "linear": ("npu_weight_quant_batchmatmul",),
     "sinkhorn": ("npu_mhc_sinkhorn",),
     "hc_pre": ("npu_mhc_pre", "npu_mhc_sinkhorn"),
     "hc_post": ("npu_mhc_post",),
@@ -206,6 +210,23 @@ class _Ops:
             y, idx, _ = self.npu.npu_moe_gating_top_k(x, topk, bias=None if bias is None else bias.float() / m,
                                                       norm_type=1, routed_scaling_factor=route_scale)
         return y.float(), idx.long()
+
+    # ---------------------------------------------------------------------------------------- linear
+    def check_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
+        if fmt in ("fp8", "fp4"):
+            return (f"no {fmt} weight matmul wired on {self.soc}: the weight is dequantised every call "
+                    f"(convert with --weights int8 or bf16)")
+        if fmt == "int8":
+            if x.numel() == 0 or max(weight.shape) > 65535:
+                return f"npu_weight_quant_batchmatmul takes non-empty x and K, N <= 65535, got {tuple(weight.shape)}"
+            return _dtype_reason("npu_weight_quant_batchmatmul", x, HALF)
+        return None
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
+        if fmt != "int8":       # bf16 / fp16 / fp32 weights: already one plain matmul
+            return REFERENCE.linear(x, weight, scale, fmt)
+        y = self.npu.npu_weight_quant_batchmatmul(x.reshape(-1, x.shape[-1]), weight.t(), scale.to(x.dtype))
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     # --------------------------------------------------------------------------------- expert_matmul
     def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,

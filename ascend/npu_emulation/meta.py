@@ -38,6 +38,12 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     return [_empty((x[0].shape[0], weight[0].shape[-1]), x[0].dtype, x[0])]
 
 
+def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
+                                 quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
+                                 weight_dtype=None):
+    return _empty((x.shape[0], weight.shape[1]), x.dtype, x)
+
+
 def npu_mhc_pre(x, phi, alpha, bias, *, gamma=None, norm_eps=1e-6, hc_eps=1e-6, out_flag=0, inner_precise=0):
     lead, n = tuple(x.shape[:-2]), x.shape[-2]
     res = lead + (n, n) if alpha.numel() == 3 else (1,)

@@ -183,6 +183,41 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     return [y]
 
 
+def npu_weight_quant_batchmatmul(x: Tensor, weight: Tensor, antiquant_scale: Tensor,
+                                 antiquant_offset: Tensor | None = None, quant_scale: Tensor | None = None,
+                                 quant_offset: Tensor | None = None, bias: Tensor | None = None,
+                                 antiquant_group_size: int = 0, inner_precise: int = 0,
+                                 weight_dtype: int | None = None) -> Tensor:
+    """torch_npu-npu_weight_quant_batchmatmul.md, the per-tensor / per-channel int8 scenario: x [M, K] float16 /
+    bfloat16, weight [K, N] int8 (a transposed view allowed), antiquant_scale (and optional antiquant_offset) of
+    shape (1,), (N,) or (1, N) in x's dtype: y = x @ ((weight + offset) * scale), x's dtype. Per-group scales, int4
+    (int32-packed) weights, int64 scales, bias and output quantisation (quant_scale) raise NotImplementedError."""
+    op = "npu_weight_quant_batchmatmul"
+    for name, value in (("quant_scale", quant_scale), ("quant_offset", quant_offset), ("bias", bias),
+                        ("weight_dtype", weight_dtype)):
+        if value is not None:
+            raise _unsupported(op, name)
+    if antiquant_group_size:
+        raise _unsupported(op, f"per-group scales (antiquant_group_size={antiquant_group_size})")
+    if weight.dtype != torch.int8 or antiquant_scale.dtype not in HALF:
+        raise _unsupported(op, f"{weight.dtype} weights with {antiquant_scale.dtype} scales (only int8 with "
+                               f"float16 / bfloat16 scales)")
+    _need(x.dim() == 2 and weight.dim() == 2, f"{op}: x and weight must be 2-D, got {x.dim()}-D and {weight.dim()}-D")
+    (m, k), n = x.shape, weight.shape[1]
+    _need(x.dtype in HALF and antiquant_scale.dtype == x.dtype,
+          f"{op}: x and antiquant_scale must share float16 / bfloat16, got {x.dtype} and {antiquant_scale.dtype}")
+    _need(weight.shape[0] == k, f"{op}: x has K={k}, weight has {weight.shape[0]} rows")
+    _need(m >= 1 and 1 <= k <= 65535 and 1 <= n <= 65535, f"{op}: needs M >= 1 and K, N in [1, 65535], got "
+                                                            f"M={m} K={k} N={n}")
+    _need(antiquant_scale.numel() in (1, n) and antiquant_scale.dim() <= 2,
+          f"{op}: antiquant_scale must be (1,), (N,) or (1, N), got {tuple(antiquant_scale.shape)}")
+    off = antiquant_offset if antiquant_offset is not None else torch.zeros_like(antiquant_scale)
+    _need(off.shape == antiquant_scale.shape and off.dtype == antiquant_scale.dtype,
+          f"{op}: antiquant_offset must match antiquant_scale's shape and dtype")
+    w = (weight.float() + off.float().reshape(-1)) * antiquant_scale.float().reshape(-1)
+    return (x.float() @ w).to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------- mHC
 
 def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: Tensor | None = None,
@@ -500,6 +535,7 @@ EMULATED = {
     "npu_interleave_rope": npu_interleave_rope,
     "npu_moe_gating_top_k": npu_moe_gating_top_k,
     "npu_grouped_matmul": npu_grouped_matmul,
+    "npu_weight_quant_batchmatmul": npu_weight_quant_batchmatmul,
     "npu_mhc_pre": npu_mhc_pre,
     "npu_mhc_post": npu_mhc_post,
     "npu_mhc_sinkhorn": npu_mhc_sinkhorn,

@@ -73,6 +73,8 @@ def _valid_calls():
         "npu_moe_gating_top_k": ((torch.randn(3, 8), 2), {"norm_type": 1}),
         "npu_grouped_matmul": (([torch.randn(5, 16, dtype=bf)], [torch.randn(3, 16, 8, dtype=bf)]),
                                {"group_list": torch.tensor([2, 2, 5]), "split_item": 3, "group_type": 0}),
+        "npu_weight_quant_batchmatmul": ((torch.randn(3, 16, dtype=bf), torch.randint(-9, 9, (16, 8), dtype=torch.int8),
+                                          torch.rand(8, dtype=bf)), {}),
         "npu_mhc_pre": ((x4, torch.randn(24, 128), torch.ones(3), torch.zeros(24)), {"hc_eps": 1e-6}),
         "npu_mhc_post": ((x4, torch.rand(1, 2, 4, 4), torch.randn(1, 2, 32, dtype=bf), torch.rand(1, 2, 4)), {}),
         "npu_mhc_sinkhorn": ((torch.randn(3, 4, 4),), {"num_iters": 5}),
@@ -407,3 +409,21 @@ def test_grouped_matmul_groups_rows_by_group_list(tnpu):
     with pytest.raises(NotImplementedError, match="bias is not emulated"):
         tnpu.npu_grouped_matmul([x], [w.transpose(1, 2)], bias=[torch.zeros(8)], group_list=torch.tensor([2, 2, 7]),
                                 **call)
+
+
+def test_weight_quant_batchmatmul_per_channel(tnpu):
+    """npu_weight_quant_batchmatmul: x @ ((w + offset) * scale) with per-channel or per-tensor scales, a transposed
+    int8 weight view; per-group scales and output quantisation are not emulated."""
+    bf = torch.bfloat16
+    x = torch.randn(3, 16, dtype=bf)
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)               # [N, K]: passed transposed
+    scale, offset = (torch.rand(8) / 50).to(bf), torch.randint(-3, 4, (8,)).to(bf)
+    y = tnpu.npu_weight_quant_batchmatmul(x, w.t(), scale, offset)
+    want = x.float() @ ((w.float() + offset.float()[:, None]) * scale.float()[:, None]).t()
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+    one = tnpu.npu_weight_quant_batchmatmul(x, w.t(), scale[:1])
+    torch.testing.assert_close(one.float(), x.float() @ (w.float() * scale[:1].float()).t(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="x has K=16, weight has 8 rows"):
+        tnpu.npu_weight_quant_batchmatmul(x, w, scale)
+    with pytest.raises(NotImplementedError, match="per-group"):
+        tnpu.npu_weight_quant_batchmatmul(x, w.t(), scale, antiquant_group_size=32)

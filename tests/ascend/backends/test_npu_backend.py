@@ -97,23 +97,44 @@ def test_expert_matmul_through_grouped_matmul(emulation, fmt):
     assert fb.reasons[-1][0] == "expert_matmul" and "not fp4" in fb.reasons[-1][1]
 
 
+def test_int8_projections_through_weight_quant_batchmatmul(emulation):
+    """`linear` on A3: int8 weights through npu_weight_quant_batchmatmul (per-channel scales, transposed weight),
+    bf16 weights as one plain matmul, both equal to the reference; fp8 weights fall back, saying why."""
+    from model import quant
+
+    k, fb = npu_kernels("A3")
+    x = torch.randn(2, 3, 64).bfloat16()
+    for fmt in ("int8", "bf16"):
+        w, s = quant.quantize_weight(torch.randn(40, 64) / 8, fmt)
+        y = k.linear(x, w, s, fmt)
+        assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+        assert_rel(y, REFERENCE.linear(x, w, s, fmt), torch.bfloat16)
+    assert stage_ran_on_npu(fb, "linear")
+    w8, s8 = quant.quantize_weight(torch.randn(128, 128), "fp8")
+    k.linear(torch.randn(1, 128).bfloat16(), w8, s8, "fp8")
+    assert fb.reasons[-1][0] == "linear" and "no fp8 weight matmul wired on A3" in fb.reasons[-1][1]
+
+
 def test_moe_layer_static_path_on_npu_equals_reference(emulation):
     """A whole MoE layer with int8 experts (the A2/A3 conversion target), static path, NPU kernels (routing through
-    npu_moe_gating_top_k, experts through npu_grouped_matmul) against the reference layer on the same weights."""
+    npu_moe_gating_top_k, experts through npu_grouped_matmul, the int8 shared expert through
+    npu_weight_quant_batchmatmul) against the reference layer on the same weights."""
     from model.config import ModelConfig
+    from model.kernels import use_kernels
     from model.moe import MoE
     from model.transformer import init_random_
 
-    cfg = ModelConfig.preset("tiny", expert_dtype="int8", dtype="bf16")
+    cfg = ModelConfig.preset("tiny", expert_dtype="int8", dtype="int8")
     k, fb = npu_kernels("A3")
-    layers = [init_random_(MoE(3, cfg), seed=4), init_random_(MoE(3, cfg, kernels=k), seed=4)]
+    layers = [init_random_(MoE(3, cfg), seed=4), use_kernels(init_random_(MoE(3, cfg), seed=4), k)]
+    assert layers[1].shared_experts.w1.kernels is k
     for moe in layers:
         moe.mode = "static"
     x = torch.randn(2, 5, cfg.dim).bfloat16()
     ids = torch.randint(0, cfg.vocab_size, (2, 5))
     with torch.no_grad():
         want, got = (moe(x, ids) for moe in layers)
-    assert stage_ran_on_npu(fb, "expert_matmul") and stage_ran_on_npu(fb, "gate_topk")
+    assert all(stage_ran_on_npu(fb, stage) for stage in ("expert_matmul", "gate_topk", "linear"))
     assert_rel(got, want, torch.bfloat16)
 
 
