@@ -10,6 +10,7 @@ Stage -> operator (schemas of torch-npu 2.14.0; semantics from Ascend/op-plugin'
                   m-axis groups): bf16 / fp16 experts as they are, int8 experts per-channel pseudo-quantised
     linear        int8 projections: npu_weight_quant_batchmatmul (per-channel pseudo-quantised, transposed weight);
                   bf16 / fp16 ones: a plain matmul (the reference); fp8 / fp4 ones fall back (dequantised per call)
+    grouped_linear int8 wo_a: npu_grouped_matmul, one group per output group (rows regrouped group-major)
     hc_pre        npu_mhc_pre + npu_mhc_sinkhorn;  hc_post  npu_mhc_post;  sinkhorn  npu_mhc_sinkhorn
     hc_head       npu_mhc_pre with the post rows of phi zeroed (alpha of 2 elements: no res output)
     indexer_topk  npu_lightning_indexer, one TND query per token over a paged (PA_BSND) view of the key cache, so
@@ -60,6 +61,7 @@ STAGE_OPS = {
     "gate_topk": ("npu_moe_gating_top_k",),
     "expert_matmul": ("npu_grouped_matmul",),
     "linear": ("npu_weight_quant_batchmatmul",),
+    "grouped_linear": ("npu_grouped_matmul",),
     "sinkhorn": ("npu_mhc_sinkhorn",),
     "hc_pre": ("npu_mhc_pre", "npu_mhc_sinkhorn"),
     "hc_post": ("npu_mhc_post",),
@@ -227,6 +229,28 @@ class _Ops:
             return REFERENCE.linear(x, weight, scale, fmt)
         y = self.npu.npu_weight_quant_batchmatmul(x.reshape(-1, x.shape[-1]), weight.t(), scale.to(x.dtype))
         return y.view(*x.shape[:-1], weight.shape[0])
+
+    # -------------------------------------------------------------------------------- grouped_linear
+    def check_grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
+        if fmt in ("fp8", "fp4"):
+            return (f"no {fmt} weight matmul wired on {self.soc}: the weight is dequantised every call "
+                    f"(convert with --weights int8 or bf16)")
+        if fmt == "int8" and (x.numel() == 0 or x.shape[-2] > 1024 or max(weight.shape) >= 65536):
+            return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got x {tuple(x.shape)}"
+        return _dtype_reason("npu_grouped_matmul", x, HALF) if fmt == "int8" else None
+
+    def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
+        if fmt != "int8":       # bf16 / fp16 / fp32 weights: already one einsum of plain matmuls
+            return REFERENCE.grouped_linear(x, weight, scale, fmt)
+        *lead, groups, d_in = x.shape
+        out = weight.shape[0] // groups
+        rows = x.reshape(-1, groups, d_in).transpose(0, 1).reshape(-1, d_in)       # group-major: group g's tokens
+        tokens = rows.shape[0] // groups
+        ends = torch.arange(1, groups + 1, device=x.device) * tokens
+        y = self.npu.npu_grouped_matmul([rows], [weight.view(groups, out, d_in).transpose(1, 2)], group_list=ends,
+                                        split_item=3, group_type=0, group_list_type=0,
+                                        antiquant_scale=[scale.view(groups, out).to(x.dtype)])[0]
+        return y.view(groups, tokens, out).transpose(0, 1).reshape(*lead, groups, out)
 
     # --------------------------------------------------------------------------------- expert_matmul
     def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,

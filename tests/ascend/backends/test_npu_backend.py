@@ -99,7 +99,8 @@ def test_expert_matmul_through_grouped_matmul(emulation, fmt):
 
 def test_int8_projections_through_weight_quant_batchmatmul(emulation):
     """`linear` on A3: int8 weights through npu_weight_quant_batchmatmul (per-channel scales, transposed weight),
-    bf16 weights as one plain matmul, both equal to the reference; fp8 weights fall back, saying why."""
+    bf16 weights as one plain matmul, both equal to the reference; fp8 weights fall back, saying why. The grouped
+    output projection (`grouped_linear`, wo_a) with int8 weights through npu_grouped_matmul, one group each."""
     from model import quant
 
     k, fb = npu_kernels("A3")
@@ -113,6 +114,13 @@ def test_int8_projections_through_weight_quant_batchmatmul(emulation):
     w8, s8 = quant.quantize_weight(torch.randn(128, 128), "fp8")
     k.linear(torch.randn(1, 128).bfloat16(), w8, s8, "fp8")
     assert fb.reasons[-1][0] == "linear" and "no fp8 weight matmul wired on A3" in fb.reasons[-1][1]
+    xg = torch.randn(2, 3, 4, 64).bfloat16()                  # wo_a: 4 groups of 64 inputs -> 4 x 40 outputs
+    for fmt in ("int8", "bf16"):
+        w, s = quant.quantize_weight(torch.randn(4 * 40, 64) / 8, fmt)
+        y = k.grouped_linear(xg, w, s, fmt)
+        assert y.shape == (2, 3, 4, 40)
+        assert_rel(y, REFERENCE.grouped_linear(xg, w, s, fmt), torch.bfloat16)
+    assert stage_ran_on_npu(fb, "grouped_linear")
 
 
 def test_moe_layer_static_path_on_npu_equals_reference(emulation):
