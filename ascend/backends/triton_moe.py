@@ -48,28 +48,33 @@ def _e8m0_value(byte):
 
 
 @triton.jit
+def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
+    """A per-selection program's work: its selection (programs visit them in `order`), that selection's expert, its
+    block of output rows (and which exist), and its range of inputs, empty for a negative expert id (another rank's
+    selection reads nothing and its row stays 0)."""
+    sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    expert = tl.load(idx_ptr + sel).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = tl.where(expert < 0, k_lo, tl.minimum(IN, k_lo + K_SPLIT))
+    return sel, tl.maximum(expert, 0), rows, rows < OUT, k_lo, k_hi
+
+
+@triton.jit
 def _fp4_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     GROUPS: tl.constexpr = BLOCK_IN // 32
-    ob = tl.program_id(0)
-    sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
-    expert = tl.load(idx_ptr + sel).to(tl.int64)
-    skip = expert < 0                       # another rank's selection: no input block is read, the row stays 0
-    expert = tl.maximum(expert, 0)
-    rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    row_ok = rows < OUT
+    sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     g = tl.arange(0, GROUPS)
     b = tl.arange(0, 16)
     w_rows = w_ptr + expert * sw_e + rows[:, None, None].to(tl.int64) * sw_o
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)     # summed over groups once, after the loop
-    k_split = tl.program_id(2)
-    k_lo = k_split * K_SPLIT
-    for k0 in range(k_lo, tl.where(skip, k_lo, tl.minimum(IN, k_lo + K_SPLIT)), BLOCK_IN):
+    for k0 in range(k_lo, k_hi, BLOCK_IN):
         group = k0 // 32 + g                                          # [GROUPS] scale column
         group_ok = group < IN // 32                                   # IN is a multiple of 32
         byte = group[:, None] * 16 + b[None, :]                       # [GROUPS, 16] packed column
@@ -82,7 +87,7 @@ def _fp4_expert_matmul_kernel(
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
         acc += part * _e8m0_value(scale)
     y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
-    tl.store(y_ptr + k_split * sy_split + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + tl.program_id(2) * sy_split + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -93,28 +98,20 @@ def _fp8_expert_matmul_kernel(
 ):
     """Same walk for FP8 e4m3 weights with one ue8m0 scale per 128 x 128 block: BLOCK_IN is at most 128 and
     divides it, so each chunk of a row has one scale."""
-    ob = tl.program_id(0)
-    sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
-    expert = tl.load(idx_ptr + sel).to(tl.int64)
-    skip = expert < 0                       # another rank's selection: no input block is read, the row stays 0
-    expert = tl.maximum(expert, 0)
-    rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    row_ok = rows < OUT
+    sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
     s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT], tl.float32)
-    k_split = tl.program_id(2)
-    k_lo = k_split * K_SPLIT
-    for k0 in range(k_lo, tl.where(skip, k_lo, tl.minimum(IN, k_lo + K_SPLIT)), BLOCK_IN):
+    for k0 in range(k_lo, k_hi, BLOCK_IN):
         col = k0 + cols
         col_ok = col < IN
         x = tl.load(x_row + col, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
         acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
-    tl.store(y_ptr + k_split * sy_split + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + tl.program_id(2) * sy_split + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int) -> tuple[int, int, torch.Tensor]:
