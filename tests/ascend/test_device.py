@@ -5,19 +5,18 @@ returns or raises), and by a real `torch_npu` package on sys.path whose import f
 real wheel does, so the actual import statement is exercised too.
 """
 
-import importlib.util
 import logging
 import re
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import ascend.device as D
 from ascend.device import DeviceError, get_device
+from tests.conftest import load_script
 
 TORCH = torch.__version__.split("+")[0]
 
@@ -257,10 +256,7 @@ def test_cpu_graph_replays_like_eager():
 
 def test_check_device_script_passes_on_cpu():
     """scripts/check_device.py (run on the H200 by the integrator) must pass here in --quick mode."""
-    path = Path(__file__).parents[2] / "scripts" / "check_device.py"
-    spec = importlib.util.spec_from_file_location("check_device", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("check_device")
     results = script.run_checks(get_device("cpu"), quick=True)
     assert sorted(results) == ["events", "graph", "memory", "streams", "synchronize"]
     assert all(r["ok"] for r in results.values()), results

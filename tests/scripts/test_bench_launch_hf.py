@@ -4,23 +4,15 @@ That HF's DeepseekV4ForCausalLM gets every tensor with matching shapes and the s
 script itself at run time (`build_hf_model` refuses any gap) and was checked by hand against transformers 5.17.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
+from tests.conftest import load_script
 
 
 def _bench():
-    path = Path(__file__).parents[2] / "scripts" / "bench_launch.py"
-    spec = importlib.util.spec_from_file_location("bench_launch", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("bench_launch")
 
 
 def test_every_official_tensor_has_its_own_hf_target():

@@ -1,25 +1,13 @@
 """scripts/bench_moe.py --quick runs end to end on CPU: the reference everywhere, the Triton kernels too where Triton's
 interpreter is on (TRITON_INTERPRET=1), each with the chooser's pick marked."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-import torch
+from tests.conftest import run_script
 
 
 def test_quick_mode_reports_every_case_as_json(capsys):
-    path = Path(__file__).parents[2] / "scripts" / "bench_moe.py"
-    spec = importlib.util.spec_from_file_location("bench_moe", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench          # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    try:
-        rc = bench.main(["--quick", "--batch", "4", "--json"])
-    finally:
-        torch.set_grad_enabled(True)
-    assert rc == 0
+    assert run_script("bench_moe", ["--quick", "--batch", "4", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     rows = results["rows"]
     assert {r["case"] for r in rows} == {"moe w1/w3", "wo_b"} and all(r["us"] > 0 for r in rows)
