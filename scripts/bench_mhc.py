@@ -17,14 +17,13 @@ candidates for `triton_mhc.PRE_CONFIG`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
+from ascend.backends.cuda import triton_runs_on
 from ascend.device import Device, get_device
 from ascend.profiling import kernel_table, replay_us
 from model.kernels import REFERENCE
@@ -61,12 +60,6 @@ class Row:
     @property
     def speedup(self) -> float | None:
         return None if self.fused_us is None else self.reference_us / self.fused_us
-
-
-def fused_available(device: Device) -> bool:
-    """Triton kernels on a CUDA device, or on CPU tensors through Triton's interpreter."""
-    has_triton = importlib.util.find_spec("triton") is not None
-    return has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def count_kernels(device: Device, fn) -> int | None:
@@ -179,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     device = get_device(args.device or ("cpu" if args.quick else None))
     torch.set_grad_enabled(False)
     fused = None
-    if fused_available(device):
+    if triton_runs_on(device.type):
         from ascend.backends import triton_mhc as fused
     device.reset_peak()
     rows = measure(shapes, device, fused)

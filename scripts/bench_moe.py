@@ -20,13 +20,12 @@ EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ascend.backends.cuda import triton_runs_on
 from ascend.device import Device, get_device
 from ascend.profiling import replay_us
 from model.kernels import REFERENCE
@@ -77,12 +76,6 @@ class Row:
     rel_err: float
     chosen: bool
     peak_gib: float
-
-
-def kernels_available(device: Device) -> bool:
-    """Triton kernels on a CUDA device, or on CPU tensors through Triton's interpreter."""
-    has_triton = importlib.util.find_spec("triton") is not None
-    return has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def stored_weights(case: Case, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     device = get_device(args.device or ("cpu" if args.quick else None))
     torch.set_grad_enabled(False)
     kernels = None
-    if kernels_available(device):
+    if triton_runs_on(device.type):
         from ascend.backends import triton_moe as kernels
     rows = [r for case in shapes.cases for r in measure_case(case, shapes, device, kernels, args.variants,
                                                               args.grouped)]

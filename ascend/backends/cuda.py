@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -274,6 +275,14 @@ def _triton_expert_formats() -> tuple[str, ...]:
 def triton_available() -> bool:
     """True when the Triton kernels can run: a CUDA device and an importable `triton`."""
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device_type: str) -> bool:
+    """True when the Triton kernels can run on tensors of `device_type`: natively on CUDA, or anywhere through
+    Triton's interpreter (TRITON_INTERPRET=1; slow, for tests and benchmark checks on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or (device_type == "cuda" and torch.cuda.is_available())
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:

@@ -4,8 +4,6 @@ The PyTorch implementations run everywhere (CPU here); the Triton ones only with
 """
 
 import dataclasses
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -16,10 +14,8 @@ from model.kernels import REFERENCE
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
 # Triton kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), or on the GPU when there is one
 TRITON_DEVICE = "cuda" if cuda.triton_available() else "cpu"
-needs_triton_or_interpreter = pytest.mark.skipif(
-    not cuda.triton_available() and not (os.environ.get("TRITON_INTERPRET") == "1"
-                                         and importlib.util.find_spec("triton") is not None),
-    reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
+needs_triton_or_interpreter = pytest.mark.skipif(not cuda.triton_runs_on(TRITON_DEVICE),
+                                                 reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
 
 
 def _attn_inputs(B, S, H, D, T, K, device="cpu", dtype=torch.float32):

@@ -11,8 +11,6 @@ one rounding to bf16 of it (see BF16_ROUNDING), which is what "float32 math, rou
 """
 
 import dataclasses
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ from ascend.backends import cuda
 from model.kernels import REFERENCE, _hc_mixes
 
 TRITON_DEVICE = "cuda" if cuda.triton_available() else "cpu"
-if not cuda.triton_available() and not (os.environ.get("TRITON_INTERPRET") == "1"
-                                        and importlib.util.find_spec("triton") is not None):
+if not cuda.triton_runs_on(TRITON_DEVICE):
     pytest.skip("needs triton with a CUDA device, or TRITON_INTERPRET=1", allow_module_level=True)
 
 from ascend.backends import triton_mhc  # noqa: E402  (imports triton)

@@ -15,10 +15,9 @@ from model.kernels import REFERENCE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
-needs_triton_or_interpreter = pytest.mark.skipif(not cuda.triton_available() and not INTERPRET,
-                                                 reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
-pytestmark = needs_triton_or_interpreter
 DEVICE = "cuda" if cuda.triton_available() else "cpu"
+pytestmark = pytest.mark.skipif(not cuda.triton_runs_on(DEVICE),
+                                reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
 BF16_TOL = dict(rtol=2 ** -6, atol=2e-2)      # two bf16 roundings (kernel, reference) apart, fp32 sums
 
 
