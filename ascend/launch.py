@@ -294,29 +294,30 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                 c.ttft_s = now
             c.tokens.append(tok)
             if keep_logits:
-                c.logits = (c.logits or []) + [logits[i].float().cpu().tolist()]
+                c.logits = c.logits or []
+                c.logits.append(logits[i].float().cpu().tolist())
             c.total_s = now
             before = len(c.text)
             last = tok in stop_ids or len(c.tokens) >= limits[i]
             c.text += texts[i].push(tok, final=last)
             # a stop string can only end in the added text: search from where it could have started
             at = max(0, before - hold)
-            hit = min(((c.text.find(s, at), s) for s in stop if c.text.find(s, at) >= 0), default=None)
+            hit = min((j for s in stop if (j := c.text.find(s, at)) >= 0), default=None)
             if tok in stop_ids or hit is not None:
                 c.finish_reason = "stop"
                 finished[i] = True
                 if hit is not None:
-                    c.text = c.text[:hit[0]]
+                    c.text = c.text[:hit]
             elif last:
                 finished[i] = True
             if on_text is not None:
                 if finished[i]:
-                    visible = c.text.removesuffix(eos_text)
+                    end = len(c.text) - (len(eos_text) if c.text.endswith(eos_text) else 0)
                 else:  # not what may be the start of a stop string (the text holds whole characters only)
-                    visible = c.text[:len(c.text) - hold] if hold else c.text
-                if len(visible) > shown[i]:
-                    on_text(i, visible[shown[i]:])
-                    shown[i] = len(visible)
+                    end = len(c.text) - hold
+                if end > shown[i]:          # only the new part is sliced: streaming stays linear
+                    on_text(i, c.text[shown[i]:end])
+                    shown[i] = end
         if not lockstep.anyone_busy(not all(finished)):
             break
         if all(finished):  # others still generate: keep their collectives paired
