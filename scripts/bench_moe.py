@@ -136,7 +136,7 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                 settings.update({"grouped " + " ".join(f"{k}={v}" for k, v in variant.items()):
                                  {**config["grouped"], **variant} for variant in VARIANTS[case.fmt]})
             for name, kw in settings.items():
-                impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, **kw)
+                impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
         ref = reference().float()
         ref_us = None
         for name, fn in impls.items():

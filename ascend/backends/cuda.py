@@ -209,10 +209,11 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
 def expert_matmul_quant_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
                                expert_idx: torch.Tensor, projection: bool = False) -> torch.Tensor:
     """Triton `kernels.expert_matmul` for fp4 / fp8 weights: the stored bytes are decoded in registers, never
-    materialised in the activation dtype. `projection`: launch settings of LINEAR_MATMUL_CONFIG."""
+    materialised in the activation dtype. `projection`: launch settings of LINEAR_MATMUL_CONFIG, and every row
+    valid (a projection's rows never carry another rank's -1)."""
     from ascend.backends import triton_moe
     config = (LINEAR_MATMUL_CONFIG if projection else EXPERT_MATMUL_CONFIG)[fmt]
-    return triton_moe.expert_matmul(x, weight, scale, fmt, expert_idx, **config)
+    return triton_moe.expert_matmul(x, weight, scale, fmt, expert_idx, all_valid=projection, **config)
 
 
 @expert_matmul_quant_triton.register_fake

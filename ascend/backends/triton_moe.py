@@ -252,19 +252,23 @@ def _fp8_grouped_kernel(
         tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
 
 
-def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...]:
+def _groups(expert_idx: torch.Tensor, n_experts: int, all_valid: bool) -> tuple[torch.Tensor, ...]:
     """Selections grouped by expert with static shapes, no host sync (`bincount` reads its maximum back) and no
     atomics: `order` lists the selections expert by expert, expert e owning order[starts[e] : starts[e] + counts[e]];
     a negative id (another rank's selection) belongs to no expert. `experts` lists min(E, N) experts, most rows
-    first, so it holds every used one and the grid needs no column per idle expert (256 at V4 decode)."""
+    first, so it holds every used one and the grid needs no column per idle expert (256 at V4 decode).
+    `all_valid`: the caller vouches that no id is negative (a projection's rows), so one weight needs no work."""
     dev = expert_idx.device
     zero = torch.zeros(1, dtype=torch.int64, device=dev)
-    if n_experts == 1:      # a projection: valid rows first, no sort (sorts cost ~25 us at decode)
+    n = expert_idx.numel()
+    if n_experts == 1 and all_valid:
+        return torch.arange(n, device=dev), zero, torch.full((1,), n, dtype=torch.int64, device=dev), zero
+    if n_experts == 1:      # one expert's rows, some maybe another rank's: valid rows first, no sort (~25 us)
         valid = expert_idx >= 0
         kept = valid.cumsum(0)
         count = kept[-1:] if kept.numel() else zero
         pos = torch.where(valid, kept - 1, count + (~valid).cumsum(0) - 1)
-        order = torch.empty_like(pos).scatter_(0, pos, torch.arange(pos.numel(), device=dev))
+        order = torch.empty_like(pos).scatter_(0, pos, torch.arange(n, device=dev))
         return order, zero, count, zero
     sorted_idx, order = torch.sort(expert_idx.int())       # int32 keys: half the radix passes of int64
     bounds = torch.searchsorted(sorted_idx, torch.arange(n_experts + 1, device=dev, dtype=torch.int32))
@@ -274,19 +278,20 @@ def _groups(expert_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, ...
 
 
 def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, split_k, num_warps,
-                    num_stages) -> torch.Tensor:
+                    num_stages, all_valid) -> torch.Tensor:
     n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     if n == 0:
         return x.new_empty(0, n_out)
     x, s = _operands(x, weight, scale)
     if block_m is None:
         block_m = grouped_block_m(n, weight.size(0))
-    order, starts, counts, experts = _groups(expert_idx, weight.size(0))
+    order, starts, counts, experts = _groups(expert_idx, weight.size(0), all_valid)
     grid = (triton.cdiv(n_out, block_out), experts.numel())
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
     split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
-    out.zero_()             # rows of no expert (negative ids) are never written
+    if not all_valid:
+        out.zero_()         # rows of no expert (negative ids) are never written
     kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
                               out.stride(0) if split_k > 1 else 0,
@@ -323,23 +328,26 @@ def grouped_block_m(n_rows: int, n_experts: int) -> int:
 
 def grouped_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                        block_out: int = 64, block_m: int | None = None, block_in: int = 256,
-                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                       all_valid: bool = False) -> torch.Tensor:
     """`expert_matmul_fp4` with the rows grouped by expert (tensor cores). `block_out`, `block_m` >= 16 and
     `block_in` >= 32 are powers of two; None picks `block_m` by `grouped_block_m`, `split_k` (programs per
-    output tile, each over a share of the inputs) by `grouped_split_k`."""
+    output tile, each over a share of the inputs) by `split_k_for`. `all_valid`: no negative expert id (see
+    `_groups`)."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= 2 * 16
     return _launch_grouped(_fp4_grouped_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_m,
-                           block_in, split_k, num_warps, num_stages)
+                           block_in, split_k, num_warps, num_stages, all_valid)
 
 
 def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                        block_out: int = 64, block_m: int | None = None, block_in: int = 128,
-                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                       split_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                       all_valid: bool = False) -> torch.Tensor:
     """`expert_matmul_fp8` with the rows grouped by expert (tensor cores). `block_out` and `block_in` are powers of
-    two in [16, 128] (one scale block per tile); `block_m`, `split_k` as for `grouped_matmul_fp4`."""
+    two in [16, 128] (one scale block per tile); `block_m`, `split_k`, `all_valid` as for `grouped_matmul_fp4`."""
     assert weight.size(2) == x.size(1) and 128 % block_out == 0 and 128 % block_in == 0 and block_in >= 16
     return _launch_grouped(_fp8_grouped_kernel, x, weight, scale, expert_idx, block_out, block_m, block_in,
-                           split_k, num_warps, num_stages)
+                           split_k, num_warps, num_stages, all_valid)
 
 
 # ------------------------------------------------------------------------------------------------ the chooser
@@ -359,10 +367,11 @@ def use_grouped(n_rows: int, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str, expert_idx: torch.Tensor,
                   gemv: dict | None = None, grouped: dict | None = None,
-                  min_rows: int = GROUPED_MIN_ROWS) -> torch.Tensor:
+                  min_rows: int = GROUPED_MIN_ROWS, all_valid: bool = False) -> torch.Tensor:
     """`model.kernels.expert_matmul` for fmt "fp4" / "fp8": the grouped kernel when `use_grouped`, else the
-    per-selection one, each with its launch settings (`gemv`, `grouped`: keyword arguments of the launchers)."""
+    per-selection one, each with its launch settings (`gemv`, `grouped`: keyword arguments of the launchers).
+    `all_valid`: no expert id is negative (a projection's rows), which spares the grouping its checks."""
     per_selection, by_expert = _KERNELS[fmt]
     if use_grouped(x.size(0), weight.size(0), min_rows):
-        return by_expert(x, weight, scale, expert_idx, **(grouped or {}))
+        return by_expert(x, weight, scale, expert_idx, all_valid=all_valid, **(grouped or {}))
     return per_selection(x, weight, scale, expert_idx, **(gemv or {}))

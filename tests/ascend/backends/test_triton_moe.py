@@ -121,12 +121,12 @@ def test_groups_are_static_and_complete():
     first) holds every used expert."""
     from ascend.backends import triton_moe
     idx = torch.tensor([4, 1, 4, 6, 1, 4])
-    order, starts, counts, experts = triton_moe._groups(idx, 7)
+    order, starts, counts, experts = triton_moe._groups(idx, 7, all_valid=False)
     assert counts.tolist() == [0, 2, 0, 0, 3, 0, 1] and starts.tolist() == [0, 0, 2, 2, 2, 5, 5]
     for e in range(7):
         assert (idx[order[starts[e]:starts[e] + counts[e]]] == e).all()
     assert experts.numel() == 6 and experts[:3].tolist() == [4, 1, 6]
-    one = triton_moe._groups(torch.tensor([0, 0, 0]), 1)              # a projection: no sort, one group
+    one = triton_moe._groups(torch.tensor([0, 0, 0]), 1, all_valid=True)   # a projection: no sort, one group
     assert [t.tolist() for t in one] == [[0, 1, 2], [0], [3], [0]]
 
 
