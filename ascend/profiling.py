@@ -16,7 +16,8 @@ __all__ = ["replay_us", "kernel_table", "format_kernel_table"]
 
 def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
     """Microseconds per call of `fn` on an `ascend.device.Device`: captured once, then back-to-back replays (about
-    20 ms of them, at least `reps`, at most 200) between two events, median of 5 such runs (CPU: eager re-runs)."""
+    20 ms of them, at most 200 unless `reps` asks for more) between two events, median of 5 such runs (CPU: eager
+    re-runs)."""
     import statistics
     import time
 

@@ -15,7 +15,7 @@ Two ways to run the routed experts, same result:
   row counts depend on the data (a host sync per layer), so it cannot be graph-captured. Used for big prefills.
 - static (`routed_static`): one row per (token, choice) selection, N = tokens x topk; `kernels.expert_matmul`
   multiplies each row by its expert's stored weights (fp4 / fp8 / int8 / bf16 + scales), picked by index (the
-  reference gathers and dequantises them; the CUDA backend reads the FP4 bytes in-kernel). Fixed shapes and no
+  reference gathers and dequantises them; the CUDA backend reads the FP4 / FP8 bytes in-kernel). Fixed shapes and no
   host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
   Selections owned by another rank (or another replica) get expert row -1, which `expert_matmul` turns into
   zeros (a fused kernel skips their work), before the same all-reduce.

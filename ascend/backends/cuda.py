@@ -3,13 +3,13 @@
 The attention stages, the quantised matmuls and mHC have a Triton implementation each, static-shaped and free of
 host syncs (CUDA-graph capturable), and a PyTorch fallback:
 
-| stage                    | Triton (CUDA + Triton present)                       | PyTorch (any device, CPU tests)      |
-|--------------------------|------------------------------------------------------|--------------------------------------|
-| `sparse_attn`            | gather-and-attend over the index list, split-K       | gather rows, one SDPA call, sink key |
-| `indexer_topk`           | fused relu-weighted scores, then fixed `topk`        | two batched matmuls, fixed `topk`    |
-| `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)    | the reference                        |
-| `linear`, `grouped_linear` | the same kernels for decode-sized fp8 / fp4 inputs | the reference                        |
-| `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc)   | the reference                        |
+| stage                    | Triton (CUDA + Triton present)                     | PyTorch (any device, CPU tests)      |
+|--------------------------|----------------------------------------------------|--------------------------------------|
+| `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
+| `indexer_topk`           | fused relu-weighted scores, then fixed `topk`      | two batched matmuls, fixed `topk`    |
+| `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
+| `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
+| `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -162,7 +162,8 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
 # out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).
 # gemv: 32 output rows per program, fp4 walks 512 inputs (8 KiB of packed bytes) per step, fp8 128 (one scale
-# block); grouped: 64 (32) x 128 (256) tiles, rows per dot from the shapes. The fp4 expert tile of 128 inputs was
+# block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for projections, rows per dot from
+# the shapes. The fp4 expert tile of 128 inputs was
 # the fastest of scripts/bench_moe.py's variants on an H200 at batch 8-64 (1.3-1.8x over 256); the rest untuned.
 EXPERT_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=64, block_in=128)),

@@ -4,7 +4,7 @@ launches instead of the reference's 140, 6 and 15 PyTorch operators on bf16 stre
 A batch-1 decode step of V4 runs hc_pre / hc_post twice per layer; the reference's Sinkhorn alone is ~120 operators
 on a 4 x 4 matrix per token, so the step is launch-bound, not bandwidth-bound. The split chosen here:
 
-1. `_hc_partials_kernel`, grid (tokens, n * D blocks): each program multiplies one block of one stream (read in
+1. `_hc_partials_kernel`, grid (blocks of BLOCK_T tokens, n * D blocks): each program multiplies one block of one stream (read in
    its own dtype, no float32 copy) with the matching columns of `fn` (all (2 + n) * n rows) and also sums the
    block's squares, writing (2 + n) * n + 1 float32 partial sums. This is the mixes' GEMV split over K: at batch 1
    and V4-Flash shapes (fn 24 x 16384 float32, 1.5 MiB) that is 128 programs, enough to spread the read of `fn`

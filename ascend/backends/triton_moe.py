@@ -15,8 +15,8 @@ decode them in registers next to the multiply. Two kernels per format, picked by
 
 The per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 16 bytes]: low nibbles multiply the
 even inputs, high nibbles the odd ones, each group's float32 partial sum is scaled once. Decoding is a few integer
-ops per nibble (a float16 bit pattern, see `_e2m1_times_2_pow_minus_14`): at batch 32 that kernel decodes ~2.4 GB of
-FP4 per V4-Flash layer, so ALU work per byte matters as much as bytes.
+ops per nibble (a float16 bit pattern, see `_e2m1_times_2_pow_minus_14`): at batch 8 (48 selections, below
+GROUPED_MIN_ROWS) that kernel decodes ~0.6 GB of FP4 per V4-Flash layer, so ALU work per byte matters as much as bytes.
 Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
 """
 
