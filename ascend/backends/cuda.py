@@ -132,25 +132,20 @@ _HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
-    """Sylvester H_d * d^-0.5 in float32, built once per (d, device). A dict rather than `lru_cache` so that a
-    compiled graph reads the filled entry as a tensor (eager warm-up runs fill it before compilation and capture)
+    """H_d * d^-0.5 in float32, built once per (d, device) as the reference transform of the identity (row i is the
+    transform of unit vector i; it raises for a d that is not a power of two). A dict rather than `lru_cache` so that
+    a compiled graph reads the filled entry as a tensor (eager warm-up runs fill it before compilation and capture)
     instead of re-tracing and re-running the construction on every call."""
     h = _HADAMARD.get((d, device))
     if h is None:
-        h = torch.ones(1, 1)
-        while h.size(0) < d:
-            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-        h = _HADAMARD[d, device] = (h * d ** -0.5).to(device)
+        h = _HADAMARD[d, device] = REFERENCE.hadamard(torch.eye(d, device=device))
     return h
 
 
 def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
     """`kernels.hadamard` as one float32 matmul with the (symmetric) normalised Hadamard matrix (exact to float32
     rounding under torch's default matmul precision; TF32 would not be)."""
-    d = x.size(-1)
-    if d & (d - 1):
-        raise ValueError(f"hadamard: last dim {d} is not a power of two")
-    return (x.float() @ _hadamard_matrix(d, x.device)).to(x.dtype)
+    return (x.float() @ _hadamard_matrix(x.size(-1), x.device)).to(x.dtype)
 
 
 # Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
