@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["replay_us", "kernel_table", "format_kernel_table"]
+__all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error"]
 
 
 def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
@@ -37,6 +37,25 @@ def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
         end.synchronize()
         runs.append(start.elapsed_time(end) * 1e3 / n)
     return statistics.median(runs)
+
+
+def timed_decode(fn: Callable[[Any, Any], Any], tokens: Any, active: Any, steps: int, device: Any) -> float:
+    """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits (each step feeds its argmax to the
+    next), the device synchronised around them."""
+    import time
+
+    device.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = fn(tokens, active).argmax(-1)
+    device.synchronize()
+    return time.perf_counter() - t0
+
+
+def short_error(e: BaseException, width: int) -> str:
+    """`Type: first line of the message` cut to `width` characters, for a benchmark row that could not be measured."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:width] if text else ''}"
 
 
 def kernel_table(fn: Callable[[], Any], steps: int, top: int = 12) -> dict:

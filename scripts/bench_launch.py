@@ -45,7 +45,7 @@ from ascend.backends import get_kernels
 from model.kernels import use_kernels
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
-from ascend.profiling import format_kernel_table, kernel_table
+from ascend.profiling import format_kernel_table, kernel_table, short_error, timed_decode
 from model.config import ModelConfig
 from model.generate import decode_step, prefill
 from model.moe import MOE_MODES, MoE, set_moe_mode
@@ -123,18 +123,10 @@ def replicate_rows(src, dst) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- measure
-def timed_decode(fn, tokens: torch.Tensor, active: torch.Tensor, steps: int, device: Device) -> float:
-    """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits, the device synchronised around."""
-    device.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens = fn(tokens, active).argmax(-1)
-    device.synchronize()
-    return time.perf_counter() - t0
-
-
 def logit_gap(a: torch.Tensor, b: torch.Tensor) -> dict:
-    return {"rel_err": float((a - b).norm() / b.norm()), "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+    """Relative error of logits `a` against `b`, and the share of rows whose argmax agrees."""
+    return {"rel_err": float((a - b).norm() / b.norm()),
+            "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 
 @torch.no_grad()
@@ -189,7 +181,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
                 row["profile"] = kernel_table(lambda: runner(first, active), profile_steps)
             del runner
         except Exception as e:  # noqa: BLE001 -- report it; the eager numbers stand
-            row["graph"] = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            row["graph"] = f"capture failed: {short_error(e, 80)}"
     if compile_step:
         from ascend.backends.cuda import compile_decode, make_kernels
 
@@ -211,7 +203,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
                 row["compiled_profile"] = kernel_table(lambda: runner(first, active), profile_steps)
             del runner, fn
         except Exception as e:  # noqa: BLE001 -- report it; the other numbers stand
-            row["compiled"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            row["compiled"] = f"failed: {short_error(e, 100)}"
         finally:
             use_kernels(model, eager_kernels)
             torch._dynamo.reset()
@@ -356,10 +348,8 @@ def hf_agreement(model: Transformer, hf, prompt_len: int, steps: int) -> dict:
     decode = [float((x[-1] - y[-1]).abs().max()) for i, (x, y) in enumerate(zip(ours[1:], theirs[1:]), 1)
               if all(same[:i])]
     return {"prompt": prompt_len, "max_abs_diff": float((a - b).abs().max()),
-            "decode_max_abs_diff": max(decode, default=None),
-            "rel_err": float((a - b).norm() / b.norm()),
+            "decode_max_abs_diff": max(decode, default=None), **logit_gap(a, b),
             "cosine_min": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()),
-            "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
             "greedy_agree": f"{agree}/{len(same)}"}
 
 
@@ -429,7 +419,7 @@ def hf_baseline(model: Transformer, device: Device, prompts: list[int], batches:
     try:
         out["agreement"] = hf_agreement(model, hf, min(64, min(prompts)), 4)
     except Exception as e:  # noqa: BLE001
-        out["agreement"] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        out["agreement"] = {"skipped": short_error(e, 160)}
     for pl in prompts:
         oom_at, per_seq_s = None, 0.0
         for b in sorted(batches):
@@ -443,7 +433,7 @@ def hf_baseline(model: Transformer, device: Device, prompts: list[int], batches:
             try:
                 r = hf_decode(hf, device, model.config.vocab_size, pl, b, steps, limit_s)
             except Exception as e:  # noqa: BLE001
-                r = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+                r = {"skipped": short_error(e, 120)}
             if r.pop("oom", False):
                 oom_at = b
             per_seq_s = max(per_seq_s, r.get("prefill_s", 0.0) / b)

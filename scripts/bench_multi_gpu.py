@@ -54,6 +54,7 @@ from ascend.device import Device, get_device
 from ascend.expert_parallel import reset_traffic, total_traffic
 from ascend.model_session import CacheSession, choose_exchange, compute_dtype, parallel_context, use_graphs
 from ascend.planner.layout import ep_exchange_bytes
+from ascend.profiling import short_error, timed_decode
 from ascend.planner.plan import make_plan
 from convert.layout import expected_tensors
 from convert.shard import Sharding, cut
@@ -144,12 +145,8 @@ def decode_speed(session: CacheSession, device: Device, prompts: list[list[int]]
     for _ in range(warmup):
         tokens = session.decode(tokens, active).argmax(-1)
     reset_traffic(exchanges)
-    device.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens = session.decode(tokens, active).argmax(-1)
-    device.synchronize()
-    return {"seconds": time.perf_counter() - t0, "traffic": total_traffic(exchanges).to_dict()}
+    seconds = timed_decode(session.decode, tokens, active, steps, device)
+    return {"seconds": seconds, "traffic": total_traffic(exchanges).to_dict()}
 
 
 def estimate_bytes(cfg: ModelConfig, mode: Mode, exchange: str, act_bytes: int) -> float:
@@ -248,7 +245,7 @@ class Runner:
                                   mine, alone)
                     out["decode"] = "graphs"
                 except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
-                    out["decode"] = f"eager (capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
+                    out["decode"] = f"eager (capture failed: {short_error(e, 80)})"
                     self.device.empty_cache()
                     self.generate(out, key, CacheSession(model, self.device.torch_device), mode, mine, alone)
             if not check:
