@@ -157,13 +157,13 @@ def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
             messages.append({"role": "user", "content": line})
         results = serve_batches(args, mesh, session, idle, tokenizer, [Request("chat", list(messages), mode=args.mode)],
                                 lockstep, stream=True)
-        result = share(results[0] if mesh.rank == 0 else None, mesh.rank)
-        reply = result["message"]
+        # the parsed reply, and its tokens for the plain-text fallback (not the whole result: it may hold logits)
+        reply, tokens = share((results[0]["message"], results[0]["tokens"]) if mesh.rank == 0 else None, mesh.rank)
         if reply.get("tool_calls") and mesh.rank == 0:
             print(json.dumps(reply["tool_calls"], ensure_ascii=False, indent=1))
         if "parse_error" in reply:  # e.g. cut off by --max-new-tokens: keep the raw text as the reply
             log(mesh.rank, f"(reply kept as plain text: {reply['parse_error']})")
-            reply = {"role": "assistant", "content": tokenizer.decode(result["tokens"], skip_special_tokens=True)}
+            reply = {"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)}
         messages.append(reply)
 
 
