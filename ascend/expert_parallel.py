@@ -50,6 +50,7 @@ class ExpertLayout:
     phy2log: tuple[int, ...]
     ep_size: int
     n_experts: int
+    device: torch.device | str = "cpu"     # where the routing tables live: the tokens' device
     log2phy: torch.Tensor = field(init=False, repr=False, compare=False)  # [E, max replicas], -1 padded
     logcnt: torch.Tensor = field(init=False, repr=False, compare=False)   # [E]
 
@@ -65,8 +66,9 @@ class ExpertLayout:
         if missing:
             raise ExpertParallelError(f"phy2log places no replica of experts {missing[:8]}")
         width = max(map(len, replicas))
-        object.__setattr__(self, "log2phy", torch.tensor([r + [-1] * (width - len(r)) for r in replicas]))
-        object.__setattr__(self, "logcnt", torch.tensor([len(r) for r in replicas]))
+        object.__setattr__(self, "log2phy", torch.tensor([r + [-1] * (width - len(r)) for r in replicas],
+                                                         device=self.device))
+        object.__setattr__(self, "logcnt", torch.tensor([len(r) for r in replicas], device=self.device))
 
     @property
     def slots_per_rank(self) -> int:
@@ -80,9 +82,6 @@ class ExpertLayout:
     def choose_slots(self, indices: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Physical slot for every (row, k) pair: replica (row + offset + k) mod replicas of the expert."""
         dev = indices.device
-        if self.logcnt.device != dev:  # tables follow the tokens' device (kept there after the first call)
-            object.__setattr__(self, "logcnt", self.logcnt.to(dev))
-            object.__setattr__(self, "log2phy", self.log2phy.to(dev))
         rows = torch.arange(indices.shape[0], device=dev).unsqueeze(1) + offset
         cols = torch.arange(indices.shape[1], device=dev).unsqueeze(0)
         replica = (rows + cols) % self.logcnt[indices]

@@ -112,8 +112,8 @@ def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
                           ep_size=plan.ep, ep_group=mesh.ep_group, phy2log=phy2log)
     if exchange != "allreduce" and plan.ep > 1:
         ctx.moe_exchange = {
-            layer: ExpertParallel(ExpertLayout(tuple(slots), plan.ep, plan.n_routed_experts), mesh.ep_rank,
-                                  mesh.ep_group, mesh.tp_rank, plan.tp, mesh.tp_group, exchange)
+            layer: ExpertParallel(ExpertLayout(tuple(slots), plan.ep, plan.n_routed_experts, mesh.device.torch_device),
+                                  mesh.ep_rank, mesh.ep_group, mesh.tp_rank, plan.tp, mesh.tp_group, exchange)
             for layer, slots in phy2log.items()}
     return ctx
 
