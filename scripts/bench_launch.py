@@ -42,12 +42,13 @@ import torch
 from torch import nn
 
 from ascend.backends import get_kernels
-from model.kernels import use_kernels
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
+from ascend.model_session import compute_dtype
 from ascend.profiling import format_kernel_table, kernel_table, short_error, timed_decode
 from model.config import ModelConfig
 from model.generate import decode_step, prefill
+from model.kernels import use_kernels
 from model.moe import MOE_MODES, MoE, set_moe_mode
 from model.transformer import Transformer, init_random_
 
@@ -469,7 +470,7 @@ def main() -> None:
     if args.quick:
         args.preset, args.layers, args.prompts, args.batches, args.steps, args.chunk = "tiny", 2, [64, 256], [1, 4], 4, 64
     device = get_device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(device.type)
     cfg = ModelConfig.preset(args.preset, n_layers=args.layers,
                              max_seq_len=max(max(args.prompts) + args.steps + 3, 1024))
     t0 = time.perf_counter()

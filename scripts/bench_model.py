@@ -28,6 +28,7 @@ import torch
 
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
+from ascend.model_session import compute_dtype
 from model.cache import KVCache, cache_bytes_per_token, encode_index_entries, encode_main_entries
 from model.config import ModelConfig
 from model.kernels import REFERENCE
@@ -227,7 +228,7 @@ def main() -> None:
     cfg = ModelConfig.preset(args.preset, n_layers=min(args.layers, base.n_layers),
                              n_routed_experts=args.experts or base.n_routed_experts, act_quant=args.act_quant,
                              max_seq_len=max(base.max_seq_len, *contexts, args.prefill_len + args.decode_steps))
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(device.type)
     kernels = REFERENCE
     if args.backend == "auto":
         from ascend.backends import get_kernels
