@@ -146,6 +146,7 @@ class Attention(nn.Module):
         """Undo the RoPE on the output's last dims, then wo_a per head group (grouped einsum) and wo_b."""
         o = self.kernels.rope(o, cos, sin, inverse=True)
         o = o.flatten(2).unflatten(-1, (self.n_local_groups, -1))              # [B, S, groups, heads/group * D]
+        # no act_quant rounding here: the official model runs wo_a as a BF16 einsum, not an FP8 GEMM
         o = self.kernels.grouped_linear(o, self.wo_a.weight, self.wo_a.scale, self.wo_a.fmt)   # [B, S, groups, r]
         return self.wo_b(o.flatten(2))
 
