@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model import kernels as K
+from model import quant
 from model.cache import LayerCache
 from model.compressor import Compressor
 from model.config import ModelConfig
@@ -87,9 +88,7 @@ class Attention(nn.Module):
 
     def set_quant_sim(self, enabled: bool) -> None:
         """Switch the FP8 / FP4 round-trip simulations of this layer (on by default, as in the official model)."""
-        for m in self.modules():
-            if hasattr(m, "quant_sim"):
-                m.quant_sim = enabled
+        quant.set_quant_sim(self, enabled)
 
     # ------------------------------------------------------------------------------------------- stages
     def prolog(self, x: torch.Tensor, positions: torch.Tensor):

@@ -26,7 +26,7 @@ __all__ = [
     "FP8_MAX", "FP4_MAX", "INT8_MAX", "FP8_BLOCK", "FP4_BLOCK", "KV_FP8_BLOCK", "E2M1_VALUES",
     "pow2_scale", "quantize_fp8", "dequantize_fp8", "fp8_scale_shape",
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "quantize_fp4", "dequantize_fp4", "fp4_scale_shape",
-    "quantize_int8", "dequantize_int8", "fp8_round_trip", "fp4_round_trip",
+    "quantize_int8", "dequantize_int8", "set_quant_sim", "fp8_round_trip", "fp4_round_trip",
     "FORMATS", "weight_layout", "quantize_weight", "dequantize_weight",
 ]
 
@@ -169,6 +169,13 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 
 
 # --------------------------------------------------------------------------- round-trip simulations
+def set_quant_sim(module: torch.nn.Module, enabled: bool) -> None:
+    """Switch the FP8 KV / FP4 indexer round-trip simulations of every submodule of `module` that has them."""
+    for m in module.modules():
+        if hasattr(m, "quant_sim"):
+            m.quant_sim = enabled
+
+
 def fp8_round_trip(x: torch.Tensor, block: int = KV_FP8_BLOCK) -> torch.Tensor:
     """Quantise the last dim to e4m3 per `block` with power-of-two scales and back, in x's dtype.
 

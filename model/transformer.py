@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascend.errors import AscendDeployError
+from model import quant
 from model.attention import Attention
 from model.cache import KVCache, LayerCache
 from model.config import ModelConfig
@@ -147,9 +148,7 @@ class Transformer(nn.Module):
 
     def set_quant_sim(self, enabled: bool) -> None:
         """Switch the FP8 KV / FP4 indexer round-trip simulations everywhere (default: config.quant_sim)."""
-        for module in self.modules():
-            if hasattr(module, "quant_sim"):
-                module.quant_sim = enabled
+        quant.set_quant_sim(self, enabled)
 
     # ------------------------------------------------------------------------------------------- cache
     def new_cache(self, batch: int, max_len: int | None = None, layout: str = "bf16",
