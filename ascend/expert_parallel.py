@@ -16,11 +16,20 @@ With tensor parallelism the ranks of a tensor-parallel group hold the same token
 share of the rows into the exchange and the shares are all-gathered afterwards, so no expert
 computes a token twice.
 
+The all-to-all comes in two forms. The sized one first exchanges row counts and reads them on the
+host (a sync per layer), then moves exactly the rows needed. The padded one (`padded=True`, what a
+captured decode graph runs) gives every destination a fixed `C = tokens x top-k` rows, room for all
+of this rank's pairs, marks unused rows with slot 0 in a slot+1 field, and packs slot and gate weight
+into extra columns of the token rows, so dispatch and combine are one all-to-all each of fixed size
+with no host sync. Every rank of the group must then hold the same number of tokens (the decode
+graphs' batch bucket, agreed across ranks).
+
 Every exchange counts what it moves (`ExpertParallel.traffic`, a `Traffic`): the bytes this rank
 sends to and receives from other ranks, by phase, computed from sizes the exchange already holds on
 the host (no extra synchronisation). They are the logical payload of each collective (what one
 rank's data must reach the others), not the wire bytes of a particular algorithm; a rank's own share
-stays local and is not counted.
+stays local and is not counted. The padded all-to-all counts on the device instead (a replayed graph
+runs no Python), its unused rows under "padding"; reading the counts syncs once.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ from ascend.errors import AscendDeployError
 # expert_fn(logical expert id, rows [n, dim], routing weights [n]) -> rows [n, dim] in the rows' dtype
 # (the all-to-all combine sends them back in that dtype)
 ExpertFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# pair_fn(rows [n, dim], routing weights [n], local slot [n]) -> weight x expert(row) [n, dim] in the rows'
+# dtype, zeros where the slot is -1: all local experts in one fixed-shape call (MoE.run_pairs)
+PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEMES = ("alltoall", "allgather")
 
 
@@ -104,7 +116,7 @@ def run_local(layout: ExpertLayout, ep_rank: int, x: torch.Tensor, slots: torch.
     return out
 
 
-PHASES = ("counts", "dispatch", "meta", "combine", "tp_gather")
+PHASES = ("counts", "dispatch", "meta", "combine", "tp_gather", "padding")
 
 
 @dataclass
@@ -113,29 +125,53 @@ class Traffic:
 
     counts: per-destination row counts (all-to-all) or row totals (all-gather); dispatch: token rows
     to the experts; meta: slot ids and gate weights of those rows; combine: expert outputs back to
-    their tokens; tp_gather: the tensor-parallel shares of the result.
+    their tokens; tp_gather: the tensor-parallel shares of the result; padding: the unused rows of the
+    padded all-to-all (dispatch and combine).
+
+    `on_device` holds counts added inside captured graphs ([calls, sent by phase, received by phase]);
+    `fold` moves them to the host fields (one sync), as every reader does first.
     """
 
     calls: int = 0
     sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     received: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    on_device: torch.Tensor | None = field(default=None, repr=False)
 
     def add(self, phase: str, sent: int, received: int) -> None:
         self.sent[phase] += int(sent)
         self.received[phase] += int(received)
 
+    def add_on_device(self, phase: str, sent: torch.Tensor | int, received: torch.Tensor | int) -> None:
+        """Add without a host sync (`sent` / `received` may be device tensors); needs `on_device`."""
+        i = PHASES.index(phase)
+        self.on_device[1 + i] += sent
+        self.on_device[1 + len(PHASES) + i] += received
+
+    def fold(self) -> "Traffic":
+        if self.on_device is not None:
+            counts = self.on_device.tolist()
+            self.on_device.zero_()
+            self.calls += counts[0]
+            for i, phase in enumerate(PHASES):
+                self.add(phase, counts[1 + i], counts[1 + len(PHASES) + i])
+        return self
+
     def reset(self) -> None:
         self.calls = 0
         self.sent = dict.fromkeys(PHASES, 0)
         self.received = dict.fromkeys(PHASES, 0)
+        if self.on_device is not None:
+            self.on_device.zero_()
 
     def __iadd__(self, other: "Traffic") -> "Traffic":
+        other.fold()
         self.calls += other.calls
         for phase in PHASES:
             self.add(phase, other.sent[phase], other.received[phase])
         return self
 
     def to_dict(self) -> dict:
+        self.fold()
         return {"calls": self.calls, "sent": dict(self.sent), "received": dict(self.received),
                 "sent_total": sum(self.sent.values()), "received_total": sum(self.received.values())}
 
@@ -169,34 +205,83 @@ class ExpertParallel:
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ExpertParallelError(f"expert exchange scheme {self.scheme!r}: expected one of {SCHEMES}")
+        self.traffic.on_device = torch.zeros(1 + 2 * len(PHASES), dtype=torch.int64, device=self.layout.device)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
-        """Routed-expert output for x [T, dim] with top-k `weights`/`indices` [T, k]; returns [T, dim] in x's dtype."""
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_fn: ExpertFn,
+                 pair_fn: PairFn | None = None, padded: bool = False) -> torch.Tensor:
+        """Routed-expert output for x [T, dim] with top-k `weights`/`indices` [T, k]; returns [T, dim] in x's dtype.
+
+        `pair_fn`: run the received rows in one fixed-shape call instead of one `expert_fn` call per local
+        expert. `padded`: the fixed-size all-to-all (needs `pair_fn`, and the same T on every rank of the group).
+        """
         T = x.shape[0]
         share = -(-T // self.tp_size)  # rows each tensor-parallel rank takes into the exchange
         lo, hi = min(T, self.tp_rank * share), min(T, (self.tp_rank + 1) * share)
         x_mine, w_mine, i_mine = x[lo:hi], weights[lo:hi], indices[lo:hi]
-        self.traffic.calls += 1
+        padded = padded and self.scheme == "alltoall" and self.layout.ep_size > 1
+        if padded and pair_fn is None:
+            raise ExpertParallelError("the padded all-to-all runs its experts through pair_fn; none was given")
+        count = self.traffic.add_on_device if padded else self.traffic.add
+        if padded:
+            self.traffic.on_device[0] += 1
+        else:
+            self.traffic.calls += 1
         if self.layout.ep_size == 1:
             slots = self.layout.choose_slots(i_mine, lo)
             rows = torch.arange(hi - lo, device=x.device).repeat_interleave(indices.shape[1])
             y = run_local(self.layout, 0, x_mine, slots.flatten(), w_mine.flatten(), rows, expert_fn)
+        elif padded:
+            y = self._alltoall_padded(x_mine, w_mine, i_mine, lo, share * indices.shape[1], pair_fn)
         elif self.scheme == "alltoall":
-            y = self._alltoall(x_mine, w_mine, i_mine, lo, expert_fn)
+            y = self._alltoall(x_mine, w_mine, i_mine, lo, expert_fn, pair_fn)
         else:
             y = self._allgather(x_mine, w_mine, i_mine, expert_fn)
         y = y.to(x.dtype)
         if self.tp_size > 1:
-            padded = torch.zeros(share, x.shape[1], dtype=x.dtype, device=x.device)
-            padded[: hi - lo] = y
-            parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
-            dist.all_gather(parts, padded, group=self.tp_group)
-            nbytes = (self.tp_size - 1) * padded.numel() * padded.element_size()
-            self.traffic.add("tp_gather", nbytes, nbytes)
+            full = torch.zeros(share, x.shape[1], dtype=x.dtype, device=x.device)
+            full[: hi - lo] = y
+            parts = [torch.empty_like(full) for _ in range(self.tp_size)]
+            dist.all_gather(parts, full, group=self.tp_group)
+            nbytes = (self.tp_size - 1) * full.numel() * full.element_size()
+            count("tp_gather", nbytes, nbytes)
             y = torch.cat(parts)[:T]
         return y
 
-    def _alltoall(self, x, weights, indices, offset, expert_fn):
+    def _alltoall_padded(self, x, weights, indices, offset, capacity, pair_fn):
+        """All-to-all with `capacity` rows per destination, fixed shapes, no host sync (see the module doc)."""
+        n, k = indices.shape
+        ep, S, dim = self.layout.ep_size, self.layout.slots_per_rank, x.shape[1]
+        slots = self.layout.choose_slots(indices, offset + self.ep_rank).flatten()      # [n*k], pair order
+        dest = slots // S
+        # each pair's place among the pairs bound for the same rank, in pair order
+        place = ((dest[:, None] == torch.arange(ep, device=x.device)).long().cumsum(0) - 1).gather(1, dest[:, None])
+        where = dest * capacity + place.squeeze(1)
+        # slot + 1 (0 marks an unused row) and gate weight, fp32 (exact) and viewed as extra columns of x's dtype
+        meta = torch.stack([slots.float() + 1, weights.flatten().float()], 1).view(x.dtype)
+        send = x.new_zeros(ep * capacity, dim + meta.shape[1])
+        send[where] = torch.cat([x.repeat_interleave(k, 0), meta], 1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ep_group)
+        in_meta = recv[:, dim:].contiguous().view(torch.float32)
+        used = in_meta[:, 0] > 0
+        local = torch.where(used, in_meta[:, 0].long() - 1 - self.ep_rank * S, -1)
+        out = pair_fn(recv[:, :dim].contiguous(), in_meta[:, 1].to(weights.dtype), local)
+        back = torch.empty_like(out)
+        dist.all_to_all_single(back, out.contiguous(), group=self.ep_group)
+
+        row, others = dim * x.element_size(), torch.arange(ep, device=x.device) != self.ep_rank
+        sent_pairs = (dest != self.ep_rank).sum()
+        got_pairs = used.view(ep, capacity)[others].sum()
+        wire = (ep - 1) * capacity
+        t = self.traffic
+        t.add_on_device("dispatch", sent_pairs * row, got_pairs * row)
+        t.add_on_device("meta", wire * meta.shape[1] * x.element_size(), wire * meta.shape[1] * x.element_size())
+        t.add_on_device("combine", got_pairs * row, sent_pairs * row)
+        unused = (2 * wire - sent_pairs - got_pairs) * row
+        t.add_on_device("padding", unused, unused)
+        return back[where].float().view(n, k, dim).sum(1)
+
+    def _alltoall(self, x, weights, indices, offset, expert_fn, pair_fn=None):
         k, ep, S = indices.shape[1], self.layout.ep_size, self.layout.slots_per_rank
         slots = self.layout.choose_slots(indices, offset + self.ep_rank).flatten()
         order = torch.argsort(slots // S, stable=True)           # pairs grouped by destination rank
@@ -211,9 +296,12 @@ class ExpertParallel:
         in_meta = meta.new_empty(sum(recv), 2)
         dist.all_to_all_single(in_x, x[rows].contiguous(), recv, send, group=self.ep_group)
         dist.all_to_all_single(in_meta, meta, recv, send, group=self.ep_group)
-        pair = torch.arange(in_x.shape[0], device=x.device)
-        out = run_local(self.layout, self.ep_rank, in_x, in_meta[:, 0].long(), in_meta[:, 1].to(weights.dtype),
-                        pair, expert_fn)
+        if pair_fn is not None:
+            out = pair_fn(in_x, in_meta[:, 1].to(weights.dtype), in_meta[:, 0].long() - self.ep_rank * S)
+        else:
+            pair = torch.arange(in_x.shape[0], device=x.device)
+            out = run_local(self.layout, self.ep_rank, in_x, in_meta[:, 0].long(), in_meta[:, 1].to(weights.dtype),
+                            pair, expert_fn)
         # one row per pair, each an expert output in x's dtype: sending it back in that dtype is exact
         back = x.new_empty(len(order), x.shape[1])
         dist.all_to_all_single(back, out.to(x.dtype), send, recv, group=self.ep_group)

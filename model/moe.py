@@ -18,7 +18,8 @@ Two ways to run the routed experts, same result:
   reference gathers and dequantises them; the CUDA backend reads the FP4 / FP8 bytes in-kernel). Fixed shapes and no
   host sync, so a decode step captures whole (CUDA graph / NPUGraph, torch.compile).
   Selections owned by another rank (or another replica) get expert row -1, which `expert_matmul` turns into
-  zeros (a fused kernel skips their work), before the same all-reduce.
+  zeros (a fused kernel skips their work), before the same all-reduce. `run_pairs` is the same computation on
+  rows an exchange brought in, named by local slot.
   To gather by index the local experts' tensors live stacked ([n_local, ...] per tensor); each
   `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
 `MoE.mode` picks: "auto" (static while capturing / compiling or when tokens x topk <= `STATIC_MAX_SELECTIONS`),
@@ -135,6 +136,7 @@ class MoE(nn.Module):
             local_row[e][replica] = local.index(e)
         self.register_buffer("n_replicas", torch.tensor(n_replicas), persistent=False)
         self.register_buffer("local_row", torch.tensor(local_row), persistent=False)
+        self.register_buffer("slot_row", torch.tensor([local.index(e) for e in self.slots.experts]), persistent=False)
         self._stack_experts(copy=False)
 
     # ------------------------------------------------------------------------------------------ stacked storage
@@ -192,21 +194,31 @@ class MoE(nn.Module):
         return self.kernels.expert_matmul(xs, self._stacks[f"{name}.weight"], self._stacks.get(f"{name}.scale"),
                                           fmt, rows)
 
+    def _selections(self, xs: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """weights[i] * expert in stack row rows[i] (xs[i]), [M, dim] in xs' dtype; rows[i] = -1 gives zeros."""
+        probe = next(iter(self.experts.values()))
+        xs = probe.w1.round_input(xs)
+        h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
+        h = probe.w2.round_input((h * weights.reshape(-1, 1)).to(xs.dtype))
+        return self._project("w2", h, rows)
+
     def routed_static(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection."""
         n, k = indices.shape
         token = torch.arange(n, device=x.device).unsqueeze(1)
         rows = self.local_row[indices, token % self.n_replicas[indices]].flatten()   # [n*k], -1: not ours (zeros)
-        probe = next(iter(self.experts.values()))
         xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, x.size(-1))
-        xs = probe.w1.round_input(xs)
-        h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
-        h = probe.w2.round_input((h * weights.reshape(n * k, 1)).to(x.dtype))
-        return self._project("w2", h, rows).float().view(n, k, -1).sum(1)
+        return self._selections(xs, weights, rows).float().view(n, k, -1).sum(1)
 
     def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """Local expert `expert` on rows [n, dim] with routing weights [n] (the exchange callback)."""
         return self.experts[str(expert)](rows, row_weights.float().unsqueeze(-1))
+
+    def run_pairs(self, rows: torch.Tensor, row_weights: torch.Tensor, local_slots: torch.Tensor) -> torch.Tensor:
+        """The local slot's expert on each row, weighted, in one fixed-shape call; slot -1 gives zeros (the
+        exchange's static callback)."""
+        stack_rows = torch.where(local_slots >= 0, self.slot_row[local_slots.clamp(min=0)], -1)
+        return self._selections(rows, row_weights, stack_rows)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -214,7 +226,11 @@ class MoE(nn.Module):
         weights, indices = self.gate(x, input_ids.reshape(-1))
         exchange = self.parallel.moe_exchange.get(self.layer_id)
         if exchange is not None:
-            y = exchange(x, weights, indices, self.run_expert).float()
+            # static: the received rows in one call; fixed (a graph being captured, or static forced): the
+            # padded all-to-all, whose shapes do not depend on the routing
+            static = self.use_static(indices.numel())
+            fixed = self.mode == "static" or _capturing()
+            y = exchange(x, weights, indices, self.run_expert, self.run_pairs if static else None, fixed).float()
         else:
             routed = self.routed_static if self.use_static(indices.numel()) else self.routed
             y = self.parallel.all_reduce_ep(routed(x, weights, indices))

@@ -30,32 +30,55 @@ def expert_fn(e, rows, w):
     return (rows @ W[e]) * w[:, None]
 
 
+def pair_fn_of(layout: ExpertLayout, rank: int):
+    """The static callback: each row through its local slot's expert, weighted; slot -1 gives zeros."""
+    experts = torch.tensor(layout.experts_on(rank))
+
+    def pair_fn(rows, w, local):
+        calls.append(int((local >= 0).sum()))
+        y = torch.einsum("nd,nde->ne", rows, W[experts[local.clamp(min=0)]]) * w[:, None]
+        return torch.where((local >= 0)[:, None], y, 0.0)
+    return pair_fn
+
+
 def reference(x, weights, indices):
     return torch.stack([sum(x[t] @ W[indices[t, j]] * weights[t, j] for j in range(K)) for t in range(len(x))])
 
 
-CASES = [(tp, scheme) for tp in (1, 2) for scheme in ("alltoall", "allgather")]
+# (tp, scheme, form): form None runs the received rows per expert (expert_fn), "pairs" in one pair_fn call,
+# "padded" through the fixed-size all-to-all
+CASES = [(tp, scheme, None) for tp in (1, 2) for scheme in ("alltoall", "allgather")] + [
+    (tp, "alltoall", form) for tp in (1, 2) for form in ("pairs", "padded")]
+
+
+def _tokens(rank: int, tp: int, form) -> int:
+    """tp = 2: both ranks hold the same 5 tokens; tp = 1 (dp x ep): each rank its own, of different counts,
+    except padded, which needs the same count everywhere (the agreed decode bucket)."""
+    return 5 if tp > 1 else 4 if form == "padded" else 3 + 2 * rank
 
 
 def _worker(rank, init_file, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    for tp, scheme in CASES:
-        # tp = 2: both ranks hold the same tokens; tp = 1 (dp x ep): each rank its own, of different counts
-        x, w, i = _problem(5, 0) if tp > 1 else _problem(3 + 2 * rank, rank)
-        ep = ExpertParallel(ExpertLayout(PHY2LOG, 2, E), ep_rank=rank, ep_group=dist.group.WORLD,
-                            tp_rank=rank % tp, tp_size=tp, tp_group=dist.group.WORLD if tp > 1 else None,
-                            scheme=scheme)
+    for tp, scheme, form in CASES:
+        n = _tokens(rank, tp, form)
+        x, w, i = _problem(n, 0 if tp > 1 else rank)
+        layout = ExpertLayout(PHY2LOG, 2, E)
+        ep = ExpertParallel(layout, ep_rank=rank, ep_group=dist.group.WORLD, tp_rank=rank % tp, tp_size=tp,
+                            tp_group=dist.group.WORLD if tp > 1 else None, scheme=scheme)
+        run = lambda x, w, i: ep(x, w, i, expert_fn, form and pair_fn_of(layout, rank), form == "padded")  # noqa
         calls.clear()
-        y = ep(x, w, i, expert_fn)
-        results[(rank, tp, scheme)] = (torch.allclose(y, reference(x, w, i), atol=1e-5), sum(calls))
+        y = run(x, w, i)
+        results[(rank, tp, scheme, form)] = (torch.allclose(y, reference(x, w, i), atol=1e-5), sum(calls))
         # known routing: every token picks experts 2 (slot 2, rank 0 only) and 3 (slot 3, rank 1 only)
-        n = 5 if tp > 1 else 3 + 2 * rank
         x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(3 if tp > 1 else rank))
         w, i = torch.full((n, K), 0.5), torch.tensor([[2, 3]] * n)
         ep.traffic.reset()
-        ok = torch.allclose(ep(x, w, i, expert_fn), reference(x, w, i), atol=1e-5)
-        results[("bytes", rank, tp, scheme)] = (ok, ep.traffic.to_dict(), total_traffic([ep, ep]).to_dict())
+        ok = torch.allclose(run(x, w, i), reference(x, w, i), atol=1e-5)
+        results[("bytes", rank, tp, scheme, form)] = (ok, ep.traffic.to_dict(), total_traffic([ep, ep]).to_dict())
+        # crowded: every pair of every token bound for rank 0 (expert 2 has one slot, there), filling the padded room
+        i = torch.full((n, K), 2)
+        results[("crowded", rank, tp, scheme, form)] = torch.allclose(run(x, w, i), reference(x, w, i), atol=1e-5)
     dist.destroy_process_group()
 
 
@@ -70,40 +93,51 @@ def two_rank_results(tmp_path_factory):
 def test_two_rank_exchange_matches_single_process(two_rank_results):
     """TP=2 and DP x EP=2, both exchange schemes."""
     results = two_rank_results
-    for tp, scheme in CASES:
-        ranks = [results[(r, tp, scheme)] for r in range(2)]
-        assert all(ok for ok, _ in ranks), (tp, scheme, ranks)
+    for tp, scheme, form in CASES:
+        ranks = [results[(r, tp, scheme, form)] for r in range(2)]
+        assert all(ok for ok, _ in ranks), (tp, scheme, form, ranks)
         # every (token, expert) pair computed exactly once over both ranks
-        assert sum(c for _, c in ranks) == (5 if tp > 1 else 3 + 5) * K
+        assert sum(c for _, c in ranks) == (5 if tp > 1 else _tokens(0, tp, form) + _tokens(1, tp, form)) * K
 
 
-def _expected_bytes(rank: int, tp: int, scheme: str) -> tuple[dict, dict]:
+def test_two_rank_exchange_when_every_pair_goes_to_one_rank(two_rank_results):
+    assert all(two_rank_results[("crowded", r, *case)] for r in range(2) for case in CASES)
+
+
+def _expected_bytes(rank: int, tp: int, scheme: str, form) -> tuple[dict, dict]:
     """Hand count for the known routing (fp32 rows of DIM, float32 meta / int64 ids, int64 counts)."""
-    row, other = DIM * 4, 1 - rank
+    row = DIM * 4
     if tp > 1:   # 5 shared tokens, tp shares of ceil(5/2) = 3 rows: rank 0 takes rows 0-2, rank 1 rows 3-4
         mine, theirs = (3, 2) if rank == 0 else (2, 3)
         gather = 3 * row
     else:
-        mine, theirs, gather = 3 + 2 * rank, 3 + 2 * other, 0
+        mine, theirs, gather = _tokens(rank, tp, form), _tokens(1 - rank, tp, form), 0
+    if form == "padded":  # room for all 3 x K (tp 2) or 4 x K pairs per destination; meta on every row
+        room = (3 if tp > 1 else 4) * K
+        sent = {"counts": 0, "dispatch": mine * row, "meta": room * 8, "combine": theirs * row, "tp_gather": gather,
+                "padding": (2 * room - mine - theirs) * row}
+        return sent, {**sent, "dispatch": theirs * row, "combine": mine * row}
     if scheme == "alltoall":  # each token has exactly one pair on the other rank: its expert 3 (rank 0) or 2
-        sent = {"counts": 8, "dispatch": mine * row, "meta": mine * 8, "combine": theirs * row, "tp_gather": gather}
+        sent = {"counts": 8, "dispatch": mine * row, "meta": mine * 8, "combine": theirs * row, "tp_gather": gather,
+                "padding": 0}
         received = {"counts": 8, "dispatch": theirs * row, "meta": theirs * 8, "combine": mine * row,
-                    "tp_gather": gather}
+                    "tp_gather": gather, "padding": 0}
         return sent, received
     width = max(mine, theirs)  # all-gather pads every rank to the widest
     sent = {"counts": 8, "dispatch": width * row, "meta": width * K * (4 + 8), "combine": width * row,
-            "tp_gather": gather}
+            "tp_gather": gather, "padding": 0}
     return sent, dict(sent)
 
 
 def test_two_rank_exchange_counts_bytes(two_rank_results):
-    """Counted bytes equal the hand count for a routing where every token has one remote pair."""
+    """Counted bytes equal the hand count for a routing where every token has one remote pair (the padded form
+    counts on the device: what a replayed graph adds is read back the same way)."""
     results = two_rank_results
-    for tp, scheme in CASES:
+    for tp, scheme, form in CASES:
         for rank in range(2):
-            ok, traffic, doubled = results[("bytes", rank, tp, scheme)]
-            assert ok, (rank, tp, scheme)
-            sent, received = _expected_bytes(rank, tp, scheme)
+            ok, traffic, doubled = results[("bytes", rank, tp, scheme, form)]
+            assert ok, (rank, tp, scheme, form)
+            sent, received = _expected_bytes(rank, tp, scheme, form)
             assert traffic["calls"] == 1
             assert traffic["sent"] == sent and traffic["received"] == received, (rank, tp, scheme, traffic)
             assert doubled["sent_total"] == 2 * sum(sent.values()) and doubled["calls"] == 2
@@ -122,3 +156,10 @@ def test_single_rank_and_replica_spread():
 def test_placement_missing_an_expert_is_refused():
     with pytest.raises(ExpertParallelError, match=r"no replica of experts \[3\]"):
         ExpertLayout((0, 1, 2, 0), 2, E)
+
+
+def test_padded_exchange_needs_the_pair_callback():
+    ep = ExpertParallel(ExpertLayout(PHY2LOG, 2, E), ep_rank=0)
+    x, w, i = _problem(2, 0)
+    with pytest.raises(ExpertParallelError, match="pair_fn"):
+        ep(x, w, i, expert_fn, None, padded=True)

@@ -136,6 +136,49 @@ def test_expert_parallel_with_replicas_equals_single_rank():
         torch.testing.assert_close(torch.from_numpy(results[r][2]), want, rtol=1e-5, atol=1e-5)  # static path
 
 
+def _exchange_worker(rank, world, port, state, xs, ids, out_q):
+    """dp x ep: each rank its own tokens, sent to the experts over the all-to-all in each of its three forms."""
+    from ascend.expert_parallel import ExpertLayout, ExpertParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    exchange = ExpertParallel(ExpertLayout(tuple(LAYOUT[2]), world, CFG.n_routed_experts), rank, dist.group.WORLD)
+    moe = MoE(2, CFG, ParallelContext(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD, phy2log=LAYOUT,
+                                      moe_exchange={2: exchange}))
+    moe.load_state_dict({k: v for k, v in state.items() if k in moe.state_dict()}, strict=True)
+    ys = {}
+    for mode in ("dynamic", "auto", "static"):   # rows per expert; one run_pairs call; the padded all-to-all
+        moe.mode = mode
+        ys[mode] = moe(xs[rank], ids[rank]).numpy()
+    out_q.put((rank, ys, exchange.traffic.to_dict()["sent"]["padding"]))
+    dist.destroy_process_group()
+
+
+def test_token_exchange_forms_equal_single_rank():
+    """Each rank's own tokens through the all-to-all (per-expert calls, one run_pairs call, padded fixed shapes)
+    give what one rank holding every expert gives for them."""
+    single = MoE(2, CFG)
+    _randomise(single, 6)
+    single.mode = "dynamic"
+    xs, ids = torch.randn(2, 2, 3, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 2, 3))
+    ctx = mp.get_context("spawn")
+    out_q, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_exchange_worker, args=(r, 2, port, single.state_dict(), xs, ids, out_q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: (ys, padding) for r, ys, padding in (out_q.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    for r in range(2):
+        want = single(xs[r], ids[r])
+        ys, padding = results[r]
+        for mode, y in ys.items():
+            torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{mode}: {m}")
+        assert padding > 0          # the static run went through the padded form
+
+
 def test_exchange_seam_matches_all_reduce_path():
     """ascend.expert_parallel's exchange plugged in through ParallelContext.moe_exchange gives the same output."""
     from ascend.expert_parallel import ExpertLayout, ExpertParallel
