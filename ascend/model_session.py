@@ -63,8 +63,9 @@ class CacheSession:
         if full is None or full.batch != rows or full.max_len < max_len:
             self.cache = self._full = self._runner = None             # free the old cache and graph first
             self.graphs.empty_cache()
-            full = self.model.new_cache(rows, max_len, device=self.device)
-            step = lambda tok, act: decode_step(self.model, tok, full, act)  # noqa: E731
+            full, model = self.model.new_cache(rows, max_len, device=self.device), self.model
+            # the step holds the model, not self: no reference cycle keeps a dropped session's graphs alive
+            step = lambda tok, act: decode_step(model, tok, full, act)  # noqa: E731
             if self.compile:
                 from ascend.backends.cuda import compile_decode
 
@@ -125,7 +126,9 @@ def compute_dtype(device_type: str) -> torch.dtype:
 
 def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
     """Decode graph capture: on CUDA by default (None); never on CPU (no graphs) or with an all-to-all /
-    all-gather expert exchange, whose per-step token counts are data-dependent."""
+    all-gather expert exchange. The padded all-to-all would capture, but its warm-up and capture hold collectives
+    that every rank of the expert-parallel group must run together, on the same batch bucket, while the
+    launcher's data-parallel groups step independently (their own batches, prefills and idle steps)."""
     if requested is False or device_type == "cpu" or (exchange != "allreduce" and ep > 1):
         return False
     return requested or device_type == "cuda"
