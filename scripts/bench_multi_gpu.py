@@ -17,7 +17,9 @@ exchange choice and cache session). Then, per layout:
 - decode tokens/s at each --batch (the global batch, dealt round robin to the data-parallel groups; at least
   one sequence per group, the expert exchange needs every rank stepping), eager, device synchronised around
   the timed steps after warm-up, the slowest rank's time; decode as the launcher runs it (captured graphs on
-  CUDA unless the exchange is all-to-all / all-gather, or --no-graph); peak device memory of each rank;
+  CUDA unless the exchange is all-to-all / all-gather, or --no-graph); on an accelerator, all-to-all layouts are
+  also captured over the padded all-to-all (ascend/expert_parallel.py; every rank here steps the same batch) and
+  the reference also decodes eagerly, the baseline of the eager rows; peak device memory of each rank;
 - expert-exchange bytes per decoded token in the planner's unit: what one rank sends to other ranks per token
   of its data-parallel group (ascend.expert_parallel's counters summed over ranks / world / tokens per dp group),
   against the planner's estimate (docs/planner.md, cost model; ascend/planner/layout.py `evaluate`):
@@ -25,7 +27,7 @@ exchange choice and cache session). Then, per layout:
       n_layers x top-k x dim x (b_dispatch + b_combine) / tp x (ep - 1) / ep,   b = activation bytes (2, BF16)
 
   "payload" is dispatch + combine (what the estimate models); "total" adds the per-pair slot id and gate
-  weight (8 B), the row counts and, with tp > 1, the all-gather of the tp shares.
+  weight (8 B), the row counts and, with tp > 1, the all-gather of the tp shares; padded, the unused rows too.
 
     python3 scripts/bench_multi_gpu.py --quick --out /tmp/mg                   # CPU, 1 process: reference only
     torchrun --nproc-per-node 2 scripts/bench_multi_gpu.py --quick --out /tmp/mg          # CPU, Gloo, 2 ranks
@@ -216,8 +218,10 @@ class Runner:
                          "conserved": sums[0] == sums[1] and sums[2] == sums[3]})
         return rows
 
-    def run(self, mode: Mode, mesh, host_state: dict) -> dict:
-        """Greedy tokens (check dtype) and decode speed (launch dtype) of one layout; mesh None: the reference."""
+    def run(self, mode: Mode, mesh, host_state: dict) -> list[dict]:
+        """Greedy tokens (check dtype), then tokens and decode speed (launch dtype) of one layout, decoded as the
+        launcher does and, for a token exchange on an accelerator, also captured over the padded all-to-all (which
+        the launcher does not do: there its data-parallel groups step on their own). mesh None: the reference."""
         alone = mesh is None
         world = 1 if alone else self.world
         plan = make_plan(self.cfg, world, mode.tp, mode.ep, self.args.redundant if mode.ep > 1 else 0)
@@ -229,31 +233,37 @@ class Runner:
         out = {"mode": "1 device" if alone else mode.name, "exchange": "-" if alone else exchange,
                "redundant": plan.redundant}
         graphs = use_graphs(False if self.args.no_graph else None, self.device.type, exchange, mode.ep)
-        for check in (True, False):  # the check model first (eager), then the launcher's (its decode graphs)
-            t0 = time.perf_counter()
-            model = self.load(ctx, state, self.check_dtype if check else self.dtype)
-            if check:  # smooth in its inputs: no FP8 KV / FP4 indexer rounding for a tiny difference to flip
-                model.set_quant_sim(False)
-            load_s = time.perf_counter() - t0
-            key = "" if check else "launch_"
-            if check or not graphs:
-                self.generate(out, key, CacheSession(model, self.device.torch_device), mode, mine, alone)
-                out["decode"] = "eager"
-            else:
-                try:
-                    self.generate(out, key, CacheSession(model, self.device.torch_device, graphs=self.device), mode,
-                                  mine, alone)
-                    out["decode"] = "graphs"
-                except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
-                    out["decode"] = f"eager (capture failed: {short_error(e, 80)})"
-                    self.device.empty_cache()
-                    self.generate(out, key, CacheSession(model, self.device.torch_device), mode, mine, alone)
-            if not check:
-                out["load_s"] = load_s
-            del model
+        padded = exchange == "alltoall" and not (alone or graphs or self.args.no_graph or self.device.type == "cpu")
+        model = self.load(ctx, state, self.check_dtype)   # smooth in its inputs: no FP8 KV / FP4 indexer rounding
+        model.set_quant_sim(False)                          # for a tiny difference to flip
+        self.generate(out, "", CacheSession(model, self.device.torch_device), mode, mine, alone)
+        del model
+        t0 = time.perf_counter()
+        model = self.load(ctx, state, self.dtype)
+        out["load_s"] = time.perf_counter() - t0
         act = torch.empty((), dtype=self.dtype).element_size()
         out["estimate"] = estimate_bytes(self.cfg, mode, exchange, act)
-        return out
+        runs = []
+        # the reference decodes eagerly too, as the baseline of the eager layouts
+        for captured in [graphs] + [True] * padded + [False] * (alone and graphs):
+            run = dict(out, decode="eager")
+            if captured:
+                try:
+                    self.generate(run, "launch_", CacheSession(model, self.device.torch_device, graphs=self.device),
+                                  mode, mine, alone)
+                    run["decode"] = "graphs, padded all-to-all" if padded else "graphs"
+                except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
+                    if padded:       # the eager run is measured already
+                        self.progress(f"{mode.name}: capture over the padded all-to-all failed: {short_error(e, 200)}")
+                        continue
+                    run["decode"] = f"eager (capture failed: {short_error(e, 80)})"
+                    self.device.empty_cache()
+                    self.generate(run, "launch_", CacheSession(model, self.device.torch_device), mode, mine, alone)
+            else:
+                self.generate(run, "launch_", CacheSession(model, self.device.torch_device), mode, mine, alone)
+            runs.append(run)
+        del model
+        return runs
 
     def generate(self, out: dict, key: str, session: CacheSession, mode: Mode, mine: list[int], alone: bool) -> None:
         """Greedy tokens of this rank's check prompts into out[key + "tokens"]; with the launch model, speed too."""
@@ -291,12 +301,12 @@ class Runner:
                    "weights_equal_on_ranks": same, "runs": []}
         self.progress(f"full model built, fingerprinted and copied to the host in {build_s:.1f} s")
         if self.rank == 0:
-            results["runs"].append(self.run(Mode(1, 1), None, host_state))
+            results["runs"] += self.run(Mode(1, 1), None, host_state)
             self.progress("1-device reference done", results)
         if self.world > 1:
             dist.barrier()
         for mode in modes:
-            results["runs"].append(self.run(mode, meshes[mode], host_state))
+            results["runs"] += self.run(mode, meshes[mode], host_state)
             self.progress(f"{mode.name} done", results)
         return results
 
@@ -332,7 +342,12 @@ def verdict(results: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    ref = {s["batch"]: s["tokens_per_s"] for s in results["runs"][0]["speed"]}
+    """One row per layout, decode kind and batch; "vs 1 device" against the reference decoded the same way
+    (captured or eager) where it was."""
+    refs = {}
+    for run in results["runs"]:
+        if run["mode"] == "1 device":
+            refs[run["decode"] == "eager"] = {s["batch"]: s["tokens_per_s"] for s in run["speed"]}
     lines = ["| layout | exchange | decode | batch (global) | decode tok/s | vs 1 device | peak GiB per rank | "
              "EP B/token/rank: payload / total | planner estimate | payload / estimate | greedy = 1 device "
              f"({results['check_dtype']}) | {results['dtype']} tokens agreeing |",
@@ -346,7 +361,8 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {run['mode']} | {run['exchange']} | {run['decode']} | {s['batch']} ({s['global_batch']}) | "
                 f"{s['tokens_per_s']:.1f} | "
-                f"{s['tokens_per_s'] / ref[s['batch']]:.2f} | {' / '.join(f'{p:.2f}' for p in s['peak_gib'])} | "
+                f"{s['tokens_per_s'] / (refs.get(run['decode'] == 'eager') or next(iter(refs.values())))[s['batch']]:.2f} | "
+                f"{' / '.join(f'{p:.2f}' for p in s['peak_gib'])} | "
                 f"{s['payload_bytes_per_token']:,.0f} / {s['bytes_per_token']:,.0f} | "
                 f"{f'{est:,.0f}' if est else '-'} | {ratio} | "
                 f"{same} | {agree} |")
