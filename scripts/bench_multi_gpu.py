@@ -33,8 +33,10 @@ exchange choice and cache session). Then, per layout:
     torchrun --nproc-per-node 2 scripts/bench_multi_gpu.py --quick --out /tmp/mg          # CPU, Gloo, 2 ranks
     torchrun --nproc-per-node 2 scripts/bench_multi_gpu.py --out $OUT/multi_gpu           # 2 GPUs, Flash width
 
-Modes (--modes): tp2ep1 (tensor parallel; experts whole on both ranks, partial sums all-reduced), tp1ep2
-(dp2 x ep2, --redundant replicas, tokens travel all-to-all), tp2ep2-alltoall (both, all-to-all forced).
+Modes (--modes): tp2ep1 (tensor parallel attention; every expert whole on both ranks, so each rank computes every
+routed pair), tp2ep2 (tensor parallel attention, experts split over the ranks with --redundant replicas, both ranks
+hold the same tokens, so the partial sums are all-reduced: no token travels), tp1ep2 (dp2 x ep2, tokens travel
+all-to-all), tp2ep2-alltoall (tp2ep2 with the all-to-all forced).
 """
 
 from __future__ import annotations
@@ -373,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="flash", choices=["tiny", "flash", "pro"])
     p.add_argument("--layers", type=int, default=4, help="main layers (4: hash, CSA and HCA layers all present)")
-    p.add_argument("--modes", default="tp2ep1,tp1ep2,tp2ep2-alltoall", help="comma list of tp<N>ep<M>[-exchange]")
+    p.add_argument("--modes", default="tp2ep1,tp2ep2,tp1ep2,tp2ep2-alltoall", help="comma list of tp<N>ep<M>[-exchange]")
     p.add_argument("--redundant", type=int, default=8, help="redundant expert slots in the ep > 1 plans")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="global decode batches to time")
     p.add_argument("--check-batch", type=int, default=8, help="prompts in the greedy-tokens check")

@@ -20,7 +20,7 @@ def test_quick_two_ranks(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().startswith("tiny width")
     runs = {r["mode"]: r for r in results["runs"]}
-    assert list(runs) == ["1 device", "tp2ep1", "tp1ep2", "tp2ep2-alltoall"]
+    assert list(runs) == ["1 device", "tp2ep1", "tp2ep2", "tp1ep2", "tp2ep2-alltoall"]
     assert results["weights_equal_on_ranks"]
     ref = runs["1 device"]["tokens"]
     for name, run in runs.items():
@@ -28,8 +28,10 @@ def test_quick_two_ranks(tmp_path):
         for s in run["speed"]:
             assert s["tokens_per_s"] > 0 and len(s["peak_gib"]) == (1 if name == "1 device" else 2)
             assert s["conserved"], (name, s)
-    # TP only: experts whole on both ranks, partial sums all-reduced, no token leaves its rank
-    assert all(s["bytes_per_token"] == 0 for s in runs["tp2ep1"]["speed"])
+    # TP (experts whole on both ranks), or TP x EP with the same tokens on both (partial sums all-reduced): no token
+    # leaves its rank
+    assert runs["tp2ep2"]["exchange"] == "allreduce" and runs["tp2ep2"]["redundant"] == 8
+    assert all(s["bytes_per_token"] == 0 for name in ("tp2ep1", "tp2ep2") for s in runs[name]["speed"])
     for name in ("tp1ep2", "tp2ep2-alltoall"):
         run = runs[name]
         assert run["exchange"] == "alltoall" and run["redundant"] == 8 and run["estimate"] > 0
