@@ -108,11 +108,16 @@ class DecodeGraphRunner:
     def captured(self) -> tuple[int, ...]:
         return tuple(sorted(self._captured))
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
+    def __call__(self, *inputs: torch.Tensor, bucket: int | None = None) -> Any:
+        """Replay the graph of `bucket` (default: the smallest that holds the batch; ranks whose graphs exchange
+        tokens must all replay the same one)."""
         n = inputs[0].shape[0]
-        c = self._captured.get(bucket_for(n, self.buckets))
+        bucket = bucket or bucket_for(n, self.buckets)
+        if bucket < n:
+            raise GraphError(f"a batch of {n} does not fit the bucket {bucket}")
+        c = self._captured.get(bucket)
         if c is None:
-            raise GraphError("DecodeGraphRunner called before capture()")
+            raise GraphError(f"no graph captured for a batch of {bucket} (captured: {list(self.captured)})")
         if len(inputs) != len(c.inputs):
             raise GraphError(f"decode step takes {len(c.inputs)} tensors, got {len(inputs)}")
         for static, pad, x in zip(c.inputs, c.padding, inputs):

@@ -187,10 +187,13 @@ class Completion:
 class Session(Protocol):
     """The model on this rank with its own cache. `prefill` starts a batch (one sequence per prompt, room for
     `max_len` tokens each) and returns the float logits [B, V] after each prompt; `decode(tokens [B], active [B])`
-    appends one token to each active sequence (inactive ones do not move) and returns logits [B, V]."""
+    appends one token to each active sequence (inactive ones do not move) and returns logits [B, V].
+    `replay_bucket()`: the captured graph this batch's decode would replay (0: none); `decode(bucket=)` replays
+    that one (0: eagerly), as the ranks agreed."""
 
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor: ...
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
+    def replay_bucket(self) -> int: ...
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor, bucket: int | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -198,7 +201,8 @@ class Lockstep:
     """Keeps forward calls paired across ranks whose expert exchange spans data-parallel groups.
 
     `tp_group`/`tp_src`: ranks serving the same prompts take rank tp_src's sampled tokens, so they never
-    diverge. `world`: when set, every step asks all ranks whether anyone still generates.
+    diverge. `world`: when set, every step asks all ranks whether anyone still generates, and which decode graph
+    all of them can replay next (their graphs exchange tokens, so all replay the same one or none).
     """
 
     tp_group: Any = None
@@ -212,12 +216,19 @@ class Lockstep:
             dist.broadcast(tokens, self.tp_src, group=self.tp_group)
         return tokens
 
-    def anyone_busy(self, busy: bool) -> bool:
+    def vote(self, busy: bool, bucket: int = 0) -> tuple[bool, int]:
+        """(anyone still generating, the graph bucket every rank replays next or 0: all decode eagerly).
+
+        `bucket`: what this rank could replay (0 when it idles or has no graph). Ranks replay the largest bucket
+        any of them needs, which holds every rank's batch as all captured the same buckets; one rank without a
+        graph makes all step eagerly."""
+        bucket = bucket if busy else 0
         if not self.world:
-            return busy
-        flag = torch.tensor([int(busy)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return busy, bucket
+        flags = torch.tensor([int(busy), bucket, -bucket], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        anyone, largest, negated_smallest = flags.tolist()
+        return bool(anyone), largest if negated_smallest < 0 else 0
 
 
 def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
@@ -227,7 +238,7 @@ def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
     """
     while True:
         idle.prefill([[bos]], 2)
-        if not lockstep.anyone_busy(False):
+        if not lockstep.vote(False)[0]:
             return
 
 
@@ -318,12 +329,13 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                 if end > shown[i]:          # only the new part is sliced: streaming stays linear
                     on_text(i, c.text[shown[i]:end])
                     shown[i] = end
-        if not lockstep.anyone_busy(not all(finished)):
+        anyone, bucket = lockstep.vote(not all(finished), session.replay_bucket())
+        if not anyone:
             break
         if all(finished):  # others still generate: keep their collectives paired
             idle_until_done(idle or session, lockstep, tokenizer.bos_id)
             break
-        logits = session.decode(nxt, torch.tensor([not f for f in finished], device=nxt.device))
+        logits = session.decode(nxt, torch.tensor([not f for f in finished], device=nxt.device), bucket)
     return done
 
 

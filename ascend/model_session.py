@@ -44,65 +44,98 @@ class CacheSession:
     are inactive, so they neither move nor write. The MoE layers run their static-shape path inside the graph.
     With `compile` the captured step is the decode step compiled by `ascend.backends.cuda.compile_decode` (one
     inductor graph per cache; the model should hold `make_kernels(for_compile=True)`).
+
+    `fixed` = (max batch, max length): capture now, once, every bucket up to the max batch over one cache of that
+    size, and never again. For token exchanges (the padded all-to-all) whose graphs hold collectives: every rank
+    constructs its session at the same moment, so their warm-ups and captures pair up, and later batches never
+    capture (a rank's prefill may meet another rank's decode). Which bucket to replay, or none, is then the
+    ranks' common choice (`replay_bucket`, `decode(bucket=)`, `ascend.launch.Lockstep.vote`).
     """
 
     def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None, graphs: Any = None,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile: bool = False):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile: bool = False,
+                 fixed: tuple[int, int] | None = None):
         self.model, self.device, self.prefill_chunk, self.cache = model, device, prefill_chunk, None
-        self.graphs, self.buckets, self.compile = graphs, tuple(sorted(buckets)), compile
+        self.graphs, self.buckets, self.compile, self.fixed = graphs, tuple(sorted(buckets)), compile, fixed
         self._full = None        # the graph path's cache: bucket rows, reused across batches that fit it
         self._runner = None      # DecodeGraphRunner over self._full
         self._graphed = False    # whether this batch decodes through self._runner
+        self._batch = 0
+        if fixed and graphs is not None:
+            rows = bucket_for(min(fixed[0], self.buckets[-1]), self.buckets)
+            self._capture(rows, fixed[1], tuple(b for b in self.buckets if b <= rows))
+
+    def _capture(self, rows: int, max_len: int, buckets: tuple[int, ...]) -> None:
+        """A cache of `rows` x `max_len` and the decode graph of each bucket over its first rows."""
+        self.cache = self._full = self._runner = None             # free the old cache and graph first
+        self.graphs.empty_cache()
+        full, model = self.model.new_cache(rows, max_len, device=self.device), self.model
+        views = {b: full if b == rows else batch_rows(full, b) for b in buckets}   # built once, outside the graphs
+        # the step holds the model, not self: no reference cycle keeps a dropped session's graphs alive
+        step = lambda tok, act: decode_step(model, tok, views[tok.shape[0]], act)  # noqa: E731
+        if self.compile:
+            from ascend.backends.cuda import compile_decode
+
+            torch._dynamo.reset()       # the previous cache's graph is gone: do not count it as a recompile
+            step = compile_decode(step)
+        runner = DecodeGraphRunner(step,
+                                   lambda b: (torch.zeros(b, dtype=torch.long, device=self.device),
+                                              torch.zeros(b, dtype=torch.bool, device=self.device)),
+                                   self.graphs, buckets=buckets)
+        modes = [(m, m.mode) for m in self.model.modules() if isinstance(m, MoE)]
+        set_moe_mode(self.model, "static")      # warm-up runs too, so the capture meets warm allocations
+        try:
+            runner.capture()
+        finally:
+            for m, mode in modes:
+                m.mode = mode
+        self._full, self._runner = full, runner
 
     def _graph_cache(self, batch: int, max_len: int) -> Any | None:
         """The bucket-sized cache (captured graph included) for a batch of `batch` rows, or None: run eagerly."""
         if self.graphs is None or batch > self.buckets[-1]:
             return None
-        rows = bucket_for(batch, self.buckets)
-        full = self._full
-        if full is None or full.batch != rows or full.max_len < max_len:
-            self.cache = self._full = self._runner = None             # free the old cache and graph first
-            self.graphs.empty_cache()
-            full, model = self.model.new_cache(rows, max_len, device=self.device), self.model
-            # the step holds the model, not self: no reference cycle keeps a dropped session's graphs alive
-            step = lambda tok, act: decode_step(model, tok, full, act)  # noqa: E731
-            if self.compile:
-                from ascend.backends.cuda import compile_decode
-
-                torch._dynamo.reset()       # the previous cache's graph is gone: do not count it as a recompile
-                step = compile_decode(step)
-            runner = DecodeGraphRunner(step,
-                                       lambda b: (torch.zeros(b, dtype=torch.long, device=self.device),
-                                                  torch.zeros(b, dtype=torch.bool, device=self.device)),
-                                       self.graphs, buckets=(rows,))
-            modes = [(m, m.mode) for m in self.model.modules() if isinstance(m, MoE)]
-            set_moe_mode(self.model, "static")      # warm-up runs too, so the capture meets warm allocations
-            try:
-                runner.capture()
-            finally:
-                for m, mode in modes:
-                    m.mode = mode
-            self._full, self._runner = full, runner
-        full.reset()
-        return full
+        if self.fixed:
+            fits = self._full is not None and batch <= self._full.batch and max_len <= self._full.max_len
+            if not fits:
+                return None
+        else:
+            rows = bucket_for(batch, self.buckets)
+            if self._full is None or self._full.batch != rows or self._full.max_len < max_len:
+                self._capture(rows, max_len, (rows,))
+        self._full.reset()
+        return self._full
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor:
         self.cache = None  # free the previous batch's cache first
         full = self._graph_cache(len(prompts), max_len)
-        self._graphed = full is not None
+        self._graphed, self._batch = full is not None, len(prompts)
         if full is None:
             self.cache = self.model.new_cache(len(prompts), max_len, device=self.device)
         else:
             self.cache = batch_rows(full, len(prompts))
         return prefill(self.model, prompts, self.cache, self.prefill_chunk)
 
+    def replay_bucket(self) -> int:
+        """The graph this batch's decode would replay (its batch size), or 0: it decodes eagerly."""
+        return bucket_for(self._batch, self._runner.buckets) if self._graphed else 0
+
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
+        """One step; `bucket`: replay that graph (None: this batch's own, 0: decode eagerly)."""
         tokens, active = tokens.to(self.device), active.to(self.device)
-        if self._graphed:
-            return self._runner(tokens, active)
+        if self._graphed and bucket != 0:
+            return self._runner(tokens, active, bucket=bucket)
         return decode_step(self.model, tokens, self.cache, active)
+
+
+def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
+    """Decode graph capture: on CUDA by default (None); never on CPU (no graphs) or with the all-gather expert
+    exchange, whose message sizes follow the ranks' token counts. The all-to-all captures in its padded form."""
+    if requested is False or device_type == "cpu" or (exchange == "allgather" and ep > 1):
+        return False
+    return requested or device_type == "cuda"
 
 
 def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
@@ -124,23 +157,15 @@ def compute_dtype(device_type: str) -> torch.dtype:
     return torch.float32 if device_type == "cpu" else torch.bfloat16
 
 
-def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
-    """Decode graph capture: on CUDA by default (None); never on CPU (no graphs) or with an all-to-all /
-    all-gather expert exchange. The padded all-to-all would capture, but its warm-up and capture hold collectives
-    that every rank of the expert-parallel group must run together, on the same batch bucket, while the
-    launcher's data-parallel groups step independently (their own batches, prefills and idle steps)."""
-    if requested is False or device_type == "cpu" or (exchange != "allreduce" and ep > 1):
-        return False
-    return requested or device_type == "cuda"
-
-
 def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str = "auto",
-                  prefill_chunk: int | None = None, graphs: bool | None = None, compile: bool = False
-                  ) -> tuple[CacheSession, CacheSession, str]:
+                  prefill_chunk: int | None = None, graphs: bool | None = None, compile: bool = False,
+                  max_batch: int = 8, max_len: int = 4096) -> tuple[CacheSession, CacheSession, str]:
     """Load this rank's shard into a parallel Transformer; returns (session, idle session, exchange used).
 
     `graphs`: capture decode (see `use_graphs`; None = the device's default). `compile`: capture the decode step
-    compiled by torch.compile (CUDA, with graphs only: refused before any weight is loaded otherwise)."""
+    compiled by torch.compile (CUDA, with graphs only: refused before any weight is loaded otherwise). With an
+    all-to-all expert exchange the graphs are captured here, for batches up to `max_batch` and `max_len` tokens
+    (`CacheSession.fixed`): every rank calls this at the same moment."""
     from ascend.backends import get_kernels
     from convert.manifest import load_rank
     from model.transformer import Transformer
@@ -170,5 +195,6 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
     model.load_weights(state)
     model.eval()
     graph_device = mesh.device if graphed else None
-    return (CacheSession(model, device, prefill_chunk, graph_device, compile=compile), CacheSession(model, device),
-            exchange)
+    fixed = (max_batch, max_len) if graphed and exchange == "alltoall" and plan.ep > 1 else None
+    return (CacheSession(model, device, prefill_chunk, graph_device, compile=compile, fixed=fixed),
+            CacheSession(model, device), exchange)

@@ -184,7 +184,8 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
     session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk,
-                                            graphs=False if args.no_graph else None, compile=args.compile)
+                                            graphs=False if args.no_graph else None, compile=args.compile,
+                                            max_batch=args.max_batch, max_len=args.max_len)
     tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this
         dist.barrier()

@@ -30,7 +30,10 @@ class ToySession:
             ids[i, :len(p)] = torch.tensor(p)
         return self.forward(ids, torch.tensor([len(p) for p in prompts]))
 
-    def decode(self, tokens, active):
+    def replay_bucket(self):
+        return 0
+
+    def decode(self, tokens, active, bucket=None):
         return self.forward(tokens[:, None], active.long())
 
     def forward(self, ids, n_valid):
@@ -161,8 +164,95 @@ def test_cache_session_graph_decode_equals_eager():
         assert graphed._graphed and graphed.cache.lengths.tolist() == eager.cache.lengths.tolist()
     set_moe_mode(model, "auto")
     assert use_graphs(None, "cuda", "allreduce", 2) and not use_graphs(None, "npu", "allreduce", 1)
-    assert not use_graphs(None, "cpu", "allreduce", 1) and not use_graphs(True, "cuda", "alltoall", 2)
-    assert not use_graphs(False, "cuda", "allreduce", 1) and use_graphs(True, "npu", "allgather", 1)
+    assert not use_graphs(None, "cpu", "allreduce", 1) and use_graphs(True, "cuda", "alltoall", 2)
+    assert not use_graphs(None, "cuda", "allgather", 2) and use_graphs(True, "npu", "allgather", 1)
+    assert not use_graphs(False, "cuda", "allreduce", 1)
+
+
+def _lockstep_worker(rank, port, out_q):
+    """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph."""
+    import os
+
+    import torch.distributed as dist
+
+    from ascend.device import get_device
+    from ascend.expert_parallel import ExpertLayout, ExpertParallel
+    from ascend.model_session import CacheSession
+    from model.parallel import ParallelContext
+    from model.transformer import Transformer, init_random_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = _lockstep_config()
+    E, world = cfg.n_routed_experts, dist.group.WORLD
+    ctx = ParallelContext(ep_rank=rank, ep_size=2, ep_group=world,
+                          phy2log={layer: list(range(E)) for layer in range(cfg.n_layers)},
+                          moe_exchange={layer: ExpertParallel(ExpertLayout(tuple(range(E)), 2, E), rank, world)
+                                        for layer in range(cfg.n_layers)})
+    full = init_random_(Transformer(cfg, dtype=torch.float32), seed=3).state_dict()
+    model = Transformer(cfg, ctx, dtype=torch.float32)
+    model.load_state_dict({k: v for k, v in full.items() if k in model.state_dict()})
+    model.eval()
+    cpu = torch.device("cpu")
+    # every rank builds its session at once: the captures' warm-ups exchange tokens (padded all-to-all)
+    session = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(1, 2, 4), fixed=(4, 32))
+    idle, lockstep = CacheSession(model, cpu), launch.Lockstep(world=True)
+    prompts, new_tokens = LOCKSTEP_PROMPTS[rank]
+    logits = session.prefill(prompts, 32)
+    tokens, buckets = [], []
+    for step in range(new_tokens):
+        nxt = logits.argmax(-1)
+        tokens.append(nxt.tolist())
+        busy = step + 1 < new_tokens
+        anyone, bucket = lockstep.vote(busy, session.replay_bucket())
+        buckets.append(bucket)
+        if not anyone:
+            break
+        if not busy:    # the other rank still decodes: keep stepping with it
+            launch.idle_until_done(idle, lockstep, 0)
+            break
+        logits = session.decode(nxt, torch.ones(len(prompts), dtype=torch.bool), bucket)
+    out_q.put((rank, tokens, buckets))
+    dist.destroy_process_group()
+
+
+LOCKSTEP_PROMPTS = {0: ([[5, 6, 7], list(range(10, 22)), [40, 41]], 6), 1: ([[8, 9, 10, 11]], 3)}
+
+
+def _lockstep_config():
+    from model.config import ModelConfig
+
+    return ModelConfig.preset("tiny", n_mtp_layers=0)
+
+
+def test_ranks_vote_which_decode_graph_to_replay():
+    """dp2 x ep2 over the all-to-all with sessions captured at start (`CacheSession.fixed`): while both ranks
+    decode they replay the same graph (bucket 4, the larger of their batches 3 and 1); once one rank idles, all
+    step eagerly; the tokens equal one process holding every expert."""
+    import torch.multiprocessing as mp
+
+    from ascend.model_session import CacheSession
+    from model.transformer import Transformer, init_random_
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out_q, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_lockstep_worker, args=(r, port, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: (tokens, buckets) for r, tokens, buckets in (out_q.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0][1] == [4, 4, 0, 0, 0, 0] and results[1][1] == [4, 4, 0]
+    model = init_random_(Transformer(_lockstep_config(), dtype=torch.float32), seed=3).eval()
+    one = CacheSession(model, torch.device("cpu"))
+    for rank, (prompts, new_tokens) in LOCKSTEP_PROMPTS.items():
+        logits, want = one.prefill(prompts, 32), []
+        for _ in range(new_tokens):
+            want.append(logits.argmax(-1).tolist())
+            logits = one.decode(logits.argmax(-1), torch.ones(len(prompts), dtype=torch.bool))
+        assert results[rank][0] == want, rank
 
 
 def test_cache_session_compiled_graph_decode_equals_eager(monkeypatch):
