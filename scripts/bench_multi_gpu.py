@@ -17,9 +17,9 @@ exchange choice and cache session). Then, per layout:
 - decode tokens/s at each --batch (the global batch, dealt round robin to the data-parallel groups; at least
   one sequence per group, the expert exchange needs every rank stepping), eager, device synchronised around
   the timed steps after warm-up, the slowest rank's time; decode as the launcher runs it (captured graphs on
-  CUDA unless the exchange is all-to-all / all-gather, or --no-graph); on an accelerator, all-to-all layouts are
-  also captured over the padded all-to-all (ascend/expert_parallel.py; every rank here steps the same batch) and
-  the reference also decodes eagerly, the baseline of the eager rows; peak device memory of each rank;
+  CUDA unless the exchange is all-gather, or --no-graph; an all-to-all in its padded form, ascend/
+  expert_parallel.py), and where that is captured, the reference and the all-to-all layouts eagerly too (the
+  launcher's --no-graph, and the eager rows' baseline); peak device memory of each rank;
 - expert-exchange bytes per decoded token in the planner's unit: what one rank sends to other ranks per token
   of its data-parallel group (ascend.expert_parallel's counters summed over ranks / world / tokens per dp group),
   against the planner's estimate (docs/planner.md, cost model; ascend/planner/layout.py `evaluate`):
@@ -222,8 +222,8 @@ class Runner:
 
     def run(self, mode: Mode, mesh, host_state: dict) -> list[dict]:
         """Greedy tokens (check dtype), then tokens and decode speed (launch dtype) of one layout, decoded as the
-        launcher does and, for a token exchange on an accelerator, also captured over the padded all-to-all (which
-        the launcher does not do: there its data-parallel groups step on their own). mesh None: the reference."""
+        launcher does and, where that is captured and for the reference or a token exchange, eagerly too.
+        mesh None: the reference."""
         alone = mesh is None
         world = 1 if alone else self.world
         plan = make_plan(self.cfg, world, mode.tp, mode.ep, self.args.redundant if mode.ep > 1 else 0)
@@ -235,7 +235,6 @@ class Runner:
         out = {"mode": "1 device" if alone else mode.name, "exchange": "-" if alone else exchange,
                "redundant": plan.redundant}
         graphs = use_graphs(False if self.args.no_graph else None, self.device.type, exchange, mode.ep)
-        padded = exchange == "alltoall" and not (alone or graphs or self.args.no_graph or self.device.type == "cpu")
         model = self.load(ctx, state, self.check_dtype)   # smooth in its inputs: no FP8 KV / FP4 indexer rounding
         model.set_quant_sim(False)                          # for a tiny difference to flip
         self.generate(out, "", CacheSession(model, self.device.torch_device), mode, mine, alone)
@@ -246,18 +245,15 @@ class Runner:
         act = torch.empty((), dtype=self.dtype).element_size()
         out["estimate"] = estimate_bytes(self.cfg, mode, exchange, act)
         runs = []
-        # the reference decodes eagerly too, as the baseline of the eager layouts
-        for captured in [graphs] + [True] * padded + [False] * (alone and graphs):
+        # the reference and the token exchanges decode eagerly too: the baseline of the eager rows, and the
+        # launcher's --no-graph
+        for captured in [graphs] + [False] * (graphs and (alone or exchange == "alltoall")):
             run = dict(out, decode="eager")
             if captured:
                 try:
-                    self.generate(run, "launch_", CacheSession(model, self.device.torch_device, graphs=self.device),
-                                  mode, mine, alone)
-                    run["decode"] = "graphs, padded all-to-all" if padded else "graphs"
+                    self.generate(run, "launch_", self.session(model, exchange, mode), mode, mine, alone)
+                    run["decode"] = "graphs, padded all-to-all" if exchange == "alltoall" else "graphs"
                 except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
-                    if padded:       # the eager run is measured already
-                        self.progress(f"{mode.name}: capture over the padded all-to-all failed: {short_error(e, 200)}")
-                        continue
                     run["decode"] = f"eager (capture failed: {short_error(e, 80)})"
                     self.device.empty_cache()
                     self.generate(run, "launch_", CacheSession(model, self.device.torch_device), mode, mine, alone)
@@ -266,6 +262,17 @@ class Runner:
             runs.append(run)
         del model
         return runs
+
+    def session(self, model: Transformer, exchange: str, mode: Mode) -> CacheSession:
+        """The launcher's captured session (ascend.model_session.build_session): with a token exchange, every
+        bucket up to the largest batch a rank steps here captured at once (`CacheSession.fixed`)."""
+        a = self.args
+        if exchange != "alltoall" or mode.ep == 1:
+            return CacheSession(model, self.device.torch_device, graphs=self.device)
+        dp = self.world // mode.tp
+        rows = -(-max(a.check_batch, *a.batch) // dp)
+        length = a.prompt_len + max(a.new_tokens, a.warmup + a.steps + 1)
+        return CacheSession(model, self.device.torch_device, graphs=self.device, fixed=(rows, length))
 
     def generate(self, out: dict, key: str, session: CacheSession, mode: Mode, mine: list[int], alone: bool) -> None:
         """Greedy tokens of this rank's check prompts into out[key + "tokens"]; with the launch model, speed too."""
