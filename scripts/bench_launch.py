@@ -7,7 +7,9 @@ replayed from captured graphs where the device has them (ascend.graph.DecodeGrap
 For every (prompt length, batch):
 
 - prefill: one sequence of the prompt length, in chunks; its cache rows are copied to every sequence of the
-  batch (the same context for all, so a 64K x 32 prefill is not needed to measure decode at 64K);
+  batch (the same context for all, so a 64K x 32 prefill is not needed to measure decode at 64K); decode then
+  starts from a different random token in each sequence (`first_tokens`), so the sequences route to different
+  experts as real ones do (the same token everywhere would route every row to the same 6 experts);
 - decode tokens/s over --steps steps, eager and replayed from a captured graph (the MoE layers take their
   static-shape path; `--no-graph` measures eager only); with `--compile` also the whole decode step compiled by
   `ascend.backends.cuda.compile_decode` (torch.compile, one static graph) and then captured, with its first
@@ -124,6 +126,12 @@ def replicate_rows(src, dst) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- measure
+def first_tokens(vocab: int, batch: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A different random token per sequence for the first decode step (ours and HF's alike)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(vocab - 2, generator=g)[:batch].add_(2).to(device)
+
+
 def logit_gap(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Relative error of logits `a` against `b`, and the share of rows whose argmax agrees."""
     return {"rel_err": float((a - b).norm() / b.norm()),
@@ -148,7 +156,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     device.synchronize()
     prefill_s = time.perf_counter() - t0
     cache = model.new_cache(batch, max_len)
-    first = logits.argmax(-1).expand(batch).contiguous()
+    first = first_tokens(cfg.vocab_size, batch, prompt_len, logits.device)
     active = torch.ones(batch, dtype=torch.bool, device=first.device)
 
     def step(tok, act):
@@ -378,7 +386,7 @@ def hf_decode(hf, device: Device, vocab: int, prompt_len: int, batch: int, steps
         out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
         device.synchronize()
         prefill_s = time.perf_counter() - t0
-        pkv, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        pkv, tok = out.past_key_values, first_tokens(vocab, batch, prompt_len, dev)[:, None]
         del out
         tok = hf(input_ids=tok, past_key_values=pkv, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)  # warm-up
         done, t0 = 0, time.perf_counter()
