@@ -123,10 +123,12 @@ class CacheSession:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
-        """One step; `bucket`: replay that graph (None: this batch's own, 0: decode eagerly)."""
+        """One step; `bucket`: the ranks' choice for a `fixed` session, replay that graph (None: this batch's own,
+        0: decode eagerly). Other sessions' graphs exchange nothing between data-parallel groups, which may vote a
+        bucket they never captured: they replay this batch's own."""
         tokens, active = tokens.to(self.device), active.to(self.device)
-        if self._graphed and bucket != 0:
-            return self._runner(tokens, active, bucket=bucket)
+        if self._graphed and (bucket != 0 or not self.fixed):
+            return self._runner(tokens, active, bucket=bucket if self.fixed else None)
         return decode_step(self.model, tokens, self.cache, active)
 
 

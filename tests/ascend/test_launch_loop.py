@@ -169,6 +169,27 @@ def test_cache_session_graph_decode_equals_eager():
     assert not use_graphs(False, "cuda", "allreduce", 1)
 
 
+
+def test_graphs_without_token_exchange_ignore_the_vote():
+    """Data-parallel groups vote each step (`Lockstep.world`) whatever the exchange, but graphs that hold no
+    exchange between groups (all-reduce combine, or experts not split: a session that is not `fixed`) replay this
+    batch's own: a batch of 1 whose vote says 4 (another group's batch; this session captured only bucket 1), or 0
+    (a group idles), decodes as eagerly."""
+    from ascend.device import get_device
+    from ascend.model_session import CacheSession
+    from model.config import ModelConfig
+    from model.transformer import Transformer, init_random_
+
+    model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32), seed=1).eval()
+    cpu = torch.device("cpu")
+    graphed, eager = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(1, 4)), CacheSession(model, cpu)
+    a, b = graphed.prefill([[5, 6, 7]], 16), eager.prefill([[5, 6, 7]], 16)
+    active = torch.ones(1, dtype=torch.bool)
+    for voted in (4, 0):
+        assert graphed.replay_bucket() == 1
+        a, b = graphed.decode(b.argmax(-1), active, voted), eager.decode(b.argmax(-1), active)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
 def _lockstep_worker(rank, port, out_q):
     """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph."""
     import os
