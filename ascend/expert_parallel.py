@@ -269,9 +269,10 @@ class ExpertParallel:
         back = torch.empty_like(out)
         dist.all_to_all_single(back, out.contiguous(), group=self.ep_group)
 
-        row, others = dim * x.element_size(), torch.arange(ep, device=x.device) != self.ep_rank
+        row = dim * x.element_size()
         sent_pairs = (dest != self.ep_rank).sum()
-        got_pairs = used.view(ep, capacity)[others].sum()
+        # an integer row, not a boolean mask (a mask index reads its count on the host, which capture refuses)
+        got_pairs = used.sum() - used.view(ep, capacity)[self.ep_rank].sum()
         wire = (ep - 1) * capacity
         t = self.traffic
         t.add_on_device("dispatch", sent_pairs * row, got_pairs * row)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend.expert_parallel import ExpertLayout, ExpertParallel, ExpertParallelError, total_traffic
 
@@ -35,10 +36,27 @@ def pair_fn_of(layout: ExpertLayout, rank: int):
     experts = torch.tensor(layout.experts_on(rank))
 
     def pair_fn(rows, w, local):
-        calls.append(int((local >= 0).sum()))
+        calls.append((local >= 0).sum())    # a device count: the padded form is checked for host reads
         y = torch.einsum("nd,nde->ne", rows, W[experts[local.clamp(min=0)]]) * w[:, None]
         return torch.where((local >= 0)[:, None], y, 0.0)
     return pair_fn
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that read device values on the host (.item(), nonzero, boolean-mask indexing: a
+    data-dependent shape), which a CUDA / NPU graph capture refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in ("aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select") or (
+                name.startswith("aten::index") and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                                       for t in args[1] or ())):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def reference(x, weights, indices):
@@ -68,8 +86,10 @@ def _worker(rank, init_file, results):
                             tp_group=dist.group.WORLD if tp > 1 else None, scheme=scheme)
         run = lambda x, w, i: ep(x, w, i, expert_fn, form and pair_fn_of(layout, rank), form == "padded")  # noqa
         calls.clear()
-        y = run(x, w, i)
-        results[(rank, tp, scheme, form)] = (torch.allclose(y, reference(x, w, i), atol=1e-5), sum(calls))
+        with HostReads() as reads:
+            y = run(x, w, i)
+        results[("host reads", rank, tp, scheme, form)] = reads.seen
+        results[(rank, tp, scheme, form)] = (torch.allclose(y, reference(x, w, i), atol=1e-5), int(sum(calls)))
         # known routing: every token picks experts 2 (slot 2, rank 0 only) and 3 (slot 3, rank 1 only)
         x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(3 if tp > 1 else rank))
         w, i = torch.full((n, K), 0.5), torch.tensor([[2, 3]] * n)
@@ -98,6 +118,15 @@ def test_two_rank_exchange_matches_single_process(two_rank_results):
         assert all(ok for ok, _ in ranks), (tp, scheme, form, ranks)
         # every (token, expert) pair computed exactly once over both ranks
         assert sum(c for _, c in ranks) == (5 if tp > 1 else _tokens(0, tp, form) + _tokens(1, tp, form)) * K
+
+
+def test_padded_exchange_reads_nothing_on_the_host(two_rank_results):
+    """The padded form is what a captured decode graph runs: no operator that needs a device value on the host
+    (the sized form reads its row counts, and per-expert calls pick their rows with nonzero)."""
+    for tp in (1, 2):
+        for rank in range(2):
+            assert two_rank_results[("host reads", rank, tp, "alltoall", "padded")] == [], (tp, rank)
+    assert two_rank_results[("host reads", 0, 1, "alltoall", None)]      # the detector sees the sized form's reads
 
 
 def test_two_rank_exchange_when_every_pair_goes_to_one_rank(two_rank_results):
