@@ -69,9 +69,10 @@ class CacheSession:
         """A cache of `rows` x `max_len` and the decode graph of each bucket over its first rows."""
         self.cache = self._full = self._runner = None             # free the old cache and graph first
         self.graphs.empty_cache()
-        full, model = self.model.new_cache(rows, max_len, device=self.device), self.model
+        full, model, device = self.model.new_cache(rows, max_len, device=self.device), self.model, self.device
         views = {b: full if b == rows else batch_rows(full, b) for b in buckets}   # built once, outside the graphs
-        # the step holds the model, not self: no reference cycle keeps a dropped session's graphs alive
+        # the step and the inputs hold the model and device, not self: no reference cycle keeps a dropped
+        # session's graphs alive
         step = lambda tok, act: decode_step(model, tok, views[tok.shape[0]], act)  # noqa: E731
         if self.compile:
             from ascend.backends.cuda import compile_decode
@@ -79,8 +80,8 @@ class CacheSession:
             torch._dynamo.reset()       # the previous cache's graph is gone: do not count it as a recompile
             step = compile_decode(step)
         runner = DecodeGraphRunner(step,
-                                   lambda b: (torch.zeros(b, dtype=torch.long, device=self.device),
-                                              torch.zeros(b, dtype=torch.bool, device=self.device)),
+                                   lambda b: (torch.zeros(b, dtype=torch.long, device=device),
+                                              torch.zeros(b, dtype=torch.bool, device=device)),
                                    self.graphs, buckets=buckets)
         modes = [(m, m.mode) for m in self.model.modules() if isinstance(m, MoE)]
         set_moe_mode(self.model, "static")      # warm-up runs too, so the capture meets warm allocations

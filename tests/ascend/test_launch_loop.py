@@ -190,6 +190,30 @@ def test_graphs_without_token_exchange_ignore_the_vote():
         a, b = graphed.decode(b.argmax(-1), active, voted), eager.decode(b.argmax(-1), active)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
+
+def test_dropped_graphed_session_frees_its_graphs_at_once():
+    """Nothing the captured graphs hold points back at the session (no reference cycle), so dropping it frees its
+    cache and graphs when the last reference goes, not at some later garbage collection."""
+    import gc
+    import weakref
+
+    from ascend.device import get_device
+    from ascend.model_session import CacheSession
+    from model.config import ModelConfig
+    from model.transformer import Transformer, init_random_
+
+    model = init_random_(Transformer(ModelConfig.preset("tiny", n_layers=1, n_mtp_layers=0), dtype=torch.float32),
+                         seed=1).eval()
+    session = CacheSession(model, torch.device("cpu"), graphs=get_device("cpu"), buckets=(1,))
+    session.prefill([[5, 6]], 8)
+    runner = weakref.ref(session._runner)
+    gc.disable()
+    try:
+        del session
+        assert runner() is None
+    finally:
+        gc.enable()
+
 def _lockstep_worker(rank, port, out_q):
     """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph."""
     import os
