@@ -128,8 +128,9 @@ class Traffic:
     their tokens; tp_gather: the tensor-parallel shares of the result; padding: the unused rows of the
     padded all-to-all (dispatch and combine).
 
-    `on_device` holds counts added inside captured graphs ([calls, sent by phase, received by phase]);
-    `fold` moves them to the host fields (one sync), as every reader does first.
+    `on_device` holds counts added inside captured graphs ([calls, sent by phase, received by phase]), when the
+    exchange was asked to count there (else those calls go uncounted); `fold` moves them to the host fields (one
+    sync), as every reader does first.
     """
 
     calls: int = 0
@@ -142,10 +143,17 @@ class Traffic:
         self.received[phase] += int(received)
 
     def add_on_device(self, phase: str, sent: torch.Tensor | int, received: torch.Tensor | int) -> None:
-        """Add without a host sync (`sent` / `received` may be device tensors); needs `on_device`."""
-        i = PHASES.index(phase)
-        self.on_device[1 + i] += sent
-        self.on_device[1 + len(PHASES) + i] += received
+        """Add without a host sync (`sent` / `received` may be device tensors); nothing without `on_device`."""
+        if self.on_device is not None:
+            i = PHASES.index(phase)
+            self.on_device[1 + i] += sent
+            self.on_device[1 + len(PHASES) + i] += received
+
+    def add_call(self, on_device: bool = False) -> None:
+        if not on_device:
+            self.calls += 1
+        elif self.on_device is not None:
+            self.on_device[0] += 1
 
     def fold(self) -> "Traffic":
         if self.on_device is not None:
@@ -201,11 +209,13 @@ class ExpertParallel:
     tp_group: object = None
     scheme: str = "alltoall"
     traffic: Traffic = field(default_factory=Traffic)
+    count_on_device: bool = False   # the padded form counts its traffic (device kernels in every step) when set
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ExpertParallelError(f"expert exchange scheme {self.scheme!r}: expected one of {SCHEMES}")
-        self.traffic.on_device = torch.zeros(1 + 2 * len(PHASES), dtype=torch.int64, device=self.layout.device)
+        if self.count_on_device:
+            self.traffic.on_device = torch.zeros(1 + 2 * len(PHASES), dtype=torch.int64, device=self.layout.device)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, expert_fn: ExpertFn,
                  pair_fn: PairFn | None = None, padded: bool = False) -> torch.Tensor:
@@ -222,10 +232,7 @@ class ExpertParallel:
         if padded and pair_fn is None:
             raise ExpertParallelError("the padded all-to-all runs its experts through pair_fn; none was given")
         count = self.traffic.add_on_device if padded else self.traffic.add
-        if padded:
-            self.traffic.on_device[0] += 1
-        else:
-            self.traffic.calls += 1
+        self.traffic.add_call(on_device=padded)
         if self.layout.ep_size == 1:
             slots = self.layout.choose_slots(i_mine, lo)
             rows = torch.arange(hi - lo, device=x.device).repeat_interleave(indices.shape[1])
@@ -268,7 +275,9 @@ class ExpertParallel:
         out = pair_fn(recv[:, :dim].contiguous(), in_meta[:, 1].to(weights.dtype), local)
         back = torch.empty_like(out)
         dist.all_to_all_single(back, out.contiguous(), group=self.ep_group)
-
+        y = back[where].float().view(n, k, dim).sum(1)
+        if self.traffic.on_device is None:
+            return y
         row = dim * x.element_size()
         sent_pairs = (dest != self.ep_rank).sum()
         # an integer row, not a boolean mask (a mask index reads its count on the host, which capture refuses)
@@ -280,7 +289,7 @@ class ExpertParallel:
         t.add_on_device("combine", got_pairs * row, sent_pairs * row)
         unused = (2 * wire - sent_pairs - got_pairs) * row
         t.add_on_device("padding", unused, unused)
-        return back[where].float().view(n, k, dim).sum(1)
+        return y
 
     def _alltoall(self, x, weights, indices, offset, expert_fn, pair_fn=None):
         k, ep, S = indices.shape[1], self.layout.ep_size, self.layout.slots_per_rank

@@ -23,7 +23,8 @@ def _problem(n_tokens: int, seed: int):
 
 
 W = torch.randn(E, DIM, DIM, generator=torch.Generator().manual_seed(7))
-calls: list[int] = []
+calls: list[int] = []       # rows per expert_fn call
+pair_calls: list = []       # rows with a local slot per pair_fn call
 
 
 def expert_fn(e, rows, w):
@@ -36,7 +37,7 @@ def pair_fn_of(layout: ExpertLayout, rank: int):
     experts = torch.tensor(layout.experts_on(rank))
 
     def pair_fn(rows, w, local):
-        calls.append((local >= 0).sum())    # a device count: the padded form is checked for host reads
+        pair_calls.append((local >= 0).sum())    # a device count: the padded form is checked for host reads
         y = torch.einsum("nd,nde->ne", rows, W[experts[local.clamp(min=0)]]) * w[:, None]
         return torch.where((local >= 0)[:, None], y, 0.0)
     return pair_fn
@@ -83,19 +84,22 @@ def _worker(rank, init_file, results):
         x, w, i = _problem(n, 0 if tp > 1 else rank)
         layout = ExpertLayout(PHY2LOG, 2, E)
         ep = ExpertParallel(layout, ep_rank=rank, ep_group=dist.group.WORLD, tp_rank=rank % tp, tp_size=tp,
-                            tp_group=dist.group.WORLD if tp > 1 else None, scheme=scheme)
+                            tp_group=dist.group.WORLD if tp > 1 else None, scheme=scheme, count_on_device=True)
         run = lambda x, w, i: ep(x, w, i, expert_fn, form and pair_fn_of(layout, rank), form == "padded")  # noqa
         calls.clear()
+        pair_calls.clear()
         with HostReads() as reads:
             y = run(x, w, i)
         results[("host reads", rank, tp, scheme, form)] = reads.seen
-        results[(rank, tp, scheme, form)] = (torch.allclose(y, reference(x, w, i), atol=1e-5), int(sum(calls)))
+        results[(rank, tp, scheme, form)] = (torch.allclose(y, reference(x, w, i), atol=1e-5),
+                                             (int(sum(calls)), int(sum(pair_calls))))
         # known routing: every token picks experts 2 (slot 2, rank 0 only) and 3 (slot 3, rank 1 only)
         x = torch.randn(n, DIM, generator=torch.Generator().manual_seed(3 if tp > 1 else rank))
         w, i = torch.full((n, K), 0.5), torch.tensor([[2, 3]] * n)
         ep.traffic.reset()
         ok = torch.allclose(run(x, w, i), reference(x, w, i), atol=1e-5)
-        results[("bytes", rank, tp, scheme, form)] = (ok, ep.traffic.to_dict(), total_traffic([ep, ep]).to_dict())
+        doubled = total_traffic([ep, ep]).to_dict()     # first: the sum itself must take the device counts in
+        results[("bytes", rank, tp, scheme, form)] = (ok, ep.traffic.to_dict(), doubled)
         # crowded: every pair of every token bound for rank 0 (expert 2 has one slot, there), filling the padded room
         i = torch.full((n, K), 2)
         results[("crowded", rank, tp, scheme, form)] = torch.allclose(run(x, w, i), reference(x, w, i), atol=1e-5)
@@ -116,8 +120,10 @@ def test_two_rank_exchange_matches_single_process(two_rank_results):
     for tp, scheme, form in CASES:
         ranks = [results[(r, tp, scheme, form)] for r in range(2)]
         assert all(ok for ok, _ in ranks), (tp, scheme, form, ranks)
-        # every (token, expert) pair computed exactly once over both ranks
-        assert sum(c for _, c in ranks) == (5 if tp > 1 else _tokens(0, tp, form) + _tokens(1, tp, form)) * K
+        # every (token, expert) pair computed exactly once over both ranks, by the callback the form asks for
+        pairs = (5 if tp > 1 else _tokens(0, tp, form) + _tokens(1, tp, form)) * K
+        by_expert, by_pair = (sum(c[i] for _, c in ranks) for i in (0, 1))
+        assert (by_expert, by_pair) == ((pairs, 0) if form is None else (0, pairs)), (tp, scheme, form)
 
 
 def test_padded_exchange_reads_nothing_on_the_host(two_rank_results):

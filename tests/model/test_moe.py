@@ -143,7 +143,8 @@ def _exchange_worker(rank, world, port, state, xs, ids, out_q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    exchange = ExpertParallel(ExpertLayout(tuple(LAYOUT[2]), world, CFG.n_routed_experts), rank, dist.group.WORLD)
+    exchange = ExpertParallel(ExpertLayout(tuple(LAYOUT[2]), world, CFG.n_routed_experts), rank, dist.group.WORLD,
+                              count_on_device=True)
     moe = MoE(2, CFG, ParallelContext(ep_rank=rank, ep_size=world, ep_group=dist.group.WORLD, phy2log=LAYOUT,
                                       moe_exchange={2: exchange}))
     moe.load_state_dict({k: v for k, v in state.items() if k in moe.state_dict()}, strict=True)
