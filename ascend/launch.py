@@ -188,8 +188,8 @@ class Session(Protocol):
     """The model on this rank with its own cache. `prefill` starts a batch (one sequence per prompt, room for
     `max_len` tokens each) and returns the float logits [B, V] after each prompt; `decode(tokens [B], active [B])`
     appends one token to each active sequence (inactive ones do not move) and returns logits [B, V].
-    `replay_bucket()`: the captured graph this batch's decode would replay (0: none); `decode(bucket=)` replays
-    that one (0: eagerly), as the ranks agreed."""
+    `replay_bucket()`: the captured graph this batch's decode would replay (0: none); `decode(bucket=)` takes the
+    ranks' choice (`Lockstep.vote`), which binds sessions whose graphs exchange tokens (0: eagerly)."""
 
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor: ...
     def replay_bucket(self) -> int: ...

@@ -134,14 +134,17 @@ class CacheSession:
 
 
 def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
-    """Decode graph capture: on CUDA by default (None); never on CPU (no graphs) or with the all-gather expert
-    exchange, whose message sizes follow the ranks' token counts. The all-to-all captures in its padded form."""
+    """Decode graph capture: never on CPU (no graphs) or with the all-gather expert exchange, whose message sizes
+    follow the ranks' token counts. By default (None) on CUDA, where it has run, except with the all-to-all
+    (captured in its padded form only on request until that has run on GPUs); on request (True) also on NPUs."""
     if requested is False or device_type == "cpu" or (exchange == "allgather" and ep > 1):
         return False
-    return requested or device_type == "cuda"
+    return requested or (device_type == "cuda" and not (exchange == "alltoall" and ep > 1))
 
 
-def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
+def parallel_context(plan: Any, mesh: Any, exchange: str, count_traffic: bool = False) -> Any:
+    """The model's `ParallelContext` for this rank; `count_traffic`: the expert exchanges count their bytes in
+    captured graphs too (device counters: a few small kernels per MoE layer and step, so off unless measured)."""
     from model.parallel import ParallelContext
 
     phy2log = {layer: [int(e) for e in plan.phy2log[layer]] for layer in range(plan.n_moe_layers)}
@@ -150,7 +153,8 @@ def parallel_context(plan: Any, mesh: Any, exchange: str) -> Any:
     if exchange != "allreduce" and plan.ep > 1:
         ctx.moe_exchange = {
             layer: ExpertParallel(ExpertLayout(tuple(slots), plan.ep, plan.n_routed_experts, mesh.device.torch_device),
-                                  mesh.ep_rank, mesh.ep_group, mesh.tp_rank, plan.tp, mesh.tp_group, exchange)
+                                  mesh.ep_rank, mesh.ep_group, mesh.tp_rank, plan.tp, mesh.tp_group, exchange,
+                                  count_on_device=count_traffic)
             for layer, slots in phy2log.items()}
     return ctx
 
@@ -181,6 +185,10 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
                           f"{'on' if graphed else 'off'}); drop --compile")
     if compile and plan.world_size > 1:     # collectives inside a compiled step have not been traced or tested
         raise LaunchError(f"--compile is for one device; this plan has {plan.world_size} ranks; drop --compile")
+    if prefill_chunk and exchange != "allreduce" and plan.ep > 1 and plan.dp > 1:
+        # each chunk is one forward: groups with longer prompts would run more expert exchanges than the others
+        raise LaunchError(f"--prefill-chunk with the {exchange} expert exchange across {plan.dp} data-parallel "
+                          f"groups would pair different numbers of forwards on different ranks; drop --prefill-chunk")
     ctx = parallel_context(plan, mesh, exchange)
     device = mesh.device.torch_device
     kernels = get_kernels(mesh.device)

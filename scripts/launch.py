@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system", help="system prompt for --prompt and --interactive")
     p.add_argument("--mode", default="chat", choices=["chat", "thinking"], help="V4 chat or thinking mode")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=4096, help="context length to allocate per sequence")
+    p.add_argument("--max-len", type=int, default=4096, help="context length to allocate per sequence (with captured "
+                   "all-to-all decode: allocated for --max-batch sequences at start)")
     p.add_argument("--max-batch", type=int, default=8, help="requests per batch on one data-parallel group")
     p.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="<= 0: greedy")
@@ -58,8 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe-exchange", choices=["auto", "alltoall", "allgather", "allreduce"], default="auto",
                    help="expert exchange; auto: the plan's setting, else all-to-all when an ep group spans "
                         "data-parallel groups and the all-reduce combine otherwise")
-    p.add_argument("--no-graph", action="store_true",
-                   help="decode eagerly (default on CUDA: replay captured graphs, batch padded to 1/2/4/.../32)")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--no-graph", action="store_true",
+                       help="decode eagerly (default on CUDA: replay captured graphs, batch padded to 1/2/4/.../32)")
+    graph.add_argument("--graph", action="store_true",
+                       help="capture decode also where that has not run on hardware yet: NPUGraph on NPUs, and the "
+                            "all-to-all expert exchange on GPUs (every bucket up to --max-batch captured at start)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: capture the decode step compiled by torch.compile (inductor; tens of seconds per batch "
                         "bucket at start, then fewer, fused kernels per token)")
@@ -184,7 +189,8 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
     session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk,
-                                            graphs=False if args.no_graph else None, compile=args.compile,
+                                            graphs=False if args.no_graph else True if args.graph else None,
+                                            compile=args.compile,
                                             max_batch=args.max_batch, max_len=args.max_len)
     tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this

@@ -165,6 +165,7 @@ def test_cache_session_graph_decode_equals_eager():
     set_moe_mode(model, "auto")
     assert use_graphs(None, "cuda", "allreduce", 2) and not use_graphs(None, "npu", "allreduce", 1)
     assert not use_graphs(None, "cpu", "allreduce", 1) and use_graphs(True, "cuda", "alltoall", 2)
+    assert not use_graphs(None, "cuda", "alltoall", 2)          # on request only, until it has run on GPUs
     assert not use_graphs(None, "cuda", "allgather", 2) and use_graphs(True, "npu", "allgather", 1)
     assert not use_graphs(False, "cuda", "allreduce", 1)
 
@@ -342,3 +343,7 @@ def test_compile_is_refused_before_loading_where_it_cannot_run(tmp_path):
     two = SimpleNamespace(tp=2, ep=1, world_size=2, settings={})
     with pytest.raises(LaunchError, match="--compile is for one device; this plan has 2 ranks"):
         build_session(tmp_path / "missing", SimpleNamespace(plan=two), SimpleNamespace(device=cuda), compile=True)
+    # chunked prefill is one forward per chunk: data-parallel groups exchanging tokens would pair unequal counts
+    dp_ep = SimpleNamespace(tp=1, ep=2, dp=2, world_size=2, settings={})
+    with pytest.raises(LaunchError, match="--prefill-chunk with the alltoall expert exchange across 2 data-par"):
+        build_session(tmp_path / "missing", SimpleNamespace(plan=dp_ep), mesh, prefill_chunk=512)
