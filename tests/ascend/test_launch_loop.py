@@ -244,6 +244,7 @@ def _lockstep_worker(rank, port, out_q):
     # every rank builds its session at once: the captures' warm-ups exchange tokens (padded all-to-all)
     session = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(1, 2, 4), fixed=(4, 32))
     idle, lockstep = CacheSession(model, cpu), launch.Lockstep(world=True)
+    replays = session._runner = _ReplaySpy(session._runner)
     prompts, new_tokens = LOCKSTEP_PROMPTS[rank]
     logits = session.prefill(prompts, 32)
     tokens, buckets = [], []
@@ -259,8 +260,20 @@ def _lockstep_worker(rank, port, out_q):
             launch.idle_until_done(idle, lockstep, 0)
             break
         logits = session.decode(nxt, torch.ones(len(prompts), dtype=torch.bool), bucket)
-    out_q.put((rank, tokens, buckets))
+    out_q.put((rank, tokens, buckets, replays.buckets_replayed))
     dist.destroy_process_group()
+
+
+class _ReplaySpy:
+    """A DecodeGraphRunner that records the bucket each replay was asked for (CPU replays re-run the step eagerly,
+    with the sized exchange, which would tolerate ranks replaying different buckets)."""
+
+    def __init__(self, runner):
+        self.runner, self.buckets, self.buckets_replayed = runner, runner.buckets, []
+
+    def __call__(self, *inputs, bucket=None):
+        self.buckets_replayed.append(bucket)
+        return self.runner(*inputs, bucket=bucket)
 
 
 LOCKSTEP_PROMPTS = {0: ([[5, 6, 7], list(range(10, 22)), [40, 41]], 6), 1: ([[8, 9, 10, 11]], 3)}
@@ -287,10 +300,12 @@ def test_ranks_vote_which_decode_graph_to_replay():
     procs = [ctx.Process(target=_lockstep_worker, args=(r, port, out_q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = {r: (tokens, buckets) for r, tokens, buckets in (out_q.get(timeout=120) for _ in procs)}
+    results = {r: (tokens, buckets, replayed) for r, tokens, buckets, replayed in (out_q.get(timeout=120)
+                                                                                    for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     assert results[0][1] == [4, 4, 0, 0, 0, 0] and results[1][1] == [4, 4, 0]
+    assert results[0][2] == results[1][2] == [4, 4]       # rank 1's one sequence rides in the bucket-4 graph
     model = init_random_(Transformer(_lockstep_config(), dtype=torch.float32), seed=3).eval()
     one = CacheSession(model, torch.device("cpu"))
     for rank, (prompts, new_tokens) in LOCKSTEP_PROMPTS.items():
