@@ -189,11 +189,15 @@ class Session(Protocol):
     `max_len` tokens each) and returns the float logits [B, V] after each prompt; `decode(tokens [B], active [B])`
     appends one token to each active sequence (inactive ones do not move) and returns logits [B, V].
     `replay_bucket()`: the captured graph this batch's decode would replay (0: none); `decode(bucket=)` takes the
-    ranks' choice (`Lockstep.vote`), which binds sessions whose graphs exchange tokens (0: eagerly)."""
+    ranks' choice (`Lockstep.vote`), which binds sessions whose graphs exchange tokens (0: eagerly).
+    `can_replay_idle()` / `replay_idle(bucket)`: whether a rank with nothing to decode can step the others' graph
+    with no live row, and doing so."""
 
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor: ...
     def replay_bucket(self) -> int: ...
     def decode(self, tokens: torch.Tensor, active: torch.Tensor, bucket: int | None = None) -> torch.Tensor: ...
+    def can_replay_idle(self) -> bool: ...
+    def replay_idle(self, bucket: int) -> None: ...
 
 
 @dataclass
@@ -216,29 +220,41 @@ class Lockstep:
             dist.broadcast(tokens, self.tp_src, group=self.tp_group)
         return tokens
 
-    def vote(self, busy: bool, bucket: int = 0) -> tuple[bool, int]:
-        """(anyone still generating, the graph bucket every rank replays next or 0: all decode eagerly).
+    def vote(self, busy: bool, bucket: int = 0, idle_replays: bool = False) -> tuple[bool, int]:
+        """(anyone still generating, the graph bucket every rank replays next or 0: all step eagerly).
 
-        `bucket`: what this rank could replay (0 when it idles or has no graph). Ranks replay the largest bucket
-        any of them needs, which holds every rank's batch as all captured the same buckets; one rank without a
-        graph makes all step eagerly."""
-        bucket = bucket if busy else 0
+        A busy rank gives the bucket its batch needs (0: it has no graph); an idle one whether it can replay any
+        bucket with no live row (`idle_replays`). Ranks replay the largest bucket any busy one needs, which holds
+        every batch as all captured the same buckets; one rank that cannot replay makes all step eagerly."""
+        need = bucket if busy else 0
         if not self.world:
-            return busy, bucket
-        flags = torch.tensor([int(busy), bucket, -bucket], device=self.device)
+            return busy, need
+        floor = need if busy else _ANY_BUCKET if idle_replays else 0
+        flags = torch.tensor([int(busy), need, -floor], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         anyone, largest, negated_smallest = flags.tolist()
         return bool(anyone), largest if negated_smallest < 0 else 0
 
 
-def idle_until_done(idle: Session, lockstep: Lockstep, bos: int) -> None:
-    """A rank with no prompts left keeps stepping (one BOS token) while other data-parallel groups generate.
+_ANY_BUCKET = 1 << 30       # an idle rank's vote that does not lower the smallest bucket
+
+
+def idle_until_done(idle: Session, lockstep: Lockstep, bos: int, graphs: Session | None = None,
+                    bucket: int = 0) -> None:
+    """A rank with no prompts left keeps stepping while other data-parallel groups generate: one BOS token
+    eagerly, or, when the ranks voted a graph (`bucket`), that graph of `graphs` replayed with no live row, so
+    the others need not drop to eager decode.
 
     Every rank runs the same sequence, forward then vote, so the expert exchanges inside the forwards pair up.
     """
+    replays = graphs is not None and graphs.can_replay_idle()
     while True:
-        idle.prefill([[bos]], 2)
-        if not lockstep.vote(False)[0]:
+        if bucket:
+            graphs.replay_idle(bucket)
+        else:
+            idle.prefill([[bos]], 2)
+        anyone, bucket = lockstep.vote(False, 0, replays)
+        if not anyone:
             return
 
 
@@ -329,11 +345,11 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
                 if end > shown[i]:          # only the new part is sliced: streaming stays linear
                     on_text(i, c.text[shown[i]:end])
                     shown[i] = end
-        anyone, bucket = lockstep.vote(not all(finished), session.replay_bucket())
+        anyone, bucket = lockstep.vote(not all(finished), session.replay_bucket(), session.can_replay_idle())
         if not anyone:
             break
         if all(finished):  # others still generate: keep their collectives paired
-            idle_until_done(idle or session, lockstep, tokenizer.bos_id)
+            idle_until_done(idle or session, lockstep, tokenizer.bos_id, session, bucket)
             break
         logits = session.decode(nxt, torch.tensor([not f for f in finished], device=nxt.device), bucket)
     return done

@@ -122,6 +122,17 @@ class CacheSession:
         """The graph this batch's decode would replay (its batch size), or 0: it decodes eagerly."""
         return bucket_for(self._batch, self._runner.buckets) if self._graphed else 0
 
+    def can_replay_idle(self) -> bool:
+        """A fixed session replays any of its buckets with no live row, whatever batch it last held."""
+        return bool(self.fixed) and self._runner is not None
+
+    @torch.inference_mode()
+    def replay_idle(self, bucket: int) -> None:
+        """Step the graph of `bucket` with every row inactive (nothing moves or is written): this rank's part of
+        the others' exchanges while it has nothing to decode."""
+        idle = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        self._runner(idle, idle.bool(), bucket=bucket)
+
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, active: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
         """One step; `bucket`: the ranks' choice for a `fixed` session, replay that graph (None: this batch's own,

@@ -129,7 +129,7 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
     done: list[tuple[int, dict]] = []
     for r in range(rounds):
         if r >= len(batches):  # this group has no batch this round
-            idle_until_done(idle, lockstep, tokenizer.bos_id)
+            idle_until_done(idle, lockstep, tokenizer.bos_id, session)
             continue
         batch = batches[r]
         show = stream and mesh.rank == 0 and len(batch) == 1

@@ -33,6 +33,9 @@ class ToySession:
     def replay_bucket(self):
         return 0
 
+    def can_replay_idle(self):
+        return False
+
     def decode(self, tokens, active, bucket=None):
         return self.forward(tokens[:, None], active.long())
 
@@ -215,8 +218,10 @@ def test_dropped_graphed_session_frees_its_graphs_at_once():
     finally:
         gc.enable()
 
-def _lockstep_worker(rank, port, out_q):
-    """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph."""
+def _lockstep_worker(rank, port, idle_replays, out_q):
+    """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph as
+    `ascend.launch.generate` does; `idle_replays`: a rank done early replays the voted graph (else it steps
+    eagerly, as a session without fixed graphs does)."""
     import os
 
     import torch.distributed as dist
@@ -252,12 +257,12 @@ def _lockstep_worker(rank, port, out_q):
         nxt = logits.argmax(-1)
         tokens.append(nxt.tolist())
         busy = step + 1 < new_tokens
-        anyone, bucket = lockstep.vote(busy, session.replay_bucket())
+        anyone, bucket = lockstep.vote(busy, session.replay_bucket(), idle_replays)
         buckets.append(bucket)
         if not anyone:
             break
         if not busy:    # the other rank still decodes: keep stepping with it
-            launch.idle_until_done(idle, lockstep, 0)
+            launch.idle_until_done(idle, lockstep, 0, session if idle_replays else None, bucket)
             break
         logits = session.decode(nxt, torch.ones(len(prompts), dtype=torch.bool), bucket)
     out_q.put((rank, tokens, buckets, replays.buckets_replayed))
@@ -285,10 +290,12 @@ def _lockstep_config():
     return ModelConfig.preset("tiny", n_mtp_layers=0)
 
 
-def test_ranks_vote_which_decode_graph_to_replay():
+@pytest.mark.parametrize("idle_replays", [True, False])
+def test_ranks_vote_which_decode_graph_to_replay(idle_replays):
     """dp2 x ep2 over the all-to-all with sessions captured at start (`CacheSession.fixed`): while both ranks
-    decode they replay the same graph (bucket 4, the larger of their batches 3 and 1); once one rank idles, all
-    step eagerly; the tokens equal one process holding every expert."""
+    decode they replay the same graph (bucket 4, the larger of their batches 3 and 1); once one rank is done it
+    replays that graph with no live row, or, if it cannot, all step eagerly; the tokens equal one process
+    holding every expert."""
     import torch.multiprocessing as mp
 
     from ascend.model_session import CacheSession
@@ -297,15 +304,19 @@ def test_ranks_vote_which_decode_graph_to_replay():
 
     ctx = mp.get_context("spawn")
     out_q, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_lockstep_worker, args=(r, port, out_q)) for r in range(2)]
+    procs = [ctx.Process(target=_lockstep_worker, args=(r, port, idle_replays, out_q)) for r in range(2)]
     for p in procs:
         p.start()
     results = {r: (tokens, buckets, replayed) for r, tokens, buckets, replayed in (out_q.get(timeout=120)
                                                                                     for _ in procs)}
     for p in procs:
         p.join(timeout=60)
-    assert results[0][1] == [4, 4, 0, 0, 0, 0] and results[1][1] == [4, 4, 0]
-    assert results[0][2] == results[1][2] == [4, 4]       # rank 1's one sequence rides in the bucket-4 graph
+    if idle_replays:    # rank 1 steps the bucket-4 graph empty while rank 0 finishes
+        assert results[0][1] == [4, 4, 4, 4, 4, 0] and results[1][1] == [4, 4, 4]
+        assert results[0][2] == results[1][2] == [4] * 5
+    else:
+        assert results[0][1] == [4, 4, 0, 0, 0, 0] and results[1][1] == [4, 4, 0]
+        assert results[0][2] == results[1][2] == [4, 4]   # rank 1's one sequence rides in the bucket-4 graph
     model = init_random_(Transformer(_lockstep_config(), dtype=torch.float32), seed=3).eval()
     one = CacheSession(model, torch.device("cpu"))
     for rank, (prompts, new_tokens) in LOCKSTEP_PROMPTS.items():
