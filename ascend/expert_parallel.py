@@ -124,9 +124,10 @@ class Traffic:
     """Bytes sent to / received from other ranks by one rank's expert exchanges, by phase.
 
     counts: per-destination row counts (all-to-all) or row totals (all-gather); dispatch: token rows
-    to the experts; meta: slot ids and gate weights of those rows; combine: expert outputs back to
-    their tokens; tp_gather: the tensor-parallel shares of the result; padding: the unused rows of the
-    padded all-to-all (dispatch and combine).
+    to the experts (every routed pair, a batch's padding rows included); meta: slot ids and gate weights
+    of those rows (the padded all-to-all: of every row it sends); combine: expert outputs back to their
+    tokens; tp_gather: the tensor-parallel shares of the result; padding: the unused rows of the padded
+    all-to-all (dispatch and combine).
 
     `on_device` holds counts added inside captured graphs ([calls, sent by phase, received by phase]), when the
     exchange was asked to count there (else those calls go uncounted); `fold` moves them to the host fields (one
@@ -136,7 +137,7 @@ class Traffic:
     calls: int = 0
     sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     received: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    on_device: torch.Tensor | None = field(default=None, repr=False)
+    on_device: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def add(self, phase: str, sent: int, received: int) -> None:
         self.sent[phase] += int(sent)
