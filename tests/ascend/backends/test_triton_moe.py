@@ -3,8 +3,6 @@
 On CPU they run through Triton's interpreter (TRITON_INTERPRET=1), on the GPU natively; without triton the file skips.
 """
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from ascend.backends import cuda
 from model.kernels import REFERENCE
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+INTERPRET = cuda.triton_runs_on("cpu")           # Triton's interpreter (TRITON_INTERPRET=1), triton importable
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
 DEVICE = "cuda" if cuda.triton_available() else "cpu"
 pytestmark = pytest.mark.skipif(not cuda.triton_runs_on(DEVICE),
