@@ -173,7 +173,6 @@ def test_cache_session_graph_decode_equals_eager():
     assert not use_graphs(False, "cuda", "allreduce", 1)
 
 
-
 def test_graphs_without_token_exchange_ignore_the_vote():
     """Data-parallel groups vote each step (`Lockstep.world`) whatever the exchange, but graphs that hold no
     exchange between groups (all-reduce combine, or experts not split: a session that is not `fixed`) replay this
@@ -217,6 +216,7 @@ def test_dropped_graphed_session_frees_its_graphs_at_once():
         assert runner() is None
     finally:
         gc.enable()
+
 
 def _lockstep_worker(rank, port, idle_replays, out_q):
     """One rank of dp2 x ep2 (all-to-all): a fixed graphed session, greedy decode voting each step's graph as
