@@ -21,7 +21,6 @@ dynamo exporter needs onnxscript, which this toolkit does not depend on.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -126,7 +125,7 @@ MAX_QUANT_CALLS = 4     # per format and graph; each call needs its own module (
 
 class ExportKernels(nn.Module):
     """Owns one module per fused call (they must be submodules of the exported module to become functions)
-    and the `Kernels` table that routes the model's calls through them."""
+    and the `Kernels` table that routes the model's calls through them; one per traced graph (`StageGraph`)."""
 
     def __init__(self):
         super().__init__()
@@ -150,12 +149,6 @@ class ExportKernels(nn.Module):
         self.used[fmt] += 1
         self.blocks[fmt].add(block)
         return module(x, block)
-
-    @contextlib.contextmanager
-    def trace(self):
-        """One traced graph: the simulation modules are handed out from the first again."""
-        self.used = {"fp8": 0, "fp4": 0}
-        yield
 
 
 def _retag(model, attributes: dict[str, dict[str, Any]]):
@@ -417,8 +410,7 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
             in_names, args, out_names = io[stage]
             path = out_dir / f"{stage}.onnx"
             graph = StageGraph(attn, stage, cache)
-            with graph.fused.trace():
-                model = export_graph(graph, args, path, in_names, out_names, attributes)
+            model = export_graph(graph, args, path, in_names, out_names, attributes)
             if graph.fused.blocks["fp8"] - {KV_FP8_BLOCK} or graph.fused.blocks["fp4"] - {FP4_BLOCK}:
                 raise RuntimeError(f"quantisation blocks {graph.fused.blocks} differ from the attributes written")
             manifest["graphs"][stage] = {
