@@ -11,12 +11,8 @@ from model.transformer import Transformer
 from tests.conftest import load_script
 
 
-def _bench():
-    return load_script("bench_launch")
-
-
 def test_every_official_tensor_has_its_own_hf_target():
-    bench = _bench()
+    bench = load_script("bench_launch")
     cfg = ModelConfig.preset("tiny")
     with torch.device("meta"):
         model = Transformer(cfg)
