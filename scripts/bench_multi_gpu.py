@@ -58,8 +58,8 @@ from ascend.device import Device, get_device
 from ascend.expert_parallel import reset_traffic, total_traffic
 from ascend.model_session import CacheSession, choose_exchange, compute_dtype, parallel_context, use_graphs
 from ascend.planner.layout import ep_exchange_bytes
-from ascend.profiling import short_error, timed_decode
 from ascend.planner.plan import make_plan
+from ascend.profiling import short_error, timed_decode
 from convert.layout import expected_tensors
 from convert.shard import Sharding, cut
 from model.config import ModelConfig
