@@ -214,15 +214,18 @@ class _Ops:
         return y.float(), idx.long()
 
     # ---------------------------------------------------------------------------------------- linear
-    def check_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
+    def _unwired_reason(self, fmt: str) -> str | None:
         if fmt in ("fp8", "fp4"):
             return (f"no {fmt} weight matmul wired on {self.soc}: the weight is dequantised every call "
                     f"(convert with --weights int8 or bf16)")
+        return None
+
+    def check_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
         if fmt == "int8":
             if x.numel() == 0 or max(weight.shape) > 65535:
                 return f"npu_weight_quant_batchmatmul takes non-empty x and K, N <= 65535, got {tuple(weight.shape)}"
             return _dtype_reason("npu_weight_quant_batchmatmul", x, HALF)
-        return None
+        return self._unwired_reason(fmt)
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
         if fmt != "int8":       # bf16 / fp16 / fp32 weights: already one plain matmul
@@ -232,12 +235,11 @@ class _Ops:
 
     # -------------------------------------------------------------------------------- grouped_linear
     def check_grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
-        if fmt in ("fp8", "fp4"):
-            return (f"no {fmt} weight matmul wired on {self.soc}: the weight is dequantised every call "
-                    f"(convert with --weights int8 or bf16)")
-        if fmt == "int8" and (x.numel() == 0 or x.shape[-2] > 1024 or max(weight.shape) >= 65536):
-            return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got x {tuple(x.shape)}"
-        return _dtype_reason("npu_grouped_matmul", x, HALF) if fmt == "int8" else None
+        if fmt == "int8":
+            if x.numel() == 0 or x.shape[-2] > 1024 or max(weight.shape) >= 65536:
+                return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got x {tuple(x.shape)}"
+            return _dtype_reason("npu_grouped_matmul", x, HALF)
+        return self._unwired_reason(fmt)
 
     def grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> Tensor:
         if fmt != "int8":       # bf16 / fp16 / fp32 weights: already one einsum of plain matmuls
