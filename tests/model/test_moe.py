@@ -102,6 +102,19 @@ def test_moe_equals_per_token_loop():
 LAYOUT = {2: [0, 1, 2, 3, 0, 4, 5, 6, 7, 3, 1, 0]}    # 12 slots for 8 experts: 0 x3, 1 x2, 3 x2
 
 
+def _two_ranks(worker, *args) -> dict:
+    """worker(rank, 2, port, *args, out_q) in two spawned processes, each putting (rank, *result): {rank: result}."""
+    ctx = mp.get_context("spawn")
+    out_q, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, out_q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {rank: rest for rank, *rest in (out_q.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
 def _ep_worker(rank, world, port, state, x, ids, out_q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -122,14 +135,7 @@ def test_expert_parallel_with_replicas_equals_single_rank():
     x, ids = torch.randn(3, 7, CFG.dim), torch.randint(0, CFG.vocab_size, (3, 7))
     single.mode = "dynamic"
     want = single(x, ids)
-    ctx = mp.get_context("spawn")
-    out_q, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, single.state_dict(), x, ids, out_q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {r: (experts, y, y_static) for r, experts, y, y_static in (out_q.get(timeout=60) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_ranks(_ep_worker, single.state_dict(), x, ids)
     assert results[0][0] == ["0", "1", "2", "3", "4"] and results[1][0] == ["0", "1", "3", "5", "6", "7"]
     for r in range(2):
         torch.testing.assert_close(torch.from_numpy(results[r][1]), want, rtol=1e-5, atol=1e-5)
@@ -163,15 +169,7 @@ def test_token_exchange_forms_equal_single_rank():
     _randomise(single, 6)
     single.mode = "dynamic"
     xs, ids = torch.randn(2, 2, 3, CFG.dim), torch.randint(0, CFG.vocab_size, (2, 2, 3))
-    ctx = mp.get_context("spawn")
-    out_q, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_exchange_worker, args=(r, 2, port, single.state_dict(), xs, ids, out_q))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {r: (ys, padding) for r, ys, padding in (out_q.get(timeout=60) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
+    results = _two_ranks(_exchange_worker, single.state_dict(), xs, ids)
     for r in range(2):
         want = single(xs[r], ids[r])
         ys, padding = results[r]
