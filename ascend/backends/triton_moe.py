@@ -259,12 +259,12 @@ def _groups(expert_idx: torch.Tensor, n_experts: int, all_valid: bool) -> tuple[
     first, so it holds every used one and the grid needs no column per idle expert (256 at V4 decode).
     `all_valid`: the caller vouches that no id is negative (a projection's rows), so one weight needs no work."""
     dev = expert_idx.device
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
     n = expert_idx.numel()
-    if n_experts == 1 and all_valid:
-        return torch.arange(n, device=dev), zero, torch.full((1,), n, dtype=torch.int64, device=dev), zero
-    if n_experts == 1:      # one expert's rows, some maybe another rank's: valid rows first, no sort (~25 us)
-        valid = expert_idx >= 0
+    if n_experts == 1:      # one weight: no sort (~25 us at decode)
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        if all_valid:
+            return torch.arange(n, device=dev), zero, torch.full((1,), n, dtype=torch.int64, device=dev), zero
+        valid = expert_idx >= 0     # some rows maybe another rank's: valid rows first
         kept = valid.cumsum(0)
         count = kept[-1:] if kept.numel() else zero
         pos = torch.where(valid, kept - 1, count + (~valid).cumsum(0) - 1)
