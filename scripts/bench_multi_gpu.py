@@ -261,8 +261,8 @@ class Runner:
                 except Exception as e:  # noqa: BLE001 -- a capture that fails on this layout: report, measure eagerly
                     run["decode"] = f"eager (capture failed: {short_error(e, 80)})"
                     self.device.empty_cache()
-                    self.generate(run, "launch_", CacheSession(model, self.device.torch_device), mode, mine, alone)
-            else:
+                    captured = False
+            if not captured:
                 self.generate(run, "launch_", CacheSession(model, self.device.torch_device), mode, mine, alone)
             runs.append(run)
         del model
