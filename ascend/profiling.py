@@ -7,6 +7,8 @@ captured decode step can be profiled as it runs in production.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -18,9 +20,6 @@ def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
     """Microseconds per call of `fn` on an `ascend.device.Device`: captured once, then back-to-back replays (about
     20 ms of them, at most 200 unless `reps` asks for more) between two events, median of 5 such runs (CPU: eager
     re-runs)."""
-    import statistics
-    import time
-
     graph = device.graph()
     graph.capture(fn)
     t0 = time.perf_counter()
@@ -42,8 +41,6 @@ def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
 def timed_decode(fn: Callable[[Any, Any], Any], tokens: Any, active: Any, steps: int, device: Any) -> float:
     """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits (each step feeds its argmax to the
     next), the device synchronised around them."""
-    import time
-
     device.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
