@@ -78,14 +78,19 @@ def random_model(cfg: ModelConfig, device: Device, dtype: torch.dtype, seed: int
 
 
 def weight_bytes_per_step(model: Transformer, batch: int) -> int:
-    """Bytes of weights a decode step reads: everything but routed experts, plus the experts `batch` tokens
-    touch in expectation (each token picks k of E)."""
+    """Bytes of weights a decode step reads: everything but routed experts and the embedding table, plus the
+    experts `batch` tokens touch in expectation (each token picks k of E) and the `batch` embedding rows the
+    step gathers (the table itself, ~1 GB at V4-Flash, is never read whole)."""
     cfg = model.config
     expert_bytes, other = 0, 0
     for name, p in model.named_parameters():
-        if ".experts." in name and not name.startswith("mtp."):
+        if name.startswith("mtp."):
+            continue
+        if name == "embed.weight":
+            other += batch * p[0].nbytes
+        elif ".experts." in name:
             expert_bytes += p.nbytes
-        elif not name.startswith("mtp."):
+        else:
             other += p.nbytes
     touched = 1 - (1 - cfg.n_activated_experts / cfg.n_routed_experts) ** batch
     return int(other + expert_bytes * touched)
