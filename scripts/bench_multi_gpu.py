@@ -120,6 +120,10 @@ def rank_state(full: dict[str, torch.Tensor], cfg: ModelConfig, sharding: Shardi
 
 
 # ------------------------------------------------------------------------------------------------- runs
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def prompt_batch(cfg: ModelConfig, n: int, length: int, seed: int, vary: bool) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = [length - (i % 4 if vary else 0) for i in range(n)]
@@ -202,7 +206,7 @@ class Runner:
         world = 1 if alone else self.world
         dp, dp_rank = world // tp, self.rank // tp
         for batch in a.batch:
-            global_batch = -(-batch // dp) * dp     # a multiple of dp: every group the same batch (bucket)
+            global_batch = round_up(batch, dp)     # every group the same batch (bucket)
             prompts = prompt_batch(self.cfg, global_batch, a.prompt_len, a.seed + batch, vary=False)[dp_rank::dp]
             self.device.empty_cache()
             self.device.reset_peak()
@@ -299,7 +303,7 @@ class Runner:
             mesh_lib.init(1, 1, self.device)  # the process group, even with no layout to run
         meshes = {m: mesh_lib.init(m.tp, m.ep, self.device) for m in modes}  # every group, before any waiting
         # a multiple of the world: every data-parallel group of every layout gets the same number of prompts
-        self.prompts = prompt_batch(self.cfg, -(-a.check_batch // self.world) * self.world, a.prompt_len, a.seed,
+        self.prompts = prompt_batch(self.cfg, round_up(a.check_batch, self.world), a.prompt_len, a.seed,
                                     vary=True)
         t0 = time.perf_counter()
         model = full_model(self.cfg, self.device, a.seed)

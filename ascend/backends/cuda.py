@@ -277,9 +277,8 @@ def triton_available() -> bool:
 def triton_runs_on(device_type: str) -> bool:
     """True when the Triton kernels can run on tensors of `device_type`: natively on CUDA, or anywhere through
     Triton's interpreter (TRITON_INTERPRET=1; slow, for tests and benchmark checks on CPU)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return os.environ.get("TRITON_INTERPRET") == "1" or (device_type == "cuda" and torch.cuda.is_available())
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return interpreted or (device_type == "cuda" and triton_available())
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
