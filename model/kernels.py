@@ -307,6 +307,10 @@ class Kernels:
     f32_linear: Callable[..., Tensor] = f32_linear
     grouped_linear: Callable[..., Tensor] = grouped_linear
     expert_matmul: Callable[..., Tensor] = expert_matmul
+    # stored formats whose `expert_matmul` reads each expert's weight once per group of its rows (a grouped kernel),
+    # not once per row as the reference's gather does: for them the static MoE path has no per-selection weight copy
+    # and is the faster one at any size (a prefill chunk too), not only at decode sizes
+    grouped_expert_formats: tuple[str, ...] = ()
     # the FP8 KV / FP4 indexer round-trip simulations (model.quant, (x, block) -> x's dtype): a table may route them
     # elsewhere, as the ONNX export does to write each as one node
     fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip

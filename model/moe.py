@@ -22,8 +22,9 @@ Two ways to run the routed experts, same result:
   rows an exchange brought in, named by local slot.
   To gather by index the local experts' tensors live stacked ([n_local, ...] per tensor); each
   `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
-`MoE.mode` picks: "auto" (static while capturing / compiling or when tokens x topk <= `STATIC_MAX_SELECTIONS`),
-"static" or "dynamic"; `set_moe_mode(model, mode)` sets every layer.
+`MoE.mode` picks: "auto" (static while capturing / compiling, when tokens x topk <= `STATIC_MAX_SELECTIONS`, or at
+any size when the kernel table groups the experts' format, `Kernels.grouped_expert_formats`: the CUDA backend's FP4 /
+FP8), "static" or "dynamic"; `set_moe_mode(model, mode)` sets every layer.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ __all__ = ["MoEError", "Gate", "Expert", "MoE", "MOE_MODES", "STATIC_MAX_SELECTI
 MOE_MODES = ("auto", "static", "dynamic")
 STATIC_MAX_SELECTIONS = 256
 """auto mode runs the static path up to this many selections (tokens x topk): decode batches up to ~40 tokens.
-Beyond it the per-selection weight copies (N x expert size, dequantised) cost more than the dynamic path's sync."""
+Beyond it the reference's per-selection weight copies (N x expert size, dequantised) cost more than the dynamic
+path's sync. Formats the kernel table groups (`Kernels.grouped_expert_formats`) run static at any size."""
+STATIC_SLICE_TOKENS = 4096
+"""The static path takes a long input this many tokens at a time: its working set is tokens x topk rows of dim
+and inter values (~0.8 GB per slice at V4-Flash width), not a whole prompt's."""
 
 
 class MoEError(AscendDeployError):
@@ -165,7 +170,12 @@ class MoE(nn.Module):
             raise MoEError(f"MoE.mode = {self.mode!r}: expected one of {MOE_MODES}")
         if self.mode != "auto":
             return self.mode == "static"
-        return n_selections <= STATIC_MAX_SELECTIONS or _capturing()
+        return (n_selections <= STATIC_MAX_SELECTIONS or _capturing()
+                or self._formats() <= set(self.kernels.grouped_expert_formats))
+
+    def _formats(self) -> set[str]:
+        probe = next(iter(self.experts.values()))
+        return {probe.w1.fmt, probe.w2.fmt, probe.w3.fmt}
 
     # ------------------------------------------------------------------------------------------ routed experts
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -203,12 +213,19 @@ class MoE(nn.Module):
         return self._project("w2", h, rows)
 
     def routed_static(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection."""
+        """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection, in
+        slices of STATIC_SLICE_TOKENS tokens (one slice at decode)."""
         n, k = indices.shape
         token = torch.arange(n, device=x.device).unsqueeze(1)
-        rows = self.local_row[indices, token % self.n_replicas[indices]].flatten()   # [n*k], -1: not ours (zeros)
-        xs = x.unsqueeze(1).expand(n, k, x.size(-1)).reshape(n * k, x.size(-1))
-        return self._selections(xs, weights, rows).float().view(n, k, -1).sum(1)
+        rows = self.local_row[indices, token % self.n_replicas[indices]]   # [n, k], -1: not ours (zeros)
+        parts = []
+        for at in range(0, n, STATIC_SLICE_TOKENS):
+            xt = x[at:at + STATIC_SLICE_TOKENS]
+            m = xt.size(0)
+            xs = xt.unsqueeze(1).expand(m, k, x.size(-1)).reshape(m * k, x.size(-1))
+            sel = self._selections(xs, weights[at:at + m], rows[at:at + m].flatten())
+            parts.append(sel.float().view(m, k, -1).sum(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def run_expert(self, expert: int, rows: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """Local expert `expert` on rows [n, dim] with routing weights [n] (the exchange callback)."""

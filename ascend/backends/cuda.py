@@ -301,6 +301,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
         formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
+                                   grouped_expert_formats=formats,
                                    linear=functools.partial(linear_triton, formats=formats),
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,

@@ -1,6 +1,7 @@
 """MoE: routing rules, SwiGLU clamps, the layer against a per-token loop, expert parallelism with replicas, and the
 static-shape path (gathered stored-format weights) against the dynamic one."""
 
+import dataclasses
 import os
 
 import torch
@@ -9,7 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import pytest
 
+import model.moe as moe_module
 from model.config import ModelConfig
+from model.kernels import REFERENCE
 from model.moe import Expert, Gate, MoE, MoEError, set_moe_mode
 from model.parallel import ParallelContext
 from tests.conftest import free_port
@@ -193,9 +196,9 @@ def test_exchange_seam_matches_all_reduce_path():
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8", "int8", "bf16"])
-def test_static_path_equals_dynamic_path(fmt):
+def test_static_path_equals_dynamic_path(fmt, monkeypatch):
     """Gathered, dequantised, batched experts == per-expert dynamic gather, for every stored format; replicas on one
-    rank (expert 0 twice, 3 twice) take their share of the tokens either way."""
+    rank (expert 0 twice, 3 twice) take their share of the tokens either way; a long input in slices too."""
     cfg = ModelConfig.preset("tiny", expert_dtype=fmt, dtype="bf16")
     moe = MoE(2, cfg, ParallelContext(phy2log={2: [0, 1, 2, 3, 4, 5, 6, 7, 0, 3]}))
     _randomise(moe, 5)
@@ -203,6 +206,8 @@ def test_static_path_equals_dynamic_path(fmt):
     moe.mode = "dynamic"
     want = moe(x, ids)
     moe.mode = "static"
+    torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(moe_module, "STATIC_SLICE_TOKENS", 4)      # 15 tokens: slices of 4, 4, 4 and 3
     torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
     if fmt == "fp8":                                   # with the FP8 activation rounding of fp8 / fp4 GEMMs
         for m in moe.modules():
@@ -218,6 +223,12 @@ def test_auto_mode_and_stacked_storage():
     moe = MoE(2, CFG)
     _randomise(moe, 6)
     assert moe.use_static(4 * CFG.n_activated_experts) and not moe.use_static(10_000)
+    # a table that groups the experts' format (tiny: fp4) runs them static at any size
+    moe.kernels = dataclasses.replace(REFERENCE, grouped_expert_formats=("fp4", "fp8"))
+    assert moe.use_static(10_000)
+    moe.kernels = dataclasses.replace(REFERENCE, grouped_expert_formats=("fp8",))
+    assert not moe.use_static(10_000)
+    moe.kernels = REFERENCE
     moe.mode = "dynamic"
     assert not moe.use_static(1)
     with pytest.raises(MoEError, match="auto"):
@@ -236,8 +247,6 @@ def test_auto_mode_and_stacked_storage():
 def test_static_path_calls_the_kernels_expert_matmul():
     """routed_static goes through the Kernels table the MoE was built with: one expert_matmul per projection,
     one row per (token, choice) selection, and whatever that kernel returns is what the layer computes with."""
-    import dataclasses
-    from model.kernels import REFERENCE
     calls = []
 
     def recording(x, weight, scale, fmt, expert_idx):

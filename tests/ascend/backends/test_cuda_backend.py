@@ -258,6 +258,8 @@ def test_triton_table_covers_the_decode_stages():
     assert (k.hc_pre, k.hc_post, k.hc_head) == (triton_mhc.hc_pre, triton_mhc.hc_post, triton_mhc.hc_head)
     assert k.sparse_attn is cuda.sparse_attn_triton and k.grouped_linear.func is cuda.grouped_linear_triton
     assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
+    # the formats the Triton expert kernels read in place: the MoE runs them static at any size (prefill too)
+    assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda._triton_expert_formats()
 
 
 @needs_triton_or_interpreter
