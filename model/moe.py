@@ -174,8 +174,12 @@ class MoE(nn.Module):
                 or self._formats() <= set(self.kernels.grouped_expert_formats))
 
     def _formats(self) -> set[str]:
-        probe = next(iter(self.experts.values()))
+        probe = self._probe()
         return {probe.w1.fmt, probe.w2.fmt, probe.w3.fmt}
+
+    def _probe(self) -> Expert:
+        """One local expert: they all share formats, roundings and the SwiGLU limit."""
+        return next(iter(self.experts.values()))
 
     # ------------------------------------------------------------------------------------------ routed experts
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -200,13 +204,13 @@ class MoE(nn.Module):
 
     def _project(self, name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Projection `name` (w1 / w2 / w3) of the expert in stack row rows[i] applied to xs[i]: [M, out]."""
-        fmt = next(iter(self.experts.values())).get_submodule(name).fmt
+        fmt = self._probe().get_submodule(name).fmt
         return self.kernels.expert_matmul(xs, self._stacks[f"{name}.weight"], self._stacks.get(f"{name}.scale"),
                                           fmt, rows)
 
     def _selections(self, xs: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """weights[i] * expert in stack row rows[i] (xs[i]), [M, dim] in xs' dtype; rows[i] = -1 gives zeros."""
-        probe = next(iter(self.experts.values()))
+        probe = self._probe()
         xs = probe.w1.round_input(xs)
         h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
         h = probe.w2.round_input((h * weights.reshape(-1, 1)).to(xs.dtype))
