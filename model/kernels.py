@@ -28,8 +28,8 @@ from model import quant
 Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "expert_matmul", "take_rows",
-           "round_kv_entries", "use_kernels"]
+           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
+           "expert_matmul", "take_rows", "round_kv_entries", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -271,7 +271,16 @@ def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) ->
     return torch.einsum("...gd,grd->...gr", x, w)
 
 
-def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
+def group_experts(expert_idx: Tensor, n_experts: int, fmt: str) -> tuple | None:
+    """Whatever a backend's `expert_matmul` computes from the expert ids before it multiplies (a sort by expert,
+    group bounds), computed once for the calls that share ids (a MoE layer's w1, w3 and w2) and passed to each as
+    `groups`. expert_idx [N] as for `expert_matmul`, E stacked experts of format `fmt`. Reference: None (its
+    gather needs no grouping)."""
+    return None
+
+
+def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor,
+                  groups: tuple | None = None) -> Tensor:
     """One row per selection times the stored weight of that selection's expert (the static MoE path).
 
     x: [N, in]; weight: stacked stored weights [E, out, in/2] int8 (fp4, e2m1 low nibble first), [E, out, in]
@@ -279,8 +288,9 @@ def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, exp
     fp4, [E, ceil(out/128), ceil(in/128)] for fp8, float32 [E, out] for int8, None for bf16 / fp32), as
     `model.quant` stores them; fmt: the format name; expert_idx: [N] integer stack rows, negative for a selection no
     local expert serves (expert parallelism: another rank's). y[n] = dequant(weight[expert_idx[n]]) @ x[n], zeros
-    where expert_idx[n] < 0, returned [N, out] in x's dtype. Reference: gathers and dequantises every selection's
-    weight ([N, out, in] in x's dtype), then one batched matmul.
+    where expert_idx[n] < 0, returned [N, out] in x's dtype; groups: this table's `group_experts(expert_idx, E, fmt)`
+    or None. Reference: gathers and dequantises every selection's weight ([N, out, in] in x's dtype), then one
+    batched matmul (no grouping).
     """
     rows = expert_idx.clamp(min=0)
     w = quant.dequantize_weight(take_rows(weight, rows), None if scale is None else take_rows(scale, rows), fmt, x.dtype)
@@ -306,6 +316,7 @@ class Kernels:
     gate_topk: Callable[..., tuple[Tensor, Tensor]] = gate_topk
     f32_linear: Callable[..., Tensor] = f32_linear
     grouped_linear: Callable[..., Tensor] = grouped_linear
+    group_experts: Callable[..., tuple | None] = group_experts
     expert_matmul: Callable[..., Tensor] = expert_matmul
     # stored formats whose `expert_matmul` reads each expert's weight once per group of its rows (a grouped kernel),
     # not once per row as the reference's gather does: for them the static MoE path has no per-selection weight copy

@@ -97,10 +97,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 class Expert(nn.Module):
-    """SwiGLU FFN: w2(silu(w1 x) * (w3 x)), gate clamped to <= limit and up to [-limit, limit] when limit > 0."""
+    """SwiGLU FFN: w2(silu(w1 x) * (w3 x)), gate clamped to <= limit and up to [-limit, limit] when limit > 0; its
+    three projections stored in one format `fmt`."""
 
     def __init__(self, dim: int, inter_dim: int, fmt: str, swiglu_limit: float = 0.0):
         super().__init__()
+        self.fmt = fmt
         self.w1 = Linear(dim, inter_dim, fmt)   # gate
         self.w2 = Linear(inter_dim, dim, fmt)   # down
         self.w3 = Linear(dim, inter_dim, fmt)   # up
@@ -171,14 +173,11 @@ class MoE(nn.Module):
         if self.mode != "auto":
             return self.mode == "static"
         return (n_selections <= STATIC_MAX_SELECTIONS or _capturing()
-                or self._formats() <= set(self.kernels.grouped_expert_formats))
+                or self._probe().fmt in self.kernels.grouped_expert_formats)
 
-    def _formats(self) -> set[str]:
-        probe = self._probe()
-        return {probe.w1.fmt, probe.w2.fmt, probe.w3.fmt}
 
     def _probe(self) -> Expert:
-        """One local expert: they all share formats, roundings and the SwiGLU limit."""
+        """One local expert: they all share their format, roundings and SwiGLU limit."""
         return next(iter(self.experts.values()))
 
     # ------------------------------------------------------------------------------------------ routed experts
@@ -202,19 +201,19 @@ class MoE(nn.Module):
                 y.index_add_(0, rows, self.experts[str(e)](x[rows], weights[rows, k, None]).float())
         return y
 
-    def _project(self, name: str, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _project(self, name: str, xs: torch.Tensor, rows: torch.Tensor, groups: tuple | None) -> torch.Tensor:
         """Projection `name` (w1 / w2 / w3) of the expert in stack row rows[i] applied to xs[i]: [M, out]."""
-        fmt = self._probe().get_submodule(name).fmt
         return self.kernels.expert_matmul(xs, self._stacks[f"{name}.weight"], self._stacks.get(f"{name}.scale"),
-                                          fmt, rows)
+                                          self._probe().fmt, rows, groups)
 
     def _selections(self, xs: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """weights[i] * expert in stack row rows[i] (xs[i]), [M, dim] in xs' dtype; rows[i] = -1 gives zeros."""
         probe = self._probe()
+        groups = self.kernels.group_experts(rows, len(self.experts), probe.fmt)    # one grouping, three matmuls
         xs = probe.w1.round_input(xs)
-        h = swiglu(self._project("w1", xs, rows), self._project("w3", xs, rows), probe.swiglu_limit)
+        h = swiglu(self._project("w1", xs, rows, groups), self._project("w3", xs, rows, groups), probe.swiglu_limit)
         h = probe.w2.round_input((h * weights.reshape(-1, 1)).to(xs.dtype))
-        return self._project("w2", h, rows)
+        return self._project("w2", h, rows, groups)
 
     def routed_static(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same as `routed` with shapes fixed by x and k: one gathered expert per (token, choice) selection, in

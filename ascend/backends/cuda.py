@@ -8,6 +8,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
 | `indexer_topk`           | fused relu-weighted scores, then fixed `topk`      | two batched matmuls, fixed `topk`    |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
+| `group_experts`          | one sort per MoE layer for its three matmuls       | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 
@@ -203,27 +204,39 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
 
 @torch.library.custom_op("ascend_cuda::expert_matmul", mutates_args=())
 def expert_matmul_quant_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
-                               expert_idx: torch.Tensor, projection: bool = False) -> torch.Tensor:
+                               expert_idx: torch.Tensor, groups: list[torch.Tensor],
+                               projection: bool = False) -> torch.Tensor:
     """Triton `kernels.expert_matmul` for fp4 / fp8 weights: the stored bytes are decoded in registers, never
-    materialised in the activation dtype. `projection`: launch settings of LINEAR_MATMUL_CONFIG, and every row
-    valid (a projection's rows never carry another rank's -1)."""
+    materialised in the activation dtype. `groups`: a precomputed grouping of `expert_idx`
+    (`triton_moe.group_experts` / `strided_groups`), or [] to group here. `projection`: launch settings of
+    LINEAR_MATMUL_CONFIG, and every row valid (a projection's rows never carry another rank's -1)."""
     from ascend.backends import triton_moe
     config = (LINEAR_MATMUL_CONFIG if projection else EXPERT_MATMUL_CONFIG)[fmt]
-    return triton_moe.expert_matmul(x, weight, scale, fmt, expert_idx, all_valid=projection, **config)
+    return triton_moe.expert_matmul(x, weight, scale, fmt, expert_idx, all_valid=projection,
+                                    groups=tuple(groups) or None, **config)
 
 
 @expert_matmul_quant_triton.register_fake
-def _(x, weight, scale, fmt, expert_idx, projection=False):
+def _(x, weight, scale, fmt, expert_idx, groups, projection=False):
     return x.new_empty(x.size(0), weight.size(1))
 
 
 def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                         expert_idx: torch.Tensor, formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+                         expert_idx: torch.Tensor, groups: tuple | None = None,
+                         formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
     """`kernels.expert_matmul`: the Triton kernel for the quantised `formats` (fp4 is V4's routed experts), the
     reference otherwise."""
     if fmt in formats:
-        return expert_matmul_quant_triton(x, weight, scale, fmt, expert_idx)
+        return expert_matmul_quant_triton(x, weight, scale, fmt, expert_idx, list(groups or ()))
     return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
+
+
+def group_experts_triton(expert_idx: torch.Tensor, n_experts: int, fmt: str,
+                         formats: tuple[str, ...] = ("fp4", "fp8")) -> tuple | None:
+    """`kernels.group_experts`: the Triton expert kernels' grouping (one sort for a layer's three calls) for the
+    quantised `formats`; None for the others, which run the reference."""
+    from ascend.backends import triton_moe
+    return triton_moe.group_experts(expert_idx, n_experts) if fmt in formats else None
 
 
 # Up to here the fused kernel (one weight read, decoded once per chunk of up to 64 rows) beats dequantising the whole
@@ -243,7 +256,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
         return REFERENCE.linear(x, weight, scale, fmt)
     flat = x.reshape(rows, x.size(-1))
     idx = torch.zeros(rows, dtype=torch.int64, device=x.device)
-    y = expert_matmul_quant_triton(flat, weight.unsqueeze(0), scale.unsqueeze(0), fmt, idx, projection=True)
+    y = expert_matmul_quant_triton(flat, weight.unsqueeze(0), scale.unsqueeze(0), fmt, idx, [], projection=True)
     return y.reshape(*x.shape[:-1], weight.size(0))
 
 
@@ -257,9 +270,11 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     out = weight.size(0) // groups
     if fmt not in formats or tokens > LINEAR_FUSED_MAX_ROWS or (fmt == "fp8" and out % 128):
         return REFERENCE.grouped_linear(x, weight, scale, fmt)
+    from ascend.backends import triton_moe
     idx = torch.arange(groups, device=x.device).repeat(tokens)
     y = expert_matmul_quant_triton(x.reshape(tokens * groups, d_in), weight.view(groups, out, -1),
-                                   scale.view(groups, -1, scale.size(-1)), fmt, idx, projection=True)
+                                   scale.view(groups, -1, scale.size(-1)), fmt, idx,
+                                   list(triton_moe.strided_groups(tokens, groups, x.device)), projection=True)
     return y.view(*x.shape[:-1], out)
 
 
@@ -301,6 +316,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
         formats = _triton_expert_formats()
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
+                                   group_experts=functools.partial(group_experts_triton, formats=formats),
                                    grouped_expert_formats=formats,
                                    linear=functools.partial(linear_triton, formats=formats),
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),

@@ -256,7 +256,7 @@ class _Ops:
 
     # --------------------------------------------------------------------------------- expert_matmul
     def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,
-                            expert_idx: Tensor) -> str | None:
+                            expert_idx: Tensor, groups: None = None) -> str | None:
         if fmt not in ("bf16", "int8"):
             return (f"npu_grouped_matmul on {self.soc} takes bf16 / fp16 or int8 (pseudo-quantised) expert weights, "
                     f"not {fmt}: convert with --weights bf16 or int8")
@@ -267,7 +267,9 @@ class _Ops:
             return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got weights {tuple(weight.shape)}"
         return _dtype_reason("npu_grouped_matmul", x, HALF)
 
-    def expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor) -> Tensor:
+    def expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor,
+                      groups: None = None) -> Tensor:
+        # `groups`: the reference `group_experts` (None); this sorts its own (-1 rows clamped into expert 0)
         # one grouped matmul over the selections sorted by expert (static shapes, no host sync): group e is the
         # rows of expert e; another rank's selection (id -1) rides with expert 0 and is zeroed afterwards, since
         # the groups must cover every row

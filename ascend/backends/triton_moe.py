@@ -131,13 +131,15 @@ def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tup
     return x.contiguous(), s
 
 
-def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k) -> torch.Tensor:
+def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k,
+            order=None) -> torch.Tensor:
     n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     if n == 0:
         return x.new_empty(0, n_out)
     x, s = _operands(x, weight, scale)
     # one weight (a projection): nothing to order; else selections of one expert run back to back (L2 reuse)
-    order = torch.argsort(expert_idx.int()) if sort and weight.size(0) > 1 else torch.arange(n, device=x.device)
+    if order is None:
+        order = torch.argsort(expert_idx.int()) if sort and weight.size(0) > 1 else torch.arange(n, device=x.device)
     grid = (triton.cdiv(n_out, block_out), n)
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
@@ -151,23 +153,25 @@ def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps
 
 def expert_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                       block_out: int = 32, block_in: int = 512, num_warps: int = 4,
-                      sort: bool = True, split_k: int | None = None) -> torch.Tensor:
+                      sort: bool = True, split_k: int | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, in]; weight [E, out, in/2] packed e2m1 (int8 / uint8); scale [E, out, in/32] float8_e8m0fnu (or its
     bytes); expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two >= 32; `split_k` (programs per
-    output block, each over a share of the inputs) None: `split_k_for`."""
+    output block, each over a share of the inputs) None: `split_k_for`; `order`: the visiting order of the
+    selections if the caller has it (`group_experts`), else sorted here (`sort`)."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= FP4_GROUP
     return _launch(_fp4_expert_matmul_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_in,
-                   num_warps, sort, split_k)
+                   num_warps, sort, split_k, order)
 
 
 def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                       block_out: int = 32, block_in: int = 128, num_warps: int = 4,
-                      sort: bool = True, split_k: int | None = None) -> torch.Tensor:
+                      sort: bool = True, split_k: int | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, in]; weight [E, out, in] float8_e4m3fn; scale [E, ceil(out/128), ceil(in/128)] float8_e8m0fnu;
-    expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128; `split_k` as for fp4."""
+    expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128; `split_k`, `order` as for
+    fp4."""
     assert weight.size(2) == x.size(1) and 128 % block_in == 0
     return _launch(_fp8_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort,
-                   split_k)
+                   split_k, order)
 
 
 # ------------------------------------------------------------------------------------------------ grouped kernels
@@ -278,14 +282,14 @@ def _groups(expert_idx: torch.Tensor, n_experts: int, all_valid: bool) -> tuple[
 
 
 def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, block_in, split_k, num_warps,
-                    num_stages, all_valid) -> torch.Tensor:
+                    num_stages, all_valid, groups) -> torch.Tensor:
     n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     if n == 0:
         return x.new_empty(0, n_out)
     x, s = _operands(x, weight, scale)
     if block_m is None:
         block_m = grouped_block_m(n, weight.size(0))
-    order, starts, counts, experts = _groups(expert_idx, weight.size(0), all_valid)
+    order, starts, counts, experts = groups or _groups(expert_idx, weight.size(0), all_valid)
     grid = (triton.cdiv(n_out, block_out), experts.numel())
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
@@ -329,25 +333,26 @@ def grouped_block_m(n_rows: int, n_experts: int) -> int:
 def grouped_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                        block_out: int = 64, block_m: int | None = None, block_in: int = 256,
                        split_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                       all_valid: bool = False) -> torch.Tensor:
+                       all_valid: bool = False, groups: tuple | None = None) -> torch.Tensor:
     """`expert_matmul_fp4` with the rows grouped by expert (tensor cores). `block_out`, `block_m` >= 16 and
     `block_in` >= 32 are powers of two; None picks `block_m` by `grouped_block_m`, `split_k` (programs per
     output tile, each over a share of the inputs) by `split_k_for`. `all_valid`: no negative expert id (see
-    `_groups`)."""
+    `_groups`); `groups`: the grouping if the caller has it (`group_experts`), else grouped here."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= 2 * 16
     return _launch_grouped(_fp4_grouped_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_m,
-                           block_in, split_k, num_warps, num_stages, all_valid)
+                           block_in, split_k, num_warps, num_stages, all_valid, groups)
 
 
 def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
                        block_out: int = 64, block_m: int | None = None, block_in: int = 128,
                        split_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                       all_valid: bool = False) -> torch.Tensor:
+                       all_valid: bool = False, groups: tuple | None = None) -> torch.Tensor:
     """`expert_matmul_fp8` with the rows grouped by expert (tensor cores). `block_out` and `block_in` are powers of
-    two in [16, 128] (one scale block per tile); `block_m`, `split_k`, `all_valid` as for `grouped_matmul_fp4`."""
+    two in [16, 128] (one scale block per tile); `block_m`, `split_k`, `all_valid`, `groups` as for
+    `grouped_matmul_fp4`."""
     assert weight.size(2) == x.size(1) and 128 % block_out == 0 and 128 % block_in == 0 and block_in >= 16
     return _launch_grouped(_fp8_grouped_kernel, x, weight, scale, expert_idx, block_out, block_m, block_in,
-                           split_k, num_warps, num_stages, all_valid)
+                           split_k, num_warps, num_stages, all_valid, groups)
 
 
 # ------------------------------------------------------------------------------------------------ the chooser
@@ -367,11 +372,32 @@ def use_grouped(n_rows: int, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str, expert_idx: torch.Tensor,
                   gemv: dict | None = None, grouped: dict | None = None,
-                  min_rows: int = GROUPED_MIN_ROWS, all_valid: bool = False) -> torch.Tensor:
+                  min_rows: int = GROUPED_MIN_ROWS, all_valid: bool = False,
+                  groups: tuple | None = None) -> torch.Tensor:
     """`model.kernels.expert_matmul` for fmt "fp4" / "fp8": the grouped kernel when `use_grouped`, else the
     per-selection one, each with its launch settings (`gemv`, `grouped`: keyword arguments of the launchers).
-    `all_valid`: no expert id is negative (a projection's rows), which spares the grouping its checks."""
+    `all_valid`: no expert id is negative (a projection's rows), which spares the grouping its checks. `groups`:
+    `group_experts(expert_idx, E, min_rows)` (or `strided_groups`) when the caller shares one grouping between
+    calls on the same ids; None: each call sorts its ids."""
     per_selection, by_expert = _KERNELS[fmt]
     if use_grouped(x.size(0), weight.size(0), min_rows):
-        return by_expert(x, weight, scale, expert_idx, all_valid=all_valid, **(grouped or {}))
-    return per_selection(x, weight, scale, expert_idx, **(gemv or {}))
+        return by_expert(x, weight, scale, expert_idx, all_valid=all_valid, groups=groups, **(grouped or {}))
+    return per_selection(x, weight, scale, expert_idx, order=groups[0] if groups else None, **(gemv or {}))
+
+
+def group_experts(expert_idx: torch.Tensor, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -> tuple:
+    """What `expert_matmul` on these ids would compute before launching, once for several calls (a MoE layer's
+    w1, w3 and w2 share their ids): the grouping of `_groups` for the grouped kernel, the visiting order alone for
+    the per-selection one (~20 us per sort at decode)."""
+    if use_grouped(expert_idx.numel(), n_experts, min_rows):
+        return _groups(expert_idx, n_experts, all_valid=False)
+    return (torch.argsort(expert_idx.int()),)
+
+
+def strided_groups(tokens: int, n_groups: int, device: torch.device) -> tuple:
+    """The grouping of ids `arange(n_groups).repeat(tokens)` (row t * G + g belongs to group g: a grouped output
+    projection) without sorting them: group g owns rows g, g + G, ..., in `_groups`' layout."""
+    n = tokens * n_groups
+    order = torch.arange(n, device=device).view(tokens, n_groups).t().flatten()
+    groups = torch.arange(n_groups, device=device)
+    return order, groups * tokens, torch.full((n_groups,), tokens, device=device), groups

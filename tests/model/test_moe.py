@@ -246,14 +246,20 @@ def test_auto_mode_and_stacked_storage():
 
 def test_static_path_calls_the_kernels_expert_matmul():
     """routed_static goes through the Kernels table the MoE was built with: one expert_matmul per projection,
-    one row per (token, choice) selection, and whatever that kernel returns is what the layer computes with."""
-    calls = []
+    one row per (token, choice) selection, and whatever that kernel returns is what the layer computes with; the
+    table's grouping of the ids is computed once and handed to all three."""
+    calls, groupings = [], []
 
-    def recording(x, weight, scale, fmt, expert_idx):
+    def grouping(expert_idx, n_experts, fmt):
+        groupings.append((tuple(expert_idx.shape), n_experts, fmt))
+        return (expert_idx.argsort(),)
+
+    def recording(x, weight, scale, fmt, expert_idx, groups):
+        assert torch.equal(groups[0], expert_idx.argsort())
         calls.append((tuple(x.shape), tuple(weight.shape), fmt, tuple(expert_idx.shape)))
         return REFERENCE.expert_matmul(x, weight, scale, fmt, expert_idx)
 
-    moe = MoE(2, CFG, kernels=dataclasses.replace(REFERENCE, expert_matmul=recording))
+    moe = MoE(2, CFG, kernels=dataclasses.replace(REFERENCE, expert_matmul=recording, group_experts=grouping))
     plain = MoE(2, CFG)
     _randomise(moe, 7)
     _randomise(plain, 7)
@@ -264,3 +270,4 @@ def test_static_path_calls_the_kernels_expert_matmul():
     inter, dim, e = CFG.moe_inter_dim, CFG.dim, CFG.n_routed_experts
     assert calls == [((n, dim), (e, inter, dim // 2), "fp4", (n,)), ((n, dim), (e, inter, dim // 2), "fp4", (n,)),
                      ((n, inter), (e, dim, inter // 2), "fp4", (n,))]
+    assert groupings == [((n,), e, "fp4")]

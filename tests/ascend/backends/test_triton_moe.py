@@ -305,3 +305,42 @@ def test_grouped_replays_under_cuda_graph():
         idx.copy_(torch.randint(0, 4 * seed, (48,), device=DEVICE))
         graph.replay()
         torch.testing.assert_close(out, triton_moe.expert_matmul(x, weight, scale, "fp4", idx))
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("n", [5, 130])
+def test_a_shared_grouping_gives_what_each_call_would_compute(fmt, n):
+    """`group_experts` once, handed to several calls (a MoE layer's w1 / w3 / w2), == each call sorting its own ids,
+    on both kernels (5 rows: per selection; 130: grouped), another rank's -1 ids included."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 6, 128, 256)
+    x = _rows(n, 256, torch.float32)
+    idx = torch.randint(-1, 6, (n,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
+    groups = triton_moe.group_experts(idx, 6)
+    assert len(groups) == (4 if triton_moe.use_grouped(n, 6) else 1)
+    own = triton_moe.expert_matmul(x, weight, scale, fmt, idx)
+    torch.testing.assert_close(triton_moe.expert_matmul(x, weight, scale, fmt, idx, groups=groups), own,
+                               rtol=0, atol=0)
+    _check(own, x, weight, scale, fmt, idx)
+    if len(groups) == 4:    # the grouped kernel runs the grouping it is handed: another one moves rows
+        other = triton_moe.group_experts(idx.roll(1), 6)
+        assert not torch.equal(triton_moe.expert_matmul(x, weight, scale, fmt, idx, groups=other), own)
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_strided_groups_are_the_sorted_grouping_of_repeated_ids(tokens):
+    """A grouped output projection's ids arange(G).repeat(tokens) need no sort: `strided_groups` lists the same
+    rows per group, and the kernels give the same output with it (1 token: per selection; 20 x 8 rows: grouped)."""
+    from ascend.backends import triton_moe
+    idx = torch.arange(8, device=DEVICE).repeat(tokens)
+    order, starts, counts, experts = triton_moe.strided_groups(tokens, 8, idx.device)
+    s_order, s_starts, s_counts, _ = triton_moe._groups(idx, 8, all_valid=True)
+    assert torch.equal(starts, s_starts) and torch.equal(counts, s_counts) and set(experts.tolist()) == set(range(8))
+    for g in range(8):   # each group's rows, in any order within the group
+        mine = slice(g * tokens, (g + 1) * tokens)
+        assert sorted(order[mine].tolist()) == sorted(s_order[mine].tolist())
+    weight, scale = _stack("fp4", 8, 64, 128)
+    x = _rows(8 * tokens, 128, torch.float32)
+    groups = (order, starts, counts, experts)
+    torch.testing.assert_close(triton_moe.expert_matmul(x, weight, scale, "fp4", idx, all_valid=True, groups=groups),
+                               triton_moe.expert_matmul(x, weight, scale, "fp4", idx, all_valid=True), rtol=0, atol=0)
