@@ -314,9 +314,36 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                               time_ms(device, lambda: cuda.indexer_topk_bmm(*iargs, topk), shapes.reps), roof, ref))
         if triton:
             for name, variant in INDEXER_VARIANTS.items():
-                fn = lambda: cuda.topk_fixed(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
+                fn = lambda: cuda.topk_auto(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
                 rows.append(KernelRow("indexer_topk", kind, batch, context, f"triton {name}",
                                       time_ms(device, fn, shapes.reps), roof, ref))
+        rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, shapes, device,
+                               copy_bps, triton)
+    return rows
+
+
+def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, topk: int, iq: torch.Tensor,
+                   shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
+    """The indexer's two small stages alone: top-k of the scores (torch.topk vs the Triton radix select) and the
+    Hadamard rotation of its queries and of its new entries (two rows per sequence at decode), as the reference
+    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend."""
+    from ascend.backends import cuda
+    from model.kernels import REFERENCE, topk_lowest_index
+
+    roof = scores.numel() * 4 / copy_bps * 1e3
+    ref = time_ms(device, lambda: topk_lowest_index(scores, topk), shapes.reps)
+    rows = [KernelRow("topk", kind, batch, context, "torch.topk", time_ms(
+        device, lambda: cuda.topk_fixed(scores, topk), shapes.reps), roof, ref)]
+    if triton:
+        rows.append(KernelRow("topk", kind, batch, context, "triton radix select", time_ms(
+            device, lambda: cuda.topk_triton(scores, topk), shapes.reps), roof, ref))
+    for what, x in (("queries", iq), ("entries", iq[:, 0, :2])):
+        roof = 2 * x.numel() * x.element_size() / copy_bps * 1e3
+        ref = time_ms(device, lambda: REFERENCE.hadamard(x), shapes.reps)
+        for name, fn in (("float32 matmul", lambda: cuda.hadamard_matmul(x.float()).to(x.dtype)),
+                         ("backend", lambda: cuda.hadamard_matmul(x))):
+            rows.append(KernelRow(f"hadamard {what}", kind, batch, context, name,
+                                  time_ms(device, fn, shapes.reps), roof, ref))
     return rows
 
 

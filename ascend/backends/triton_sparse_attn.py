@@ -172,3 +172,66 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         num_warps=num_warps, num_stages=2,
     )
     return out
+
+
+@triton.jit
+def _order_key(x):
+    """float32 -> int64 in [0, 2^32) with the same order: the bits, negative floats' magnitude bits flipped; -0.0
+    is made +0.0 first, as the two compare equal."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 0x80000000
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr):
+    """One program per row. Radix select: the K-th largest order key, one byte per pass from the top (a 256-bin
+    histogram of the keys that share the bytes found so far), then one pass in index order that writes the entries
+    above it and the lowest-index ties with it, then -1 in the slots left. The row is re-read on each of the 5
+    passes (from L2 after the first)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = scores_ptr + row * s_row
+    out = out_ptr + row * o_row
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    kth = tl.zeros([], tl.int64)
+    need = K                                    # how many of the keys equal to kth's bytes so far are still wanted
+    for shift in tl.static_range(24, -1, -8):
+        hist = tl.zeros([256], tl.int32)
+        for t0 in range(0, T, BLOCK):
+            t = t0 + offs
+            key = _order_key(tl.load(base + t, mask=t < T, other=float("-inf")))
+            same = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (t < T)
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
+        higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)               # keys with a larger byte than each bin's
+        byte = tl.maximum(tl.max(tl.where(higher + hist >= need, bins, -1), 0), 0)   # 0: fewer than K in the row
+        need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
+        kth |= byte.to(tl.int64) << shift
+    n_sel = tl.zeros([], tl.int32)
+    n_tie = tl.zeros([], tl.int32)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + offs
+        score = tl.load(base + t, mask=t < T, other=float("-inf"))
+        key = _order_key(score)
+        tie = (key == kth) & (t < T)
+        tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - 1
+        sel = ((key > kth) | (tie & (tie_rank < need))) & (score != float("-inf")) & (t < T)
+        pos = n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(out + pos, t, mask=sel)
+        n_sel += tl.sum(sel.to(tl.int32), 0)
+        n_tie += tl.sum(tie.to(tl.int32), 0)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= n_sel) & (k < K))
+
+
+def topk(scores: torch.Tensor, k: int, block: int | None = None, num_warps: int = 8) -> torch.Tensor:
+    """Indices of the `k` largest of each row of float32 `scores` [..., T] as int32 [..., k], in index order, -1
+    after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
+    largest score the lowest indices are kept (the `kernels.indexer_topk` contract). `block`: entries per step
+    (default: the row up to 4096, the fastest on an H200 at 2048 and 8192 entries)."""
+    flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
+    block = block or min(4096, triton.next_power_of_2(flat.size(1)))
+    out = torch.empty(flat.size(0), k, device=scores.device, dtype=torch.int32)
+    _topk_kernel[(flat.size(0),)](flat, out, flat.size(1), k, flat.stride(0), out.stride(0),
+                                  BLOCK=block, num_warps=num_warps)
+    return out.view(*scores.shape[:-1], k)

@@ -118,6 +118,69 @@ def test_short_elementwise_stages_match_reference(dtype):
         cuda.hadamard_matmul(x3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 +-1 matmul form runs on CUDA only")
+def test_hadamard_matmul_bf16_is_the_butterfly_to_float32_rounding():
+    """bf16 inputs take the +-1 bf16 matmul with float32 accumulation: exact products, so only the float32
+    summation order differs from the reference butterfly (then one bf16 rounding of the same float32 value)."""
+    for rows in (16, 512):                # 16 rows: the shape where cuBLAS's float32 form was slow
+        x = torch.randn(rows, 128, device="cuda").to(torch.bfloat16)
+        exact = REFERENCE.hadamard(x.double())
+        y = cuda.hadamard_matmul(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), exact, rtol=8e-3, atol=1e-6)     # one bf16 rounding
+        assert (y.float() != REFERENCE.hadamard(x.float()).to(torch.bfloat16).float()).float().mean() < 0.01
+
+
+def _topk_reference(scores, k):
+    """`kernels.indexer_topk`'s selection rule on plain scores, as sorted int32 rows with -1 last."""
+    from model.kernels import topk_lowest_index
+    n = min(k, scores.size(-1))
+    idx = topk_lowest_index(scores, n)
+    idx = torch.where(scores.gather(-1, idx) == float("-inf"), -1, idx)
+    return _sorted_ids(torch.nn.functional.pad(idx, (0, k - n), value=-1).int())
+
+
+def _sorted_ids(idx):
+    """Rows sorted ascending with the -1 slots moved to the end."""
+    big = torch.iinfo(torch.int32).max
+    out = torch.where(idx < 0, big, idx).sort(-1).values
+    return torch.where(out == big, -1, out)
+
+
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("T,k,block", [(100, 16, 64), (300, 64, 128), (50, 64, 32), (1000, 512, 256),
+                                       (4000, 512, None)])
+def test_triton_topk_keeps_the_reference_selection(T, k, block):
+    """Radix select: the k largest, ties at the k-th score to the lowest indices, -inf never, -1 padding after the
+    picks (T < k too), several blocks per row; rows of ties, of negatives, of -inf halves, of +-0."""
+    from ascend.backends import triton_sparse_attn
+    g = torch.Generator().manual_seed(T)
+    s = torch.randn(5, T, generator=g)
+    s[0] = torch.randint(0, 3, (T,), generator=g).float()
+    s[1, T // 2:] = float("-inf")
+    s[2] = -s[2].abs()
+    s[3, :5], s[3, 5:10], s[3, 10:] = -0.0, 0.0, -1.0
+    s[4] = torch.randint(-2, 2, (T,), generator=g).float() * 1e-3
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, block=block, num_warps=4).cpu()
+    assert got.shape == (5, k) and got.dtype == torch.int32
+    ordered = (got[:, 1:] > got[:, :-1]) | (got[:, 1:] < 0)                 # index order, -1 after the picks
+    assert ordered.all() and not ((got[:, :-1] < 0) & (got[:, 1:] >= 0)).any()
+    assert torch.equal(_sorted_ids(got), _topk_reference(s, k))
+
+
+@needs_triton_or_interpreter
+def test_triton_topk_rows_all_invisible_and_routing_by_length(monkeypatch):
+    from ascend.backends import triton_sparse_attn
+    s = torch.full((2, 1, 40), float("-inf"), device=TRITON_DEVICE)
+    assert (triton_sparse_attn.topk(s, 8, num_warps=4) == -1).all()
+    calls = []
+    monkeypatch.setattr(cuda, "topk_triton", lambda x, k: calls.append("triton") or cuda.topk_fixed(x, k))
+    monkeypatch.setattr(cuda, "TOPK_TRITON_MAX_ENTRIES", 40)
+    cuda.topk_auto(s, 8)
+    cuda.topk_auto(torch.zeros(1, 41), 8)
+    assert calls == ["triton"]
+
+
 def test_make_kernels_for_compile_uses_traceable_forms():
     k = cuda.make_kernels(use_triton=False, for_compile=True)
     assert k.rms_norm is REFERENCE.rms_norm and k.rope is REFERENCE.rope and k.hadamard is cuda.hadamard_matmul
