@@ -219,8 +219,20 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                 print(json.dumps(doc, ensure_ascii=False))
             else:
                 print_table(results, total)
-    mesh.destroy()
+    shut_down(mesh, captured_collectives=mesh.distributed and session.graphs is not None)
     return 0
+
+
+def shut_down(mesh: mesh_lib.Mesh, captured_collectives: bool) -> None:
+    """Every rank waits for the others, then the process groups are destroyed, except after decode graphs that hold
+    collectives were captured: NCCL's communicator teardown then never returns (pytorch/pytorch#115388; here every
+    2-rank run with captured graphs on 2 H200 hung after its last token, until killed). The process exits right
+    after this (`main`'s os._exit), which releases the communicators with it."""
+    if mesh.distributed:
+        mesh.device.synchronize()
+        dist.barrier()
+    if not captured_collectives:
+        mesh.destroy()
 
 
 def main(argv: list[str] | None = None) -> None:

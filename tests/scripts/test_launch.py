@@ -149,3 +149,28 @@ def test_interactive_chat_with_a_tool_result(work):
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count(">>> ") == 3 and p.stderr.count("reply kept as plain text") == 2
+
+
+def test_shut_down_keeps_nccl_communicators_after_captured_collectives(monkeypatch):
+    """Ranks meet at a barrier, then tear down their groups, except when captured graphs hold collectives (NCCL's
+    teardown then hangs: pytorch/pytorch#115388); a single process has nothing to wait for."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("launch_script", Path(__file__).parents[2] / "scripts" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    calls = []
+
+    class Mesh:
+        def __init__(self, distributed):
+            self.distributed = distributed
+            self.device = type("D", (), {"synchronize": lambda _: calls.append("sync")})()
+
+        def destroy(self):
+            calls.append("destroy")
+
+    monkeypatch.setattr(launch.dist, "barrier", lambda: calls.append("barrier"))
+    for distributed, captured, expected in ((True, False, ["sync", "barrier", "destroy"]),
+                                            (True, True, ["sync", "barrier"]), (False, False, ["destroy"])):
+        calls.clear()
+        launch.shut_down(Mesh(distributed), captured)
+        assert calls == expected
