@@ -6,7 +6,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | stage                    | Triton (CUDA + Triton present)                     | PyTorch (any device, CPU tests)      |
 |--------------------------|----------------------------------------------------|--------------------------------------|
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
-| `indexer_topk`           | fused relu-weighted scores, then fixed `topk`      | two batched matmuls, fixed `topk`    |
+| `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, fixed `topk`    |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its three matmuls       | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
@@ -151,10 +151,11 @@ def _hadamard_matrix(d: int, device: torch.device, dtype: torch.dtype = torch.fl
 def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
     """`kernels.hadamard` as one matmul with the (symmetric) Hadamard matrix. BF16 on CUDA: x times the +-1 matrix
     on the tensor cores with float32 accumulation and output, then the d^-0.5 scale: every product is exact, so
-    this is the reference's butterfly (float32 sums of +-x, then the scale) summed in another order. It is also the
-    fastest form on an H200: 6 us at 16 rows, where cuBLAS's float32 matmul with the scaled matrix takes 55 us
-    (probe at 2bbaae0+, device kind nvidia-h200). Otherwise one float32 matmul with H_d * d^-0.5 (exact to float32
-    rounding under torch's default matmul precision; TF32 would not be)."""
+    this is the reference's butterfly (float32 sums of +-x, then the scale) summed in another order. It also avoids
+    a slow cuBLAS kernel: for the 16 rows of the indexer's new entries at batch 8, 11 us on an H200 where the
+    float32 matmul with the scaled matrix took 60-62 us (scripts/bench_attention.py's kernel table,
+    docs/performance.md). Otherwise one float32 matmul with H_d * d^-0.5 (exact to float32 rounding under torch's
+    default matmul precision; TF32 would not be)."""
     d = x.size(-1)
     if x.dtype == torch.bfloat16 and x.is_cuda:
         y = torch.mm(x.reshape(-1, d), _hadamard_matrix(d, x.device, x.dtype), out_dtype=torch.float32)
@@ -224,8 +225,9 @@ def _(scores, k):
 
 
 # Up to here (entries per row) the one-program-per-row radix select beats torch.topk: on an H200 at batch 8 and 32,
-# k = 512, 12 us vs 40 us at 2048 entries (8K context), 33 us vs 65 us at 8192; at 32768 it is 1.4-1.7x slower, and
-# far slower beyond, where one program per row cannot keep up with torch's multi-block select.
+# k = 512, 22-23 us vs 47-49 us at 2048 entries (8K context), 51 us vs 71-76 us at 8192; at 32768 it is 1.6-1.9x
+# slower (141 us vs 74-86), as one program per row cannot keep up with torch's multi-block select
+# (scripts/bench_attention.py's kernel table, docs/performance.md).
 TOPK_TRITON_MAX_ENTRIES = 8192
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the two hot decode stages of V4 attention on NVIDIA GPUs.
+"""Triton kernels for the hot decode stages of V4 attention on NVIDIA GPUs.
 
 - `sparse_attn`: attention of every query over its own list of KV rows (window + selected
   compressed entries), single KV head (K = V), learned per-head sink in the denominator. Split-K
@@ -8,7 +8,9 @@
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
 
-Both launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
+- `topk`: the k largest scores of each row (the indexer's selection), by radix select in one program per row.
+
+All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
 """
 
@@ -228,7 +230,7 @@ def topk(scores: torch.Tensor, k: int, block: int | None = None, num_warps: int 
     """Indices of the `k` largest of each row of float32 `scores` [..., T] as int32 [..., k], in index order, -1
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
     largest score the lowest indices are kept (the `kernels.indexer_topk` contract). `block`: entries per step
-    (default: the row up to 4096, the fastest on an H200 at 2048 and 8192 entries)."""
+    (default: the whole row, up to 4096)."""
     flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
     block = block or min(4096, triton.next_power_of_2(flat.size(1)))
     out = torch.empty(flat.size(0), k, device=scores.device, dtype=torch.int32)
