@@ -1,6 +1,6 @@
 """One rank of the inference job: check the checkpoint, join the mesh, load this rank's shard, serve requests.
 
-scripts/launch.py drives these pieces under torchrun (argument parsing, printing, failing loudly);
+ascend/serve.py drives these pieces under torchrun (argument parsing, printing, failing loudly);
 everything here is plain functions and small classes so each piece is testable on its own.
 
 Layout (the plan): world = dp x tp; the tp ranks of one data-parallel group split attention heads,

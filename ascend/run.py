@@ -4,10 +4,10 @@ The command checks what it can before any process starts (the converted checkpoi
 sharded for exactly nnodes x nproc ranks), then runs
 
     python -m torch.distributed.run --nproc-per-node N [--standalone | --nnodes --node-rank
-        --master-addr --master-port] scripts/launch.py --ckpt DIR [launch options]
+        --master-addr --master-port] -m ascend.serve --ckpt DIR [launch options]
 
 and exits with torchrun's status. Options it does not know (--input, --max-new-tokens, ...) go to
-scripts/launch.py unchanged; `python3 scripts/launch.py --help` lists them.
+ascend.serve unchanged; `python3 -m ascend.serve --help` lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import click
 from ascend.cli import device_option, json_option
 from ascend.errors import AscendDeployError
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "launch.py"
+ENTRY = "ascend.serve"     # the module every rank runs (torchrun -m): part of the package, so installs have it
 
 
 class RunError(AscendDeployError):
@@ -58,10 +58,7 @@ def torchrun_command(ckpt: str | Path, nproc: int, nnodes: int = 1, node_rank: i
             raise RunError(f"--nnodes {nnodes}: --master-addr (the address of node 0) is required")
         cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr or '127.0.0.1'}",
                 f"--master-port={master_port or 29500}"]
-    if not SCRIPT.is_file():
-        raise RunError(f"{SCRIPT}: not found; `ascend run` needs a source checkout (bash scripts/setup.sh installs "
-                       f"it in editable mode)")
-    return cmd + [str(SCRIPT), "--ckpt", str(ckpt), *launch_args]
+    return cmd + ["-m", ENTRY, "--ckpt", str(ckpt), *launch_args]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -80,7 +77,7 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
                 master_port: int | None, dry_run: bool, device: str, as_json: bool) -> None:
     """Launch multi-device inference on a converted checkpoint.
 
-    Options not listed here go to scripts/launch.py (`python3 scripts/launch.py --help`): --input, --prompt,
+    Options not listed here go to ascend.serve (`python3 -m ascend.serve --help`): --input, --prompt,
     --interactive, --max-new-tokens, --temperature, --stop, --json, ...
     """
     world = converted_world_size(ckpt)

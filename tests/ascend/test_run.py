@@ -6,14 +6,14 @@ import shlex
 import pytest
 
 from ascend.cli import main
-from ascend.run import SCRIPT, RunError, torchrun_command
+from ascend.run import RunError, torchrun_command
 
 
 def test_single_node_uses_a_standalone_rendezvous():
     cmd = torchrun_command("/ck", 2, launch_args=("--json",))
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in cmd and "--standalone" in cmd and "--max-restarts=0" in cmd
-    assert cmd[-4:] == [str(SCRIPT), "--ckpt", "/ck", "--json"]
+    assert cmd[-5:] == ["-m", "ascend.serve", "--ckpt", "/ck", "--json"]    # the package module: installs have it
 
 
 def test_multi_node_flags_are_torchrun_flags():

@@ -154,10 +154,7 @@ def test_interactive_chat_with_a_tool_result(work):
 def test_shut_down_keeps_nccl_communicators_after_captured_collectives(monkeypatch):
     """Ranks meet at a barrier, then tear down their groups, except when captured graphs hold collectives (NCCL's
     teardown then hangs: pytorch/pytorch#115388); a single process has nothing to wait for."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("launch_script", Path(__file__).parents[2] / "scripts" / "launch.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
+    from ascend import serve
     calls = []
 
     class Mesh:
@@ -168,9 +165,9 @@ def test_shut_down_keeps_nccl_communicators_after_captured_collectives(monkeypat
         def destroy(self):
             calls.append("destroy")
 
-    monkeypatch.setattr(launch.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(serve.dist, "barrier", lambda: calls.append("barrier"))
     for distributed, captured, expected in ((True, False, ["sync", "barrier", "destroy"]),
                                             (True, True, ["sync", "barrier"]), (False, False, ["destroy"])):
         calls.clear()
-        launch.shut_down(Mesh(distributed), captured)
+        serve.shut_down(Mesh(distributed), captured)
         assert calls == expected
