@@ -24,7 +24,7 @@ Two ways to run the routed experts, same result:
   `experts.<id>.wN.weight` parameter is a view of its row, so names, shapes and loading are unchanged.
 `MoE.mode` picks: "auto" (static while capturing / compiling, when tokens x topk <= `STATIC_MAX_SELECTIONS`, or at
 any size when the kernel table groups the experts' format, `Kernels.grouped_expert_formats`: the CUDA backend's FP4 /
-FP8), "static" or "dynamic"; `set_moe_mode(model, mode)` sets every layer.
+FP8, the NPU backend's bf16 / int8 on A2/A3), "static" or "dynamic"; `set_moe_mode(model, mode)` sets every layer.
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ STAGE_OPS = {
     "indexer_topk": ("npu_lightning_indexer",),
     "sparse_attn": ("npu_sparse_flash_attention",),
 }
+GROUPED_EXPERT_FORMATS = ("bf16", "int8")     # the expert formats `expert_matmul` passes to npu_grouped_matmul
 SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 INDEXER_SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
 PAGED_BLOCK_SIZES = (1024, 512, 256, 128, 64, 32, 16)
@@ -127,6 +128,13 @@ def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | Non
             fallbacks(stage, reason)
             continue
         replaced[stage] = _guarded(stage, fallbacks, getattr(ops, f"check_{stage}"), getattr(ops, stage))
+    if "expert_matmul" in replaced:
+        # npu_grouped_matmul reads each expert once per call, so a prefill chunk's MoE runs static too (one grouped
+        # call per projection instead of a host sync and three calls per local expert). Its per-call checks pass
+        # for these formats at V4's shapes (<= 1024 experts, dims < 65536) with the bf16 activations the launcher
+        # uses on NPUs; a call that failed them would take the reference, whose per-selection weight copies are
+        # large at prefill sizes (the fallback is logged).
+        replaced["grouped_expert_formats"] = GROUPED_EXPERT_FORMATS
     return dataclasses.replace(REFERENCE, **replaced)
 
 
@@ -257,7 +265,7 @@ class _Ops:
     # --------------------------------------------------------------------------------- expert_matmul
     def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,
                             expert_idx: Tensor, groups: None = None) -> str | None:
-        if fmt not in ("bf16", "int8"):
+        if fmt not in GROUPED_EXPERT_FORMATS:
             return (f"npu_grouped_matmul on {self.soc} takes bf16 / fp16 or int8 (pseudo-quantised) expert weights, "
                     f"not {fmt}: convert with --weights bf16 or int8")
         if fmt == "bf16" and weight.dtype != x.dtype:

@@ -146,6 +146,36 @@ def test_moe_layer_static_path_on_npu_equals_reference(emulation):
     assert_rel(got, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("soc,fmt,grouped", [("A3", "int8", True), ("A2", "bf16", True), ("A3", "fp4", False),
+                                              ("A5", "int8", False)])
+def test_prefill_moe_runs_static_where_grouped_matmul_serves_the_experts(emulation, soc, fmt, grouped, monkeypatch):
+    """Where npu_grouped_matmul takes the experts' format (A2/A3: bf16, int8), the table declares it grouped, so a
+    prefill-sized MoE input runs the static path (one grouped call per projection, no per-expert host sync) and
+    equals the reference layer; FP4 experts and SoCs without the operator keep the dynamic path at that size."""
+    from model.config import ModelConfig
+    from model.kernels import use_kernels
+    from model.moe import STATIC_MAX_SELECTIONS, MoE
+    from model.transformer import init_random_
+
+    cfg = ModelConfig.preset("tiny", expert_dtype=fmt)
+    k, fb = npu_kernels(soc)
+    assert (fmt in k.grouped_expert_formats) == grouped
+    moe = use_kernels(init_random_(MoE(3, cfg), seed=5), k)
+    tokens = STATIC_MAX_SELECTIONS // cfg.n_activated_experts + 7          # past the decode-size limit
+    assert moe.use_static(tokens * cfg.n_activated_experts) == grouped
+    if not grouped:
+        return
+    monkeypatch.setattr(MoE, "routed", lambda *a: pytest.fail("a declared grouped format took the dynamic path"))
+    x = torch.randn(1, tokens, cfg.dim).bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens))
+    want_layer = init_random_(MoE(3, cfg), seed=5)
+    want_layer.mode = "static"                                             # the reference kernels, same weights
+    with torch.no_grad():
+        got, want = moe(x, ids), want_layer(x, ids)
+    assert stage_ran_on_npu(fb, "expert_matmul")
+    assert_rel(got, want, torch.bfloat16)
+
+
 def test_mhc_stages_on_ascend_950(emulation):
     k, fb = npu_kernels("A5")
     dtype = torch.bfloat16
