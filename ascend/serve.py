@@ -227,9 +227,10 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
 
 def shut_down(mesh: mesh_lib.Mesh, captured_collectives: bool) -> None:
     """Every rank waits for the others, then the process groups are destroyed, except after decode graphs that hold
-    collectives were captured: NCCL's communicator teardown then never returns (pytorch/pytorch#115388; here every
-    2-rank run with captured graphs on 2 H200 hung after its last token, until killed). The process exits right
-    after this (`main`'s os._exit), which releases the communicators with it."""
+    collectives were captured: with those graphs still held (the session is alive here), NCCL's communicator
+    teardown did not return (pytorch/pytorch#115388; every such 2-rank job on 2 H200 hung after its last token,
+    until killed, while scripts/bench_multi_gpu.py, whose sessions are gone by its teardown, exited). The process
+    exits right after this (`main`'s os._exit), which releases the communicators with it."""
     if mesh.distributed:
         mesh.device.synchronize()
         dist.barrier()
