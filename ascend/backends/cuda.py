@@ -232,6 +232,8 @@ TOPK_TRITON_MAX_ENTRIES = 8192
 
 
 def topk_auto(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """`topk` picks of each row of `scores` as `topk_fixed` returns them (int32, -1 for none), by the faster of the
+    two for the row length (a shape, so the choice is fixed per captured graph)."""
     return (topk_triton if scores.size(-1) <= TOPK_TRITON_MAX_ENTRIES else topk_fixed)(scores, topk)
 
 
