@@ -238,7 +238,8 @@ class Runner:
         mine = list(range(len(self.prompts)))[dp_rank::dp]
         out = {"mode": "1 device" if alone else mode.name, "exchange": "-" if alone else exchange,
                "redundant": plan.redundant}
-        # the all-to-all's capture is opt-in in the launcher (`--graph`, not yet run on GPUs): asked for here
+        # the all-to-all's capture is opt-in in the launcher (`--graph`; it has run on GPUs once, at tiny width,
+        # docs/performance.md): asked for here
         graphs = use_graphs(False if self.args.no_graph else exchange == "alltoall" or None, self.device.type,
                             exchange, mode.ep)
         model = self.load(ctx, state, self.check_dtype)   # smooth in its inputs: no FP8 KV / FP4 indexer rounding
