@@ -102,11 +102,14 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int, fmt: str, swiglu_limit: float = 0.0):
         super().__init__()
-        self.fmt = fmt
         self.w1 = Linear(dim, inter_dim, fmt)   # gate
         self.w2 = Linear(inter_dim, dim, fmt)   # down
         self.w3 = Linear(dim, inter_dim, fmt)   # up
         self.swiglu_limit = swiglu_limit
+
+    @property
+    def fmt(self) -> str:
+        return self.w1.fmt
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, dim]; weights [N, 1] (routing weight, applied before w2) or None."""
@@ -174,7 +177,6 @@ class MoE(nn.Module):
             return self.mode == "static"
         return (n_selections <= STATIC_MAX_SELECTIONS or _capturing()
                 or self._probe().fmt in self.kernels.grouped_expert_formats)
-
 
     def _probe(self) -> Expert:
         """One local expert: they all share their format, roundings and SwiGLU limit."""
