@@ -135,6 +135,7 @@ def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | Non
         # uses on NPUs; a call that failed them would take the reference, whose per-selection weight copies are
         # large at prefill sizes (the fallback is logged).
         replaced["grouped_expert_formats"] = GROUPED_EXPERT_FORMATS
+        replaced["group_experts"] = ops.group_experts        # one sort per MoE layer, shared by w1, w3 and w2
     return dataclasses.replace(REFERENCE, **replaced)
 
 
@@ -264,7 +265,7 @@ class _Ops:
 
     # --------------------------------------------------------------------------------- expert_matmul
     def check_expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str,
-                            expert_idx: Tensor, groups: None = None) -> str | None:
+                            expert_idx: Tensor, groups: tuple[Tensor, Tensor] | None = None) -> str | None:
         if fmt not in GROUPED_EXPERT_FORMATS:
             return (f"npu_grouped_matmul on {self.soc} takes bf16 / fp16 or int8 (pseudo-quantised) expert weights, "
                     f"not {fmt}: convert with --weights bf16 or int8")
@@ -275,18 +276,24 @@ class _Ops:
             return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got weights {tuple(weight.shape)}"
         return _dtype_reason("npu_grouped_matmul", x, HALF)
 
-    def expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor,
-                      groups: None = None) -> Tensor:
-        # `groups`: the reference `group_experts` (None); this sorts its own (-1 rows clamped into expert 0)
-        # one grouped matmul over the selections sorted by expert (static shapes, no host sync): group e is the
-        # rows of expert e; another rank's selection (id -1) rides with expert 0 and is zeroed afterwards, since
-        # the groups must cover every row
-        experts = weight.shape[0]
+    def group_experts(self, expert_idx: Tensor, n_experts: int, fmt: str) -> tuple[Tensor, Tensor] | None:
+        """`kernels.group_experts` for the formats `expert_matmul` groups: the selections sorted by expert (static
+        shapes, no host sync) and the cumulative group ends npu_grouped_matmul takes, computed once for a MoE layer's
+        three calls. Another rank's selection (id -1) rides with expert 0 (the groups must cover every row) and is
+        zeroed by `expert_matmul`."""
+        if fmt not in GROUPED_EXPERT_FORMATS:
+            return None
         rows = expert_idx.clamp(min=0)
         sorted_rows, order = torch.sort(rows, stable=True)
-        ends = torch.searchsorted(sorted_rows, torch.arange(1, experts + 1, device=x.device, dtype=rows.dtype))
+        ends = torch.searchsorted(sorted_rows, torch.arange(1, n_experts + 1, device=rows.device, dtype=rows.dtype))
+        return order, ends.long()
+
+    def expert_matmul(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, expert_idx: Tensor,
+                      groups: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        # one grouped matmul over the selections sorted by expert: group e is the rows of expert e
+        order, ends = groups or self.group_experts(expert_idx, weight.shape[0], fmt)
         quant = {} if fmt == "bf16" else {"antiquant_scale": [scale.to(x.dtype)]}
-        y = self.npu.npu_grouped_matmul([x[order]], [weight.transpose(1, 2)], group_list=ends.long(), split_item=3,
+        y = self.npu.npu_grouped_matmul([x[order]], [weight.transpose(1, 2)], group_list=ends, split_item=3,
                                         group_type=0, group_list_type=0, **quant)[0]
         out = torch.empty_like(y).index_copy_(0, order, y)
         return torch.where((expert_idx >= 0).unsqueeze(1), out, 0.0)

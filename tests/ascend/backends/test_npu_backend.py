@@ -92,6 +92,10 @@ def test_expert_matmul_through_grouped_matmul(emulation, fmt):
     assert stage_ran_on_npu(fb, "expert_matmul") and y.dtype == torch.bfloat16
     assert (y[idx < 0] == 0).all()
     assert_rel(y, REFERENCE.expert_matmul(x, weight, scale, fmt, idx), torch.bfloat16)
+    groups = k.group_experts(idx, 5, fmt)                 # one grouping for a layer's three calls: the same output
+    assert groups is not None and len(groups) == 2
+    assert torch.equal(k.expert_matmul(x, weight, scale, fmt, idx, groups), y)
+    assert k.group_experts(idx, 5, "fp4") is None
     w4, s4 = quant.quantize_weight(torch.randn(48, 64), "fp4")
     k.expert_matmul(x, w4[None], s4[None], "fp4", torch.zeros(11, dtype=torch.long))
     assert fb.reasons[-1][0] == "expert_matmul" and "not fp4" in fb.reasons[-1][1]
