@@ -27,8 +27,8 @@ from model import quant
 
 Tensor = torch.Tensor
 
-__all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "sparse_attn", "sinkhorn",
-           "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
+__all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
+           "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
            "expert_matmul", "take_rows", "round_kv_entries", "use_kernels"]
 
 
@@ -104,8 +104,14 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(scores, group=group)
     visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    n = min(topk, k.size(1))
+    return select_topk(scores.masked_fill(~visible, float("-inf")), topk)
+
+
+def select_topk(scores: Tensor, topk: int) -> Tensor:
+    """`indexer_topk`'s selection from float32 scores [..., T] (-inf: not visible): int32 [..., topk], the indices of
+    the largest finite scores (order unspecified), ties at the topk-th score to the lowest indices, -1 in every other
+    slot (past the finite ones, and past T when topk > T)."""
+    n = min(topk, scores.size(-1))
     idx = topk_lowest_index(scores, n)
     idx = torch.where(scores.gather(-1, idx) == float("-inf"), -1, idx).int()
     if n < topk:

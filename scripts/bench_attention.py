@@ -328,10 +328,10 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
     Hadamard rotation of its queries and of its new entries (two rows per sequence at decode), as the reference
     butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend."""
     from ascend.backends import cuda
-    from model.kernels import REFERENCE, topk_lowest_index
+    from model.kernels import REFERENCE, select_topk
 
     roof = scores.numel() * 4 / copy_bps * 1e3
-    ref = time_ms(device, lambda: topk_lowest_index(scores, topk), shapes.reps)
+    ref = time_ms(device, lambda: select_topk(scores, topk), shapes.reps)
     rows = [KernelRow("topk", kind, batch, context, "torch.topk", time_ms(
         device, lambda: cuda.topk_fixed(scores, topk), shapes.reps), roof, ref)]
     if triton:

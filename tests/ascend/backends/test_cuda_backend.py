@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ascend.backends import cuda
-from model.kernels import REFERENCE
+from model.kernels import REFERENCE, select_topk
 
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
 # Triton kernels on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), or on the GPU when there is one
@@ -131,15 +131,6 @@ def test_hadamard_matmul_bf16_is_the_butterfly_to_float32_rounding():
         assert (y.float() != REFERENCE.hadamard(x.float()).to(torch.bfloat16).float()).float().mean() < 0.01
 
 
-def _topk_reference(scores, k):
-    """`kernels.indexer_topk`'s selection rule on plain scores, as sorted int32 rows with -1 last."""
-    from model.kernels import topk_lowest_index
-    n = min(k, scores.size(-1))
-    idx = topk_lowest_index(scores, n)
-    idx = torch.where(scores.gather(-1, idx) == float("-inf"), -1, idx)
-    return _sorted_ids(torch.nn.functional.pad(idx, (0, k - n), value=-1).int())
-
-
 def _sorted_ids(idx):
     """Rows sorted ascending with the -1 slots moved to the end."""
     big = torch.iinfo(torch.int32).max
@@ -165,7 +156,7 @@ def test_triton_topk_keeps_the_reference_selection(T, k, block):
     assert got.shape == (5, k) and got.dtype == torch.int32
     ordered = (got[:, 1:] > got[:, :-1]) | (got[:, 1:] < 0)                 # index order, -1 after the picks
     assert ordered.all() and not ((got[:, :-1] < 0) & (got[:, 1:] >= 0)).any()
-    assert torch.equal(_sorted_ids(got), _topk_reference(s, k))
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, k)))
 
 
 @needs_triton_or_interpreter
