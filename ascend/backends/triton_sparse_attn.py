@@ -26,6 +26,7 @@ def _sparse_attn_partial_kernel(
     S, H, T, K, chunk, scale,
     sq_b, sq_s, sq_h, skv_b, skv_t, si_b, si_s,
     D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     bs = tl.program_id(0)           # flattened (batch, query position)
     hb = tl.program_id(1)           # block of heads
@@ -54,14 +55,14 @@ def _sparse_attn_partial_kernel(
         rows = tl.where(valid, rows, 0).to(tl.int64)
         kv = tl.load(kv_base + rows[:, None] * skv_t + dims[None, :],
                      mask=valid[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(kv)) * scale                       # [BLOCK_H, BLOCK_K] fp32
+        scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale                       # [BLOCK_H, BLOCK_K] fp32
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # all-masked so far: keep zeros
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
         m_i = m_new
 
     if SINGLE:      # one chunk: normalise here, with exp(sink) in the denominator, and write the output
@@ -77,6 +78,12 @@ def _sparse_attn_partial_kernel(
         tl.store(o_ptr + part[:, None].to(tl.int64) * D + dims[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
         tl.store(m_ptr + part, m_i, mask=h_ok)
         tl.store(l_ptr + part, l_i, mask=h_ok)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: float32 operands in full float32 ("ieee"), as torch's matmuls keep them by
+    default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact products)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
@@ -113,6 +120,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         S, H, T, K, chunk, scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
+        PRECISION=_precision(q.dtype),
         num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
     )
     if nsplit > 1:
@@ -134,7 +142,7 @@ def _indexer_scores_kernel(
     q_ptr, k_ptr, w_ptr, nv_ptr, out_ptr,
     S, H, T,
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
-    D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+    D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bs = tl.program_id(0)
     tb = tl.program_id(1)
@@ -151,7 +159,7 @@ def _indexer_scores_kernel(
     w = tl.load(w_ptr + b.to(tl.int64) * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b.to(tl.int64) * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    logits = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                    # [H_P2, BLOCK_T]
+    logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)                    # [H_P2, BLOCK_T]
     score = tl.sum(logits * w[:, None], 0)
     n_visible = tl.load(nv_ptr + b.to(tl.int64) * snv_b + s)
     score = tl.where(t < n_visible, score, float("-inf"))
@@ -172,7 +180,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        num_warps=num_warps, num_stages=2,
+        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2,
     )
     return out
 
