@@ -419,10 +419,12 @@ def test_triton_stages_replay_under_cuda_graph():
 
 
 @needs_triton_or_interpreter
-@pytest.mark.parametrize("B,S,H,D,T,K", [(1, 1, 16, 64, 300, 200), (1, 2, 20, 48, 100, 70), (2, 1, 8, 32, 50, 96)])
+@pytest.mark.parametrize("B,S,H,D,T,K", [(1, 1, 16, 64, 300, 200), (1, 2, 20, 48, 100, 70), (2, 1, 8, 32, 50, 96),
+                                         (1, 1, 16, 192, 300, 200)])
 def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K):
     """Few queries and long index lists: the list is split over programs and the partials merged (several heads
-    blocks, a head count and a head dim that fill no block, an empty chunk, a query with no key)."""
+    blocks, a head count and a head dim that fill no block, a head dim the merge splits into a full and a partial
+    block of 128, an empty chunk, a query with no key)."""
     from ascend.backends import triton_sparse_attn
     q, kv, idx, sink = _attn_inputs(B, S, H, D, T, K, device=TRITON_DEVICE)
     idx[0, 0, :64] = -1
