@@ -23,6 +23,7 @@ every row. `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -359,7 +360,8 @@ def kernel_table(rows: list[KernelRow]) -> str:
 
 def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
-             f"({ceilings['device']})", "",
+             f"({ceilings['device']})" + (f", inductor options {ceilings['inductor']}" if ceilings.get("inductor") else ""),
+             "",
              "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
              "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -378,6 +380,17 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     return "\n".join(lines)
 
 
+def inductor_option(text: str) -> tuple[str, object]:
+    """`--inductor KEY=VALUE`: VALUE as a Python literal (True, 4, "x"), else as the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--inductor {text!r}: expected KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
@@ -393,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of compilation after which the remaining rows are timed eagerly only")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled step (aot_eager: trace only, for quick checks)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", type=inductor_option,
+                   help="an inductor config option for the compiled step (repeatable), e.g. combo_kernels=True")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
     p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
@@ -418,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_bps = copy_bandwidth(device, 2 ** 30 if big else 2 ** 26)
     flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
     ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
-                "prefill_tokens": shapes.prefill_tokens}
+                "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor)}
 
     rows, prefill, dense, failures = [], {}, {}, []
 
@@ -433,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         log({"ceilings": ceilings})
     layers = {kind: synthetic_attention(config, layer_id, device.torch_device)
               for kind, layer_id in layer_ids(config).items()}
+    compile_options = {"backend": args.compile_backend}
+    if args.inductor:
+        compile_options["options"] = dict(args.inductor)
     compile_s = 0.0
     for context in contexts:              # both layer types per shape: a run cut short still covers both
         for batch in batches:
@@ -441,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
                                      kernels, not args.no_reference, compiled_kernels if within_budget else None,
-                                     {"backend": args.compile_backend}, args.profile)
+                                     compile_options, args.profile)
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")

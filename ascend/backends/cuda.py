@@ -366,6 +366,13 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 
+# Inductor settings of `compile_decode`. combo_kernels: independent small kernels of the step (the pointwise and
+# reduction tails of separate stages) share one launch; what is left of a decode step after fusion is mostly such
+# kernels of 1-2 us. On an H200 at V4-Flash shapes, batch 8 and 32, context 8K, it took a compiled CSA layer from
+# 280-329 to 245-289 us and an HCA layer from 167-213 to 148-188 us (scripts/bench_attention.py, docs/performance.md).
+INDUCTOR_CONFIG = dict(combo_kernels=True)
+
+
 def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
     """`torch.compile` a decode step (an `Attention` layer, a whole-model step, any function) as ONE static graph:
     inductor, `fullgraph=True` (a graph break is an error, not a silent slow path), `dynamic=False` (every shape is
@@ -378,20 +385,20 @@ def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Ca
     own (default mode). `options` go to `torch.compile` (e.g. `mode="max-autotune-no-cudagraphs"`, or
     `backend="aot_eager"` to check tracing without code generation).
 
-    `eager_numerics` (default) compiles with inductor's `emulate_precision_casts`: fused code rounds to bf16 wherever
-    the eager step does. Without it inductor keeps fused intermediates in float32, which is more precise but moves
-    values across the FP4 / FP8 simulations' rounding boundaries: the indexer then picks other entries and a CSA
-    layer's output moved by 13-26% (relative norm) at V4-Flash shapes on the H200 (HCA, without an indexer: 0.4%).
+    Inductor runs with INDUCTOR_CONFIG (an `options={...}` given here overrides it). `eager_numerics` (default)
+    compiles with inductor's `emulate_precision_casts`: fused code rounds to bf16 wherever the eager step does.
+    Without it inductor keeps fused intermediates in float32, which is more precise but moves values across the
+    FP4 / FP8 simulations' rounding boundaries: the indexer then picks other entries and a CSA layer's output moved
+    by 13-26% (relative norm) at V4-Flash shapes on the H200 (HCA, without an indexer: 0.4%).
 
     Each shape is one more entry of the step's compile cache: call `torch._dynamo.reset()` between unrelated
     shapes rather than exceed dynamo's recompile limit (8), past which it silently runs eagerly.
     """
     compiled = torch.compile(step, **{"fullgraph": True, "dynamic": False, **options})
-    if not eager_numerics:
-        return compiled
+    config = {**INDUCTOR_CONFIG, "emulate_precision_casts": eager_numerics}
 
     def run(*args, **kwargs):
         # inductor reads its config when it compiles, i.e. inside the first call of each shape
-        with torch._inductor.config.patch(emulate_precision_casts=True):
+        with torch._inductor.config.patch(**config):
             return compiled(*args, **kwargs)
     return run

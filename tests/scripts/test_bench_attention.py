@@ -1,8 +1,11 @@
 """scripts/bench_attention.py --quick (with the compiled step) runs end to end on CPU and writes its table and results."""
 
+import argparse
 import json
 
-from tests.conftest import run_script
+import pytest
+
+from tests.conftest import load_script, run_script
 
 
 def test_quick_mode_writes_table_and_json(tmp_path):
@@ -17,3 +20,14 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     assert set(results["prefill"]) == {"csa", "hca"} and results["kernels"] and not results["failures"]
     table = (tmp_path / "bench_attention.md").read_text()
     assert "x roofline" in table and "| csa | 1 | 64 |" in table
+
+
+def test_inductor_options_parse_as_literals():
+    """--inductor KEY=VALUE: Python literals where VALUE is one, the string otherwise; no '=' is refused."""
+    parse = load_script("bench_attention").inductor_option
+    assert parse("combo_kernels=True") == ("combo_kernels", True)
+    assert parse("max_fusion_size=128") == ("max_fusion_size", 128)
+    assert parse("triton.cudagraphs=False") == ("triton.cudagraphs", False)
+    assert parse("mode=fast") == ("mode", "fast")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        parse("combo_kernels")
