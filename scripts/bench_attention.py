@@ -359,9 +359,9 @@ def kernel_table(rows: list[KernelRow]) -> str:
 
 
 def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
+    options = f", inductor options {ceilings['inductor']}" if ceilings.get("inductor") else ""
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
-             f"({ceilings['device']})" + (f", inductor options {ceilings['inductor']}" if ceilings.get("inductor") else ""),
-             "",
+             f"({ceilings['device']}){options}", "",
              "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
              "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

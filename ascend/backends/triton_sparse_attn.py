@@ -55,7 +55,7 @@ def _sparse_attn_partial_kernel(
         rows = tl.where(valid, rows, 0).to(tl.int64)
         kv = tl.load(kv_base + rows[:, None] * skv_t + dims[None, :],
                      mask=valid[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale                       # [BLOCK_H, BLOCK_K] fp32
+        scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale    # [BLOCK_H, BLOCK_K] fp32
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # all-masked so far: keep zeros
@@ -183,7 +183,7 @@ def _indexer_scores_kernel(
     w = tl.load(w_ptr + b.to(tl.int64) * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + b.to(tl.int64) * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)                    # [H_P2, BLOCK_T]
+    logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [H_P2, BLOCK_T]
     score = tl.sum(logits * w[:, None], 0)
     n_visible = tl.load(nv_ptr + b.to(tl.int64) * snv_b + s)
     score = tl.where(t < n_visible, score, float("-inf"))
