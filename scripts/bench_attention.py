@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
     p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
     args = p.parse_args(argv)
+    if args.inductor and args.compile_backend != "inductor":
+        p.error(f"--inductor: options of the inductor backend, not of --compile-backend {args.compile_backend}")
 
     from ascend.backends.cuda import make_kernels
     from ascend.onnx_export import synthetic_attention

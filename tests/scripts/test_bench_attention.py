@@ -31,3 +31,9 @@ def test_inductor_options_parse_as_literals():
     assert parse("mode=fast") == ("mode", "fast")
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
         parse("combo_kernels")
+
+
+def test_inductor_options_need_the_inductor_backend(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("bench_attention", ["--quick", "--compile-backend", "aot_eager", "--inductor", "combo_kernels=True"])
+    assert exit_info.value.code == 2 and "--compile-backend aot_eager" in capsys.readouterr().err
