@@ -29,6 +29,13 @@ import triton.language as tl
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision for operands of `dtype`: float32 in full float32 ("ieee"), as torch's matmuls
+    keep them by default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact
+    products). Every Triton kernel of the backend that dots its inputs takes it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _e2m1_times_2_pow_minus_14(code):
     """e2m1 codes 0..15 (int32) -> value * 2^-14 in float32, in four integer ops and one exact conversion.
@@ -300,7 +307,7 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
                               weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
                               out.stride(0) if split_k > 1 else 0,
                               BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
-                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                              PRECISION=dot_precision(x.dtype), num_warps=num_warps,
                               num_stages=num_stages)
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 

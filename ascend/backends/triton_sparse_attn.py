@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend.backends.triton_moe import dot_precision
+
+
 @triton.jit
 def _sparse_attn_partial_kernel(
     q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, o_ptr, m_ptr, l_ptr,
@@ -80,12 +83,6 @@ def _sparse_attn_partial_kernel(
         tl.store(l_ptr + part, l_i, mask=h_ok)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """`tl.dot`'s input precision: float32 operands in full float32 ("ieee"), as torch's matmuls keep them by
-    default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact products)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
     """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU. CPU tensors
     come here only under Triton's interpreter (the tests): a nominal 8 SMs, so that their split path runs too."""
@@ -120,7 +117,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         S, H, T, K, chunk, scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
-        PRECISION=_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype),
         num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
     )
     if nsplit > 1:
@@ -204,7 +201,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
     )
     return out
 
