@@ -401,10 +401,13 @@ def group_experts(expert_idx: torch.Tensor, n_experts: int, min_rows: int = GROU
     return (torch.argsort(expert_idx.int()),)
 
 
-def strided_groups(tokens: int, n_groups: int, device: torch.device) -> tuple:
-    """The grouping of ids `arange(n_groups).repeat(tokens)` (row t * G + g belongs to group g: a grouped output
-    projection) without sorting them: group g owns rows g, g + G, ..., in `_groups`' layout."""
+def strided_groups(tokens: int, n_groups: int, device: torch.device, min_rows: int = GROUPED_MIN_ROWS) -> tuple:
+    """`group_experts` of the ids `arange(n_groups).repeat(tokens)` (row t * G + g belongs to group g: a grouped
+    output projection) without sorting them: group g owns rows g, g + G, ...; the visiting order alone for the
+    per-selection kernel (decode), with `_groups`' bounds for the grouped one."""
     n = tokens * n_groups
     order = torch.arange(n, device=device).view(tokens, n_groups).t().flatten()
+    if not use_grouped(n, n_groups, min_rows):
+        return (order,)
     groups = torch.arange(n_groups, device=device)
     return order, groups * tokens, torch.full((n_groups,), tokens, device=device), groups
