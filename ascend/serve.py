@@ -11,8 +11,9 @@ any weight is read, joins the dp x tp x ep mesh, and loads only its own shard. R
 requests and shares them; each data-parallel group serves every dp-th request; rank 0 streams its
 own group's text and prints every request's result with TTFT, TPOT and tokens/s at the end.
 
-A failing rank prints `rank N: <message>` on stderr and leaves at once with status 1 (without
-waiting on peers that may be blocked in a collective); torchrun then stops the other ranks. The
+A failing rank prints `rank N: <message>` on stderr and leaves at once with status 2 (an error the
+toolkit names: bad checkpoint, plan or input) or 1 (anything else, with its traceback), without
+waiting on peers that may be blocked in a collective; torchrun then stops the other ranks. The
 collective timeout (--dist-timeout) is the backstop when no launcher watches the processes.
 """
 
