@@ -35,7 +35,9 @@ def _fp32(*shape: int) -> nn.Parameter:
 class HyperConnection:
     """mHC around one named sub-block of `owner`, whose parameters are `hc_<name>_{fn,base,scale}`.
 
-    A plain helper (not a Module) so the parameters stay flat on the block, as the checkpoint names them.
+    A plain helper (not a Module) so the parameters stay flat on the block, as the checkpoint names them. The owner
+    is passed to each call, not kept: the owner holds the helper, and a helper holding the owner back would make a
+    reference cycle that keeps a dropped model's device memory until Python's cycle collector happens to run.
     """
 
     def __init__(self, owner: nn.Module, name: str, config: ModelConfig, kernels: Kernels):
@@ -43,30 +45,29 @@ class HyperConnection:
         owner.register_parameter(f"hc_{name}_fn", _fp32(mix, n * config.dim))
         owner.register_parameter(f"hc_{name}_base", _fp32(mix))
         owner.register_parameter(f"hc_{name}_scale", _fp32(3))
-        self.owner, self.prefix, self.kernels = owner, f"hc_{name}_", kernels
+        self.prefix, self.kernels = f"hc_{name}_", kernels
         self.iters, self.eps, self.norm_eps = config.hc_sinkhorn_iters, config.hc_eps, config.norm_eps
 
-    def _param(self, what: str) -> torch.Tensor:
-        return getattr(self.owner, self.prefix + what)
-
-    def __call__(self, streams: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def __call__(self, owner: nn.Module, streams: torch.Tensor,
+                 sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Streams [B, S, n, dim] -> streams after `sublayer` ([B, S, dim] -> [B, S, dim]) with mHC mixing."""
-        y, post, comb = self.kernels.hc_pre(streams, self._param("fn"), self._param("scale"), self._param("base"),
-                                            self.iters, self.eps, self.norm_eps)
+        fn, scale, base = (getattr(owner, self.prefix + what) for what in ("fn", "scale", "base"))
+        y, post, comb = self.kernels.hc_pre(streams, fn, scale, base, self.iters, self.eps, self.norm_eps)
         return self.kernels.hc_post(sublayer(y), streams, post, comb)
 
 
 class HyperHead:
-    """The stream reduction before the output norm: parameters `hc_head_{fn,base,scale}` on `owner`."""
+    """The stream reduction before the output norm: parameters `hc_head_{fn,base,scale}` on `owner` (passed to each
+    call, as for HyperConnection)."""
 
     def __init__(self, owner: nn.Module, config: ModelConfig, kernels: Kernels):
         n = config.hc_mult
         owner.register_parameter("hc_head_fn", _fp32(n, n * config.dim))
         owner.register_parameter("hc_head_base", _fp32(n))
         owner.register_parameter("hc_head_scale", _fp32(1))
-        self.owner, self.kernels, self.eps, self.norm_eps = owner, kernels, config.hc_eps, config.norm_eps
+        self.kernels, self.eps, self.norm_eps = kernels, config.hc_eps, config.norm_eps
 
-    def __call__(self, streams: torch.Tensor) -> torch.Tensor:
+    def __call__(self, owner: nn.Module, streams: torch.Tensor) -> torch.Tensor:
         """[B, S, n, dim] -> [B, S, dim]."""
-        o = self.owner
-        return self.kernels.hc_head(streams, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.eps, self.norm_eps)
+        return self.kernels.hc_head(streams, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, self.eps,
+                                    self.norm_eps)

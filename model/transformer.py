@@ -94,8 +94,8 @@ class Block(nn.Module):
 
     def forward(self, streams: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache,
                 input_ids: torch.Tensor) -> torch.Tensor:
-        streams = self.hc_attn(streams, lambda x: self.attn(self.attn_norm(x), start, cache, n_valid))
-        return self.hc_ffn(streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
+        streams = self.hc_attn(self, streams, lambda x: self.attn(self.attn_norm(x), start, cache, n_valid))
+        return self.hc_ffn(self, streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
 
 
 class MTPBlock(Block):
@@ -158,8 +158,9 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, layout, device)
 
     # ------------------------------------------------------------------------------------------- forward
-    def _logits(self, streams: torch.Tensor, hc_head: HyperHead, norm: RMSNorm) -> torch.Tensor:
-        return self.head(norm(hc_head(streams)))
+    def _logits(self, streams: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+        """Logits through `owner`'s hc head and norm (the main model's, or an MTP block's) and the shared head."""
+        return self.head(owner.norm(owner.hc_head(owner, streams)))
 
     @staticmethod
     def _last(x: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
             streams = layer(streams, start, n_valid, cache.layers[layer.layer_id], input_ids)
         cache.advance(n_valid)
         picked = streams if all_logits else self._last(streams, n_valid)
-        logits = self._logits(picked, self.hc_head, self.norm)
+        logits = self._logits(picked, self)
         logits = logits if all_logits else logits.squeeze(1)
         return (logits, streams) if return_streams else logits
 
@@ -199,7 +200,7 @@ class Transformer(nn.Module):
         embedded = self.embed(next_ids, self.dtype)
         out = block(streams, embedded, start, n_valid, cache.layers[block.layer_id], next_ids)
         picked = out if all_logits else self._last(out, n_valid)
-        logits = self._logits(picked, block.hc_head, block.norm)
+        logits = self._logits(picked, block)
         return logits if all_logits else logits.squeeze(1)
 
     # ------------------------------------------------------------------------------------------- weights

@@ -67,7 +67,7 @@ def test_sublayer_wrapper_matches_spec():
     owner, hc, _ = _owner(2)
     x = torch.randn(2, 3, N, D)
     w = torch.randn(D, D) / D ** 0.5
-    got = hc(x, lambda y: torch.tanh(y @ w.T.to(y.dtype)))
+    got = hc(owner, x, lambda y: torch.tanh(y @ w.T.to(y.dtype)))
     want = _spec_sublayer(owner, x, lambda y: torch.tanh(y @ w.T.double()))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
@@ -81,4 +81,4 @@ def test_head_matches_spec_and_expand():
     v = x.flatten(2).double()
     m = (v @ owner.hc_head_fn.double().T) / torch.sqrt(v.square().mean(-1, keepdim=True) + CFG.norm_eps)
     pre = torch.sigmoid(m * owner.hc_head_scale.double() + owner.hc_head_base.double()) + CFG.hc_eps
-    torch.testing.assert_close(head(x).double(), (pre.unsqueeze(-1) * x.double()).sum(2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(owner, x).double(), (pre.unsqueeze(-1) * x.double()).sum(2), rtol=1e-5, atol=1e-5)

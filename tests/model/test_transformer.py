@@ -79,6 +79,26 @@ def test_quantised_model_decode_equals_full_forward(quant_model):
 
 
 @torch.no_grad()
+def test_dropped_model_is_freed_at_once():
+    """No reference cycle through the model's modules (the mHC helpers are handed their block at each call), so a
+    dropped model frees its weights when the last reference goes, not at some later garbage collection: a script
+    that swaps one model for another on a device would otherwise hold both (bench_multi_gpu's peaks did)."""
+    import gc
+    import weakref
+
+    model = _model(ModelConfig.preset("tiny", n_layers=2, n_mtp_layers=1))
+    cache = model.new_cache(1, 16)
+    logits, streams = model(_ids(1, 4), cache, return_streams=True)
+    model.forward_mtp(streams, _ids(1, 4, 1), cache, torch.zeros(1, dtype=torch.int64))
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model, cache, logits, streams
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_chunked_prefill_equals_single_prefill(fast_model):
     ids = _ids(2, 150, 2)
     full = fast_model(ids, fast_model.new_cache(2, 256), all_logits=True)
