@@ -146,12 +146,11 @@ class CacheSession:
 
 def use_graphs(requested: bool | None, device_type: str, exchange: str, ep: int) -> bool:
     """Decode graph capture: never on CPU (no graphs) or with the all-gather expert exchange, whose message sizes
-    follow the ranks' token counts. By default (None) on CUDA, where it has run, except with the all-to-all
-    (captured in its padded form only on request: it has run on GPUs once, at tiny width, and the exit fix for
-    graphs holding collectives not yet); on request (True) also on NPUs."""
+    follow the ranks' token counts. By default (None) on CUDA, where it has run (the all-to-all in its padded form:
+    on 2 H200, 5-10x faster than eager at Flash width, docs/performance.md); on request (True) also on NPUs."""
     if requested is False or device_type == "cpu" or (exchange == "allgather" and ep > 1):
         return False
-    return requested or (device_type == "cuda" and not (exchange == "alltoall" and ep > 1))
+    return requested or device_type == "cuda"
 
 
 def parallel_context(plan: Any, mesh: Any, exchange: str, count_traffic: bool = False) -> Any:

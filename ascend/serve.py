@@ -66,9 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     graph.add_argument("--no-graph", action="store_true",
                        help="decode eagerly (default on CUDA: replay captured graphs, batch padded to 1/2/4/.../32)")
     graph.add_argument("--graph", action="store_true",
-                       help="capture decode also where it is not the default: NPUGraph on NPUs (never run on one), "
-                            "and the all-to-all expert exchange on GPUs (run once, on 2 GPUs at tiny width; every "
-                            "bucket up to --max-batch captured at start)")
+                       help="capture decode also where it is not the default: NPUGraph on NPUs (never run on one)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: capture the decode step compiled by torch.compile (inductor; tens of seconds per batch "
                         "bucket at start, then fewer, fused kernels per token)")

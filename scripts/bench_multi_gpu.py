@@ -238,10 +238,7 @@ class Runner:
         mine = list(range(len(self.prompts)))[dp_rank::dp]
         out = {"mode": "1 device" if alone else mode.name, "exchange": "-" if alone else exchange,
                "redundant": plan.redundant}
-        # the all-to-all's capture is opt-in in the launcher (`--graph`; it has run on GPUs once, at tiny width,
-        # docs/performance.md): asked for here
-        graphs = use_graphs(False if self.args.no_graph else exchange == "alltoall" or None, self.device.type,
-                            exchange, mode.ep)
+        graphs = use_graphs(False if self.args.no_graph else None, self.device.type, exchange, mode.ep)
         model = self.load(ctx, state, self.check_dtype)   # smooth in its inputs: no FP8 KV / FP4 indexer rounding
         model.set_quant_sim(False)                          # for a tiny difference to flip
         self.generate(out, "", CacheSession(model, self.device.torch_device), mode, mine, alone)

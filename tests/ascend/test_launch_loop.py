@@ -167,8 +167,8 @@ def test_cache_session_graph_decode_equals_eager():
         assert graphed._graphed and graphed.cache.lengths.tolist() == eager.cache.lengths.tolist()
     set_moe_mode(model, "auto")
     assert use_graphs(None, "cuda", "allreduce", 2) and not use_graphs(None, "npu", "allreduce", 1)
-    assert not use_graphs(None, "cpu", "allreduce", 1) and use_graphs(True, "cuda", "alltoall", 2)
-    assert not use_graphs(None, "cuda", "alltoall", 2)          # on request only, until validated at scale on GPUs
+    assert not use_graphs(None, "cpu", "allreduce", 1) and use_graphs(None, "cuda", "alltoall", 2)
+    assert not use_graphs(None, "npu", "alltoall", 2) and use_graphs(True, "npu", "alltoall", 2)
     assert not use_graphs(None, "cuda", "allgather", 2) and use_graphs(True, "npu", "allgather", 1)
     assert not use_graphs(False, "cuda", "allreduce", 1)
 
