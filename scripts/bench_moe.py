@@ -126,7 +126,7 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
         pick = "reference"
         if kernels is not None:
             if fused:
-                pick = "grouped" if kernels.use_grouped(n, case.n_experts) else "gemv"
+                pick = "grouped" if kernels.use_grouped(n, case.n_experts, case.fmt) else "gemv"
             gemv = getattr(kernels, f"expert_matmul_{case.fmt}")          # per selection
             grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless

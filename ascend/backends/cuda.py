@@ -171,12 +171,13 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
 # out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).
-# gemv: 32 output rows per program, fp4 walks 512 inputs (8 KiB of packed bytes) per step, fp8 128 (one scale
-# block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for projections, rows per dot from
-# the shapes. The fp4 expert tile of 128 inputs was
-# the fastest of scripts/bench_moe.py's variants on an H200 at batch 8-64 (1.3-1.8x over 256); the rest untuned.
+# gemv: 32 output rows per program, fp4 experts walk 256 inputs (4 KiB of packed bytes) per step, fp8 128 (one
+# scale block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for projections, rows per dot
+# from the shapes. The fp4 expert tile of 128 inputs was the fastest of scripts/bench_moe.py's variants on an H200
+# at batch 8-64 (1.3-1.8x over 256); the fp4 expert gemv's 256 inputs the fastest of 128-512 at batch 4-96 (5-9%
+# over 512; at batch 1, w1 30.0 against 27.7 us, w2 25.0 against 27.8); the rest untuned.
 EXPERT_MATMUL_CONFIG = {
-    "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=64, block_in=128)),
+    "fp4": dict(gemv=dict(block_out=32, block_in=256, num_warps=4), grouped=dict(block_out=64, block_in=128)),
     "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
 LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
@@ -277,7 +278,7 @@ def group_experts_triton(expert_idx: torch.Tensor, n_experts: int, fmt: str,
     """`kernels.group_experts`: the Triton expert kernels' grouping (one sort for a layer's three calls) for the
     quantised `formats`; None for the others, which run the reference."""
     from ascend.backends import triton_moe
-    return triton_moe.group_experts(expert_idx, n_experts) if fmt in formats else None
+    return triton_moe.group_experts(expert_idx, n_experts, fmt) if fmt in formats else None
 
 
 # Up to here the fused kernel (one weight read, decoded once per chunk of up to 64 rows) beats dequantising the whole
@@ -315,7 +316,7 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     idx = torch.arange(groups, device=x.device).repeat(tokens)
     y = expert_matmul_quant_triton(x.reshape(tokens * groups, d_in), weight.view(groups, out, -1),
                                    scale.view(groups, -1, scale.size(-1)), fmt, idx,
-                                   list(triton_moe.strided_groups(tokens, groups, x.device)), projection=True)
+                                   list(triton_moe.strided_groups(tokens, groups, x.device, fmt)), projection=True)
     return y.view(*x.shape[:-1], out)
 
 

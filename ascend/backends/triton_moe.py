@@ -13,10 +13,11 @@ decode them in registers next to the multiply. Two kernels per format, picked by
   `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row);
   a grid of few programs (a projection with few output blocks) is split over the inputs too (split-K).
 
-The per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 16 bytes]: low nibbles multiply the
-even inputs, high nibbles the odd ones, each group's float32 partial sum is scaled once. Decoding is a few integer
-ops per nibble (a float16 bit pattern, see `_e2m1_times_2_pow_minus_14`): at batch 8 (48 selections, below
-GROUPED_MIN_ROWS) that kernel decodes ~0.6 GB of FP4 per V4-Flash layer, so ALU work per byte matters as much as bytes.
+The fp4 per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 4 int32 words of 8 codes]; each
+group's float32 partial sum is scaled once. Without tensor cores its speed is instructions per byte: every code is
+decoded to a float16 bit pattern (`_e2m1_times_2_pow_minus_14`), two codes per 32-bit integer op (`_e2m1_pair`),
+widened and multiplied into float32, and bf16 x is widened once per program, not per thread (`_x_for_pairs`):
+about 10 instructions per packed byte on sm_90, half the byte-at-a-time walk's 20 (its ~0.7 TB/s at batch 1).
 Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
 """
 
@@ -68,15 +69,62 @@ def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_pair(words, K: tl.constexpr):
+    """Codes K and K + 4 of int32 words of 8 packed e2m1 codes (code i in bits 4i..4i+3: input i of the word) ->
+    two float32 tensors, value * 2^-14 as `_e2m1_times_2_pow_minus_14` gives, decoded two at a time: both codes'
+    float16 patterns are built in the two halves of one 32-bit register (two shifts and two masks act on both),
+    and each half widens to float32 in one instruction."""
+    if K == 3:
+        signs = words
+        mags = words >> 3
+    else:
+        signs = words << (12 - 4 * K)
+        mags = words << (9 - 4 * K)
+    pair = (signs & -0x7FFF8000) | (mags & 0x0E000E00)           # 0x80008000 as an int32; 0x0E000E00
+    lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _x_for_pairs(x_row, word, ok, GROUPS: tl.constexpr):
+    """x at the 8 inputs of each int32 word ([GROUPS, 4] words), as float32 in `_e2m1_pair`'s order: inputs
+    (0, 4), (1, 5), (2, 6), (3, 7). BF16 rows are read as int32 pairs and widened by moving bits (a bf16 is the top
+    half of its float32) before they are spread to the threads: every thread would otherwise widen the same x."""
+    if x_row.dtype.element_ty == tl.bfloat16:
+        pairs = tl.load(x_row.to(tl.pointer_type(tl.int32)) + word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :],
+                        mask=ok[:, :, None], other=0)                        # pair p: inputs 2p, 2p + 1
+        even = tl.reshape((pairs << 16).to(tl.float32, bitcast=True), [GROUPS, 4, 2, 2])
+        odd = tl.reshape((pairs & -65536).to(tl.float32, bitcast=True), [GROUPS, 4, 2, 2])
+        e02, e26 = tl.split(even)          # p = 2a + b: b = 0 -> inputs (0, 4) along a; b = 1 -> (2, 6)
+        o15, o37 = tl.split(odd)
+        x0, x4 = tl.split(e02)
+        x1, x5 = tl.split(o15)
+        x2, x6 = tl.split(e26)
+        x3, x7 = tl.split(o37)
+    else:
+        base = x_row + word * 8
+        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+        x1 = tl.load(base + 1, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(base + 2, mask=ok, other=0.0).to(tl.float32)
+        x3 = tl.load(base + 3, mask=ok, other=0.0).to(tl.float32)
+        x4 = tl.load(base + 4, mask=ok, other=0.0).to(tl.float32)
+        x5 = tl.load(base + 5, mask=ok, other=0.0).to(tl.float32)
+        x6 = tl.load(base + 6, mask=ok, other=0.0).to(tl.float32)
+        x7 = tl.load(base + 7, mask=ok, other=0.0).to(tl.float32)
+    return x0, x4, x1, x5, x2, x6, x3, x7
+
+
+@triton.jit
 def _fp4_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
+    """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs."""
     GROUPS: tl.constexpr = BLOCK_IN // 32
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     g = tl.arange(0, GROUPS)
-    b = tl.arange(0, 16)
     w_rows = w_ptr + expert * sw_e + rows[:, None, None].to(tl.int64) * sw_o
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
@@ -84,15 +132,23 @@ def _fp4_expert_matmul_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_IN):
         group = k0 // 32 + g                                          # [GROUPS] scale column
         group_ok = group < IN // 32                                   # IN is a multiple of 32
-        byte = group[:, None] * 16 + b[None, :]                       # [GROUPS, 16] packed column
-        x_even = tl.load(x_row + 2 * byte, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + 2 * byte + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        packed = tl.load(w_rows + byte[None, :, :], mask=row_ok[:, None, None] & group_ok[None, :, None],
-                         other=0).to(tl.int32)                         # uint8 -> 0..255
-        part = tl.sum(_e2m1_times_2_pow_minus_14(packed & 15) * x_even[None]
-                      + _e2m1_times_2_pow_minus_14(packed >> 4) * x_odd[None], axis=2)
+        word = group[:, None] * 4 + tl.arange(0, 4)[None, :]          # [GROUPS, 4] int32 column
+        words = tl.load(w_rows + word[None, :, :], mask=row_ok[:, None, None] & group_ok[None, :, None], other=0)
+        x0, x4, x1, x5, x2, x6, x3, x7 = _x_for_pairs(x_row, word, group_ok[:, None], GROUPS)
+        lo, hi = _e2m1_pair(words, 0)
+        part = lo * x0[None]                     # one multiply-add per code (the adds written apart so they fuse)
+        part += hi * x4[None]
+        lo, hi = _e2m1_pair(words, 1)
+        part += lo * x1[None]
+        part += hi * x5[None]
+        lo, hi = _e2m1_pair(words, 2)
+        part += lo * x2[None]
+        part += hi * x6[None]
+        lo, hi = _e2m1_pair(words, 3)
+        part += lo * x3[None]
+        part += hi * x7[None]
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
-        acc += part * _e8m0_value(scale)
+        acc += tl.sum(part, axis=2) * _e8m0_value(scale)
     y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
     tl.store(y_ptr + tl.program_id(2) * sy_split + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -132,10 +188,12 @@ def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: i
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows made contiguous and the scales seen as bytes, as both launchers pass them."""
+    """Rows made contiguous and 16-byte aligned (the fp4 kernel reads bf16 rows as int32 pairs), the scales seen as
+    bytes, as both launchers pass them."""
     s = scale.view(torch.uint8)
     assert weight.stride(-1) == 1 and s.stride(-1) == 1
-    return x.contiguous(), s
+    x = x.contiguous()
+    return (x if x.data_ptr() % 16 == 0 else x.clone()), s
 
 
 def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k,
@@ -166,7 +224,7 @@ def expert_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     output block, each over a share of the inputs) None: `split_k_for`; `order`: the visiting order of the
     selections if the caller has it (`group_experts`), else sorted here (`sort`)."""
     assert weight.size(2) * 2 == x.size(1) and block_in >= FP4_GROUP
-    return _launch(_fp4_expert_matmul_kernel, x, weight.view(torch.uint8), scale, expert_idx, block_out, block_in,
+    return _launch(_fp4_expert_matmul_kernel, x, weight.view(torch.int32), scale, expert_idx, block_out, block_in,
                    num_warps, sort, split_k, order)
 
 
@@ -363,51 +421,52 @@ def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ the chooser
-GROUPED_MIN_ROWS = 128
-"""`expert_matmul` runs the grouped kernel from this many rows (selections) on, and for every multi-row projection
-(one expert: the per-selection kernel would read the whole weight once per row). From scripts/bench_moe.py on an
-H200 at V4-Flash shapes (fp4 experts, 6 per token): per selection was faster at 6 and 48 rows (batch 1 and 8: most
-experts have one row), grouped at 192 and 384 (batch 32 and 64)."""
+GROUPED_MIN_ROWS = {"fp4": 432, "fp8": 128}
+"""`expert_matmul` runs the grouped kernel from this many rows (selections) on, per weight format, and for every
+multi-row projection (one expert: the per-selection kernel would read the whole weight once per row). From
+scripts/bench_moe.py and its per-selection variants on an H200 at V4-Flash shapes (experts, 6 per token): fp4 per
+selection (2 codes per integer op) was faster up to 384 rows (batch 64: 819 against 874 us for w1), grouped at 576
+(1,029 against 1,204); fp8 per selection at 6 and 48 rows, grouped at 192 and 384."""
 
 _KERNELS = {"fp4": (expert_matmul_fp4, grouped_matmul_fp4), "fp8": (expert_matmul_fp8, grouped_matmul_fp8)}
 
 
-def use_grouped(n_rows: int, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -> bool:
-    """The chooser's rule, from shapes only (so a captured graph keeps one kernel)."""
-    return n_rows >= min_rows or (n_experts == 1 and n_rows > 1)
+def use_grouped(n_rows: int, n_experts: int, fmt: str) -> bool:
+    """The chooser's rule, from shapes and format only (so a captured graph keeps one kernel, and a grouping made
+    ahead by `group_experts` / `strided_groups` is the one `expert_matmul` wants)."""
+    return n_rows >= GROUPED_MIN_ROWS[fmt] or (n_experts == 1 and n_rows > 1)
 
 
 def expert_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str, expert_idx: torch.Tensor,
-                  gemv: dict | None = None, grouped: dict | None = None,
-                  min_rows: int = GROUPED_MIN_ROWS, all_valid: bool = False,
+                  gemv: dict | None = None, grouped: dict | None = None, all_valid: bool = False,
                   groups: tuple | None = None) -> torch.Tensor:
     """`model.kernels.expert_matmul` for fmt "fp4" / "fp8": the grouped kernel when `use_grouped`, else the
     per-selection one, each with its launch settings (`gemv`, `grouped`: keyword arguments of the launchers).
     `all_valid`: no expert id is negative (a projection's rows), which spares the grouping its checks. `groups`:
-    `group_experts(expert_idx, E, min_rows)` (or `strided_groups`) when the caller shares one grouping between
+    `group_experts(expert_idx, E, fmt)` (or `strided_groups`) when the caller shares one grouping between
     calls on the same ids; None: each call sorts its ids."""
     per_selection, by_expert = _KERNELS[fmt]
-    if use_grouped(x.size(0), weight.size(0), min_rows):
+    if use_grouped(x.size(0), weight.size(0), fmt):
         return by_expert(x, weight, scale, expert_idx, all_valid=all_valid, groups=groups, **(grouped or {}))
     return per_selection(x, weight, scale, expert_idx, order=groups[0] if groups else None, **(gemv or {}))
 
 
-def group_experts(expert_idx: torch.Tensor, n_experts: int, min_rows: int = GROUPED_MIN_ROWS) -> tuple:
+def group_experts(expert_idx: torch.Tensor, n_experts: int, fmt: str) -> tuple:
     """What `expert_matmul` on these ids would compute before launching, once for several calls (a MoE layer's
     w1, w3 and w2 share their ids): the grouping of `_groups` for the grouped kernel, the visiting order alone for
     the per-selection one (~20 us per sort at decode)."""
-    if use_grouped(expert_idx.numel(), n_experts, min_rows):
+    if use_grouped(expert_idx.numel(), n_experts, fmt):
         return _groups(expert_idx, n_experts, all_valid=False)
     return (torch.argsort(expert_idx.int()),)
 
 
-def strided_groups(tokens: int, n_groups: int, device: torch.device, min_rows: int = GROUPED_MIN_ROWS) -> tuple:
+def strided_groups(tokens: int, n_groups: int, device: torch.device, fmt: str) -> tuple:
     """`group_experts` of the ids `arange(n_groups).repeat(tokens)` (row t * G + g belongs to group g: a grouped
     output projection) without sorting them: group g owns rows g, g + G, ...; the visiting order alone for the
     per-selection kernel (decode), with `_groups`' bounds for the grouped one."""
     n = tokens * n_groups
     order = torch.arange(n, device=device).view(tokens, n_groups).t().flatten()
-    if not use_grouped(n, n_groups, min_rows):
+    if not use_grouped(n, n_groups, fmt):
         return (order,)
     groups = torch.arange(n_groups, device=device)
     return order, groups * tokens, torch.full((n_groups,), tokens, device=device), groups

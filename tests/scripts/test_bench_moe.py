@@ -19,5 +19,5 @@ def test_quick_mode_reports_every_case_as_json(capsys):
         assert {r["impl"] for r in rows} == {"reference", "gemv", "grouped"}
         assert all(r["rel_err"] < 1e-5 for r in rows)                              # float32 rows
         from ascend.backends.triton_moe import use_grouped
-        want = ["grouped" if use_grouped(n, e) else "gemv" for n, e in ((24, 16), (4, 1))]
+        want = ["grouped" if use_grouped(n, e, fmt) else "gemv" for n, e, fmt in ((24, 16, "fp4"), (4, 1, "fp8"))]
         assert [r["impl"] for r in rows if r["chosen"]] == want

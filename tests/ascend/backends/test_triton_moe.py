@@ -104,12 +104,16 @@ def test_grouped_matches_reference(fmt, d_out, d_in, launch, dtype):
     _check(grouped(x, weight, scale, idx, **launch), x, weight, scale, fmt, idx)
 
 
-@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
-def test_per_selection_kernel_with_bf16_rows(fmt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,d_in", [("fp4", 128), ("fp4", 96), ("fp8", 128)])
+def test_per_selection_kernel(fmt, d_in, dtype):
+    """Every e2m1 code at every position of its packed int32 word (fp4 decodes codes k and k + 4 of a word
+    together), both ways of reading x (bf16 as int32 pairs, others per input), a ragged last input block (96), and
+    rows that do not start 16-byte aligned in memory (copied aligned for the kernel)."""
     from ascend.backends import triton_moe
-    weight, scale = _stack(fmt, 3, 40, 128)
+    weight, scale = _stack(fmt, 3, 40, d_in)
     idx = torch.tensor([2, 0, 2, 1], device=DEVICE)
-    x = _rows(4, 128, torch.bfloat16)
+    x = _rows(1, 4 * d_in + 1, dtype)[0, 1:].view(4, d_in)     # contiguous, 1 element off its allocation
     per_selection = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
     _check(per_selection(x, weight, scale, idx, block_out=16, block_in=64), x, weight, scale, fmt, idx)
 
@@ -189,7 +193,7 @@ def picks(monkeypatch):
 def test_chooser_picks_by_rows(fmt, picks):
     from ascend.backends import triton_moe
     weight, scale = _stack(fmt, 7, 24, 128)
-    least = triton_moe.GROUPED_MIN_ROWS
+    least = triton_moe.GROUPED_MIN_ROWS[fmt]
     for n, n_experts, want in [(least - 1, 7, "gemv"), (least, 7, "grouped"), (1, 1, "gemv"), (3, 1, "grouped"),
                                (0, 7, "gemv")]:
         x = _rows(n, 128, torch.float32)
@@ -197,7 +201,7 @@ def test_chooser_picks_by_rows(fmt, picks):
         w, s = weight[:n_experts], scale[:n_experts]
         y = triton_moe.expert_matmul(x, w, s, fmt, idx, gemv=dict(block_out=16, block_in=64),
                                      grouped=dict(block_out=16, block_in=64))
-        assert picks[-1] == want and triton_moe.use_grouped(n, n_experts) == (want == "grouped")
+        assert picks[-1] == want and triton_moe.use_grouped(n, n_experts, fmt) == (want == "grouped")
         _check(y, x, w, s, fmt, idx)
 
 
@@ -247,14 +251,16 @@ def _moe_pair(expert_fmt):
 def test_moe_static_path_matches_reference(expert_fmt, path, dtype, picks):
     """One token (3 selections: per selection) or enough tokens for the grouped kernel (tiny: top 3 of 8)."""
     from ascend.backends import triton_moe
-    tokens = 1 if path == "gemv" else -(-triton_moe.GROUPED_MIN_ROWS // 3)
+    tokens = 1 if path == "gemv" else -(-triton_moe.GROUPED_MIN_ROWS[expert_fmt] // 3)
     cfg, layers = _moe_pair(expert_fmt)
     x = torch.randn(tokens, 1, cfg.dim, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     ids = torch.randint(0, cfg.vocab_size, (tokens, 1), device=DEVICE)
     with torch.no_grad():
         want, got = (moe(x, ids).float() for moe in layers)
-    shared = "grouped" if triton_moe.use_grouped(tokens, 1) else "gemv"
-    assert picks == [path] * 3 + [shared] * 3       # w1, w3, w2 of the routed experts, then of the shared expert
+    # w1, w3, w2 of the routed experts, then of the shared expert (fp8), which takes the reference beyond
+    # LINEAR_FUSED_MAX_ROWS tokens (prefill sizes)
+    shared = ["grouped" if triton_moe.use_grouped(tokens, 1, "fp8") else "gemv"] * 3
+    assert picks == [path] * 3 + (shared if tokens <= cuda.LINEAR_FUSED_MAX_ROWS else [])
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
@@ -308,22 +314,24 @@ def test_grouped_replays_under_cuda_graph():
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
-@pytest.mark.parametrize("n", [5, 130])
-def test_a_shared_grouping_gives_what_each_call_would_compute(fmt, n):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_shared_grouping_gives_what_each_call_would_compute(fmt, grouped):
     """`group_experts` once, handed to several calls (a MoE layer's w1 / w3 / w2), == each call sorting its own ids,
-    on both kernels (5 rows: per selection; 130: grouped), another rank's -1 ids included."""
+    on both kernels (5 rows: per selection; the format's grouped threshold + 2: grouped), another rank's -1 ids
+    included."""
     from ascend.backends import triton_moe
+    n = triton_moe.GROUPED_MIN_ROWS[fmt] + 2 if grouped else 5
     weight, scale = _stack(fmt, 6, 128, 256)
     x = _rows(n, 256, torch.float32)
     idx = torch.randint(-1, 6, (n,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
-    groups = triton_moe.group_experts(idx, 6)
-    assert len(groups) == (4 if triton_moe.use_grouped(n, 6) else 1)
+    groups = triton_moe.group_experts(idx, 6, fmt)
+    assert len(groups) == (4 if grouped else 1) and triton_moe.use_grouped(n, 6, fmt) == grouped
     own = triton_moe.expert_matmul(x, weight, scale, fmt, idx)
     torch.testing.assert_close(triton_moe.expert_matmul(x, weight, scale, fmt, idx, groups=groups), own,
                                rtol=0, atol=0)
     _check(own, x, weight, scale, fmt, idx)
     if len(groups) == 4:    # the grouped kernel runs the grouping it is handed: another one moves rows
-        other = triton_moe.group_experts(idx.roll(1), 6)
+        other = triton_moe.group_experts(idx.roll(1), 6, fmt)
         assert not torch.equal(triton_moe.expert_matmul(x, weight, scale, fmt, idx, groups=other), own)
 
 
@@ -334,8 +342,8 @@ def test_strided_groups_are_the_sorted_grouping_of_repeated_ids(tokens):
     alone; 20 x 8 rows: grouped, which takes the bounds too)."""
     from ascend.backends import triton_moe
     idx = torch.arange(8, device=DEVICE).repeat(tokens)
-    groups = triton_moe.strided_groups(tokens, 8, idx.device)
-    assert len(groups) == (4 if triton_moe.use_grouped(8 * tokens, 8) else 1)     # what expert_matmul will use
+    groups = triton_moe.strided_groups(tokens, 8, idx.device, "fp8")
+    assert len(groups) == (4 if triton_moe.use_grouped(8 * tokens, 8, "fp8") else 1)     # what expert_matmul will use
     s_order, s_starts, s_counts, _ = triton_moe._groups(idx, 8, all_valid=True)
     if len(groups) == 4:
         _, starts, counts, experts = groups
