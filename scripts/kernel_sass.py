@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Instructions per weight byte in the inner loop of the per-selection quantised-weight kernels, from their sm_90
+machine code: no GPU needed.
+
+A GEMV over FP4 or FP8 weights at decode has no tensor-core work: every stored byte is loaded, decoded and
+multiplied by CUDA cores, so the instructions the loop issues per byte bound its speed as much as the bytes do (an
+H200 issues about 17 T thread-instructions/s: 20 per byte caps a kernel near 0.8 TB/s, 10 near 1.7). Triton
+compiles `ascend/backends/triton_moe.py`'s per-selection kernels here for sm_90a, specialised as a launch on the GPU
+specialises them (pointers, sizes and strides divisible by 16), with the ptxas and cuobjdump shipped in Triton's
+wheel; the main loop is the longest backward branch of the SASS. Per kernel: registers per thread, instructions in
+one loop iteration, stored weight bytes one thread covers per iteration (packed codes; scales excluded), their
+ratio, and the commonest opcodes. docs/performance.md uses it for the FP4 decode.
+
+    python3 scripts/kernel_sass.py                    # the CUDA backend's gemv settings (cuda.EXPERT_MATMUL_CONFIG)
+    python3 scripts/kernel_sass.py --fp4 32,512,4 --fp4 32,256,4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+# scalar arguments of both per-selection kernels, in order (triton_moe._launch passes them)
+_ARGS = ("x_ptr", "w_ptr", "s_ptr", "idx_ptr", "order_ptr", "y_ptr", "OUT", "IN", "K_SPLIT", "sx", "sw_e", "sw_o",
+         "ss_e", "ss_o", "sy", "sy_split")
+_WEIGHT = {"fp4": "*i32", "fp8": "*fp8e4nv"}                      # fp4: packed codes read as int32 words
+_INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_BRANCH = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`?\(?)0x([0-9a-f]+)")
+
+
+def loop_mix(sass: str) -> Counter:
+    """Opcodes (without modifiers) of the longest loop in cuobjdump's SASS: from the target of the backward branch
+    spanning the most code to that branch."""
+    spans = [(int(to, 16), int(at, 16)) for at, to in _BRANCH.findall(sass) if int(to, 16) < int(at, 16)]
+    if not spans:
+        raise ValueError("no loop (backward branch) in this SASS")
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    return Counter(op for at, op in _INSTRUCTION.findall(sass) if lo <= int(at, 16) <= hi)
+
+
+def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int) -> tuple[str, int]:
+    """(SASS, registers per thread) of triton_moe's per-selection `fmt` kernel for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ascend.backends import triton_moe
+    kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._fp8_expert_matmul_kernel}[fmt]
+    signature = {name: "i32" for name in _ARGS}
+    signature.update(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
+                     BLOCK_OUT="constexpr", BLOCK_IN="constexpr")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_ARGS) if name != "sy_split"}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
+                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def measure(fmt: str, block_out: int, block_in: int, num_warps: int) -> dict:
+    sass, registers = compile_sass(fmt, block_out, block_in, num_warps)
+    mix = loop_mix(sass)
+    weight_bytes = block_out * block_in // (2 if fmt == "fp4" else 1) / (32 * num_warps)
+    n = sum(mix.values())
+    return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps,
+            "registers": registers, "loop_instructions": n, "weight_bytes_per_thread": weight_bytes,
+            "instructions_per_byte": n / weight_bytes, "mix": dict(mix.most_common())}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| kernel | block_out x block_in, warps | registers | loop instructions | weight bytes / thread | "
+             "instructions / byte | commonest opcodes |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        top = ", ".join(f"{op} {n}" for op, n in list(r["mix"].items())[:6])
+        lines.append(f"| {r['kernel']} per selection | {r['block_out']} x {r['block_in']}, {r['num_warps']} | "
+                     f"{r['registers']} | {r['loop_instructions']} | {r['weight_bytes_per_thread']:g} | "
+                     f"{r['instructions_per_byte']:.2f} | {top} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ascend.backends.cuda import EXPERT_MATMUL_CONFIG
+
+    def setting(text: str) -> tuple[int, int, int]:
+        block_out, block_in, num_warps = (int(v) for v in text.split(","))
+        return block_out, block_in, num_warps
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for fmt in ("fp4", "fp8"):
+        p.add_argument(f"--{fmt}", type=setting, action="append", metavar="OUT,IN,WARPS",
+                       help=f"{fmt} kernel settings (repeatable; default: cuda.EXPERT_MATMUL_CONFIG's gemv)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    rows = []
+    for fmt in ("fp4", "fp8"):
+        default = EXPERT_MATMUL_CONFIG[fmt]["gemv"]
+        for block_out, block_in, num_warps in getattr(args, fmt) or [(default["block_out"], default["block_in"],
+                                                                       default["num_warps"])]:
+            rows.append(measure(fmt, block_out, block_in, num_warps))
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""scripts/kernel_sass.py: the loop finder on hand-written SASS, then a real offline sm_90 compile of both
+per-selection kernels (needs Triton's wheel with its ptxas / cuobjdump, no GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LOP3.LUT R2, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0020*/                   FFMA R3, R4, R5, R3 ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   HADD2.F32 R6, -RZ, R7.H0_H0 ;
+        /*0050*/                   HADD2.F32 R8, -RZ, R7.H1_H1 ;
+        /*0060*/                   FFMA R3, R6, R5, R3 ;
+        /*0070*/               @P1 BRA 0x40 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+"""
+
+
+def test_loop_mix_takes_the_longest_backward_branch():
+    sass = load_script("kernel_sass")
+    mix = sass.loop_mix(SASS)            # 0x40..0x70 (4 instructions) beats 0x10..0x30 (3); BRA 0x90 is no loop
+    assert mix == {"HADD2": 2, "FFMA": 1, "BRA": 1}
+    with pytest.raises(ValueError, match="no loop"):
+        sass.loop_mix(SASS.replace("BRA 0x10", "BRA 0x80").replace("BRA 0x40", "BRA 0x80"))
+
+
+def test_offline_compile_counts_both_kernels():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_sass.py"), "--json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["kernel"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == {"fp4", "fp8"}
+    for r in rows.values():
+        assert r["loop_instructions"] == sum(r["mix"].values()) > 0
+        assert 1 < r["instructions_per_byte"] < 100 and r["registers"] > 0
+    assert rows["fp4"]["mix"]["HADD2"] > 0          # each decoded float16 half widened to float32 in one instruction
