@@ -9,8 +9,8 @@ wo_b 8192 -> 4096) with batch rows. Columns: microseconds per call (median of 5 
 GB/s of the distinct weight bytes the call must read (packed values + scales of every expert used), speed-up
 against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
 the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
-`cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times grouped launch settings (candidates for cuda.py's
-EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the grouped settings.
+`cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times per-selection and grouped launch settings (candidates
+for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the grouped settings.
 
     python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1, 8, 32, 64
     python3 scripts/bench_moe.py --variants --json > moe.json
@@ -50,16 +50,26 @@ class Shapes:
 
 
 FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w2", "fp4", 256, 4096, 2048),
-               Case("wq_b", "fp8", 1, 32768, 1024), Case("wo_b", "fp8", 1, 4096, 8192)),
+               Case("wq_a", "fp8", 1, 1024, 4096), Case("wq_b", "fp8", 1, 32768, 1024),
+               Case("wo_b", "fp8", 1, 4096, 8192)),
               (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
 QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256)), (1, 4), 6, 1,
                torch.float32)
 MOE_MAX_BATCH = 64            # routed-expert rows beyond decode sizes run the dynamic MoE path, not this one
-# grouped launch settings timed by --variants, each on top of the backend's current settings for the case
-VARIANTS = {"fp4": (dict(block_out=32), dict(block_out=128, num_warps=8), dict(block_out=16), dict(block_in=128),
-                    dict(block_in=512, num_warps=8), dict(num_stages=3), dict(block_m=16), dict(block_m=32)),
-            "fp8": (dict(block_out=64), dict(block_out=128, num_warps=8), dict(block_out=16), dict(block_in=64),
-                    dict(num_stages=3), dict(block_m=16), dict(block_m=32), dict(split_k=1), dict(split_k=8))}
+# launch settings timed by --variants, each on top of the backend's current settings for the case
+VARIANTS = {"fp4": {"gemv": (dict(block_in=512), dict(block_in=128), dict(block_out=16), dict(block_out=64)),
+                    "grouped": (dict(block_out=32), dict(block_out=128, num_warps=8), dict(block_out=16),
+                                dict(block_in=128), dict(block_in=512, num_warps=8), dict(num_stages=3),
+                                dict(block_m=16), dict(block_m=32))},
+            "fp8": {"gemv": (dict(block_out=32, num_warps=4), dict(block_out=16, num_warps=4), dict(block_out=128),
+                             dict(block_in=64)),
+                    "grouped": (dict(block_out=64), dict(block_out=128, num_warps=8), dict(block_out=16),
+                                dict(block_in=64), dict(num_stages=3), dict(block_m=16), dict(block_m=32),
+                                dict(split_k=1), dict(split_k=8))}}
+
+
+def _named(kind: str, variant: dict) -> str:
+    return f"{kind} " + " ".join(f"{k}={v}" for k, v in variant.items())
 
 
 @dataclass
@@ -130,11 +140,14 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
             gemv = getattr(kernels, f"expert_matmul_{case.fmt}")          # per selection
             grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
-                impls["gemv"] = lambda: gemv(x, weight, scale, idx, **config["gemv"])  # noqa: E731
+                gemvs = {"gemv": config["gemv"]}
+                if variants:
+                    gemvs.update({_named("gemv", v): {**config["gemv"], **v} for v in VARIANTS[case.fmt]["gemv"]})
+                for name, kw in gemvs.items():
+                    impls[name] = lambda kw=kw: gemv(x, weight, scale, idx, **kw)
             settings = {"grouped": {**config["grouped"], **grouped_override}}
             if variants:
-                settings.update({"grouped " + " ".join(f"{k}={v}" for k, v in variant.items()):
-                                 {**config["grouped"], **variant} for variant in VARIANTS[case.fmt]})
+                settings.update({_named("grouped", v): {**config["grouped"], **v} for v in VARIANTS[case.fmt]["grouped"]})
             for name, kw in settings.items():
                 impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
         ref = reference().float()
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="auto|cuda|cpu (default: cpu with --quick, else auto)")
     p.add_argument("--batch", type=lambda s: tuple(map(int, s.split(","))), default=None,
                    help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at 64)")
-    p.add_argument("--variants", action="store_true", help="also time grouped launch-setting variants")
+    p.add_argument("--variants", action="store_true", help="also time per-selection and grouped launch-setting variants")
     p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args(argv)

@@ -21,3 +21,19 @@ def test_quick_mode_reports_every_case_as_json(capsys):
         from ascend.backends.triton_moe import use_grouped
         want = ["grouped" if use_grouped(n, e, fmt) else "gemv" for n, e, fmt in ((24, 16, "fp4"), (4, 1, "fp8"))]
         assert [r["impl"] for r in rows if r["chosen"]] == want
+
+
+def test_variants_time_every_setting_of_both_kernels(capsys):
+    """--variants: each per-selection and grouped setting of the format's table runs once per case and matches the
+    reference like the backend's own."""
+    from tests.conftest import load_script
+    bench = load_script("bench_moe")
+    assert run_script("bench_moe", ["--quick", "--batch", "1", "--variants", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    if not any(r["impl"] == "gemv" for r in rows):
+        return                                      # no Triton here: the reference alone, nothing to vary
+    for case, fmt in (("moe w1/w3", "fp4"), ("wo_b", "fp8")):
+        names = [r["impl"] for r in rows if r["case"] == case]
+        want = [bench._named(kind, v) for kind in ("gemv", "grouped") for v in bench.VARIANTS[fmt][kind]]
+        assert set(want) <= set(names) and len(names) == len(set(names)) == 3 + len(want)
+    assert all(r["rel_err"] < 1e-5 for r in rows)
