@@ -10,7 +10,8 @@ GB/s of the distinct weight bytes the call must read (packed values + scales of 
 against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
 the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
 `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times per-selection and grouped launch settings (candidates
-for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the grouped settings.
+for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the
+grouped settings.
 
     python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1, 8, 32, 64
     python3 scripts/bench_moe.py --variants --json > moe.json
@@ -147,7 +148,8 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                     impls[name] = lambda kw=kw: gemv(x, weight, scale, idx, **kw)
             settings = {"grouped": {**config["grouped"], **grouped_override}}
             if variants:
-                settings.update({_named("grouped", v): {**config["grouped"], **v} for v in VARIANTS[case.fmt]["grouped"]})
+                settings.update({_named("grouped", v): {**config["grouped"], **v}
+                                 for v in VARIANTS[case.fmt]["grouped"]})
             for name, kw in settings.items():
                 impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
         ref = reference().float()

@@ -171,13 +171,12 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
 # out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).
-# gemv: 32 output rows per program (fp8 projections 64), fp4 experts walk 256 inputs (4 KiB of packed bytes) per step, fp8 128 (one
-# scale block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for projections, rows per dot
-# from the shapes. The fp4 expert tile of 128 inputs was the fastest of scripts/bench_moe.py's variants on an H200
-# at batch 8-64 (1.3-1.8x over 256); the fp4 expert gemv's 256 inputs the fastest of 128-512 at batch 4-96 (5-9%
-# over 512; at batch 1, w1 30.0 against 27.7 us, w2 25.0 against 27.8); the fp8 projection gemv's 64 rows and 8
-# warps the fastest of 7 settings summed over V4-Flash's 7 projection shapes at batch 1 (73.7 against 79.4 us for
-# 32 rows, 4 warps); the rest untuned.
+# gemv: 32 output rows per program (fp8 projections 64), fp4 experts walk 256 inputs (4 KiB of packed bytes) per
+# step, fp8 128 (one scale block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for
+# projections, rows per dot from the shapes. From scripts/bench_moe.py's variants on an H200: the fp4 expert tile
+# of 128 inputs (1.3-1.8x over 256 at batch 8-64), the fp4 expert gemv's 256 inputs (fastest of 128-512 at batch
+# 1-64, 7% over 512 at batch 8) and the fp8 projection gemv's 64 rows and 8 warps (faster than 32 rows / 4 warps
+# for wq_a, wq_b and wo_b at batch 1; docs/performance.md); the rest untuned.
 EXPERT_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=256, num_warps=4), grouped=dict(block_out=64, block_in=128)),
     "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
