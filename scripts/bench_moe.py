@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="auto|cuda|cpu (default: cpu with --quick, else auto)")
     p.add_argument("--batch", type=lambda s: tuple(map(int, s.split(","))), default=None,
                    help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at 64)")
-    p.add_argument("--variants", action="store_true", help="also time per-selection and grouped launch-setting variants")
+    p.add_argument("--variants", action="store_true",
+                   help="also time per-selection and grouped launch-setting variants")
     p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args(argv)
