@@ -2,7 +2,6 @@
 tests share."""
 
 import importlib.util
-import os
 import socket
 import sys
 from pathlib import Path
@@ -10,26 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ascend.backends.cuda import triton_runs_on
 
-def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns a tensor used as a Python int (a loop bound computed from a load) into one
-    with int(array), which numpy >= 2.4 refuses for a 1-element array (triton-lang/triton#9171; fixed upstream
-    after 3.6, whose later interpreters differ elsewhere). scripts/test.sh runs the Triton kernels under Triton
-    3.6.0's interpreter, so the tests apply the upstream fix: squeeze the array first."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        return
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-_interpreter_index_fix()
+triton_runs_on("cpu")    # under TRITON_INTERPRET=1 this applies the interpreter's index fix before any test runs
 
 
 @pytest.fixture(autouse=True)

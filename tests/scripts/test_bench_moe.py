@@ -1,9 +1,16 @@
 """scripts/bench_moe.py --quick runs end to end on CPU: the reference everywhere, the Triton kernels too where Triton's
 interpreter is on (TRITON_INTERPRET=1), each with the chooser's pick marked."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.conftest import run_script
+import pytest
+
+from tests.conftest import load_script, run_script
 
 
 def test_quick_mode_reports_every_case_as_json(capsys):
@@ -26,7 +33,6 @@ def test_quick_mode_reports_every_case_as_json(capsys):
 def test_variants_time_every_setting_of_both_kernels(capsys):
     """--variants: each per-selection and grouped setting of the format's table runs once per case and matches the
     reference like the backend's own."""
-    from tests.conftest import load_script
     bench = load_script("bench_moe")
     assert run_script("bench_moe", ["--quick", "--batch", "1", "--variants", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
@@ -37,3 +43,16 @@ def test_variants_time_every_setting_of_both_kernels(capsys):
         want = [bench._named(kind, v) for kind in ("gemv", "grouped") for v in bench.VARIANTS[fmt][kind]]
         assert set(want) <= set(names) and len(names) == len(set(names)) == 3 + len(want)
     assert all(r["rel_err"] < 1e-5 for r in rows)
+
+
+def test_quick_mode_runs_as_a_script_under_the_interpreter():
+    """`python3 scripts/bench_moe.py --quick` with TRITON_INTERPRET=1, outside pytest (no conftest): the backend
+    applies Triton 3.6's interpreter fix itself (cuda._interpreter_index_fix), so the kernels' loops run."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_moe.py"), "--quick", "--batch", "1",
+                          "--json"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {r["impl"] for r in json.loads(out.stdout)["rows"]} == {"reference", "gemv", "grouped"}
