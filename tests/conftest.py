@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend.backends.cuda import triton_runs_on
-
-triton_runs_on("cpu")    # under TRITON_INTERPRET=1 this applies the interpreter's index fix before any test runs
-
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():

@@ -336,27 +336,7 @@ def triton_runs_on(device_type: str) -> bool:
     """True when the Triton kernels can run on tensors of `device_type`: natively on CUDA, or anywhere through
     Triton's interpreter (TRITON_INTERPRET=1; slow, for tests and benchmark checks on CPU)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-    if interpreted:
-        _interpreter_index_fix()
     return interpreted or (device_type == "cuda" and triton_available())
-
-
-@functools.cache
-def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns a tensor used as a Python int (a loop bound computed from a load, as in the
-    expert kernels) into one with int(array), which numpy >= 2.4 refuses for a 1-element array
-    (triton-lang/triton#9171; fixed upstream after 3.6, whose later interpreters differ elsewhere). The CPU checks
-    (tests, the benchmarks' --quick) run Triton 3.6.0's interpreter, so the upstream fix is applied here, once:
-    squeeze the array first. Only under TRITON_INTERPRET=1; compiled kernels never take this path."""
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:

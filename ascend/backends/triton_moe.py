@@ -27,14 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend.backends.triton_common import dot_precision
+
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """`tl.dot`'s input precision for operands of `dtype`: float32 in full float32 ("ieee"), as torch's matmuls
-    keep them by default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact
-    products). Every Triton kernel of the backend that dots its inputs takes it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

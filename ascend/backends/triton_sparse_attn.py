@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_moe import dot_precision
+from ascend.backends.triton_common import dot_precision
 
 
 @triton.jit

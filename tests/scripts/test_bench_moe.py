@@ -47,7 +47,7 @@ def test_variants_time_every_setting_of_both_kernels(capsys):
 
 def test_quick_mode_runs_as_a_script_under_the_interpreter():
     """`python3 scripts/bench_moe.py --quick` with TRITON_INTERPRET=1, outside pytest (no conftest): the backend
-    applies Triton 3.6's interpreter fix itself (cuda._interpreter_index_fix), so the kernels' loops run."""
+    applies Triton 3.6's interpreter fix itself (ascend/backends/triton_common.py), so the kernels' loops run."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
     root = Path(__file__).resolve().parents[2]
