@@ -89,24 +89,18 @@ def _x_for_pairs(x_row, word, ok, GROUPS: tl.constexpr):
     if x_row.dtype.element_ty == tl.bfloat16:
         pairs = tl.load(x_row.to(tl.pointer_type(tl.int32)) + word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :],
                         mask=ok[:, :, None], other=0)                        # pair p: inputs 2p, 2p + 1
-        even = tl.reshape((pairs << 16).to(tl.float32, bitcast=True), [GROUPS, 4, 2, 2])
-        odd = tl.reshape((pairs & -65536).to(tl.float32, bitcast=True), [GROUPS, 4, 2, 2])
-        e02, e26 = tl.split(even)          # p = 2a + b: b = 0 -> inputs (0, 4) along a; b = 1 -> (2, 6)
-        o15, o37 = tl.split(odd)
-        x0, x4 = tl.split(e02)
-        x1, x5 = tl.split(o15)
-        x2, x6 = tl.split(e26)
-        x3, x7 = tl.split(o37)
+        even = (pairs << 16).to(tl.float32, bitcast=True)
+        odd = (pairs & -65536).to(tl.float32, bitcast=True)
     else:
-        base = x_row + word * 8
-        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(base + 1, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(base + 2, mask=ok, other=0.0).to(tl.float32)
-        x3 = tl.load(base + 3, mask=ok, other=0.0).to(tl.float32)
-        x4 = tl.load(base + 4, mask=ok, other=0.0).to(tl.float32)
-        x5 = tl.load(base + 5, mask=ok, other=0.0).to(tl.float32)
-        x6 = tl.load(base + 6, mask=ok, other=0.0).to(tl.float32)
-        x7 = tl.load(base + 7, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_row + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=ok[:, :, None], other=0.0)
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), [GROUPS, 4, 4, 2]))
+    # pair p = 2a + b of a word: b = 0 holds inputs (0, 4) along a, b = 1 holds (2, 6) (even) or (1, 5), (3, 7)
+    e04, e26 = tl.split(tl.reshape(even, [GROUPS, 4, 2, 2]))
+    o15, o37 = tl.split(tl.reshape(odd, [GROUPS, 4, 2, 2]))
+    x0, x4 = tl.split(e04)
+    x2, x6 = tl.split(e26)
+    x1, x5 = tl.split(o15)
+    x3, x7 = tl.split(o37)
     return x0, x4, x1, x5, x2, x6, x3, x7
 
 
