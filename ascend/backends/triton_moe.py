@@ -10,8 +10,11 @@ decode them in registers next to the multiply. Two kernels per format, picked by
   `argsort(expert_idx)`); no tensor cores. Best when each expert has about one row (batch-1 decode).
 - grouped (`grouped_matmul_fp4` / `_fp8`): selections sorted by expert; a program per (block of output rows,
   expert) decodes the expert's tile ONCE per chunk of BLOCK_M of its rows and multiplies it with them through
-  `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row);
-  a grid of few programs (a projection with few output blocks) is split over the inputs too (split-K).
+  `tl.dot` (tensor cores). Best once experts have several rows, and for a projection (one "expert", every row).
+
+A grid of few programs (a projection with few output blocks) is split over the inputs too (split-K): each split
+writes float32 partial sums, and the last program to finish an output block adds them up in split order and
+writes y (`_last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result deterministic.
 
 The fp4 per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 4 int32 words of 8 codes]; each
 group's float32 partial sum is scaled once. Without tensor cores its speed is instructions per byte: every code is
@@ -64,6 +67,40 @@ def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
 
 
 @triton.jit
+def _last_to_arrive(tickets_ptr, SPLITS: tl.constexpr):
+    """True in the last of the SPLITS programs of this (program_id(0), program_id(1)) to get here, which then owns
+    the block's reduction and resets its ticket for the next launch (the tickets are zero between launches).
+    The barrier puts every thread's partial stores before the ticket; the ticket's acquire-release atomic, at GPU
+    scope, makes them visible to the last program (CUTLASS's split-K semaphore does the same)."""
+    tl.debug_barrier()
+    ticket = tickets_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    last = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+    if last:
+        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """y[at] = the SPLITS float32 partials at part[s, at], added in split order (deterministic), read from L2
+    (`.cg`): other programs wrote them."""
+    total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLITS):
+        total += tl.load(part_ptr + s * split_stride + at, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(y_ptr + at, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """A program's float32 sums at offsets `at`: y itself (in its dtype) without a split, else this split's
+    partials, which the last split to arrive adds up."""
+    if SPLITS == 1:
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(part_ptr + tl.program_id(2) * split_stride + at, y, mask=ok)
+
+
+@triton.jit
 def _e2m1_pair(words, K: tl.constexpr):
     """Codes K and K + 4 of int32 words of 8 packed e2m1 codes (code i in bits 4i..4i+3: input i of the word) ->
     two float32 tensors, value * 2^-14 as `_e2m1_times_2_pow_minus_14` gives, decoded two at a time: both codes'
@@ -106,9 +143,9 @@ def _x_for_pairs(x_row, word, ok, GROUPS: tl.constexpr):
 
 @triton.jit
 def _fp4_expert_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs."""
     GROUPS: tl.constexpr = BLOCK_IN // 32
@@ -139,14 +176,17 @@ def _fp4_expert_matmul_kernel(
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
         acc += tl.sum(part, axis=2) * _e8m0_value(scale)
     y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
-    tl.store(y_ptr + tl.program_id(2) * sy_split + sel * sy + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    _store_part(y, y_ptr, part_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    if SPLITS > 1:
+        if _last_to_arrive(tickets_ptr, SPLITS):
+            _sum_splits(part_ptr, y_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
 @triton.jit
 def _fp8_expert_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Same walk for FP8 e4m3 weights with one ue8m0 scale per 128 x 128 block: BLOCK_IN is at most 128 and
     divides it, so each chunk of a row has one scale."""
@@ -163,17 +203,40 @@ def _fp8_expert_matmul_kernel(
         w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
         acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
-    tl.store(y_ptr + tl.program_id(2) * sy_split + sel * sy + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    _store_part(acc, y_ptr, part_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    if SPLITS > 1:
+        if _last_to_arrive(tickets_ptr, SPLITS):
+            _sum_splits(part_ptr, y_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
-def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int) -> tuple[int, int, torch.Tensor]:
-    """(splits, inputs per split, output buffer): whole input blocks per split; one split writes y in x's dtype,
-    several write float32 partial sums [splits, N, out] that the caller adds up (deterministic, unlike atomics)."""
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+TICKETS_MIN = 1 << 16
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """The split kernels' arrival counters of a device, at least `n`, zero between launches (each block's last
+    split resets its own), so one buffer serves every call, one launch after another on the step's stream.
+    A buffer first needed inside a CUDA graph capture is not kept: its zeroing exists only in that graph."""
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.numel() < n:
+        tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return tickets
+        _TICKETS[device] = tickets
+    return tickets
+
+
+def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int, programs: int) -> tuple:
+    """(splits, inputs per split, y, partials, tickets): whole input blocks per split; with several, float32
+    partial sums [splits, N, out] that the kernel's last split per block adds into y. Without a split, y stands in
+    for the two unused buffers."""
     k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in
     split_k = triton.cdiv(n_in, k_split)
+    y = torch.empty(x.size(0), n_out, dtype=x.dtype, device=x.device)
     if split_k == 1:
-        return 1, k_split, torch.empty(x.size(0), n_out, dtype=x.dtype, device=x.device)
-    return split_k, k_split, torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
+        return 1, k_split, y, y, y
+    part = torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
+    return split_k, k_split, y, part, _tickets(x.device, programs)
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,12 +260,12 @@ def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps
     grid = (triton.cdiv(n_out, block_out), n)
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
-    split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
-    kernel[grid + (split_k,)](x, weight, s, expert_idx, order, out, n_out, n_in, k_split, x.stride(0),
-                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
-                              out.stride(0) if split_k > 1 else 0,
-                              BLOCK_OUT=block_out, BLOCK_IN=block_in, num_warps=num_warps)
-    return out if split_k == 1 else out.sum(0).to(x.dtype)
+    split_k, k_split, y, part, tickets = _split_out(x, n_out, n_in, block_in, split_k, grid[0] * grid[1])
+    kernel[grid + (split_k,)](x, weight, s, expert_idx, order, y, part, tickets, n_out, n_in, k_split, x.stride(0),
+                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
+                              part.stride(0) if split_k > 1 else 0,
+                              BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps)
+    return y
 
 
 def expert_matmul_fp4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, expert_idx: torch.Tensor,
@@ -230,10 +293,29 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ grouped kernels
 @triton.jit
+def _chunk(order_ptr, first, m0, count, BLOCK_M: tl.constexpr):
+    """Rows m0 .. m0 + BLOCK_M of an expert's `count` (those that exist), as selections of x and y."""
+    m_ok = m0 + tl.arange(0, BLOCK_M) < count
+    return tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64), m_ok
+
+
+@triton.jit
+def _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,
+                       BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
+    """A grouped program's split-K end: the last split of this (output block, expert) adds up every row chunk."""
+    if _last_to_arrive(tickets_ptr, SPLITS):
+        for m0 in range(0, count, BLOCK_M):
+            sel, m_ok = _chunk(order_ptr, first, m0, count, BLOCK_M)
+            _sum_splits(part_ptr, y_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+                        sy_split, SPLITS)
+
+
+@triton.jit
 def _fp4_grouped_kernel(
-    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
     dtype (exact: an e2m1 value times a power of two), low and high nibbles interleaved back into input order
@@ -242,8 +324,7 @@ def _fp4_grouped_kernel(
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
     first = tl.load(starts_ptr + expert)
-    k_split = tl.program_id(2)                            # this program's share of the inputs: K_SPLIT of them
-    k_first = k_split * K_SPLIT
+    k_first = tl.program_id(2) * K_SPLIT                  # this program's share of the inputs: K_SPLIT of them
     rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
     g = tl.arange(0, GROUPS)
@@ -252,8 +333,7 @@ def _fp4_grouped_kernel(
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     dot_type = x_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
-        m_ok = m0 + tl.arange(0, BLOCK_M) < count
-        sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
+        sel, m_ok = _chunk(order_ptr, first, m0, count, BLOCK_M)
         x_cols = x_ptr + sel[None, :] * sx                                   # [1, BLOCK_M]: x seen transposed
         acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
         for k0 in range(k_first, tl.minimum(IN, k_first + K_SPLIT), BLOCK_IN):
@@ -270,23 +350,26 @@ def _fp4_grouped_kernel(
             col = k0 + cols
             xt = tl.load(x_cols + col[:, None], mask=(col < IN)[:, None] & m_ok[None, :], other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        y_at = y_ptr + k_split * sy_split + sel[None, :] * sy + rows[:, None]
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
+        _store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+                    sy_split, SPLITS)
+    if SPLITS > 1:
+        _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,
+                           BLOCK_M, SPLITS)
 
 
 @triton.jit
 def _fp8_grouped_kernel(
-    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
     multiplies the tile's float32 partial product (a power of two: the same value as scaling the weights first)."""
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     first = tl.load(starts_ptr + expert)
-    k_split = tl.program_id(2)                            # this program's share of the inputs: K_SPLIT of them
-    k_first = k_split * K_SPLIT
+    k_first = tl.program_id(2) * K_SPLIT                  # this program's share of the inputs: K_SPLIT of them
     ob = tl.program_id(0)
     rows = ob * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     row_ok = rows < OUT
@@ -295,8 +378,7 @@ def _fp8_grouped_kernel(
     s_row = s_ptr + expert * ss_e + (ob * BLOCK_OUT // 128) * ss_o
     dot_type = x_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
-        m_ok = m0 + tl.arange(0, BLOCK_M) < count
-        sel = tl.load(order_ptr + first + m0 + tl.arange(0, BLOCK_M), mask=m_ok, other=0).to(tl.int64)
+        sel, m_ok = _chunk(order_ptr, first, m0, count, BLOCK_M)
         x_cols = x_ptr + sel[None, :] * sx
         acc = tl.zeros([BLOCK_OUT, BLOCK_M], tl.float32)
         for k0 in range(k_first, tl.minimum(IN, k_first + K_SPLIT), BLOCK_IN):
@@ -306,8 +388,11 @@ def _fp8_grouped_kernel(
             xt = tl.load(x_cols + col[:, None], mask=col_ok[:, None] & m_ok[None, :], other=0.0)
             scale = _e8m0_value(tl.load(s_row + k0 // 128).to(tl.int32))
             acc += tl.dot(w.to(dot_type), xt, input_precision=PRECISION) * scale
-        y_at = y_ptr + k_split * sy_split + sel[None, :] * sy + rows[:, None]
-        tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & m_ok[None, :])
+        _store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+                    sy_split, SPLITS)
+    if SPLITS > 1:
+        _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,
+                           BLOCK_M, SPLITS)
 
 
 def _groups(expert_idx: torch.Tensor, n_experts: int, all_valid: bool) -> tuple[torch.Tensor, ...]:
@@ -347,16 +432,16 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
     grid = (triton.cdiv(n_out, block_out), experts.numel())
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
-    split_k, k_split, out = _split_out(x, n_out, n_in, block_in, split_k)
+    split_k, k_split, y, part, tickets = _split_out(x, n_out, n_in, block_in, split_k, grid[0] * grid[1])
     if not all_valid:
-        out.zero_()         # rows of no expert (negative ids) are never written
-    kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, out, n_out, n_in, k_split, x.stride(0),
-                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), out.stride(-2),
-                              out.stride(0) if split_k > 1 else 0,
+        y.zero_()           # rows of no expert (negative ids) are never written
+    kernel[grid + (split_k,)](x, weight, s, order, starts, counts, experts, y, part, tickets, n_out, n_in, k_split,
+                              x.stride(0), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
+                              part.stride(0) if split_k > 1 else 0,
                               BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
-                              PRECISION=dot_precision(x.dtype), num_warps=num_warps,
+                              PRECISION=dot_precision(x.dtype), SPLITS=split_k, num_warps=num_warps,
                               num_stages=num_stages)
-    return out if split_k == 1 else out.sum(0).to(x.dtype)
+    return y
 
 
 SPLIT_K_PROGRAMS_PER_SM = 4

@@ -135,8 +135,9 @@ def test_groups_are_static_and_complete():
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_per_selection_kernel_split_over_inputs(fmt, split_k):
-    """The per-selection kernels with their inputs split over programs (float32 partials added up): the same as
-    the reference, for several selections of several experts and for one projection row."""
+    """The per-selection kernels with their inputs split over programs (float32 partials that the last split of each
+    block adds up): the same as the reference, for several selections of several experts and for one projection
+    row, one call after another on the same arrival tickets."""
     from ascend.backends import triton_moe
     launch = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
     weight, scale = _stack(fmt, 5, 40, 384)
@@ -145,6 +146,44 @@ def test_per_selection_kernel_split_over_inputs(fmt, split_k):
         idx = torch.randint(0, n_experts, (n,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
         w, s = weight[:n_experts], scale[:n_experts]
         _check(launch(x, w, s, idx, block_out=16, block_in=64, split_k=split_k), x, w, s, fmt, idx)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_split_calls_leave_their_tickets_at_zero(grouped):
+    """Every split block's last program resets its arrival ticket, so the shared buffer is all zero after a call
+    (what the next call, or the next replay of a captured one, relies on)."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack("fp8", 3, 40, 512)
+    idx = torch.tensor([2, 0, 2, 1, 0] * 4, device=DEVICE)
+    x = _rows(idx.numel(), 512, torch.float32)
+    launch = (triton_moe.grouped_matmul_fp8 if grouped else triton_moe.expert_matmul_fp8)
+    _check(launch(x, weight, scale, idx, block_out=16, block_in=32, split_k=4), x, weight, scale, "fp8", idx)
+    tickets = triton_moe._TICKETS[x.device]
+    assert tickets.numel() >= triton_moe.TICKETS_MIN and not tickets.any()
+
+
+@needs_triton
+def test_split_projections_replay_under_cuda_graph():
+    """Decode-sized projections whose inputs the backend splits (wq_a-like at 1 row: the per-selection kernel; wo_b
+    at 32 rows: the grouped one), captured once and replayed with new rows: every replay equals the eager call bit
+    for bit (the partials are added in split order, not by atomics) and the reference to bf16 rounding."""
+    from ascend.backends import triton_moe
+    for d_out, d_in, rows in ((1024, 4096, 1), (4096, 8192, 32)):
+        weight, scale = _stack("fp8", 1, d_out, d_in)
+        config = cuda.LINEAR_MATMUL_CONFIG["fp8"]["grouped" if rows > 1 else "gemv"]
+        assert triton_moe.split_k_for(d_out // config["block_out"], d_in, config["block_in"], weight.device) > 1
+        x = _rows(rows, d_in, torch.bfloat16)
+        cuda.linear_triton(x, weight[0], scale[0], "fp8")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = cuda.linear_triton(x, weight[0], scale[0], "fp8")
+        for seed in (1, 2, 3):
+            x.copy_(_rows(rows, d_in, torch.bfloat16, seed=seed))
+            graph.replay()
+            assert torch.equal(out, cuda.linear_triton(x, weight[0], scale[0], "fp8"))
+            ref = REFERENCE.linear(x.float(), weight[0], scale[0], "fp8")
+            assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
@@ -284,7 +323,8 @@ def test_grouped_at_flash_shapes(fmt, d_out, d_in, launch):
 @needs_triton
 @pytest.mark.parametrize("rows", [32, 64])
 def test_linear_at_flash_shapes_splits_k(rows):
-    """wo_b (8192 -> 4096, fp8): few output blocks, so the grouped kernel splits the inputs (float32 partials)."""
+    """wo_b (8192 -> 4096, fp8): few output blocks, so the grouped kernel splits the inputs (float32 partials, added
+    up by the last split of each block)."""
     from ascend.backends import triton_moe
     weight, scale = _stack("fp8", 1, 4096, 8192)
     config = cuda.LINEAR_MATMUL_CONFIG["fp8"]["grouped"]
