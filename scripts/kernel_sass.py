@@ -10,10 +10,14 @@ compiles `ascend/backends/triton_moe.py`'s per-selection kernels here for sm_90a
 specialises them (pointers, sizes and strides divisible by 16), with the ptxas and cuobjdump shipped in Triton's
 wheel; the main loop is the longest backward branch of the SASS. Per kernel: registers per thread, instructions in
 one loop iteration, stored weight bytes one thread covers per iteration (packed codes; scales excluded), their
-ratio, and the commonest opcodes. docs/performance.md uses it for the FP4 decode.
+ratio, and the commonest opcodes. docs/performance.md uses it for the FP4 decode. `--splits N` compiles the
+split-K form (inputs over N programs, the last to arrive adding the partials), whose loop differs by a few
+instructions at most; the JSON then also counts the whole kernel's barriers and global atomics (`sync`), the
+arrival ticket's instructions.
 
     python3 scripts/kernel_sass.py                    # the CUDA backend's gemv settings (cuda.EXPERT_MATMUL_CONFIG)
     python3 scripts/kernel_sass.py --fp4 32,512,4 --fp4 32,256,4 --json
+    python3 scripts/kernel_sass.py --splits 4 --json
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from collections import Counter
 from pathlib import Path
 
 # scalar arguments of both per-selection kernels, in order (triton_moe._launch passes them)
-_ARGS = ("x_ptr", "w_ptr", "s_ptr", "idx_ptr", "order_ptr", "y_ptr", "OUT", "IN", "K_SPLIT", "sx", "sw_e", "sw_o",
-         "ss_e", "ss_o", "sy", "sy_split")
+_ARGS = ("x_ptr", "w_ptr", "s_ptr", "idx_ptr", "order_ptr", "y_ptr", "part_ptr", "tickets_ptr", "OUT", "IN",
+         "K_SPLIT", "sx", "sw_e", "sw_o", "ss_e", "ss_o", "sy", "sy_split")
 _WEIGHT = {"fp4": "*i32", "fp8": "*fp8e4nv"}                      # fp4: packed codes read as int32 words
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _BRANCH = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`?\(?)0x([0-9a-f]+)")
@@ -45,8 +49,9 @@ def loop_mix(sass: str) -> Counter:
     return Counter(op for at, op in _INSTRUCTION.findall(sass) if lo <= int(at, 16) <= hi)
 
 
-def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int) -> tuple[str, int]:
-    """(SASS, registers per thread) of triton_moe's per-selection `fmt` kernel for sm_90a."""
+def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> tuple[str, int]:
+    """(SASS, registers per thread) of triton_moe's per-selection `fmt` kernel for sm_90a, its inputs over
+    `splits` programs."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -54,10 +59,11 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int) -> tup
     kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._fp8_expert_matmul_kernel}[fmt]
     signature = {name: "i32" for name in _ARGS}
     signature.update(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
-                     BLOCK_OUT="constexpr", BLOCK_IN="constexpr")
+                     part_ptr="*fp32", tickets_ptr="*i32", BLOCK_OUT="constexpr", BLOCK_IN="constexpr",
+                     SPLITS="constexpr")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_ARGS) if name != "sy_split"}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in})
+                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,13 +75,14 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int) -> tup
     return sass, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-def measure(fmt: str, block_out: int, block_in: int, num_warps: int) -> dict:
-    sass, registers = compile_sass(fmt, block_out, block_in, num_warps)
+def measure(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> dict:
+    sass, registers = compile_sass(fmt, block_out, block_in, num_warps, splits)
     mix = loop_mix(sass)
+    whole = Counter(op for _, op in _INSTRUCTION.findall(sass))
     weight_bytes = block_out * block_in // (2 if fmt == "fp4" else 1) / (32 * num_warps)
     n = sum(mix.values())
-    return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps,
-            "registers": registers, "loop_instructions": n, "weight_bytes_per_thread": weight_bytes,
+    return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps, "splits": splits,
+            "sync": {op: whole[op] for op in ("BAR", "ATOMG", "RED", "MEMBAR")}, "registers": registers, "loop_instructions": n, "weight_bytes_per_thread": weight_bytes,
             "instructions_per_byte": n / weight_bytes, "mix": dict(mix.most_common())}
 
 
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in ("fp4", "fp8"):
         p.add_argument(f"--{fmt}", type=setting, action="append", metavar="OUT,IN,WARPS",
                        help=f"{fmt} kernel settings (repeatable; default: cuda.EXPERT_MATMUL_CONFIG's gemv)")
+    p.add_argument("--splits", type=int, default=1, help="programs over the inputs (split-K form; default 1)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         default = EXPERT_MATMUL_CONFIG[fmt]["gemv"]
         for block_out, block_in, num_warps in getattr(args, fmt) or [(default["block_out"], default["block_in"],
                                                                        default["num_warps"])]:
-            rows.append(measure(fmt, block_out, block_in, num_warps))
+            rows.append(measure(fmt, block_out, block_in, num_warps, args.splits))
     print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0
 

@@ -35,16 +35,28 @@ def test_loop_mix_takes_the_longest_backward_branch():
         sass.loop_mix(SASS.replace("BRA 0x10", "BRA 0x80").replace("BRA 0x40", "BRA 0x80"))
 
 
-def test_offline_compile_counts_both_kernels():
+def _offline(*args: str) -> dict:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_sass.py"), "--json"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_sass.py"), "--json", *args], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {r["kernel"]: r for r in json.loads(out.stdout)}
+    return {r["kernel"]: r for r in json.loads(out.stdout)}
+
+
+def test_offline_compile_counts_both_kernels():
+    rows = _offline()
     assert set(rows) == {"fp4", "fp8"}
     for r in rows.values():
         assert r["loop_instructions"] == sum(r["mix"].values()) > 0
         assert 1 < r["instructions_per_byte"] < 100 and r["registers"] > 0
     assert rows["fp4"]["mix"]["HADD2"] > 0          # each decoded float16 half widened to float32 in one instruction
+
+
+def test_split_form_fences_its_ticket():
+    """The split-K form on sm_90: a CTA barrier after the partial stores, a GPU-scope fence, then the arrival ticket
+    (an atomic add) and its reset (an atomic exchange), in both kernels; none of it in the unsplit form."""
+    for split, plain in zip(_offline("--splits", "4").values(), _offline().values()):
+        assert split["sync"]["BAR"] >= plain["sync"]["BAR"] + 2 and split["sync"]["MEMBAR"] >= 1 and split["sync"]["ATOMG"] == 2
+        assert plain["sync"]["ATOMG"] == plain["sync"]["MEMBAR"] == 0
