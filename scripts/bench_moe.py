@@ -4,8 +4,10 @@ dequantise, bmm / matmul) against the per-selection GEMV and the grouped tensor-
 `ascend.backends.triton_moe`, all measured in the same run, each replayed from a captured graph.
 
 Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2048 and w2 = 2048 -> 4096) with
-batch x 6 selections (6 distinct random experts per token), and FP8 projections with one weight (wq_b 1024 -> 32768,
-wo_b 8192 -> 4096) with batch rows. Columns: microseconds per call (median of 5 runs of back-to-back replays),
+batch x 6 selections (6 distinct random experts per token), FP8 projections with one weight (wq_a 4096 -> 1024,
+wq_b 1024 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
+(`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, head 4096 -> 129280), where the reference
+column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.linear_f32`). Columns: microseconds per call (median of 5 runs of back-to-back replays),
 GB/s of the distinct weight bytes the call must read (packed values + scales of every expert used), speed-up
 against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
 the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
@@ -52,10 +54,11 @@ class Shapes:
 
 FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w2", "fp4", 256, 4096, 2048),
                Case("wq_a", "fp8", 1, 1024, 4096), Case("wq_b", "fp8", 1, 32768, 1024),
-               Case("wo_b", "fp8", 1, 4096, 8192)),
+               Case("wo_b", "fp8", 1, 4096, 8192), Case("router", "bf16", 1, 256, 4096),
+               Case("compressor wkv", "bf16", 1, 1024, 4096), Case("head", "bf16", 1, 129280, 4096)),
               (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
-QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256)), (1, 4), 6, 1,
-               torch.float32)
+QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256),
+                Case("router", "bf16", 1, 16, 128)), (1, 4), 6, 1, torch.float32)
 MOE_MAX_BATCH = 64            # routed-expert rows beyond decode sizes run the dynamic MoE path, not this one
 # launch settings timed by --variants, each on top of the backend's current settings for the case
 VARIANTS = {"fp4": {"gemv": (dict(block_in=512), dict(block_in=128), dict(block_out=16), dict(block_out=64)),
@@ -112,10 +115,49 @@ def selections(case: Case, batch: int, topk: int, device: Device) -> torch.Tenso
         device.torch_device)
 
 
+def timed(case: Case, batch: int, n: int, used: int, nbytes: int, impls: dict, pick: str, device: Device,
+          reps: int) -> list[Row]:
+    """One row per implementation (the first, "reference", is the baseline of the speed-ups and errors)."""
+    ref = impls["reference"]().float()
+    rows, ref_us = [], None
+    for name, fn in impls.items():
+        device.reset_peak()
+        err = ((fn().float() - ref).norm() / ref.norm()).item()
+        us = replay_us(device, fn, reps)
+        ref_us = ref_us or us
+        rows.append(Row(case.name, case.fmt, batch, n, used, name, us, nbytes / (us * 1e3), ref_us / us, err,
+                        name == pick, device.memory().peak / 2 ** 30))
+    return rows
+
+
+def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool) -> list[Row]:
+    """A float32-output projection of a bf16 weight (`kernels.f32_linear`: router, compressor, head) at one row:
+    cuBLAS (`cuda.f32_linear_bf16`, the reference column) against the Triton walk (`triton_moe.linear_f32`)."""
+    from ascend.backends import cuda
+
+    if 1 not in shapes.batches:
+        return []
+    dev = device.torch_device
+    weight = torch.randn(case.d_out, case.d_in, generator=torch.Generator(dev).manual_seed(0), device=dev)
+    weight = weight.to(torch.bfloat16)
+    x = torch.randn(1, case.d_in, generator=torch.Generator().manual_seed(1)).to(dev, torch.bfloat16)
+    impls = {"reference": lambda: cuda.f32_linear_bf16(x, weight)}
+    if kernels is not None:
+        gemvs = {"gemv": cuda.LINEAR_F32_CONFIG}
+        if variants:
+            gemvs.update({_named("gemv", v): {**cuda.LINEAR_F32_CONFIG, **v} for v in VARIANTS["fp8"]["gemv"]})
+        for name, kw in gemvs.items():
+            impls[name] = lambda kw=kw: kernels.linear_f32(x, weight, **kw)
+    pick = "gemv" if kernels is not None and cuda.f32_gemv_applies(1, case.d_out) else "reference"
+    return timed(case, 1, 1, 1, weight.numel() * weight.element_size(), impls, pick, device, shapes.reps)
+
+
 def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool,
                  grouped_override: dict) -> list[Row]:
     from ascend.backends import cuda
 
+    if case.fmt == "bf16":
+        return measure_f32_case(case, shapes, device, kernels, variants)
     weight, scale = stored_weights(case, device)
     per_expert_bytes = weight[0].numel() * weight.element_size() + scale[0].numel()
     config = (cuda.LINEAR_MATMUL_CONFIG if case.n_experts == 1 else cuda.EXPERT_MATMUL_CONFIG)[case.fmt]
@@ -152,16 +194,8 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                                  for v in VARIANTS[case.fmt]["grouped"]})
             for name, kw in settings.items():
                 impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
-        ref = reference().float()
-        ref_us = None
-        for name, fn in impls.items():
-            device.reset_peak()
-            err = ((fn().float() - ref).norm() / ref.norm()).item()
-            us = replay_us(device, fn, shapes.reps)
-            ref_us = ref_us or us
-            rows.append(Row(case.name, case.fmt, batch, n, used, name, us, used * per_expert_bytes / (us * 1e3),
-                            ref_us / us, err, name == pick, device.memory().peak / 2 ** 30))
-        del x, ref
+        rows += timed(case, batch, n, used, used * per_expert_bytes, impls, pick, device, shapes.reps)
+        del x
     return rows
 
 

@@ -56,7 +56,7 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
     from triton.backends.compiler import GPUTarget
 
     from ascend.backends import triton_moe
-    kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._fp8_expert_matmul_kernel}[fmt]
+    kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._unpacked_expert_matmul_kernel}[fmt]
     signature = {name: "i32" for name in _ARGS}
     signature.update(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
                      part_ptr="*fp32", tickets_ptr="*i32", BLOCK_OUT="constexpr", BLOCK_IN="constexpr",

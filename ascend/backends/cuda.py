@@ -10,6 +10,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its three matmuls       | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
+| `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
@@ -119,6 +120,39 @@ def f32_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.size(0))
 
 
+@torch.library.custom_op("ascend_cuda::linear_f32", mutates_args=())
+def linear_f32_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Triton `kernels.f32_linear` of a few rows, float32 [rows, out] (`triton_moe.linear_f32`)."""
+    from ascend.backends import triton_moe
+    return triton_moe.linear_f32(x, weight, **LINEAR_F32_CONFIG)
+
+
+@linear_f32_triton.register_fake
+def _(x, weight):
+    return x.new_empty(x.size(0), weight.size(0), dtype=torch.float32)
+
+
+# The Triton walk for `f32_linear` at one row (batch-1 decode) up to this many outputs: the router (256), the
+# compressors (256-1024); not the head (the vocabulary: 129,280 rows of 4096, where cuBLAS reads at bandwidth).
+# From scripts/bench_moe.py's bf16 cases on an H200 (docs/performance.md).
+F32_GEMV_MAX_OUT = 8192
+
+
+def f32_gemv_applies(rows: int, n_out: int) -> bool:
+    """Whether `f32_linear_triton` takes the Triton walk for this shape (else cuBLAS)."""
+    return rows == 1 and n_out <= F32_GEMV_MAX_OUT
+
+
+def f32_linear_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`kernels.f32_linear` with the Triton kernels: one row of bf16 x and weight with few outputs is one launch of
+    the per-selection walk (its input split added up inside), where cuBLAS's GEMM at one row splits K and adds the
+    parts in a second launch; other shapes and dtypes as `f32_linear_bf16`."""
+    rows = x.numel() // x.size(-1)
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not f32_gemv_applies(rows, weight.size(0)):
+        return f32_linear_bf16(x, weight)
+    return linear_f32_triton(x.reshape(1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
+
+
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`kernels.rope` as one complex multiply of the (even, odd) pairs of the last 2 * cos.size(-1) dims."""
     r = 2 * cos.size(-1)
@@ -183,6 +217,8 @@ EXPERT_MATMUL_CONFIG = {
 LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
     "fp8": dict(gemv=dict(block_out=64, block_in=128, num_warps=8), grouped=dict(block_out=32, block_in=128))}
+# `f32_linear` at one row (bf16 weights): the fp8 projection gemv's setting, untuned for bf16
+LINEAR_F32_CONFIG = dict(block_out=64, block_in=128, num_warps=8)
 
 
 # The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake
@@ -341,8 +377,9 @@ def triton_runs_on(device_type: str) -> bool:
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
-    (plain and grouped) and the mHC stages (`ascend.backends.triton_mhc`) when available (default), else the PyTorch
-    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear.
+    (plain and grouped), one-row float32 projections and the mHC stages (`ascend.backends.triton_mhc`) when available
+    (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope / hadamard /
+    f32_linear.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
@@ -357,6 +394,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
         from ascend.backends import triton_mhc     # imports triton: only here
 
         formats = _triton_expert_formats()
+        short["f32_linear"] = f32_linear_triton      # one-row router / compressor projections: the Triton walk
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
                                    group_experts=functools.partial(group_experts_triton, formats=formats),

@@ -55,11 +55,17 @@ def _e8m0_value(byte):
 
 @triton.jit
 def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
-    """A per-selection program's work: its selection (programs visit them in `order`), that selection's expert, its
-    block of output rows (and which exist), and its range of inputs, empty for a negative expert id (another rank's
-    selection reads nothing and its row stays 0)."""
-    sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
-    expert = tl.load(idx_ptr + sel).to(tl.int64)
+    """A per-selection program's work: its selection (programs visit them in `order`; None: in row order), that
+    selection's expert (`idx` None: one weight), its block of output rows (and which exist), and its range of inputs,
+    empty for a negative expert id (another rank's selection reads nothing and its row stays 0)."""
+    if order_ptr is None:
+        sel = tl.program_id(1).to(tl.int64)
+    else:
+        sel = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    if idx_ptr is None:
+        expert = tl.full([], 0, tl.int64)
+    else:
+        expert = tl.load(idx_ptr + sel).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = tl.where(expert < 0, k_lo, tl.minimum(IN, k_lo + K_SPLIT))
@@ -183,17 +189,17 @@ def _fp4_expert_matmul_kernel(
 
 
 @triton.jit
-def _fp8_expert_matmul_kernel(
+def _unpacked_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Same walk for FP8 e4m3 weights with one ue8m0 scale per 128 x 128 block: BLOCK_IN is at most 128 and
-    divides it, so each chunk of a row has one scale."""
+    """Same walk for weights of one stored element each: FP8 e4m3 with one ue8m0 scale per 128 x 128 block
+    (BLOCK_IN is at most 128 and divides it, so each chunk of a row has one scale), or plain bf16 / float32 weights
+    without scales (`s_ptr` None: `linear_f32`)."""
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
-    s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     acc = tl.zeros([BLOCK_OUT], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_IN):
@@ -201,8 +207,12 @@ def _fp8_expert_matmul_kernel(
         col_ok = col < IN
         x = tl.load(x_row + col, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
-        acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
+        if s_ptr is None:
+            acc += tl.sum(w * x[None, :], axis=1)
+        else:
+            s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
+            scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
+            acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
     _store_part(acc, y_ptr, part_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
     if SPLITS > 1:
         if _last_to_arrive(tickets_ptr, SPLITS):
@@ -226,43 +236,45 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return tickets
 
 
-def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int, programs: int) -> tuple:
+def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int, programs: int,
+               out_dtype: torch.dtype | None = None) -> tuple:
     """(splits, inputs per split, y, partials, tickets): whole input blocks per split; with several, float32
-    partial sums [splits, N, out] that the kernel's last split per block adds into y. Without a split, y stands in
-    for the two unused buffers."""
+    partial sums [splits, N, out] that the kernel's last split per block adds into y (in `out_dtype`, default
+    x's). Without a split, y stands in for the two unused buffers."""
     k_split = triton.cdiv(triton.cdiv(n_in, split_k), block_in) * block_in
     split_k = triton.cdiv(n_in, k_split)
-    y = torch.empty(x.size(0), n_out, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.size(0), n_out, dtype=out_dtype or x.dtype, device=x.device)
     if split_k == 1:
         return 1, k_split, y, y, y
     part = torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
     return split_k, k_split, y, part, _tickets(x.device, programs)
 
 
-def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple:
     """Rows made contiguous and 16-byte aligned (the fp4 kernel reads bf16 rows as int32 pairs), the scales seen as
-    bytes, as both launchers pass them."""
-    s = scale.view(torch.uint8)
-    assert weight.stride(-1) == 1 and s.stride(-1) == 1
+    bytes (None: no scales), as both launchers pass them."""
+    s = None if scale is None else scale.view(torch.uint8)
+    assert weight.stride(-1) == 1 and (s is None or s.stride(-1) == 1)
     x = x.contiguous()
     return (x if x.data_ptr() % 16 == 0 else x.clone()), s
 
 
 def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort, split_k,
-            order=None) -> torch.Tensor:
+            order=None, out_dtype=None) -> torch.Tensor:
     n, n_out, n_in = x.size(0), weight.size(1), x.size(1)
     if n == 0:
-        return x.new_empty(0, n_out)
+        return x.new_empty(0, n_out, dtype=out_dtype or x.dtype)
     x, s = _operands(x, weight, scale)
-    # one weight (a projection): nothing to order; else selections of one expert run back to back (L2 reuse)
-    if order is None:
-        order = torch.argsort(expert_idx.int()) if sort and weight.size(0) > 1 else torch.arange(n, device=x.device)
+    # selections of one expert back to back (L2 reuse); one weight (a projection), or unsorted: in row order
+    if order is None and sort and weight.size(0) > 1:
+        order = torch.argsort(expert_idx.int())
     grid = (triton.cdiv(n_out, block_out), n)
     if split_k is None:
         split_k = split_k_for(grid[0] * grid[1], n_in, block_in, x.device)
-    split_k, k_split, y, part, tickets = _split_out(x, n_out, n_in, block_in, split_k, grid[0] * grid[1])
+    split_k, k_split, y, part, tickets = _split_out(x, n_out, n_in, block_in, split_k, grid[0] * grid[1], out_dtype)
+    s_strides = (0, 0) if s is None else (s.stride(0), s.stride(1))
     kernel[grid + (split_k,)](x, weight, s, expert_idx, order, y, part, tickets, n_out, n_in, k_split, x.stride(0),
-                              weight.stride(0), weight.stride(1), s.stride(0), s.stride(1), y.stride(0),
+                              weight.stride(0), weight.stride(1), *s_strides, y.stride(0),
                               part.stride(0) if split_k > 1 else 0,
                               BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps)
     return y
@@ -287,8 +299,19 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     expert_idx [N] -> [N, out] in x's dtype. `block_in` is a power of two dividing 128; `split_k`, `order` as for
     fp4."""
     assert weight.size(2) == x.size(1) and 128 % block_in == 0
-    return _launch(_fp8_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps, sort,
-                   split_k, order)
+    return _launch(_unpacked_expert_matmul_kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps,
+                   sort, split_k, order)
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in: int = 128, num_warps: int = 8,
+               split_k: int | None = None) -> torch.Tensor:
+    """`model.kernels.f32_linear` as the per-selection walk: x [N, in] times a plain weight [out, in] (bf16, no
+    scales), float32 sums and output [N, out]. It reads the weight once per row, so it is for a row or two (batch-1
+    decode), where it is one launch with its input split reduced inside (cuBLAS's small-M GEMMs split K and add
+    the parts in a second launch)."""
+    assert weight.size(1) == x.size(1)
+    return _launch(_unpacked_expert_matmul_kernel, x, weight.unsqueeze(0), None, None, block_out, block_in,
+                   num_warps, False, split_k, out_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ grouped kernels
