@@ -206,18 +206,17 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
 # out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).
 # gemv: 32 output rows per program (fp8 projections 64), fp4 experts walk 256 inputs (4 KiB of packed bytes) per
-# step, fp8 128 (one scale block); grouped: 64 x 128 tiles for experts and fp8 projections, 32 x 256 for fp4
+# step, fp8 128 (one scale block); grouped: 64 x 128 tiles for experts, 32 x 128 (fp8) / 32 x 256 (fp4) for
 # projections, rows per dot from the shapes. From scripts/bench_moe.py's variants on an H200: the fp4 expert tile
 # of 128 inputs (1.3-1.8x over 256 at batch 8-64), the fp4 expert gemv's 256 inputs (fastest of 128-512 at batch
-# 1-64, 7% over 512 at batch 8), the fp8 projection gemv's 64 rows and 8 warps (faster than 32 rows / 4 warps
-# for wq_a, wq_b and wo_b at batch 1) and the fp8 projections' 64-row grouped tiles (wq_b 25.5 / 27.1 / 31.5 us
-# against 30.1 / 30.6 / 55.2 with 32 rows at batch 8 / 32 / 64; docs/performance.md); the rest untuned.
+# 1-64, 7% over 512 at batch 8) and the fp8 projection gemv's 64 rows and 8 warps (faster than 32 rows / 4 warps
+# for wq_a, wq_b and wo_b at batch 1; docs/performance.md); the rest untuned.
 EXPERT_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=256, num_warps=4), grouped=dict(block_out=64, block_in=128)),
     "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
 LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
-    "fp8": dict(gemv=dict(block_out=64, block_in=128, num_warps=8), grouped=dict(block_out=64, block_in=128))}
+    "fp8": dict(gemv=dict(block_out=64, block_in=128, num_warps=8), grouped=dict(block_out=32, block_in=128))}
 # `f32_linear` at one row (bf16 weights): the fp8 projection gemv's setting, untuned for bf16
 LINEAR_F32_CONFIG = dict(block_out=64, block_in=128, num_warps=8)
 
