@@ -132,10 +132,11 @@ def _(x, weight):
     return x.new_empty(x.size(0), weight.size(0), dtype=torch.float32)
 
 
-# The Triton walk for `f32_linear` at one row (batch-1 decode) up to this many outputs: the router (256), the
-# compressors (256-1024); not the head (the vocabulary: 129,280 rows of 4096, where cuBLAS reads at bandwidth).
-# From scripts/bench_moe.py's bf16 cases on an H200 (docs/performance.md).
-F32_GEMV_MAX_OUT = 8192
+# The Triton walk for `f32_linear` at one row (batch-1 decode) up to this many outputs: V4's routers (256 experts
+# on Flash) and compressors (at most 2 x 512). scripts/bench_moe.py's bf16 cases on an H200 at 4096 inputs: the
+# router 5.7 us against cuBLAS's 6.4, the compressor wkv (1024) 5.6 against 6.7, but the head (129,280 outputs,
+# where cuBLAS reads at bandwidth) 264 against 244 (docs/performance.md). Shapes between were not measured.
+F32_GEMV_MAX_OUT = 1024
 
 
 def f32_gemv_applies(rows: int, n_out: int) -> bool:
