@@ -107,6 +107,16 @@ def _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """A per-selection program's end: its sums stored (`_store_part`), and with a split, the block's total from
+    the last split to arrive."""
+    _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS)
+    if SPLITS > 1:
+        if _last_to_arrive(tickets_ptr, SPLITS):
+            _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS)
+
+
+@triton.jit
 def _e2m1_pair(words, K: tl.constexpr):
     """Codes K and K + 4 of int32 words of 8 packed e2m1 codes (code i in bits 4i..4i+3: input i of the word) ->
     two float32 tensors, value * 2^-14 as `_e2m1_times_2_pow_minus_14` gives, decoded two at a time: both codes'
@@ -182,10 +192,7 @@ def _fp4_expert_matmul_kernel(
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
         acc += tl.sum(part, axis=2) * _e8m0_value(scale)
     y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
-    _store_part(y, y_ptr, part_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
-    if SPLITS > 1:
-        if _last_to_arrive(tickets_ptr, SPLITS):
-            _sum_splits(part_ptr, y_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    _store_rows(y, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
 @triton.jit
@@ -213,10 +220,7 @@ def _unpacked_expert_matmul_kernel(
             s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
             scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
             acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
-    _store_part(acc, y_ptr, part_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
-    if SPLITS > 1:
-        if _last_to_arrive(tickets_ptr, SPLITS):
-            _sum_splits(part_ptr, y_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    _store_rows(acc, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
