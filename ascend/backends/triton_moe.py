@@ -223,20 +223,21 @@ def _unpacked_expert_matmul_kernel(
     _store_rows(acc, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
 TICKETS_MIN = 1 << 16
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """The split kernels' arrival counters of a device, at least `n`, zero between launches (each block's last
-    split resets its own), so one buffer serves every call, one launch after another on the step's stream.
-    A buffer first needed inside a CUDA graph capture is not kept: its zeroing exists only in that graph."""
-    tickets = _TICKETS.get(device)
-    if tickets is None or tickets.numel() < n:
+    """The split kernels' arrival counters on a device: a buffer of at least `n`, zero between launches (each
+    block's last split resets its own), so one buffer serves every call, one launch after another on the step's
+    stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
+    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph."""
+    kept = _TICKETS.setdefault(device, [])
+    tickets = next((t for t in kept if t.numel() >= n), None)
+    if tickets is None:
         tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return tickets
-        _TICKETS[device] = tickets
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            kept.append(tickets)
     return tickets
 
 
