@@ -7,7 +7,7 @@ Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2
 batch x 6 selections (6 distinct random experts per token), FP8 projections with one weight (wq_a 4096 -> 1024,
 wq_b 1024 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
 (`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, head 4096 -> 129280), where the reference
-column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.linear_f32`). Columns: microseconds per call (median of 5 runs of back-to-back replays),
+column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns: microseconds per call (median of 5 runs of back-to-back replays),
 GB/s of the distinct weight bytes the call must read (packed values + scales of every expert used), speed-up
 against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
 the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
@@ -132,7 +132,7 @@ def timed(case: Case, batch: int, n: int, used: int, nbytes: int, impls: dict, p
 
 def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool) -> list[Row]:
     """A float32-output projection of a bf16 weight (`kernels.f32_linear`: router, compressor, head) at one row:
-    cuBLAS (`cuda.f32_linear_bf16`, the reference column) against the Triton walk (`triton_moe.linear_f32`)."""
+    cuBLAS (`cuda.f32_linear_bf16`, the reference column) against the Triton walk (`triton_moe.f32_gemv`)."""
     from ascend.backends import cuda
 
     if 1 not in shapes.batches:
@@ -143,11 +143,11 @@ def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, varian
     x = torch.randn(1, case.d_in, generator=torch.Generator().manual_seed(1)).to(dev, torch.bfloat16)
     impls = {"reference": lambda: cuda.f32_linear_bf16(x, weight)}
     if kernels is not None:
-        gemvs = {"gemv": cuda.LINEAR_F32_CONFIG}
+        gemvs = {"gemv": cuda.F32_GEMV_CONFIG}
         if variants:
-            gemvs.update({_named("gemv", v): {**cuda.LINEAR_F32_CONFIG, **v} for v in VARIANTS["fp8"]["gemv"]})
+            gemvs.update({_named("gemv", v): {**cuda.F32_GEMV_CONFIG, **v} for v in VARIANTS["fp8"]["gemv"]})
         for name, kw in gemvs.items():
-            impls[name] = lambda kw=kw: kernels.linear_f32(x, weight, **kw)
+            impls[name] = lambda kw=kw: kernels.f32_gemv(x, weight, **kw)
     pick = "gemv" if kernels is not None and cuda.f32_gemv_applies(1, case.d_out) else "reference"
     return timed(case, 1, 1, 1, weight.numel() * weight.element_size(), impls, pick, device, shapes.reps)
 

@@ -120,14 +120,14 @@ def f32_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.size(0))
 
 
-@torch.library.custom_op("ascend_cuda::linear_f32", mutates_args=())
-def linear_f32_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Triton `kernels.f32_linear` of a few rows, float32 [rows, out] (`triton_moe.linear_f32`)."""
+@torch.library.custom_op("ascend_cuda::f32_gemv", mutates_args=())
+def f32_gemv_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Triton `kernels.f32_linear` of a few rows, float32 [rows, out] (`triton_moe.f32_gemv`)."""
     from ascend.backends import triton_moe
-    return triton_moe.linear_f32(x, weight, **LINEAR_F32_CONFIG)
+    return triton_moe.f32_gemv(x, weight, **F32_GEMV_CONFIG)
 
 
-@linear_f32_triton.register_fake
+@f32_gemv_triton.register_fake
 def _(x, weight):
     return x.new_empty(x.size(0), weight.size(0), dtype=torch.float32)
 
@@ -151,7 +151,7 @@ def f32_linear_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.size(-1)
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not f32_gemv_applies(rows, weight.size(0)):
         return f32_linear_bf16(x, weight)
-    return linear_f32_triton(x.reshape(1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
+    return f32_gemv_triton(x.reshape(1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
 
 
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -219,7 +219,7 @@ LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
     "fp8": dict(gemv=dict(block_out=64, block_in=128, num_warps=8), grouped=dict(block_out=32, block_in=128))}
 # `f32_linear` at one row (bf16 weights): the fp8 projection gemv's setting, untuned for bf16
-LINEAR_F32_CONFIG = dict(block_out=64, block_in=128, num_warps=8)
+F32_GEMV_CONFIG = dict(block_out=64, block_in=128, num_warps=8)
 
 
 # The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake

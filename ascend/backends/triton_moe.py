@@ -203,7 +203,7 @@ def _unpacked_expert_matmul_kernel(
 ):
     """Same walk for weights of one stored element each: FP8 e4m3 with one ue8m0 scale per 128 x 128 block
     (BLOCK_IN is at most 128 and divides it, so each chunk of a row has one scale), or plain bf16 / float32 weights
-    without scales (`s_ptr` None: `linear_f32`)."""
+    without scales (`s_ptr` None: `f32_gemv`)."""
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
@@ -308,7 +308,7 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                    sort, split_k, order)
 
 
-def linear_f32(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in: int = 128, num_warps: int = 8,
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in: int = 128, num_warps: int = 8,
                split_k: int | None = None) -> torch.Tensor:
     """`model.kernels.f32_linear` as the per-selection walk: x [N, in] times a plain weight [out, in] (bf16, no
     scales), float32 sums and output [N, out]. It reads the weight once per row, so it is for a row or two (batch-1

@@ -98,11 +98,11 @@ def test_f32_linear_is_the_float32_product_of_the_held_values(x_dtype, w_dtype):
 
 @needs_triton_or_interpreter
 def test_f32_linear_takes_the_triton_walk_for_one_row_with_few_outputs(monkeypatch):
-    """One bf16 row (a batch-1 router or compressor) runs `linear_f32_triton`; two rows, a float32 operand or more
+    """One bf16 row (a batch-1 router or compressor) runs `f32_gemv_triton`; two rows, a float32 operand or more
     outputs than F32_GEMV_MAX_OUT keep `f32_linear_bf16`. Either way: the float32 product of the held values."""
     calls = []
-    walk = cuda.linear_f32_triton
-    monkeypatch.setattr(cuda, "linear_f32_triton", lambda x, w: calls.append(tuple(x.shape)) or walk(x, w))
+    walk = cuda.f32_gemv_triton
+    monkeypatch.setattr(cuda, "f32_gemv_triton", lambda x, w: calls.append(tuple(x.shape)) or walk(x, w))
     w = torch.randn(96, 256, device=TRITON_DEVICE).to(torch.bfloat16)
     for shape, dtype in (((1, 1, 256), torch.bfloat16), ((2, 1, 256), torch.bfloat16), ((1, 256), torch.float32)):
         x = torch.randn(shape, device=TRITON_DEVICE).to(dtype)

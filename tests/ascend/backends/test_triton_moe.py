@@ -150,7 +150,7 @@ def test_per_selection_kernel_split_over_inputs(fmt, split_k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_linear_f32_matches_reference(dtype, split_k):
+def test_f32_gemv_matches_reference(dtype, split_k):
     """The plain-weight walk (`kernels.f32_linear`: no scales, float32 out) for one row and for two, ragged output
     and input blocks, whole or split over its inputs: the reference's float32 products up to summation order."""
     from ascend.backends import triton_moe
@@ -158,7 +158,7 @@ def test_linear_f32_matches_reference(dtype, split_k):
     weight = torch.randn(40, 200, generator=g).to(DEVICE, dtype)
     for rows in (1, 2):
         x = _rows(rows, 200, dtype, seed=rows)
-        y = triton_moe.linear_f32(x, weight, block_out=16, block_in=64, num_warps=4, split_k=split_k)
+        y = triton_moe.f32_gemv(x, weight, block_out=16, block_in=64, num_warps=4, split_k=split_k)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, REFERENCE.f32_linear(x, weight), rtol=1e-5, atol=1e-5)
 
