@@ -7,13 +7,13 @@ Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2
 batch x 6 selections (6 distinct random experts per token), FP8 projections with one weight (wq_a 4096 -> 1024,
 wq_b 1024 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
 (`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, head 4096 -> 129280), where the reference
-column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns: microseconds per call (median of 5 runs of back-to-back replays),
-GB/s of the distinct weight bytes the call must read (packed values + scales of every expert used), speed-up
-against the reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding),
-the peak memory, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections
-`cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times per-selection and grouped launch settings (candidates
-for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG); `--grouped '{"block_out": 128}'` overrides the
-grouped settings.
+column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns:
+microseconds per call (median of 5 runs of back-to-back replays), GB/s of the distinct weight bytes the call must
+read (packed values + scales of every expert used), speed-up against the reference, the result's deviation from the
+reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak memory, and `*` on what the backend runs for
+that shape (`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
+per-selection and grouped launch settings (candidates for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG);
+`--grouped '{"block_out": 128}'` overrides the grouped settings.
 
     python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1, 8, 32, 64
     python3 scripts/bench_moe.py --variants --json > moe.json
@@ -70,10 +70,20 @@ VARIANTS = {"fp4": {"gemv": (dict(block_in=512), dict(block_in=128), dict(block_
                     "grouped": (dict(block_out=64), dict(block_out=128, num_warps=8), dict(block_out=16),
                                 dict(block_in=64), dict(num_stages=3), dict(block_m=16), dict(block_m=32),
                                 dict(split_k=1), dict(split_k=8))}}
+VARIANTS["bf16"] = {"gemv": VARIANTS["fp8"]["gemv"]}     # f32_gemv: the fp8 walk without scales
 
 
 def _named(kind: str, variant: dict) -> str:
     return f"{kind} " + " ".join(f"{k}={v}" for k, v in variant.items())
+
+
+def settings(kind: str, base: dict, fmt: str, variants: bool) -> dict[str, dict]:
+    """Launch settings to time for one kernel `kind` ("gemv" / "grouped"): the backend's `base` under the kind's
+    name, then with --variants each of VARIANTS[fmt][kind] on top of it."""
+    out = {kind: base}
+    if variants:
+        out.update({_named(kind, v): {**base, **v} for v in VARIANTS[fmt][kind]})
+    return out
 
 
 @dataclass
@@ -143,10 +153,7 @@ def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, varian
     x = torch.randn(1, case.d_in, generator=torch.Generator().manual_seed(1)).to(dev, torch.bfloat16)
     impls = {"reference": lambda: cuda.f32_linear_bf16(x, weight)}
     if kernels is not None:
-        gemvs = {"gemv": cuda.F32_GEMV_CONFIG}
-        if variants:
-            gemvs.update({_named("gemv", v): {**cuda.F32_GEMV_CONFIG, **v} for v in VARIANTS["fp8"]["gemv"]})
-        for name, kw in gemvs.items():
+        for name, kw in settings("gemv", cuda.F32_GEMV_CONFIG, case.fmt, variants).items():
             impls[name] = lambda kw=kw: kernels.f32_gemv(x, weight, **kw)
     pick = "gemv" if kernels is not None and cuda.f32_gemv_applies(1, case.d_out) else "reference"
     return timed(case, 1, 1, 1, weight.numel() * weight.element_size(), impls, pick, device, shapes.reps)
@@ -183,16 +190,11 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
             gemv = getattr(kernels, f"expert_matmul_{case.fmt}")          # per selection
             grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
-                gemvs = {"gemv": config["gemv"]}
-                if variants:
-                    gemvs.update({_named("gemv", v): {**config["gemv"], **v} for v in VARIANTS[case.fmt]["gemv"]})
-                for name, kw in gemvs.items():
+                for name, kw in settings("gemv", config["gemv"], case.fmt, variants).items():
                     impls[name] = lambda kw=kw: gemv(x, weight, scale, idx, **kw)
-            settings = {"grouped": {**config["grouped"], **grouped_override}}
-            if variants:
-                settings.update({_named("grouped", v): {**config["grouped"], **v}
-                                 for v in VARIANTS[case.fmt]["grouped"]})
-            for name, kw in settings.items():
+            grouped_settings = settings("grouped", config["grouped"], case.fmt, variants)
+            grouped_settings["grouped"] = {**config["grouped"], **grouped_override}     # --grouped: the backend's own
+            for name, kw in grouped_settings.items():
                 impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
         rows += timed(case, batch, n, used, used * per_expert_bytes, impls, pick, device, shapes.reps)
         del x
