@@ -219,7 +219,7 @@ LINEAR_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=512, num_warps=4), grouped=dict(block_out=32, block_in=256)),
     "fp8": dict(gemv=dict(block_out=64, block_in=128, num_warps=8), grouped=dict(block_out=32, block_in=128))}
 # `f32_linear` at one row (bf16 weights): the fp8 projection gemv's setting, untuned for bf16
-F32_GEMV_CONFIG = dict(block_out=64, block_in=128, num_warps=8)
+F32_GEMV_CONFIG = LINEAR_MATMUL_CONFIG["fp8"]["gemv"]
 
 
 # The Triton stages are custom operators so that torch.compile keeps each one as a single opaque node (with a fake
