@@ -31,9 +31,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-# scalar arguments of both per-selection kernels, in order (triton_moe._launch passes them)
-_ARGS = ("x_ptr", "w_ptr", "s_ptr", "idx_ptr", "order_ptr", "y_ptr", "part_ptr", "tickets_ptr", "OUT", "IN",
-         "K_SPLIT", "sx", "sw_e", "sw_o", "ss_e", "ss_o", "sy", "sy_split")
 _WEIGHT = {"fp4": "*i32", "fp8": "*fp8e4nv"}                      # fp4: packed codes read as int32 words
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _BRANCH = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`?\(?)0x([0-9a-f]+)")
@@ -57,11 +54,12 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
 
     from ascend.backends import triton_moe
     kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._unpacked_expert_matmul_kernel}[fmt]
-    signature = {name: "i32" for name in _ARGS}
+    # the kernel's own argument list: sizes and strides i32, the pointers typed as triton_moe._launch passes them
+    signature = {name: "constexpr" if p.is_constexpr else "i32" for name, p in zip(kernel.arg_names, kernel.params)}
     signature.update(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
-                     part_ptr="*fp32", tickets_ptr="*i32", BLOCK_OUT="constexpr", BLOCK_IN="constexpr",
-                     SPLITS="constexpr")
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_ARGS) if name != "sy_split"}
+                     part_ptr="*fp32", tickets_ptr="*i32")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+               if kind != "constexpr" and name != "sy_split"}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
                                        constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
