@@ -29,7 +29,7 @@ from model.cache import LayerCache
 from model.compressor import Compressor
 from model.config import ModelConfig
 from model.indexer import Indexer
-from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from model.linear import ColumnParallelLinear, JointRows, Linear, RowParallelLinear
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
 from model.rope import Rotary
@@ -58,8 +58,11 @@ def visible_entry_rows(positions: torch.Tensor, ratio: int, n_entries: int, firs
     return torch.where(visible, first_row + t, -1).int()
 
 
-class Attention(nn.Module):
-    """`layers.N.attn` of DeepSeek-V4 (sub-module and parameter names are the checkpoint's)."""
+class Attention(JointRows):
+    """`layers.N.attn` of DeepSeek-V4 (sub-module and parameter names are the checkpoint's). wq_a and wkv read
+    the same x: they share one tensor and one call (`JointRows`)."""
+
+    joint_names = ("wq_a", "wkv")
 
     def __init__(self, config: ModelConfig, layer_id: int, parallel: ParallelContext | None = None,
                  kernels: K.Kernels = K.REFERENCE):
@@ -85,6 +88,7 @@ class Attention(nn.Module):
         self.compressor = Compressor(config, self.ratio, config.head_dim, False, kernels) if self.ratio else None
         self.indexer = Indexer(config, self.ratio, parallel, kernels) if self.ratio == 4 else None
         self.rotary = Rotary.for_layer(config, layer_id)
+        self.join_rows(copy=False)
 
     def set_quant_sim(self, enabled: bool) -> None:
         """Switch the FP8 / FP4 round-trip simulations of this layer (on by default, as in the official model)."""
@@ -94,10 +98,11 @@ class Attention(nn.Module):
     def prolog(self, x: torch.Tensor, positions: torch.Tensor):
         """-> q [B, S, heads, D] (normed, rotated), qr [B, S, q_lora_rank], kv [B, S, D], cos, sin."""
         cos, sin = self.rotary(positions)
-        qr = self.q_norm(self.wq_a(x))
+        qr, kv = self.joint(x)                                  # wq_a(x), wkv(x)
+        qr = self.q_norm(qr)
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = self.kernels.rope(self.kernels.rms_norm(q, None, self.eps), cos, sin)
-        kv = self.kernels.rope(self.kv_norm(self.wkv(x)), cos, sin)
+        kv = self.kernels.rope(self.kv_norm(kv), cos, sin)
         if self.quant_sim:
             kv = K.round_kv_entries(self.kernels, kv, self.rope_dim)
         return q, qr, kv, cos, sin

@@ -20,7 +20,7 @@ from torch import nn
 from model import kernels as K
 from model.cache import CompressorState
 from model.config import ModelConfig
-from model.linear import Linear
+from model.linear import JointRows, Linear
 from model.norm import RMSNorm
 from model.quant import FP4_BLOCK
 from model.rope import Rotary
@@ -41,8 +41,11 @@ def pool_blocks(kv: torch.Tensor, score: torch.Tensor, overlap: bool) -> torch.T
     return (kv * score.softmax(dim=2)).sum(dim=2)
 
 
-class Compressor(nn.Module):
-    """Compressor of one layer (`attn.compressor`) or of its indexer (`attn.indexer.compressor`, rotate=True)."""
+class Compressor(JointRows):
+    """Compressor of one layer (`attn.compressor`) or of its indexer (`attn.indexer.compressor`, rotate=True);
+    wkv and wgate share one tensor and one call (`JointRows`)."""
+
+    joint_names = ("wkv", "wgate")
 
     def __init__(self, config: ModelConfig, ratio: int, head_dim: int, rotate: bool,
                  kernels: K.Kernels = K.REFERENCE):
@@ -55,6 +58,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(config.dim, width, "bf16")
         self.wgate = Linear(config.dim, width, "bf16")
         self.norm = RMSNorm(head_dim, config.norm_eps, kernels)
+        self.join_rows(copy=False)
 
     def forward(self, x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, state: CompressorState,
                 rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,8 +73,8 @@ class Compressor(nn.Module):
         r, ov = self.ratio, int(self.overlap)
         steps = torch.arange(s, device=x.device)
         pos = start[:, None] + steps
-        kv = self.kernels.f32_linear(x, self.wkv.weight)          # float32 projections of the bf16 weights
-        score = self.kernels.f32_linear(x, self.wgate.weight) + self.ape[pos % r]
+        kv, score = self.joint(x, f32=True)                 # float32 projections of the bf16 weights
+        score = score + self.ape[pos % r]
 
         # staging buffer: blocks (first - ov) .. first + n - 1, starting with the saved state, plus a discard slot
         first = start // r                                  # block of the chunk's first token

@@ -9,6 +9,11 @@ the numerics those of the official model. A fused-kernel backend's `linear` read
 
 Column- and row-parallel variants take their slice sizes from a `ParallelContext`: a column-parallel layer holds
 out_features / tp rows, a row-parallel one in_features / tp columns and sums its partial outputs over the tp group.
+
+Projections that read the same input (attention's wq_a and wkv, a compressor's wkv and wgate, an expert's w1 and
+w3) can keep their weights as row blocks of one tensor (`share_rows`, `JointRows`): each layer keeps its own
+checkpoint name and shape, and one matmul launch serves all of them (at decode a launch costs about as much as a
+small projection's bytes).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from model import quant
 from model.kernels import REFERENCE, Kernels
 from model.parallel import ParallelContext
 
-__all__ = ["Linear", "ColumnParallelLinear", "RowParallelLinear"]
+__all__ = ["Linear", "ColumnParallelLinear", "RowParallelLinear", "can_share_rows", "share_rows", "JointRows"]
 
 
 class Linear(nn.Module):
@@ -87,3 +92,66 @@ class RowParallelLinear(Linear):
         if self.parallel.tp_size == 1:
             return y
         return self.parallel.all_reduce_tp(y.float()).to(x.dtype)
+
+
+def can_share_rows(linears: list[Linear]) -> bool:
+    """Whether one call can serve these layers: the same input size and format, and for FP8, whose scales cover
+    128 x 128 blocks, row counts that keep every scale block inside one layer."""
+    first = linears[0]
+    same = all(lin.in_features == first.in_features and lin.fmt == first.fmt for lin in linears)
+    return same and (first.fmt != "fp8" or all(lin.out_features % quant.FP8_BLOCK == 0 for lin in linears))
+
+
+def share_rows(parts: list[list[torch.Tensor]], copy: bool = True) -> torch.Tensor:
+    """One tensor [n, sum of the parts' rows, ...] whose block [i, offset_j : offset_j + rows_j] holds parts[j][i]
+    (n tensors per part, each [rows_j, ...], one dtype and trailing shape), and each part re-pointed at its block
+    (`.data`), so that it keeps its name, shape and values while one call reads them all. `copy=False`: the values
+    are not kept (freshly built modules, still uninitialised)."""
+    first = parts[0][0]
+    rows = [part[0].shape[0] for part in parts]
+    joint = torch.empty((len(parts[0]), sum(rows), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    at = 0
+    for part, n in zip(parts, rows):
+        for i, t in enumerate(part):
+            if copy:
+                joint[i, at:at + n].copy_(t.data)
+            t.data = joint[i, at:at + n]
+        at += n
+    return joint
+
+
+class JointRows(nn.Module):
+    """A module whose same-input `Linear` children (`joint_names`) share one weight (and scale) tensor, multiplied
+    by one call (`joint`). Kept joint through `.to()` / `.cuda()`, which replace every parameter's tensor. Layers
+    that cannot share (`can_share_rows`), or whose module sets `rows_shared` False (their storage is someone
+    else's), run one call each."""
+
+    joint_names: tuple[str, ...] = ()
+    rows_shared = True
+
+    def join_rows(self, copy: bool = True) -> None:
+        self._joint = None
+        if not self.rows_shared:
+            return
+        linears = [getattr(self, name) for name in self.joint_names]
+        if can_share_rows(linears):
+            first = linears[0]
+            scales = None if first.scale is None else share_rows([[lin.scale] for lin in linears], copy)[0]
+            self._joint = (share_rows([[lin.weight] for lin in linears], copy)[0], scales)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.join_rows()
+        return out
+
+    def joint(self, x: torch.Tensor, f32: bool = False) -> list[torch.Tensor]:
+        """Each joint layer applied to x: `kernels.linear` (x's dtype), or with `f32` `kernels.f32_linear` (float32
+        output; bf16 / float32 weights only), in `joint_names` order."""
+        linears = [getattr(self, name) for name in self.joint_names]
+        if self._joint is None:
+            return [lin.kernels.f32_linear(x, lin.weight) if f32 else lin(x) for lin in linears]
+        first = linears[0]
+        weight, scale = self._joint
+        y = first.kernels.f32_linear(x, weight) if f32 else first.kernels.linear(first.round_input(x), weight, scale,
+                                                                                  first.fmt)
+        return list(y.split([lin.out_features for lin in linears], dim=-1))

@@ -36,7 +36,7 @@ from torch import nn
 from ascend.errors import AscendDeployError
 from model.config import ModelConfig
 from model.kernels import REFERENCE, Kernels
-from model.linear import Linear
+from model.linear import JointRows, Linear, can_share_rows, share_rows
 from model.parallel import ParallelContext
 
 __all__ = ["MoEError", "Gate", "Expert", "MoE", "MOE_MODES", "STATIC_MAX_SELECTIONS", "set_moe_mode"]
@@ -96,16 +96,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class Expert(nn.Module):
+class Expert(JointRows):
     """SwiGLU FFN: w2(silu(w1 x) * (w3 x)), gate clamped to <= limit and up to [-limit, limit] when limit > 0; its
-    three projections stored in one format `fmt`."""
+    three projections stored in one format `fmt`. `joint`: w1 and w3 share one tensor and one call (`JointRows`;
+    the shared expert; routed experts are stacked by their `MoE` instead)."""
 
-    def __init__(self, dim: int, inter_dim: int, fmt: str, swiglu_limit: float = 0.0):
+    joint_names = ("w1", "w3")
+
+    def __init__(self, dim: int, inter_dim: int, fmt: str, swiglu_limit: float = 0.0, joint: bool = False):
         super().__init__()
         self.w1 = Linear(dim, inter_dim, fmt)   # gate
         self.w2 = Linear(inter_dim, dim, fmt)   # down
         self.w3 = Linear(dim, inter_dim, fmt)   # up
         self.swiglu_limit = swiglu_limit
+        self.rows_shared = joint
+        self.join_rows(copy=False)
 
     @property
     def fmt(self) -> str:
@@ -113,7 +118,8 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, dim]; weights [N, 1] (routing weight, applied before w2) or None."""
-        h = swiglu(self.w1(x), self.w3(x), self.swiglu_limit)
+        gate, up = self.joint(x)
+        h = swiglu(gate, up, self.swiglu_limit)
         if weights is not None:
             h = h * weights
         return self.w2(h.to(x.dtype))
@@ -136,7 +142,7 @@ class MoE(nn.Module):
             str(e): Expert(config.dim, config.moe_inter_dim, config.expert_dtype, config.swiglu_limit)
             for e in local})
         # the official model clamps the shared expert with the same limit as the routed ones
-        self.shared_experts = Expert(config.dim, config.moe_inter_dim, config.dtype, config.swiglu_limit)
+        self.shared_experts = Expert(config.dim, config.moe_inter_dim, config.dtype, config.swiglu_limit, joint=True)
         # static path tables: selection (token t, expert e) -> local stack row local_row[e, t % n_replicas[e]]
         n_replicas = [1] * config.n_routed_experts
         for e, n in zip(self.slots.experts, self.slots.n_replicas):
@@ -151,18 +157,17 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------------------------------ stacked storage
     def _stack_experts(self, copy: bool = True) -> None:
-        """Make every routed expert tensor a view of one [n_local, ...] stack per tensor name (w1.weight, ...)."""
-        experts = list(self.experts.values())
+        """Make every routed expert tensor a view of one [n_local, ...] stack per tensor name (`w2.weight`, ...),
+        w1 and w3 (same input) as the two row halves of one stack (`w13.weight`, ...) so that one launch computes
+        both, where they can share (`can_share_rows`)."""
+        first = self._probe()
+        joint = can_share_rows([first.w1, first.w3])
         self._stacks: dict[str, torch.Tensor] = {}
-        for name, first in experts[0].named_parameters():
-            params = [e.get_parameter(name) for e in experts]
-            if copy:
-                stack = torch.stack([p.data for p in params])
-            else:  # freshly built: values are uninitialised anyway
-                stack = torch.empty((len(params), *first.shape), dtype=first.dtype, device=first.device)
-            for i, p in enumerate(params):
-                p.data = stack[i]
-            self._stacks[name] = stack
+        for name in (("w13", "w2") if joint else ("w1", "w2", "w3")):
+            projs = {"w13": ("w1", "w3")}.get(name, (name,))
+            for kind, _ in first.w1.named_parameters():
+                parts = [[e.get_parameter(f"{p}.{kind}") for e in self.experts.values()] for p in projs]
+                self._stacks[f"{name}.{kind}"] = share_rows(parts, copy)
 
     def _apply(self, fn, recurse=True):
         """`.to()` / `.cuda()` replace each parameter's tensor: stack the moved experts again."""
@@ -204,7 +209,7 @@ class MoE(nn.Module):
         return y
 
     def _project(self, name: str, xs: torch.Tensor, rows: torch.Tensor, groups: tuple | None) -> torch.Tensor:
-        """Projection `name` (w1 / w2 / w3) of the expert in stack row rows[i] applied to xs[i]: [M, out]."""
+        """Projection `name` (w13 / w1 / w2 / w3) of the expert in stack row rows[i] applied to xs[i]: [M, out]."""
         return self.kernels.expert_matmul(xs, self._stacks[f"{name}.weight"], self._stacks.get(f"{name}.scale"),
                                           self._probe().fmt, rows, groups)
 
@@ -213,7 +218,11 @@ class MoE(nn.Module):
         probe = self._probe()
         groups = self.kernels.group_experts(rows, len(self.experts), probe.fmt)    # one grouping, three matmuls
         xs = probe.w1.round_input(xs)
-        h = swiglu(self._project("w1", xs, rows, groups), self._project("w3", xs, rows, groups), probe.swiglu_limit)
+        if "w13.weight" in self._stacks:
+            gate, up = self._project("w13", xs, rows, groups).split(probe.w1.out_features, dim=-1)
+        else:
+            gate, up = self._project("w1", xs, rows, groups), self._project("w3", xs, rows, groups)
+        h = swiglu(gate, up, probe.swiglu_limit)
         h = probe.w2.round_input((h * weights.reshape(-1, 1)).to(xs.dtype))
         return self._project("w2", h, rows, groups)
 

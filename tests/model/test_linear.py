@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import quant
-from model.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from model.linear import ColumnParallelLinear, JointRows, Linear, RowParallelLinear, share_rows
 from model.parallel import ExpertSlots, ParallelContext, ParallelError
 
 FORMATS = {  # fmt -> (weight dtype, weight shape, scale dtype, scale shape) for a [256 out, 384 in] layer
@@ -107,3 +107,55 @@ def test_act_quant_rounds_inputs_of_quantised_layers_only():
         xq = ((blocks / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
         torch.testing.assert_close(lin(x), xq @ lin.dequantized(torch.float32).T, rtol=1e-5, atol=1e-5)
         assert not torch.equal(lin(x), plain)
+
+
+class _Pair(JointRows):
+    joint_names = ("a", "b")
+
+    def __init__(self, fmt: str, rows: tuple[int, int]):
+        super().__init__()
+        self.a, self.b = Linear(384, rows[0], fmt), Linear(384, rows[1], fmt)
+        self.join_rows(copy=False)
+
+
+def test_share_rows_keeps_values_and_makes_views():
+    parts = [[torch.randn(3, 4), torch.randn(3, 4)], [torch.randn(2, 4), torch.randn(2, 4)]]
+    before = [[t.clone() for t in part] for part in parts]
+    joint = share_rows(parts)
+    assert joint.shape == (2, 5, 4)
+    for j, at in ((0, slice(0, 3)), (1, slice(3, 5))):
+        for i in range(2):
+            assert torch.equal(joint[i, at], before[j][i]) and parts[j][i].data_ptr() == joint[i, at].data_ptr()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "bf16"])
+def test_joint_rows_equal_each_layer_alone(fmt):
+    """One call over the shared tensor gives each layer's own output (split in `joint_names` order); the layers
+    stay views of that tensor after loading and after `.to()`, which replaces every parameter."""
+    pair = _Pair(fmt, (256, 128))
+    weights = {"a": torch.randn(256, 384) / 20, "b": torch.randn(128, 384) / 20}
+    for name, w in weights.items():
+        getattr(pair, name).set_from_float(w)
+    x = torch.randn(2, 3, 384)
+    a, b = pair.joint(x)
+    torch.testing.assert_close(a, x @ pair.a.dequantized(torch.float32).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, x @ pair.b.dequantized(torch.float32).T, rtol=1e-5, atol=1e-5)
+    moved = pair.to(torch.float64)
+    weight, scale = moved._joint
+    assert moved.a.weight.data_ptr() == weight.data_ptr() and moved.b.weight.data_ptr() == weight[256:].data_ptr()
+    assert (scale is None) == (fmt == "bf16")
+    if fmt == "bf16":                   # float32 outputs of bf16 weights (compressors) through f32_linear
+        fa, fb = moved.joint(x.to(torch.bfloat16), f32=True)
+        assert fa.dtype == torch.float32
+        torch.testing.assert_close(fb, x.to(torch.bfloat16).float() @ moved.b.weight.float().T)
+
+
+def test_joint_rows_stay_apart_where_fp8_scale_blocks_would_straddle():
+    """FP8 scales cover 128 x 128 blocks: 200 rows end inside one, so the layers keep their own tensors and calls."""
+    pair = _Pair("fp8", (200, 128))
+    assert pair._joint is None
+    pair.a.set_from_float(torch.randn(200, 384) / 20)
+    pair.b.set_from_float(torch.randn(128, 384) / 20)
+    x = torch.randn(4, 384)
+    a, b = pair.joint(x)
+    assert torch.equal(a, pair.a(x)) and torch.equal(b, pair.b(x))

@@ -195,12 +195,14 @@ def test_exchange_seam_matches_all_reduce_path():
     torch.testing.assert_close(seam(x, ids), plain(x, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["fp4", "fp8", "int8", "bf16"])
-def test_static_path_equals_dynamic_path(fmt, monkeypatch):
-    """Gathered, dequantised, batched experts == per-expert dynamic gather, for every stored format; replicas on one
-    rank (expert 0 twice, 3 twice) take their share of the tokens either way; a long input in slices too."""
-    cfg = ModelConfig.preset("tiny", expert_dtype=fmt, dtype="bf16")
+@pytest.mark.parametrize("fmt, inter", [("fp4", 256), ("fp8", 256), ("fp8", 192), ("int8", 256), ("bf16", 256)])
+def test_static_path_equals_dynamic_path(fmt, inter, monkeypatch):
+    """Gathered, dequantised, batched experts == per-expert dynamic gather, for every stored format, with w1 and w3
+    in one joint stack, or apart where FP8 scale blocks would straddle them (192 rows); replicas on one rank
+    (expert 0 twice, 3 twice) take their share of the tokens either way; a long input in slices too."""
+    cfg = ModelConfig.preset("tiny", expert_dtype=fmt, dtype="bf16", moe_inter_dim=inter)
     moe = MoE(2, cfg, ParallelContext(phy2log={2: [0, 1, 2, 3, 4, 5, 6, 7, 0, 3]}))
+    assert ("w13.weight" in moe._stacks) == (inter == 256) and ("w1.weight" in moe._stacks) == (inter != 256)
     _randomise(moe, 5)
     x, ids = torch.randn(3, 5, cfg.dim), torch.randint(0, cfg.vocab_size, (3, 5))
     moe.mode = "dynamic"
@@ -209,7 +211,7 @@ def test_static_path_equals_dynamic_path(fmt, monkeypatch):
     torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(moe_module, "STATIC_SLICE_TOKENS", 4)      # 15 tokens: slices of 4, 4, 4 and 3
     torch.testing.assert_close(moe(x, ids), want, rtol=1e-5, atol=1e-5)
-    if fmt == "fp8":                                   # with the FP8 activation rounding of fp8 / fp4 GEMMs
+    if fmt == "fp8" and inter == 256:                  # with the FP8 activation rounding of fp8 / fp4 GEMMs
         for m in moe.modules():
             if hasattr(m, "act_quant"):
                 m.act_quant = True
@@ -242,12 +244,19 @@ def test_auto_mode_and_stacked_storage():
     assert torch.equal(moe._stacks["w2.weight"][5], state["experts.5.w2.weight"])
     moved = moe.to(torch.float64)                      # _apply re-stacks (quantised tensors stay as they are)
     assert moved.experts["5"].w2.weight.data_ptr() == moved._stacks["w2.weight"][5].data_ptr()
+    # w1 and w3 (same input) are the two row halves of one stack, w1 first, scales alike
+    inter = CFG.moe_inter_dim
+    for kind in ("weight", "scale"):
+        joint = moved._stacks[f"w13.{kind}"]
+        assert joint.shape[:2] == (len(moved.experts), 2 * inter)
+        assert moved.experts["5"].w1.get_parameter(kind).data_ptr() == joint[5, :inter].data_ptr()
+        assert moved.experts["5"].w3.get_parameter(kind).data_ptr() == joint[5, inter:].data_ptr()
 
 
 def test_static_path_calls_the_kernels_expert_matmul():
-    """routed_static goes through the Kernels table the MoE was built with: one expert_matmul per projection,
-    one row per (token, choice) selection, and whatever that kernel returns is what the layer computes with; the
-    table's grouping of the ids is computed once and handed to all three."""
+    """routed_static goes through the Kernels table the MoE was built with: one expert_matmul for w1 and w3
+    together and one for w2, one row per (token, choice) selection, and whatever that kernel returns is what the
+    layer computes with; the table's grouping of the ids is computed once and handed to both."""
     calls, groupings = [], []
 
     def grouping(expert_idx, n_experts, fmt):
@@ -268,6 +277,6 @@ def test_static_path_calls_the_kernels_expert_matmul():
     torch.testing.assert_close(moe(x, ids), plain(x, ids), rtol=0, atol=0)
     n = 6 * CFG.n_activated_experts
     inter, dim, e = CFG.moe_inter_dim, CFG.dim, CFG.n_routed_experts
-    assert calls == [((n, dim), (e, inter, dim // 2), "fp4", (n,)), ((n, dim), (e, inter, dim // 2), "fp4", (n,)),
-                     ((n, inter), (e, dim, inter // 2), "fp4", (n,))]
+    # w1 and w3 read the same rows: one call over their joint stack
+    assert calls == [((n, dim), (e, 2 * inter, dim // 2), "fp4", (n,)), ((n, inter), (e, dim, inter // 2), "fp4", (n,))]
     assert groupings == [((n,), e, "fp4")]

@@ -323,10 +323,10 @@ def test_moe_static_path_matches_reference(expert_fmt, path, dtype, picks):
     ids = torch.randint(0, cfg.vocab_size, (tokens, 1), device=DEVICE)
     with torch.no_grad():
         want, got = (moe(x, ids).float() for moe in layers)
-    # w1, w3, w2 of the routed experts, then of the shared expert (fp8), which takes the reference beyond
-    # LINEAR_FUSED_MAX_ROWS tokens (prefill sizes)
-    shared = ["grouped" if triton_moe.use_grouped(tokens, 1, "fp8") else "gemv"] * 3
-    assert picks == [path] * 3 + (shared if tokens <= cuda.LINEAR_FUSED_MAX_ROWS else [])
+    # w1 and w3 (one joint call), then w2, of the routed experts, then of the shared expert (fp8), which takes the
+    # reference beyond LINEAR_FUSED_MAX_ROWS tokens (prefill sizes)
+    shared = ["grouped" if triton_moe.use_grouped(tokens, 1, "fp8") else "gemv"] * 2
+    assert picks == [path] * 2 + (shared if tokens <= cuda.LINEAR_FUSED_MAX_ROWS else [])
     assert (got - want).norm() / want.norm() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
