@@ -3,15 +3,19 @@
 dequantise, bmm / matmul) against the per-selection GEMV and the grouped tensor-core kernel of
 `ascend.backends.triton_moe`, all measured in the same run, each replayed from a captured graph.
 
-Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2048 and w2 = 2048 -> 4096) with
-batch x 6 selections (6 distinct random experts per token), FP8 projections with one weight (wq_a 4096 -> 1024,
-wq_b 1024 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
-(`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, head 4096 -> 129280), where the reference
+Cases (V4-Flash shapes): routed experts in FP4 (256 experts, w1 / w3 = 4096 -> 2048, the two as the one joint
+call the model makes (`model.linear.JointRows`), w1+w3 = 4096 -> 4096, and w2 = 2048 -> 4096) with batch x 6
+selections (6 distinct random experts per token), FP8 projections with one weight (wq_a 4096 -> 1024, wkv 4096 ->
+512, joint wq_a+wkv 4096 -> 1536, the shared expert's w1 / w3 4096 -> 2048 and joint w1+w3 4096 -> 4096, wq_b 1024
+-> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
+(`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, joint wkv+wgate 4096 -> 2048, head 4096
+-> 129280), where the reference
 column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns:
-microseconds per call (median of 5 runs of back-to-back replays), GB/s of the distinct weight bytes the call must
-read (packed values + scales of every expert used), speed-up against the reference, the result's deviation from the
-reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak memory, and `*` on what the backend runs for
-that shape (`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
+microseconds per call (median of 5 runs of back-to-back replays, each call on weights not in L2: the calls cycle
+through copies of the weights, `cold_copies`, as a decode step's other layers would evict them), GB/s of the
+distinct weight bytes the call must read (packed values + scales of every expert used), speed-up against the
+reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak
+memory (without the extra copies), the number of weight copies, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
 per-selection and grouped launch settings (candidates for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG);
 `--grouped '{"block_out": 128}'` overrides the grouped settings.
 
@@ -52,10 +56,14 @@ class Shapes:
     dtype: torch.dtype       # of the rows (Triton's interpreter cannot take bf16 tl.dot operands)
 
 
-FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w2", "fp4", 256, 4096, 2048),
-               Case("wq_a", "fp8", 1, 1024, 4096), Case("wq_b", "fp8", 1, 32768, 1024),
+FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w1+w3", "fp4", 256, 4096, 4096),
+               Case("moe w2", "fp4", 256, 4096, 2048),
+               Case("wq_a", "fp8", 1, 1024, 4096), Case("wkv", "fp8", 1, 512, 4096),
+               Case("wq_a+wkv", "fp8", 1, 1536, 4096), Case("shared w1/w3", "fp8", 1, 2048, 4096),
+               Case("shared w1+w3", "fp8", 1, 4096, 4096), Case("wq_b", "fp8", 1, 32768, 1024),
                Case("wo_b", "fp8", 1, 4096, 8192), Case("router", "bf16", 1, 256, 4096),
-               Case("compressor wkv", "bf16", 1, 1024, 4096), Case("head", "bf16", 1, 129280, 4096)),
+               Case("compressor wkv", "bf16", 1, 1024, 4096), Case("compressor wkv+wgate", "bf16", 1, 2048, 4096),
+               Case("head", "bf16", 1, 129280, 4096)),
               (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
 QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256),
                 Case("router", "bf16", 1, 16, 128)), (1, 4), 6, 1, torch.float32)
@@ -100,6 +108,7 @@ class Row:
     rel_err: float
     chosen: bool
     peak_gib: float
+    copies: int              # weight copies the timed calls cycle through (`cold_copies`)
 
 
 def stored_weights(case: Case, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,18 +134,37 @@ def selections(case: Case, batch: int, topk: int, device: Device) -> torch.Tenso
         device.torch_device)
 
 
+COLD_L2_MULTIPLE = 2
+"""Each timed call reads weights that are not in L2: the calls of one replay go through enough copies of the weights
+to move COLD_L2_MULTIPLE x the L2 size between two reads of one copy. (Replaying one call on one weight keeps any
+weight smaller than the H200's 50 MB L2 resident, which no decode step does: its ~2 GB of weights pass between two
+uses of a layer's.)"""
+
+
+def cold_copies(weights: tuple, touched: int, device: Device) -> list[tuple]:
+    """`weights` and clones of them, as many as it takes for `touched` bytes per call to cycle through
+    COLD_L2_MULTIPLE x the device's L2 (one off CUDA)."""
+    if device.type != "cuda":
+        return [weights]
+    l2 = torch.cuda.get_device_properties(device.torch_device).L2_cache_size
+    n = max(1, -(-COLD_L2_MULTIPLE * l2 // touched))
+    return [weights] + [tuple(t.clone() for t in weights) for _ in range(n - 1)]
+
+
 def timed(case: Case, batch: int, n: int, used: int, nbytes: int, impls: dict, pick: str, device: Device,
-          reps: int) -> list[Row]:
-    """One row per implementation (the first, "reference", is the baseline of the speed-ups and errors)."""
-    ref = impls["reference"]().float()
+          reps: int, copies: list[tuple]) -> list[Row]:
+    """One row per implementation (the first, "reference", is the baseline of the speed-ups and errors), each
+    impl(*weights) timed over the `copies` of the weights in turn; peak memory without the extra copies."""
+    ref = impls["reference"](*copies[0]).float()
+    extra = sum(t.numel() * t.element_size() for ws in copies[1:] for t in ws)
     rows, ref_us = [], None
     for name, fn in impls.items():
         device.reset_peak()
-        err = ((fn().float() - ref).norm() / ref.norm()).item()
-        us = replay_us(device, fn, reps)
+        err = ((fn(*copies[0]).float() - ref).norm() / ref.norm()).item()
+        us = replay_us(device, lambda fn=fn: [fn(*ws) for ws in copies], reps) / len(copies)
         ref_us = ref_us or us
         rows.append(Row(case.name, case.fmt, batch, n, used, name, us, nbytes / (us * 1e3), ref_us / us, err,
-                        name == pick, device.memory().peak / 2 ** 30))
+                        name == pick, (device.memory().peak - extra) / 2 ** 30, len(copies)))
     return rows
 
 
@@ -151,12 +179,13 @@ def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, varian
     weight = torch.randn(case.d_out, case.d_in, generator=torch.Generator(dev).manual_seed(0), device=dev)
     weight = weight.to(torch.bfloat16)
     x = torch.randn(1, case.d_in, generator=torch.Generator().manual_seed(1)).to(dev, torch.bfloat16)
-    impls = {"reference": lambda: cuda.f32_linear_bf16(x, weight)}
+    impls = {"reference": lambda w: cuda.f32_linear_bf16(x, w)}
     if kernels is not None:
         for name, kw in settings("gemv", cuda.F32_GEMV_CONFIG, case.fmt, variants).items():
-            impls[name] = lambda kw=kw: kernels.f32_gemv(x, weight, **kw)
+            impls[name] = lambda w, kw=kw: kernels.f32_gemv(x, w, **kw)
     pick = "gemv" if kernels is not None and cuda.f32_gemv_applies(1, case.d_out) else "reference"
-    return timed(case, 1, 1, 1, weight.numel() * weight.element_size(), impls, pick, device, shapes.reps)
+    nbytes = weight.numel() * weight.element_size()
+    return timed(case, 1, 1, 1, nbytes, impls, pick, device, shapes.reps, cold_copies((weight,), nbytes, device))
 
 
 def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool,
@@ -178,9 +207,9 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                                                                                      shapes.dtype)
         used = int(idx.unique().numel())
         if case.n_experts == 1:
-            reference = lambda: REFERENCE.linear(x, weight[0], scale[0], case.fmt)  # noqa: E731
+            reference = lambda w, s: REFERENCE.linear(x, w[0], s[0], case.fmt)  # noqa: E731
         else:
-            reference = lambda: REFERENCE.expert_matmul(x, weight, scale, case.fmt, idx)  # noqa: E731
+            reference = lambda w, s: REFERENCE.expert_matmul(x, w, s, case.fmt, idx)  # noqa: E731
         impls = {"reference": reference}
         fused = case.n_experts > 1 or n <= cuda.LINEAR_FUSED_MAX_ROWS
         pick = "reference"
@@ -191,23 +220,25 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
             grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
                 for name, kw in settings("gemv", config["gemv"], case.fmt, variants).items():
-                    impls[name] = lambda kw=kw: gemv(x, weight, scale, idx, **kw)
+                    impls[name] = lambda w, s, kw=kw: gemv(x, w, s, idx, **kw)
             grouped_settings = settings("grouped", config["grouped"], case.fmt, variants)
             grouped_settings["grouped"] = {**config["grouped"], **grouped_override}     # --grouped: the backend's own
             for name, kw in grouped_settings.items():
-                impls[name] = lambda kw=kw: grouped(x, weight, scale, idx, all_valid=case.n_experts == 1, **kw)
-        rows += timed(case, batch, n, used, used * per_expert_bytes, impls, pick, device, shapes.reps)
-        del x
+                impls[name] = lambda w, s, kw=kw: grouped(x, w, s, idx, all_valid=case.n_experts == 1, **kw)
+        touched = used * per_expert_bytes
+        copies = cold_copies((weight, scale), touched, device)
+        rows += timed(case, batch, n, used, touched, impls, pick, device, shapes.reps, copies)
+        del x, copies
     return rows
 
 
 def table(rows: list[Row]) -> str:
     lines = ["| case | fmt | batch | rows | experts used | implementation | us | GB/s | x reference | rel err | "
-             "peak GiB |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "peak GiB | weight copies |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " *" if r.chosen else ""
         lines.append(f"| {r.case} | {r.fmt} | {r.batch} | {r.rows} | {r.experts_used} | {r.impl}{mark} | {r.us:.1f} | "
-                     f"{r.gbps:.3g} | {r.speedup:.2f} | {r.rel_err:.1e} | {r.peak_gib:.2f} |")
+                     f"{r.gbps:.3g} | {r.speedup:.2f} | {r.rel_err:.1e} | {r.peak_gib:.2f} | {r.copies} |")
     return "\n".join(lines)
 
 
