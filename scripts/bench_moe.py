@@ -137,8 +137,8 @@ def selections(case: Case, batch: int, topk: int, device: Device) -> torch.Tenso
 COLD_L2_MULTIPLE = 2
 """Each timed call reads weights that are not in L2: the calls of one replay go through enough copies of the weights
 to move COLD_L2_MULTIPLE x the L2 size between two reads of one copy. (Replaying one call on one weight keeps any
-weight smaller than the H200's 50 MB L2 resident, which no decode step does: its ~2 GB of weights pass between two
-uses of a layer's.)"""
+weight smaller than the L2, 60 MB on the H200 as torch reports it, resident, which no decode step does: its ~2 GB
+of weights pass between two uses of a layer's.)"""
 
 
 def cold_copies(weights: tuple, touched: int, device: Device) -> list[tuple]:
