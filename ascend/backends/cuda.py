@@ -133,10 +133,11 @@ def _(x, weight):
 
 
 # The Triton walk for `f32_linear` at one row (batch-1 decode) up to this many outputs: V4's routers (256 experts
-# on Flash) and compressors (at most 2 x 512). scripts/bench_moe.py's bf16 cases on an H200 at 4096 inputs: the
-# router 5.7 us against cuBLAS's 6.4, the compressor wkv (1024) 5.6 against 6.7, but the head (129,280 outputs,
-# where cuBLAS reads at bandwidth) 264 against 244 (docs/performance.md). Shapes between were not measured.
-F32_GEMV_MAX_OUT = 1024
+# on Flash) and compressors (wkv and wgate as one joint call, at most 2 x 2 x 512). scripts/bench_moe.py's bf16
+# cases on an H200 at 4096 inputs, weights cold in L2: the router 4.9 us against cuBLAS's 6.8, a compressor's wkv
+# (1024) 5.9 against 7.7, its joint wkv + wgate (2048) 7.7 against 9.5, but the head (129,280 outputs, where
+# cuBLAS reads at bandwidth) 264 against 244 (docs/performance.md). Shapes between were not measured.
+F32_GEMV_MAX_OUT = 2048
 
 
 def f32_gemv_applies(rows: int, n_out: int) -> bool:
