@@ -1,11 +1,14 @@
-"""What the Triton kernel modules share (triton_moe, triton_sparse_attn): the dot precision rule, and a fix to
-Triton 3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
+"""What the Triton kernel modules share (triton_moe, triton_sparse_attn, triton_mhc): the dot precision rule, the
+arrival tickets by which the last of a block's programs finishes its work in the same launch, and a fix to Triton
+3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -13,6 +16,39 @@ def dot_precision(dtype: torch.dtype) -> str:
     keep them by default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact
     products). Every Triton kernel of the backend that dots its inputs takes it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def last_to_arrive(tickets_ptr, splits):
+    """True in the last of the `splits` programs of this (program_id(0), program_id(1)) (they differ in
+    program_id(2)) to get here, which then owns the block's reduction and resets its ticket for the next launch (the
+    tickets are zero between launches). The barrier puts every thread's stores before the ticket; the ticket's
+    acquire-release atomic, at GPU scope, makes them visible to the last program (CUTLASS's split-K semaphore does
+    the same)."""
+    tl.debug_barrier()
+    ticket = tickets_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    last = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == splits - 1
+    if last:
+        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
+TICKETS_MIN = 1 << 16
+
+
+def arrival_tickets(device: torch.device, n: int) -> torch.Tensor:
+    """`last_to_arrive`'s counters on a device: a buffer of at least `n`, zero between launches (each block's last
+    program resets its own), so one buffer serves every call of every kernel, one launch after another on the step's
+    stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
+    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph."""
+    kept = _TICKETS.setdefault(device, [])
+    tickets = next((t for t in kept if t.numel() >= n), None)
+    if tickets is None:
+        tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            kept.append(tickets)
+    return tickets
 
 
 def _interpreter_index_fix() -> None:

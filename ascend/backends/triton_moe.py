@@ -14,7 +14,7 @@ decode them in registers next to the multiply. Two kernels per format, picked by
 
 A grid of few programs (a projection with few output blocks) is split over the inputs too (split-K): each split
 writes float32 partial sums, and the last program to finish an output block adds them up in split order and
-writes y (`_last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result deterministic.
+writes y (`triton_common.last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result deterministic.
 
 The fp4 per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 4 int32 words of 8 codes]; each
 group's float32 partial sum is scaled once. Without tensor cores its speed is instructions per byte: every code is
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import dot_precision
+from ascend.backends.triton_common import arrival_tickets, dot_precision, last_to_arrive
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 
@@ -73,20 +73,6 @@ def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
 
 
 @triton.jit
-def _last_to_arrive(tickets_ptr, SPLITS: tl.constexpr):
-    """True in the last of the SPLITS programs of this (program_id(0), program_id(1)) to get here, which then owns
-    the block's reduction and resets its ticket for the next launch (the tickets are zero between launches).
-    The barrier puts every thread's partial stores before the ticket; the ticket's acquire-release atomic, at GPU
-    scope, makes them visible to the last program (CUTLASS's split-K semaphore does the same)."""
-    tl.debug_barrier()
-    ticket = tickets_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    last = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
-    if last:
-        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
-    return last
-
-
-@triton.jit
 def _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
     """y[at] = the SPLITS float32 partials at part[s, at], added in split order (deterministic), read from L2
     (`.cg`): other programs wrote them."""
@@ -112,7 +98,7 @@ def _store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: t
     the last split to arrive."""
     _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS)
     if SPLITS > 1:
-        if _last_to_arrive(tickets_ptr, SPLITS):
+        if last_to_arrive(tickets_ptr, SPLITS):
             _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS)
 
 
@@ -223,24 +209,6 @@ def _unpacked_expert_matmul_kernel(
     _store_rows(acc, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
-TICKETS_MIN = 1 << 16
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """The split kernels' arrival counters on a device: a buffer of at least `n`, zero between launches (each
-    block's last split resets its own), so one buffer serves every call, one launch after another on the step's
-    stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
-    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph."""
-    kept = _TICKETS.setdefault(device, [])
-    tickets = next((t for t in kept if t.numel() >= n), None)
-    if tickets is None:
-        tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            kept.append(tickets)
-    return tickets
-
-
 def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int, programs: int,
                out_dtype: torch.dtype | None = None) -> tuple:
     """(splits, inputs per split, y, partials, tickets): whole input blocks per split; with several, float32
@@ -252,7 +220,7 @@ def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: i
     if split_k == 1:
         return 1, k_split, y, y, y
     part = torch.empty(split_k, x.size(0), n_out, dtype=torch.float32, device=x.device)
-    return split_k, k_split, y, part, _tickets(x.device, programs)
+    return split_k, k_split, y, part, arrival_tickets(x.device, programs)
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple:
@@ -331,7 +299,7 @@ def _chunk(order_ptr, first, m0, count, BLOCK_M: tl.constexpr):
 def _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,
                        BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
     """A grouped program's split-K end: the last split of this (output block, expert) adds up every row chunk."""
-    if _last_to_arrive(tickets_ptr, SPLITS):
+    if last_to_arrive(tickets_ptr, SPLITS):
         for m0 in range(0, count, BLOCK_M):
             sel, m_ok = _chunk(order_ptr, first, m0, count, BLOCK_M)
             _sum_splits(part_ptr, y_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],

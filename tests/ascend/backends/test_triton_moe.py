@@ -167,26 +167,26 @@ def test_f32_gemv_matches_reference(dtype, split_k):
 def test_split_calls_leave_their_tickets_at_zero(grouped):
     """Every split block's last program resets its arrival ticket, so the shared buffer is all zero after a call
     (what the next call, or the next replay of a captured one, relies on)."""
-    from ascend.backends import triton_moe
+    from ascend.backends import triton_common, triton_moe
     weight, scale = _stack("fp8", 3, 40, 512)
     idx = torch.tensor([2, 0, 2, 1, 0] * 4, device=DEVICE)
     x = _rows(idx.numel(), 512, torch.float32)
     launch = (triton_moe.grouped_matmul_fp8 if grouped else triton_moe.expert_matmul_fp8)
     _check(launch(x, weight, scale, idx, block_out=16, block_in=32, split_k=4), x, weight, scale, "fp8", idx)
-    tickets = triton_moe._TICKETS[x.device]
-    assert tickets and all(t.numel() >= triton_moe.TICKETS_MIN and not t.any() for t in tickets)
+    tickets = triton_common._TICKETS[x.device]
+    assert tickets and all(t.numel() >= triton_common.TICKETS_MIN and not t.any() for t in tickets)
 
 
 def test_ticket_buffers_are_never_dropped():
     """A call needing more tickets than any buffer holds gets a new one; the old one stays referenced, since a graph
     captured with it keeps incrementing it at every replay."""
-    from ascend.backends import triton_moe
+    from ascend.backends import triton_common
     device = torch.empty(0, device=DEVICE).device          # as the launchers see it (cuda:0, not cuda)
-    first = triton_moe._tickets(device, 8)
-    bigger = triton_moe._tickets(device, triton_moe.TICKETS_MIN + 1)
+    first = triton_common.arrival_tickets(device, 8)
+    bigger = triton_common.arrival_tickets(device, triton_common.TICKETS_MIN + 1)
     assert bigger.numel() > first.numel() and not bigger.any()
-    assert any(t is first for t in triton_moe._TICKETS[device])
-    assert triton_moe._tickets(device, 8) is first
+    assert any(t is first for t in triton_common._TICKETS[device])
+    assert triton_common.arrival_tickets(device, 8) is first
 
 
 @needs_triton
