@@ -1,6 +1,5 @@
 """Triton kernels for mHC (manifold-constrained hyper-connections): `hc_pre`, `hc_post` and `hc_head` in 2, 1 and 2
-launches (1, 1 and 1 for a single token) instead of the reference's 140, 6 and 15 PyTorch operators on bf16 streams
-(contracts: `model.kernels`).
+launches instead of the reference's 140, 6 and 15 PyTorch operators on bf16 streams (contracts: `model.kernels`).
 
 A batch-1 decode step of V4 runs hc_pre / hc_post twice per layer; the reference's Sinkhorn alone is ~120 operators
 on a 4 x 4 matrix per token, so the step is launch-bound, not bandwidth-bound. The split chosen here:
@@ -16,10 +15,6 @@ on a 4 x 4 matrix per token, so the step is launch-bound, not bandwidth-bound. T
    y = sum_k pre_k x_k for its block of D; the program of block 0 also writes post and comb. Every program of a
    token redoes the tiny Sinkhorn (identically) rather than waiting for one that did: a third launch, or a grid
    barrier, costs more than 16 elements of arithmetic. `hc_head` is the same kernel without Sinkhorn.
-3. A single token (batch-1 decode, where each launch costs more than its work) runs both in one launch,
-   `_hc_one_token_kernel`: the partial-sum programs as in 1, and the last of them to finish (an arrival ticket,
-   `triton_common.last_to_arrive`) forms the weights once and writes all of y, one warp, as 2 does per block. With
-   more tokens that tail would run their Sinkhorns one after another, so they keep the two launches.
 
 `hc_post` is one kernel, grid (tokens, D blocks): out_j = post_j y + sum_k comb[k, j] X_k in float32.
 
@@ -40,8 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import arrival_tickets, last_to_arrive
-
 Tensor = torch.Tensor
 
 # Launch settings (`scripts/bench_mhc.py --variants` on an H200: within 6% of the fastest of its variants at 1, 8 and
@@ -56,10 +49,14 @@ POST_CONFIG = dict(block_d=128, num_warps=4)
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _hc_partial_sums(x_ptr, fn_ptr, part_ptr, t0, kb, n_kb, T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-                     M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for the BLOCK_T
-    tokens from t0, which share one load of the fn block."""
+def _hc_partials_kernel(
+    x_ptr, fn_ptr, part_ptr,
+    T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
+    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for BLOCK_T
+    tokens t, which share one load of the fn block."""
+    kb = tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_K)
     k = kb // n_db
     d = (kb % n_db) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -69,22 +66,11 @@ def _hc_partial_sums(x_ptr, fn_ptr, part_ptr, t0, kb, n_kb, T, D, M, sx_t, sx_k,
     w = tl.load(fn_ptr + rows[:, None] * sf_m + (k * D + d)[None, :].to(tl.int64) * sf_c,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     for tt in range(BLOCK_T):
-        t = (t0 + tt).to(tl.int64)
+        t = (tl.program_id(0) * BLOCK_T + tt).to(tl.int64)
         x = tl.load(x_ptr + t * sx_t + k * sx_k + d * sx_d, mask=d_ok & (t < T), other=0.0).to(tl.float32)
-        out = part_ptr + (t * n_kb + kb) * (M + 1)
+        out = part_ptr + (t * tl.num_programs(1) + kb) * (M + 1)
         tl.store(out + rows, tl.sum(w * x[None, :], axis=1), mask=row_ok & (t < T))
         tl.store(out + M, tl.sum(x * x, axis=0), mask=t < T)
-
-
-@triton.jit
-def _hc_partials_kernel(
-    x_ptr, fn_ptr, part_ptr,
-    T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Program (block of BLOCK_T tokens, block kb of the n * D inputs): `_hc_partial_sums`."""
-    _hc_partial_sums(x_ptr, fn_ptr, part_ptr, tl.program_id(0) * BLOCK_T, tl.program_id(1), tl.num_programs(1),
-                     T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c, M_PAD, BLOCK_K, BLOCK_T)
 
 
 @triton.jit
@@ -93,12 +79,16 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _hc_weights(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, t, D, KB, iters, eps, norm_eps, write,
-                N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, SINKHORN: tl.constexpr):
-    """Token t's pre weights [N_PAD] from its KB partial rows (read from L2: other programs wrote them): the
-    normaliser rsqrt(mean(x^2) + eps), the sigmoids and the Sinkhorn iterations in registers; post and comb stored
-    where `write` (one program per token)."""
+def _hc_mix_kernel(
+    x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
+    D, KB, iters, eps, norm_eps,
+    sx_t, sx_k, sx_d,
+    N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
+):
+    """Sum the partials of token t, normalise, sigmoid (+ Sinkhorn), y[t, block] = sum_k pre_k x[t, k, block]."""
     M: tl.constexpr = (2 + N) * N if SINKHORN else N
+    t = tl.program_id(0)
+    db = tl.program_id(1)
     i = tl.arange(0, N_PAD)
     i_ok = i < N
     cell = 2 * N + i[:, None] * N + i[None, :]                                    # comb[k, j], row-major
@@ -112,14 +102,13 @@ def _hc_weights(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, t, D, KB, ite
     for k0 in range(0, KB, KB_CHUNK):
         kb_ok = k0 + kb < KB
         row = part_ptr + (t.to(tl.int64) * KB + k0 + kb) * (M + 1)                  # [KB_CHUNK] row starts
-        sumsq += tl.sum(tl.load(row + M, mask=kb_ok, other=0.0, cache_modifier=".cg"), axis=0)
-        pre += tl.sum(tl.load(row[:, None] + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0,
-                              cache_modifier=".cg"), axis=0)
+        sumsq += tl.sum(tl.load(row + M, mask=kb_ok, other=0.0), axis=0)
+        pre += tl.sum(tl.load(row[:, None] + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0), axis=0)
         if SINKHORN:
-            post += tl.sum(tl.load(row[:, None] + N + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0,
-                                   cache_modifier=".cg"), axis=0)
-            z += tl.sum(tl.load(row[:, None, None] + cell[None], mask=kb_ok[:, None, None] & ok[None], other=0.0,
-                                cache_modifier=".cg"), axis=0)
+            post += tl.sum(tl.load(row[:, None] + N + i[None, :], mask=kb_ok[:, None] & i_ok[None, :], other=0.0),
+                           axis=0)
+            z += tl.sum(tl.load(row[:, None, None] + cell[None], mask=kb_ok[:, None, None] & ok[None], other=0.0),
+                        axis=0)
 
     mean = tl.math.div_rn(sumsq, (N * D).to(tl.float32))
     rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + norm_eps))                  # rsqrt, IEEE-rounded
@@ -137,58 +126,16 @@ def _hc_weights(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, t, D, KB, ite
         for _ in range(iters - 1):
             comb = tl.math.div_rn(comb, tl.sum(comb, axis=1)[:, None] + eps)
             comb = tl.math.div_rn(comb, tl.sum(comb, axis=0)[None, :] + eps)
-        if write:
+        if db == 0:
             tl.store(post_ptr + t.to(tl.int64) * N + i, post, mask=i_ok)
             tl.store(comb_ptr + t.to(tl.int64) * N * N + i[:, None] * N + i[None, :], comb, mask=ok)
-    return pre
 
-
-@triton.jit
-def _hc_apply(x_ptr, y_ptr, pre, t, db, D, sx_t, sx_k, sx_d, N: tl.constexpr, N_PAD: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """y[t, block db] = sum_k pre_k x[t, k, block db]."""
-    i = tl.arange(0, N_PAD)
     d = db * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     x = tl.load(x_ptr + t.to(tl.int64) * sx_t + i[:, None] * sx_k + d[None, :] * sx_d,
-                mask=(i < N)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                mask=i_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     y = tl.sum(pre[:, None] * x, axis=0)
     tl.store(y_ptr + t.to(tl.int64) * D + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
-
-
-@triton.jit
-def _hc_mix_kernel(
-    x_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-    D, KB, iters, eps, norm_eps,
-    sx_t, sx_k, sx_d,
-    N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
-):
-    """Program (token t, block db of D): token t's weights (`_hc_weights`, post and comb stored by block 0), then its
-    block of y (`_hc_apply`)."""
-    t = tl.program_id(0)
-    db = tl.program_id(1)
-    pre = _hc_weights(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, t, D, KB, iters, eps, norm_eps, db == 0,
-                      N, N_PAD, KB_CHUNK, SINKHORN)
-    _hc_apply(x_ptr, y_ptr, pre, t, db, D, sx_t, sx_k, sx_d, N, N_PAD, BLOCK_D)
-
-
-@triton.jit
-def _hc_one_token_kernel(
-    x_ptr, fn_ptr, part_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, tickets_ptr,
-    D, M, KB, iters, eps, norm_eps, sx_t, sx_k, sx_d, sf_m, sf_c,
-    N: tl.constexpr, N_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, KB_CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
-):
-    """Both launches in one for a single token (batch-1 decode), grid (1, 1, KB): every program stores its block's
-    partial sums, and the last to arrive (`last_to_arrive`) forms the weights and writes all of y."""
-    t = tl.program_id(0)                                            # 0: the one token
-    _hc_partial_sums(x_ptr, fn_ptr, part_ptr, t, tl.program_id(2), KB, 1, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-                     M_PAD, BLOCK_K, 1)
-    if last_to_arrive(tickets_ptr, KB):
-        pre = _hc_weights(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, t, D, KB, iters, eps, norm_eps, True,
-                          N, N_PAD, KB_CHUNK, SINKHORN)
-        for db in range(0, tl.cdiv(D, BLOCK_D)):
-            _hc_apply(x_ptr, y_ptr, pre, t, db, D, sx_t, sx_k, sx_d, N, N_PAD, BLOCK_D)
 
 
 @triton.jit
@@ -220,8 +167,8 @@ def _hc_post_kernel(
 def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float,
                     sinkhorn: bool, block_k: int, block_t: int, kb_chunk: int, block_d: int,
                     mix_warps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The launches shared by hc_pre (`sinkhorn=True`) and hc_head, two, or one for a single token: returns y,
-    post, comb (the last two [.., 0]-sized for hc_head)."""
+    """The two launches shared by hc_pre (`sinkhorn=True`) and hc_head: returns y, post, comb (the last two
+    [.., 0]-sized for hc_head)."""
     *lead, n, D = x.shape
     m = (2 + n) * n if sinkhorn else n
     if fn.shape != (m, n * D):
@@ -235,20 +182,13 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
         return y, post, comb
     kb = n * triton.cdiv(D, block_k)
     part = torch.empty(T, kb, m + 1, dtype=torch.float32, device=x.device)
-    kb_chunk = min(kb_chunk, triton.next_power_of_2(kb))
-    if T == 1:
-        _hc_one_token_kernel[(1, 1, kb)](
-            xt, fn, part, scale, base, y, post, comb, arrival_tickets(x.device, 1), D, m, kb, iters, eps, norm_eps,
-            *xt.stride(), *fn.stride(), N=n, N_PAD=triton.next_power_of_2(n), M_PAD=triton.next_power_of_2(m),
-            BLOCK_K=block_k, KB_CHUNK=kb_chunk, BLOCK_D=block_d, SINKHORN=sinkhorn, num_warps=mix_warps)
-        return y, post, comb
     block_t = min(block_t, triton.next_power_of_2(T))
     _hc_partials_kernel[(triton.cdiv(T, block_t), kb)](xt, fn, part, T, D, m, *xt.stride(), *fn.stride(),
                                                        M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k,
                                                        BLOCK_T=block_t)
     _hc_mix_kernel[(T, triton.cdiv(D, block_d))](
         xt, part, scale, base, y, post, comb, D, kb, iters, eps, norm_eps, *xt.stride(),
-        N=n, N_PAD=triton.next_power_of_2(n), KB_CHUNK=kb_chunk, BLOCK_D=block_d,
+        N=n, N_PAD=triton.next_power_of_2(n), KB_CHUNK=min(kb_chunk, triton.next_power_of_2(kb)), BLOCK_D=block_d,
         SINKHORN=sinkhorn, num_warps=mix_warps)
     return y, post, comb
 
