@@ -12,7 +12,8 @@ selections (6 distinct random experts per token), FP8 projections with one weigh
 -> 129280), where the reference
 column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns:
 microseconds per call (median of 5 runs of back-to-back replays, each call on weights not in L2: the calls cycle
-through copies of the weights, `cold_copies`, as a decode step's other layers would evict them), GB/s of the
+through copies of the weights, `cold_copies`, as a decode step's other layers would evict them; expert calls get
+their ids' ordering made once outside the timed call, as a MoE layer's calls share one), GB/s of the
 distinct weight bytes the call must read (packed values + scales of every expert used), speed-up against the
 reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak
 memory (without the extra copies), the number of weight copies, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
@@ -218,13 +219,19 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
                 pick = "grouped" if kernels.use_grouped(n, case.n_experts, case.fmt) else "gemv"
             gemv = getattr(kernels, f"expert_matmul_{case.fmt}")          # per selection
             grouped = getattr(kernels, f"grouped_matmul_{case.fmt}")
+            # the model sorts a MoE layer's ids once for its expert calls (group_experts): the timed calls get the
+            # ordering made here, as its calls do (the kernel the backend does not pick sorts its own)
+            order = torch.argsort(idx.int()) if case.n_experts > 1 else None
+            groups = (kernels.group_experts(idx, case.n_experts, case.fmt)
+                      if case.n_experts > 1 and pick == "grouped" else None)
             if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
                 for name, kw in settings("gemv", config["gemv"], case.fmt, variants).items():
-                    impls[name] = lambda w, s, kw=kw: gemv(x, w, s, idx, **kw)
+                    impls[name] = lambda w, s, kw=kw: gemv(x, w, s, idx, order=order, **kw)
             grouped_settings = settings("grouped", config["grouped"], case.fmt, variants)
             grouped_settings["grouped"] = {**config["grouped"], **grouped_override}     # --grouped: the backend's own
             for name, kw in grouped_settings.items():
-                impls[name] = lambda w, s, kw=kw: grouped(x, w, s, idx, all_valid=case.n_experts == 1, **kw)
+                impls[name] = lambda w, s, kw=kw: grouped(x, w, s, idx, all_valid=case.n_experts == 1, groups=groups,
+                                                          **kw)
         touched = used * per_expert_bytes
         copies = cold_copies((weight, scale), touched, device)
         rows += timed(case, batch, n, used, touched, impls, pick, device, shapes.reps, copies)
