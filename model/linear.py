@@ -124,12 +124,15 @@ class JointRows(nn.Module):
     """A module whose same-input `Linear` children (`joint_names`) share one weight (and scale) tensor, multiplied
     by one call (`joint`). Kept joint through `.to()` / `.cuda()`, which replace every parameter's tensor. Layers
     that cannot share (`can_share_rows`), or whose module sets `rows_shared` False (their storage is someone
-    else's), run one call each."""
+    else's), run one call each. The joint call rounds its input as the first layer does (`act_quant` is set for
+    the whole model at once)."""
 
     joint_names: tuple[str, ...] = ()
     rows_shared = True
 
     def join_rows(self, copy: bool = True) -> None:
+        """Re-point the `joint_names` layers at one weight (and scale) tensor where they can share it (`copy=False`:
+        freshly built, values not kept); subclasses call it at the end of __init__."""
         self._joint = None
         if not self.rows_shared:
             return
