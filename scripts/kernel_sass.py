@@ -4,8 +4,9 @@ machine code: no GPU needed.
 
 A GEMV over FP4 or FP8 weights at decode has no tensor-core work: every stored byte is loaded, decoded and
 multiplied by CUDA cores, so the instructions the loop issues per byte bound its speed as much as the bytes do (by
-arithmetic, an H200 issues about 17 T thread-instructions/s, 132 SMs x 4 schedulers x 32 threads x 1.98 GHz: 20 per
-byte caps a kernel near 0.8 TB/s, 10 near 1.7). Triton
+arithmetic, an H200 issues at most about 33 T thread-instructions/s, 132 SMs x 4 schedulers x 32 threads x 1.98 GHz,
+and about 17 T of the integer ones that decode the codes, whose pipe has 16 lanes per scheduler: at that rate 20 per
+byte cap a kernel near 0.8 TB/s, 10 near 1.7). Triton
 compiles `ascend/backends/triton_moe.py`'s per-selection kernels here for sm_90a, specialised as a launch on the GPU
 specialises them (pointers, sizes and strides divisible by 16), with the ptxas and cuobjdump shipped in Triton's
 wheel; the main loop is the longest backward branch of the SASS. Per kernel: registers per thread, instructions in
