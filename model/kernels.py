@@ -279,8 +279,8 @@ def grouped_linear(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) ->
 
 def group_experts(expert_idx: Tensor, n_experts: int, fmt: str) -> tuple | None:
     """Whatever a backend's `expert_matmul` computes from the expert ids before it multiplies (a sort by expert,
-    group bounds), computed once for the calls that share ids (a MoE layer's w1, w3 and w2) and passed to each as
-    `groups`. expert_idx [N] as for `expert_matmul`, E stacked experts of format `fmt`. Reference: None (its
+    group bounds), computed once for the calls that share ids (a MoE layer's joint w1 + w3, then w2) and passed to
+    each as `groups`. expert_idx [N] as for `expert_matmul`, E stacked experts of format `fmt`. Reference: None (its
     gather needs no grouping)."""
     return None
 

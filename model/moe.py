@@ -216,7 +216,7 @@ class MoE(nn.Module):
     def _selections(self, xs: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """weights[i] * expert in stack row rows[i] (xs[i]), [M, dim] in xs' dtype; rows[i] = -1 gives zeros."""
         probe = self._probe()
-        groups = self.kernels.group_experts(rows, len(self.experts), probe.fmt)    # one grouping, three matmuls
+        groups = self.kernels.group_experts(rows, len(self.experts), probe.fmt)    # one grouping for every call
         xs = probe.w1.round_input(xs)
         if "w13.weight" in self._stacks:
             gate, up = self._project("w13", xs, rows, groups).split(probe.w1.out_features, dim=-1)

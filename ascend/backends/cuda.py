@@ -8,7 +8,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
 | `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, fixed `topk`    |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
-| `group_experts`          | one sort per MoE layer for its three matmuls       | the reference (None)                 |
+| `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
 | `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
@@ -314,7 +314,7 @@ def expert_matmul_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 def group_experts_triton(expert_idx: torch.Tensor, n_experts: int, fmt: str,
                          formats: tuple[str, ...] = ("fp4", "fp8")) -> tuple | None:
-    """`kernels.group_experts`: the Triton expert kernels' grouping (one sort for a layer's three calls) for the
+    """`kernels.group_experts`: the Triton expert kernels' grouping (one sort for a layer's calls) for the
     quantised `formats`; None for the others, which run the reference."""
     from ascend.backends import triton_moe
     return triton_moe.group_experts(expert_idx, n_experts, fmt) if fmt in formats else None

@@ -135,7 +135,7 @@ def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | Non
         # uses on NPUs; a call that failed them would take the reference, whose per-selection weight copies are
         # large at prefill sizes (the fallback is logged).
         replaced["grouped_expert_formats"] = GROUPED_EXPERT_FORMATS
-        replaced["group_experts"] = ops.group_experts        # one sort per MoE layer, shared by w1, w3 and w2
+        replaced["group_experts"] = ops.group_experts        # one sort per MoE layer, shared by its calls
     return dataclasses.replace(REFERENCE, **replaced)
 
 
@@ -279,8 +279,8 @@ class _Ops:
     def group_experts(self, expert_idx: Tensor, n_experts: int, fmt: str) -> tuple[Tensor, Tensor] | None:
         """`kernels.group_experts` for the formats `expert_matmul` groups: the selections sorted by expert (static
         shapes, no host sync) and the cumulative group ends npu_grouped_matmul takes, computed once for a MoE layer's
-        three calls. Another rank's selection (id -1) rides with expert 0 (the groups must cover every row) and is
-        zeroed by `expert_matmul`."""
+        calls (w1 and w3 as one joint stack, then w2). Another rank's selection (id -1) rides with expert 0 (the
+        groups must cover every row) and is zeroed by `expert_matmul`."""
         if fmt not in GROUPED_EXPERT_FORMATS:
             return None
         rows = expert_idx.clamp(min=0)

@@ -1,6 +1,6 @@
-"""What the Triton kernel modules share (triton_moe, triton_sparse_attn, triton_mhc): the dot precision rule, the
-arrival tickets by which the last of a block's programs finishes its work in the same launch, and a fix to Triton
-3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
+"""What the Triton kernel modules share: the dot precision rule (triton_moe, triton_sparse_attn), the arrival
+tickets by which the last of a block's programs finishes its work in the same launch (triton_moe's split-K), and a
+fix to Triton 3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ decode them in registers next to the multiply. Two kernels per format, picked by
 
 A grid of few programs (a projection with few output blocks) is split over the inputs too (split-K): each split
 writes float32 partial sums, and the last program to finish an output block adds them up in split order and
-writes y (`triton_common.last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result deterministic.
+writes y (`triton_common.last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result
+deterministic.
 
 The fp4 per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 4 int32 words of 8 codes]; each
 group's float32 partial sum is scaled once. Without tensor cores its speed is instructions per byte: every code is
@@ -524,8 +525,8 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fm
 
 def group_experts(expert_idx: torch.Tensor, n_experts: int, fmt: str) -> tuple:
     """What `expert_matmul` on these ids would compute before launching, once for several calls (a MoE layer's
-    w1, w3 and w2 share their ids): the grouping of `_groups` for the grouped kernel, the visiting order alone for
-    the per-selection one (~20 us per sort at decode)."""
+    joint w1 + w3 and its w2 share their ids): the grouping of `_groups` for the grouped kernel, the visiting order
+    alone for the per-selection one (~20 us per sort at decode)."""
     if use_grouped(expert_idx.numel(), n_experts, fmt):
         return _groups(expert_idx, n_experts, all_valid=False)
     return (torch.argsort(expert_idx.int()),)
