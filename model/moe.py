@@ -162,9 +162,9 @@ class MoE(nn.Module):
         both, where they can share (`can_share_rows`)."""
         first = self._probe()
         joint = can_share_rows([first.w1, first.w3])
+        stacks = {"w13": ("w1", "w3"), "w2": ("w2",)} if joint else {p: (p,) for p in ("w1", "w2", "w3")}
         self._stacks: dict[str, torch.Tensor] = {}
-        for name in (("w13", "w2") if joint else ("w1", "w2", "w3")):
-            projs = {"w13": ("w1", "w3")}.get(name, (name,))
+        for name, projs in stacks.items():
             for kind, _ in first.w1.named_parameters():
                 parts = [[e.get_parameter(f"{p}.{kind}") for e in self.experts.values()] for p in projs]
                 self._stacks[f"{name}.{kind}"] = share_rows(parts, copy)
