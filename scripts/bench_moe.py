@@ -9,14 +9,16 @@ selections (6 distinct random experts per token), FP8 projections with one weigh
 512, joint wq_a+wkv 4096 -> 1536, the shared expert's w1 / w3 4096 -> 2048 and joint w1+w3 4096 -> 4096, wq_b 1024
 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
 (`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, joint wkv+wgate 4096 -> 2048, head 4096
--> 129280), where the reference
-column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk (`triton_moe.f32_gemv`). Columns:
-microseconds per call (median of 5 runs of back-to-back replays, each call on weights not in L2: the calls cycle
-through copies of the weights, `cold_copies`, as a decode step's other layers would evict them; expert calls get
-their ids' ordering made once outside the timed call, as a MoE layer's calls share one), GB/s of the
-distinct weight bytes the call must read (packed values + scales of every expert used), speed-up against the
-reference, the result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak
-memory (without the extra copies), the number of weight copies, and `*` on what the backend runs for that shape (`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
+-> 129280), where the reference column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk
+(`triton_moe.f32_gemv`).
+
+Columns: microseconds per call (median of 5 runs of back-to-back replays, each call on weights not in L2: the calls
+cycle through copies of the weights, `cold_copies`, as a decode step's other layers would evict them; expert calls
+get their ids' ordering made once outside the timed call, as a MoE layer's calls share one), GB/s of the distinct
+weight bytes the call must read (packed values + scales of every expert used), speed-up against the reference, the
+result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak memory (without
+the extra copies), the number of weight copies, and `*` on what the backend runs for that shape
+(`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
 per-selection and grouped launch settings (candidates for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG);
 `--grouped '{"block_out": 128}'` overrides the grouped settings.
 

@@ -81,8 +81,9 @@ def measure(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int
     weight_bytes = block_out * block_in // (2 if fmt == "fp4" else 1) / (32 * num_warps)
     n = sum(mix.values())
     return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps, "splits": splits,
-            "sync": {op: whole[op] for op in ("BAR", "ATOMG", "RED", "MEMBAR")}, "registers": registers, "loop_instructions": n, "weight_bytes_per_thread": weight_bytes,
-            "instructions_per_byte": n / weight_bytes, "mix": dict(mix.most_common())}
+            "sync": {op: whole[op] for op in ("BAR", "ATOMG", "RED", "MEMBAR")}, "registers": registers,
+            "loop_instructions": n, "weight_bytes_per_thread": weight_bytes, "instructions_per_byte": n / weight_bytes,
+            "mix": dict(mix.most_common())}
 
 
 def table(rows: list[dict]) -> str:

@@ -122,7 +122,7 @@ def f32_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("ascend_cuda::f32_gemv", mutates_args=())
 def f32_gemv_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Triton `kernels.f32_linear` of a few rows, float32 [rows, out] (`triton_moe.f32_gemv`)."""
+    """Triton `kernels.f32_linear` of one row, float32 [1, out] (`triton_moe.f32_gemv`; `f32_gemv_applies`)."""
     from ascend.backends import triton_moe
     return triton_moe.f32_gemv(x, weight, **F32_GEMV_CONFIG)
 

@@ -278,7 +278,7 @@ def expert_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 
 def f32_gemv(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in: int = 128, num_warps: int = 8,
-               split_k: int | None = None) -> torch.Tensor:
+             split_k: int | None = None) -> torch.Tensor:
     """`model.kernels.f32_linear` as the per-selection walk: x [N, in] times a plain weight [out, in] (bf16, no
     scales), float32 sums and output [N, out]. It reads the weight once per row, so it is for a row or two (batch-1
     decode), where it is one launch with its input split reduced inside (cuBLAS's small-M GEMMs split K and add
