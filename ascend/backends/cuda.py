@@ -212,7 +212,9 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # projections, rows per dot from the shapes. From scripts/bench_moe.py's variants on an H200: the fp4 expert tile
 # of 128 inputs (1.3-1.8x over 256 at batch 8-64), the fp4 expert gemv's 256 inputs (fastest of 128-512 at batch
 # 1-64, 7% over 512 at batch 8) and the fp8 projection gemv's 64 rows and 8 warps (faster than 32 rows / 4 warps
-# for wq_a, wq_b and wo_b at batch 1; docs/performance.md); the rest untuned.
+# for wq_a, wq_b and wo_b at batch 1; docs/performance.md); the rest untuned. Those runs read warm weights; with
+# weights cold in L2 (1e48e90) the gemv settings still led: the joint experts' w1 + w3 at batch 1 42.7 us against
+# 45.3-55.8 for the other block sizes, w2 27.3 against 28.9-33.7, wo_b 13.3 against 20.0 with 32 rows / 4 warps.
 EXPERT_MATMUL_CONFIG = {
     "fp4": dict(gemv=dict(block_out=32, block_in=256, num_warps=4), grouped=dict(block_out=64, block_in=128)),
     "fp8": dict(gemv=dict(block_out=32, block_in=128, num_warps=4), grouped=dict(block_out=64, block_in=128))}
