@@ -62,10 +62,8 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind != "constexpr" and name != "sy_split"}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
-                                                   "PDL": True})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "launch_pdl": True})
+                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -76,16 +74,6 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
     return sass, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-_GLOBAL_MEMORY = ("LDG", "STG", "ATOMG", "RED")
-
-
-def waits_first(sass: str) -> bool:
-    """Whether the kernel's first instruction that touches global memory comes after its programmatic-launch wait
-    (`griddepcontrol.wait`, SASS ACQBULK): a kernel launched to overlap the one before it must read nothing earlier."""
-    ops = [op for _, op in _INSTRUCTION.findall(sass)]
-    return "ACQBULK" in ops and ops.index("ACQBULK") < min(ops.index(op) for op in _GLOBAL_MEMORY if op in ops)
-
-
 def measure(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> dict:
     sass, registers = compile_sass(fmt, block_out, block_in, num_warps, splits)
     mix = loop_mix(sass)
@@ -93,8 +81,7 @@ def measure(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int
     weight_bytes = block_out * block_in // (2 if fmt == "fp4" else 1) / (32 * num_warps)
     n = sum(mix.values())
     return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps, "splits": splits,
-            "sync": {op: whole[op] for op in ("BAR", "ATOMG", "RED", "MEMBAR")}, "waits_first": waits_first(sass),
-            "registers": registers,
+            "sync": {op: whole[op] for op in ("BAR", "ATOMG", "RED", "MEMBAR")}, "registers": registers,
             "loop_instructions": n, "weight_bytes_per_thread": weight_bytes, "instructions_per_byte": n / weight_bytes,
             "mix": dict(mix.most_common())}
 

@@ -1,17 +1,14 @@
-"""What the Triton kernel modules share: the dot precision rule (triton_moe, triton_sparse_attn), programmatic
-dependent launch (every kernel), the arrival tickets by which the last of a block's programs finishes its work in the
-same launch (triton_moe's split-K), and a fix to Triton 3.6's CPU interpreter, applied when this module is imported
-under TRITON_INTERPRET=1."""
+"""What the Triton kernel modules share: the dot precision rule (triton_moe, triton_sparse_attn), the arrival
+tickets by which the last of a block's programs finishes its work in the same launch (triton_moe's split-K), and a
+fix to Triton 3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -19,31 +16,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     keep them by default; Triton's own default would be TF32 (about 1e-3 relative). Ignored for bf16 (exact
     products). Every Triton kernel of the backend that dots its inputs takes it."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _chains(device_type: str, index: int | None) -> bool:
-    return (device_type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(index) >= (9, 0))
-
-
-def chained(device: torch.device) -> dict:
-    """Launch keywords for a kernel that starts with `wait_for_previous`: programmatic dependent launch (sm_90+) on
-    CUDA, off under the interpreter and on older GPUs. A decode step is a chain of short kernels, each reading what
-    the one before wrote; with it, a kernel's programs are scheduled and run their set-up while the previous kernel
-    finishes, instead of after it (a captured graph keeps the launches' programmatic edges)."""
-    on = _chains(device.type, device.index)
-    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
-
-
-@triton.jit
-def wait_for_previous(PDL: tl.constexpr):
-    """A kernel's first statement. With PDL: wait until the kernel before it in the stream has finished and its
-    writes are visible (so nothing this kernel reads or writes may come before), then allow the next kernel's
-    programs to be scheduled, to wait in turn. Without: nothing (stream order alone)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit

@@ -35,8 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import chained, wait_for_previous
-
 Tensor = torch.Tensor
 
 # Launch settings (`scripts/bench_mhc.py --variants` on an H200: within 6% of the fastest of its variants at 1, 8 and
@@ -54,11 +52,10 @@ POST_CONFIG = dict(block_d=128, num_warps=4)
 def _hc_partials_kernel(
     x_ptr, fn_ptr, part_ptr,
     T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for BLOCK_T
     tokens t, which share one load of the fn block."""
-    wait_for_previous(PDL)
     kb = tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_K)
     k = kb // n_db
@@ -87,10 +84,8 @@ def _hc_mix_kernel(
     D, KB, iters, eps, norm_eps,
     sx_t, sx_k, sx_d,
     N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Sum the partials of token t, normalise, sigmoid (+ Sinkhorn), y[t, block] = sum_k pre_k x[t, k, block]."""
-    wait_for_previous(PDL)
     M: tl.constexpr = (2 + N) * N if SINKHORN else N
     t = tl.program_id(0)
     db = tl.program_id(1)
@@ -147,10 +142,9 @@ def _hc_mix_kernel(
 def _hc_post_kernel(
     y_ptr, res_ptr, post_ptr, comb_ptr, out_ptr,
     D, sy_t, sy_d, sr_t, sr_k, sr_d, sp_t, sp_j, sc_t, sc_k, sc_j,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[t, j, block] = post[t, j] y[t, block] + sum_k comb[t, k, j] res[t, k, block], float32 math."""
-    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -191,11 +185,11 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
     block_t = min(block_t, triton.next_power_of_2(T))
     _hc_partials_kernel[(triton.cdiv(T, block_t), kb)](xt, fn, part, T, D, m, *xt.stride(), *fn.stride(),
                                                        M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k,
-                                                       BLOCK_T=block_t, **chained(x.device))
+                                                       BLOCK_T=block_t)
     _hc_mix_kernel[(T, triton.cdiv(D, block_d))](
         xt, part, scale, base, y, post, comb, D, kb, iters, eps, norm_eps, *xt.stride(),
         N=n, N_PAD=triton.next_power_of_2(n), KB_CHUNK=min(kb_chunk, triton.next_power_of_2(kb)), BLOCK_D=block_d,
-        SINKHORN=sinkhorn, num_warps=mix_warps, **chained(x.device))
+        SINKHORN=sinkhorn, num_warps=mix_warps)
     return y, post, comb
 
 
@@ -223,8 +217,7 @@ def launch_hc_post(y: Tensor, residual: Tensor, post: Tensor, comb: Tensor, **la
     if yt.size(0):
         _hc_post_kernel[(yt.size(0), triton.cdiv(D, launch["block_d"]))](
             yt, rt, pt, ct, out, D, *yt.stride(), *rt.stride(), *pt.stride(), *ct.stride(),
-            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=launch["block_d"], num_warps=launch["num_warps"],
-            **chained(y.device))
+            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=launch["block_d"], num_warps=launch["num_warps"])
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import arrival_tickets, chained, dot_precision, last_to_arrive, wait_for_previous
+from ascend.backends.triton_common import arrival_tickets, dot_precision, last_to_arrive
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 
@@ -148,10 +148,9 @@ def _x_for_pairs(x_row, word, ok, GROUPS: tl.constexpr):
 def _fp4_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs."""
-    wait_for_previous(PDL)
     GROUPS: tl.constexpr = BLOCK_IN // 32
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     g = tl.arange(0, GROUPS)
@@ -187,12 +186,11 @@ def _fp4_expert_matmul_kernel(
 def _unpacked_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Same walk for weights of one stored element each: FP8 e4m3 with one ue8m0 scale per 128 x 128 block
     (BLOCK_IN is at most 128 and divides it, so each chunk of a row has one scale), or plain bf16 / float32 weights
     without scales (`s_ptr` None: `f32_gemv`)."""
-    wait_for_previous(PDL)
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
@@ -252,8 +250,7 @@ def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps
     kernel[grid + (split_k,)](x, weight, s, expert_idx, order, y, part, tickets, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), *s_strides, y.stride(0),
                               part.stride(0) if split_k > 1 else 0,
-                              BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps,
-                              **chained(x.device))
+                              BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps)
     return y
 
 
@@ -315,12 +312,11 @@ def _fp4_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
-    SPLITS: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
     dtype (exact: an e2m1 value times a power of two), low and high nibbles interleaved back into input order
     (`tl.join`), and meets BLOCK_M of the expert's rows in one `tl.dot`."""
-    wait_for_previous(PDL)
     GROUPS: tl.constexpr = BLOCK_IN // 32
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
@@ -363,11 +359,10 @@ def _fp8_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
-    SPLITS: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
     multiplies the tile's float32 partial product (a power of two: the same value as scaling the weights first)."""
-    wait_for_previous(PDL)
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     first = tl.load(starts_ptr + expert)
@@ -442,7 +437,7 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
                               part.stride(0) if split_k > 1 else 0,
                               BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
                               PRECISION=dot_precision(x.dtype), SPLITS=split_k, num_warps=num_warps,
-                              num_stages=num_stages, **chained(x.device))
+                              num_stages=num_stages)
     return y
 
 

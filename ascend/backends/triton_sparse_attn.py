@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import chained, dot_precision, wait_for_previous
+from ascend.backends.triton_common import dot_precision
 
 
 @triton.jit
@@ -29,9 +29,8 @@ def _sparse_attn_partial_kernel(
     S, H, T, K, chunk, scale,
     sq_b, sq_s, sq_h, skv_b, skv_t, si_b, si_s,
     D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    wait_for_previous(PDL)
     bs = tl.program_id(0)           # flattened (batch, query position)
     hb = tl.program_id(1)           # block of heads
     split = tl.program_id(2)        # chunk of the index list
@@ -119,25 +118,23 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
         PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **chained(q.device),
+        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
     )
     if nsplit > 1:
         block_d = min(128, triton.next_power_of_2(D))
         _merge_kernel[(B * S, head_blocks, triton.cdiv(D, block_d))](
             *parts, sink, out, H, nsplit, D=D, BLOCK_D=block_d, BLOCK_H=block_h,
-            NSPLIT_P2=triton.next_power_of_2(nsplit), num_warps=4, **chained(q.device))
+            NSPLIT_P2=triton.next_power_of_2(nsplit), num_warps=4)
     return out
 
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                  PDL: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr):
     """Combine the chunk partials [BS, NSPLIT, H, (D)] of one query, block of heads and block of dims into the
     normalised output: each chunk's (o, m, l) rescaled to the largest max, the sink one more logit per head with a
     zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step); the
     dims are split over programs too, as a decode step has only B * head blocks queries to spread."""
-    wait_for_previous(PDL)
     bs = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -167,9 +164,7 @@ def _indexer_scores_kernel(
     S, H, T,
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
     D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL)
     bs = tl.program_id(0)
     tb = tl.program_id(1)
     b = bs // S
@@ -206,7 +201,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2, **chained(q.device),
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
     )
     return out
 
@@ -220,12 +215,11 @@ def _order_key(x):
 
 
 @triton.jit
-def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr):
     """One program per row. Radix select: the K-th largest order key, one byte per pass from the top (a 256-bin
     histogram of the keys that share the bytes found so far), then one pass in index order that writes the entries
     above it and the lowest-index ties with it, then -1 in the slots left. The row is re-read on each of the 5
     passes (from L2 after the first)."""
-    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
     out = out_ptr + row * o_row
@@ -271,5 +265,5 @@ def topk(scores: torch.Tensor, k: int, block: int | None = None, num_warps: int 
     block = block or min(4096, triton.next_power_of_2(flat.size(1)))
     out = torch.empty(flat.size(0), k, device=scores.device, dtype=torch.int32)
     _topk_kernel[(flat.size(0),)](flat, out, flat.size(1), k, flat.stride(0), out.stride(0),
-                                  BLOCK=block, num_warps=num_warps, **chained(scores.device))
+                                  BLOCK=block, num_warps=num_warps)
     return out.view(*scores.shape[:-1], k)

@@ -61,14 +61,3 @@ def test_split_form_fences_its_ticket():
         assert split["sync"]["BAR"] >= plain["sync"]["BAR"] + 2
         assert split["sync"]["MEMBAR"] >= 1 and split["sync"]["ATOMG"] == 2
         assert plain["sync"]["ATOMG"] == plain["sync"]["MEMBAR"] == 0
-
-
-def test_programmatic_launch_waits_before_any_global_memory():
-    """Launched to overlap the kernel before them (`triton_common.chained`), both kernels wait for it (ACQBULK)
-    before their first global load, store or atomic, split or not; the finder itself on hand-written SASS."""
-    sass = load_script("kernel_sass")
-    wait, load = "        /*0000*/ ACQBULK ;\n", "        /*0010*/ LDG.E R2, desc[UR4][R2.64] ;\n"
-    assert sass.waits_first(wait + load)
-    assert not sass.waits_first(load + wait) and not sass.waits_first(load)
-    for rows in (_offline(), _offline("--splits", "4")):
-        assert all(r["waits_first"] for r in rows.values())
