@@ -22,7 +22,7 @@ the extra copies), the number of weight copies, and `*` on what the backend runs
 per-selection and grouped launch settings (candidates for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG);
 `--grouped '{"block_out": 128}'` overrides the grouped settings.
 
-    python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1, 8, 32, 64
+    python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1-512 (experts to 128)
     python3 scripts/bench_moe.py --variants --json > moe.json
     python3 scripts/bench_moe.py --quick                   # CPU smoke test: kernels only with TRITON_INTERPRET=1
 """
@@ -70,7 +70,11 @@ FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w1+w3", "fp4
               (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
 QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256),
                 Case("router", "bf16", 1, 16, 128)), (1, 4), 6, 1, torch.float32)
-MOE_MAX_BATCH = 64            # routed-expert rows beyond decode sizes run the dynamic MoE path, not this one
+EXPERT_MAX_BATCH = 128
+"""Routed experts are timed up to this batch (768 rows): the reference's dequantised copy per selection (rows x
+expert size, 26 GB for the joint w1 + w3 here) outgrows the device beyond. The kernels themselves serve any size
+(the model's MoE runs them statically at prefill too, `model.moe.STATIC_MAX_SELECTIONS`)."""
+GEMV_MAX_ROWS = 64            # a projection's GEMV per row is timed up to here: beyond, a prefill's, pointless
 # launch settings timed by --variants, each on top of the backend's current settings for the case
 VARIANTS = {"fp4": {"gemv": (dict(block_in=512), dict(block_in=128), dict(block_out=16), dict(block_out=64)),
                     "grouped": (dict(block_out=32), dict(block_out=128, num_warps=8), dict(block_out=16),
@@ -202,7 +206,7 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
     config = (cuda.LINEAR_MATMUL_CONFIG if case.n_experts == 1 else cuda.EXPERT_MATMUL_CONFIG)[case.fmt]
     rows = []
     for batch in shapes.batches:
-        if case.n_experts > 1 and batch > MOE_MAX_BATCH:
+        if case.n_experts > 1 and batch > EXPERT_MAX_BATCH:
             continue
         idx = selections(case, batch, shapes.topk, device)
         n = idx.numel()
@@ -226,7 +230,7 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
             order = torch.argsort(idx.int()) if case.n_experts > 1 else None
             groups = (kernels.group_experts(idx, case.n_experts, case.fmt)
                       if case.n_experts > 1 and pick == "grouped" else None)
-            if case.n_experts > 1 or n <= MOE_MAX_BATCH:          # a GEMV per row of a prefill: pointless
+            if case.n_experts > 1 or n <= GEMV_MAX_ROWS:
                 for name, kw in settings("gemv", config["gemv"], case.fmt, variants).items():
                     impls[name] = lambda w, s, kw=kw: gemv(x, w, s, idx, order=order, **kw)
             grouped_settings = settings("grouped", config["grouped"], case.fmt, variants)

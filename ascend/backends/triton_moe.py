@@ -496,9 +496,8 @@ GROUPED_MIN_ROWS = {"fp4": 432, "fp8": 128}
 """`expert_matmul` runs the grouped kernel from this many rows (selections) on, per weight format, and for every
 multi-row projection (one expert: the per-selection kernel would read the whole weight once per row). From
 scripts/bench_moe.py on an H200 at V4-Flash shapes (experts, 6 per token): fp4 per selection (2 codes per integer
-op) was faster at every size it times, up to 384 rows (batch 64: 839 against 901 us for w1 / w3); where the grouped
-kernel overtakes it above that (432 sits between) was seen only in an ad-hoc timing. fp8: per selection faster at
-6 and 48 rows, grouped at 192 and 384."""
+op) faster up to 384 rows (batch 64, w1 / w3: 807 against 912 us), grouped from 432 on (908 against 919; at 576
+rows 925 against 1198); docs/performance.md. fp8: per selection faster at 6 and 48 rows, grouped at 192 and 384."""
 
 _KERNELS = {"fp4": (expert_matmul_fp4, grouped_matmul_fp4), "fp8": (expert_matmul_fp8, grouped_matmul_fp8)}
 
