@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend.backends import triton_common  # noqa: F401  (on import: the CPU interpreter's fix for Triton 3.6)
+
 Tensor = torch.Tensor
 
 # Launch settings (`scripts/bench_mhc.py --variants` on an H200: within 6% of the fastest of its variants at 1, 8 and
