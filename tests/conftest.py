@@ -1,7 +1,9 @@
 """Test-wide settings: deterministic, single-threaded torch so the suite behaves the same on CI's 2 cores; helpers the
 tests share."""
 
+import dataclasses
 import importlib.util
+import os
 import socket
 import sys
 from pathlib import Path
@@ -40,3 +42,28 @@ def run_script(name: str, argv: list[str]) -> int:
         return load_script(name).main(argv)
     finally:
         torch.set_grad_enabled(True)
+
+
+# The official DeepSeek-V4 `inference/` folder (model.py, and a pure-torch kernel.py beside it in place of the tilelang
+# one) for the parity tests in tests/model, which skip where it is absent: it is not ours to ship.
+OFFICIAL_INFERENCE = Path(os.environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference"))
+needs_official = pytest.mark.skipif(not (OFFICIAL_INFERENCE / "model.py").is_file(),
+                                    reason="official DeepSeek-V4 inference/ not available (set DSV4_OFFICIAL_INFERENCE)")
+
+
+def load_official(monkeypatch):
+    """The official model.py as a module, run from its own folder (its `from kernel import ...` finds kernel.py)."""
+    monkeypatch.syspath_prepend(str(OFFICIAL_INFERENCE))
+    spec = importlib.util.spec_from_file_location("dsv4_official_model", OFFICIAL_INFERENCE / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_args(official, cfg, **fields):
+    """The official `ModelArgs` for our config: every field both dataclasses have (ours carry the official names)
+    from `cfg`, `compress_ratios` with the MTP layer's trailing 0, then `fields`. Nothing rests on the official
+    file's defaults, which differ between copies of it."""
+    shared = {f.name for f in dataclasses.fields(official.ModelArgs)} & {f.name for f in dataclasses.fields(cfg)}
+    args = {name: getattr(cfg, name) for name in shared} | {"compress_ratios": tuple(cfg.compress_ratios) + (0,)}
+    return official.ModelArgs(**(args | fields))

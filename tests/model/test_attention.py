@@ -16,7 +16,7 @@ from model.config import ModelConfig
 from model.linear import Linear
 from model.parallel import ParallelContext
 from model.quant import fp4_round_trip, fp8_round_trip
-from tests.conftest import free_port
+from tests.conftest import free_port, load_official, needs_official, official_args
 
 
 def tiny(**kw) -> ModelConfig:
@@ -404,34 +404,21 @@ def test_parameter_names_are_checkpoint_names():
 
 
 # --------------------------------------------------------------------------------------- official code parity
-OFFICIAL = os.environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference")
-
-
-@pytest.mark.skipif(not os.path.exists(os.path.join(OFFICIAL, "model.py")),
-                    reason="official DeepSeek-V4 inference/ not available (set DSV4_OFFICIAL_INFERENCE)")
+@needs_official
 @pytest.mark.parametrize("quant_sim", [False, True])
 def test_matches_official_inference_code(monkeypatch, quant_sim):
     """Our layers vs the official `inference/model.py` Attention (run from its own folder, pure-torch kernel.py),
     prefill then decode, same weights, float32. The official file's pure-torch act_quant / fp4_act_quant skip the
     cast to FP8 / FP4 that its tilelang kernels do, so they are replaced by the true round trips."""
-    import importlib.util
     import sys
-    monkeypatch.syspath_prepend(OFFICIAL)
-    spec = importlib.util.spec_from_file_location("dsv4_official_model", os.path.join(OFFICIAL, "model.py"))
-    off = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(off)
+    off = load_official(monkeypatch)
     off.default_dtype = torch.float32
     off.rotate_activation = lambda v: sys.modules["kernel"].hadamard_transform(v, scale=v.size(-1) ** -0.5)
     off.act_quant = lambda v, block=128, *a, **k: v.copy_(fp8_round_trip(v, block)) if quant_sim else v
     off.fp4_act_quant = lambda v, block=32, *a, **k: v.copy_(fp4_round_trip(v, block)) if quant_sim else v
     # 32 indexer heads: with 4, many index scores are exactly 0 and top-k tie-breaking differs between the codes
     cfg = tiny(index_n_heads=32, quant_sim=quant_sim)
-    args = off.ModelArgs(
-        max_batch_size=1, max_seq_len=512, dtype="bf16", n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads,
-        q_lora_rank=cfg.q_lora_rank, head_dim=cfg.head_dim, rope_head_dim=cfg.rope_head_dim,
-        o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, window_size=cfg.window_size,
-        compress_ratios=tuple(cfg.compress_ratios) + (0,), index_n_heads=cfg.index_n_heads,
-        index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
+    args = official_args(off, cfg, max_batch_size=1, max_seq_len=512, dtype="bf16")
     L, P = 140, 124                       # the first HCA block completes during decode
     x = torch.randn(1, L, cfg.dim)
     for layer_id in (0, 1, 2):

@@ -1,13 +1,15 @@
 """ModelConfig: presets match the published configs, every spelling reads back, validation names the field."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ascend.errors import AscendDeployError
 from model.config import ConfigError, ModelConfig
 
-REF_HF = "/work/ref/config.json"
+# The published config.json of deepseek-ai/DeepSeek-V4-Pro (Hugging Face), kept here so the test needs no download
+REF_HF = Path(__file__).parent / "data" / "deepseek-v4-pro-config.json"
 
 
 def test_presets_round_trip_through_hf_dict():

@@ -10,7 +10,7 @@ from convert.layout import expected_tensors
 from convert.names import to_hf
 from model.config import ModelConfig
 from model.transformer import Transformer, WeightsError, init_random_
-from tests.conftest import free_port
+from tests.conftest import free_port, load_official, needs_official, official_args
 
 TINY = ModelConfig.preset("tiny")
 # Exactness tests switch the FP8 / FP4 round-trip simulations off: with them on, a value that full and incremental
@@ -242,9 +242,6 @@ def test_tensor_and_expert_parallel_equal_single_rank(quant_model):
 
 
 # ----------------------------------------------------------------------------------------------- official parity
-OFFICIAL = os.environ.get("DSV4_OFFICIAL_INFERENCE", "/work/ref/inference")
-
-
 def _official_copy(theirs: torch.nn.Module, ours: Transformer) -> None:
     """Our weights into the official model: quantised tensors byte for byte (FP4 through an int8 view of its
     float4_e2m1fn_x2 parameters), wo_a dequantised (the official model holds it in BF16), floats cast."""
@@ -264,8 +261,7 @@ def _official_copy(theirs: torch.nn.Module, ours: Transformer) -> None:
                 dst.copy_(state[name])
 
 
-@pytest.mark.skipif(not os.path.exists(f"{OFFICIAL}/model.py"),
-                    reason="official DeepSeek-V4 inference/ not available (set DSV4_OFFICIAL_INFERENCE)")
+@needs_official
 @pytest.mark.parametrize("quant_sim, weights", [(False, "bf16"), (True, "bf16"), (True, "fp8+fp4")])
 def test_matches_official_transformer(monkeypatch, quant_sim, weights):
     """The whole model (mHC, attention, MoE with hash and score routing, hc head, MTP) against the official
@@ -274,15 +270,11 @@ def test_matches_official_transformer(monkeypatch, quant_sim, weights):
     projections, FP4 experts) through the official fp8_gemm / fp4_gemm, with our `act_quant`. As in
     test_attention.py, the official pure-torch in-place act_quant / fp4_act_quant (which skip the FP8 / FP4 cast
     its tilelang kernels do) are replaced by the true round trips, and 32 indexer heads avoid exact-zero ties."""
-    import importlib.util
     import sys
 
     from model.quant import fp4_round_trip, fp8_round_trip
 
-    monkeypatch.syspath_prepend(OFFICIAL)
-    spec = importlib.util.spec_from_file_location("dsv4_official_model", f"{OFFICIAL}/model.py")
-    off = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(off)
+    off = load_official(monkeypatch)
     kernel = sys.modules["kernel"]
 
     def act_quant(v, block=128, scale_fmt=None, scale_dtype=torch.float32, inplace=False):
@@ -297,15 +289,8 @@ def test_matches_official_transformer(monkeypatch, quant_sim, weights):
     cfg = ModelConfig.preset("tiny", index_n_heads=32, quant_sim=quant_sim, act_quant=quantised,
                              **({} if quantised else dict(dtype="bf16", expert_dtype="bf16")))
     ours = _model(cfg, 5)
-    args = off.ModelArgs(
-        max_batch_size=1, max_seq_len=256, dtype="fp8" if quantised else "bf16",
-        expert_dtype="fp4" if quantised else None, vocab_size=cfg.vocab_size,
-        dim=cfg.dim, moe_inter_dim=cfg.moe_inter_dim, n_layers=cfg.n_layers, n_hash_layers=cfg.n_hash_layers,
-        n_heads=cfg.n_heads, n_routed_experts=cfg.n_routed_experts, n_activated_experts=cfg.n_activated_experts,
-        route_scale=cfg.route_scale, q_lora_rank=cfg.q_lora_rank, head_dim=cfg.head_dim,
-        rope_head_dim=cfg.rope_head_dim, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
-        window_size=cfg.window_size, compress_ratios=tuple(cfg.compress_ratios) + (0,),
-        index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
+    args = official_args(off, cfg, max_batch_size=1, max_seq_len=256, dtype="fp8" if quantised else "bf16",
+                         expert_dtype="fp4" if quantised else None)
     theirs = off.Transformer(args)
     assert set(theirs.state_dict()) - set(ours.state_dict()) == {"mtp.0.embed.weight", "mtp.0.head.weight"}
     _official_copy(theirs, ours)
