@@ -224,7 +224,7 @@ class ModelConfig:
                 raise ConfigError(f"{path}: expected a JSON object")
             origin = str(path)
         try:
-            values = _values_from_hf(raw)
+            values = _values_from_hf(raw, origin)
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{origin}: unreadable DeepSeek-V4 config ({type(e).__name__}: {e})") from None
         values.update(overrides)
@@ -321,11 +321,19 @@ _HF_RENAMES = {
     "max_position_embeddings": "max_seq_len", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
 }
 _FIELD_NAMES = {f.name for f in dataclasses.fields(ModelConfig)}
+# Fields every config file must state (in any spelling): they fix tensor shapes or which tokens attention sees, so
+# a missing one must not quietly take V4-Flash's value. The rest (norm eps, RoPE, mHC settings, ...) have the
+# published values of both models as defaults.
+_REQUIRED = ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "n_activated_experts",
+             "q_lora_rank", "head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads", "index_head_dim",
+             "index_topk", "compress_ratios")
+_HF_NAMES = {field_: key for key, field_ in _HF_RENAMES.items()} | {"compress_ratios": "compress_ratios (or layer_types)"}
 
 
-def _values_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
+def _values_from_hf(raw: dict[str, Any], origin: str) -> dict[str, Any]:
     """Map any of the three config spellings onto ModelConfig field values."""
-    if "dim" in raw and "hidden_size" not in raw:
+    inference_spelling = "dim" in raw and "hidden_size" not in raw
+    if inference_spelling:
         # inference/config.json: ModelArgs names already; drop keys that only the official runtime uses
         values = {k: v for k, v in raw.items() if k in _FIELD_NAMES}
     else:
@@ -347,7 +355,6 @@ def _values_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         # per-layer schedules in the transformers spelling
-        n_layers = int(raw["num_hidden_layers"])
         if raw.get("layer_types") is not None:
             rates = {**{k: v for k, v in _LAYER_TYPE_TO_RATIO.items() if v}, **(raw.get("compress_rates") or {})}
             rates["sliding_attention"] = 0
@@ -358,9 +365,12 @@ def _values_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
             if kinds[:n_hash] != ["hash_moe"] * n_hash:
                 raise ValueError("mlp_layer_types: hash_moe layers must come first")
             values["n_hash_layers"] = n_hash
-        values.setdefault("n_layers", n_layers)
-    ratios = list(values.get("compress_ratios", ModelConfig().compress_ratios))
-    n_layers = int(values.get("n_layers", ModelConfig.n_layers))
+    missing = [name if inference_spelling else _HF_NAMES[name] for name in _REQUIRED if name not in values]
+    if missing:
+        raise ConfigError(f"{origin}: missing {', '.join(missing)} (a DeepSeek-V4 config states every field that "
+                          f"fixes a tensor shape or the attention pattern)")
+    ratios = list(values["compress_ratios"])
+    n_layers = int(values["n_layers"])
     extra = ratios[n_layers:]
     if any(r != 0 for r in extra):
         raise ValueError(f"compress_ratios entries after the {n_layers} main layers (MTP) must be 0, got {extra}")

@@ -1,6 +1,8 @@
 """ModelConfig: presets match the published configs, every spelling reads back, validation names the field."""
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,22 @@ def test_inference_spelling_and_extra_mtp_zeros():
     with pytest.raises(ConfigError, match="MTP"):
         ModelConfig.from_hf(args)
 
+
+
+@pytest.mark.parametrize("drop, named", [(("sliding_window",), "sliding_window"),
+                                         (("index_topk", "hidden_size"), "hidden_size, index_topk"),
+                                         (("compress_ratios",), "compress_ratios (or layer_types)")])
+def test_missing_shape_fields_are_named_not_defaulted(tmp_path, drop, named):
+    """A config that leaves out a shape or attention field is refused (V4-Flash's value would be silently wrong)."""
+    d = ModelConfig.preset("tiny").to_hf_dict()
+    for key in drop:
+        del d[key]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: missing {re.escape(named)} \("):
+        ModelConfig.from_hf(tmp_path)
+    args = {k: v for k, v in dataclasses.asdict(ModelConfig.preset("tiny")).items() if k != "window_size"}
+    with pytest.raises(ConfigError, match="^config: missing window_size "):
+        ModelConfig.from_hf(args)
 
 def test_tiny_keeps_every_structural_feature():
     t = ModelConfig.preset("tiny")
