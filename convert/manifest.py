@@ -45,7 +45,36 @@ def read_manifest(out: str | Path) -> dict:
         raise ConvertError(f"{path}: unreadable ({e})") from None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(m.get("ranks"), list):
         raise ConvertError(f"{path}: expected an ascend-deploy manifest with schema {SCHEMA}")
+    _check_fields(m, path)
     return m
+
+
+# What readers of a manifest index without further checks: key -> type, at each level of the schema above.
+_TOP = {"weights": str, "world_size": int, "plan": dict, "config": dict, "source_config": dict}
+_RANK = {"rank": int, "files": dict, "tensors": dict}
+_FILE = {"sha256": str, "bytes": int}
+_TENSOR = {"file": str, "dtype": str, "shape": list, "sha256": str, "source": str}
+
+
+def _check_fields(m: dict, path: Path) -> None:
+    """Refuse a manifest (edited by hand, or cut short) that lacks a field its readers use, naming where."""
+    def need(obj: object, fields: dict, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise ConvertError(f"{path}: {where} must be a JSON object")
+        for key, kind in fields.items():
+            if not isinstance(obj.get(key), kind) or isinstance(obj.get(key), bool):
+                raise ConvertError(f"{path}: {where} needs {key!r} as a JSON {_JSON_TYPE[kind]}")
+
+    need(m, _TOP, "the manifest")
+    for i, entry in enumerate(m["ranks"]):
+        need(entry, _RANK, f"ranks[{i}]")
+        for rel, rec in entry["files"].items():
+            need(rec, _FILE, f"ranks[{i}] file {rel}")
+        for name, rec in entry["tensors"].items():
+            need(rec, _TENSOR, f"ranks[{i}] tensor {name}")
+
+
+_JSON_TYPE = {str: "string", int: "integer", dict: "object", list: "array"}
 
 
 def rank_entry(manifest: dict, rank: int, origin: str) -> dict:

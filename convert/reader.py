@@ -93,6 +93,10 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             raise ConvertError(f"{path}: tensor {key} starts at byte {begin}, expected {at} "
                                f"(overlapping or gapped data)")
         at = end
+    if at != data_bytes:
+        # safetensors refuses such a file when it is opened; refuse it here, before any work is done
+        raise ConvertError(f"{path}: {data_bytes - at} bytes after the last tensor (the data section must end "
+                           f"where its tensors do)")
     return header, 8 + n
 
 

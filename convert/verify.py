@@ -78,6 +78,7 @@ def _check_rank(out: Path, m: dict, cfg_out: ModelConfig, sharding: Sharding, ra
         if (have[name]["dtype"], tuple(have[name]["shape"])) != want[name]:
             raise ConvertError(f"{origin}: rank {rank} tensor {name} is {have[name]['dtype']} {have[name]['shape']}, "
                                f"expected {want[name][0]} {list(want[name][1])}")
+    found = set()
     for rel, rec in entry["files"].items():
         path = safe_member(out, rel, origin)
         file_sha, tensor_sha = hash_file(path)
@@ -89,14 +90,22 @@ def _check_rank(out: Path, m: dict, cfg_out: ModelConfig, sharding: Sharding, ra
             if t is None or t["file"] != rel or t["sha256"] != tensor_sha[name] or \
                     (e["dtype"], e["shape"]) != (t["dtype"], t["shape"]):
                 raise ConvertError(f"{path}: tensor {name} does not match its manifest entry")
+        found |= header.keys()
         n_files += 1
         n_bytes += rec["bytes"]
         bar.update(rec["bytes"])
+    lost = sorted(set(have) - found)
+    if lost:
+        raise ConvertError(f"{origin}: rank {rank} tensor {lost[0]} is in none of the rank's files "
+                           f"({len(lost)} tensors without a file)")
     return n_files, len(have), n_bytes
 
 
 def compare_with_source(out: Path, m: dict, src: Checkpoint, progress: bool = False) -> None:
     """Every output tensor == its source slice after the declared cast (bitwise)."""
+    if src.config != ModelConfig.from_hf(m["source_config"]):
+        raise ConvertError(f"{src.root / 'config.json'}: describes another model than the source {out} was "
+                           f"converted from (manifest source_config)")
     src_table = src.validate()
     out_table = expected_tensors(ModelConfig.from_hf(m["config"]))
     files = [(entry, rel) for entry in m["ranks"] for rel in entry["files"]]

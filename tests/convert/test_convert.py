@@ -153,6 +153,19 @@ def test_verify_detects_damage(tiny_ckpt, tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(broken))
     assert "rank 0 lacks tensor layers.2.attn.wo_a.scale that the plan puts there" in _cli_error(
         ["verify", str(out)], capsys)
+    fileless = json.loads(manifest)       # rank 0's files dropped from the manifest (and from disk)
+    fileless["ranks"][0]["files"] = {}
+    (out / "manifest.json").write_text(json.dumps(fileless))
+    assert "rank 0 tensor embed.weight is in none of the rank's files" in _cli_error(["verify", str(out)], capsys)
+    for cut in ("config", "world_size"):
+        short = json.loads(manifest)
+        del short[cut]
+        (out / "manifest.json").write_text(json.dumps(short))
+        assert f"manifest.json: the manifest needs '{cut}' as a JSON" in _cli_error(["verify", str(out)], capsys)
+    short = json.loads(manifest)
+    del next(iter(short["ranks"][1]["files"].values()))["sha256"]
+    (out / "manifest.json").write_text(json.dumps(short))
+    assert "manifest.json: ranks[1] file rank-00001/" in _cli_error(["verify", str(out)], capsys)
     (out / "manifest.json").write_text(manifest)
     victim = out / "rank-00001" / "model-00003-of-00006.safetensors"
     data = bytearray(victim.read_bytes())
@@ -171,6 +184,9 @@ def test_verify_against_other_source(tiny_ckpt, tmp_path, capsys):
     _convert(tiny_ckpt, out, tp=2, ep=1)
     err = _cli_error(["verify", str(out), "--against", str(other)], capsys)
     assert "tensor embed.weight differs from source embed.weight slice [0, 0, 512] after the keep cast" in err
+    write_synthetic(tmp_path / "smaller", ModelConfig.preset("tiny", n_layers=2), seed=0)
+    err = _cli_error(["verify", str(out), "--against", str(tmp_path / "smaller")], capsys)
+    assert f"smaller/config.json: describes another model than the source {out} was converted from" in err
 
 
 def test_plan_disagreeing_with_checkpoint(tiny_ckpt, tmp_path, capsys):

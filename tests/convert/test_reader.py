@@ -102,8 +102,15 @@ def test_gapped_data(ckpt_copy):
         _load(ckpt_copy)
 
 
+
+def test_trailing_bytes(ckpt_copy):
+    with open(ckpt_copy / SHARD, "ab") as f:
+        f.write(bytes(64))
+    with pytest.raises(ConvertError, match=f"{SHARD}: 64 bytes after the last tensor"):
+        _load(ckpt_copy)
+
 def test_tensor_missing(ckpt_copy):
-    _edit_header(ckpt_copy / SHARD, lambda h: _drop(h, "layers.0.ffn.gate.tid2eid"))
+    _drop(ckpt_copy / SHARD, "layers.0.ffn.gate.tid2eid")
     index = _index(ckpt_copy)
     index["weight_map"].pop("layers.0.ffn.gate.tid2eid")
     _set_index(ckpt_copy, index)
@@ -111,12 +118,18 @@ def test_tensor_missing(ckpt_copy):
         _load(ckpt_copy)
 
 
-def _drop(header, name):
-    """Remove `name` from a header, shifting later tensors' offsets down over its bytes."""
+def _drop(file, name):
+    """Remove tensor `name` from a safetensors file: its header entry and its bytes, later tensors moved down."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
     b, e = header.pop(name)["data_offsets"]
     for k, v in header.items():
         if k != "__metadata__" and v["data_offsets"][0] >= e:
             v["data_offsets"] = [v["data_offsets"][0] - (e - b), v["data_offsets"][1] - (e - b)]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    file.write_bytes(struct.pack("<Q", len(new)) + new + data[:b] + data[e:])
 
 
 def test_shape_disagrees_with_config(ckpt_copy):
