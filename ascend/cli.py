@@ -41,7 +41,7 @@ class LazyGroup(click.Group):
 
 
 def device_option(f):
-    """`--device auto|npu|cuda|cpu`, defaulting to $ASCEND_DEVICE or auto (shared by every command)."""
+    """`--device auto|npu|cuda|cpu`, defaulting to $ASCEND_DEVICE or auto (the commands that touch a device)."""
     return click.option(
         "--device", "device", type=click.Choice(["auto", "npu", "cuda", "cpu"]),
         default=lambda: os.environ.get("ASCEND_DEVICE", "auto"), show_default="$ASCEND_DEVICE or auto",
@@ -72,6 +72,12 @@ def run_command(command: click.Command, argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except AscendDeployError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        # a path the user named that cannot be read or written (missing folder, permissions, full disk); the
+        # commands that write much write to temporary names first, so nothing half-written looks complete
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

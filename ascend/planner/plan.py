@@ -13,6 +13,7 @@ plan.json (schema "ascend-deploy/plan", version 1) is documented in docs/planner
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,15 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write plan.json whole or not at all (a temporary name, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise PlanError(f"{path}: cannot write the plan ({e.strerror or e})") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
