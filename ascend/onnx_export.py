@@ -465,12 +465,17 @@ def export_onnx_command(preset, config_dir, layer_type, phase, batch, seq, conte
     from tqdm import tqdm
 
     config = export_config(preset, config_dir, quant_sim)
-    context = context or min(4096, config.max_seq_len)
-    seq = seq or (1 if phase == "decode" else context)
+    context = min(4096, config.max_seq_len) if context is None else context
+    seq = (1 if phase == "decode" else context) if seq is None else seq
     spec = ExportSpec(layer_type, phase, batch, seq, context)
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if unknown := sorted(set(chosen) - set(STAGES)):
         raise ExportError(f"--stages: unknown {unknown}, expected some of {', '.join(STAGES)}")
+    if not chosen:
+        raise ExportError(f"--stages {stages!r}: no stage named, expected some of {', '.join(STAGES)}")
+    if out_dir.is_dir() and (held := sorted(p.name for p in out_dir.iterdir())):
+        # an earlier export's graphs left beside this one's would read as part of it
+        raise ExportError(f"--out {out_dir}: not empty (holds {held[0]}); export into a new or empty directory")
     if dry_run:
         plan = {"spec": {**dataclasses.asdict(spec)}, "layer_id": layer_id_for(config, layer_type),
                 "files": [str(out_dir / f"{s}.onnx") for s in chosen

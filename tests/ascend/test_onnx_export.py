@@ -112,6 +112,18 @@ def test_cli_writes_graphs_and_manifest(tmp_path):
     assert manifest["graphs"]["attend"]["inputs"][0] == {"name": "q", "shape": [1, 1, 8, 128], "dtype": "float32"}
     for g in manifest["graphs"].values():
         onnx.checker.check_model(onnx.load(str(tmp_path / g["file"])), full_check=True)
+    again = CliRunner().invoke(export_onnx_command, ["--preset", "tiny", "--layer-type", "csa", "--phase", "decode",
+                                                     "--out", str(tmp_path)])
+    assert again.exit_code != 0 and f"--out {tmp_path}: not empty (holds attend.onnx)" in str(again.exception)
+
+
+@pytest.mark.parametrize("args, match", [(["--context", "0"], "expected positive"),
+                                         (["--stages", " , "], "no stage named")])
+def test_bad_options_are_refused(tmp_path, args, match):
+    result = CliRunner().invoke(export_onnx_command, ["--preset", "tiny", "--layer-type", "window", "--phase",
+                                                      "decode", "--out", str(tmp_path / "o"), *args])
+    assert isinstance(result.exception, ExportError) and match in str(result.exception)
+    assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_writes_nothing(tmp_path):
