@@ -304,9 +304,11 @@ def _prepare(out: Path, ident: dict, resume: bool) -> None:
         except (OSError, ValueError):
             raise ConvertError(f"{out}: holds files but no readable {JOB}; "
                                f"it is not an interrupted conversion") from None
+        if not isinstance(previous, dict):
+            raise ConvertError(f"{job}: expected a JSON object; it is not an interrupted conversion")
         if previous != ident:
-            diff = next(k for k in ident if previous.get(k) != ident[k])
-            raise ConvertError(f"{out}: --resume of a different job ({diff} differs from the interrupted run)")
+            diff = [k for k in ident if previous.get(k) != ident[k]] + sorted(set(previous) - set(ident))
+            raise ConvertError(f"{out}: --resume of a different job ({diff[0]} differs from the interrupted run)")
         for p in out.rglob(".*.partial"):
             p.unlink()
         return

@@ -37,6 +37,8 @@ SCHEMA = 1
 def read_manifest(out: str | Path) -> dict:
     """The manifest of a finished conversion, or a ConvertError saying why there is none."""
     path = Path(out) / MANIFEST
+    if not Path(out).is_dir():
+        raise ConvertError(f"{out}: no such directory (expected the --out of an ascend convert)")
     if not path.is_file():
         raise ConvertError(f"{path}: missing; the conversion in {out} is incomplete (rerun convert with --resume)")
     try:

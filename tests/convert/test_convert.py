@@ -174,6 +174,7 @@ def test_verify_detects_damage(tiny_ckpt, tmp_path, capsys):
     assert "rank-00001/model-00003-of-00006.safetensors: sha256/size differ" in _cli_error(["verify", str(out)], capsys)
     (out / "manifest.json").unlink()
     assert "incomplete" in _cli_error(["verify", str(out)], capsys)
+    assert f"{tmp_path / 'nope'}: no such directory" in _cli_error(["verify", str(tmp_path / "nope")], capsys)
 
 
 def test_verify_against_other_source(tiny_ckpt, tmp_path, capsys):
@@ -280,6 +281,12 @@ def test_kill_and_resume_is_byte_identical(tiny_ckpt, tmp_path, kill_after, unin
         _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2)
     with pytest.raises(ConvertError, match="--resume of a different job \\(weights differs"):
         _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2, weights="bf16", resume=True)
+    job = (out / ".convert-job.json").read_text()
+    for odd, match in (({**json.loads(job), "extra": 1}, "different job \\(extra differs"), ([1], "a JSON object")):
+        (out / ".convert-job.json").write_text(json.dumps(odd))
+        with pytest.raises(ConvertError, match=match):
+            _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2, resume=True)
+    (out / ".convert-job.json").write_text(job)
     _convert(tiny_ckpt, out, tp=2, ep=2, redundant=2, resume=True)
     assert _files(out) == uninterrupted
     verify(out, against=tiny_ckpt)
