@@ -37,6 +37,16 @@ from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
 
 
+def positive(kind: type):
+    """An argparse type: `kind` (int or float) above 0."""
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text}: expected a positive number")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ascend.serve", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="converted checkpoint directory (ascend convert --out)")
@@ -49,11 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--interactive", action="store_true", help="chat on stdin (/exit, /clear, /tool RESULT)")
     p.add_argument("--system", help="system prompt for --prompt and --interactive")
     p.add_argument("--mode", default="chat", choices=["chat", "thinking"], help="V4 chat or thinking mode")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=4096, help="context length to allocate per sequence (with captured "
+    p.add_argument("--max-new-tokens", type=positive(int), default=128)
+    p.add_argument("--max-len", type=positive(int), default=4096, help="context length to allocate per sequence (with captured "
                    "all-to-all decode: allocated for --max-batch sequences at start)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per batch on one data-parallel group")
-    p.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
+    p.add_argument("--max-batch", type=positive(int), default=8, help="requests per batch on one data-parallel group")
+    p.add_argument("--prefill-chunk", type=positive(int), help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="<= 0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -74,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
     p.add_argument("--save", type=Path, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
-    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    p.add_argument("--dist-timeout", type=positive(float), default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
     return p.parse_args(argv)
 

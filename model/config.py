@@ -231,7 +231,10 @@ class ModelConfig:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{origin}: unknown model config fields {sorted(unknown)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {str(e).removeprefix('model config: ')}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config as the official HF `config.json` content (MTP layers appended to compress_ratios as 0)."""

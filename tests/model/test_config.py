@@ -94,6 +94,12 @@ def test_missing_shape_fields_are_named_not_defaulted(tmp_path, drop, named):
     with pytest.raises(ConfigError, match="^config: missing window_size "):
         ModelConfig.from_hf(args)
 
+
+def test_invalid_values_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.preset("tiny").to_hf_dict(), "n_routed_experts": "8"}))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: n_routed_experts = '8', expected a positive"):
+        ModelConfig.from_hf(tmp_path)
+
 def test_tiny_keeps_every_structural_feature():
     t = ModelConfig.preset("tiny")
     assert {0, 4, 128} <= set(t.compress_ratios)
