@@ -76,15 +76,20 @@ def _tensors(group: list[TensorSpec], cfg: ModelConfig, seed: int):
 
 
 def write_synthetic(out: str | Path, cfg: ModelConfig, seed: int = 0, hf_names: bool = False,
-                    progress: bool = False) -> dict:
-    """Write a synthetic checkpoint for `cfg` into the new or empty directory `out`; returns a summary."""
+                    progress: bool = False, dry_run: bool = False) -> dict:
+    """Write a synthetic checkpoint for `cfg` into the new or empty directory `out`; returns a summary (`dry_run`:
+    the summary of what would be written, nothing written)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: output directory is not empty; synth writes into a new or empty directory")
-    out.mkdir(parents=True, exist_ok=True)
-    key = to_hf if hf_names else (lambda n: n)
     groups = expected_groups(cfg)
     total = sum(s.nbytes for g in groups for s in g)
+    summary = {"out": str(out), "files": len(groups), "tensors": sum(len(g) for g in groups), "bytes": total,
+               "names": "hf" if hf_names else "official", "seed": seed}
+    if dry_run:
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    key = to_hf if hf_names else (lambda n: n)
     weight_map: dict[str, str] = {}
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", disable=not progress) as bar:
         for i, group in enumerate(groups):
@@ -99,8 +104,7 @@ def write_synthetic(out: str | Path, cfg: ModelConfig, seed: int = 0, hf_names: 
     write_json_atomic(out / "config.json", cfg.to_hf_dict())
     from model.tokenizer import write_synthetic_tokenizer
     write_synthetic_tokenizer(out, cfg.vocab_size)
-    return {"out": str(out), "files": len(groups), "tensors": len(weight_map), "bytes": total,
-            "names": "hf" if hf_names else "official", "seed": seed}
+    return summary
 
 
 @click.command("synth")
@@ -110,8 +114,9 @@ def write_synthetic(out: str | Path, cfg: ModelConfig, seed: int = 0, hf_names: 
 @click.option("--hf-names", is_flag=True, help="Use HF-style tensor names (model.layers.N.self_attn...).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="New or empty directory.")
+@click.option("--dry-run", is_flag=True, help="Print what would be written (flash / pro: the full size), write nothing.")
 @json_option
-def synth_command(preset, layers, experts, hf_names, seed, out, as_json):
+def synth_command(preset, layers, experts, hf_names, seed, out, dry_run, as_json):
     """Write a synthetic checkpoint in the published DeepSeek-V4 layout."""
     overrides = {}
     if layers is not None:
@@ -119,9 +124,9 @@ def synth_command(preset, layers, experts, hf_names, seed, out, as_json):
     if experts is not None:
         overrides["n_routed_experts"] = experts
     cfg = ModelConfig.preset(preset, **overrides)
-    summary = write_synthetic(out, cfg, seed=seed, hf_names=hf_names, progress=not as_json)
+    summary = write_synthetic(out, cfg, seed=seed, hf_names=hf_names, progress=not as_json, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
-        click.echo(f"wrote {summary['tensors']} tensors, {summary['bytes'] / 2**30:.2f} GiB in {summary['files']} "
-                   f"shards to {out}")
+        click.echo(f"{'would write' if dry_run else 'wrote'} {summary['tensors']} tensors, "
+                   f"{summary['bytes'] / 2**30:.2f} GiB in {summary['files']} shards to {out}")

@@ -72,3 +72,11 @@ def test_cli(tmp_path, capsys):
     assert (cfg.n_layers, cfg.n_routed_experts) == (2, 4)
     with safe_open(str(tmp_path / "s" / "model-00002-of-00004.safetensors"), "pt") as f:
         assert "layers.0.ffn.experts.3.w1.weight" in f.keys()
+
+
+def test_dry_run_counts_the_published_checkpoint_and_writes_nothing(tmp_path, capsys):
+    """deepseek-v4.md §1: V4-Flash on disk is 69,187 tensors, 159.6 GB."""
+    main(["synth", "--preset", "flash", "--out", str(tmp_path / "f"), "--dry-run", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tensors"] == 69187 and round(summary["bytes"] / 1e9, 1) == 159.6
+    assert not (tmp_path / "f").exists()
