@@ -47,6 +47,13 @@ def positive(kind: type):
     return parse
 
 
+def existing_file(text: str) -> Path:
+    """An argparse type: a path to a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return Path(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ascend.serve", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="converted checkpoint directory (ascend convert --out)")
@@ -54,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its directory (default: --ckpt)")
     p.add_argument("--device", default=os.environ.get("ASCEND_DEVICE", "auto"), choices=["auto", "npu", "cuda", "cpu"])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", type=Path, help="requests: .jsonl (chat messages per line) or text (a prompt per line)")
+    src.add_argument("--input", type=existing_file, help="requests: .jsonl (chat messages per line) or text (a prompt per line)")
     src.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
     src.add_argument("--interactive", action="store_true", help="chat on stdin (/exit, /clear, /tool RESULT)")
     p.add_argument("--system", help="system prompt for --prompt and --interactive")

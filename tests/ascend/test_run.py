@@ -32,11 +32,22 @@ def _ckpt(tmp_path, world):
 
 
 def test_dry_run_prints_the_command_with_forwarded_options(tmp_path, capsys):
+    requests = tmp_path / "p.jsonl"
+    requests.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     main(["run", "--ckpt", _ckpt(tmp_path, 4), "--nproc", "2", "--nnodes", "2", "--master-addr", "h",
-          "--dry-run", "--device", "cpu", "--input", "p.jsonl", "--max-new-tokens", "5"])
+          "--dry-run", "--device", "cpu", "--input", str(requests), "--max-new-tokens", "5"])
     cmd = shlex.split(capsys.readouterr().out.strip())
-    assert cmd[cmd.index("--ckpt"):] == ["--ckpt", str(tmp_path), "--device", "cpu", "--input", "p.jsonl",
+    assert cmd[cmd.index("--ckpt"):] == ["--ckpt", str(tmp_path), "--device", "cpu", "--input", str(requests),
                                          "--max-new-tokens", "5"]
+
+
+@pytest.mark.parametrize("option, message", [(["--input", "missing.jsonl"], "missing.jsonl: no such file"),
+                                             (["--max-new-tokens", "0"], "0: expected a positive number"),
+                                             (["--no-such-option"], "unrecognized arguments")])
+def test_bad_launch_options_are_refused_before_any_rank_starts(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", _ckpt(tmp_path, 2), "--nproc", "2", *option])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_world_mismatch_is_refused_before_launch(tmp_path, capsys):
