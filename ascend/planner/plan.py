@@ -162,6 +162,8 @@ class Plan:
                 balance=dict(d.get("balance") or {}), candidates=list(d.get("candidates") or []))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{source}: malformed plan ({type(e).__name__}: {e})") from None
+        except PlanError as e:      # the layout's own checks, said of this file
+            raise PlanError(f"{source}: {str(e).removeprefix('plan: ')}") from None
         # the redundant views must agree with phy2log
         cnt, l2p = plan.logcnt, plan.log2phy
         for i, layer in enumerate(layers):

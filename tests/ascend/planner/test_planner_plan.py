@@ -70,7 +70,7 @@ def test_plan_load_rejects_bad_files(tiny, tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(bad))
         with pytest.raises(PlanError) as e:
             Plan.load(tmp_path / f"{name}.json")
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{tmp_path / name}.json: ")
     with pytest.raises(PlanError, match="cannot read"):
         Plan.load(tmp_path / "absent.json")
 
