@@ -272,7 +272,7 @@ def _until(text: str, pos: int, stops: tuple[str, ...]) -> tuple[str, str | None
     return text[pos:at], stop, at + len(stop)
 
 
-_NAME_RE = re.compile(r'\s*name="(.*?)">\n', re.DOTALL)
+_NAME_RE = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)   # "\n\n": a call without parameters
 _PARAM_RE = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<', re.DOTALL)
 
 
@@ -300,6 +300,12 @@ def _parse_tool_calls(text: str, pos: int) -> tuple[list[dict], str | None, int]
             key, is_string, value = param.groups()
             if key in args:
                 raise ChatFormatError(f"tool calls: parameter {key!r} given twice")
+            if is_string == "false":
+                try:
+                    json.loads(value)
+                except json.JSONDecodeError:
+                    raise ChatFormatError(f"tool calls: parameter {key!r} is marked string=\"false\" but is not "
+                                          f"JSON: {value!r}") from None
             args[key] = _json(value) if is_string == "true" else value
             gap, stop, pos = _until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE[:-1]))
             if gap != ">\n":

@@ -54,14 +54,15 @@ def test_tools_keep_reasoning_and_results_follow_call_order():
 def test_dsml_round_trip_through_tokenizer(tmp_path):
     """Assistant turn with tool calls -> text -> ids -> text -> parsed calls, equal as JSON."""
     tok = load_tokenizer(write_synthetic_tokenizer(tmp_path, 512))
+    calls = CALLS + [{"id": "c", "type": "function", "function": {"name": "now", "arguments": "{}"}}]   # no parameters
     rendered = chat.encode_messages([{"role": "user", "content": "q"},
                                      {"role": "assistant", "content": "Checking.", "reasoning_content": "plan",
-                                      "tool_calls": CALLS}], "thinking", drop_thinking=False)
+                                      "tool_calls": calls}], "thinking", drop_thinking=False)
     completion = rendered.split(f"{A}<think>", 1)[1]
     parsed = chat.parse_completion(tok.decode(tok.encode(completion)), "thinking")
     assert parsed["content"] == "Checking." and parsed["reasoning_content"] == "plan"
     args = [json.loads(c["function"]["arguments"]) for c in parsed["tool_calls"]]
-    assert args == [{"city": "Paris", "days": 3}, {"city": "Rome", "ok": True}]
+    assert args == [{"city": "Paris", "days": 3}, {"city": "Rome", "ok": True}, {}]
     # ...and the parsed message re-encodes to the same text: results can be fed back verbatim
     again = chat.encode_messages([{"role": "user", "content": "q"}, parsed], "thinking", drop_thinking=False)
     assert again == rendered
@@ -71,6 +72,8 @@ def test_dsml_round_trip_through_tokenizer(tmp_path):
     ("no end", "end-of-sentence"),
     (f"x\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"a\" string=\"maybe\">1</{D}parameter>\n"
      f"</{D}invoke>\n</{D}tool_calls>{E}", "malformed parameter"),
+    (f"x\n\n<{D}tool_calls>\n<{D}invoke name=\"f\">\n<{D}parameter name=\"k\" string=\"false\">abc</{D}parameter>\n"
+     f"</{D}invoke>\n</{D}tool_calls>{E}", "'k' is marked string=\"false\" but is not JSON"),
     (f"x\n\n<{D}tool_calls>\n</{D}tool_calls>trailing{E}", "after the tool calls"),
     (f"a</think>b{E}", "special token"),
 ])
