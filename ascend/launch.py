@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ascend.errors import AscendDeployError
 from model.chat import ChatFormatError, encode_messages, parse_completion
 from model.generate import Sampler, SamplingParams
-from model.tokenizer import Tokenizer
+from model.tokenizer import EOS, Tokenizer
 
 
 class LaunchError(AscendDeployError):
@@ -68,7 +68,14 @@ def _request_from_json(obj: Any, where: str, default_mode: str) -> Request:
     max_new = obj.get("max_new_tokens")
     if max_new is not None and (not isinstance(max_new, int) or max_new < 1):
         raise LaunchError(f"{where}: \"max_new_tokens\" is {max_new!r}, expected a positive integer")
-    return Request(str(obj.get("id", "")), obj["messages"], obj.get("tools"), mode, max_new)
+    request = Request(str(obj.get("id", "")), obj["messages"], obj.get("tools"), mode, max_new)
+    try:  # the chat template is what reads the messages: a request it cannot render is refused here, by line
+        request.prompt()
+    except ChatFormatError as e:
+        raise LaunchError(f"{where}: {e}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise LaunchError(f"{where}: messages or tools not in the OpenAI chat format ({type(e).__name__}: {e})") from None
+    return request
 
 
 def read_requests(path: str | Path, mode: str = "chat") -> list[Request]:
@@ -168,9 +175,13 @@ class Completion:
         return len(self.tokens) / self.total_s if self.total_s > 0 else 0.0
 
     def message(self) -> dict:
-        """The reply parsed as a V4 assistant message (tool calls as OpenAI JSON), or why it does not parse."""
+        """The reply parsed as a V4 assistant message (tool calls as OpenAI JSON), or why it does not parse. A
+        reply ended by a stop string or stop token is complete as it stands, as if EOS followed."""
+        text = self.text
+        if self.finish_reason == "stop" and not text.endswith(EOS):
+            text += EOS
         try:
-            return parse_completion(self.text, self.request.mode)
+            return parse_completion(text, self.request.mode)
         except ChatFormatError as e:
             return {"role": "assistant", "content": None, "parse_error": str(e)}
 
@@ -284,12 +295,14 @@ class Detokenizer:
 def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: SamplingParams,
              max_new_tokens: int, max_len: int, stop: Iterable[str] = (), lockstep: Lockstep | None = None,
              idle: Session | None = None, on_text: Callable[[int, str], None] | None = None,
-             keep_logits: bool = False) -> list[Completion]:
+             keep_logits: bool = False, arrived: float | None = None) -> list[Completion]:
     """Generate for one batch of requests: prefill all prompts at once, then one token per step.
 
     A request ends at EOS, at a stop string or token, or after its max new tokens. `on_text(i, delta)`
     receives request i's text as it grows (only whole characters). With `lockstep.world`, the loop keeps
-    stepping `idle` after this batch is done while any other rank still generates.
+    stepping `idle` after this batch is done while any other rank still generates. Times count from `arrived`
+    (`time.perf_counter()` when the requests were submitted; default now), so a batch that waited behind others
+    reports that wait in its TTFT.
     """
     lockstep = lockstep or Lockstep()
     stop = [s for s in stop if s]  # matched in the text too: a vocabulary entry can also arrive inside longer tokens
@@ -308,7 +321,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     sampler = Sampler(sampling)
     eos_text = tokenizer.decode([tokenizer.eos_id])
     hold = max(map(len, stop), default=1) - 1  # a stop string may be arriving: do not stream its start yet
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if arrived is None else arrived
     logits = session.prefill(prompts, longest)
     while True:
         nxt = lockstep.same_tokens(sampler(logits))

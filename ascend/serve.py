@@ -142,6 +142,7 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
         raise LaunchError(f"--top-p {args.top_p} / --top-k {args.top_k}: expected 0 < top-p <= 1 and top-k >= 0")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed + mesh.dp_rank)
+    arrived = time.perf_counter()     # every request is submitted at once: TTFT includes waiting for a batch
     index = {id(r): i for i, r in enumerate(requests)}
     batches = split_for_dp(requests, mesh.dp_size, mesh.dp_rank, args.max_batch)
     rounds = max(len(split_for_dp(requests, mesh.dp_size, d, args.max_batch)) for d in range(mesh.dp_size))
@@ -155,7 +156,7 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
         on_text = (lambda i, delta: print(delta, end="", flush=True)) if show else None
         maybe_fail(args, mesh.rank, "generate")
         out = generate(session, tokenizer, batch, sampling, args.max_new_tokens, args.max_len, args.stop, lockstep,
-                       idle, on_text, keep_logits=args.dump_logits)
+                       idle, on_text, keep_logits=args.dump_logits, arrived=arrived)
         if show:
             print()
         done += [(index[id(c.request)], c.to_dict()) for c in out]

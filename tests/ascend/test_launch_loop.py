@@ -1,6 +1,7 @@
 """ascend/launch.py: request files, the generation loop (with a toy model), dp split. Named apart from tests/scripts/test_launch.py (pytest needs unique basenames)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -108,9 +109,19 @@ def test_request_files(tmp_path):
     txt.write_text("first\nsecond\n")
     assert [r.messages[0]["content"] for r in launch.read_requests(txt)] == ["first", "second"]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\n')
-    with pytest.raises(launch.LaunchError, match="bad.jsonl:1"):
-        launch.read_requests(bad)
+    for line, match in (({"messages": []}, "non-empty"), ({"messages": [{"role": "user", "content": 5}]}, "TypeError"),
+                        ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role"),
+                        ({"messages": [{"role": "user", "content": "q"}], "tools": [{"name": "x"}]}, "KeyError")):
+        bad.write_text('{"messages": [{"role": "user", "content": "ok"}]}\n' + json.dumps(line) + "\n")
+        with pytest.raises(launch.LaunchError, match=f"bad.jsonl:2: .*{match}"):
+            launch.read_requests(bad)
+
+
+def test_ttft_counts_from_submission(tok):
+    req = launch.Request("a", [{"role": "user", "content": "hello"}])
+    [c] = launch.generate(ToySession(tok.vocab_size), tok, [req], SamplingParams(), 3, 128,
+                          arrived=time.perf_counter() - 5.0)       # submitted 5 s ago, behind another batch
+    assert c.ttft_s >= 5.0 and c.total_s >= c.ttft_s and c.tpot_s < 1.0
 
 
 def test_dp_split_round_robin():
@@ -128,6 +139,9 @@ def test_completion_with_tool_calls_parses_to_openai_json():
     assert msg["content"] == "Checking." and msg["tool_calls"] == calls
     cut = launch.Completion(c.request, 5, tokens=[1], text=text[:-10], finish_reason="length")
     assert "parse_error" in cut.to_dict()["message"]
+    # ended by a stop string (no EOS): the reply is complete as it stands
+    stopped = launch.Completion(c.request, 5, tokens=[1], text="Paris is warm", finish_reason="stop")
+    assert stopped.to_dict()["message"]["content"] == "Paris is warm"
 
 
 def test_cache_session_graph_decode_equals_eager():
