@@ -85,8 +85,11 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
         raise RunError(f"{ckpt}: converted for {world} ranks, but --nnodes {nnodes} x --nproc {nproc} = "
                        f"{nproc * nnodes}; re-plan and convert, or launch {world} processes")
     launch_args = ("--device", device, *(("--json",) if as_json else ()), *ctx.args)
+    from ascend.launch import read_requests
     from ascend.serve import parse_args
-    parse_args(["--ckpt", str(ckpt), *launch_args])   # a bad launch option fails here (exit 2), before any rank starts
+    served = parse_args(["--ckpt", str(ckpt), *launch_args])   # a bad option or request file fails here (exit 2),
+    if served.input:                                           # not after every rank has started
+        read_requests(served.input, served.mode)
     cmd = torchrun_command(ckpt, nproc, nnodes, node_rank, master_addr, master_port, launch_args)
     if dry_run:
         click.echo(json.dumps({"command": cmd}) if as_json else shlex.join(cmd))

@@ -20,7 +20,9 @@ collective timeout (--dist-timeout) is the backstop when no launcher watches the
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -37,21 +39,22 @@ from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
 
 
-def positive(kind: type):
-    """An argparse type: `kind` (int or float) above 0."""
+def checked(kind, ok, expected: str):
+    """An argparse type: `kind(text)` for which `ok` holds, else argparse's error naming the option and `expected`."""
     def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text}: expected a positive number")
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
         return value
     return parse
 
 
-def existing_file(text: str) -> Path:
-    """An argparse type: a path to a file that exists."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return Path(text)
+positive = checked(int, lambda v: v > 0, "a positive number")
+existing_file = checked(Path, Path.is_file, "an existing file")
+new_file = checked(Path, lambda p: p.parent.is_dir() and not p.is_dir(), "a file path in an existing directory")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,14 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--interactive", action="store_true", help="chat on stdin (/exit, /clear, /tool RESULT)")
     p.add_argument("--system", help="system prompt for --prompt and --interactive")
     p.add_argument("--mode", default="chat", choices=["chat", "thinking"], help="V4 chat or thinking mode")
-    p.add_argument("--max-new-tokens", type=positive(int), default=128)
-    p.add_argument("--max-len", type=positive(int), default=4096, help="context length to allocate per sequence (with captured "
+    p.add_argument("--max-new-tokens", type=positive, default=128)
+    p.add_argument("--max-len", type=positive, default=4096, help="context length to allocate per sequence (with captured "
                    "all-to-all decode: allocated for --max-batch sequences at start)")
-    p.add_argument("--max-batch", type=positive(int), default=8, help="requests per batch on one data-parallel group")
-    p.add_argument("--prefill-chunk", type=positive(int), help="prefill long prompts in chunks of this many tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="<= 0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-batch", type=positive, default=8, help="requests per batch on one data-parallel group")
+    p.add_argument("--prefill-chunk", type=positive, help="prefill long prompts in chunks of this many tokens")
+    p.add_argument("--temperature", type=checked(float, math.isfinite, "a finite number"), default=0.0,
+                   help="<= 0: greedy")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0)
+    p.add_argument("--top-k", type=checked(int, lambda v: v >= 0, "an integer >= 0 (0: off)"), default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string or special token (repeatable)")
     p.add_argument("--moe-exchange", choices=["auto", "alltoall", "allgather", "allreduce"], default="auto",
@@ -89,9 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "bucket at start, then fewer, fused kernels per token)")
     p.add_argument("--no-stream", action="store_true", help="print each reply when complete")
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
-    p.add_argument("--save", type=Path, help="also write that JSON document to this file")
+    p.add_argument("--save", type=new_file, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
-    p.add_argument("--dist-timeout", type=positive(float), default=300.0, help="seconds before a stuck collective fails")
+    p.add_argument("--dist-timeout", type=checked(float, lambda v: 0 < v < math.inf, "a positive number"),
+                   default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
     return p.parse_args(argv)
 
@@ -106,13 +111,22 @@ def maybe_fail(args: argparse.Namespace, rank: int, stage: str) -> None:
         raise RuntimeError(f"injected failure at {stage}")
 
 
-def share(obj, rank: int):
-    """Rank 0's object on every rank."""
+def share(obj, rank: int, group=None):
+    """Rank 0's object on every rank (of `group`, default all)."""
     if not dist.is_initialized():
         return obj
     box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def read_line(prompt: str) -> str:
+    """A line from stdin; the end of input ends the chat like /exit."""
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return "/exit"
 
 
 def gather_results(completions: list[tuple[int, dict]], mesh) -> list[dict]:
@@ -138,8 +152,6 @@ def print_table(results: list[dict], total: dict) -> None:
 
 def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request], lockstep, stream: bool) -> list[dict]:
     """All requests over the data-parallel groups; returns (on rank 0) every result in request order."""
-    if not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise LaunchError(f"--top-p {args.top_p} / --top-k {args.top_k}: expected 0 < top-p <= 1 and top-k >= 0")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed + mesh.dp_rank)
     arrived = time.perf_counter()     # every request is submitted at once: TTFT includes waiting for a batch
@@ -169,8 +181,11 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
 def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
     """A chat on rank 0's stdin; every rank follows the same conversation (dp group 0 serves it)."""
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    # the other ranks wait for the user's next line here: on a group of their own with no practical timeout, as
+    # --dist-timeout (a stuck collective's bound) must not end a chat whose user is thinking
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if dist.is_initialized() else None
     while True:
-        line = share(input(">>> ") if mesh.rank == 0 else None, mesh.rank)
+        line = share(read_line(">>> ") if mesh.rank == 0 else None, mesh.rank, waiting)
         if line == "/exit":
             return
         if line == "/clear":
@@ -180,8 +195,15 @@ def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
             messages.append({"role": "tool", "content": line[len("/tool "):]})
         else:
             messages.append({"role": "user", "content": line})
-        results = serve_batches(args, mesh, session, idle, tokenizer, [Request("chat", list(messages), mode=args.mode)],
-                                lockstep, stream=True)
+        request = Request("chat", list(messages), mode=args.mode)
+        # a conversation outgrowing --max-len is told so and kept (rank 0 decides for all: no rank may fail alone)
+        length = share(len(tokenizer.encode(request.prompt())) if mesh.rank == 0 else None, mesh.rank)
+        if length + args.max_new_tokens > args.max_len:
+            log(mesh.rank, f"(the conversation, {length} tokens plus --max-new-tokens {args.max_new_tokens}, exceeds "
+                           f"--max-len {args.max_len}: /clear to start over; that line was not sent)")
+            messages.pop()
+            continue
+        results = serve_batches(args, mesh, session, idle, tokenizer, [request], lockstep, stream=True)
         # the parsed reply, and its tokens for the plain-text fallback (not the whole result: it may hold logits)
         reply, tokens = share((results[0]["message"], results[0]["tokens"]) if mesh.rank == 0 else None, mesh.rank)
         if reply.get("tool_calls") and mesh.rank == 0:
@@ -206,13 +228,16 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
                     [Request(str(i), ([{"role": "system", "content": args.system}] if args.system else [])
                              + [{"role": "user", "content": p}], mode=args.mode)
                      for i, p in enumerate(args.prompt or ["Hello! Who are you?"])])
+    tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
+    if tokenizer.vocab_size > checked.config.vocab_size:
+        raise LaunchError(f"{args.tokenizer or args.ckpt}: the tokenizer has {tokenizer.vocab_size} ids, the model's "
+                          f"vocabulary {checked.config.vocab_size}; give the checkpoint's own tokenizer.json")
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
     session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk,
                                             graphs=False if args.no_graph else True if args.graph else None,
                                             compile=args.compile,
                                             max_batch=args.max_batch, max_len=args.max_len)
-    tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     if mesh.distributed:  # everyone loaded: a failed load has ended its rank (and the job) before this
         dist.barrier()
     log(env.rank, f"[launch] rank shards loaded in {time.perf_counter() - t0:.1f} s on "
@@ -233,12 +258,12 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
             doc = {"world_size": env.world_size, "dp": plan.dp, "tp": plan.tp, "ep": plan.ep,
                    "redundant_experts": plan.redundant, "expert_exchange": exchange,
                    "results": results, "summary": total}
-            if args.save:
-                args.save.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
             if args.json:
                 print(json.dumps(doc, ensure_ascii=False))
             else:
                 print_table(results, total)
+            if args.save:       # after printing: a failed write does not lose what the run produced
+                args.save.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
     shut_down(mesh, captured_collectives=mesh.distributed and session.graphs is not None)
     return 0
 

@@ -41,13 +41,20 @@ def test_dry_run_prints_the_command_with_forwarded_options(tmp_path, capsys):
                                          "--max-new-tokens", "5"]
 
 
-@pytest.mark.parametrize("option, message", [(["--input", "missing.jsonl"], "missing.jsonl: no such file"),
+@pytest.mark.parametrize("option, message", [(["--input", "missing.jsonl"], "missing.jsonl: expected an existing file"),
                                              (["--max-new-tokens", "0"], "0: expected a positive number"),
                                              (["--no-such-option"], "unrecognized arguments")])
 def test_bad_launch_options_are_refused_before_any_rank_starts(tmp_path, capsys, option, message):
     with pytest.raises(SystemExit) as e:
         main(["run", "--ckpt", _ckpt(tmp_path, 2), "--nproc", "2", *option])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_request_file_is_refused_before_any_rank_starts(tmp_path, capsys):
+    (tmp_path / "r.jsonl").write_text('{"messages": [{"role": "user", "content": 5}]}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", _ckpt(tmp_path, 2), "--nproc", "2", "--input", str(tmp_path / "r.jsonl")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {tmp_path / 'r.jsonl'}:1: ")
 
 
 def test_world_mismatch_is_refused_before_launch(tmp_path, capsys):

@@ -1,16 +1,23 @@
-"""ascend/serve.py's options: sizes and timeouts must be positive (refused by argparse, exit 2, naming the option)."""
+"""ascend/serve.py's options: out-of-range sizes, sampling values and paths are refused by argparse (exit 2, naming
+the option), before any rank loads a weight."""
 
 import pytest
 
 from ascend.serve import parse_args
 
 
-@pytest.mark.parametrize("option, value", [("--max-new-tokens", "-1"), ("--max-len", "0"), ("--max-batch", "0"),
-                                           ("--prefill-chunk", "-8"), ("--dist-timeout", "0")])
-def test_non_positive_sizes_are_refused(capsys, option, value):
+@pytest.mark.parametrize("option, value, expected", [
+    ("--max-new-tokens", "-1", "a positive number"), ("--max-len", "0", "a positive number"),
+    ("--max-batch", "0", "a positive number"), ("--prefill-chunk", "-8", "a positive number"),
+    ("--dist-timeout", "0", "a positive number"), ("--dist-timeout", "inf", "a positive number"),
+    ("--temperature", "nan", "a finite number"), ("--top-p", "0", "a number in (0, 1]"),
+    ("--top-p", "1.5", "a number in (0, 1]"), ("--top-k", "-3", "an integer >= 0"),
+    ("--input", "missing.jsonl", "an existing file"), ("--save", "/no/such/dir/x.json", "a file path in an existing"),
+])
+def test_out_of_range_options_are_refused(capsys, option, value, expected):
     with pytest.raises(SystemExit) as e:
         parse_args(["--ckpt", "x", option, value])
-    assert e.value.code == 2 and f"argument {option}: {value}: expected a positive number" in capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}: {value}: expected {expected}" in capsys.readouterr().err
 
 
 def test_defaults_pass():

@@ -6,6 +6,7 @@ compared with the single-process run on the same requests.
 """
 
 import json
+import select
 import os
 import subprocess
 import sys
@@ -150,6 +151,42 @@ def test_interactive_chat_with_a_tool_result(work):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count(">>> ") == 3 and p.stderr.count("reply kept as plain text") == 2
 
+
+def test_interactive_two_ranks_outlive_the_collective_timeout_and_end_at_eof(work):
+    """2 ranks under torchrun: the user answers after longer than --dist-timeout (the other rank waits on its own
+    group), a line that would outgrow --max-len is refused and the chat goes on, and the end of input ends it."""
+    p = subprocess.Popen([sys.executable, "-m", "ascend.cli", "run", "--ckpt", str(work / "tp2ep2"), "--nproc", "2",
+                          "--device", "cpu", "--interactive", "--max-new-tokens", "2", "--max-len", "64",
+                          "--dist-timeout", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        seen = b""
+        while not seen.endswith(b">>> "):     # the first prompt: both ranks are loaded and waiting for the user
+            ready, _, _ = select.select([p.stdout], [], [], 120)
+            assert ready, "no prompt within 120 s"
+            seen += os.read(p.stdout.fileno(), 4096)
+        time.sleep(6)                          # longer than --dist-timeout
+        out, err = p.communicate(("hi\n" + "word " * 80 + "\n").encode(), timeout=120)    # then end of input
+    finally:
+        p.kill()
+    err = err.decode()
+    assert p.returncode == 0, err[-3000:]
+    assert "exceeds --max-len 64: /clear to start over" in err and (seen + out).count(b">>> ") == 3
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(work, tmp_path):
+    import tokenizers
+
+    from model.tokenizer import write_synthetic_tokenizer
+    big = write_synthetic_tokenizer(tmp_path, 1024)
+    grown = tokenizers.Tokenizer.from_file(str(big))
+    grown.add_tokens([f"extra{i}" for i in range(1024)])      # more ids than the tiny model's 1,024 embeddings
+    grown.save(str(big))
+    n_ids = grown.get_vocab_size(with_added_tokens=True)
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "launch.py"), "--ckpt", str(work / "1"), "--device",
+                        "cpu", "--tokenizer", str(big), "--prompt", "hi"], capture_output=True, text=True, timeout=60,
+                       cwd=REPO)
+    assert p.returncode == 2 and f"the tokenizer has {n_ids} ids, the model's vocabulary 1024" in p.stderr
 
 def test_shut_down_keeps_nccl_communicators_after_captured_collectives(monkeypatch):
     """Ranks meet at a barrier, then tear down their groups, except when captured graphs hold collectives (NCCL's
