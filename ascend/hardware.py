@@ -68,9 +68,11 @@ def _read(path: Path) -> dict[str, Any]:
         text = path.read_text()
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise HardwareError(f"{path}: cannot read hardware file ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or not ({"devices", "systems"} & set(data)):
-        raise HardwareError(f"{path}: expected a mapping with 'devices' and/or 'systems' (see docs/hardware.md)")
+        detail = " ".join(str(e).split())            # parser messages span lines; the error is one
+        raise HardwareError(f"{path}: cannot read hardware file ({type(e).__name__}: {detail})") from None
+    if not isinstance(data, dict) or not ({"devices", "systems", "limits"} & set(data)):
+        raise HardwareError(f"{path}: expected a mapping with 'devices', 'systems' and/or 'limits' "
+                            f"(see docs/hardware.md)")
     return data
 
 
@@ -81,9 +83,9 @@ def load_catalogue(extra: str | Path | None = None) -> dict[str, Any]:
         more = _read(Path(extra))
         for section in ("devices", "systems", "limits"):
             entries = more.get(section) or {}
-            if not isinstance(entries, dict):
-                raise HardwareError(f"{extra}: '{section}' must be a mapping of name -> entry")
-            data[section].update(entries)
+            if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+                raise HardwareError(f"{extra}: '{section}' must be a mapping of name -> entry (a mapping)")
+            data[section].update({str(name).lower(): e for name, e in entries.items()})   # names match any case
     return data
 
 
@@ -99,7 +101,7 @@ def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
     key = name.lower()
     if key in systems:
         system = systems[key]
-        device_name = system.get("device")
+        device_name = str(system.get("device", "")).lower()
         if device_name not in devices:
             raise HardwareError(f"hardware {name!r}: system names device {device_name!r}, expected one of "
                                 f"{sorted(devices)}")
@@ -118,14 +120,41 @@ def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
             raise HardwareError(f"hardware {name!r}: limits {limits!r}, expected one of {sorted(catalogue['limits'])}")
         limits = catalogue["limits"][limits]
     try:
-        return Hardware(
+        hw = Hardware(
             name=key, device=device_name, description=str(entry["description"]), soc=str(entry["soc"]),
             memory_gib=float(entry["memory_gib"]), memory_gbps=float(entry["memory_gbps"]),
             tflops={str(k): float(v) for k, v in entry["tflops"].items()},
-            native_dtypes=tuple(entry["native_dtypes"]), devices_per_node=int(entry["devices_per_node"]),
+            native_dtypes=tuple(entry["native_dtypes"]) if isinstance(entry["native_dtypes"], list) else entry["native_dtypes"], devices_per_node=int(entry["devices_per_node"]),
             intra_node_gbps=float(entry["intra_node_gbps"]), inter_node_gbps=float(entry["inter_node_gbps"]),
             max_nodes=int(entry["max_nodes"]) if entry.get("max_nodes") else None,
             reserve_gib=float(entry.get("reserve_gib", 2.0)),
             limits=dict(limits), estimates=tuple(entry.get("estimates", ())))
     except (TypeError, ValueError, AttributeError) as e:
         raise HardwareError(f"hardware {name!r}: malformed entry ({type(e).__name__}: {e})") from None
+    _check_ranges(hw, name)
+    return hw
+
+
+def _check_ranges(hw: Hardware, name: str) -> None:
+    """Refuse figures the cost model cannot use: it divides by every rate and subtracts the reserve."""
+    def need(ok: bool, field_: str, expected: str) -> None:
+        if not ok:
+            raise HardwareError(f"hardware {name!r}: {field_} = {getattr(hw, field_)!r}, expected {expected}")
+
+    for field_ in ("memory_gib", "memory_gbps", "intra_node_gbps", "inter_node_gbps"):
+        need(0 < getattr(hw, field_) < float("inf"), field_, "a positive number")
+    need(bool(hw.tflops) and all(0 < v < float("inf") for v in hw.tflops.values()), "tflops",
+         "a mapping of dtype -> positive TFLOPS")
+    need(isinstance(hw.native_dtypes, tuple) and bool(hw.native_dtypes)
+         and all(isinstance(d, str) for d in hw.native_dtypes), "native_dtypes", "a list of dtype names")
+    need(hw.devices_per_node >= 1, "devices_per_node", "a positive integer")
+    need(0 <= hw.reserve_gib < hw.memory_gib, "reserve_gib", f"in [0, memory_gib = {hw.memory_gib})")
+    need(hw.max_nodes is None or hw.max_nodes >= 1, "max_nodes", "a positive integer")
+    for key, value in hw.limits.items():
+        pair = key in ("dispatch_ep", "dispatch_hidden")
+        ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)) if pair else \
+             (isinstance(value, list) and all(isinstance(v, int) for v in value)) if key == "fia_heads_per_rank" else \
+             isinstance(value, int)
+        if not ok:
+            raise HardwareError(f"hardware {name!r}: limit {key} = {value!r}, expected "
+                                f"{'[low, high]' if pair else 'a list of integers' if key == 'fia_heads_per_rank' else 'an integer'}")

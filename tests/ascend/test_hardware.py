@@ -1,6 +1,7 @@
 """Hardware catalogue: every entry resolves, per-die 910C figures, user files, one-line errors."""
 
 import json
+import re
 
 import pytest
 
@@ -69,3 +70,36 @@ def test_user_file_adds_hardware(tmp_path):
     with pytest.raises(HardwareError, match="expected a mapping"):
         (tmp_path / "list.json").write_text("[1]")
         get_hardware("cpu", tmp_path / "list.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(memory_gbps=0), "memory_gbps = 0.0, expected a positive number"),
+    (dict(intra_node_gbps=-5), "intra_node_gbps = -5.0, expected a positive number"),
+    (dict(tflops={}), "tflops = {}, expected a mapping"),
+    (dict(tflops={"bf16": 0}), "tflops = {'bf16': 0.0}"),
+    (dict(native_dtypes="bf16"), "native_dtypes = 'bf16', expected a list"),
+    (dict(reserve_gib=-1), "reserve_gib = -1.0, expected in [0, memory_gib"),
+    (dict(limits={"dispatch_ep": 5}), "limit dispatch_ep = 5, expected [low, high]"),
+])
+def test_user_entries_outside_the_cost_models_range_are_refused(tmp_path, change, message):
+    """The planner divides by every rate and subtracts the reserve: zero or negative figures gave tracebacks or
+    negative communication times."""
+    file = tmp_path / "mine.json"
+    file.write_text(json.dumps({"devices": {"My-NPU": {**load_catalogue()["devices"]["cpu"], **change}}}))
+    with pytest.raises(HardwareError, match=re.escape(f"hardware 'My-NPU': {message}")):
+        get_hardware("My-NPU", file)
+
+
+def test_user_file_forms(tmp_path):
+    limits_only = tmp_path / "limits.yaml"                 # docs/hardware.md: devices, systems and/or limits
+    limits_only.write_text("limits:\n  mine: {dispatch_topk_max: 8}\n")
+    assert "mine" in load_catalogue(limits_only)["limits"]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("devices:\n  x: [unclosed\n")
+    with pytest.raises(HardwareError) as e:
+        get_hardware("x", broken)
+    assert "\n" not in str(e.value) and "cannot read hardware file" in str(e.value)
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"devices": {"x": 5}}))
+    with pytest.raises(HardwareError, match="must be a mapping of name -> entry"):
+        get_hardware("x", odd)
