@@ -20,6 +20,8 @@ GiB = 2**30
 def _config(preset: str | None, config_dir: str | None) -> tuple[Any, str]:
     from model.config import ModelConfig
 
+    if config_dir and preset:
+        raise PlanError(f"--preset {preset} and --config {config_dir}: give one of them")
     if config_dir:
         return ModelConfig.from_hf(config_dir), str(config_dir)
     name = preset or "flash"
@@ -38,8 +40,15 @@ def _expert_load(spec: str | None, config: Any) -> np.ndarray | None:
         try:
             sigma, seed = float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
         except (ValueError, IndexError):
-            raise PlanError(f"--expert-load {spec!r}: expected lognormal:SIGMA or lognormal:SIGMA:SEED") from None
+            sigma, seed = -1.0, 0
+        # sigma beyond ~100 overflows the lognormal draw into inf / NaN weights
+        if len(parts) > 3 or not 0 <= sigma <= 100 or seed < 0:
+            raise PlanError(f"--expert-load {spec!r}: expected lognormal:SIGMA or lognormal:SIGMA:SEED "
+                            f"(0 <= SIGMA <= 100, SEED >= 0)")
         return pl.synthetic_load(L, E, sigma, seed)
+    if not Path(spec).is_file():
+        raise PlanError(f"--expert-load {spec!r}: no such file; expected a [layers, experts] load (.npy / .json / "
+                        f".csv) or lognormal:SIGMA[:SEED]")
     return pl.read_expert_load(spec, config.n_layers, E, config.n_mtp_layers)
 
 
@@ -106,7 +115,7 @@ def _summary(plan: Plan) -> list[str]:
 @click.option("--config", "config_dir", type=click.Path(exists=True), help="Checkpoint dir or config.json.")
 @click.option("--hardware", default="atlas-800-a3", show_default=True, help="Device or system name.")
 @click.option("--hardware-file", type=click.Path(exists=True, dir_okay=False), help="YAML/JSON with more hardware.")
-@click.option("--nodes", type=int, help="Number of nodes (default 1, or the whole SuperPoD).")
+@click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes (default 1, or the whole SuperPoD).")
 @click.option("--devices", type=int, help="Number of devices (ranks); overrides --nodes.")
 @click.option("--context", default=131072, show_default=True, help="Tokens per sequence the KV cache holds.")
 @click.option("--batch", default=32, show_default=True, help="Concurrent sequences over the whole deployment.")
@@ -116,9 +125,10 @@ def _summary(plan: Plan) -> list[str]:
               help="KV cache entry layout.")
 @click.option("--expert-load", help="[layers, experts] load (.npy/.json/.csv) or lognormal:SIGMA[:SEED].")
 @click.option("--redundant", type=int, help="Redundant expert slots (default: fewest that fill every rank).")
-@click.option("--groups", default=1, show_default=True, help="Expert groups for the EPLB baseline (nodes = groups).")
-@click.option("--tp", type=int, help="Force the tensor-parallel degree.")
-@click.option("--ep", type=int, help="Force the expert-parallel degree.")
+@click.option("--groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Expert groups for the EPLB baseline (nodes = groups).")
+@click.option("--tp", type=click.IntRange(min=1), help="Force the tensor-parallel degree.")
+@click.option("--ep", type=click.IntRange(min=1), help="Force the expert-parallel degree.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of memory per rank here.")
 @click.option("--plot-placement", type=click.Path(dir_okay=False),

@@ -29,7 +29,9 @@ def eplb_arrays(plan: Plan) -> dict[str, np.ndarray]:
 
 
 def write_eplb(plan: Plan, path: str | Path) -> None:
-    np.savez(path, **eplb_arrays(plan))
+    """The arrays as an .npz at exactly `path` (np.savez given a name would append ".npz" to it)."""
+    with open(path, "wb") as f:
+        np.savez(f, **eplb_arrays(plan))
 
 
 def read_eplb(path: str | Path, n_experts: int | None = None) -> np.ndarray:

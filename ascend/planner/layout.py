@@ -164,8 +164,8 @@ def evaluate(config: Any, world: int, tp: int, ep: int, redundant: int, hw: Any,
             flops += 2 * t * (config.index_n_heads // tp) * config.index_head_dim * (ctx // 4)
     pairs_per_slot = t * dp * k / (world // ep) / (E + redundant)         # expected tokens per expert slot
     touched = 1 - math.exp(-pairs_per_slot)
-    w = runs[0]["bytes"]
-    read = w["attention"] + w["shared_expert"] + config.vocab_size // tp * d * 4 + \
+    w = runs[0]["bytes"]     # weights read per step: attention, shared expert, the BF16 head, the experts touched
+    read = w["attention"] + w["shared_expert"] + config.vocab_size // tp * d * 2 + \
         n_layers * slots * expert_bytes(config, f["expert"]) * touched + t * kv_read
     dtype = hw.compute_dtype(s.weights)
     compute_s = flops / (hw.tflops[dtype] * 1e12)

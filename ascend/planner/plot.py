@@ -53,7 +53,7 @@ def plot_memory(plan: Plan, path: str | Path) -> None:
     ax.set_ylim(0, top * 1.15)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")    # a PNG at exactly `path`, whatever its suffix
     plt.close(fig)
 
 
@@ -133,5 +133,5 @@ def plot_placement(plan: Plan, path: str | Path) -> None:
     bar.ax.tick_params(labelsize=7)
     fig.suptitle(f"{plan.model}: expert load per EP rank, ep{plan.ep}, {plan.n_routed_experts} experts "
                  f"+ {plan.redundant} redundant ({plan.slots_per_rank} slots per rank); {what}", fontsize=9)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")    # a PNG at exactly `path`, whatever its suffix
     plt.close(fig)

@@ -53,10 +53,31 @@ def test_plan_json_output(capsys):
     (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--tp", "3"], "no valid layout"),
     (["--preset", "flash", "--hardware", "atlas-800-a2", "--weights", "bf16"], "does not fit"),
     (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "lognormal:x"], "lognormal:SIGMA"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "lognormal:-1"], "0 <= SIGMA"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "lognormal:1:2:3"], "0 <= SIGMA"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "zipf:1.1"],
+     "'zipf:1.1': no such file"),
+    (["--preset", "tiny", "--config", "."], "give one of them"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, expected):
     code, _, err = run(capsys, "plan", *argv)
     assert code == 2 and expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("option", ["--nodes", "--tp", "--ep", "--groups"])
+def test_zero_degrees_are_refused_not_taken_as_unset(capsys, option):
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", option, "0")
+    assert code == 2 and f"Invalid value for '{option}': 0 is not in the range x>=1" in err
+
+
+def test_outputs_are_written_at_exactly_the_paths_given(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--export-eplb",
+                       str(tmp_path / "e.bin"), "--plot", str(tmp_path / "mem"))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.bin", "mem"]
+    assert (tmp_path / "mem").read_bytes()[:4] == b"\x89PNG"
+    with np.load(tmp_path / "e.bin") as z:
+        assert z["phy2log"].shape[0] == 5
 
 
 def test_bad_load_file(capsys, tmp_path):
