@@ -70,6 +70,25 @@ def _fmt(n: float, unit: int) -> str:
     return f"{n / unit:.2f}"
 
 
+def _memory_lines(plan: Plan) -> list[str]:
+    """Bytes per rank by component, and the margin to capacity (none for a plan saved without its memory report)."""
+    if not plan.memory:
+        return []
+    peak = max(sum(r["bytes"].values()) for r in plan.memory)
+    unit, uname = (GiB, "GiB") if peak >= GiB else (2**20, "MiB")
+    lines = [f"memory per rank ({uname}): " + "  ".join(f"{c:>14s}" for c in COMPONENTS) + "       total"]
+    for run in plan.memory:
+        a, b = run["ranks"]
+        total = sum(run["bytes"].values())
+        label = f"rank {a}" if a == b else f"ranks {a}-{b}"
+        lines.append(f"  {label:>19s}: " + "  ".join(f"{_fmt(run['bytes'][c], unit):>14s}" for c in COMPONENTS)
+                     + f"  {_fmt(total, unit):>10s}")
+    if plan.capacity_bytes:
+        lines.append(f"capacity {_fmt(plan.capacity_bytes, GiB)} GiB per rank, margin "
+                     f"{_fmt(plan.capacity_bytes - peak, GiB)} GiB")
+    return lines
+
+
 def _summary(plan: Plan) -> list[str]:
     st = plan.settings
     lines = [f"{plan.model} on {plan.world_size} x {plan.hardware or 'devices'}"
@@ -88,18 +107,7 @@ def _summary(plan: Plan) -> list[str]:
         lines.append(f"layout dp{plan.dp}/tp{plan.tp}/ep{plan.ep}")
     lines.append(f"experts: {plan.n_routed_experts} logical + {plan.redundant} redundant = "
                  f"{plan.n_physical_experts} slots, {plan.slots_per_rank} per EP rank, {plan.n_moe_layers} MoE layers")
-    peak = max(sum(r["bytes"].values()) for r in plan.memory)
-    unit, uname = (GiB, "GiB") if peak >= GiB else (2**20, "MiB")
-    lines.append(f"memory per rank ({uname}): " + "  ".join(f"{c:>14s}" for c in COMPONENTS) + "       total")
-    for run in plan.memory:
-        a, b = run["ranks"]
-        total = sum(run["bytes"].values())
-        label = f"rank {a}" if a == b else f"ranks {a}-{b}"
-        lines.append(f"  {label:>19s}: " + "  ".join(f"{_fmt(run['bytes'][c], unit):>14s}" for c in COMPONENTS)
-                     + f"  {_fmt(total, unit):>10s}")
-    if plan.capacity_bytes:
-        lines.append(f"capacity {_fmt(plan.capacity_bytes, GiB)} GiB per rank, margin "
-                     f"{_fmt(plan.capacity_bytes - peak, GiB)} GiB")
+    lines += _memory_lines(plan)
     b = plan.balance
     if b:
         mean = {k: float(np.mean(v)) for k, v in b.items() if isinstance(v, list) and v}

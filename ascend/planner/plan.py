@@ -170,8 +170,9 @@ class Plan:
             if layer.get("logcnt") != cnt[i].tolist() or layer.get("log2phy") != [
                     row[:c].tolist() for row, c in zip(l2p[i], cnt[i])]:
                 raise PlanError(f"{source}: MoE layer {i}: log2phy / logcnt disagree with phy2log")
-        if int(mesh.get("dp", plan.dp)) != plan.dp:
-            raise PlanError(f"{source}: mesh dp {mesh.get('dp')} != world_size / tp = {plan.dp}")
+        if mesh.get("dp", plan.dp) != plan.dp:
+            raise PlanError(f"{source}: mesh dp {mesh.get('dp')!r} != world_size / tp = {plan.dp}")
+        _check_reports(plan, source)
         return plan
 
     def save(self, path: str | Path) -> None:
@@ -190,9 +191,48 @@ class Plan:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:            # ValueError: not JSON, or not UTF-8
             raise PlanError(f"{path}: cannot read plan ({type(e).__name__}: {e})") from None
         return cls.from_dict(data, str(path))
+
+
+_CANDIDATE_NUMBERS = ("dp", "tp", "ep", "redundant", "slots_per_rank", "peak_bytes", "margin_bytes",
+                      "comm_us_per_token", "step_ms", "tokens_per_s_per_device")
+
+
+def _check_reports(plan: Plan, source: str) -> None:
+    """What a plan reports (memory per rank, balance per layer, the layouts searched) is optional, but where present
+    `plan show` and the plots read it as the planner writes it: refuse a hand-edited or cut-short section here."""
+    from ascend.planner.memory import COMPONENTS
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    def need(ok: bool, where: str, expected: str) -> None:
+        if not ok:
+            raise PlanError(f"{source}: {where}: expected {expected}")
+
+    for i, run in enumerate(plan.memory):
+        need(isinstance(run, dict) and isinstance(run.get("ranks"), list) and len(run["ranks"]) == 2
+             and all(isinstance(r, int) for r in run["ranks"]) and isinstance(run.get("bytes"), dict)
+             and all(number(run["bytes"].get(c)) for c in COMPONENTS),
+             f"memory.per_rank[{i}]", f'{{"ranks": [first, last], "bytes": {{...}}}} with bytes of {", ".join(COMPONENTS)}')
+    need(plan.capacity_bytes is None or number(plan.capacity_bytes), "memory.capacity_bytes", "a number")
+    L = plan.n_moe_layers
+    for key in ("before", "after", "eplb", "bound") if plan.balance else ():
+        v = plan.balance.get(key)
+        need(isinstance(v, list) and len(v) == L and all(number(x) for x in v), f"balance.{key}",
+             f"{L} numbers, one per MoE layer")
+    stored = plan.balance.get("rank_load")
+    if stored is not None:
+        need(isinstance(stored, dict) and all(
+            np.asarray(stored.get(k), dtype=object).shape == (L, plan.ep)
+            and all(number(x) for x in np.asarray(stored[k], dtype=object).flat) for k in ("before", "after")),
+            "balance.rank_load", f"before / after loads of shape [{L}, {plan.ep}]")
+    for i, c in enumerate(plan.candidates):
+        need(isinstance(c, dict) and all(number(c.get(k)) for k in _CANDIDATE_NUMBERS)
+             and isinstance(c.get("fits"), bool), f"candidates[{i}]",
+             f"numbers {', '.join(_CANDIDATE_NUMBERS)} and 'fits' true or false")
 
 
 def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0,

@@ -65,6 +65,12 @@ def test_plan_load_rejects_bad_files(tiny, tmp_path):
             *d["experts"]["layers"][1:]]}},
         "missing": {**d, "experts": {**d["experts"], "layers": [
             {**layer, "phy2log": [0] * len(layer["phy2log"])} for layer in d["experts"]["layers"]]}},
+        # hand-edited reports, which `plan show` and the plots read
+        "memory": {**d, "memory": {**d["memory"], "per_rank": [{"ranks": [0], "bytes": {}}]}},
+        "capacity": {**d, "memory": {**d["memory"], "capacity_bytes": "big"}},
+        "balance": {**d, "balance": {**d["balance"], "before": d["balance"]["before"][:1]}},
+        "candidates": {**d, "candidates": [{"dp": 1}]},
+        "dp": {**d, "mesh": {**d["mesh"], "dp": "x"}},
     }
     for name, bad in cases.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(bad))
