@@ -58,6 +58,8 @@ def test_plan_json_output(capsys):
     (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--expert-load", "zipf:1.1"],
      "'zipf:1.1': no such file"),
     (["--preset", "tiny", "--config", "."], "give one of them"),
+    (["--preset", "tiny", "--hardware", "cpu", "--devices", "2", "--ep", "2", "--redundant", "10"],
+     "redundant=10: at most 8 with ep=2"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, expected):
     code, _, err = run(capsys, "plan", *argv)
