@@ -39,7 +39,7 @@ from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
 
 
-def checked(kind, ok, expected: str):
+def arg_type(kind, ok, expected: str):
     """An argparse type: `kind(text)` for which `ok` holds, else argparse's error naming the option and `expected`."""
     def parse(text: str):
         try:
@@ -52,9 +52,9 @@ def checked(kind, ok, expected: str):
     return parse
 
 
-positive = checked(int, lambda v: v > 0, "a positive number")
-existing_file = checked(Path, Path.is_file, "an existing file")
-new_file = checked(Path, lambda p: p.parent.is_dir() and not p.is_dir(), "a file path in an existing directory")
+positive = arg_type(int, lambda v: v > 0, "a positive number")
+existing_file = arg_type(Path, Path.is_file, "an existing file")
+new_file = arg_type(Path, lambda p: p.parent.is_dir() and not p.is_dir(), "a file path in an existing directory")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "all-to-all decode: allocated for --max-batch sequences at start)")
     p.add_argument("--max-batch", type=positive, default=8, help="requests per batch on one data-parallel group")
     p.add_argument("--prefill-chunk", type=positive, help="prefill long prompts in chunks of this many tokens")
-    p.add_argument("--temperature", type=checked(float, math.isfinite, "a finite number"), default=0.0,
+    p.add_argument("--temperature", type=arg_type(float, math.isfinite, "a finite number"), default=0.0,
                    help="<= 0: greedy")
-    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0)
-    p.add_argument("--top-k", type=checked(int, lambda v: v >= 0, "an integer >= 0 (0: off)"), default=0)
+    p.add_argument("--top-p", type=arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0)
+    p.add_argument("--top-k", type=arg_type(int, lambda v: v >= 0, "an integer >= 0 (0: off)"), default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string or special token (repeatable)")
     p.add_argument("--moe-exchange", choices=["auto", "alltoall", "allgather", "allreduce"], default="auto",
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
     p.add_argument("--save", type=new_file, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
-    p.add_argument("--dist-timeout", type=checked(float, lambda v: 0 < v < math.inf, "a positive number"),
+    p.add_argument("--dist-timeout", type=arg_type(float, lambda v: 0 < v < math.inf, "a positive number"),
                    default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
     return p.parse_args(argv)
