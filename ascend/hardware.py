@@ -151,10 +151,13 @@ def _check_ranges(hw: Hardware, name: str) -> None:
     need(0 <= hw.reserve_gib < hw.memory_gib, "reserve_gib", f"in [0, memory_gib = {hw.memory_gib})")
     need(hw.max_nodes is None or hw.max_nodes >= 1, "max_nodes", "a positive integer")
     for key, value in hw.limits.items():
-        pair = key in ("dispatch_ep", "dispatch_hidden")
-        ok = (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)) if pair else \
-             (isinstance(value, list) and all(isinstance(v, int) for v in value)) if key == "fia_heads_per_rank" else \
-             isinstance(value, int)
+        form = _LIMIT_FORMS.get(key, "an integer")
+        ints = value if isinstance(value, list) else [value]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in ints) and (
+            isinstance(value, list) == (form != "an integer")) and (form != "[low, high]" or len(ints) == 2)
         if not ok:
-            raise HardwareError(f"hardware {name!r}: limit {key} = {value!r}, expected "
-                                f"{'[low, high]' if pair else 'a list of integers' if key == 'fia_heads_per_rank' else 'an integer'}")
+            raise HardwareError(f"hardware {name!r}: limit {key} = {value!r}, expected {form}")
+
+
+# The limits that are not one integer (a maximum): ranges, and the admitted values of one setting.
+_LIMIT_FORMS = {"dispatch_ep": "[low, high]", "dispatch_hidden": "[low, high]", "fia_heads_per_rank": "a list of integers"}

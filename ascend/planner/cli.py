@@ -37,12 +37,12 @@ def _expert_load(spec: str | None, config: Any) -> np.ndarray | None:
     L, E = config.n_layers + config.n_mtp_layers, config.n_routed_experts
     if spec.startswith("lognormal:"):
         parts = spec.split(":")
-        try:
+        try:   # sigma beyond ~100 overflows the lognormal draw into inf / NaN weights
             sigma, seed = float(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+            ok = len(parts) <= 3 and 0 <= sigma <= 100 and seed >= 0
         except (ValueError, IndexError):
-            sigma, seed = -1.0, 0
-        # sigma beyond ~100 overflows the lognormal draw into inf / NaN weights
-        if len(parts) > 3 or not 0 <= sigma <= 100 or seed < 0:
+            ok = False
+        if not ok:
             raise PlanError(f"--expert-load {spec!r}: expected lognormal:SIGMA or lognormal:SIGMA:SEED "
                             f"(0 <= SIGMA <= 100, SEED >= 0)")
         return pl.synthetic_load(L, E, sigma, seed)
