@@ -16,17 +16,13 @@ from model.kernels import REFERENCE, Kernels
 __all__ = ["get_kernels"]
 
 
-def get_kernels(device: Any, graph_mode: bool = False) -> Kernels:
-    """Kernels for `device` (an ascend.device.Device or anything with `.type` and, for npu, `.soc`).
-
-    `graph_mode`: the kernels will run inside a captured graph (NPUGraph / CUDA graph); some NPU operators
-    lose features there (sinks in sparse flash attention on A2/A3), and those stages fall back.
-    """
+def get_kernels(device: Any) -> Kernels:
+    """Kernels for `device` (an ascend.device.Device or anything with `.type` and, for npu, `.soc`)."""
     kind = device.type
     if kind == "npu":
         from ascend.backends.npu import make_kernels
 
-        return make_kernels(device.soc, graph_mode=graph_mode)
+        return make_kernels(device.soc)
     if kind == "cuda":
         return importlib.import_module("ascend.backends.cuda").make_kernels()
     return REFERENCE

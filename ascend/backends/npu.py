@@ -17,7 +17,7 @@ Stage -> operator (schemas of torch-npu 2.14.0; semantics from Ascend/op-plugin'
                   every query gets its own visible count
     sparse_attn   npu_sparse_flash_attention (MLA-absorb mode with zero rope parts, sinks, BSND)
 
-Each operator's documented limits (SoC family, graph mode, dtypes, head counts, head dims, sparse_count) are
+Each operator's documented limits (SoC family, dtypes, head counts, head dims, sparse_count, sinks) are
 checked before it is called. A stage whose limits are not met runs the reference for that call and says so with
 one logging.warning per (stage, reason). Stages the SoC has no operator for are not replaced at all.
 Nothing here has run on an Ascend NPU: it is tested on CPU against ascend.npu_emulation.
@@ -53,7 +53,7 @@ SUPPORTED_SOCS = {
     "npu_mhc_post": {"A5"},
     "npu_mhc_sinkhorn": {"A5"},
     "npu_lightning_indexer": {"A2", "A3", "A5"},
-    "npu_sparse_flash_attention": {"A2", "A3"},
+    "npu_sparse_flash_attention": {"A2", "A3", "A5"},
 }
 STAGE_OPS = {
     "rms_norm": ("npu_rms_norm",),
@@ -107,16 +107,16 @@ def _guarded(stage: str, fallbacks: Fallbacks, check: Callable[..., str | None],
     return kernel
 
 
-def make_kernels(soc: str, graph_mode: bool = False, torch_npu: ModuleType | None = None,
+def make_kernels(soc: str, torch_npu: ModuleType | None = None,
                  fallbacks: Fallbacks | None = None) -> Kernels:
-    """`Kernels` for an Ascend SoC family ('A2', 'A3', 'A5', ...), eager or graph-captured (`graph_mode`)."""
+    """`Kernels` for an Ascend SoC family ('A2', 'A3', 'A5', ...)."""
     if torch_npu is None:
         try:
             torch_npu = importlib.import_module("torch_npu")
         except Exception as e:  # noqa: BLE001 -- a broken install may raise anything
             raise NpuBackendError(f"the npu backend needs torch_npu: {type(e).__name__}: {e}") from e
     fallbacks = fallbacks or Fallbacks()
-    ops = _Ops(torch_npu, soc, graph_mode)
+    ops = _Ops(torch_npu, soc)
     replaced = {}
     for stage, names in STAGE_OPS.items():
         missing = [n for n in names if soc not in SUPPORTED_SOCS[n]]
@@ -152,15 +152,16 @@ def _dtype_reason(op: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> str |
 class _Ops:
     """The NPU implementation of each stage (`<stage>`) and its per-call limit check (`check_<stage>`)."""
 
-    def __init__(self, torch_npu: ModuleType, soc: str, graph_mode: bool):
+    def __init__(self, torch_npu: ModuleType, soc: str):
         self.npu = torch_npu
         self.soc = soc
-        self.graph_mode = graph_mode
         self.floats = (torch.float16, torch.bfloat16, torch.float32) if soc == "A5" else HALF
 
     def static_reason(self, stage: str) -> str | None:
-        if stage == "sparse_attn" and self.graph_mode and self.soc in ("A2", "A3"):
-            return f"npu_sparse_flash_attention has no sinks in graph mode on {self.soc}"
+        # op-plugin's page (revised 2026-07/08, 40912f85 and 4d2c62d6): `sinks` (aclnnSparseFlashAttentionV2) is
+        # supported on Ascend 950 only, "A3/A2: sinks not supported"; every V4 attention layer has attn_sink
+        if stage == "sparse_attn" and self.soc in ("A2", "A3"):
+            return f"npu_sparse_flash_attention takes no sinks on {self.soc} (V4's attn_sink needs them; Ascend 950 does)"
         return None
 
     # -------------------------------------------------------------------------------------- rms_norm
@@ -170,9 +171,10 @@ class _Ops:
     def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         if weight is None:
             weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-        if weight.dtype == x.dtype:
+        # the page's dtype pairs: gamma in x's dtype, or on A2/A3 an fp32 gamma with a half x (the fp32 norm
+        # weights of V4 on bf16 activations); any other pair is normalised in fp32
+        if weight.dtype == x.dtype or (weight.dtype == torch.float32 and x.dtype in HALF and self.soc in ("A2", "A3")):
             return self.npu.npu_rms_norm(x, weight, epsilon=eps)[0]
-        # npu_rms_norm wants gamma in x's dtype; an fp32 weight is kept exact by normalising in fp32
         return self.npu.npu_rms_norm(x.float(), weight.float(), epsilon=eps)[0].to(x.dtype)
 
     # ------------------------------------------------------------------------------------------ rope
@@ -402,8 +404,9 @@ class _Ops:
     def check_sparse_attn(self, q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> str | None:
         if q.shape[-1] != 512:
             return f"npu_sparse_flash_attention needs head dim 512, got {q.shape[-1]}"
-        if q.shape[2] not in SFA_HEADS:
-            return f"npu_sparse_flash_attention takes 1/2/4/.../128 query heads per rank, got {q.shape[2]}"
+        if q.shape[2] not in (range(1, 129) if self.soc == "A5" else SFA_HEADS):
+            heads = "1-128" if self.soc == "A5" else "1/2/4/.../128"
+            return f"npu_sparse_flash_attention on {self.soc} takes {heads} query heads per rank, got {q.shape[2]}"
         reason = _dtype_reason("npu_sparse_flash_attention", q, HALF)
         if reason or kv.dtype == q.dtype:
             return reason

@@ -34,9 +34,11 @@ def _unsupported(op: str, what: str) -> NotImplementedError:
 # ------------------------------------------------------------------------------ norms, rope
 
 def npu_rms_norm(self: Tensor, gamma: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """torch_npu-npu_rms_norm: y = x * rsqrt(mean(x^2 over gamma's dims) + eps) * gamma, rstd in fp32."""
+    """torch_npu-npu_rms_norm: y = x * rsqrt(mean(x^2 over gamma's dims) + eps) * gamma in x's dtype, rstd in fp32.
+    Dtype pairs (the page's A2/A3 table): gamma in x's dtype, or an fp32 gamma with a half x."""
     _need(self.dtype in FLOATS, f"npu_rms_norm: self dtype {self.dtype} not supported")
-    _need(gamma.dtype == self.dtype, "npu_rms_norm: gamma dtype must equal self dtype")
+    _need(gamma.dtype == self.dtype or (gamma.dtype == torch.float32 and self.dtype in HALF),
+          f"npu_rms_norm: gamma dtype {gamma.dtype} with self dtype {self.dtype} is not a documented pair")
     nd = gamma.dim()
     _need(1 <= nd <= self.dim() and tuple(self.shape[-nd:]) == tuple(gamma.shape),
           f"npu_rms_norm: gamma shape {tuple(gamma.shape)} must match the last dims of {tuple(self.shape)}")
@@ -223,8 +225,10 @@ def npu_weight_quant_batchmatmul(x: Tensor, weight: Tensor, antiquant_scale: Ten
 def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: Tensor | None = None,
                 norm_eps: float = 1e-6, hc_eps: float = 1e-6, out_flag: int = 0,
                 inner_precise: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """torch_npu-npu_mhc_pre: h_mix = RmsNorm(vec x) @ phi^T; pre = sigmoid(a0*mix_pre + b) + hc_eps;
-    post = 2*sigmoid(a1*mix_post + b); res = a2*mix_res + b (before Sinkhorn); h_in = sum_k pre_k x_k.
+    """torch_npu-npu_mhc_pre: h_mix = (vec x * gamma) @ phi^T (the page: "x with phi matrix-multiplied"; op-plugin's
+    test_npu_mhc_pre.py applies inv_rms after it), m = h_mix * inv_rms, i.e. RmsNorm(vec x) @ phi^T;
+    pre = sigmoid(a0*m_pre + b) + hc_eps; post = 2*sigmoid(a1*m_post + b); res = a2*m_res + b (before Sinkhorn);
+    h_in = sum_k pre_k x_k.
 
     Returns (h_in, h_post, h_res, inv_rms, h_mix, h_pre) with the meta function's shapes.
     inner_precise (FP32 vs HF32 matmul on the Cube) has no CPU equivalent: both compute in FP32.
@@ -243,17 +247,17 @@ def npu_mhc_pre(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, *, gamma: T
     xf = x.float()
     flat = xf.flatten(-2)
     inv_rms = torch.rsqrt(flat.square().mean(-1) + norm_eps)
-    normed = flat * inv_rms[..., None]
     if gamma is not None:
         _need(tuple(gamma.shape) == (n, D), f"npu_mhc_pre: gamma must be [{n}, {D}]")
-        normed = normed * gamma.float().flatten()
-    h_mix = normed @ phi.t()
+        flat = flat * gamma.float().flatten()
+    h_mix = flat @ phi.t()
+    m = h_mix * inv_rms[..., None]
     a = alpha.float()
     b = bias.float()
-    h_pre = torch.sigmoid(a[0] * h_mix[..., :n] + b[:n]) + hc_eps
-    h_post = 2 * torch.sigmoid(a[1] * h_mix[..., n:2 * n] + b[n:2 * n])
+    h_pre = torch.sigmoid(a[0] * m[..., :n] + b[:n]) + hc_eps
+    h_post = 2 * torch.sigmoid(a[1] * m[..., n:2 * n] + b[n:2 * n])
     if has_res:
-        h_res = (a[2] * h_mix[..., 2 * n:] + b[2 * n:]).unflatten(-1, (n, n))
+        h_res = (a[2] * m[..., 2 * n:] + b[2 * n:]).unflatten(-1, (n, n))
     else:
         h_res = torch.zeros(1)
     h_in = (h_pre[..., None] * xf).sum(-2).to(x.dtype)
@@ -468,9 +472,11 @@ def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None,
     valid entries first; the first -1 ends the row) the tokens [b*sbs, (b+1)*sbs) below the batch's KV
     length, further limited by rightDownCausal for sparse_mode 3.
 
-    `sinks` (fp32 [N1]) is in the 2.14.0 schema but not on the stored documentation page; we give it
-    the attention-sink meaning of learnable_sink in npu_fused_infer_attention_score_v2 and DeepSeek-V4:
-    exp(sinks[h]) joins the softmax denominator of head h and nothing else.
+    `sinks` (fp32 [N1], routed to aclnnSparseFlashAttentionV2): the page (op-plugin, revised 2026-07/08) documents
+    it for Ascend 950 only ("A3/A2: sinks not supported", which the backend applies); its meaning follows
+    ops-transformer's golden reference (sparse_flash_attention_golden.py) and DeepSeek-V4: the row maximum
+    includes sinks[h], and exp(sinks[h] - max) joins the softmax denominator of head h and nothing else. Query
+    heads: the union of 1..128 (Ascend 950) and powers of two (A2/A3).
     """
     op = "npu_sparse_flash_attention"
     if value is None:
@@ -485,8 +491,7 @@ def npu_sparse_flash_attention(query: Tensor, key: Tensor, value: Tensor | None,
     _need(query.shape[-1] == 512 and key.shape[-1] == 512 and value.shape[-1] == 512,
           f"{op}: query/key/value head dim must be 512")
     _need(query_rope.shape[-1] == 64 and key_rope.shape[-1] == 64, f"{op}: rope head dim must be 64")
-    _need(query.shape[-2] in (1, 2, 4, 8, 16, 32, 64, 128) and key.shape[-2] == 1,
-          f"{op}: query heads must be 1/2/4/.../128 and key heads 1")
+    _need(1 <= query.shape[-2] <= 128 and key.shape[-2] == 1, f"{op}: query heads must be 1..128 and key heads 1")
     _need(sparse_indices.dtype == torch.int32, f"{op}: sparse_indices must be int32")
     _need(1 <= sparse_block_size <= 128 and sparse_block_size & (sparse_block_size - 1) == 0,
           f"{op}: sparse_block_size must be a power of two in [1, 128]")

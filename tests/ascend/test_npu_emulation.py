@@ -238,11 +238,11 @@ def test_mhc_pre(tnpu):
     for t in range(T):
         v = x[t].double().flatten()
         r = 1 / math.sqrt(float((v * v).mean()) + 1e-6)
-        mix = [(v * r * gamma.double().flatten() * phi[j].double()).sum().item() for j in range(24)]
-        a = alpha.tolist()
-        pre = [1 / (1 + math.exp(-(a[0] * mix[j] + bias[j].item()))) + 1e-3 for j in range(n)]
-        post = [2 / (1 + math.exp(-(a[1] * mix[n + j] + bias[n + j].item()))) for j in range(n)]
-        res = [a[2] * mix[2 * n + j] + bias[2 * n + j].item() for j in range(n * n)]
+        mix = [(v * gamma.double().flatten() * phi[j].double()).sum().item() for j in range(24)]   # before 1/rms
+        a, mix_normed = alpha.tolist(), [m * r for m in mix]
+        pre = [1 / (1 + math.exp(-(a[0] * mix_normed[j] + bias[j].item()))) + 1e-3 for j in range(n)]
+        post = [2 / (1 + math.exp(-(a[1] * mix_normed[n + j] + bias[n + j].item()))) for j in range(n)]
+        res = [a[2] * mix_normed[2 * n + j] + bias[2 * n + j].item() for j in range(n * n)]
         assert inv_rms[t].item() == pytest.approx(r, rel=1e-5)
         _close(h_mix[t], torch.tensor(mix), 1e-4)
         _close(h_pre[t], torch.tensor(pre), 1e-5)

@@ -27,9 +27,9 @@ def emulation():
         yield module
 
 
-def npu_kernels(soc, graph_mode=False):
+def npu_kernels(soc):
     fallbacks = Fallbacks()
-    return make_kernels(soc, graph_mode=graph_mode, fallbacks=fallbacks), fallbacks
+    return make_kernels(soc, fallbacks=fallbacks), fallbacks
 
 
 def assert_rel(a, b, dtype):
@@ -211,9 +211,9 @@ def test_indexer_topk_selects_the_reference_entries(emulation):
     assert stage_ran_on_npu(fb, "indexer_topk")
 
 
-@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("heads", [1, 3, 8])     # Ascend 950 takes any head count up to 128 (A2/A3: powers of 2)
 def test_sparse_attn_with_sinks_and_empty_slots(emulation, heads):
-    k, fb = npu_kernels("A2")
+    k, fb = npu_kernels("A5")
     B, S, T, K = 2, 3, 20, 7
     q, kv = (torch.randn(B, S, heads, 512) * 0.05).bfloat16(), torch.randn(B, T, 512).bfloat16()
     idx = torch.randint(0, T, (B, S, K), dtype=torch.int32)
@@ -239,7 +239,7 @@ def test_npu_stages_trace_with_fake_tensors(emulation):
         qi, ki, w = torch.randn(2, 3, 4, 128, dtype=bf), torch.randn(2, 37, 128, dtype=bf), torch.randn(2, 3, 4)
         x, fn = torch.randn(2, 3, 4, 64, dtype=bf), torch.randn(24, 256)
         calls = [
-            ("sparse_attn", a3, (q, kv, idx, sink, 0.1)),
+            ("sparse_attn", a5, (q, kv, idx, sink, 0.1)),
             ("indexer_topk", a3, (qi, ki, w, torch.zeros(2, 3, dtype=torch.int64), 4)),
             ("gate_topk", a3, (torch.randn(5, 16), torch.randn(16), None, None, 3, 1.5)),
             ("gate_topk", a3, (torch.randn(5, 16), None, torch.zeros(9, 3, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), 3, 1.5)),
@@ -259,12 +259,13 @@ def test_npu_stages_trace_with_fake_tensors(emulation):
 
 def test_fallbacks_name_the_stage_and_reason_once(emulation, caplog):
     caplog.set_level(logging.WARNING, logger="ascend.backends.npu")
-    k, fb = npu_kernels("A3", graph_mode=True)
+    k, fb = npu_kernels("A3")
     messages = [r.getMessage() for r in caplog.records]
-    assert any("sparse_attn" in m and "no sinks in graph mode on A3" in m for m in messages)
+    assert any("sparse_attn" in m and "takes no sinks on A3" in m for m in messages)
     assert any("hc_pre" in m and "npu_mhc_pre" in m and "not available on A3" in m for m in messages)
     assert k.sparse_attn is REFERENCE.sparse_attn and k.hc_pre is REFERENCE.hc_pre
-    k2, fb2 = npu_kernels("A2")
+    k2, fb2 = npu_kernels("A5")
+    a2, fb_a2 = npu_kernels("A2")
     caplog.clear()
     q, kv = torch.randn(1, 2, 4, 128), torch.randn(1, 5, 128)
     idx = torch.zeros(1, 2, 3, dtype=torch.int32)
@@ -274,15 +275,16 @@ def test_fallbacks_name_the_stage_and_reason_once(emulation, caplog):
     assert warned == ["npu backend: sparse_attn runs the reference implementation: "
                       "npu_sparse_flash_attention needs head dim 512, got 128"]
     assert fb2.reasons[-1] == ("sparse_attn", "npu_sparse_flash_attention needs head dim 512, got 128")
-    k2.rope(torch.randn(1, 2, 64), torch.zeros(1, 2, 32), torch.ones(1, 2, 32))
-    assert ("rope", "npu_interleave_rope on A2 takes float16/bfloat16, got float32") in fb2.reasons
+    a2.rope(torch.randn(1, 2, 64), torch.zeros(1, 2, 32), torch.ones(1, 2, 32))
+    assert ("rope", "npu_interleave_rope on A2 takes float16/bfloat16, got float32") in fb_a2.reasons
 
 
 def test_get_kernels_by_device_type(emulation):
     assert get_kernels(SimpleNamespace(type="cpu")) is REFERENCE
-    k = get_kernels(SimpleNamespace(type="npu", soc="A3"))
-    assert k.sparse_attn.__name__ == "npu_sparse_attn" and k.hc_pre is REFERENCE.hc_pre
-    assert get_kernels(SimpleNamespace(type="npu", soc="A3"), graph_mode=True).sparse_attn is REFERENCE.sparse_attn
+    k = get_kernels(SimpleNamespace(type="npu", soc="A5"))
+    assert k.sparse_attn.__name__ == "npu_sparse_attn" and k.hc_pre.__name__ == "npu_hc_pre"
+    a3 = get_kernels(SimpleNamespace(type="npu", soc="A3"))
+    assert a3.sparse_attn is REFERENCE.sparse_attn and a3.hc_pre is REFERENCE.hc_pre
     cuda = get_kernels(SimpleNamespace(type="cuda"))  # imported by name only now; PyTorch stages without a GPU
     assert cuda.sparse_attn is not REFERENCE.sparse_attn and cuda.gate_topk is REFERENCE.gate_topk
 
@@ -335,15 +337,16 @@ class ReplayedSelection:
         return got
 
 
+@pytest.mark.parametrize("soc", ["A3", "A5"])    # A3: sparse attention on the reference (no sinks there); A5: fused
 @pytest.mark.parametrize("layer_id,kind", [(0, "window"), (1, "CSA"), (2, "HCA")])
-def test_attention_layer_npu_equals_reference(emulation, layer_id, kind):
+def test_attention_layer_npu_equals_reference(emulation, layer_id, kind, soc):
     pytest.importorskip("model.attention")
     from model.cache import LayerCache
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny", head_dim=512, dtype="bf16")  # the fused attention ops need 512-dim heads
     dtype = torch.bfloat16
-    k, fb = npu_kernels("A3")
+    k, fb = npu_kernels(soc)
     replay = ReplayedSelection(k.indexer_topk)
     reference = dataclasses.replace(REFERENCE, indexer_topk=replay.reference)
     ref_layer = _layer(config, layer_id, reference)
@@ -363,8 +366,9 @@ def test_attention_layer_npu_equals_reference(emulation, layer_id, kind):
             npu_out, ref_out = (layer(x, start, cache) for layer, cache in ((npu_layer, caches[1]), (ref_layer, caches[0])))
             assert_rel(npu_out, ref_out, dtype)
             start = start + 1
-    assert stage_ran_on_npu(fb, "sparse_attn") and stage_ran_on_npu(fb, "rope") and stage_ran_on_npu(fb, "rms_norm")
-    if kind == "CSA":
+    assert stage_ran_on_npu(fb, "rope") and stage_ran_on_npu(fb, "rms_norm")
+    assert stage_ran_on_npu(fb, "sparse_attn") == (soc == "A5")
+    if kind == "CSA" and soc == "A3":
         assert stage_ran_on_npu(fb, "indexer_topk") and not replay.chosen
 
 
@@ -420,6 +424,6 @@ def test_transformer_npu_equals_reference(emulation, soc):
             npu_logits, ref_logits = (m(step, c) for m, c in zip(models, caches))
             assert_rel(npu_logits, ref_logits, torch.bfloat16)
     assert not select.chosen and not route.chosen
-    npu_stages = {"A3": ("sparse_attn", "indexer_topk", "rope", "rms_norm", "gate_topk"),
-                  "A5": ("hc_pre", "hc_post", "hc_head", "rope", "rms_norm", "gate_topk")}[soc]
+    npu_stages = {"A3": ("indexer_topk", "rope", "rms_norm", "gate_topk"),
+                  "A5": ("sparse_attn", "hc_pre", "hc_post", "hc_head", "rope", "rms_norm", "gate_topk")}[soc]
     assert all(stage_ran_on_npu(fb, s) for s in npu_stages), fb.reasons
