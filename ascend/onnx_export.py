@@ -17,6 +17,11 @@ standard operators (`model.kernels`), so onnxruntime or any runtime that does no
 inlines it and runs the graph unchanged. Semantics are the `model.kernels` docstrings; see
 docs/attention.md for the stage graph. Exports use the TorchScript exporter (`dynamo=False`): the
 dynamo exporter needs onnxscript, which this toolkit does not depend on.
+
+SparseAttention and IndexerTopK are emitted by `torch.autograd.Function.symbolic` with exactly the inputs of the
+table, and their bodies are exported on their own with those names (the exporter's function extraction passes
+whatever tensors the traced body reads, in trace order, with weights such as the sink folded inside). The round
+trips, one tensor in and out, are extracted functions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import io
 import json
 import math
 import warnings
@@ -49,24 +55,67 @@ class ExportError(AscendDeployError):
 
 
 # ------------------------------------------------------------------------------------ fused stages as functions
-class SparseAttention(nn.Module):
-    """`kernels.sparse_attn` as a module, so the exporter emits it as one function node."""
+class SparseAttention(torch.autograd.Function):
+    """`kernels.sparse_attn`; exported as one `ascend.deploy::SparseAttention` node (q, kv, indices, sink; scale)."""
 
-    attributes = ("scale",)
+    inputs = ("q", "kv", "indices", "sink")
 
-    def forward(self, q, kv, indices, sink, scale):
+    @staticmethod
+    def forward(ctx, q, kv, indices, sink, scale):
         return REFERENCE.sparse_attn(q, kv, indices, sink, scale)
 
+    @staticmethod
+    def symbolic(g, q, kv, indices, sink, scale):
+        out = g.op(f"{DOMAIN}::SparseAttention", q, kv, indices, sink, scale_f=scale)
+        out.setType(q.type())
+        return out
 
-class IndexerTopK(nn.Module):
-    """`kernels.indexer_topk` as a module (one function node); tensor parallelism is not exported."""
 
-    attributes = ("topk",)
+class IndexerTopK(torch.autograd.Function):
+    """`kernels.indexer_topk` (single rank); one `ascend.deploy::IndexerTopK` node (q, k, weights, n_visible; topk)."""
 
-    def forward(self, q, k, weights, n_visible, topk, group=None):
-        if group is not None:
-            raise ExportError("indexer_topk: tensor-parallel groups cannot be exported; export a single rank")
+    inputs = ("q", "k", "weights", "n_visible")
+
+    @staticmethod
+    def forward(ctx, q, k, weights, n_visible, topk):
         return REFERENCE.indexer_topk(q, k, weights, n_visible, topk)
+
+    @staticmethod
+    def symbolic(g, q, k, weights, n_visible, topk):
+        out = g.op(f"{DOMAIN}::IndexerTopK", q, k, weights, n_visible, topk_i=topk)
+        out.setType(q.type().with_dtype(torch.int32).with_sizes(q.type().sizes()[:2] + [topk]))
+        return out
+
+
+class _Body(nn.Module):
+    """A fused operator's reference computation with its attributes bound, exported alone as the function body."""
+
+    def __init__(self, op: type[torch.autograd.Function], attributes: dict[str, Any]):
+        super().__init__()
+        self.op, self.attributes = op, attributes
+
+    def forward(self, *tensors):
+        return self.op.forward(None, *tensors, *self.attributes.values())
+
+
+def function_body(op: type[torch.autograd.Function], specs: Sequence[tuple], attributes: dict[str, Any]):
+    """The model-local `ascend.deploy` function of `op`: its reference traced alone at the call's shapes and dtypes
+    (`specs`), inputs named as the table documents; the attributes are declared, their values are constants of
+    the body (as in the call that was traced)."""
+    import onnx
+    from onnx import helper
+
+    examples = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in specs)   # index inputs 0: always valid
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Body(op, attributes), examples, buffer, dynamo=False, opset_version=OPSET,
+                          input_names=list(op.inputs), output_names=["out"], do_constant_folding=True)
+    body = onnx.load_from_string(buffer.getvalue()).graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in body.initializer]
+    return helper.make_function(DOMAIN, op.__name__, [i.name for i in body.input], ["out"],
+                                constants + list(body.node), [helper.make_opsetid("", OPSET)],
+                                attributes=sorted(attributes))
 
 
 # The quantisation-aware-training simulations (model/quant.py) cast through float8 types and use exp2 /
@@ -118,28 +167,43 @@ class Fp4RoundTrip(nn.Module):
         return fp4_round_trip_exportable(x, block)
 
 
-FUSED = (SparseAttention, IndexerTopK, Fp8RoundTrip, Fp4RoundTrip)
+EXTRACTED = (Fp8RoundTrip, Fp4RoundTrip)       # modules the exporter turns into functions itself
 MAX_QUANT_CALLS = 4     # per format and graph; each call needs its own module (the exporter's function
                         # extraction fails on a module called twice in one trace)
 
 
 class ExportKernels(nn.Module):
-    """Owns one module per fused call (they must be submodules of the exported module to become functions)
-    and the `Kernels` table that routes the model's calls through them; one per traced graph (`StageGraph`)."""
+    """The `Kernels` table that routes the model's fused calls to exportable forms, one per traced graph
+    (`StageGraph`): the round trips through one module per call (submodules of the exported module, so the
+    exporter extracts them as functions), the two fused operators through their symbolic Functions, recording
+    each call's shapes for its function body (`calls`)."""
 
     def __init__(self):
         super().__init__()
-        self.sparse_attn = SparseAttention()
-        self.indexer_topk = IndexerTopK()
         self.fp8 = nn.ModuleList(Fp8RoundTrip() for _ in range(MAX_QUANT_CALLS))
         self.fp4 = nn.ModuleList(Fp4RoundTrip() for _ in range(MAX_QUANT_CALLS))
         self.blocks: dict[str, set[int]] = {"fp8": set(), "fp4": set()}
         self.used = {"fp8": 0, "fp4": 0}
+        self.calls: dict[type, tuple[list, dict]] = {}
 
     def table(self) -> Kernels:
-        return dataclasses.replace(REFERENCE, sparse_attn=self.sparse_attn, indexer_topk=self.indexer_topk,
+        return dataclasses.replace(REFERENCE, sparse_attn=self._sparse_attn, indexer_topk=self._indexer_topk,
                                    fp8_round_trip=functools.partial(self._round_trip, "fp8"),
                                    fp4_round_trip=functools.partial(self._round_trip, "fp4"))
+
+    def _fused(self, op: type[torch.autograd.Function], tensors: tuple, attributes: dict[str, Any]):
+        if op in self.calls:
+            raise ExportError(f"{op.__name__} called twice in one graph (its function body has one call's shapes)")
+        self.calls[op] = ([(tuple(t.shape), t.dtype) for t in tensors], attributes)
+        return op.apply(*tensors, *attributes.values())
+
+    def _sparse_attn(self, q, kv, indices, sink, scale):
+        return self._fused(SparseAttention, (q, kv, indices, sink), {"scale": float(scale)})
+
+    def _indexer_topk(self, q, k, weights, n_visible, topk, group=None):
+        if group is not None:
+            raise ExportError("indexer_topk: tensor-parallel groups cannot be exported; export a single rank")
+        return self._fused(IndexerTopK, (q, k, weights, n_visible), {"topk": int(topk)})
 
     def _round_trip(self, fmt: str, x: torch.Tensor, block: int) -> torch.Tensor:
         """The model's FP8 / FP4 simulation as the next unused module of that format (one per call site)."""
@@ -158,6 +222,10 @@ def _retag(model, attributes: dict[str, dict[str, Any]]):
     from onnx import helper
 
     source = __name__
+    if any(op.domain == DOMAIN for op in model.opset_import):     # the symbolic nodes already imported it
+        kept = [op for op in model.opset_import if op.domain != source]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
     for f in model.functions:
         if f.domain == source:
             f.domain = DOMAIN
@@ -176,7 +244,8 @@ def _retag(model, attributes: dict[str, dict[str, Any]]):
 
 def export_graph(module: nn.Module, args: Sequence[torch.Tensor], path: Path, input_names: Sequence[str],
                  output_names: Sequence[str], attributes: dict[str, dict[str, Any]] | None = None):
-    """Trace `module(*args)` to `path` with static shapes; fused submodules become `ascend.deploy` nodes.
+    """Trace `module(*args)` to `path` with static shapes; fused calls become `ascend.deploy` nodes, each with its
+    function body (a `StageGraph`'s `fused.calls`).
 
     Returns the checked `onnx.ModelProto`.
     """
@@ -187,8 +256,12 @@ def export_graph(module: nn.Module, args: Sequence[torch.Tensor], path: Path, in
         warnings.simplefilter("ignore")  # the TorchScript exporter warns about its own deprecation and tracing
         torch.onnx.export(module, tuple(args), str(path), dynamo=False, opset_version=OPSET,
                           input_names=list(input_names), output_names=list(output_names),
-                          export_modules_as_functions=set(FUSED), do_constant_folding=True)
-    model = _retag(onnx.load(str(path)), attributes or {})
+                          export_modules_as_functions=set(EXTRACTED),
+                          do_constant_folding=True)
+    model = onnx.load(str(path))
+    calls = module.fused.calls if isinstance(getattr(module, "fused", None), ExportKernels) else {}
+    model.functions.extend(function_body(op, specs, attrs) for op, (specs, attrs) in calls.items())
+    model = _retag(model, attributes or {})
     onnx.save(model, str(path))
     return model
 
@@ -473,13 +546,15 @@ def export_onnx_command(preset, config_dir, layer_type, phase, batch, seq, conte
         raise ExportError(f"--stages: unknown {unknown}, expected some of {', '.join(STAGES)}")
     if not chosen:
         raise ExportError(f"--stages {stages!r}: no stage named, expected some of {', '.join(STAGES)}")
+    chosen = [s for s in chosen if LAYER_TYPES[layer_type] or s not in ("compress", "select")]
+    if not chosen:
+        raise ExportError(f"--stages {stages!r}: a window layer has no compress or select stage")
     if out_dir.is_dir() and (held := sorted(p.name for p in out_dir.iterdir())):
         # an earlier export's graphs left beside this one's would read as part of it
         raise ExportError(f"--out {out_dir}: not empty (holds {held[0]}); export into a new or empty directory")
     if dry_run:
         plan = {"spec": {**dataclasses.asdict(spec)}, "layer_id": layer_id_for(config, layer_type),
-                "files": [str(out_dir / f"{s}.onnx") for s in chosen
-                          if LAYER_TYPES[layer_type] or s not in ("compress", "select")]}
+                "files": [str(out_dir / f"{s}.onnx") for s in chosen] + [str(out_dir / "manifest.json")]}
         click.echo(json.dumps(plan, indent=1) if as_json else "\n".join(["would write:", *plan["files"]]))
         return
     with tqdm(total=len(chosen), desc="export", unit="graph", disable=as_json) as bar:

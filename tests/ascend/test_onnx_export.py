@@ -92,6 +92,27 @@ def test_csa_prefill_chunk_selection_and_fused_nodes(tmp_path):
     assert fused["IndexerTopK"]["topk"] == 4 and fused["Fp4RoundTrip"]["block"] == 32
     assert fused["SparseAttention"]["scale"] == pytest.approx(CONFIG.head_dim ** -0.5)
     assert {(o.domain, o.version) for o in select.opset_import} >= {(DOMAIN, 1), ("", 20)}
+    # the documented interface: the table's inputs in its order, dtypes and ranks (a compiler maps them by position
+    # onto npu_sparse_flash_attention / npu_lightning_indexer), the sink a graph value, not folded into the body
+    elem = onnx.TensorProto
+    documented = {"SparseAttention": (("q", "kv", "indices", "sink"), [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.INT32, 3),
+                                                                        (elem.FLOAT, 1)], (elem.FLOAT, 4)),
+                  "IndexerTopK": (("q", "k", "weights", "n_visible"), [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.FLOAT, 3),
+                                                                       (elem.INT64, 2)], (elem.INT32, 3))}
+    for model in (select, attend):
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        kinds = {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+                 for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+        for n in model.graph.node:
+            if n.op_type in documented:
+                names, types, out = documented[n.op_type]
+                f = next(f for f in model.functions if f.name == n.op_type)
+                assert tuple(f.input) == names and [kinds[i] for i in n.input] == types and kinds[n.output[0]] == out
+    assert [o.name for o in attend.graph.output] == ["o", "kv_out"]
+    sink = next(n for n in attend.graph.node if n.op_type == "SparseAttention").input[3]
+    const = next(n for n in attend.graph.node if sink in n.output)
+    attn_sink = synthetic_attention(CONFIG, layer_id_for(CONFIG, "csa")).attn_sink.detach().float().numpy()
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(const.attribute[0].t), attn_sink)
     for model in (select, attend):
         for f in model.functions:   # every fused body: standard ops, and TopK's k a constant
             assert f.domain == DOMAIN
@@ -118,7 +139,8 @@ def test_cli_writes_graphs_and_manifest(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [(["--context", "0"], "expected positive"),
-                                         (["--stages", " , "], "no stage named")])
+                                         (["--stages", " , "], "no stage named"),
+                                         (["--stages", "compress,select"], "a window layer has no compress or select")])
 def test_bad_options_are_refused(tmp_path, args, match):
     result = CliRunner().invoke(export_onnx_command, ["--preset", "tiny", "--layer-type", "window", "--phase",
                                                       "decode", "--out", str(tmp_path / "o"), *args])
