@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Callable
 
 import click
 
@@ -81,6 +82,17 @@ def run_command(command: click.Command, argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """A script's argparse `main()` under the CLI's error contract: an AscendDeployError (a device that is not
+    there, a bad file or value) is one `error:` line and exit 2, not a traceback."""
+    try:
+        code = main()
+    except AscendDeployError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,4 +136,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ascend.cli import run_script
+    run_script(main)   # user errors: one line, exit 2

@@ -313,4 +313,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ascend.cli import run_script
+    run_script(main)   # user errors: one line, exit 2
