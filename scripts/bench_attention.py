@@ -410,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an inductor config option for the compiled step (repeatable), e.g. combo_kernels=True")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
-    p.add_argument("--out", type=Path, default=None, help="also write table.md and results.json here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write bench_attention.md, .json, and .jsonl (each result as it comes) here")
     args = p.parse_args(argv)
     if args.inductor and args.compile_backend != "inductor":
         p.error(f"--inductor: options of the inductor backend, not of --compile-backend {args.compile_backend}")
@@ -447,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_attention.jsonl").unlink(missing_ok=True)     # this run's results only
         log({"ceilings": ceilings})
     layers = {kind: synthetic_attention(config, layer_id, device.torch_device)
               for kind, layer_id in layer_ids(config).items()}
