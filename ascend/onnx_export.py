@@ -462,7 +462,7 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
     """Write `<stage>.onnx` for each stage of one attention layer (and `layer.onnx`), plus `manifest.json`.
 
     attn / inputs: the layer and (x, start, n_valid, cache) to trace with (default: synthetic weights and
-    `example_inputs`). Returns the manifest: per file its inputs and outputs (name, shape, dtype) and the
+    `example_inputs`). Returns the manifest: per file its inputs (name, shape, dtype), its output names and the
     custom-domain operators it contains.
     """
     layer_id = layer_id_for(config, spec.layer_type)
