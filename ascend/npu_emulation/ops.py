@@ -397,9 +397,9 @@ def _indexer_topk(op: str, query: Tensor, key: Tensor, weights: Tensor, score_sc
         score = score.masked_fill(~visible, float("-inf"))
         kk = min(sparse_count, s2)
         idx = torch.full((s1, sparse_count), -1, dtype=torch.int32)
-        if kk:
-            top = score.topk(kk, dim=-1)
-            idx[:, :kk] = torch.where(top.values > float("-inf"), top.indices, -1).to(torch.int32)
+        if kk:   # a stable sort: equal scores keep the lower index first, as ops-transformer's golden reference
+            values, order = score.sort(dim=-1, descending=True, stable=True)
+            idx[:, :kk] = torch.where(values[:, :kk] > float("-inf"), order[:, :kk], -1).to(torch.int32)
         results.append(idx[:, None, :])
     return _stack_rows(results, layout_query, query.shape[1] if layout_query == "BSND" else 0, -1)
 

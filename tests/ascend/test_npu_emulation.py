@@ -427,3 +427,12 @@ def test_weight_quant_batchmatmul_per_channel(tnpu):
         tnpu.npu_weight_quant_batchmatmul(x, w, scale)
     with pytest.raises(NotImplementedError, match="per-group"):
         tnpu.npu_weight_quant_batchmatmul(x, w.t(), scale, antiquant_group_size=32)
+
+
+def test_lightning_indexer_ties_keep_the_lower_index(tnpu):
+    """Every score 0 (keys of zeros): the visible entries tie, and the first `sparse_count` by index are chosen, in
+    index order, as ops-transformer's golden reference sorts (stably, descending)."""
+    q, k = torch.randn(1, 1, 2, 128, dtype=torch.bfloat16), torch.zeros(1, 9, 1, 128, dtype=torch.bfloat16)
+    idx, _ = tnpu.npu_lightning_indexer(q, k, torch.rand(1, 1, 2), actual_seq_lengths_key=torch.tensor([7]),
+                                        sparse_count=4, sparse_mode=0)
+    assert idx[0, 0, 0].tolist() == [0, 1, 2, 3]
