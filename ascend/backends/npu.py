@@ -198,8 +198,9 @@ class _Ops:
 
     # ------------------------------------------------------------------------------------- gate_topk
     def check_gate_topk(self, logits: Tensor, bias, tid2eid, input_ids, topk: int, route_scale: float) -> str | None:
+        # reasons name the model's sizes, not the token count: Fallbacks logs each reason once, not once per batch
         if logits.dim() != 2 or logits.shape[-1] > 2048:
-            return f"npu_moe_gating_top_k takes [N, E<=2048] scores, got {tuple(logits.shape)}"
+            return f"npu_moe_gating_top_k takes [N, E<=2048] scores, got {logits.dim()} dims and E = {logits.shape[-1]}"
         if not 1 <= topk <= logits.shape[-1]:
             return f"npu_moe_gating_top_k needs 1 <= k <= {logits.shape[-1]}, got {topk}"
         if logits.shape[-1] <= 2:
@@ -247,8 +248,11 @@ class _Ops:
     # -------------------------------------------------------------------------------- grouped_linear
     def check_grouped_linear(self, x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str) -> str | None:
         if fmt == "int8":
-            if x.numel() == 0 or x.shape[-2] > 1024 or max(weight.shape) >= 65536:
-                return f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got x {tuple(x.shape)}"
+            if x.numel() == 0:
+                return "npu_grouped_matmul takes no empty input"
+            if x.shape[-2] > 1024 or max(weight.shape) >= 65536:
+                return (f"npu_grouped_matmul takes <= 1024 groups and inner dims < 65536, got {x.shape[-2]} groups "
+                        f"and weight {tuple(weight.shape)}")
             return _dtype_reason("npu_grouped_matmul", x, HALF)
         return self._unwired_reason(fmt)
 
