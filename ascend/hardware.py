@@ -116,17 +116,19 @@ def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
         raise HardwareError(f"hardware {name!r}: entry lacks {missing}; see docs/hardware.md for the fields")
     limits = entry["limits"]
     if isinstance(limits, str):
-        if limits not in catalogue["limits"]:
+        if limits.lower() not in catalogue["limits"]:
             raise HardwareError(f"hardware {name!r}: limits {limits!r}, expected one of {sorted(catalogue['limits'])}")
-        limits = catalogue["limits"][limits]
+        limits = catalogue["limits"][limits.lower()]
+    dtypes = entry["native_dtypes"]
     try:
         hw = Hardware(
             name=key, device=device_name, description=str(entry["description"]), soc=str(entry["soc"]),
             memory_gib=float(entry["memory_gib"]), memory_gbps=float(entry["memory_gbps"]),
             tflops={str(k): float(v) for k, v in entry["tflops"].items()},
-            native_dtypes=tuple(entry["native_dtypes"]) if isinstance(entry["native_dtypes"], list) else entry["native_dtypes"], devices_per_node=int(entry["devices_per_node"]),
+            native_dtypes=tuple(dtypes) if isinstance(dtypes, list) else dtypes,   # not a list: refused below
+            devices_per_node=int(entry["devices_per_node"]),
             intra_node_gbps=float(entry["intra_node_gbps"]), inter_node_gbps=float(entry["inter_node_gbps"]),
-            max_nodes=int(entry["max_nodes"]) if entry.get("max_nodes") else None,
+            max_nodes=int(entry["max_nodes"]) if entry.get("max_nodes") is not None else None,
             reserve_gib=float(entry.get("reserve_gib", 2.0)),
             limits=dict(limits), estimates=tuple(entry.get("estimates", ())))
     except (TypeError, ValueError, AttributeError) as e:
@@ -160,4 +162,5 @@ def _check_ranges(hw: Hardware, name: str) -> None:
 
 
 # The limits that are not one integer (a maximum): ranges, and the admitted values of one setting.
-_LIMIT_FORMS = {"dispatch_ep": "[low, high]", "dispatch_hidden": "[low, high]", "fia_heads_per_rank": "a list of integers"}
+_LIMIT_FORMS = {"dispatch_ep": "[low, high]", "dispatch_hidden": "[low, high]",
+                "fia_heads_per_rank": "a list of integers"}

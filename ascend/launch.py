@@ -74,7 +74,8 @@ def _request_from_json(obj: Any, where: str, default_mode: str) -> Request:
     except ChatFormatError as e:
         raise LaunchError(f"{where}: {e}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise LaunchError(f"{where}: messages or tools not in the OpenAI chat format ({type(e).__name__}: {e})") from None
+        raise LaunchError(f"{where}: messages or tools not in the OpenAI chat format "
+                          f"({type(e).__name__}: {e})") from None
     return request
 
 

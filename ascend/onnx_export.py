@@ -216,8 +216,9 @@ class ExportKernels(nn.Module):
 
 
 def _retag(model, attributes: dict[str, dict[str, Any]]):
-    """Move the exporter's function domain (this module's name) to `ascend.deploy` and attach the attributes
-    (e.g. SparseAttention.scale) that the function body holds as constants, so a compiler can read them."""
+    """Move the exporter's extracted functions (the round trips, in the domain named after this module) to
+    `ascend.deploy` and attach the attributes (e.g. Fp8RoundTrip.block) that their bodies hold as constants, so a
+    compiler can read them."""
     import onnx
     from onnx import helper
 
@@ -469,18 +470,16 @@ def export_attention(config, spec: ExportSpec, out_dir: Path, stages: Sequence[s
     if attn is None:
         attn = synthetic_attention(config, layer_id)
     x, start, n_valid, cache = inputs if inputs is not None else example_inputs(config, layer_id, spec)
-    attributes = {"SparseAttention": {"scale": float(attn.softmax_scale)},
-                  "IndexerTopK": {"topk": int(config.index_topk)},
-                  "Fp8RoundTrip": {"block": KV_FP8_BLOCK}, "Fp4RoundTrip": {"block": FP4_BLOCK}}
+    attributes = {"Fp8RoundTrip": {"block": KV_FP8_BLOCK}, "Fp4RoundTrip": {"block": FP4_BLOCK}}   # extracted ones
     manifest = {"layer_type": spec.layer_type, "layer_id": layer_id, "phase": spec.phase, "batch": spec.batch,
                 "seq": spec.seq, "context": spec.context, "quant_sim": bool(config.quant_sim),
                 "opset": OPSET, "custom_domain": {"name": DOMAIN, "version": DOMAIN_VERSION}, "graphs": {}}
     with torch.no_grad():
-        io = stage_io(attn, spec, x, start, n_valid, cache)
+        stage_args = stage_io(attn, spec, x, start, n_valid, cache)
         for stage in stages:
-            if stage not in io:         # window-only layers have no compress / select
+            if stage not in stage_args:         # window-only layers have no compress / select
                 continue
-            in_names, args, out_names = io[stage]
+            in_names, args, out_names = stage_args[stage]
             path = out_dir / f"{stage}.onnx"
             graph = StageGraph(attn, stage, cache)
             model = export_graph(graph, args, path, in_names, out_names, attributes)
@@ -527,7 +526,8 @@ def export_config(preset: str | None, config_dir: Path | None, quant_sim: bool =
 @click.option("--seq", type=int, default=None, help="Tokens per sequence per call (decode: 1; prefill: context).")
 @click.option("--context", type=int, default=None, help="Cache capacity in tokens [min(4096, max_seq_len)].")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to write.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new or empty directory for the graphs and manifest.json.")
 @click.option("--quant-sim/--no-quant-sim", default=True, show_default=True,
               help="Keep the FP8 KV / FP4 indexer round trips (as ascend.deploy::Fp8RoundTrip / Fp4RoundTrip).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, write nothing.")

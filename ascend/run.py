@@ -87,8 +87,9 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
     launch_args = ("--device", device, *(("--json",) if as_json else ()), *ctx.args)
     from ascend.launch import read_requests
     from ascend.serve import parse_args
-    served = parse_args(["--ckpt", str(ckpt), *launch_args])   # a bad option or request file fails here (exit 2),
-    if served.input:                                           # not after every rank has started
+    # a bad option (or, on node 0, which reads it, a bad request file) fails here with exit 2, before any rank starts
+    served = parse_args(["--ckpt", str(ckpt), *launch_args], prog="ascend run ... (launch options)")
+    if served.input and node_rank == 0:
         read_requests(served.input, served.mode)
     cmd = torchrun_command(ckpt, nproc, nnodes, node_rank, master_addr, master_port, launch_args)
     if dry_run:

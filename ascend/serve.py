@@ -52,26 +52,26 @@ def arg_type(kind, ok, expected: str):
     return parse
 
 
-positive = arg_type(int, lambda v: v > 0, "a positive number")
-existing_file = arg_type(Path, Path.is_file, "an existing file")
+positive = arg_type(int, lambda v: v > 0, "a positive integer")
 new_file = arg_type(Path, lambda p: p.parent.is_dir() and not p.is_dir(), "a file path in an existing directory")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ascend.serve", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = "python -m ascend.serve") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="converted checkpoint directory (ascend convert --out)")
     p.add_argument("--plan", type=Path, help="plan.json to enforce (default: the one in --ckpt)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json or its directory (default: --ckpt)")
     p.add_argument("--device", default=os.environ.get("ASCEND_DEVICE", "auto"), choices=["auto", "npu", "cuda", "cpu"])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", type=existing_file, help="requests: .jsonl (chat messages per line) or text (a prompt per line)")
+    src.add_argument("--input", type=Path, help="requests: .jsonl (chat messages per line) or text (a prompt per line)")
     src.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
     src.add_argument("--interactive", action="store_true", help="chat on stdin (/exit, /clear, /tool RESULT)")
     p.add_argument("--system", help="system prompt for --prompt and --interactive")
     p.add_argument("--mode", default="chat", choices=["chat", "thinking"], help="V4 chat or thinking mode")
     p.add_argument("--max-new-tokens", type=positive, default=128)
-    p.add_argument("--max-len", type=positive, default=4096, help="context length to allocate per sequence (with captured "
-                   "all-to-all decode: allocated for --max-batch sequences at start)")
+    p.add_argument("--max-len", type=positive, default=4096,
+                   help="context length to allocate per sequence (with captured all-to-all decode: allocated for "
+                        "--max-batch sequences at start)")
     p.add_argument("--max-batch", type=positive, default=8, help="requests per batch on one data-parallel group")
     p.add_argument("--prefill-chunk", type=positive, help="prefill long prompts in chunks of this many tokens")
     p.add_argument("--temperature", type=arg_type(float, math.isfinite, "a finite number"), default=0.0,
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
     p.add_argument("--save", type=new_file, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
-    p.add_argument("--dist-timeout", type=arg_type(float, lambda v: 0 < v < math.inf, "a positive number"),
+    p.add_argument("--dist-timeout", type=arg_type(float, lambda v: 0 < v < math.inf, "a positive number of seconds"),
                    default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
     return p.parse_args(argv)

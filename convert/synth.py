@@ -114,7 +114,8 @@ def write_synthetic(out: str | Path, cfg: ModelConfig, seed: int = 0, hf_names: 
 @click.option("--hf-names", is_flag=True, help="Use HF-style tensor names (model.layers.N.self_attn...).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="New or empty directory.")
-@click.option("--dry-run", is_flag=True, help="Print what would be written (flash / pro: the full size), write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be written (flash / pro: the full size), write nothing.")
 @json_option
 def synth_command(preset, layers, experts, hf_names, seed, out, dry_run, as_json):
     """Write a synthetic checkpoint in the published DeepSeek-V4 layout."""

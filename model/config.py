@@ -330,7 +330,8 @@ _FIELD_NAMES = {f.name for f in dataclasses.fields(ModelConfig)}
 _REQUIRED = ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "n_activated_experts",
              "q_lora_rank", "head_dim", "o_groups", "o_lora_rank", "window_size", "index_n_heads", "index_head_dim",
              "index_topk", "compress_ratios")
-_HF_NAMES = {field_: key for key, field_ in _HF_RENAMES.items()} | {"compress_ratios": "compress_ratios (or layer_types)"}
+_HF_NAMES = ({field_: key for key, field_ in _HF_RENAMES.items()}
+             | {"compress_ratios": "compress_ratios (or layer_types)"})
 
 
 def _values_from_hf(raw: dict[str, Any], origin: str) -> dict[str, Any]:

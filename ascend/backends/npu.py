@@ -161,7 +161,8 @@ class _Ops:
         # op-plugin's page (revised 2026-07/08, 40912f85 and 4d2c62d6): `sinks` (aclnnSparseFlashAttentionV2) is
         # supported on Ascend 950 only, "A3/A2: sinks not supported"; every V4 attention layer has attn_sink
         if stage == "sparse_attn" and self.soc in ("A2", "A3"):
-            return f"npu_sparse_flash_attention takes no sinks on {self.soc} (V4's attn_sink needs them; Ascend 950 does)"
+            return (f"npu_sparse_flash_attention takes no sinks on {self.soc} (V4's attn_sink needs them; "
+                    f"Ascend 950 does)")
         return None
 
     # -------------------------------------------------------------------------------------- rms_norm

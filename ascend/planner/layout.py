@@ -49,7 +49,7 @@ def check_layout(config: Any, world: int, tp: int, ep: int, redundant: int, hard
         out.append(f"redundant={redundant}: expected >= 0")
     elif ep >= 1 and redundant > (ep - 1) * E:      # placement puts at most one replica of an expert per EP rank
         out.append(f"redundant={redundant}: at most {(ep - 1) * E} with ep={ep} (one replica of an expert per EP "
-                   f"rank; use --redundant {(ep - 1) * E - ((ep - 1) * E + E) % ep} or a larger ep)")
+                   f"rank; use at most --redundant {(ep - 1) * E} or a larger ep)")
     elif ep >= 1 and (E + redundant) % ep:
         need = (-E - redundant) % ep
         out.append(f"ep={ep} must divide the {E}+{redundant} physical expert slots "

@@ -216,7 +216,8 @@ def _check_reports(plan: Plan, source: str) -> None:
         need(isinstance(run, dict) and isinstance(run.get("ranks"), list) and len(run["ranks"]) == 2
              and all(isinstance(r, int) for r in run["ranks"]) and isinstance(run.get("bytes"), dict)
              and all(number(run["bytes"].get(c)) for c in COMPONENTS),
-             f"memory.per_rank[{i}]", f'{{"ranks": [first, last], "bytes": {{...}}}} with bytes of {", ".join(COMPONENTS)}')
+             f"memory.per_rank[{i}]",
+             f'{{"ranks": [first, last], "bytes": {{...}}}} with bytes of {", ".join(COMPONENTS)}')
     need(plan.capacity_bytes is None or number(plan.capacity_bytes), "memory.capacity_bytes", "a number")
     L = plan.n_moe_layers
     for key in ("before", "after", "eplb", "bound") if plan.balance else ():

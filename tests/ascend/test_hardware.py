@@ -80,6 +80,7 @@ def test_user_file_adds_hardware(tmp_path):
     (dict(native_dtypes="bf16"), "native_dtypes = 'bf16', expected a list"),
     (dict(reserve_gib=-1), "reserve_gib = -1.0, expected in [0, memory_gib"),
     (dict(limits={"dispatch_ep": 5}), "limit dispatch_ep = 5, expected [low, high]"),
+    (dict(max_nodes=0), "max_nodes = 0, expected a positive integer"),
 ])
 def test_user_entries_outside_the_cost_models_range_are_refused(tmp_path, change, message):
     """The planner divides by every rate and subtracts the reserve: zero or negative figures gave tracebacks or
@@ -92,8 +93,12 @@ def test_user_entries_outside_the_cost_models_range_are_refused(tmp_path, change
 
 def test_user_file_forms(tmp_path):
     limits_only = tmp_path / "limits.yaml"                 # docs/hardware.md: devices, systems and/or limits
-    limits_only.write_text("limits:\n  mine: {dispatch_topk_max: 8}\n")
+    limits_only.write_text("limits:\n  Mine: {dispatch_topk_max: 8}\n")
     assert "mine" in load_catalogue(limits_only)["limits"]
+    named = tmp_path / "named.json"                        # names in any case, references included
+    named.write_text(json.dumps({"limits": {"My-Limits": {"dispatch_topk_max": 8}},
+                                 "devices": {"My-NPU": {**load_catalogue()["devices"]["cpu"], "limits": "My-Limits"}}}))
+    assert get_hardware("my-npu", named).limits == {"dispatch_topk_max": 8}
     broken = tmp_path / "broken.yaml"
     broken.write_text("devices:\n  x: [unclosed\n")
     with pytest.raises(HardwareError) as e:

@@ -95,10 +95,11 @@ def test_csa_prefill_chunk_selection_and_fused_nodes(tmp_path):
     # the documented interface: the table's inputs in its order, dtypes and ranks (a compiler maps them by position
     # onto npu_sparse_flash_attention / npu_lightning_indexer), the sink a graph value, not folded into the body
     elem = onnx.TensorProto
-    documented = {"SparseAttention": (("q", "kv", "indices", "sink"), [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.INT32, 3),
-                                                                        (elem.FLOAT, 1)], (elem.FLOAT, 4)),
-                  "IndexerTopK": (("q", "k", "weights", "n_visible"), [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.FLOAT, 3),
-                                                                       (elem.INT64, 2)], (elem.INT32, 3))}
+    documented = {
+        "SparseAttention": (("q", "kv", "indices", "sink"),
+                            [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.INT32, 3), (elem.FLOAT, 1)], (elem.FLOAT, 4)),
+        "IndexerTopK": (("q", "k", "weights", "n_visible"),
+                        [(elem.FLOAT, 4), (elem.FLOAT, 3), (elem.FLOAT, 3), (elem.INT64, 2)], (elem.INT32, 3))}
     for model in (select, attend):
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         kinds = {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))

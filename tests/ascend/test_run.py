@@ -41,8 +41,8 @@ def test_dry_run_prints_the_command_with_forwarded_options(tmp_path, capsys):
                                          "--max-new-tokens", "5"]
 
 
-@pytest.mark.parametrize("option, message", [(["--input", "missing.jsonl"], "missing.jsonl: expected an existing file"),
-                                             (["--max-new-tokens", "0"], "0: expected a positive number"),
+@pytest.mark.parametrize("option, message", [(["--input", "missing.jsonl"], "missing.jsonl: cannot read the request"),
+                                             (["--max-new-tokens", "0"], "0: expected a positive integer"),
                                              (["--no-such-option"], "unrecognized arguments")])
 def test_bad_launch_options_are_refused_before_any_rank_starts(tmp_path, capsys, option, message):
     with pytest.raises(SystemExit) as e:
@@ -65,3 +65,10 @@ def test_world_mismatch_is_refused_before_launch(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--ckpt", str(tmp_path / "nope"), "--nproc", "2"])
     assert e.value.code == 2 and "ascend convert" in capsys.readouterr().err
+
+
+def test_only_node_0_reads_the_request_file(tmp_path, capsys):
+    """Rank 0 alone reads --input, so another node's launcher does not need the file (multi-node)."""
+    main(["run", "--ckpt", _ckpt(tmp_path, 4), "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+          "h", "--dry-run", "--input", str(tmp_path / "only-on-node-0.jsonl")])
+    assert "--input" in capsys.readouterr().out

@@ -7,12 +7,12 @@ from ascend.serve import parse_args
 
 
 @pytest.mark.parametrize("option, value, expected", [
-    ("--max-new-tokens", "-1", "a positive number"), ("--max-len", "0", "a positive number"),
-    ("--max-batch", "0", "a positive number"), ("--prefill-chunk", "-8", "a positive number"),
-    ("--dist-timeout", "0", "a positive number"), ("--dist-timeout", "inf", "a positive number"),
+    ("--max-new-tokens", "-1", "a positive integer"), ("--max-len", "1.5", "a positive integer"),
+    ("--max-batch", "0", "a positive integer"), ("--prefill-chunk", "-8", "a positive integer"),
+    ("--dist-timeout", "0", "a positive number of seconds"), ("--dist-timeout", "inf", "a positive number of"),
     ("--temperature", "nan", "a finite number"), ("--top-p", "0", "a number in (0, 1]"),
     ("--top-p", "1.5", "a number in (0, 1]"), ("--top-k", "-3", "an integer >= 0"),
-    ("--input", "missing.jsonl", "an existing file"), ("--save", "/no/such/dir/x.json", "a file path in an existing"),
+    ("--save", "/no/such/dir/x.json", "a file path in an existing"),
 ])
 def test_out_of_range_options_are_refused(capsys, option, value, expected):
     with pytest.raises(SystemExit) as e:

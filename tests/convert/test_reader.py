@@ -102,12 +102,12 @@ def test_gapped_data(ckpt_copy):
         _load(ckpt_copy)
 
 
-
 def test_trailing_bytes(ckpt_copy):
     with open(ckpt_copy / SHARD, "ab") as f:
         f.write(bytes(64))
     with pytest.raises(ConvertError, match=f"{SHARD}: 64 bytes after the last tensor"):
         _load(ckpt_copy)
+
 
 def test_tensor_missing(ckpt_copy):
     _drop(ckpt_copy / SHARD, "layers.0.ffn.gate.tid2eid")

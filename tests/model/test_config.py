@@ -78,7 +78,6 @@ def test_inference_spelling_and_extra_mtp_zeros():
         ModelConfig.from_hf(args)
 
 
-
 @pytest.mark.parametrize("drop, named", [(("sliding_window",), "sliding_window"),
                                          (("index_topk", "hidden_size"), "hidden_size, index_topk"),
                                          (("compress_ratios",), "compress_ratios (or layer_types)")])
@@ -99,6 +98,7 @@ def test_invalid_values_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.preset("tiny").to_hf_dict(), "n_routed_experts": "8"}))
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: n_routed_experts = '8', expected a positive"):
         ModelConfig.from_hf(tmp_path)
+
 
 def test_tiny_keeps_every_structural_feature():
     t = ModelConfig.preset("tiny")

@@ -6,8 +6,8 @@ compared with the single-process run on the same requests.
 """
 
 import json
-import select
 import os
+import select
 import subprocess
 import sys
 import time
@@ -187,6 +187,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(work, tmp_path):
                         "cpu", "--tokenizer", str(big), "--prompt", "hi"], capture_output=True, text=True, timeout=60,
                        cwd=REPO)
     assert p.returncode == 2 and f"the tokenizer has {n_ids} ids, the model's vocabulary 1024" in p.stderr
+
 
 def test_shut_down_keeps_nccl_communicators_after_captured_collectives(monkeypatch):
     """Ranks meet at a barrier, then tear down their groups, except when captured graphs hold collectives (NCCL's

@@ -89,13 +89,13 @@ def test_bad_load_file(capsys, tmp_path):
     assert code == 2 and "expected [4, 8] or [5, 8]" in err
 
 
-
 @pytest.mark.parametrize("option, expected", [("--out", "p.json: cannot write the plan (No such file or directory)"),
                                               ("--plot", "x.png: No such file or directory")])
 def test_unwritable_output_is_one_line_exit_2(capsys, tmp_path, option, expected):
     target = tmp_path / "missing" / ("p.json" if option == "--out" else "x.png")
     code, _, err = run(capsys, "plan", "--preset", "tiny", "--hardware", "cpu", "--devices", "2", option, str(target))
     assert code == 2 and err == f"error: {tmp_path / 'missing'}/{expected}\n"
+
 
 def test_export_vllm_keeps_replicas_on_distinct_devices(capsys, tmp_path):
     # vllm-ascend maps (device, expert) -> local slot, so a device may hold each expert once
