@@ -6,6 +6,7 @@ Each entry below is "module:attribute" of a click command defined next to the co
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -60,38 +61,42 @@ def cli() -> None:
     """DeepSeek-V4 on Ascend NPUs: plan, convert, verify, run, export."""
 
 
-def run_command(command: click.Command, argv: list[str] | None = None) -> None:
-    """Run a click command (the `ascend` group, or a script's own command): user errors become one line
-    on stderr and exit code 2, never a traceback."""
+@contextlib.contextmanager
+def user_errors():
+    """The CLI's error contract around a command: an AscendDeployError, or an OSError on a path the user named
+    (missing folder, permissions, full disk), is one `error:` line on stderr and exit code 2, never a traceback.
+    The commands that write much write to temporary names first, so nothing half-written looks complete."""
     try:
-        command.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        yield
     except AscendDeployError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except OSError as e:
-        # a path the user named that cannot be read or written (missing folder, permissions, full disk); the
-        # commands that write much write to temporary names first, so nothing half-written looks complete
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+
+
+def run_command(command: click.Command, argv: list[str] | None = None) -> None:
+    """Run a click command (the `ascend` group, or a script's own command) under `user_errors`; click's own
+    usage errors keep click's message."""
+    with user_errors():
+        try:
+            command.main(args=argv, standalone_mode=False)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
 
 
 def run_script(main: Callable[[], int | None]) -> None:
-    """A script's argparse `main()` under the CLI's error contract: an AscendDeployError (a device that is not
-    there, a bad file or value) is one `error:` line and exit 2, not a traceback."""
-    try:
+    """A script's argparse `main()` under `user_errors` (a device that is not there, a bad file or value)."""
+    with user_errors():
         code = main()
-    except AscendDeployError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
     sys.exit(code)
 
 
