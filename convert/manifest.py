@@ -56,6 +56,7 @@ _TOP = {"weights": str, "world_size": int, "plan": dict, "config": dict, "source
 _RANK = {"rank": int, "files": dict, "tensors": dict}
 _FILE = {"sha256": str, "bytes": int}
 _TENSOR = {"file": str, "dtype": str, "shape": list, "sha256": str, "source": str}
+_JSON_TYPE = {str: "string", int: "integer", dict: "object", list: "array"}
 
 
 def _check_fields(m: dict, path: Path) -> None:
@@ -74,9 +75,6 @@ def _check_fields(m: dict, path: Path) -> None:
             need(rec, _FILE, f"ranks[{i}] file {rel}")
         for name, rec in entry["tensors"].items():
             need(rec, _TENSOR, f"ranks[{i}] tensor {name}")
-
-
-_JSON_TYPE = {str: "string", int: "integer", dict: "object", list: "array"}
 
 
 def rank_entry(manifest: dict, rank: int, origin: str) -> dict:

@@ -409,9 +409,9 @@ class _Ops:
     def check_sparse_attn(self, q: Tensor, kv: Tensor, indices: Tensor, sink: Tensor, scale: float) -> str | None:
         if q.shape[-1] != 512:
             return f"npu_sparse_flash_attention needs head dim 512, got {q.shape[-1]}"
-        if q.shape[2] not in (range(1, 129) if self.soc == "A5" else SFA_HEADS):
-            heads = "1-128" if self.soc == "A5" else "1/2/4/.../128"
-            return f"npu_sparse_flash_attention on {self.soc} takes {heads} query heads per rank, got {q.shape[2]}"
+        heads, allowed = (range(1, 129), "1-128") if self.soc == "A5" else (SFA_HEADS, "1/2/4/.../128")
+        if q.shape[2] not in heads:
+            return f"npu_sparse_flash_attention on {self.soc} takes {allowed} query heads per rank, got {q.shape[2]}"
         reason = _dtype_reason("npu_sparse_flash_attention", q, HALF)
         if reason or kv.dtype == q.dtype:
             return reason
