@@ -83,11 +83,30 @@ def _sparse_attn_partial_kernel(
         tl.store(l_ptr + part, l_i, mask=h_ok)
 
 
+MERGE_TILE = 4096        # float32 values one merge program loads at once: 32 per thread of its 4 warps
+
+
+def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, device: torch.device) -> tuple:
+    """(heads, dims, chunks) per merge program and load: the sparse kernel's head block and up to 128 dims, halved
+    (heads down to 4, then dims down to 32) while the grid has fewer programs than SMs, then as many chunks per load
+    as MERGE_TILE allows. At V4's batch-1 decode (20 chunks, 64 heads x 512), 16 x 128 blocks made 16 programs, each
+    waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now 256 programs of
+    4 x 32, one load each; batch 32 keeps 16 x 128 (512 programs)."""
+    heads, dims = block_h, min(128, triton.next_power_of_2(D))
+    while queries * triton.cdiv(H, heads) * triton.cdiv(D, dims) < _sms(device) and (heads > 4 or dims > 32):
+        heads, dims = (heads // 2, dims) if heads > 4 else (heads, dims // 2)
+    return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims)))
+
+
+def _sms(device: torch.device) -> int:
+    """The device's SMs; CPU tensors come here only under Triton's interpreter (the tests): a nominal 8, so that
+    their split and merge paths run too."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
-    """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU. CPU tensors
-    come here only under Triton's interpreter (the tests): a nominal 8 SMs, so that their split path runs too."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(k_blocks, triton.cdiv(int(waves * sms), programs)))
+    """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU."""
+    return max(1, min(k_blocks, triton.cdiv(int(waves * _sms(device)), programs)))
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
@@ -121,41 +140,46 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
     )
     if nsplit > 1:
-        block_d = min(128, triton.next_power_of_2(D))
-        _merge_kernel[(B * S, head_blocks, triton.cdiv(D, block_d))](
-            *parts, sink, out, H, nsplit, D=D, BLOCK_D=block_d, BLOCK_H=block_h,
-            NSPLIT_P2=triton.next_power_of_2(nsplit), num_warps=4)
+        heads, dims, chunks = _merge_blocks(B * S, H, D, block_h, nsplit, q.device)
+        _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](
+            *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, SPLIT_CHUNK=chunks, num_warps=4)
     return out
 
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     """Combine the chunk partials [BS, NSPLIT, H, (D)] of one query, block of heads and block of dims into the
     normalised output: each chunk's (o, m, l) rescaled to the largest max, the sink one more logit per head with a
-    zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step); the
-    dims are split over programs too, as a decode step has only B * head blocks queries to spread."""
+    zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step).
+
+    SPLIT_CHUNK chunks are read by one load (all of them at batch-1 decode: one round trip to memory, not one per
+    chunk), with an online max over the loads when there are more; the blocks come from `_merge_blocks`."""
     bs = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    splits = tl.arange(0, NSPLIT_P2)
     h_ok = heads < H
-    od_ok = h_ok[:, None] & (dims[None, :] < D)
-    ml = (bs * NSPLIT + splits[:, None]).to(tl.int64) * H + heads[None, :]            # [NSPLIT_P2, BLOCK_H]
-    ok = (splits[:, None] < NSPLIT) & h_ok[None, :]
-    m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + ml, mask=ok, other=0.0)
-    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
-    m_all = tl.maximum(tl.max(m, 0), sink)                         # finite: the sink always counts
-    denom = tl.sum(l * tl.exp(m - m_all[None, :]), 0) + tl.exp(sink - m_all)         # -inf chunks weigh 0
+    d_ok = dims < D
+    m_run = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)        # the sink: a logit that always counts
+    denom = tl.full([BLOCK_H], 1.0, tl.float32)                    # its exp(sink - m_run)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for split in range(NSPLIT):
-        row = (bs * NSPLIT + split).to(tl.int64) * H + heads
-        w = tl.exp(tl.load(m_ptr + row, mask=h_ok, other=float("-inf")) - m_all)
-        acc += w[:, None] * tl.load(o_ptr + row[:, None] * D + dims[None, :], mask=od_ok, other=0.0)
+    for s0 in range(0, NSPLIT, SPLIT_CHUNK):
+        splits = s0 + tl.arange(0, SPLIT_CHUNK)
+        ml = (bs * NSPLIT + splits[:, None]).to(tl.int64) * H + heads[None, :]         # [SPLIT_CHUNK, BLOCK_H]
+        ok = (splits[:, None] < NSPLIT) & h_ok[None, :]
+        m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + ml, mask=ok, other=0.0)
+        o = tl.load(o_ptr + ml[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
+                    other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))                    # finite: m_run starts at the sink
+        alpha = tl.exp(m_run - m_new)
+        w = tl.exp(m - m_new[None, :])                             # -inf chunks weigh 0
+        denom = denom * alpha + tl.sum(l * w, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        m_run = m_new
     out = (bs * H + heads).to(tl.int64)                            # out is contiguous [B, S, H, D]
     tl.store(out_ptr + out[:, None] * D + dims[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
-             mask=od_ok)
+             mask=h_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

@@ -438,18 +438,22 @@ def test_triton_stages_replay_under_cuda_graph():
 
 
 @needs_triton_or_interpreter
-@pytest.mark.parametrize("B,S,H,D,T,K", [(1, 1, 16, 64, 300, 200), (1, 2, 20, 48, 100, 70), (2, 1, 8, 32, 50, 96),
-                                         (1, 1, 16, 192, 300, 200)])
-def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K):
-    """Few queries and long index lists: the list is split over programs and the partials merged (several heads
-    blocks, a head count and a head dim that fill no block, a head dim the merge splits into a full and a partial
-    block of 128, an empty chunk, a query with no key)."""
+@pytest.mark.parametrize("B,S,H,D,T,K,waves", [(1, 1, 16, 64, 300, 200, 2.0), (1, 2, 20, 48, 100, 70, 2.0),
+                                               (2, 1, 8, 32, 50, 96, 2.0), (1, 1, 16, 192, 300, 200, 2.0),
+                                               (1, 1, 16, 64, 2100, 2048, 8.0)])
+def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K, waves):
+    """Few queries and long index lists: the list is split over programs and the partials merged (several head
+    blocks, a head count and a head dim that fill no block, head dims the merge splits into several blocks, an empty
+    chunk, a query with no key, and more chunks than the merge reads in one load)."""
     from ascend.backends import triton_sparse_attn
     q, kv, idx, sink = _attn_inputs(B, S, H, D, T, K, device=TRITON_DEVICE)
     idx[0, 0, :64] = -1
     programs = B * S * -(-H // 16)
-    assert triton_sparse_attn._num_splits(programs, -(-K // 16), q.device, 2.0) > 1
-    out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, block_h=16, block_k=16, num_warps=4)
+    splits = triton_sparse_attn._num_splits(programs, -(-K // 16), q.device, waves)
+    per_load = triton_sparse_attn._merge_blocks(B * S, H, D, 16, splits, q.device)[2]
+    assert splits > (per_load if waves > 2 else 1)
+    out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, block_h=16, block_k=16, num_warps=4,
+                                         waves=waves)
     ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
