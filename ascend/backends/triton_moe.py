@@ -225,11 +225,13 @@ def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: i
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> tuple:
-    """Rows made contiguous and 16-byte aligned (the fp4 kernel reads bf16 rows as int32 pairs), the scales seen as
-    bytes (None: no scales), as both launchers pass them."""
+    """Rows with unit-stride inputs, each row 16-byte aligned (the fp4 kernel reads bf16 rows as int32 pairs), and
+    the scales seen as bytes (None: no scales), as both launchers pass them. Rows keep their own stride: a token's
+    input broadcast to its k experts (row stride 0) is read in place, not copied k times first."""
     s = None if scale is None else scale.view(torch.uint8)
     assert weight.stride(-1) == 1 and (s is None or s.stride(-1) == 1)
-    x = x.contiguous()
+    if x.stride(-1) != 1 or (x.stride(0) * x.element_size()) % 16:
+        x = x.contiguous()
     return (x if x.data_ptr() % 16 == 0 else x.clone()), s
 
 

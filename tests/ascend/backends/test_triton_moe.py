@@ -118,6 +118,23 @@ def test_per_selection_kernel(fmt, d_in, dtype):
     _check(per_selection(x, weight, scale, idx, block_out=16, block_in=64), x, weight, scale, fmt, idx)
 
 
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_broadcast_rows_are_read_in_place(fmt):
+    """A token's input broadcast to its experts (row stride 0, as the MoE passes it) is read where it is, not copied
+    per selection first, and gives what its contiguous copy gives, in both kernels."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack(fmt, 3, 40, 128)
+    idx = torch.tensor([2, 0, 1, 2], device=DEVICE)
+    x = _rows(1, 128, torch.bfloat16).expand(4, 128)
+    assert triton_moe._operands(x, weight, scale)[0].stride(0) == 0
+    per_selection = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
+    grouped = triton_moe.grouped_matmul_fp4 if fmt == "fp4" else triton_moe.grouped_matmul_fp8
+    for kernel in (per_selection, grouped):
+        torch.testing.assert_close(kernel(x, weight, scale, idx), kernel(x.contiguous(), weight, scale, idx),
+                                   rtol=0, atol=0)
+    _check(per_selection(x, weight, scale, idx), x, weight, scale, fmt, idx)
+
+
 def test_groups_are_static_and_complete():
     """order / starts / counts list every selection once under its expert; `experts` (min(E, N) long, most rows
     first) holds every used expert."""
