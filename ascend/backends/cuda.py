@@ -12,6 +12,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
 | `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
+| `gate_topk` (scored)     | scores, k argmax rounds, weights in one launch     | the reference                        |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -285,6 +286,29 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_auto)
 
 
+@torch.library.custom_op("ascend_cuda::gate_topk", mutates_args=())
+def gate_topk_scored(logits: torch.Tensor, bias: torch.Tensor | None, topk: int,
+                     route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `kernels.gate_topk` of a scored (not hash) layer: one launch (`triton_gate`)."""
+    from ascend.backends import triton_gate
+    return triton_gate.gate_topk(logits, bias, topk, route_scale)
+
+
+@gate_topk_scored.register_fake
+def _(logits, bias, topk, route_scale):
+    lead = logits.shape[:-1]
+    return (logits.new_empty(*lead, topk, dtype=torch.float32), logits.new_empty(*lead, topk, dtype=torch.int64))
+
+
+def gate_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
+                     input_ids: torch.Tensor | None, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.gate_topk`: scored layers in one Triton launch; hash layers (a table lookup, no top-k) on the
+    reference, which inductor fuses with its neighbours."""
+    if tid2eid is not None:
+        return REFERENCE.gate_topk(logits, bias, tid2eid, input_ids, topk, route_scale)
+    return gate_topk_scored(logits, bias, topk, route_scale)
+
+
 @torch.library.custom_op("ascend_cuda::expert_matmul", mutates_args=())
 def expert_matmul_quant_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
                                expert_idx: torch.Tensor, groups: list[torch.Tensor],
@@ -333,8 +357,12 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     """`kernels.linear` for decode: an fp8 / fp4 projection of at most LINEAR_FUSED_MAX_ROWS tokens runs the expert
     kernels with one "expert" (the stored bytes decoded in registers: one row per GEMV, more rows grouped into
     tensor-core tiles) instead of dequantising the whole weight into the activation dtype every call; larger inputs
-    (prefill) keep the reference, whose dequantisation is amortised over the rows."""
+    (prefill) keep the reference, whose dequantisation is amortised over the rows. A bf16 projection of one row
+    with few outputs (the indexer's weights_proj) takes the float32 walk, rounded once to bf16 as cuBLAS rounds its
+    float32 sums (which it would add up in a second, split-K launch)."""
     rows = x.numel() // x.size(-1)
+    if fmt == "bf16" and x.dtype == weight.dtype == torch.bfloat16 and f32_gemv_applies(rows, weight.size(0)):
+        return f32_gemv_triton(x.reshape(1, x.size(-1)), weight).to(x.dtype).view(*x.shape[:-1], weight.size(0))
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
     flat = x.reshape(rows, x.size(-1))
@@ -406,7 +434,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    linear=functools.partial(linear_triton, formats=formats),
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
-                                   **short)
+                                   gate_topk=gate_topk_triton, **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

@@ -324,12 +324,29 @@ def test_fused_linear_matches_reference_and_falls_back_for_prefill(fmt, monkeypa
 
 
 @needs_triton_or_interpreter
+def test_bf16_linear_of_one_row_takes_the_walk(monkeypatch):
+    """A bf16 projection of one row with few outputs (the indexer's weights_proj at batch-1 decode) runs the float32
+    walk and rounds once to bf16: within one bf16 rounding of the exact product; two rows keep the reference."""
+    calls = []
+    walk = cuda.f32_gemv_triton
+    monkeypatch.setattr(cuda, "f32_gemv_triton", lambda x, w: calls.append(tuple(x.shape)) or walk(x, w))
+    w = torch.randn(64, 256, device=TRITON_DEVICE).to(torch.bfloat16)
+    for rows in (1, 2):
+        x = torch.randn(rows, 1, 256, device=TRITON_DEVICE).to(torch.bfloat16)
+        y = cuda.linear_triton(x, w, None, "bf16")
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 1, 64)
+        torch.testing.assert_close(y.float(), (x.double() @ w.double().t()).float(), rtol=2 ** -7, atol=1e-3)
+    assert calls == [(1, 256)]
+
+
+@needs_triton_or_interpreter
 def test_triton_table_covers_the_decode_stages():
     from ascend.backends import triton_mhc
 
     k = cuda.make_kernels(use_triton=True)
     assert (k.hc_pre, k.hc_post, k.hc_head) == (triton_mhc.hc_pre, triton_mhc.hc_post, triton_mhc.hc_head)
     assert k.sparse_attn is cuda.sparse_attn_triton and k.grouped_linear.func is cuda.grouped_linear_triton
+    assert k.gate_topk is cuda.gate_topk_triton
     assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
     # the formats the Triton expert kernels read in place: the MoE runs them static at any size (prefill too)
     assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda._triton_expert_formats()
