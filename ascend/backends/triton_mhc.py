@@ -19,10 +19,13 @@ on a 4 x 4 matrix per token, so the step is launch-bound, not bandwidth-bound. T
 `hc_post` is one kernel, grid (tokens, D blocks): out_j = post_j y + sum_k comb[k, j] X_k in float32.
 
 Numerics: float32 throughout, the reference's order of operations (softmax rows + eps, divide columns, then
-`iters - 1` rounds of rows then columns), IEEE division and square root (`div_rn`, `sqrt_rn`; Triton's `/` is
-approximate). What differs is only float32 rounding: the order in which the GEMV's and the mean's sums are
-accumulated, `exp` and fused multiply-adds, so results agree with the reference to a few float32 ulps
-(tests/ascend/backends/test_triton_mhc.py).
+`iters - 1` rounds of rows then columns), IEEE division and square root (`div_rn`, `sqrt_rn`) except in those
+`iters - 1` rounds, which divide with Triton's `/` (`div.full.f32`, within 2 ulps). There IEEE division cost more
+than the rest of the kernel: its slow-path check made each thread's four divisions run one after another, ~0.26 us
+per round on an H200, 19 rounds ~5 us of an 11.4 us hc_pre (docs/performance.md); each round renormalises, so the
+ulps do not pile up. What differs from the reference is only float32 rounding: that division, the order in which
+the GEMV's and the mean's sums are accumulated, `exp` and fused multiply-adds, so results agree with it to a few
+float32 ulps (tests/ascend/backends/test_triton_mhc.py).
 
 The launches depend only on tensor shapes and never read tensor values on the host, so they can be captured in a
 CUDA graph; the public functions are `torch.library` custom ops (`ascend_cuda::hc_pre`, ...) with fake
@@ -125,9 +128,9 @@ def _hc_mix_kernel(
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
         comb = tl.where(ok, tl.math.div_rn(e, tl.sum(e, axis=1)[:, None]) + eps, 0.0)
         comb = tl.math.div_rn(comb, tl.sum(comb, axis=0)[None, :] + eps)
-        for _ in range(iters - 1):
-            comb = tl.math.div_rn(comb, tl.sum(comb, axis=1)[:, None] + eps)
-            comb = tl.math.div_rn(comb, tl.sum(comb, axis=0)[None, :] + eps)
+        for _ in range(iters - 1):      # Triton's division here, not div_rn: see Numerics in the module doc
+            comb = comb / (tl.sum(comb, axis=1)[:, None] + eps)
+            comb = comb / (tl.sum(comb, axis=0)[None, :] + eps)
         if db == 0:
             tl.store(post_ptr + t.to(tl.int64) * N + i, post, mask=i_ok)
             tl.store(comb_ptr + t.to(tl.int64) * N * N + i[:, None] * N + i[None, :], comb, mask=ok)
