@@ -83,17 +83,22 @@ def _sparse_attn_partial_kernel(
         tl.store(l_ptr + part, l_i, mask=h_ok)
 
 
-MERGE_TILE = 4096        # float32 values one merge program loads at once: 32 per thread of its 4 warps
+MERGE_TILE = 8192        # float32 values of o one merge program loads at once: 64 per thread of its 4 warps
 
 
 def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, device: torch.device) -> tuple:
-    """(heads, dims, chunks) per merge program and load: the sparse kernel's head block and up to 128 dims, halved
-    (heads down to 4, then dims down to 32) while the grid has fewer programs than SMs, then as many chunks per load
-    as MERGE_TILE allows. At V4's batch-1 decode (20 chunks, 64 heads x 512), 16 x 128 blocks made 16 programs, each
-    waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now 256 programs of
-    4 x 32, one load each; batch 32 keeps 16 x 128 (512 programs)."""
+    """(heads, dims, chunks) per merge program and load. A grid of the sparse kernel's head block and up to 128 dims
+    that fills at least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several
+    chunks per load made batch 32 slower: their sum over chunks crosses threads). A smaller grid (batch-1 decode) has
+    its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
+    chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
+    programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
+    256 programs of 4 x 32, one load each."""
     heads, dims = block_h, min(128, triton.next_power_of_2(D))
-    while queries * triton.cdiv(H, heads) * triton.cdiv(D, dims) < _sms(device) and (heads > 4 or dims > 32):
+    grid = lambda: queries * triton.cdiv(H, heads) * triton.cdiv(D, dims)     # noqa: E731
+    if 2 * grid() >= _sms(device):
+        return heads, dims, 1
+    while grid() < _sms(device) and (heads > 4 or dims > 32):
         heads, dims = (heads // 2, dims) if heads > 4 else (heads, dims // 2)
     return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims)))
 
@@ -142,41 +147,44 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
     if nsplit > 1:
         heads, dims, chunks = _merge_blocks(B * S, H, D, block_h, nsplit, q.device)
         _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](
-            *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, SPLIT_CHUNK=chunks, num_warps=4)
+            *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, NSPLIT_P2=triton.next_power_of_2(nsplit),
+            SPLIT_CHUNK=chunks, num_warps=4)
     return out
 
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr,
+                  SPLIT_CHUNK: tl.constexpr):
     """Combine the chunk partials [BS, NSPLIT, H, (D)] of one query, block of heads and block of dims into the
     normalised output: each chunk's (o, m, l) rescaled to the largest max, the sink one more logit per head with a
     zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step).
 
-    SPLIT_CHUNK chunks are read by one load (all of them at batch-1 decode: one round trip to memory, not one per
-    chunk), with an online max over the loads when there are more; the blocks come from `_merge_blocks`."""
+    The maxima and sums of all chunks are read at once (a few values per head); the partial outputs SPLIT_CHUNK
+    chunks per load (all of them at batch-1 decode: one round trip to memory, not one per chunk). The blocks come
+    from `_merge_blocks`."""
     bs = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     h_ok = heads < H
     d_ok = dims < D
-    m_run = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)        # the sink: a logit that always counts
-    denom = tl.full([BLOCK_H], 1.0, tl.float32)                    # its exp(sink - m_run)
+    splits = tl.arange(0, NSPLIT_P2)
+    ml = (bs * NSPLIT + splits[:, None]).to(tl.int64) * H + heads[None, :]            # [NSPLIT_P2, BLOCK_H]
+    ok = (splits[:, None] < NSPLIT) & h_ok[None, :]
+    m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + ml, mask=ok, other=0.0)
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
+    m_all = tl.maximum(tl.max(m, 0), sink)                         # finite: the sink always counts
+    denom = tl.sum(l * tl.exp(m - m_all[None, :]), 0) + tl.exp(sink - m_all)         # -inf chunks weigh 0
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for s0 in range(0, NSPLIT, SPLIT_CHUNK):
-        splits = s0 + tl.arange(0, SPLIT_CHUNK)
-        ml = (bs * NSPLIT + splits[:, None]).to(tl.int64) * H + heads[None, :]         # [SPLIT_CHUNK, BLOCK_H]
-        ok = (splits[:, None] < NSPLIT) & h_ok[None, :]
-        m = tl.load(m_ptr + ml, mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + ml, mask=ok, other=0.0)
-        o = tl.load(o_ptr + ml[:, :, None] * D + dims[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
+        chunk = s0 + tl.arange(0, SPLIT_CHUNK)
+        rows = (bs * NSPLIT + chunk[:, None]).to(tl.int64) * H + heads[None, :]      # [SPLIT_CHUNK, BLOCK_H]
+        c_ok = (chunk[:, None] < NSPLIT) & h_ok[None, :]
+        w = tl.exp(tl.load(m_ptr + rows, mask=c_ok, other=float("-inf")) - m_all[None, :])
+        o = tl.load(o_ptr + rows[:, :, None] * D + dims[None, None, :], mask=c_ok[:, :, None] & d_ok[None, None, :],
                     other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 0))                    # finite: m_run starts at the sink
-        alpha = tl.exp(m_run - m_new)
-        w = tl.exp(m - m_new[None, :])                             # -inf chunks weigh 0
-        denom = denom * alpha + tl.sum(l * w, 0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-        m_run = m_new
+        acc += tl.sum(w[:, :, None] * o, 0)
     out = (bs * H + heads).to(tl.int64)                            # out is contiguous [B, S, H, D]
     tl.store(out_ptr + out[:, None] * D + dims[None, :], (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
              mask=h_ok[:, None] & d_ok[None, :])

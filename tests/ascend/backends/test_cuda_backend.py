@@ -455,9 +455,20 @@ def test_triton_stages_replay_under_cuda_graph():
 
 
 @needs_triton_or_interpreter
+def test_merge_blocks_narrow_only_small_grids(monkeypatch):
+    """On an H200's 132 SMs at V4's 64 heads x 512: batch-1 decode (16 programs of 16 x 128) gets 256 programs of
+    4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load."""
+    from ascend.backends import triton_sparse_attn
+    monkeypatch.setattr(triton_sparse_attn, "_sms", lambda device: 132)
+    assert triton_sparse_attn._merge_blocks(1, 64, 512, 16, 20, "cuda") == (4, 32, 32)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, 9, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 16, 3, "cuda") == (16, 128, 1)
+
+
+@needs_triton_or_interpreter
 @pytest.mark.parametrize("B,S,H,D,T,K,waves", [(1, 1, 16, 64, 300, 200, 2.0), (1, 2, 20, 48, 100, 70, 2.0),
                                                (2, 1, 8, 32, 50, 96, 2.0), (1, 1, 16, 192, 300, 200, 2.0),
-                                               (1, 1, 16, 64, 2100, 2048, 8.0)])
+                                               (1, 1, 16, 64, 2100, 2048, 16.0)])
 def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K, waves):
     """Few queries and long index lists: the list is split over programs and the partials merged (several head
     blocks, a head count and a head dim that fill no block, head dims the merge splits into several blocks, an empty
