@@ -7,10 +7,10 @@ registers and picks the k experts by k rounds of argmax: k is 6 to 8 and E a few
 of one row cost less than one launch.
 
 Numerics follow the reference up to float32 rounding: softplus as torch computes it (x above 20 passes through,
-else log1p(exp(x)), `_softplus`), IEEE square root and division; exp and log are Triton's (a few ulps). The picks come in descending order of
-score + bias, as torch.topk returns them, with ties going to the lowest expert id (torch.topk leaves tie order to the
-implementation). Hash layers (tid2eid) stay on the reference, which inductor fuses into one kernel with its
-neighbours.
+else log1p(exp(x)), `_softplus`), IEEE square root and division; exp and log are Triton's (a few ulps). The picks
+come in descending order of score + bias, as torch.topk returns them, with ties going to the lowest expert id
+(torch.topk leaves tie order to the implementation). Hash layers (tid2eid) stay on the reference, which inductor
+fuses into one kernel with its neighbours.
 """
 
 from __future__ import annotations
@@ -44,16 +44,19 @@ def _gate_topk_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, route_scale, s_ro
     choice = score
     if bias_ptr is not None:
         choice += tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    choice = tl.where(e_ok, choice, float("-inf"))
+    # NaN choices rank lowest, with -inf ones: whatever the logits, the k picks are distinct ids below E (an id
+    # past E would make the expert kernels read outside the weights; a NaN score still gives a NaN weight)
+    choice = tl.where(e_ok & (choice == choice), choice, float("-inf"))
+    avail = e_ok
     slot = tl.arange(0, K_P2)
     picked = tl.zeros([K_P2], tl.int32)
     weight = tl.zeros([K_P2], tl.float32)
     for j in tl.static_range(K):
-        best = tl.max(choice, 0)
-        first = tl.min(tl.where(choice == best, e, E_P2), 0)       # the lowest id among the largest
+        best = tl.max(tl.where(avail, choice, float("-inf")), 0)
+        first = tl.min(tl.where(avail & (choice == best), e, E_P2), 0)     # the lowest id among the largest
         picked = tl.where(slot == j, first, picked)
         weight = tl.where(slot == j, tl.sum(tl.where(e == first, score, 0.0), 0), weight)
-        choice = tl.where(e == first, float("-inf"), choice)
+        avail = avail & (e != first)
     weight = tl.math.div_rn(weight, tl.zeros([K_P2], tl.float32) + tl.sum(weight, 0)) * route_scale
     tl.store(w_ptr + row * K + slot, weight, mask=slot < K)
     tl.store(idx_ptr + row * K + slot, picked.to(tl.int64), mask=slot < K)
@@ -68,6 +71,7 @@ def gate_topk(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_
         flat = flat.contiguous()
     n, n_experts = flat.shape
     assert 0 < topk <= n_experts
+    bias = None if bias is None else bias.contiguous()
     weights = torch.empty(n, topk, dtype=torch.float32, device=logits.device)
     indices = torch.empty(n, topk, dtype=torch.int64, device=logits.device)
     if n:
