@@ -9,7 +9,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, fixed `topk`    |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
-| `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs    | the reference                        |
+| `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |
+|                          | one-row bf16 `linear`: the float32 walk, rounded   |                                      |
 | `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 | `gate_topk` (scored)     | scores, k argmax rounds, weights in one launch     | the reference                        |
@@ -146,14 +147,21 @@ def f32_gemv_applies(rows: int, n_out: int) -> bool:
     return rows == 1 and n_out <= F32_GEMV_MAX_OUT
 
 
+def _walk_one_row(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x W^T in float32 by the Triton walk when x is one bf16 row and the bf16 weight has few outputs
+    (`f32_gemv_applies`), else None (the caller's other path)."""
+    rows = x.numel() // x.size(-1)
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not f32_gemv_applies(rows, weight.size(0)):
+        return None
+    return f32_gemv_triton(x.reshape(1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
+
+
 def f32_linear_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`kernels.f32_linear` with the Triton kernels: one row of bf16 x and weight with few outputs is one launch of
     the per-selection walk (its input split added up inside), where cuBLAS's GEMM at one row splits K and adds the
     parts in a second launch; other shapes and dtypes as `f32_linear_bf16`."""
-    rows = x.numel() // x.size(-1)
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not f32_gemv_applies(rows, weight.size(0)):
-        return f32_linear_bf16(x, weight)
-    return f32_gemv_triton(x.reshape(1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
+    y = _walk_one_row(x, weight)
+    return f32_linear_bf16(x, weight) if y is None else y
 
 
 def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -301,7 +309,8 @@ def _(logits, bias, topk, route_scale):
 
 
 def gate_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
-                     input_ids: torch.Tensor | None, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     input_ids: torch.Tensor | None, topk: int,
+                     route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.gate_topk`: scored layers in one Triton launch; hash layers (a table lookup, no top-k) on the
     reference, which inductor fuses with its neighbours."""
     if tid2eid is not None:
@@ -358,11 +367,12 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     kernels with one "expert" (the stored bytes decoded in registers: one row per GEMV, more rows grouped into
     tensor-core tiles) instead of dequantising the whole weight into the activation dtype every call; larger inputs
     (prefill) keep the reference, whose dequantisation is amortised over the rows. A bf16 projection of one row
-    with few outputs (the indexer's weights_proj) takes the float32 walk, rounded once to bf16 as cuBLAS rounds its
-    float32 sums (which it would add up in a second, split-K launch)."""
+    with few outputs (V4's indexer weights_proj; any bf16 layer of a bf16 checkpoint) takes the float32 walk,
+    rounded once to bf16 as cuBLAS rounds its float32 sums (which it would add up in a second, split-K launch)."""
+    y = _walk_one_row(x, weight) if fmt == "bf16" else None
+    if y is not None:
+        return y.to(x.dtype)
     rows = x.numel() // x.size(-1)
-    if fmt == "bf16" and x.dtype == weight.dtype == torch.bfloat16 and f32_gemv_applies(rows, weight.size(0)):
-        return f32_gemv_triton(x.reshape(1, x.size(-1)), weight).to(x.dtype).view(*x.shape[:-1], weight.size(0))
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
     flat = x.reshape(rows, x.size(-1))
@@ -409,9 +419,9 @@ def triton_runs_on(device_type: str) -> bool:
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
-    (plain and grouped), one-row float32 projections and the mHC stages (`ascend.backends.triton_mhc`) when available
-    (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope / hadamard /
-    f32_linear.
+    (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`)
+    and the mHC stages (`ascend.backends.triton_mhc`) when available (default), else the PyTorch ones; every other
+    stage is the reference, except rms_norm / rope / hadamard / f32_linear.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
