@@ -94,11 +94,11 @@ def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, devic
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
     256 programs of 4 x 32, one load each."""
-    heads, dims = block_h, min(128, triton.next_power_of_2(D))
+    heads, dims, sms = block_h, min(128, triton.next_power_of_2(D)), _sms(device)
     grid = lambda: queries * triton.cdiv(H, heads) * triton.cdiv(D, dims)     # noqa: E731
-    if 2 * grid() >= _sms(device):
+    if 2 * grid() >= sms:
         return heads, dims, 1
-    while grid() < _sms(device) and (heads > 4 or dims > 32):
+    while grid() < sms and (heads > 4 or dims > 32):
         heads, dims = (heads // 2, dims) if heads > 4 else (heads, dims // 2)
     return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims)))
 

@@ -468,11 +468,12 @@ def test_merge_blocks_narrow_only_small_grids(monkeypatch):
 @needs_triton_or_interpreter
 @pytest.mark.parametrize("B,S,H,D,T,K,waves", [(1, 1, 16, 64, 300, 200, 2.0), (1, 2, 20, 48, 100, 70, 2.0),
                                                (2, 1, 8, 32, 50, 96, 2.0), (1, 1, 16, 192, 300, 200, 2.0),
-                                               (1, 1, 16, 64, 2100, 2048, 16.0)])
+                                               (1, 1, 16, 64, 2100, 2048, 16.0),
+                                               (1, 1, 16, 64, 1700, 1600, 16.0)])
 def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K, waves):
     """Few queries and long index lists: the list is split over programs and the partials merged (several head
     blocks, a head count and a head dim that fill no block, head dims the merge splits into several blocks, an empty
-    chunk, a query with no key, and more chunks than the merge reads in one load)."""
+    chunk, a query with no key, and more chunks than the merge reads in one load, the last load partly full)."""
     from ascend.backends import triton_sparse_attn
     q, kv, idx, sink = _attn_inputs(B, S, H, D, T, K, device=TRITON_DEVICE)
     idx[0, 0, :64] = -1
