@@ -20,10 +20,10 @@ on a 4 x 4 matrix per token, so the step is launch-bound, not bandwidth-bound. T
 
 Numerics: float32 throughout, the reference's order of operations (softmax rows + eps, divide columns, then
 `iters - 1` rounds of rows then columns), IEEE division and square root (`div_rn`, `sqrt_rn`) except in those
-`iters - 1` rounds, which divide with Triton's `/` (`div.full.f32`, within 2 ulps). There IEEE division cost more
-than the rest of the kernel: its slow-path check made each thread's four divisions run one after another, ~0.26 us
-per round on an H200, 19 rounds ~5 us of an 11.4 us hc_pre (docs/performance.md); each round renormalises, so the
-ulps do not pile up. What differs from the reference is only float32 rounding: that division, the order in which
+`iters - 1` rounds, which divide with Triton's `/` (`div.full.f32`, within 2 ulps). There IEEE division's
+slow-path check made each thread's four divisions run one after another, ~0.26 us per round on an H200: 19 rounds
+took 5.0 of an 11.1 us hc_pre, 1.75 us with `/` (docs/performance.md); each round renormalises, so the ulps do not
+pile up. What differs from the reference is only float32 rounding: that division, the order in which
 the GEMV's and the mean's sums are accumulated, `exp` and fused multiply-adds, so results agree with it to a few
 float32 ulps (tests/ascend/backends/test_triton_mhc.py).
 
