@@ -32,28 +32,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ascend import dist as mesh_lib
+from ascend.argtypes import arg_type, new_file, positive, positive_seconds
 from ascend.errors import AscendDeployError
 from ascend.launch import (LaunchError, Lockstep, Request, check_checkpoint, generate, idle_until_done,
                            read_requests, split_for_dp, summary)
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
-
-
-def arg_type(kind, ok, expected: str):
-    """An argparse type: `kind(text)` for which `ok` holds, else argparse's error naming the option and `expected`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
-        return value
-    return parse
-
-
-positive = arg_type(int, lambda v: v > 0, "a positive integer")
-new_file = arg_type(Path, lambda p: p.parent.is_dir() and not p.is_dir(), "a file path in an existing directory")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m ascend.serve") -> argparse.Namespace:
@@ -95,7 +79,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m ascend.serv
     p.add_argument("--json", action="store_true", help="print one JSON document (results, timings) on rank 0")
     p.add_argument("--save", type=new_file, help="also write that JSON document to this file")
     p.add_argument("--dump-logits", action="store_true", help=argparse.SUPPRESS)  # parity tests
-    p.add_argument("--dist-timeout", type=arg_type(float, lambda v: 0 < v < math.inf, "a positive number of seconds"),
+    p.add_argument("--dist-timeout", type=positive_seconds,
                    default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # "RANK:load|generate", for failure tests
     return p.parse_args(argv)

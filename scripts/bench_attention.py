@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ascend import profiling
+from ascend.argtypes import non_negative, positive_list
 from ascend.device import Device, get_device
 
 
@@ -395,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--device", default=None, help="auto|cuda|npu|cpu (default: cpu with --quick, else auto)")
-    p.add_argument("--batches", type=lambda s: tuple(map(int, s.split(","))), default=None)
-    p.add_argument("--contexts", type=lambda s: tuple(map(int, s.split(","))), default=None)
+    p.add_argument("--batches", type=positive_list, default=None)
+    p.add_argument("--contexts", type=positive_list, default=None)
     p.add_argument("--no-reference", action="store_true", help="skip the reference-kernels column")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel variant table")
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile backend of the compiled step (aot_eager: trace only, for quick checks)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", type=inductor_option,
                    help="an inductor config option for the compiled step (repeatable), e.g. combo_kernels=True")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    p.add_argument("--profile", type=non_negative, default=0, metavar="STEPS",
                    help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
     p.add_argument("--out", type=Path, default=None,
                    help="also write bench_attention.md, .json, and .jsonl (each result as it comes) here")

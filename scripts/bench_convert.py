@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ascend.argtypes import positive
+
 
 def run(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of a child process; raises on failure."""
@@ -64,9 +66,9 @@ def naive_convert(src: str, out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model (seconds), for CI")
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="main layers per checkpoint size")
-    ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (Flash has 256)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--layers", type=positive, nargs="+", default=[2, 4], help="main layers per checkpoint size")
+    ap.add_argument("--experts", type=positive, default=32, help="routed experts per layer (Flash has 256)")
+    ap.add_argument("--workers", type=positive, default=2)
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--keep-sources", action="store_true",
                     help="keep the synthetic checkpoints in --workdir and reuse them in later runs (synth is "

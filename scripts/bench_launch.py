@@ -43,6 +43,7 @@ import traceback
 import torch
 from torch import nn
 
+from ascend.argtypes import non_negative, positive
 from ascend.backends import get_kernels
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
@@ -461,18 +462,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized: tiny width, 2 layers, short prompts")
     p.add_argument("--preset", default="flash", choices=["flash", "pro", "tiny"])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--prompts", type=int, nargs="+", default=[1024, 65536])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
+    p.add_argument("--layers", type=positive, default=4)
+    p.add_argument("--prompts", type=positive, nargs="+", default=[1024, 65536])
+    p.add_argument("--batches", type=positive, nargs="+", default=[1, 32])
+    p.add_argument("--steps", type=positive, default=32)
+    p.add_argument("--chunk", type=positive, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--no-graph", "--no-graphs", dest="no_graph", action="store_true",
                    help="measure eager decode only (no graph capture)")
     p.add_argument("--moe", default="auto", choices=list(MOE_MODES),
                    help="MoE path: auto (static for decode / capture), static, or dynamic (eager only)")
     p.add_argument("--compile", action="store_true",
                    help="also time the decode step compiled by ascend.backends.cuda.compile_decode (then captured)")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    p.add_argument("--profile", type=non_negative, default=0, metavar="STEPS",
                    help="CUDA: profile this many replayed decode steps per case and print the top kernels")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--hf-limit", type=float, default=10.0,

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ascend.argtypes import positive_list
 from ascend.backends.cuda import triton_runs_on
 from ascend.device import Device, get_device
 from ascend.profiling import kernel_table, replay_us
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--device", default=None, help="auto|cuda|cpu (default: cpu with --quick, else auto)")
-    p.add_argument("--tokens", type=lambda s: tuple(map(int, s.split(","))), default=None)
+    p.add_argument("--tokens", type=positive_list, default=None)
     p.add_argument("--variants", action="store_true", help="also time hc_pre launch-setting variants")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args(argv)

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ascend.argtypes import positive, positive_list
 from ascend.device import Device, get_device
 from ascend.graph import DecodeGraphRunner
 from ascend.model_session import compute_dtype
@@ -196,34 +197,35 @@ def cache_bytes(cfg: ModelConfig, device: Device, contexts: list[int]) -> tuple[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flash", choices=["flash", "pro", "tiny"])
-    ap.add_argument("--layers", type=int, default=4, help="main layers kept (the published schedule's first ones)")
+    ap.add_argument("--layers", type=positive, default=4, help="main layers kept (the published schedule's first ones)")
     ap.add_argument("--device", default="auto", help="auto | cuda | npu | cpu")
     ap.add_argument("--backend", default="reference", choices=["reference", "auto"],
                     help="kernels: pure-PyTorch reference, or the device's backend (ascend.backends)")
-    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default: the preset's)")
+    ap.add_argument("--experts", type=positive, default=None, help="routed experts per layer (default: the preset's)")
     ap.add_argument("--act-quant", action="store_true", help="FP8 activation rounding in fp8/fp4 projections")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prefill-len", type=int, default=4096)
-    ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--contexts", default="4096,131072,1048576", help="comma-separated decode contexts")
+    ap.add_argument("--batch", type=positive, default=1)
+    ap.add_argument("--prefill-len", type=positive, default=4096)
+    ap.add_argument("--decode-steps", type=positive, default=32)
+    ap.add_argument("--contexts", type=positive_list, default=(4096, 131072, 1048576),
+                    help="comma-separated decode contexts")
     ap.add_argument("--layout", default="bf16", choices=["bf16", "fp8"], help="cache layout for the latency table")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=positive, default=5)
     ap.add_argument("--no-graph", action="store_true",
                     help="decode eagerly only (default on CUDA / NPU and with --quick: also from a captured graph)")
     ap.add_argument("--quick", action="store_true", help="tiny preset on CPU with small sizes (checks the script)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 with --quick)")
+    ap.add_argument("--threads", type=positive, default=None, help="CPU threads (default: torch's; 1 with --quick)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.device, args.layers = "tiny", "cpu", 4
-        args.prefill_len, args.decode_steps, args.contexts, args.reps = 32, 4, "128,512", 1
+        args.prefill_len, args.decode_steps, args.contexts, args.reps = 32, 4, (128, 512), 1
         args.threads = args.threads or 1          # a shared CI box: oversubscribed threads make CPU timings noise
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = get_device(args.device)
     torch.manual_seed(0)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = list(args.contexts)
     base = ModelConfig.preset(args.preset)
     cfg = ModelConfig.preset(args.preset, n_layers=min(args.layers, base.n_layers),
                              n_routed_experts=args.experts or base.n_routed_experts, act_quant=args.act_quant,

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ascend.argtypes import positive_list
 from ascend.backends.cuda import triton_runs_on
 from ascend.device import Device, get_device
 from ascend.profiling import replay_us
@@ -278,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--device", default=None, help="auto|cuda|cpu (default: cpu with --quick, else auto)")
-    p.add_argument("--batch", type=lambda s: tuple(map(int, s.split(","))), default=None,
-                   help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at 64)")
+    p.add_argument("--batch", type=positive_list, default=None,
+                   help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at "
+                        "EXPERT_MAX_BATCH, 128)")
     p.add_argument("--variants", action="store_true",
                    help="also time per-selection and grouped launch-setting variants")
     p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from ascend import dist as mesh_lib
+from ascend.argtypes import non_negative, positive
 from ascend.backends import get_kernels
 from ascend.device import Device, get_device
 from ascend.expert_parallel import reset_traffic, total_traffic
@@ -390,15 +391,15 @@ def table(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="flash", choices=["tiny", "flash", "pro"])
-    p.add_argument("--layers", type=int, default=4, help="main layers (4: hash, CSA and HCA layers all present)")
+    p.add_argument("--layers", type=positive, default=4, help="main layers (4: hash, CSA and HCA layers all present)")
     p.add_argument("--modes", default="tp2ep1,tp2ep2,tp1ep2,tp2ep2-alltoall", help="comma list of tp<N>ep<M>[-exchange]")
-    p.add_argument("--redundant", type=int, default=8, help="redundant expert slots in the ep > 1 plans")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="global decode batches to time")
-    p.add_argument("--check-batch", type=int, default=8, help="prompts in the greedy-tokens check")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt in the check")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--redundant", type=non_negative, default=8, help="redundant expert slots in the ep > 1 plans")
+    p.add_argument("--batch", type=positive, nargs="+", default=[1, 32], help="global decode batches to time")
+    p.add_argument("--check-batch", type=positive, default=8, help="prompts in the greedy-tokens check")
+    p.add_argument("--new-tokens", type=positive, default=16, help="greedy tokens per prompt in the check")
+    p.add_argument("--prompt-len", type=positive, default=64)
+    p.add_argument("--steps", type=positive, default=16, help="timed decode steps per batch")
+    p.add_argument("--warmup", type=non_negative, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="activations of the greedy-tokens check, run with the FP8 KV / FP4 indexer simulations off "

@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")          # one core, as the target
 
 import numpy as np  # noqa: E402
 
+from ascend.argtypes import positive  # noqa: E402
 from ascend.hardware import get_hardware  # noqa: E402
 from ascend.planner import placement as pl  # noqa: E402
 from ascend.planner.layout import plan_deployment  # noqa: E402
@@ -58,7 +59,7 @@ def run_case(E: int, L: int, ep: int, redundant: int, rpn: int, groups: int, sig
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, sigma 1 only, first two settings")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=positive, default=3)
     args = ap.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     sigmas = (1.0,) if args.quick else (0.5, 1.0, 2.0)
