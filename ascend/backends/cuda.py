@@ -6,7 +6,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | stage                    | Triton (CUDA + Triton present)                     | PyTorch (any device, CPU tests)      |
 |--------------------------|----------------------------------------------------|--------------------------------------|
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
-| `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, fixed `topk`    |
+| `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, the reference's |
+|                          | (rows over 8,192 entries: torch.topk)              | top-k (ties to the lowest indices)   |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.kernels import REFERENCE, Kernels
+from model.kernels import REFERENCE, Kernels, select_topk
 
 
 def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
@@ -70,10 +71,14 @@ def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
 
 
 def topk_fixed(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices of the `topk` largest scores per row as int32; masked (-inf) picks become -1.
+    """Indices of the `topk` largest scores per row as int32 by one torch.topk; masked (-inf) picks become -1.
 
     Always returns exactly `topk` columns: when a row has fewer candidates the scores are padded
-    with -inf first, so the shape never depends on the data (no `topk(min(k, n))`).
+    with -inf first, so the shape never depends on the data (no `topk(min(k, n))`). Entries tied with the
+    topk-th score are kept in torch.topk's (unspecified) order, not the contract's lowest-index rule
+    (`model.kernels.select_topk`), which costs a second top-k pass over the row: `topk_auto` takes it for rows
+    longer than TOPK_TRITON_MAX_ENTRIES, the one place the backend departs from that rule. A tie there needs
+    exactly equal scores at the k-th place among over 8,192 entries (all heads' ReLU zero for both).
     """
     short = topk - scores.shape[-1]
     if short > 0:
@@ -94,7 +99,7 @@ def indexer_scores_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
 
 
 def _select(scores: torch.Tensor, topk: int, group: dist.ProcessGroup | None,
-            pick: Callable[[torch.Tensor, int], torch.Tensor] = topk_fixed) -> torch.Tensor:
+            pick: Callable[[torch.Tensor, int], torch.Tensor] = select_topk) -> torch.Tensor:
     """Sum partial scores over the tensor-parallel group (each rank holds some heads), then `pick`."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(scores, group=group)  # -inf (invisible) stays -inf: every rank masks the same t

@@ -69,6 +69,17 @@ def test_indexer_topk_bmm_matches_reference(T, topk):
     assert ((idx >= 0).sum(-1) == n_visible.clamp(max=topk)).all()
 
 
+def test_indexer_topk_bmm_breaks_ties_as_the_reference():
+    """Scores tied at the k-th place (here 0, as when every head's ReLU is zero) go to the lowest indices, as the
+    `kernels.indexer_topk` contract says: the same ids as the reference, not just the same scores."""
+    q, k, w, n_visible = _indexer_inputs(1, 1, 4, 16, 64)
+    k[:, 1:] = 0.0                                                 # every key but the first scores exactly 0
+    n_visible.fill_(64)
+    idx = cuda.indexer_topk_bmm(q, k, w, n_visible, 8)
+    ref = REFERENCE.indexer_topk(q, k, w, n_visible, 8)
+    assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
+
+
 def test_topk_fixed_shape_does_not_depend_on_values():
     scores = torch.full((2, 3), float("-inf"))
     scores[0, 1] = 1.0
