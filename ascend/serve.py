@@ -20,6 +20,7 @@ collective timeout (--dist-timeout) is the backstop when no launcher watches the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m ascend.serv
                        help="decode eagerly (default on CUDA: replay captured graphs, batch padded to 1/2/4/.../32)")
     graph.add_argument("--graph", action="store_true",
                        help="capture decode also where it is not the default: NPUGraph on NPUs (never run on one)")
+    p.add_argument("--act-quant", action="store_true",
+                   help="round the inputs of fp8 / fp4 projections to FP8 per 128 first, as DeepSeek's own inference "
+                        "code does (its numerics; default: the plain bf16 inputs that HF transformers multiplies)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: capture the decode step compiled by torch.compile (inductor; tens of seconds per batch "
                         "bucket at start, then fewer, fused kernels per token)")
@@ -203,6 +207,8 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
 
     t0 = time.perf_counter()
     checked = check_checkpoint(args.ckpt, env.rank, env.world_size, args.plan)
+    if args.act_quant:      # validated like any config field (its FP8 blocks need widths divisible by 128)
+        checked = dataclasses.replace(checked, config=dataclasses.replace(checked.config, act_quant=True))
     plan = checked.plan
     log(env.rank, f"[launch] {env.world_size} ranks: dp {plan.dp} x tp {plan.tp}, ep {plan.ep} with "
                   f"{plan.redundant} redundant expert slots; manifest and plan match")

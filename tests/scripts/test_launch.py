@@ -99,6 +99,15 @@ def test_dp2_ep2_all_to_all_equals_one_process(work, reference):
     assert_same(run, reference)
 
 
+def test_act_quant_reaches_every_rank(work, reference):
+    """--act-quant (the official code's FP8 rounding of fp8 / fp4 projection inputs) changes the logits of the
+    synthetic fp8 / fp4 checkpoint, and a TP=2 x EP=2 run with it equals one process with it."""
+    one = generate_json(work / "1", 1, work, "--act-quant")
+    first, ref_first = torch.tensor(one["results"][0]["logits"][0]), torch.tensor(reference["results"][0]["logits"][0])
+    assert (first - ref_first).abs().max() > 1e-3 * ref_first.abs().max()
+    assert_same(generate_json(work / "tp2ep2", 2, work, "--act-quant"), one)
+
+
 @pytest.mark.slow
 def test_four_ranks_dp2_tp2_ep4_all_gather_equals_one_process(work, reference):
     run = generate_json(work / "dp2tp2ep4", 4, work, "--moe-exchange", "allgather")
