@@ -6,6 +6,18 @@ file, tensor or option and what was expected, and exits 2; so does an OSError on
 (missing folder, permissions, full disk). Anything else is a bug and keeps its traceback.
 """
 
+import json
+
 
 class AscendDeployError(Exception):
     """A user-facing error: its message is complete on one line."""
+
+
+def parse_json(text: str | bytes):
+    """`json.loads` for documents users give (configs, headers, plans, manifests, requests): one nested too deeply
+    for the parser raises ValueError like any other malformed JSON (json itself raises RecursionError), so the
+    caller's `except ValueError` covers every bad document (an integer of over 4,300 digits is a ValueError too)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ascend.errors import AscendDeployError
+from ascend.errors import AscendDeployError, parse_json
 
 __all__ = ["Hardware", "HardwareError", "load_catalogue", "get_hardware", "hardware_names"]
 
@@ -66,7 +66,7 @@ def _read(path: Path) -> dict[str, Any]:
 
     try:
         text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else parse_json(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
         detail = " ".join(str(e).split())            # parser messages span lines; the error is one
         raise HardwareError(f"{path}: cannot read hardware file ({type(e).__name__}: {detail})") from None

@@ -13,7 +13,6 @@ run the same number of forward steps: a rank with nothing left to do runs a one-
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from ascend.errors import AscendDeployError
+from ascend.errors import AscendDeployError, parse_json
 from model.chat import ChatFormatError, encode_messages, parse_completion
 from model.generate import Sampler, SamplingParams
 from model.tokenizer import EOS, Tokenizer
@@ -93,9 +92,9 @@ def read_requests(path: str | Path, mode: str = "chat") -> list[Request]:
             continue
         if as_json:
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LaunchError(f"{path}:{n}: not JSON ({e.msg}); expected one request per line") from None
+                obj = parse_json(line)
+            except ValueError as e:
+                raise LaunchError(f"{path}:{n}: not JSON ({getattr(e, 'msg', e)}); expected one request per line") from None
         else:
             obj = line
         req = _request_from_json(obj, f"{path}:{n}", mode)

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from ascend.cli import device_option, json_option
-from ascend.errors import AscendDeployError
+from ascend.errors import AscendDeployError, parse_json
 
 ENTRY = "ascend.serve"     # the module every rank runs (torchrun -m): part of the package, so installs have it
 
@@ -37,7 +37,7 @@ def converted_world_size(ckpt: Path) -> int:
     if not manifest.is_file():
         raise RunError(f"{manifest}: not found; --ckpt must be the output directory of `ascend convert`")
     try:
-        return int(json.loads(manifest.read_text())["world_size"])
+        return int(parse_json(manifest.read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
 

@@ -22,7 +22,6 @@ finished files and redoes the rest to the same bytes.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ascend.errors import parse_json
 from convert.errors import ConvertError
 from convert.formats import cast_linear, output_config
 from convert.layout import TensorSpec, expected_tensors
@@ -300,7 +300,7 @@ def _prepare(out: Path, ident: dict, resume: bool) -> None:
         if (out / MANIFEST).exists() and not job.exists():
             raise ConvertError(f"{out}: already holds a complete conversion (manifest.json); nothing to resume")
         try:
-            previous = json.loads(job.read_text())
+            previous = parse_json(job.read_text())
         except (OSError, ValueError):
             raise ConvertError(f"{out}: holds files but no readable {JOB}; "
                                f"it is not an interrupted conversion") from None

@@ -21,12 +21,12 @@ tensor and `split` the slice of it that was taken before the cast.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ascend.errors import parse_json
 from convert.errors import ConvertError
 from convert.reader import safe_member
 
@@ -42,7 +42,7 @@ def read_manifest(out: str | Path) -> dict:
     if not path.is_file():
         raise ConvertError(f"{path}: missing; the conversion in {out} is incomplete (rerun convert with --resume)")
     try:
-        m = json.loads(path.read_text())
+        m = parse_json(path.read_text())
     except (OSError, ValueError) as e:
         raise ConvertError(f"{path}: unreadable ({e})") from None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(m.get("ranks"), list):

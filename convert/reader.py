@@ -10,7 +10,6 @@ converted. Tensor data is read lazily through `safe_open` (`get_slice` for parti
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ascend.errors import parse_json
 from convert.errors import ConvertError
 from convert.layout import DTYPE_BYTES, TensorSpec, expected_tensors
 from convert.names import to_official
@@ -59,14 +59,18 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ConvertError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = parse_json(f.read(n))
+    except ValueError as e:                        # not UTF-8, not JSON, nested too deeply
         raise ConvertError(f"{path}: corrupt safetensors header (not JSON: {getattr(e, 'msg', e)})") from None
     except OSError as e:
         raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
         raise ConvertError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        # safetensors refuses it when the file is opened, mid-conversion: refuse it here
+        raise ConvertError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_bytes = size - 8 - n
     spans = []
     for key, e in header.items():
@@ -157,11 +161,12 @@ class Checkpoint:
                 return [single]
             raise ConvertError(f"{self.root}: no {INDEX} (or model.safetensors)")
         try:
-            data = json.loads(index.read_text())
+            data = parse_json(index.read_text())
             weight_map = data["weight_map"]
-            assert isinstance(weight_map, dict)
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise ConvertError(f"{index}: expected JSON with a 'weight_map' object") from None
+            raise ConvertError(f"{index}: expected JSON with a 'weight_map' object of tensor name -> file name "
+                               f"strings") from None
         self.weight_map = weight_map
         names = sorted(set(weight_map.values()), key=str)
         return [safe_member(self.root, n, index) for n in names]

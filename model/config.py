@@ -14,12 +14,11 @@ Here `compress_ratios` holds one entry per *main* layer; MTP layers are always w
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ascend.errors import AscendDeployError
+from ascend.errors import AscendDeployError, parse_json
 
 __all__ = ["ConfigError", "ModelConfig", "PRESETS", "WEIGHT_FORMATS", "EXPERT_FORMATS"]
 
@@ -197,11 +196,11 @@ class ModelConfig:
         values = dict(PRESETS[name])
         if "n_layers" in overrides and "compress_ratios" not in overrides:
             # a reduced-depth model keeps the first layers of the published schedule
-            overrides["compress_ratios"] = tuple(values.get("compress_ratios", cls().compress_ratios))[
-                : overrides["n_layers"]]
-            if len(overrides["compress_ratios"]) < overrides["n_layers"]:
+            schedule = tuple(values.get("compress_ratios", cls().compress_ratios))
+            overrides["compress_ratios"] = schedule[: overrides["n_layers"]]
+            if len(schedule) < overrides["n_layers"]:
                 raise ConfigError(f"model preset {name!r}: n_layers = {overrides['n_layers']}, expected <= "
-                                  f"{len(values.get('compress_ratios', ()))}")
+                                  f"{len(schedule)}")
             overrides.setdefault("n_hash_layers", min(values.get("n_hash_layers", 3), overrides["n_layers"]))
         values.update(overrides)
         return cls(**values)
@@ -217,8 +216,8 @@ class ModelConfig:
             if path.is_dir():
                 path = path / "config.json"
             try:
-                raw = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                raw = parse_json(path.read_text())
+            except (OSError, ValueError) as e:
                 raise ConfigError(f"{path}: cannot read model config ({e})") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: expected a JSON object")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ascend.planner import placement as pl
+from ascend.errors import parse_json
 from ascend.planner.errors import PlanError
 from ascend.planner.plan import Plan
 
@@ -74,7 +75,7 @@ def vllm_ascend_expert_map(plan: Plan) -> dict[str, Any]:
 def read_vllm_ascend_expert_map(path: str | Path) -> np.ndarray:
     """phy2log [layers, devices * slots] from a vllm-ascend expert map JSON."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(Path(path).read_text())
         layers = sorted(data["layer_list"], key=lambda x: x["layer_id"])
         rows = []
         for layer in layers:

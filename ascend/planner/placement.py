@@ -16,11 +16,11 @@ worse. Replicas of one expert are kept on different ranks where that costs nothi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from ascend.errors import parse_json
 from ascend.planner.errors import PlanError
 
 __all__ = [
@@ -412,7 +412,7 @@ def read_expert_load(path: str | Path, n_layers: int, n_experts: int, n_mtp_laye
         if path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         elif path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
             arr = np.asarray(data["load"] if isinstance(data, dict) else data, dtype=np.float64)
         elif path.suffix == ".csv":
             arr = np.loadtxt(path, delimiter=",", ndmin=2)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ascend.errors import parse_json
 from ascend.planner.errors import PlanError
 from ascend.planner import placement as pl
 
@@ -190,7 +191,7 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
         except (OSError, ValueError) as e:            # ValueError: not JSON, or not UTF-8
             raise PlanError(f"{path}: cannot read plan ({type(e).__name__}: {e})") from None
         return cls.from_dict(data, str(path))

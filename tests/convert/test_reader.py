@@ -86,10 +86,36 @@ def test_truncated_file(ckpt_copy):
     (b"\x05", "truncated safetensors file"),
     (struct.pack("<Q", 1 << 40) + b"{}", "corrupt safetensors header"),
     (struct.pack("<Q", 6) + b"{nope}", "not JSON"),
+    pytest.param(struct.pack("<Q", 200_000) + b"[" * 200_000, "not JSON.*nested too deeply", id="deep"),
+    pytest.param(struct.pack("<Q", 5_010) + b'{"a": ' + b"9" * 5_000 + b"}   ", "not JSON", id="huge-int"),
 ])
 def test_corrupt_header(ckpt_copy, garbage, message):
     (ckpt_copy / SHARD).write_bytes(garbage)
     with pytest.raises(ConvertError, match=message):
+        _load(ckpt_copy)
+
+
+@pytest.mark.parametrize("meta", [{"a": 1}, [1, 2], "text"])
+def test_bad_metadata(ckpt_copy, meta):
+    """A header whose __metadata__ is not a map of strings (safetensors refuses the file when it opens it, which
+    used to happen mid-conversion as a traceback) is refused when the header is read."""
+    _edit_header(ckpt_copy / SHARD, lambda h: h.update(__metadata__=meta))
+    with pytest.raises(ConvertError, match=f"{SHARD}: corrupt safetensors header .*__metadata__"):
+        _load(ckpt_copy)
+
+
+@pytest.mark.parametrize("value", [["model-00002-of-00006.safetensors"], 7, None])
+def test_index_file_names_must_be_strings(ckpt_copy, value):
+    index = _index(ckpt_copy)
+    index["weight_map"]["embed.weight"] = value
+    _set_index(ckpt_copy, index)
+    with pytest.raises(ConvertError, match="weight_map' object of tensor name -> file name strings"):
+        _load(ckpt_copy)
+
+
+def test_index_nested_too_deeply(ckpt_copy):
+    (ckpt_copy / "model.safetensors.index.json").write_text("[" * 200_000)
+    with pytest.raises(ConvertError, match="expected JSON with a 'weight_map' object"):
         _load(ckpt_copy)
 
 

@@ -49,6 +49,15 @@ def test_file_and_directory_paths(tmp_path):
         ModelConfig.from_hf(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"vocab_size": ' + "9" * 5_000 + "}"], ids=["deep", "huge-int"])
+def test_unparseable_config_is_one_error(tmp_path, text):
+    """JSON nested past the parser's depth, or an integer past Python's 4,300 digits, is a ConfigError naming the
+    file (RecursionError / ValueError tracebacks before)."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: cannot read model config"):
+        ModelConfig.from_hf(tmp_path)
+
+
 def test_transformers_spelling():
     tiny = ModelConfig.preset("tiny")
     d = tiny.to_hf_dict()
@@ -116,6 +125,8 @@ def test_tiny_keeps_every_structural_feature():
 def test_reduced_depth_preset_keeps_published_schedule():
     cfg = ModelConfig.preset("flash", n_layers=4)
     assert cfg.compress_ratios == (0, 0, 4, 128) and cfg.n_hash_layers == 3
+    with pytest.raises(ConfigError, match="n_layers = 100, expected <= 43"):     # it said "<= 0"
+        ModelConfig.preset("flash", n_layers=100)
 
 
 @pytest.mark.parametrize("change, field", [
