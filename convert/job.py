@@ -22,6 +22,9 @@ finished files and redoes the rest to the same bytes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,12 +38,13 @@ from convert.errors import ConvertError
 from convert.formats import cast_linear, output_config
 from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
-from convert.reader import Checkpoint
+from convert.reader import Checkpoint, safe_member
 from convert.shard import Sharding, cut, scale_split
 from convert.writer import (CopyBuffers, SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic,
                             write_json_atomic)
 
 JOB = ".convert-job.json"
+LOCK = ".convert.lock"
 RANK_INDEX = "model.safetensors.index.json"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -91,6 +95,9 @@ class Conversion:
     def __init__(self, ckpt: Checkpoint, sharding: Sharding, weights: str):
         self.ckpt, self.sharding, self.weights = ckpt, sharding, weights
         src = ckpt.validate()
+        # tokenizer and generation settings go along as they are; checked now, not after the shards are written
+        self.copied = [safe_member(ckpt.root, name, ckpt.root, "file") for name in COPIED
+                       if (ckpt.root / name).exists() or (ckpt.root / name).is_symlink()]
         self.out_config = output_config(ckpt.config, weights)
         out = expected_tensors(self.out_config)
         self.units: dict[str, Unit] = {}
@@ -173,8 +180,12 @@ class Conversion:
 
     # ------------------------------------------------------------------ identity, dry run
     def identity(self, plan_dict: dict) -> dict:
-        return {"schema": 1, "source": str(self.ckpt.root.resolve()),
-                "source_files": {f.name: f.stat().st_size for f in self.ckpt.files},
+        """What --resume checks it continues: the source's files by size and modification time (a checkpoint
+        replaced by another of the same sizes is a different job), the output format and the plan."""
+        stats = {f.name: f.stat() for f in self.ckpt.files}
+        return {"schema": 2, "source": str(self.ckpt.root.resolve()),
+                "source_files": {name: st.st_size for name, st in stats.items()},
+                "source_mtime_ns": {name: st.st_mtime_ns for name, st in stats.items()},
                 "weights": self.weights, "plan": plan_dict}
 
     def summary(self) -> list[dict]:
@@ -189,8 +200,12 @@ class Conversion:
 
     # ------------------------------------------------------------------ run
     def run(self, out: Path, plan_dict: dict, resume: bool = False, workers: int = 2, progress: bool = True) -> dict:
-        """Write everything under `out`; returns the manifest."""
+        """Write everything under `out`; returns the manifest. One conversion at a time per `out` (`_exclusive`)."""
         out = Path(out)
+        with _exclusive(out):
+            return self._run(out, plan_dict, resume, workers, progress)
+
+    def _run(self, out: Path, plan_dict: dict, resume: bool, workers: int, progress: bool) -> dict:
         ident = self.identity(plan_dict)
         _prepare(out, ident, resume)
         for rank in range(self.sharding.world_size):
@@ -272,26 +287,45 @@ class Conversion:
                           "tensors": tensors})
         write_json_atomic(out / "config.json", self.out_config.to_hf_dict())
         write_json_atomic(out / "plan.json", plan_dict)
-        for name in COPIED:
-            src = self.ckpt.root / name
-            if src.is_file():
-                write_bytes_atomic(out / name, src.read_bytes())
+        copied = {}
+        for src in self.copied:
+            data = src.read_bytes()
+            write_bytes_atomic(out / src.name, data)
+            copied[src.name] = hashlib.sha256(data).hexdigest()
         ident = self.identity(plan_dict)
         manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": SCHEMA,
                     "source": ident["source"], "source_files": ident["source_files"],
                     "weights": self.weights, "world_size": self.sharding.world_size, "tp": self.sharding.tp,
                     "plan": plan_dict, "config": self.out_config.to_hf_dict(),
-                    "source_config": self.ckpt.config.to_hf_dict(), "ranks": ranks}
+                    "source_config": self.ckpt.config.to_hf_dict(), "copied": copied, "ranks": ranks}
         write_json_atomic(out / MANIFEST, manifest)
         (out / JOB).unlink(missing_ok=True)
         return manifest
 
 
-def _prepare(out: Path, ident: dict, resume: bool) -> None:
-    """Create `out`, or check that it holds an interrupted run of this very job (--resume)."""
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold `out`'s lock while a conversion writes there: a second `ascend convert` into the same directory is
+    refused at once (it would delete this one's partial files, write the same temporary names, and two fresh runs
+    could both find the directory empty). An flock, so a killed run leaves no stale lock."""
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a directory")
-    existing = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConvertError(f"{out}: another ascend convert is writing here (it holds {path.name})") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _prepare(out: Path, ident: dict, resume: bool) -> None:
+    """Check that `out` (locked, created) is empty, or holds an interrupted run of this very job (--resume)."""
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if existing:
         job = out / JOB
         if not resume:
@@ -312,5 +346,4 @@ def _prepare(out: Path, ident: dict, resume: bool) -> None:
         for p in out.rglob(".*.partial"):
             p.unlink()
         return
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / JOB, ident)

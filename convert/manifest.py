@@ -7,6 +7,7 @@ Schema (version 1), one per output directory, written last:
      "weights": "keep" | "bf16" | "int8", "world_size": W, "tp": T,
      "plan": {...plan.json...}, "config": {...config.json of the converted weights...},
      "source_config": {...config.json of the source...},
+     "copied": {"tokenizer.json": sha256 hex, ...},
      "ranks": [{"rank": r, "index": "rank-0000r/model.safetensors.index.json", "slots": [[e, ...], ...],
                 "files": {"rank-0000r/model-00001-of-00046.safetensors": {"sha256": hex, "bytes": n}, ...},
                 "tensors": {"layers.0.attn.wq_b.weight": {"file": "rank-0000r/...", "dtype": "F8_E4M3",
@@ -16,7 +17,8 @@ Schema (version 1), one per output directory, written last:
 Tensor names are official names with rank-local shapes; a rank holds `layers.L.ffn.experts.E.*` for
 every distinct logical expert E in its slots of MoE layer L, and `"slots"` of its rank entry lists, per
 MoE layer, the logical expert of each local slot (plan.experts_on_rank). `source` names the source
-tensor and `split` the slice of it that was taken before the cast.
+tensor and `split` the slice of it that was taken before the cast. `copied` holds the files taken over as they are
+(tokenizer, generation settings), which `verify` checks too; manifests written before it have none.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def _check_fields(m: dict, path: Path) -> None:
             need(rec, _FILE, f"ranks[{i}] file {rel}")
         for name, rec in entry["tensors"].items():
             need(rec, _TENSOR, f"ranks[{i}] tensor {name}")
+            split = rec.get("split")
+            if split is not None and not (isinstance(split, list) and len(split) == 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in split)):
+                raise ConvertError(f"{path}: ranks[{i}] tensor {name} needs 'split' as null or [dim, begin, end]")
 
 
 def rank_entry(manifest: dict, rank: int, origin: str) -> dict:

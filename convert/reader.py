@@ -111,17 +111,18 @@ def _numel(shape) -> int:
     return n
 
 
-def safe_member(root: Path, name: object, origin: Path) -> Path:
-    """`root/name` for a file name taken from an index, refusing anything that would leave `root`."""
+def safe_member(root: Path, name: object, origin: Path, what: str = "shard") -> Path:
+    """`root/name` for a file name taken from an index (or a fixed name), refusing anything that would leave
+    `root`, a symbolic link pointing out of it included; `what` names the file in the error."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or os.path.isabs(name) \
             or ".." in Path(name).parts or "\x00" in name:
-        raise ConvertError(f"{origin}: shard path {name!r} must be a file name inside {root}")
+        raise ConvertError(f"{origin}: {what} path {name!r} must be a file name inside {root}")
     path = root / name
     if not path.is_file():
-        raise ConvertError(f"{origin}: shard {name} does not exist in {root}")
+        raise ConvertError(f"{origin}: {what} {name} does not exist in {root}")
     real = path.resolve()
     if root.resolve() not in real.parents:
-        raise ConvertError(f"{origin}: shard {name} resolves to {real}, outside the checkpoint directory {root}")
+        raise ConvertError(f"{origin}: {what} {name} resolves to {real}, outside the checkpoint directory {root}")
     return path
 
 
@@ -168,8 +169,11 @@ class Checkpoint:
             raise ConvertError(f"{index}: expected JSON with a 'weight_map' object of tensor name -> file name "
                                f"strings") from None
         self.weight_map = weight_map
-        names = sorted(set(weight_map.values()), key=str)
-        return [safe_member(self.root, n, index) for n in names]
+        files = {}                   # one entry per file, however the index spells it ("./a" and "a")
+        for n in sorted(set(weight_map.values())):
+            path = safe_member(self.root, n, index)
+            files.setdefault(path.resolve(), path)
+        return list(files.values())
 
     def _check_index(self) -> None:
         if self.weight_map is None:

@@ -11,6 +11,7 @@ Three levels, each stopping at the first problem with a ConvertError that names 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -45,16 +46,24 @@ def verify(out: str | Path, against: str | Path | None = None, plan=None, progre
     if plan is None:
         from ascend.planner.plan import Plan
         plan = Plan.load(out / "plan.json")
+        if plan.to_dict() != Plan.from_dict(m["plan"], str(origin)).to_dict():
+            # the launcher refuses such shards: say so here rather than "ok"
+            raise ConvertError(f"{out / 'plan.json'}: differs from the plan the shards were converted with "
+                               f"({origin})")
     sharding = Sharding.from_plan(plan, cfg_out, str(out / "plan.json"))
     if sharding.world_size != m["world_size"] or len(m["ranks"]) != m["world_size"]:
-        raise ConvertError(f"{origin}: {len(m['ranks'])} ranks recorded, plan.json has world size "
-                           f"{sharding.world_size}")
+        raise ConvertError(f"{origin}: world_size {m['world_size']} with {len(m['ranks'])} ranks recorded; the plan "
+                           f"has world size {sharding.world_size}")
     n_files = n_tensors = n_bytes = 0
     total = sum(rec["bytes"] for entry in m["ranks"] for rec in entry["files"].values())
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="hash", disable=not progress) as bar:
         for rank in range(sharding.world_size):
             n = _check_rank(out, m, cfg_out, sharding, rank, bar)
             n_files, n_tensors, n_bytes = n_files + n[0], n_tensors + n[1], n_bytes + n[2]
+    for name, digest in m.get("copied", {}).items():       # tokenizer files (manifests before them have none)
+        path = safe_member(out, name, origin, "file")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ConvertError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
     summary = {"ok": True, "out": str(out), "world_size": sharding.world_size, "weights": m["weights"],
                "files": n_files, "tensors": n_tensors, "bytes": n_bytes, "against": None}
     if against is not None:
@@ -124,6 +133,8 @@ def compare_with_source(out: Path, m: dict, src: Checkpoint, progress: bool = Fa
 
 def _reference(src: Checkpoint, src_table, out_table, rec: dict, name: str) -> torch.Tensor:
     """The expected bytes of one output tensor, computed from the source alone."""
+    if rec["source"] not in src_table or rec["source"] not in out_table:
+        raise ConvertError(f"{name}: the manifest names source tensor {rec['source']!r}, which the model does not have")
     w_spec = src_table[rec["source"]]
     split = tuple(rec["split"]) if rec["split"] else None
     is_scale = name.endswith(".scale")

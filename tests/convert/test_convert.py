@@ -177,6 +177,70 @@ def test_verify_detects_damage(tiny_ckpt, tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: no such directory" in _cli_error(["verify", str(tmp_path / "nope")], capsys)
 
 
+def test_verify_checks_what_the_launcher_checks(tiny_ckpt, tmp_path, capsys):
+    """A plan.json that differs from the plan the shards follow (the launcher refuses it), a copied tokenizer file
+    that changed, and manifest entries edited by hand are each one error, not 'ok' or a traceback."""
+    out = tmp_path / "out"
+    _convert(tiny_ckpt, out, tp=1, ep=2)
+    copied = json.loads((out / "manifest.json").read_text())["copied"]
+    assert copied.keys() == {"tokenizer.json", "tokenizer_config.json"}
+    plan = (out / "plan.json").read_text()
+    swapped = json.loads(plan)
+    layer = swapped["experts"]["layers"][0]                                   # experts 0 and 1 trade slots (rank 0)
+    layer["phy2log"][:2], layer["log2phy"][:2] = [1, 0], [[1], [0]]
+    (out / "plan.json").write_text(json.dumps(swapped))
+    assert "plan.json: differs from the plan the shards were converted with" in _cli_error(["verify", str(out)], capsys)
+    (out / "plan.json").write_text(plan)
+    tokenizer = (out / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_bytes(tokenizer + b" ")
+    assert "tokenizer.json: sha256 differs from the manifest" in _cli_error(["verify", str(out)], capsys)
+    (out / "tokenizer.json").write_bytes(tokenizer)
+    manifest = (out / "manifest.json").read_text()
+    for field, value, message in (("split", "x", "needs 'split' as null or [dim, begin, end]"),
+                                  ("source", "nope", "names source tensor 'nope', which the model does not have")):
+        edited = json.loads(manifest)
+        edited["ranks"][0]["tensors"]["embed.weight"][field] = value
+        (out / "manifest.json").write_text(json.dumps(edited))
+        assert message in _cli_error(["verify", str(out), "--against", str(tiny_ckpt)], capsys)
+
+
+def test_source_files_outside_or_replaced_are_refused(ckpt_copy, tmp_path):
+    """A tokenizer file that links out of the checkpoint is refused before any shard is written (it was copied
+    into the output); a resume whose source shards were replaced since (same sizes, newer files) is another job."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (ckpt_copy / "tokenizer_config.json").unlink()
+    (ckpt_copy / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(ConvertError, match="file tokenizer_config.json resolves to .*outside the checkpoint"):
+        _convert(ckpt_copy, tmp_path / "out", tp=1, ep=1)
+    assert not (tmp_path / "out").exists()
+    (ckpt_copy / "tokenizer_config.json").unlink()
+    ckpt = Checkpoint(ckpt_copy)
+    plan = plan_for(ckpt.config, 1, 1)
+    out = tmp_path / "resumed"
+    (out / "rank-00000").mkdir(parents=True)          # an interrupted run of this job
+    (out / ".convert-job.json").write_text(json.dumps(
+        Conversion(ckpt, Sharding.from_plan(plan, ckpt.config), "keep").identity(plan.to_dict())))
+    shard = ckpt.files[0]
+    shard.touch()                                     # replaced by a file of the same size
+    with pytest.raises(ConvertError, match="--resume of a different job \\(source_mtime_ns differs"):
+        _convert(ckpt_copy, out, tp=1, ep=1, resume=True)
+
+
+def test_second_convert_into_the_same_directory_is_refused(tiny_ckpt, tmp_path):
+    """While one conversion holds the output directory's lock, another into it stops at once, touching nothing."""
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".convert.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConvertError, match="another ascend convert is writing here"):
+            _convert(tiny_ckpt, out, tp=1, ep=1)
+    assert sorted(p.name for p in out.iterdir()) == [".convert.lock"]
+    _convert(tiny_ckpt, out, tp=1, ep=1)              # the holder gone, it runs (and leaves no lock behind)
+    assert not (out / ".convert.lock").exists() and verify(out)["ok"]
+
+
 def test_verify_against_other_source(tiny_ckpt, tmp_path, capsys):
     from convert.synth import write_synthetic
     other = tmp_path / "other"
