@@ -113,6 +113,14 @@ def test_index_file_names_must_be_strings(ckpt_copy, value):
         _load(ckpt_copy)
 
 
+def test_index_may_spell_one_shard_two_ways(ckpt_copy):
+    """`./NAME` and `NAME` are one file: read once, not reported as holding its tensors twice."""
+    index = _index(ckpt_copy)
+    index["weight_map"]["layers.0.attn.kv_norm.weight"] = "./" + SHARD
+    _set_index(ckpt_copy, index)
+    _load(ckpt_copy)
+
+
 def test_index_nested_too_deeply(ckpt_copy):
     (ckpt_copy / "model.safetensors.index.json").write_text("[" * 200_000)
     with pytest.raises(ConvertError, match="expected JSON with a 'weight_map' object"):
