@@ -94,7 +94,8 @@ def read_requests(path: str | Path, mode: str = "chat") -> list[Request]:
             try:
                 obj = parse_json(line)
             except ValueError as e:
-                raise LaunchError(f"{path}:{n}: not JSON ({getattr(e, 'msg', e)}); expected one request per line") from None
+                raise LaunchError(f"{path}:{n}: not JSON ({getattr(e, 'msg', e)}); expected one request per "
+                                  f"line") from None
         else:
             obj = line
         req = _request_from_json(obj, f"{path}:{n}", mode)

@@ -9,6 +9,7 @@ Output layout (OUT = --out):
     OUT/rank-RRRRR/model.safetensors.index.json   rank R's weight map
     OUT/manifest.json                        written last: its presence means the conversion is complete
     OUT/.convert-job.json                    what is being converted (lets --resume check it continues the same job)
+    OUT/.convert.lock                        flocked while a conversion writes (`_exclusive`); stays, empty
 
 Work goes source shard by source shard. For one shard, every rank's output file is opened with its
 header already written (shapes are known from the config and plan), then the shard's tensors are
@@ -23,8 +24,10 @@ finished files and redoes the rest to the same bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,7 +100,7 @@ class Conversion:
         src = ckpt.validate()
         # tokenizer and generation settings go along as they are; checked now, not after the shards are written
         self.copied = [safe_member(ckpt.root, name, ckpt.root, "file") for name in COPIED
-                       if (ckpt.root / name).exists() or (ckpt.root / name).is_symlink()]
+                       if (ckpt.root / name).is_file() or (ckpt.root / name).is_symlink()]
         self.out_config = output_config(ckpt.config, weights)
         out = expected_tensors(self.out_config)
         self.units: dict[str, Unit] = {}
@@ -202,6 +205,7 @@ class Conversion:
     def run(self, out: Path, plan_dict: dict, resume: bool = False, workers: int = 2, progress: bool = True) -> dict:
         """Write everything under `out`; returns the manifest. One conversion at a time per `out` (`_exclusive`)."""
         out = Path(out)
+        _check_out(out, self.identity(plan_dict), resume)
         with _exclusive(out):
             return self._run(out, plan_dict, resume, workers, progress)
 
@@ -312,38 +316,54 @@ def _exclusive(out: Path):
         raise ConvertError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    with open(path, "a") as f:
+    with open(path, "a") as f:        # the file stays: removing it would let two later runs lock two inodes
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConvertError(f"{out}: another ascend convert is writing here (it holds {path.name})") from None
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+        except OSError as e:          # a file system without flock (some Lustre / FUSE mounts): go on unlocked
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            print(f"warning: {out}: no file locks on this file system ({e.strerror}); do not run two conversions "
+                  f"into it at once", file=sys.stderr)
+        yield
+
+
+def _check_out(out: Path, ident: dict, resume: bool) -> bool:
+    """Whether `out` may take this job: False when it is empty (or absent), True when it holds an interrupted run
+    of this very job (--resume); else a ConvertError. Reads only: `run` asks before it takes the lock too, so a
+    refused run leaves nothing behind."""
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if not existing:
+        return False
+    job = out / JOB
+    if not resume:
+        raise ConvertError(f"{out}: output directory is not empty (holds {existing[0]}); use an empty directory, "
+                           f"or --resume to finish an interrupted conversion")
+    if (out / MANIFEST).exists() and not job.exists():
+        raise ConvertError(f"{out}: already holds a complete conversion (manifest.json); nothing to resume")
+    try:
+        previous = parse_json(job.read_text())
+    except (OSError, ValueError):
+        raise ConvertError(f"{out}: holds files but no readable {JOB}; "
+                           f"it is not an interrupted conversion") from None
+    if not isinstance(previous, dict):
+        raise ConvertError(f"{job}: expected a JSON object; it is not an interrupted conversion")
+    if previous.get("schema") != ident["schema"]:
+        raise ConvertError(f"{job}: written by another version of ascend-deploy (job schema "
+                           f"{previous.get('schema')!r}, this one writes {ident['schema']}); empty {out} and "
+                           f"convert again")
+    if previous != ident:
+        diff = [k for k in ident if previous.get(k) != ident[k]] + sorted(set(previous) - set(ident))
+        raise ConvertError(f"{out}: --resume of a different job ({diff[0]} differs from the interrupted run)")
+    return True
 
 
 def _prepare(out: Path, ident: dict, resume: bool) -> None:
-    """Check that `out` (locked, created) is empty, or holds an interrupted run of this very job (--resume)."""
-    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK)
-    if existing:
-        job = out / JOB
-        if not resume:
-            raise ConvertError(f"{out}: output directory is not empty (holds {existing[0]}); use an empty directory, "
-                               f"or --resume to finish an interrupted conversion")
-        if (out / MANIFEST).exists() and not job.exists():
-            raise ConvertError(f"{out}: already holds a complete conversion (manifest.json); nothing to resume")
-        try:
-            previous = parse_json(job.read_text())
-        except (OSError, ValueError):
-            raise ConvertError(f"{out}: holds files but no readable {JOB}; "
-                               f"it is not an interrupted conversion") from None
-        if not isinstance(previous, dict):
-            raise ConvertError(f"{job}: expected a JSON object; it is not an interrupted conversion")
-        if previous != ident:
-            diff = [k for k in ident if previous.get(k) != ident[k]] + sorted(set(previous) - set(ident))
-            raise ConvertError(f"{out}: --resume of a different job ({diff[0]} differs from the interrupted run)")
+    """Under the lock: check `out` again (`_check_out`), then clear an interrupted run's partial files or record
+    the job in an empty directory."""
+    if _check_out(out, ident, resume):
         for p in out.rglob(".*.partial"):
             p.unlink()
-        return
-    write_json_atomic(out / JOB, ident)
+    else:
+        write_json_atomic(out / JOB, ident)

@@ -71,6 +71,9 @@ def _check_fields(m: dict, path: Path) -> None:
                 raise ConvertError(f"{path}: {where} needs {key!r} as a JSON {_JSON_TYPE[kind]}")
 
     need(m, _TOP, "the manifest")
+    copied = m.get("copied", {})        # absent in manifests written before it
+    if not (isinstance(copied, dict) and all(isinstance(v, str) for v in copied.values())):
+        raise ConvertError(f"{path}: the manifest needs 'copied' as a JSON object of file name -> sha256")
     for i, entry in enumerate(m["ranks"]):
         need(entry, _RANK, f"ranks[{i}]")
         for rel, rec in entry["files"].items():

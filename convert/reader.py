@@ -173,7 +173,7 @@ class Checkpoint:
         for n in sorted(set(weight_map.values())):
             path = safe_member(self.root, n, index)
             files.setdefault(path.resolve(), path)
-        return list(files.values())
+        return sorted(files.values(), key=lambda p: p.name)
 
     def _check_index(self) -> None:
         if self.weight_map is None:

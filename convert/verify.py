@@ -137,6 +137,9 @@ def _reference(src: Checkpoint, src_table, out_table, rec: dict, name: str) -> t
         raise ConvertError(f"{name}: the manifest names source tensor {rec['source']!r}, which the model does not have")
     w_spec = src_table[rec["source"]]
     split = tuple(rec["split"]) if rec["split"] else None
+    if split is not None and not (split[0] < len(w_spec.shape) and split[1] <= split[2] <= w_spec.shape[split[0]]):
+        raise ConvertError(f"{name}: the manifest's split {list(split)} does not fit source tensor {rec['source']} "
+                           f"{list(w_spec.shape)}")
     is_scale = name.endswith(".scale")
     out_name = rec["source"][: -len(".weight")] + ".scale" if is_scale else rec["source"]
     out_spec = out_table[out_name]

@@ -295,7 +295,8 @@ def topk_auto(scores: torch.Tensor, topk: int) -> torch.Tensor:
 
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     """Fused Triton indexer scores, then a fixed-size top-k: the Triton radix select for rows of at most
-    TOPK_TRITON_MAX_ENTRIES entries, torch.topk for longer ones (same contract as `indexer_topk_bmm`)."""
+    TOPK_TRITON_MAX_ENTRIES entries, torch.topk for longer ones (`indexer_topk_bmm`'s output; ties at the k-th
+    score of rows that long in torch.topk's order, see `topk_fixed`)."""
     return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_auto)
 
 

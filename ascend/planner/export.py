@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ascend.planner import placement as pl
 from ascend.errors import parse_json
+from ascend.planner import placement as pl
 from ascend.planner.errors import PlanError
 from ascend.planner.plan import Plan
 

@@ -131,8 +131,9 @@ def test_cli_convert_verify_and_load(tiny_ckpt, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["world_size"] == 2
     main(["verify", str(out), "--against", str(tiny_ckpt), "--json"])
     assert json.loads(capsys.readouterr().out)["ok"] is True
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "plan.json", "rank-00000",
-                                                    "rank-00001", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".convert.lock", "config.json", "manifest.json", "plan.json",
+                                                    "rank-00000", "rank-00001", "tokenizer.json",
+                                                    "tokenizer_config.json"]
 
 
 def _cli_error(args, capsys):
@@ -197,11 +198,17 @@ def test_verify_checks_what_the_launcher_checks(tiny_ckpt, tmp_path, capsys):
     (out / "tokenizer.json").write_bytes(tokenizer)
     manifest = (out / "manifest.json").read_text()
     for field, value, message in (("split", "x", "needs 'split' as null or [dim, begin, end]"),
+                                  ("split", [9, 0, 1], "split [9, 0, 1] does not fit source tensor embed.weight"),
                                   ("source", "nope", "names source tensor 'nope', which the model does not have")):
         edited = json.loads(manifest)
         edited["ranks"][0]["tensors"]["embed.weight"][field] = value
         (out / "manifest.json").write_text(json.dumps(edited))
         assert message in _cli_error(["verify", str(out), "--against", str(tiny_ckpt)], capsys)
+    for value in (None, [], {"tokenizer.json": 5}):
+        edited = json.loads(manifest)
+        edited["copied"] = value
+        (out / "manifest.json").write_text(json.dumps(edited))
+        assert "needs 'copied' as a JSON object" in _cli_error(["verify", str(out)], capsys)
 
 
 def test_source_files_outside_or_replaced_are_refused(ckpt_copy, tmp_path):
@@ -221,9 +228,13 @@ def test_source_files_outside_or_replaced_are_refused(ckpt_copy, tmp_path):
     (out / "rank-00000").mkdir(parents=True)          # an interrupted run of this job
     (out / ".convert-job.json").write_text(json.dumps(
         Conversion(ckpt, Sharding.from_plan(plan, ckpt.config), "keep").identity(plan.to_dict())))
+    job = json.loads((out / ".convert-job.json").read_text())
     shard = ckpt.files[0]
     shard.touch()                                     # replaced by a file of the same size
     with pytest.raises(ConvertError, match="--resume of a different job \\(source_mtime_ns differs"):
+        _convert(ckpt_copy, out, tp=1, ep=1, resume=True)
+    (out / ".convert-job.json").write_text(json.dumps({**job, "schema": 1}))
+    with pytest.raises(ConvertError, match="written by another version of ascend-deploy \\(job schema 1"):
         _convert(ckpt_copy, out, tp=1, ep=1, resume=True)
 
 
@@ -237,8 +248,19 @@ def test_second_convert_into_the_same_directory_is_refused(tiny_ckpt, tmp_path):
         with pytest.raises(ConvertError, match="another ascend convert is writing here"):
             _convert(tiny_ckpt, out, tp=1, ep=1)
     assert sorted(p.name for p in out.iterdir()) == [".convert.lock"]
-    _convert(tiny_ckpt, out, tp=1, ep=1)              # the holder gone, it runs (and leaves no lock behind)
-    assert not (out / ".convert.lock").exists() and verify(out)["ok"]
+    _convert(tiny_ckpt, out, tp=1, ep=1)              # the holder gone, it runs
+    assert verify(out)["ok"]
+
+
+def test_file_system_without_locks_converts_with_a_warning(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    _convert(tiny_ckpt, tmp_path / "out", tp=1, ep=1)
+    assert "no file locks on this file system" in capsys.readouterr().err and verify(tmp_path / "out")["ok"]
 
 
 def test_verify_against_other_source(tiny_ckpt, tmp_path, capsys):

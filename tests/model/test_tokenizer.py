@@ -55,3 +55,13 @@ def test_config_added_token_dicts_choose_bos_eos(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = tk.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (tok.token_id(tk.USER), tok.token_id(tk.ASSISTANT))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000, "[1, 2]"], ids=["broken", "deep", "array"])
+def test_unreadable_tokenizer_config_is_one_error(tmp_path, text):
+    """A tokenizer_config.json that is not a JSON object is a TokenizerError naming it (a traceback on every rank
+    of `ascend run` before)."""
+    tk.write_synthetic_tokenizer(tmp_path, 512)
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(tk.TokenizerError, match="tokenizer_config.json: "):
+        tk.load_tokenizer(tmp_path)
