@@ -31,15 +31,26 @@ class RunError(AscendDeployError):
     """`ascend run` options that cannot start a job (missing checkpoint, wrong rank count)."""
 
 
-def converted_world_size(ckpt: Path) -> int:
-    """World size a converted checkpoint was sharded for (its manifest.json)."""
+def converted_manifest(ckpt: Path) -> dict:
+    """A converted checkpoint's manifest.json, with the world size it was sharded for as an int."""
     manifest = ckpt / "manifest.json"
     if not manifest.is_file():
         raise RunError(f"{manifest}: not found; --ckpt must be the output directory of `ascend convert`")
     try:
-        return int(parse_json(manifest.read_text())["world_size"])
+        m = parse_json(manifest.read_text())
+        return {**m, "world_size": int(m["world_size"])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def check_act_quant(ckpt: Path, manifest: dict) -> None:
+    """--act-quant needs the model's projection widths in whole FP8 blocks of 128 (`ModelConfig.validate`): refuse
+    it here, before torchrun, rather than on every rank."""
+    from model.config import ConfigError, ModelConfig
+    try:
+        ModelConfig.from_hf(manifest.get("config") or {}, act_quant=True)
+    except ConfigError as e:
+        raise RunError(f"{ckpt / 'manifest.json'}: --act-quant: {str(e).removeprefix('config: ')}") from None
 
 
 def torchrun_command(ckpt: str | Path, nproc: int, nnodes: int = 1, node_rank: int = 0,
@@ -80,7 +91,8 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
     Options not listed here go to ascend.serve (`python3 -m ascend.serve --help`): --input, --prompt,
     --interactive, --max-new-tokens, --temperature, --stop, --json, ...
     """
-    world = converted_world_size(ckpt)
+    manifest = converted_manifest(ckpt)
+    world = manifest["world_size"]
     if world != nproc * nnodes:
         raise RunError(f"{ckpt}: converted for {world} ranks, but --nnodes {nnodes} x --nproc {nproc} = "
                        f"{nproc * nnodes}; re-plan and convert, or launch {world} processes")
@@ -91,6 +103,8 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
     served = parse_args(["--ckpt", str(ckpt), *launch_args], prog="ascend run ... (launch options)")
     if served.input and node_rank == 0:
         read_requests(served.input, served.mode)
+    if served.act_quant:
+        check_act_quant(ckpt, manifest)
     cmd = torchrun_command(ckpt, nproc, nnodes, node_rank, master_addr, master_port, launch_args)
     if dry_run:
         click.echo(json.dumps({"command": cmd}) if as_json else shlex.join(cmd))

@@ -72,3 +72,17 @@ def test_only_node_0_reads_the_request_file(tmp_path, capsys):
     main(["run", "--ckpt", _ckpt(tmp_path, 4), "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr",
           "h", "--dry-run", "--input", str(tmp_path / "only-on-node-0.jsonl")])
     assert "--input" in capsys.readouterr().out
+
+
+def test_act_quant_on_a_model_without_whole_fp8_blocks_is_refused_before_launch(tmp_path, capsys):
+    """--act-quant rounds projection inputs in blocks of 128: a checkpoint whose widths are not whole blocks is
+    refused by `ascend run` itself (exit 2, one line naming the manifest and the field), not by every rank."""
+    from model.config import ModelConfig
+    config = ModelConfig.preset("tiny", q_lora_rank=96).to_hf_dict()
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "world_size": 1, "ranks": [], "config": config}))
+    main(["run", "--ckpt", str(tmp_path), "--nproc", "1", "--dry-run"])            # without it: fine
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", str(tmp_path), "--nproc", "1", "--dry-run", "--act-quant"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'manifest.json'}: --act-quant: q_lora_rank")
