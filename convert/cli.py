@@ -49,6 +49,7 @@ def convert_command(hf, out, plan_path, tp, ep, redundant, weights, dry_run, res
     plan, origin = _plan(plan_path, tp, ep, redundant, ckpt.config)
     conv = Conversion(ckpt, Sharding.from_plan(plan, ckpt.config, origin), weights)
     if dry_run:
+        conv.check_out(Path(out), plan.to_dict(), resume)        # the real run would stop there
         ranks = conv.summary()
         if as_json:
             click.echo(json.dumps({"dry_run": True, "weights": weights, "ranks": ranks}, indent=1))

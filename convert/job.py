@@ -43,8 +43,8 @@ from convert.layout import TensorSpec, expected_tensors
 from convert.manifest import MANIFEST, SCHEMA
 from convert.reader import Checkpoint, safe_member
 from convert.shard import Sharding, cut, scale_split
-from convert.writer import (CopyBuffers, SafetensorsWriter, hash_file, sha256_of, write_bytes_atomic,
-                            write_json_atomic)
+from convert.writer import (CopyBuffers, SafetensorsWriter, hash_file, safetensors_header, sha256_of,
+                            write_bytes_atomic, write_json_atomic)
 
 JOB = ".convert-job.json"
 LOCK = ".convert.lock"
@@ -74,10 +74,14 @@ class OutFile:
 
     @property
     def nbytes(self) -> int:
-        n = 0
-        for _, dtype, shape in self.entries:
-            n += TensorSpec("", shape, dtype).nbytes
-        return n
+        """Its tensors' bytes (the index's total_size, the progress bar)."""
+        return safetensors_header(self.entries)[2]
+
+    @property
+    def file_bytes(self) -> int:
+        """The file's size once written, header included (what --dry-run reports)."""
+        _, raw, data = safetensors_header(self.entries)
+        return 8 + len(raw) + data
 
 
 @dataclass(frozen=True)
@@ -191,13 +195,17 @@ class Conversion:
                 "source_mtime_ns": {name: st.st_mtime_ns for name, st in stats.items()},
                 "weights": self.weights, "plan": plan_dict}
 
+    def check_out(self, out: Path, plan_dict: dict, resume: bool = False) -> None:
+        """Refuse an `out` this job may not write to (`_check_out`): also what --dry-run checks."""
+        _check_out(Path(out), self.identity(plan_dict), resume)
+
     def summary(self) -> list[dict]:
         """Per rank: files, tensors and bytes it gets (what --dry-run prints)."""
         ranks = []
         for rank in range(self.sharding.world_size):
             mine = [f for f in self.files if f.rank == rank]
             ranks.append({"rank": rank, "files": len(mine), "tensors": sum(len(f.entries) for f in mine),
-                          "bytes": sum(f.nbytes for f in mine),
+                          "bytes": sum(f.file_bytes for f in mine),
                           "tensor_list": [[n, d, list(s)] for f in mine for n, d, s in f.entries]})
         return ranks
 
@@ -205,7 +213,7 @@ class Conversion:
     def run(self, out: Path, plan_dict: dict, resume: bool = False, workers: int = 2, progress: bool = True) -> dict:
         """Write everything under `out`; returns the manifest. One conversion at a time per `out` (`_exclusive`)."""
         out = Path(out)
-        _check_out(out, self.identity(plan_dict), resume)
+        self.check_out(out, plan_dict, resume)
         with _exclusive(out):
             return self._run(out, plan_dict, resume, workers, progress)
 

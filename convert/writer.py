@@ -146,23 +146,28 @@ class CopyBuffers:
         self.tensor_hasher.shutdown()
 
 
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> tuple[dict, bytes, int]:
+    """(header, its encoding padded to 8 bytes, data section bytes) of a file holding `entries` =
+    [(name, dtype code, shape)] in that order: the file is 8 + len(encoding) + data bytes."""
+    header, at = {}, 0
+    for name, dtype, shape in entries:
+        n = DTYPE_BYTES[dtype]
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return header, raw + b" " * (-len(raw) % 8), at        # padded: the data section stays 8-byte aligned
+
+
 class SafetensorsWriter:
     """Write the tensors `entries` = [(name, dtype code, shape)] to `path`, in that order, one call each."""
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
         self.path, self.tmp = Path(path), temp_name(Path(path))
         self.entries = list(entries)
-        header, at = {}, 0
-        for name, dtype, shape in self.entries:
-            n = DTYPE_BYTES[dtype]
-            for s in shape:
-                n *= s
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
-            at += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
-        self.header = header
-        self.nbytes = 8 + len(raw) + at
+        self.header, raw, data = safetensors_header(self.entries)
+        self.nbytes = 8 + len(raw) + data
         self.file_hash = _BackgroundHash()
         self.tensor_hashes: dict[str, str] = {}
         self._next = 0

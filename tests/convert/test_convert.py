@@ -122,7 +122,14 @@ def test_cli_dry_run_writes_nothing(tiny_ckpt, tmp_path, capsys):
     assert not out.exists()
     assert [r["rank"] for r in report["ranks"]] == [0, 1]
     r0 = {n: s for n, _, s in report["ranks"][0]["tensor_list"]}
-    assert r0["embed.weight"] == [512, 256] and report["ranks"][0]["bytes"] > 0
+    assert r0["embed.weight"] == [512, 256]
+    main(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2", "--json"])
+    capsys.readouterr()
+    for r in report["ranks"]:           # what it said it would write: the files' sizes, headers included
+        assert r["bytes"] == sum(f.stat().st_size for f in (out / f"rank-{r['rank']:05d}").glob("*.safetensors"))
+    err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2", "--dry-run"],
+                     capsys)
+    assert "output directory is not empty" in err            # as the real run would say
 
 
 def test_cli_convert_verify_and_load(tiny_ckpt, tmp_path, capsys):
