@@ -293,6 +293,17 @@ class Detokenizer:
         return now[len(seen):]
 
 
+def check_lengths(requests: list[Request], tokenizer: Tokenizer, max_new_tokens: int, max_len: int,
+                  where: str) -> None:
+    """Refuse, before anything is generated, a request whose prompt plus new tokens outgrows the context (found
+    by its batch, it ended the run and lost the batches already done)."""
+    for n, r in enumerate(requests, 1):
+        tokens, new = len(tokenizer.encode(r.prompt())), r.max_new_tokens or max_new_tokens
+        if tokens + new > max_len:
+            raise LaunchError(f"{where}: request {n} ({r.id}): a prompt of {tokens} tokens plus {new} new tokens "
+                              f"exceeds the context {max_len} (lower --max-new-tokens or raise --max-len)")
+
+
 def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sampling: SamplingParams,
              max_new_tokens: int, max_len: int, stop: Iterable[str] = (), lockstep: Lockstep | None = None,
              idle: Session | None = None, on_text: Callable[[int, str], None] | None = None,
@@ -326,8 +337,9 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     logits = session.prefill(prompts, longest)
     while True:
         nxt = lockstep.same_tokens(sampler(logits))
+        toks = nxt.tolist()                 # waits for the device: the step that made them is done
         now = time.perf_counter() - t0
-        for i, tok in enumerate(nxt.tolist()):
+        for i, tok in enumerate(toks):
             if finished[i]:
                 continue
             c = done[i]
@@ -341,9 +353,12 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
             before = len(c.text)
             last = tok in stop_ids or len(c.tokens) >= limits[i]
             c.text += texts[i].push(tok, final=last)
-            # a stop string can only end in the added text: search from where it could have started
+            # a stop string can only end in the added text: search from where it could have started, and not
+            # inside the EOS marker itself ("end" would cut the reply in the middle of it)
             at = max(0, before - hold)
-            hit = min((j for s in stop if (j := c.text.find(s, at)) >= 0), default=None)
+            eos = tok == tokenizer.eos_id and c.text.endswith(eos_text)
+            body = c.text[:len(c.text) - len(eos_text)] if eos else c.text
+            hit = min((j for s in stop if (j := body.find(s, at)) >= 0), default=None)
             if tok in stop_ids or hit is not None:
                 c.finish_reason = "stop"
                 finished[i] = True

@@ -102,7 +102,10 @@ def run_command(ctx: click.Context, ckpt: Path, nproc: int, nnodes: int, node_ra
     # a bad option (or, on node 0, which reads it, a bad request file) fails here with exit 2, before any rank starts
     served = parse_args(["--ckpt", str(ckpt), *launch_args], prog="ascend run ... (launch options)")
     if served.input and node_rank == 0:
-        read_requests(served.input, served.mode)
+        from ascend.launch import check_lengths
+        from model.tokenizer import load_tokenizer
+        check_lengths(read_requests(served.input, served.mode), load_tokenizer(served.tokenizer or ckpt),
+                      served.max_new_tokens, served.max_len, str(served.input))
     if served.act_quant:
         check_act_quant(ckpt, manifest)
     cmd = torchrun_command(ckpt, nproc, nnodes, node_rank, master_addr, master_port, launch_args)

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from ascend import dist as mesh_lib
 from ascend.argtypes import arg_type, new_file, positive, positive_seconds
 from ascend.errors import AscendDeployError
-from ascend.launch import (LaunchError, Lockstep, Request, check_checkpoint, generate, idle_until_done,
-                           read_requests, split_for_dp, summary)
+from ascend.launch import (LaunchError, Lockstep, Request, check_checkpoint, check_lengths, generate,
+                           idle_until_done, read_requests, split_for_dp, summary)
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer
 
@@ -222,6 +222,8 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
     if tokenizer.vocab_size > checked.config.vocab_size:
         raise LaunchError(f"{args.tokenizer or args.ckpt}: the tokenizer has {tokenizer.vocab_size} ids, the model's "
                           f"vocabulary {checked.config.vocab_size}; give the checkpoint's own tokenizer.json")
+    if requests is not None:
+        check_lengths(requests, tokenizer, args.max_new_tokens, args.max_len, str(args.input or "--prompt"))
     mesh = mesh_lib.init(tp=plan.tp, ep=plan.ep, device=args.device, timeout_s=args.dist_timeout)
     maybe_fail(args, mesh.rank, "load")
     session, idle, exchange = build_session(args.ckpt, checked, mesh, args.moe_exchange, args.prefill_chunk,

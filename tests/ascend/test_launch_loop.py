@@ -387,3 +387,41 @@ def test_compile_is_refused_before_loading_where_it_cannot_run(tmp_path):
     dp_ep = SimpleNamespace(tp=1, ep=2, dp=2, world_size=2, settings={})
     with pytest.raises(LaunchError, match="--prefill-chunk with the alltoall expert exchange across 2 data-par"):
         build_session(tmp_path / "missing", SimpleNamespace(plan=dp_ep), mesh, prefill_chunk=512)
+
+
+class _Pending(torch.Tensor):
+    """Sampled tokens whose `tolist` takes 0.2 s, as a CUDA step that the host waits for there."""
+
+    def tolist(self):
+        time.sleep(0.2)
+        return super().tolist()
+
+
+def test_token_times_count_the_step_that_made_them(tok, monkeypatch):
+    """TTFT includes the prefill's device time and total_s the last step's: the clock is read after the host has
+    waited for the tokens (before, each timestamp trailed its step by one, TTFT ~0 and TPOT took the prefill)."""
+    req = launch.Request("a", [{"role": "user", "content": "hello"}])
+    monkeypatch.setattr(launch.Lockstep, "same_tokens", lambda self, t: t.as_subclass(_Pending))
+    [c] = launch.generate(ToySession(tok.vocab_size), tok, [req], SamplingParams(), 3, 128)
+    assert c.ttft_s >= 0.2 and c.total_s >= 0.6 and 0.15 <= c.tpot_s < 0.4
+
+
+@pytest.mark.parametrize("stop", ["end", "sentence"])
+def test_stop_string_inside_the_eos_marker_does_not_cut_it(tok, stop):
+    """A stop string that occurs only inside `<｜end▁of▁sentence｜>` does not match there: the reply ends at EOS
+    with its marker whole, and nothing of it is streamed (it ended with '<｜' or '<｜end▁of▁' before)."""
+    req = launch.Request("a", [{"role": "user", "content": "hello"}], max_new_tokens=50)
+    prompt_len = len(tok.encode(req.prompt()))
+    streamed = []
+    [c] = launch.generate(ToySession(tok.vocab_size, eos_at=prompt_len + 3), tok, [req], SamplingParams(), 50, 128,
+                          stop=[stop], on_text=lambda i, d: streamed.append(d))
+    assert c.finish_reason == "stop" and c.text == tok.decode(c.tokens) and c.text.endswith("<｜end▁of▁sentence｜>")
+    assert "".join(streamed) + "<｜end▁of▁sentence｜>" == c.text
+
+
+def test_overlong_request_is_refused_before_any_batch(tok):
+    """Every request is measured up front: the second of three outgrows the context, named by its place and id."""
+    reqs = [launch.Request(str(i), [{"role": "user", "content": "x " * n}]) for i, n in enumerate((1, 50, 1))]
+    with pytest.raises(launch.LaunchError, match=r"^req.jsonl: request 2 \(1\): a prompt of \d+ tokens plus 4 new"):
+        launch.check_lengths(reqs, tok, 4, 32, "req.jsonl")
+    launch.check_lengths(reqs[::2], tok, 4, 32, "req.jsonl")

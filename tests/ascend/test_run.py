@@ -7,6 +7,7 @@ import pytest
 
 from ascend.cli import main
 from ascend.run import RunError, torchrun_command
+from model.tokenizer import write_synthetic_tokenizer
 
 
 def test_single_node_uses_a_standalone_rendezvous():
@@ -27,7 +28,9 @@ def test_multi_node_flags_are_torchrun_flags():
 
 
 def _ckpt(tmp_path, world):
+    """A stand-in converted checkpoint: what `ascend run` reads before torchrun (manifest, tokenizer)."""
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "world_size": world, "ranks": []}))
+    write_synthetic_tokenizer(tmp_path, 512)
     return str(tmp_path)
 
 
@@ -86,3 +89,14 @@ def test_act_quant_on_a_model_without_whole_fp8_blocks_is_refused_before_launch(
         main(["run", "--ckpt", str(tmp_path), "--nproc", "1", "--dry-run", "--act-quant"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'manifest.json'}: --act-quant: q_lora_rank")
+
+
+def test_overlong_request_is_refused_before_launch(tmp_path, capsys):
+    """Node 0 measures every request of --input with the checkpoint's tokenizer against --max-len before torchrun
+    starts (a late batch's overlong request ended the run and lost the finished ones)."""
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('"short"\n' + json.dumps("word " * 200) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--ckpt", _ckpt(tmp_path, 1), "--nproc", "1", "--dry-run", "--input", str(requests),
+              "--max-len", "64", "--max-new-tokens", "8"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {requests}: request 2 (1): a prompt of")
