@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ascend.files import temp_name, write_atomic
 from convert.errors import ConvertError
 from convert.layout import DTYPE_BYTES
 from convert.reader import read_header
@@ -39,10 +40,6 @@ def sha256_of(t: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
-def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
 def disk_error(e: OSError, path: Path) -> ConvertError:
     if e.errno == errno.ENOSPC:
         return ConvertError(f"{path}: no space left on device while writing; free space and rerun with --resume")
@@ -50,16 +47,10 @@ def disk_error(e: OSError, path: Path) -> ConvertError:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Small files (indexes, manifests): temp name, fsync, rename."""
-    tmp = temp_name(path)
+    """Small files (indexes, manifests), whole or not at all (`ascend.files.write_atomic`)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise disk_error(e, path) from None
 
 

@@ -13,7 +13,6 @@ plan.json (schema "ascend-deploy/plan", version 1) is documented in docs/planner
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ascend.errors import parse_json
+from ascend.files import write_atomic
 from ascend.planner.errors import PlanError
 from ascend.planner import placement as pl
 
@@ -179,12 +179,9 @@ class Plan:
     def save(self, path: str | Path) -> None:
         """Write plan.json whole or not at all (a temporary name, then a rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
         try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            os.replace(tmp, path)
+            write_atomic(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise PlanError(f"{path}: cannot write the plan ({e.strerror or e})") from None
 
     @classmethod
