@@ -212,13 +212,12 @@ class Conversion:
     # ------------------------------------------------------------------ run
     def run(self, out: Path, plan_dict: dict, resume: bool = False, workers: int = 2, progress: bool = True) -> dict:
         """Write everything under `out`; returns the manifest. One conversion at a time per `out` (`_exclusive`)."""
-        out = Path(out)
-        self.check_out(out, plan_dict, resume)
+        out, ident = Path(out), self.identity(plan_dict)
+        _check_out(out, ident, resume)
         with _exclusive(out):
-            return self._run(out, plan_dict, resume, workers, progress)
+            return self._run(out, ident, plan_dict, resume, workers, progress)
 
-    def _run(self, out: Path, plan_dict: dict, resume: bool, workers: int, progress: bool) -> dict:
-        ident = self.identity(plan_dict)
+    def _run(self, out: Path, ident: dict, plan_dict: dict, resume: bool, workers: int, progress: bool) -> dict:
         _prepare(out, ident, resume)
         for rank in range(self.sharding.world_size):
             (out / rank_dir(rank)).mkdir(exist_ok=True)
@@ -304,7 +303,6 @@ class Conversion:
             data = src.read_bytes()
             write_bytes_atomic(out / src.name, data)
             copied[src.name] = hashlib.sha256(data).hexdigest()
-        ident = self.identity(plan_dict)
         manifest = {"format": "ascend-deploy converted DeepSeek-V4 checkpoint", "schema": SCHEMA,
                     "source": ident["source"], "source_files": ident["source_files"],
                     "weights": self.weights, "world_size": self.sharding.world_size, "tp": self.sharding.tp,
