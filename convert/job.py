@@ -242,7 +242,7 @@ class Conversion:
                         self._write_group(out, file, group, pool, max(1, workers) + 1, hashes, bar, buffers)
         finally:
             buffers.close()
-        return self._finish(out, plan_dict, hashes)
+        return self._finish(out, ident, plan_dict, hashes)
 
     def _write_group(self, out, file, group, pool, window, hashes, bar, buffers: CopyBuffers) -> None:
         writers = {of.rank: SafetensorsWriter(out / of.path, of.entries) for of in group}
@@ -277,7 +277,7 @@ class Conversion:
                 w.abort()
             raise
 
-    def _finish(self, out: Path, plan_dict: dict, hashes) -> dict:
+    def _finish(self, out: Path, ident: dict, plan_dict: dict, hashes) -> dict:
         ranks = []
         for rank in range(self.sharding.world_size):
             mine = [f for f in self.files if f.rank == rank]
