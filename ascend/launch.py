@@ -177,9 +177,9 @@ class Completion:
     logits: list[list[float]] | None = None  # per generated token, only when asked (tests compare ranks)
 
     @property
-    def tpot_s(self) -> float:
-        """Mean time per output token after the first."""
-        return (self.total_s - self.ttft_s) / (len(self.tokens) - 1) if len(self.tokens) > 1 else 0.0
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first; None for a reply of one token (it has no such time)."""
+        return (self.total_s - self.ttft_s) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -199,7 +199,8 @@ class Completion:
     def to_dict(self) -> dict:
         d = {"id": self.request.id, "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
              "tokens": self.tokens, "text": self.text, "message": self.message(),
-             "finish_reason": self.finish_reason, "ttft_s": round(self.ttft_s, 6), "tpot_s": round(self.tpot_s, 6),
+             "finish_reason": self.finish_reason, "ttft_s": round(self.ttft_s, 6),
+             "tpot_s": None if self.tpot_s is None else round(self.tpot_s, 6),
              "tokens_per_s": round(self.tokens_per_s, 3)}
         if self.logits is not None:
             d["logits"] = self.logits
@@ -403,7 +404,10 @@ def split_for_dp(requests: list[Request], dp: int, dp_rank: int, max_batch: int)
 def summary(results: list[dict], wall_s: float) -> dict:
     """Aggregate throughput and latency over the result dicts (`Completion.to_dict`) of a run."""
     n = sum(r["completion_tokens"] for r in results)
-    mean = lambda key: round(sum(r[key] for r in results) / max(1, len(results)), 6)  # noqa: E731
+
+    def mean(key: str) -> float | None:         # over the requests that have the figure (TPOT: 2 tokens or more)
+        values = [r[key] for r in results if r[key] is not None]
+        return round(sum(values) / len(values), 6) if values else None
     return {"requests": len(results), "completion_tokens": n, "prompt_tokens": sum(r["prompt_tokens"] for r in results),
             "wall_s": round(wall_s, 6), "tokens_per_s": round(n / wall_s, 3) if wall_s > 0 else 0.0,
             "mean_ttft_s": mean("ttft_s"), "mean_tpot_s": mean("tpot_s")}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -132,16 +133,18 @@ def gather_results(completions: list[tuple[int, dict]], mesh) -> list[dict]:
 def print_table(results: list[dict], total: dict) -> None:
     print(f"\n{'id':>6} {'prompt':>7} {'output':>7} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>8}  finish")
     for r in results:
+        tpot = "-" if r["tpot_s"] is None else f"{r['tpot_s'] * 1e3:.1f}"     # one token: no time per next token
         print(f"{r['id']:>6} {r['prompt_tokens']:>7} {r['completion_tokens']:>7} {r['ttft_s'] * 1e3:>9.1f} "
-              f"{r['tpot_s'] * 1e3:>9.1f} {r['tokens_per_s']:>8.1f}  {r['finish_reason']}")
+              f"{tpot:>9} {r['tokens_per_s']:>8.1f}  {r['finish_reason']}")
     print(f"{total['requests']} requests, {total['completion_tokens']} tokens in {total['wall_s']:.2f} s: "
           f"{total['tokens_per_s']:.1f} tokens/s")
 
 
-def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request], lockstep, stream: bool) -> list[dict]:
-    """All requests over the data-parallel groups; returns (on rank 0) every result in request order."""
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed + mesh.dp_rank)
+def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request], lockstep, stream: bool,
+                  batches_before: int = 0) -> list[dict]:
+    """All requests over the data-parallel groups; returns (on rank 0) every result in request order. Batch k of
+    the run (in round-robin order over the groups, after `batches_before` of earlier calls) samples with seed + k:
+    one seed for every batch gave request i of each batch, or each chat turn, the same random stream."""
     arrived = time.perf_counter()     # every request is submitted at once: TTFT includes waiting for a batch
     index = {id(r): i for i, r in enumerate(requests)}
     batches = split_for_dp(requests, mesh.dp_size, mesh.dp_rank, args.max_batch)
@@ -155,6 +158,8 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
         show = stream and mesh.rank == 0 and len(batch) == 1
         on_text = (lambda i, delta: print(delta, end="", flush=True)) if show else None
         maybe_fail(args, mesh.rank, "generate")
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  seed=args.seed + batches_before + r * mesh.dp_size + mesh.dp_rank)
         out = generate(session, tokenizer, batch, sampling, args.max_new_tokens, args.max_len, args.stop, lockstep,
                        idle, on_text, keep_logits=args.dump_logits, arrived=arrived)
         if show:
@@ -172,7 +177,7 @@ def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
     # the other ranks wait for the user's next line here: on a group of their own with no practical timeout, as
     # --dist-timeout (a stuck collective's bound) must not end a chat whose user is thinking
     waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if dist.is_initialized() else None
-    while True:
+    for turn in itertools.count():
         line = share(read_line(">>> ") if mesh.rank == 0 else None, mesh.rank, waiting)
         if line == "/exit":
             return
@@ -191,7 +196,8 @@ def interactive(args, mesh, session, idle, tokenizer, lockstep) -> None:
                            f"--max-len {args.max_len}: /clear to start over; that line was not sent)")
             messages.pop()
             continue
-        results = serve_batches(args, mesh, session, idle, tokenizer, [request], lockstep, stream=True)
+        results = serve_batches(args, mesh, session, idle, tokenizer, [request], lockstep, stream=True,
+                                batches_before=turn * mesh.dp_size)
         # the parsed reply, and its tokens for the plain-text fallback (not the whole result: it may hold logits)
         reply, tokens = share((results[0]["message"], results[0]["tokens"]) if mesh.rank == 0 else None, mesh.rank)
         if reply.get("tool_calls") and mesh.rank == 0:

@@ -74,8 +74,15 @@ class Sampler:
 
 
 @torch.no_grad()
+def check_prompts(prompts: list[list[int]], where: str) -> None:
+    """At least one prompt, each of at least one token (an empty one has no last logits to continue from)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError(f"{where}: every prompt needs at least one token")
+
+
 def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, chunk: int | None = None) -> torch.Tensor:
     """Feed right-padded prompts (in chunks of `chunk` tokens if given) and return each one's last logits [B, V]."""
+    check_prompts(prompts, "prefill")
     device = cache.lengths.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
@@ -103,8 +110,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              prefill_chunk: int | None = None, cache: KVCache | None = None) -> list[list[int]]:
     """Complete each prompt; returns the new tokens per prompt, without the stop token that ended it."""
     params = params or SamplingParams()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("generate: every prompt needs at least one token")
+    check_prompts(prompts, "generate")
     stops = params.stop_tokens if params.stop_tokens is not None else (model.config.eos_token_id,)
     if cache is None:
         cache = model.new_cache(len(prompts), max(map(len, prompts)) + params.max_new_tokens)

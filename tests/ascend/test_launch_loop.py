@@ -426,3 +426,39 @@ def test_overlong_request_is_refused_before_any_batch(tok):
     with pytest.raises(launch.LaunchError, match=r"^req.jsonl: request 2 \(1\): a prompt of \d+ tokens plus 4 new"):
         launch.check_lengths(reqs, tok, 4, 32, "req.jsonl")
     launch.check_lengths(reqs[::2], tok, 4, 32, "req.jsonl")
+
+
+def _serve_args(**kw):
+    import argparse
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, seed=7, max_batch=1, max_new_tokens=6, max_len=128, stop=[],
+                dump_logits=False, inject_failure=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_each_batch_and_chat_turn_samples_its_own_stream(tok):
+    """Sampled replies to the same request differ from batch to batch and from turn to turn (one seed for every
+    batch gave request i of each batch the same random stream), and a run repeats itself."""
+    from types import SimpleNamespace
+
+    from ascend.serve import serve_batches
+    mesh = SimpleNamespace(dp_rank=0, dp_size=1, rank=0, tp_rank=0, distributed=False)
+    req = [launch.Request(str(i), [{"role": "user", "content": "hello"}]) for i in range(3)]
+
+    def run(batches_before=0):
+        session = ToySession(tok.vocab_size)          # one-hot logits: at temperature 1 nearly uniform draws
+        return [r["tokens"] for r in serve_batches(_serve_args(), mesh, session, session, tok, req, launch.Lockstep(),
+                                                    stream=False, batches_before=batches_before)]
+
+    first = run()
+    assert len({tuple(t) for t in first}) == 3
+    assert run() == first
+    assert run(batches_before=1)[:2] == first[1:]     # the next chat turn draws as the next batch would
+
+
+def test_one_token_replies_have_no_time_per_output_token(tok):
+    reqs = [launch.Request(str(i), [{"role": "user", "content": "hi"}], max_new_tokens=n) for i, n in enumerate((1, 3))]
+    done = launch.generate(ToySession(tok.vocab_size), tok, reqs, SamplingParams(), 3, 128)
+    one, three = (c.to_dict() for c in done)
+    assert one["tpot_s"] is None and three["tpot_s"] is not None
+    assert launch.summary([one, three], 1.0)["mean_tpot_s"] == three["tpot_s"]     # not halved by the 0 it had
+    assert launch.summary([one], 1.0)["mean_tpot_s"] is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.generate import GenerationError, Sampler, SamplingParams, generate
+from model.generate import GenerationError, Sampler, SamplingParams, generate, prefill
 from model.transformer import Transformer, init_random_
 
 CFG = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16", quant_sim=False)  # see test_transformer.py
@@ -71,5 +71,7 @@ def test_sampled_generation_is_reproducible(model):
     assert generate(model, _prompts(), params) == generate(model, _prompts(), params)
     with pytest.raises(GenerationError, match="at least one token"):
         generate(model, [[]], params)
+    with pytest.raises(GenerationError, match="prefill: every prompt needs at least one token"):
+        prefill(model, [[1, 2], []], model.new_cache(2, 8))
     with pytest.raises(GenerationError, match="top_p = 0"):
         SamplingParams(top_p=0)
