@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -285,12 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", action="store_true",
                    help="also time per-selection and grouped launch-setting variants")
     p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")
+    p.add_argument("--cases", default=None, metavar="FMT[,FMT]",
+                   help="only the cases of these weight formats (fp4, fp8, bf16; default all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = p.parse_args(argv)
 
     shapes = QUICK if args.quick else FULL
+    if args.cases:
+        formats = set(args.cases.split(","))
+        if not formats <= {"fp4", "fp8", "bf16"}:
+            p.error(f"--cases {args.cases!r}: expected formats among fp4, fp8, bf16")
+        shapes = dataclasses.replace(shapes, cases=tuple(c for c in shapes.cases if c.fmt in formats))
     if args.batch:
-        shapes = Shapes(shapes.cases, args.batch, shapes.topk, shapes.reps, shapes.dtype)
+        shapes = dataclasses.replace(shapes, batches=tuple(args.batch))
     device = get_device(args.device or ("cpu" if args.quick else None))
     torch.set_grad_enabled(False)
     kernels = None

@@ -30,6 +30,15 @@ def test_quick_mode_reports_every_case_as_json(capsys):
         assert [r["impl"] for r in rows if r["chosen"]] == want
 
 
+def test_cases_keep_the_formats_asked_for(capsys):
+    assert run_script("bench_moe", ["--quick", "--batch", "1", "--cases", "fp8,bf16", "--json"]) == 0
+    assert {r["case"] for r in json.loads(capsys.readouterr().out)["rows"]} == {"wo_b", "router"}
+    with pytest.raises(SystemExit) as refused:
+        run_script("bench_moe", ["--quick", "--cases", "fp5"])
+    assert refused.value.code == 2
+    assert "--cases 'fp5': expected formats among fp4, fp8, bf16" in capsys.readouterr().err
+
+
 def test_quick_mode_times_the_f32_projection_at_batch_1(capsys):
     """The bf16 case (`kernels.f32_linear`) runs at batch 1 only: cuBLAS's path as the reference, the Triton walk
     next to it where Triton runs, one of them marked as the backend's."""
