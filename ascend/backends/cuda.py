@@ -406,9 +406,10 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
 
 
 def _triton_expert_formats() -> tuple[str, ...]:
-    """Loading float8_e4m3fn in Triton needs sm_89+ (Ada, Hopper); FP4 is decoded from plain bytes anywhere."""
+    """Both quantised formats need sm_89+ (Ada, Hopper): Triton's float8_e4m3fn loads, and the fp4 walk's e4m3 ->
+    float16 conversion (`triton_moe._e2m1_words_to_f16`); older GPUs run the reference for both."""
     old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
-    return ("fp4",) if old_gpu else ("fp4", "fp8")
+    return () if old_gpu else ("fp4", "fp8")
 
 
 def triton_available() -> bool:

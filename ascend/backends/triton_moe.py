@@ -17,15 +17,23 @@ writes float32 partial sums, and the last program to finish an output block adds
 writes y (`triton_common.last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result
 deterministic.
 
-The fp4 per-selection walk sees BLOCK_IN inputs as [BLOCK_IN / 32 scale groups, 4 int32 words of 8 codes]; each
-group's float32 partial sum is scaled once. Without tensor cores its speed is instructions per byte: every code is
-decoded to a float16 bit pattern (`_e2m1_times_2_pow_minus_14`), two codes per 32-bit integer op (`_e2m1_pair`),
-widened and multiplied into float32, and bf16 x is widened once per program, not per thread (`_x_for_pairs`):
-about 10 instructions per packed byte on sm_90, half the byte-at-a-time walk's 20 (its ~0.7 TB/s at batch 1).
+The fp4 per-selection walk reads a [BLOCK_OUT rows, BLOCK_IN / 8 int32 words of 8 codes] tile per step. Without
+tensor cores its speed is instructions per byte. Four codes at a time become e4m3 bytes (two shifts, two masks) that
+the hardware widens to float16 pairs (`_e2m1_words_to_f16`, sm_89+). On bf16 / fp16 rows x is scaled by one power of
+two per program into float16's range (`_f16_range`) and packed once per word, and each pair of codes meets it in one
+packed float16 multiply-add (`fma.rn.f16x2`): a word's four products per half are summed in float16, everything after
+in float32. That is about 7 instructions per packed byte on sm_90 (`scripts/kernel_sass.py`) against 10.6 for the
+same walk in float32, whose decode built each code's float16 bits with two shifts and two masks per pair. The price:
+an error of at most 2^-9 of the summed magnitudes of a row's products (four float16 roundings per word); relative to
+the exact result about 1e-3 at V4-Flash shapes (`scripts/bench_moe.py`'s rel err, ~5e-5 before), the size of one bf16
+rounding of the output. float32 rows keep float32 products and sums.
+
 Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -34,6 +42,8 @@ import triton.language as tl
 from ascend.backends.triton_common import arrival_tickets, dot_precision, last_to_arrive
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
+X_SCAN = tl.constexpr(1024)      # inputs per step of the fp4 walk's scan for max |x|
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # PTX cannot run: emulate it
 
 
 @triton.jit
@@ -104,44 +114,101 @@ def _store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: t
 
 
 @triton.jit
-def _e2m1_pair(words, K: tl.constexpr):
-    """Codes K and K + 4 of int32 words of 8 packed e2m1 codes (code i in bits 4i..4i+3: input i of the word) ->
-    two float32 tensors, value * 2^-14 as `_e2m1_times_2_pow_minus_14` gives, decoded two at a time: both codes'
-    float16 patterns are built in the two halves of one 32-bit register (two shifts and two masks act on both),
-    and each half widens to float32 in one instruction."""
-    if K == 3:
-        signs = words
-        mags = words >> 3
+def _packed_fma(a, b, c):
+    """a * b + c on int32 words of two float16 each, rounded once per half (`fma.rn.f16x2`); emulated in float32
+    (exact products, the sum rounded to float16) under the interpreter."""
+    if _INTERPRETING:
+        lo = _f16_half(a, False) * _f16_half(b, False) + _f16_half(c, False)
+        hi = _f16_half(a, True) * _f16_half(b, True) + _f16_half(c, True)
+        return _f16_pack(lo, hi)
     else:
-        signs = words << (12 - 4 * K)
-        mags = words << (9 - 4 * K)
-    pair = (signs & -0x7FFF8000) | (mags & 0x0E000E00)           # 0x80008000 as an int32; 0x0E000E00
-    lo = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
-def _x_for_pairs(x_row, word, ok, GROUPS: tl.constexpr):
-    """x at the 8 inputs of each int32 word ([GROUPS, 4] words), as float32 in `_e2m1_pair`'s order: inputs
-    (0, 4), (1, 5), (2, 6), (3, 7). BF16 rows are read as int32 pairs and widened by moving bits (a bf16 is the top
-    half of its float32) before they are spread to the threads: every thread would otherwise widen the same x."""
+def _f16_half(v, HIGH: tl.constexpr):
+    """One float16 half of int32 words (bits 0..15, or 16..31 if HIGH), widened to float32."""
+    if HIGH:
+        v = v >> 16
+    return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16_pack(lo, hi):
+    """Two float32 tensors rounded to float16 into the halves of int32 words (lo in bits 0..15)."""
+    if _INTERPRETING:
+        low = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return low | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _e4m3_bytes_to_f16(v):
+    """int32 words of four e4m3 bytes -> (bytes 0, 1; bytes 2, 3) as float16 pairs, two conversions of two bytes
+    each (`cvt.rn.f16x2.e4m3x2`, sm_89+)."""
+    if _INTERPRETING:
+        return (_f16_pack(_e4m3_byte(v, 0), _e4m3_byte(v, 1)), _f16_pack(_e4m3_byte(v, 2), _e4m3_byte(v, 3)))
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [v], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _e4m3_byte(v, I: tl.constexpr):
+    return ((v >> (8 * I)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e2m1_words_to_f16(words):
+    """int32 words of 8 packed e2m1 codes (code i in bits 4i..4i+3: m, e0, e1, sign) -> four float16 pairs holding
+    codes (0, 2), (4, 6), (1, 3), (5, 7), each value * 2^-6. Every code becomes an e4m3 byte (sign to bit 7, e1 e0 m
+    to bits 4..2: e2m1's value times 2^-6 exactly, subnormal codes included), four bytes per two shifts and two
+    masks, and the hardware converts e4m3 pairs to float16: about half the integer work of building float16 bits
+    from each code."""
+    even = ((words << 2) & 0x1C1C1C1C) | ((words << 4) & -0x7F7F7F80)     # codes 0, 2, 4, 6; -0x7F7F7F80: 0x80808080
+    odd = ((words >> 2) & 0x1C1C1C1C) | (words & -0x7F7F7F80)            # codes 1, 3, 5, 7
+    w02, w46 = _e4m3_bytes_to_f16(even)
+    w13, w57 = _e4m3_bytes_to_f16(odd)
+    return w02, w46, w13, w57
+
+
+@triton.jit
+def _x_by_word(x_row, word, ok, WORDS: tl.constexpr):
+    """x at inputs 8w .. 8w + 7 of the words w (a [WORDS] tensor), as eight float32 tensors shaped like `word`. A bf16
+    row is read as int32 pairs and widened by moving bits (a bf16 is the top half of its float32)."""
     if x_row.dtype.element_ty == tl.bfloat16:
-        pairs = tl.load(x_row.to(tl.pointer_type(tl.int32)) + word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :],
-                        mask=ok[:, :, None], other=0)                        # pair p: inputs 2p, 2p + 1
+        pairs = tl.load(x_row.to(tl.pointer_type(tl.int32)) + word[:, None] * 4 + tl.arange(0, 4)[None, :],
+                        mask=ok[:, None], other=0)                           # pair p: inputs 2p, 2p + 1
         even = (pairs << 16).to(tl.float32, bitcast=True)
         odd = (pairs & -65536).to(tl.float32, bitcast=True)
     else:
-        x = tl.load(x_row + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=ok[:, :, None], other=0.0)
-        even, odd = tl.split(tl.reshape(x.to(tl.float32), [GROUPS, 4, 4, 2]))
-    # pair p = 2a + b of a word: b = 0 holds inputs (0, 4) along a, b = 1 holds (2, 6) (even) or (1, 5), (3, 7)
-    e04, e26 = tl.split(tl.reshape(even, [GROUPS, 4, 2, 2]))
-    o15, o37 = tl.split(tl.reshape(odd, [GROUPS, 4, 2, 2]))
-    x0, x4 = tl.split(e04)
-    x2, x6 = tl.split(e26)
-    x1, x5 = tl.split(o15)
-    x3, x7 = tl.split(o37)
-    return x0, x4, x1, x5, x2, x6, x3, x7
+        x = tl.load(x_row + word[:, None] * 8 + tl.arange(0, 8)[None, :], mask=ok[:, None], other=0.0)
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), [WORDS, 4, 2]))
+    x04, x26 = tl.split(tl.reshape(even, [WORDS, 2, 2]))
+    x15, x37 = tl.split(tl.reshape(odd, [WORDS, 2, 2]))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _f16_range(x_row, k_lo, k_hi):
+    """(up, down): powers of two that take x[k_lo:k_hi] into float16's range, max |x| * up in [2^13, 2^14), and
+    down = 2^6 / up undoes it and the decoded codes' 2^-6 (products of at most 6 * 2^-6 * 2^14 = 1536, sums of
+    four of them stay far below float16's 65504; exponents clamped so both stay normal floats)."""
+    big = tl.zeros([X_SCAN], tl.float32)
+    for c0 in range(k_lo, k_hi, X_SCAN):
+        c = c0 + tl.arange(0, X_SCAN)
+        big = tl.maximum(big, tl.abs(tl.load(x_row + c, mask=c < k_hi, other=0.0).to(tl.float32)))
+    biased = (tl.max(big, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF      # floor(log2 max |x|) + 127
+    shift = tl.minimum(tl.maximum(140 - biased, -113), 127)
+    return ((127 + shift) << 23).to(tl.float32, bitcast=True), ((133 - shift) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -150,35 +217,47 @@ def _fp4_expert_matmul_kernel(
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs."""
+    """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs. The tile is
+    [BLOCK_OUT rows, BLOCK_IN / 8 words]; each word's 8 products are summed in float16 pairs (16-bit x) or float32
+    (float32 x), its group's 4 words in float32 and scaled once."""
     GROUPS: tl.constexpr = BLOCK_IN // 32
+    WORDS: tl.constexpr = BLOCK_IN // 8
+    EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
-    g = tl.arange(0, GROUPS)
-    w_rows = w_ptr + expert * sw_e + rows[:, None, None].to(tl.int64) * sw_o
+    w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
-    acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)     # summed over groups once, after the loop
+    if EXACT:
+        up = 1.0
+        down = 64.0                                               # 2^6: see _e2m1_words_to_f16
+    else:
+        up, down = _f16_range(x_row, k_lo, k_hi)
+    acc = tl.zeros([BLOCK_OUT, GROUPS], tl.float32)               # summed over groups once, after the loop
     for k0 in range(k_lo, k_hi, BLOCK_IN):
-        group = k0 // 32 + g                                          # [GROUPS] scale column
-        group_ok = group < IN // 32                                   # IN is a multiple of 32
-        word = group[:, None] * 4 + tl.arange(0, 4)[None, :]          # [GROUPS, 4] int32 column
-        words = tl.load(w_rows + word[None, :, :], mask=row_ok[:, None, None] & group_ok[None, :, None], other=0)
-        x0, x4, x1, x5, x2, x6, x3, x7 = _x_for_pairs(x_row, word, group_ok[:, None], GROUPS)
-        lo, hi = _e2m1_pair(words, 0)
-        part = lo * x0[None]                     # one multiply-add per code (the adds written apart so they fuse)
-        part += hi * x4[None]
-        lo, hi = _e2m1_pair(words, 1)
-        part += lo * x1[None]
-        part += hi * x5[None]
-        lo, hi = _e2m1_pair(words, 2)
-        part += lo * x2[None]
-        part += hi * x6[None]
-        lo, hi = _e2m1_pair(words, 3)
-        part += lo * x3[None]
-        part += hi * x7[None]
-        scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
-        acc += tl.sum(part, axis=2) * _e8m0_value(scale)
-    y = tl.sum(acc, axis=1) * 16384.0                                 # 2^14: see _e2m1_times_2_pow_minus_14
+        word = k0 // 8 + tl.arange(0, WORDS)
+        word_ok = word < IN // 8                                  # IN is a multiple of 32
+        words = tl.load(w_rows + word[None, :], mask=row_ok[:, None] & word_ok[None, :], other=0)
+        w02, w46, w13, w57 = _e2m1_words_to_f16(words)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_by_word(x_row, word, word_ok, WORDS)
+        if EXACT:       # each half widened to float32, one float32 multiply-add per code
+            part = _f16_half(w02, False) * x0[None, :]
+            part += _f16_half(w02, True) * x2[None, :]
+            part += _f16_half(w46, False) * x4[None, :]
+            part += _f16_half(w46, True) * x6[None, :]
+            part += _f16_half(w13, False) * x1[None, :]
+            part += _f16_half(w13, True) * x3[None, :]
+            part += _f16_half(w57, False) * x5[None, :]
+            part += _f16_half(w57, True) * x7[None, :]
+        else:           # x scaled into float16 once per word, one packed multiply-add per two codes
+            h = _packed_fma(w02, _f16_pack(x0 * up, x2 * up)[None, :], tl.zeros([BLOCK_OUT, WORDS], tl.int32))
+            h = _packed_fma(w46, _f16_pack(x4 * up, x6 * up)[None, :], h)
+            h = _packed_fma(w13, _f16_pack(x1 * up, x3 * up)[None, :], h)
+            h = _packed_fma(w57, _f16_pack(x5 * up, x7 * up)[None, :], h)
+            part = _f16_half(h, False) + _f16_half(h, True)
+        group = k0 // 32 + tl.arange(0, GROUPS)
+        scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & (group < IN // 32)[None, :], other=0)
+        acc += tl.sum(tl.reshape(part, [BLOCK_OUT, GROUPS, 4]), axis=2) * _e8m0_value(scale.to(tl.int32))
+    y = tl.sum(acc, axis=1) * down
     _store_rows(y, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 

@@ -273,7 +273,7 @@ def _fp4_experts(n_experts, d_out, d_in, n, device="cpu", dtype=torch.float32, s
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "bf16"])
-def test_expert_matmul_keeps_the_reference_for_other_formats(fmt):       # fp8: as on GPUs before sm_89
+def test_expert_matmul_keeps_the_reference_for_other_formats(fmt):       # what the kernels are not given
     from model import quant
     stored = [quant.quantize_weight(torch.randn(16, 256), fmt) for _ in range(3)]
     weight, scale = torch.stack([w for w, _ in stored]), None if stored[0][1] is None else torch.stack(
@@ -594,7 +594,7 @@ def test_triton_expert_matmul_at_flash_shapes(d_out, d_in, n, fmt):
     kernels = cuda.make_kernels()
     assert kernels.expert_matmul.func is cuda.expert_matmul_triton
     if fmt not in kernels.expert_matmul.keywords["formats"]:
-        pytest.skip("Triton fp8 loads need sm_89+")
+        pytest.skip("the Triton fp4 / fp8 kernels need sm_89+")
     make = _fp4_experts if fmt == "fp4" else _fp8_experts
     x, weight, scale, idx = make(256 if fmt == "fp4" else 32, d_out, d_in, n, "cuda", torch.bfloat16)
     idx[: n // 3] = 7                                                       # shared experts, as at batch 32

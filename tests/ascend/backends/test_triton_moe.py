@@ -66,16 +66,22 @@ def _rows(n, d_in, dtype, seed=1):
     return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
-def _check(y, x, weight, scale, fmt, idx):
+def _check(y, x, weight, scale, fmt, idx, half_sums=False):
     """fp32 rows: the reference up to float32 summation order. bf16 rows: the reference in bf16 up to two roundings,
-    and the exact products (the reference on the same rows widened to fp32) up to one."""
+    and the exact products (the reference on the same rows widened to fp32) up to one. `half_sums` (the fp4
+    per-selection walk on bf16 rows, which sums each word's products in float16): the exact result up to its float16
+    roundings, at most 2^-9 of the sum of the products' magnitudes, and the bf16 output's rounding."""
     ref = REFERENCE.expert_matmul(x, weight, scale, fmt, idx)
     assert y.shape == ref.shape and y.dtype == x.dtype
     if x.dtype == torch.float32:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
         return
-    torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
     exact = REFERENCE.expert_matmul(x.float(), weight, scale, fmt, idx)
+    if half_sums:
+        magnitudes = REFERENCE.expert_matmul(x.float().abs(), weight & 0x77, scale, fmt, idx)   # signs cleared
+        assert bool(((y.float() - exact).abs() <= 2 ** -9 * magnitudes + 2 ** -8 * exact.abs()).all())
+        return
+    torch.testing.assert_close(y.float(), ref.float(), **BF16_TOL)
     torch.testing.assert_close(y.float(), exact, rtol=2 ** -7, atol=1e-3)
 
 
@@ -107,15 +113,35 @@ def test_grouped_matches_reference(fmt, d_out, d_in, launch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt,d_in", [("fp4", 128), ("fp4", 96), ("fp8", 128)])
 def test_per_selection_kernel(fmt, d_in, dtype):
-    """Every e2m1 code at every position of its packed int32 word (fp4 decodes codes k and k + 4 of a word
-    together), both ways of reading x (bf16 as int32 pairs, others per input), a ragged last input block (96), and
+    """Every e2m1 code at every position of its packed int32 word (fp4 turns four codes of a word into e4m3 bytes
+    at once), both ways of reading x (bf16 as int32 pairs, others per input), a ragged last input block (96), and
     rows that do not start 16-byte aligned in memory (copied aligned for the kernel)."""
     from ascend.backends import triton_moe
     weight, scale = _stack(fmt, 3, 40, d_in)
     idx = torch.tensor([2, 0, 2, 1], device=DEVICE)
     x = _rows(1, 4 * d_in + 1, dtype)[0, 1:].view(4, d_in)     # contiguous, 1 element off its allocation
     per_selection = triton_moe.expert_matmul_fp4 if fmt == "fp4" else triton_moe.expert_matmul_fp8
-    _check(per_selection(x, weight, scale, idx, block_out=16, block_in=64), x, weight, scale, fmt, idx)
+    _check(per_selection(x, weight, scale, idx, block_out=16, block_in=64), x, weight, scale, fmt, idx,
+           half_sums=fmt == "fp4")
+
+
+def test_fp4_walk_scales_each_row_into_float16():
+    """The fp4 walk on bf16 rows multiplies in float16 after scaling x by a power of two per program: rows of
+    magnitude 1e4 and 1e-20 (float16 alone would overflow / flush them) keep the float16 sums' accuracy, a zero row
+    gives zeros, a NaN input gives NaN, and each input split scales its own share."""
+    from ascend.backends import triton_moe
+    weight, scale = _stack("fp4", 3, 40, 256)
+    idx = torch.tensor([2, 0, 1, 2], device=DEVICE)
+    x = _rows(4, 256, torch.float32) * torch.tensor([[1e4], [1e-20], [0.0], [1.0]], device=DEVICE)
+    x[:, :128] *= torch.tensor([[1.0], [1.0], [1.0], [1e-3]], device=DEVICE)     # split 0 of row 3 much smaller
+    x = x.bfloat16()
+    for split_k in (1, 2):
+        y = triton_moe.expert_matmul_fp4(x, weight, scale, idx, block_out=16, block_in=64, split_k=split_k)
+        _check(y, x, weight, scale, "fp4", idx, half_sums=True)
+        assert (y[0].abs() > 1e3).any() and (y[1] != 0).any() and (y[2] == 0).all()
+    x[3, 5] = float("nan")
+    y = triton_moe.expert_matmul_fp4(x, weight, scale, idx, block_out=16, block_in=64)
+    assert y[3].isnan().all() and not y[:3].isnan().any()
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
@@ -132,7 +158,7 @@ def test_broadcast_rows_are_read_in_place(fmt):
     for kernel in (per_selection, grouped):
         torch.testing.assert_close(kernel(x, weight, scale, idx), kernel(x.contiguous(), weight, scale, idx),
                                    rtol=0, atol=0)
-    _check(per_selection(x, weight, scale, idx), x, weight, scale, fmt, idx)
+    _check(per_selection(x, weight, scale, idx), x, weight, scale, fmt, idx, half_sums=fmt == "fp4")
 
 
 def test_groups_are_static_and_complete():
