@@ -573,12 +573,13 @@ def grouped_matmul_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------------ the chooser
-GROUPED_MIN_ROWS = {"fp4": 432, "fp8": 128}
+GROUPED_MIN_ROWS = {"fp4": 768, "fp8": 128}
 """`expert_matmul` runs the grouped kernel from this many rows (selections) on, per weight format, and for every
 multi-row projection (one expert: the per-selection kernel would read the whole weight once per row). From
-scripts/bench_moe.py on an H200 at V4-Flash shapes (experts, 6 per token): fp4 per selection (2 codes per integer
-op) faster up to 384 rows (batch 64, w1 / w3: 807 against 912 us), grouped from 432 on (908 against 919; at 576
-rows 925 against 1198); docs/performance.md. fp8: per selection faster at 6 and 48 rows, grouped at 192 and 384."""
+`scripts/bench_moe.py --cases fp4 --batch 1,32,64,96,128` on an H200 at V4-Flash shapes (experts, 6 per token): the
+fp4 per-selection walk with float16 multiply-adds is faster up to 576 rows (batch 96; joint w1 + w3 1,656 against
+1,834 us, w2 878 against 903), grouped at 768 (1,962 against 2,187, w2 974 against 1,159); between the two was not
+timed (docs/performance.md). fp8: per selection faster at 6 and 48 rows, grouped at 192 and 384."""
 
 _KERNELS = {"fp4": (expert_matmul_fp4, grouped_matmul_fp4), "fp8": (expert_matmul_fp8, grouped_matmul_fp8)}
 
