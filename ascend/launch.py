@@ -348,12 +348,17 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     logits = session.prefill(prompts, longest)
     while True:
         nxt = lockstep.same_tokens(sampler(logits))
-        toks = nxt.tolist()                 # waits for the device: the step that made them is done
-        now = time.perf_counter() - t0
+        # one transfer with the tokens: whether each row's logits were all finite (NaN logits give no token)
+        toks, finite = torch.stack((nxt, torch.isfinite(logits).all(dim=-1).to(nxt.dtype))).tolist()
+        now = time.perf_counter() - t0      # after the transfer, which waits for the step that made the tokens
         for i, tok in enumerate(toks):
             if finished[i]:
                 continue
             c = done[i]
+            if not finite[i]:
+                raise LaunchError(f"request {c.request.id}: the model's logits hold NaN or infinite values at output "
+                                  f"token {len(c.tokens) + 1} (overflowing activations or corrupt weights: "
+                                  f"`ascend verify` checks the checkpoint against its manifest)")
             if not c.tokens:
                 c.ttft_s = now
             c.tokens.append(tok)

@@ -42,7 +42,9 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks the next token from float32 logits [B, V]; seedable (one torch.Generator on the logits' device)."""
+    """Picks the next token from float32 logits [B, V]; seedable (one torch.Generator on the logits' device). A
+    sampled draw is the exponential race (argmax of probs / Exp(1)): no device sync, and a NaN row gives a token
+    rather than an error or a stopped device; the launcher refuses NaN logits itself."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
@@ -69,8 +71,11 @@ class Sampler:
             # drop a token once the more likely ones already reach top_p (the most likely one always stays)
             drop = probs.cumsum(dim=-1) - probs >= p.top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        # a draw from probs as the row's largest probs / Exp(1) (exactly the categorical draw): unlike
+        # torch.multinomial it cannot stop the device on a NaN row (a device-side assert on CUDA) or wait for it
         probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self._rng(probs.device)).squeeze(-1)
+        race = torch.empty_like(probs).exponential_(generator=self._rng(probs.device))
+        return (probs / race).argmax(dim=-1)
 
 
 @torch.no_grad()

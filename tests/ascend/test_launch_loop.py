@@ -462,3 +462,28 @@ def test_one_token_replies_have_no_time_per_output_token(tok):
     assert one["tpot_s"] is None and three["tpot_s"] is not None
     assert launch.summary([one, three], 1.0)["mean_tpot_s"] == three["tpot_s"]     # not halved by the 0 it had
     assert launch.summary([one], 1.0)["mean_tpot_s"] is None
+
+
+class _NaNSession(ToySession):
+    """Row 1's logits turn NaN from its third output token on."""
+
+    def forward(self, ids, n_valid):
+        logits = super().forward(ids, n_valid)
+        if int(self.steps) >= 2:
+            logits[1] = float("nan")
+        self.steps += 1
+        return logits
+
+    def prefill(self, prompts, max_len):
+        self.steps = 0
+        return super().prefill(prompts, max_len)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, seed=0)])
+def test_nan_logits_end_the_run_naming_the_request(tok, sampling):
+    """NaN logits are an error naming the request and the token, greedy or sampled (torch.multinomial raised, or on
+    CUDA stopped the device, on a NaN row; argmax quietly took the NaN's position)."""
+    reqs = [launch.Request(name, [{"role": "user", "content": "hi"}]) for name in ("a", "b")]
+    with pytest.raises(launch.LaunchError, match="request b: the model's logits hold NaN or infinite values at "
+                                                 "output token 3"):
+        launch.generate(_NaNSession(tok.vocab_size), tok, reqs, sampling, 6, 128)

@@ -64,6 +64,8 @@ def test_sampler_filters_and_seed():
     assert set(draw(top_p=0.5).tolist()) == {0}
     assert set(draw(top_k=3, top_p=0.9).tolist()) == {0, 1, 2}
     assert torch.equal(Sampler(SamplingParams())(logits), torch.tensor([0]))   # greedy
+    nan_row = torch.tensor([[float("nan")] * 4, [0.0, 0.0, 0.0, 30.0]])      # a NaN row leaves the others be
+    assert Sampler(SamplingParams(temperature=1.0, seed=7))(nan_row)[1].item() == 3
 
 
 def test_sampled_generation_is_reproducible(model):
