@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ascend.files import temp_name, write_atomic
+from ascend.files import sync_dir, temp_name, write_atomic
 from convert.errors import ConvertError
 from convert.layout import DTYPE_BYTES
 from convert.reader import read_header
@@ -260,6 +260,7 @@ class SafetensorsWriter:
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.path)
+            sync_dir(self.path.parent)
         except OSError as e:
             self.abort()
             raise disk_error(e, self.path) from None

@@ -385,6 +385,27 @@ def test_kill_and_resume_is_byte_identical(tiny_ckpt, tmp_path, kill_after, unin
     verify(out, against=tiny_ckpt)
 
 
+def test_every_file_rename_is_followed_by_a_directory_sync(tiny_ckpt, tmp_path, monkeypatch):
+    """Each shard, index and the manifest: fsynced, renamed, then its directory fsynced (a crash can otherwise
+    keep a later rename, the manifest's, and lose an earlier one, a shard's)."""
+    import os
+    import stat
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _convert(tiny_ckpt, tmp_path / "out", 1, 2)
+    renames = [i for i, e in enumerate(events) if e == "rename"]
+    assert len(renames) >= 4 and all(events[i - 1] == "file" and events[i + 1] == "dir" for i in renames)
+
+
 def test_byte_range_copy_gives_the_same_files_as_tensors(tiny_ckpt, tmp_path, monkeypatch):
     """Tensors written as stored are copied as byte ranges of the source (4 KiB chunks here, so most take
     several); the same conversion made entirely through tensors read with safetensors gives the same bytes."""
