@@ -233,8 +233,19 @@ class Transformer(nn.Module):
                 src.dtype in (torch.int32, torch.int64) and dst.dtype == torch.int64)
             if src.dtype != dst.dtype and not castable:
                 raise WeightsError(f"tensor {name}: dtype {src.dtype}, expected {dst.dtype}")
+            self._check_values(name, src)
             dst.copy_(src)
         return result
+
+    def _check_values(self, name: str, src: torch.Tensor) -> None:
+        """Values no layer can use, refused at load rather than met as NaN logits or a device-side index error:
+        a ue8m0 scale byte 0xFF (NaN), a hash-routing expert id outside [0, n_routed_experts)."""
+        if src.dtype == torch.float8_e8m0fnu and bool((src.view(torch.uint8) == 0xFF).any()):
+            raise WeightsError(f"tensor {name}: ue8m0 scale byte 0xFF (NaN), expected exponent bytes 0..254")
+        if name.endswith(".gate.tid2eid") and src.numel():
+            lo, hi = int(src.min()), int(src.max())
+            if lo < 0 or hi >= self.config.n_routed_experts:
+                raise WeightsError(f"tensor {name}: expert ids {lo}..{hi}, expected 0..{self.config.n_routed_experts - 1}")
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> LoadResult:

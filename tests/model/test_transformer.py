@@ -174,6 +174,24 @@ def test_load_weights_names_the_bad_tensor(quant_model):
     assert partial.unexpected_keys == [] and all(k.startswith("mtp.0.") for k in partial.missing_keys)
 
 
+def test_load_weights_refuses_values_no_layer_can_use(quant_model):
+    """A NaN ue8m0 scale (byte 0xFF) and a hash-routing expert id outside the experts, each named at load."""
+    state = dict(quant_model.state_dict())
+    model = Transformer(TINY, dtype=torch.float32)
+    scale = next(k for k, v in state.items() if v.dtype == torch.float8_e8m0fnu)
+    bad = state[scale].clone()
+    bad.view(torch.uint8).view(-1)[-1] = 0xFF
+    with pytest.raises(WeightsError, match=f"tensor {scale}: ue8m0 scale byte 0xFF"):
+        model.load_weights({**state, scale: bad})
+    table = next(k for k in state if k.endswith(".gate.tid2eid"))
+    for value in (-1, TINY.n_routed_experts):
+        wrong = state[table].clone()
+        wrong[5, 0] = value
+        with pytest.raises(WeightsError, match=rf"tensor {table}: expert ids .*expected 0\.\.{TINY.n_routed_experts - 1}"):
+            model.load_weights({**state, table: wrong})
+    model.load_weights(state)                                           # the model's own values load
+
+
 @torch.no_grad()
 def test_quant_simulation_switch(quant_model):
     ids = _ids(1, 24, 7)
