@@ -45,6 +45,9 @@ class CacheSession:
     With `compile` the captured step is the decode step compiled by `ascend.backends.cuda.compile_decode` (one
     inductor graph per cache; the model should hold `make_kernels(for_compile=True)`).
 
+    Without `fixed`, a cache is captured for the batch's length rounded up to a power of two (at most `max_len`,
+    the longest context a batch may ask for), so that growing contexts re-capture only when they double.
+
     `fixed` = (max batch, max length): capture now, once, every bucket up to the max batch over one cache of that
     size, and never again. For token exchanges (the padded all-to-all) whose graphs hold collectives: every rank
     constructs its session at the same moment, so their warm-ups and captures pair up, and later batches never
@@ -54,8 +57,9 @@ class CacheSession:
 
     def __init__(self, model: Any, device: torch.device, prefill_chunk: int | None = None, graphs: Any = None,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS, compile: bool = False,
-                 fixed: tuple[int, int] | None = None):
+                 fixed: tuple[int, int] | None = None, max_len: int | None = None):
         self.model, self.device, self.prefill_chunk, self.cache = model, device, prefill_chunk, None
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.graphs, self.buckets, self.compile, self.fixed = graphs, tuple(sorted(buckets)), compile, fixed
         self._full = None        # the graph path's cache: bucket rows, reused across batches that fit it
         self._runner = None      # DecodeGraphRunner over self._full
@@ -103,7 +107,9 @@ class CacheSession:
         else:
             rows = bucket_for(batch, self.buckets)
             if self._full is None or self._full.batch != rows or self._full.max_len < max_len:
-                self._capture(rows, max_len, (rows,))
+                # a power of two (at most the session's max_len): a context that grows turn by turn (a chat)
+                # captures, and with --compile compiles, again only when it doubles, not at every turn
+                self._capture(rows, max(max_len, min(1 << (max_len - 1).bit_length(), self.max_len)), (rows,))
         self._full.reset()
         return self._full
 
@@ -218,5 +224,5 @@ def build_session(ckpt: str | Path, checked: Checked, mesh: Any, exchange: str =
     model.eval()
     graph_device = mesh.device if graphed else None
     fixed = (max_batch, max_len) if graphed and exchange == "alltoall" and plan.ep > 1 else None
-    return (CacheSession(model, device, prefill_chunk, graph_device, compile=compile, fixed=fixed),
+    return (CacheSession(model, device, prefill_chunk, graph_device, compile=compile, fixed=fixed, max_len=max_len),
             CacheSession(model, device), exchange)

@@ -487,3 +487,23 @@ def test_nan_logits_end_the_run_naming_the_request(tok, sampling):
     with pytest.raises(launch.LaunchError, match="request b: the model's logits hold NaN or infinite values at "
                                                  "output token 3"):
         launch.generate(_NaNSession(tok.vocab_size), tok, reqs, sampling, 6, 128)
+
+
+def test_growing_contexts_capture_again_only_when_they_double(monkeypatch):
+    """A graphed session's cache is sized to the batch's length rounded up to a power of two (at most its
+    max_len): a conversation growing turn by turn re-captures (and with --compile recompiles) at 64, 128, 200, not
+    at every turn."""
+    from ascend.device import get_device
+    from ascend.model_session import CacheSession
+    from model.config import ModelConfig
+    from model.transformer import Transformer, init_random_
+
+    model = init_random_(Transformer(ModelConfig.preset("tiny", n_layers=1, n_mtp_layers=0), dtype=torch.float32),
+                         seed=1).eval()
+    session = CacheSession(model, torch.device("cpu"), graphs=get_device("cpu"), buckets=(1,), max_len=200)
+    captured = []
+    real = CacheSession._capture
+    monkeypatch.setattr(CacheSession, "_capture", lambda self, rows, n, b: (captured.append(n), real(self, rows, n, b)))
+    for need in (40, 50, 64, 65, 100, 128, 129, 200):
+        session.prefill([[5, 6]], need)
+    assert captured == [64, 128, 200] and session._full.max_len == 200
