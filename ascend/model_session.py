@@ -45,8 +45,8 @@ class CacheSession:
     With `compile` the captured step is the decode step compiled by `ascend.backends.cuda.compile_decode` (one
     inductor graph per cache; the model should hold `make_kernels(for_compile=True)`).
 
-    Without `fixed`, a cache is captured for the batch's length rounded up to a power of two (at most `max_len`,
-    the longest context a batch may ask for), so that growing contexts re-capture only when they double.
+    Without `fixed`, a cache is captured for the batch's length rounded up by at most 25% (`_capacity`; at most
+    `max_len`, the longest context a batch may ask for), so that a growing context does not re-capture every turn.
 
     `fixed` = (max batch, max length): capture now, once, every bucket up to the max batch over one cache of that
     size, and never again. For token exchanges (the padded all-to-all) whose graphs hold collectives: every rank
@@ -96,6 +96,15 @@ class CacheSession:
                 m.mode = mode
         self._full, self._runner = full, runner
 
+    def _capacity(self, need: int) -> int:
+        """A new cache's length for a batch that needs `need` positions: rounded up to a multiple of an eighth of
+        the next power of two (at most 25% more), capped at the session's max_len. A context growing turn by turn
+        (a chat) then captures, and with --compile compiles, again about every 25% of growth, not at every turn;
+        finer steps would recapture more often, coarser ones cost more: HCA attends every entry of the cache and the
+        indexer scores them all, so a step's attention work follows the capacity, not the length."""
+        step = 1 << max(0, (need - 1).bit_length() - 3)
+        return max(need, min(-(-need // step) * step, self.max_len))
+
     def _graph_cache(self, batch: int, max_len: int) -> Any | None:
         """The bucket-sized cache (captured graph included) for a batch of `batch` rows, or None: run eagerly."""
         if self.graphs is None or batch > self.buckets[-1]:
@@ -107,9 +116,7 @@ class CacheSession:
         else:
             rows = bucket_for(batch, self.buckets)
             if self._full is None or self._full.batch != rows or self._full.max_len < max_len:
-                # a power of two (at most the session's max_len): a context that grows turn by turn (a chat)
-                # captures, and with --compile compiles, again only when it doubles, not at every turn
-                self._capture(rows, max(max_len, min(1 << (max_len - 1).bit_length(), self.max_len)), (rows,))
+                self._capture(rows, self._capacity(max_len), (rows,))
         self._full.reset()
         return self._full
 

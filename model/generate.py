@@ -78,13 +78,13 @@ class Sampler:
         return (probs / race).argmax(dim=-1)
 
 
-@torch.no_grad()
 def check_prompts(prompts: list[list[int]], where: str) -> None:
     """At least one prompt, each of at least one token (an empty one has no last logits to continue from)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError(f"{where}: every prompt needs at least one token")
 
 
+@torch.no_grad()
 def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, chunk: int | None = None) -> torch.Tensor:
     """Feed right-padded prompts (in chunks of `chunk` tokens if given) and return each one's last logits [B, V]."""
     check_prompts(prompts, "prefill")
@@ -126,6 +126,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     active = torch.ones(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(params.max_new_tokens):
+        if not bool(torch.isfinite(logits[active]).all()):   # a token drawn from them would be noise
+            raise GenerationError(f"generate: the model's logits hold NaN or infinite values at new token {step + 1}")
         tokens = sampler(logits)
         stopped = torch.isin(tokens, stop_ids) & active
         keep = (active & ~stopped).tolist()

@@ -8,7 +8,8 @@ arithmetic, an H200 issues at most about 33 T thread-instructions/s, 132 SMs x 4
 and about 17 T of the integer ones that decode the codes, whose pipe has 16 lanes per scheduler: at that rate 20 per
 byte cap a kernel near 0.8 TB/s, 10 near 1.7). Triton
 compiles `ascend/backends/triton_moe.py`'s per-selection kernels here for sm_90a, specialised as a launch on the GPU
-specialises them (pointers, sizes and strides divisible by 16), with the ptxas and cuobjdump shipped in Triton's
+specialises them (pointers, sizes and strides divisible by 16; bf16 rows, so the fp4 kernel's packed float16
+path), with the ptxas and cuobjdump shipped in Triton's
 wheel; the main loop is the longest backward branch of the SASS. Per kernel: registers per thread, instructions in
 one loop iteration, stored weight bytes one thread covers per iteration (packed codes; scales excluded), their
 ratio, and the commonest opcodes. docs/performance.md uses it for the FP4 decode. `--splits N` compiles the

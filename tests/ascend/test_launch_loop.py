@@ -489,10 +489,10 @@ def test_nan_logits_end_the_run_naming_the_request(tok, sampling):
         launch.generate(_NaNSession(tok.vocab_size), tok, reqs, sampling, 6, 128)
 
 
-def test_growing_contexts_capture_again_only_when_they_double(monkeypatch):
-    """A graphed session's cache is sized to the batch's length rounded up to a power of two (at most its
-    max_len): a conversation growing turn by turn re-captures (and with --compile recompiles) at 64, 128, 200, not
-    at every turn."""
+def test_growing_contexts_capture_again_only_every_quarter(monkeypatch):
+    """A graphed session's cache is sized to the batch's length rounded up to a multiple of an eighth of the next
+    power of two (at most 25% more, and at most its max_len): a conversation growing turn by turn re-captures (and
+    with --compile recompiles) about every 25% of growth, not at every turn."""
     from ascend.device import get_device
     from ascend.model_session import CacheSession
     from model.config import ModelConfig
@@ -504,6 +504,7 @@ def test_growing_contexts_capture_again_only_when_they_double(monkeypatch):
     captured = []
     real = CacheSession._capture
     monkeypatch.setattr(CacheSession, "_capture", lambda self, rows, n, b: (captured.append(n), real(self, rows, n, b)))
-    for need in (40, 50, 64, 65, 100, 128, 129, 200):
+    for need in (40, 41, 45, 48, 49, 60, 64, 65, 70, 80, 190, 199):
         session.prefill([[5, 6]], need)
-    assert captured == [64, 128, 200] and session._full.max_len == 200
+    assert captured == [40, 48, 56, 64, 80, 192, 200] and session._full.max_len == 200    # 199 -> 224, capped
+    assert all(session._capacity(n) <= 1.25 * n for n in range(1, 200))

@@ -75,5 +75,23 @@ def test_sampled_generation_is_reproducible(model):
         generate(model, [[]], params)
     with pytest.raises(GenerationError, match="prefill: every prompt needs at least one token"):
         prefill(model, [[1, 2], []], model.new_cache(2, 8))
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: (seen.append(torch.is_grad_enabled()), forward(*a, **kw))[1]
+    try:
+        prefill(model, [[1, 2]], model.new_cache(1, 8))
+    finally:
+        del model.forward
+    assert seen == [False]                                                      # runs without autograd
+    with torch.no_grad():
+        broken = next(p for p in model.parameters() if p.dtype == torch.float32 and p.dim() == 1)
+        kept = broken.clone()
+        broken.fill_(float("nan"))
+    try:
+        with pytest.raises(GenerationError, match="logits hold NaN or infinite values at new token 1"):
+            generate(model, _prompts(), params)
+    finally:
+        with torch.no_grad():
+            broken.copy_(kept)
     with pytest.raises(GenerationError, match="top_p = 0"):
         SamplingParams(top_p=0)

@@ -51,7 +51,7 @@ def test_offline_compile_counts_both_kernels():
     for r in rows.values():
         assert r["loop_instructions"] == sum(r["mix"].values()) > 0
         assert 1 < r["instructions_per_byte"] < 100 and r["registers"] > 0
-    assert rows["fp4"]["mix"]["HADD2"] > 0          # each decoded float16 half widened to float32 in one instruction
+    assert rows["fp4"]["mix"]["HFMA2"] > 0 and rows["fp4"]["mix"]["F2FP"] > 0   # packed fma; e4m3 -> float16
 
 
 def test_split_form_fences_its_ticket():
