@@ -159,6 +159,7 @@ def _e4m3_bytes_to_f16(v):
 
 @triton.jit
 def _e4m3_byte(v, I: tl.constexpr):
+    """Byte I of int32 words read as e4m3, in float32: the interpreter's stand-in for the hardware conversion."""
     return ((v >> (8 * I)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
 
