@@ -7,6 +7,7 @@ file, tensor or option and what was expected, and exits 2; so does an OSError on
 """
 
 import json
+from pathlib import Path
 
 
 class AscendDeployError(Exception):
@@ -21,3 +22,15 @@ def parse_json(text: str | bytes):
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def read_json_object(path: Path, error: type[AscendDeployError], unreadable: str) -> dict:
+    """The JSON object in file `path`, or `error` naming it: "PATH: UNREADABLE (why)" when it cannot be read or
+    parsed, "PATH: expected a JSON object" when it holds another JSON value."""
+    try:
+        data = parse_json(path.read_text())
+    except (OSError, ValueError) as e:          # ValueError: not JSON, or not UTF-8
+        raise error(f"{path}: {unreadable} ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ascend.errors import AscendDeployError, parse_json
+from ascend.errors import AscendDeployError, read_json_object
 
 __all__ = ["ConfigError", "ModelConfig", "PRESETS", "WEIGHT_FORMATS", "EXPERT_FORMATS"]
 
@@ -215,12 +215,7 @@ class ModelConfig:
             path = Path(source)
             if path.is_dir():
                 path = path / "config.json"
-            try:
-                raw = parse_json(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{path}: cannot read model config ({e})") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: expected a JSON object")
+            raw = read_json_object(path, ConfigError, "cannot read model config")
             origin = str(path)
         try:
             values = _values_from_hf(raw, origin)

@@ -15,7 +15,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ascend.errors import AscendDeployError, parse_json
+from ascend.errors import AscendDeployError, read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -83,12 +83,7 @@ def _bos_eos_from_config(config_file: Path) -> tuple[str, str]:
     """BOS/EOS strings from tokenizer_config.json (string or AddedToken dict), else V4's defaults."""
     if not config_file.is_file():
         return BOS, EOS
-    try:
-        cfg = parse_json(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{config_file}: not a readable JSON file ({e})") from None
-    if not isinstance(cfg, dict):
-        raise TokenizerError(f"{config_file}: expected a JSON object")
+    cfg = read_json_object(config_file, TokenizerError, "not a readable JSON file")
 
     def content(entry, default: str) -> str:
         if isinstance(entry, dict):
