@@ -22,10 +22,10 @@ tensor cores its speed is instructions per byte. Four codes at a time become e4m
 the hardware widens to float16 pairs (`_e2m1_words_to_f16`, sm_89+). On bf16 / fp16 rows x is scaled by one power of
 two per program into float16's range (`_f16_range`) and packed once per word, and each pair of codes meets it in one
 packed float16 multiply-add (`fma.rn.f16x2`): a word's four products per half are summed in float16, everything after
-in float32. That is about 7 instructions per packed byte on sm_90 (`scripts/kernel_sass.py`) against 10.6 for the
-same walk in float32, whose decode built each code's float16 bits with two shifts and two masks per pair. The price:
+in float32. That is about 8 instructions per packed byte on sm_90 at the experts' 32 x 256 tile (7.25 at 32 x 512;
+`scripts/kernel_sass.py`) against 10.6 for the walk before, in float32, whose decode built each code's float16 bits with two shifts and two masks per pair. The price:
 an error of at most 2^-9 of the summed magnitudes of a row's products (four float16 roundings per word); relative to
-the exact result about 1e-3 at V4-Flash shapes (`scripts/bench_moe.py`'s rel err, ~5e-5 before), the size of one bf16
+the reference path's output about 1e-3 at V4-Flash shapes (`scripts/bench_moe.py`'s rel err, ~5e-5 before), the size of one bf16
 rounding of the output. float32 rows keep float32 products and sums.
 
 Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
