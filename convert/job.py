@@ -318,8 +318,6 @@ def _exclusive(out: Path):
     """Hold `out`'s lock while a conversion writes there: a second `ascend convert` into the same directory is
     refused at once (it would delete this one's partial files, write the same temporary names, and two fresh runs
     could both find the directory empty). An flock, so a killed run leaves no stale lock."""
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     with open(path, "a") as f:        # the file stays: removing it would let two later runs lock two inodes
@@ -339,6 +337,8 @@ def _check_out(out: Path, ident: dict, resume: bool) -> bool:
     """Whether `out` may take this job: False when it is empty (or absent), True when it holds an interrupted run
     of this very job (--resume); else a ConvertError. Reads only: `run` asks before it takes the lock too, so a
     refused run leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
     existing = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if not existing:
         return False

@@ -130,6 +130,12 @@ def test_cli_dry_run_writes_nothing(tiny_ckpt, tmp_path, capsys):
     err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(out), "--tp", "2", "--ep", "2", "--dry-run"],
                      capsys)
     assert "output directory is not empty" in err            # as the real run would say
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for dry in (["--dry-run"], []):                          # an --out that is a file: both refuse it alike
+        err = _cli_error(["convert", "--hf", str(tiny_ckpt), "--out", str(afile), "--tp", "2", "--ep", "2", *dry],
+                         capsys)
+        assert err.endswith(f"{afile}: exists and is not a directory") and afile.read_text() == "x"
 
 
 def test_cli_convert_verify_and_load(tiny_ckpt, tmp_path, capsys):
