@@ -143,7 +143,7 @@ def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: st
                           f"launched; launch {manifest.get('world_size')} processes or convert for {world_size}")
     plan_path = Path(plan_path) if plan_path else ckpt / "plan.json"
     plan = Plan.load(plan_path)
-    if plan.to_dict() != Plan.from_dict(manifest.get("plan"), str(where)).to_dict():
+    if not plan.same_as(manifest.get("plan"), str(where)):
         raise LaunchError(f"{plan_path}: differs from the plan the shards in {ckpt} were converted with; "
                           f"convert again with this plan, or launch with {ckpt / 'plan.json'}")
     if plan.world_size != world_size:

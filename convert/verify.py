@@ -46,7 +46,7 @@ def verify(out: str | Path, against: str | Path | None = None, plan=None, progre
     if plan is None:
         from ascend.planner.plan import Plan
         plan = Plan.load(out / "plan.json")
-        if plan.to_dict() != Plan.from_dict(m["plan"], str(origin)).to_dict():
+        if not plan.same_as(m["plan"], str(origin)):
             # the launcher refuses such shards: say so here rather than "ok"
             raise ConvertError(f"{out / 'plan.json'}: differs from the plan the shards were converted with "
                                f"({origin})")

@@ -176,6 +176,11 @@ class Plan:
         _check_reports(plan, source)
         return plan
 
+    def same_as(self, recorded: Any, source: str) -> bool:
+        """Whether `recorded` (the plan a manifest was converted with) is this plan, both in `to_dict`'s form:
+        verify and the launcher refuse shards converted with another."""
+        return self.to_dict() == Plan.from_dict(recorded, source).to_dict()
+
     def save(self, path: str | Path) -> None:
         """Write plan.json whole or not at all (a temporary name, then a rename)."""
         path = Path(path)
