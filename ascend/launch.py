@@ -126,8 +126,10 @@ class Checked:
     config: Any          # model.config.ModelConfig
 
 
-def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: str | Path | None = None) -> Checked:
-    """Refuse a launch whose plan, shards or world size disagree, before any weight is read."""
+def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: str | Path | None = None,
+                     act_quant: bool = False) -> Checked:
+    """Refuse a launch whose plan, shards or world size disagree, before any weight is read. `act_quant`: the
+    model config asks for the FP8 activation rounding (`ascend run --act-quant`), validated like any field."""
     from ascend.planner.plan import Plan
     from convert.manifest import rank_entry, read_manifest
     from model.config import ModelConfig
@@ -155,7 +157,7 @@ def check_checkpoint(ckpt: str | Path, rank: int, world_size: int, plan_path: st
         if size != meta.get("bytes"):
             raise LaunchError(f"{path}: rank {rank} shard {'missing' if size is None else f'has {size} bytes'}, "
                               f"manifest says {meta.get('bytes')} bytes (run `ascend verify {ckpt}`)")
-    config = ModelConfig.from_hf(manifest["config"])
+    config = ModelConfig.from_hf(manifest["config"], act_quant=act_quant)
     if (config.n_layers, config.n_routed_experts) != (plan.n_layers, plan.n_routed_experts):
         raise LaunchError(f"{where}: config has {config.n_layers} layers / {config.n_routed_experts} experts, "
                           f"plan {plan.n_layers} / {plan.n_routed_experts}")

@@ -20,7 +20,6 @@ collective timeout (--dist-timeout) is the backstop when no launcher watches the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json
@@ -212,9 +211,7 @@ def serve(args: argparse.Namespace, env: mesh_lib.LaunchEnv) -> int:
     from ascend.model_session import build_session  # heavy imports after the cheap checks
 
     t0 = time.perf_counter()
-    checked = check_checkpoint(args.ckpt, env.rank, env.world_size, args.plan)
-    if args.act_quant:      # validated like any config field (its FP8 blocks need widths divisible by 128)
-        checked = dataclasses.replace(checked, config=dataclasses.replace(checked.config, act_quant=True))
+    checked = check_checkpoint(args.ckpt, env.rank, env.world_size, args.plan, act_quant=args.act_quant)
     plan = checked.plan
     log(env.rank, f"[launch] {env.world_size} ranks: dp {plan.dp} x tp {plan.tp}, ep {plan.ep} with "
                   f"{plan.redundant} redundant expert slots; manifest and plan match")
