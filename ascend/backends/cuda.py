@@ -28,6 +28,10 @@ the bf16 weights directly into float32 instead of widening them on every call.
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
 epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few dozen generated kernels; the
 Triton stages enter the graph as opaque custom ops. Capture the compiled step in a graph as usual.
+
+On sm_90+ every Triton kernel, the backend's and inductor's, is launched with programmatic dependent launch
+(`triton_common.PDL`, INDUCTOR_CONFIG): in a captured step each kernel's programs are scheduled while the previous
+kernel drains and wait for its results on the device.
 """
 
 from __future__ import annotations
@@ -459,7 +463,9 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
 # reduction tails of separate stages) share one launch; what is left of a decode step after fusion is mostly such
 # kernels of 1-2 us. On an H200 at V4-Flash shapes, batch 8 and 32, context 8K, it took a compiled CSA layer from
 # 280-329 to 245-289 us and an HCA layer from 167-213 to 148-188 us (scripts/bench_attention.py, docs/performance.md).
-INDUCTOR_CONFIG = dict(combo_kernels=True)
+INDUCTOR_CONFIG = {"combo_kernels": True, "triton.enable_pdl": True}
+# triton.enable_pdl: inductor's kernels launched with programmatic dependent launch on sm_90+, as the backend's own
+# (triton_common.PDL); torch versions without the setting compile without it.
 
 
 def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
@@ -485,6 +491,8 @@ def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Ca
     """
     compiled = torch.compile(step, **{"fullgraph": True, "dynamic": False, **options})
     config = {**INDUCTOR_CONFIG, "emulate_precision_casts": eager_numerics}
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        config.pop("triton.enable_pdl", None)
 
     def run(*args, **kwargs):
         # inductor reads its config when it compiles, i.e. inside the first call of each shape

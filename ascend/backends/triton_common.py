@@ -1,14 +1,48 @@
-"""What the Triton kernel modules share: the dot precision rule (triton_moe, triton_sparse_attn), the arrival
-tickets by which the last of a block's programs finishes its work in the same launch (triton_moe's split-K), and a
-fix to Triton 3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
+"""What the Triton kernel modules share: programmatic dependent launch (every kernel starts with
+`after_previous_kernel` and is launched with `launch_options`), the dot precision rule (triton_moe,
+triton_sparse_attn), the arrival tickets by which the last of a block's programs finishes its work in the same launch
+(triton_moe's split-K), and a fix to Triton 3.6's CPU interpreter, applied when this module is imported under
+TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # PTX cannot run: kernels emulate it
+
+PDL = True
+"""Launch the backend's kernels with programmatic dependent launch on sm_90+ (`launch_options`). A batch-1 decode
+step is ~170 kernels of a few microseconds each, replayed from one CUDA graph: with PDL a kernel's programs are
+scheduled while the previous kernel drains and wait for its results in `after_previous_kernel`, instead of the
+launch starting only once the previous grid has finished (docs/performance.md has the measured effect)."""
+
+
+@triton.jit
+def after_previous_kernel():
+    """The first statement of every kernel of the backend. Launched with PDL, this kernel's programs may start
+    while the previous kernel on the stream still runs: `griddepcontrol.wait` holds them until that kernel has
+    finished and its writes are visible (nothing before it may read another kernel's output or write anything).
+    Then `launch_dependents` lets the next kernel's programs be scheduled in turn. Both are no-ops in a launch
+    without PDL, and skipped by the interpreter."""
+    if not INTERPRETING:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments of a kernel launch on `device`: PDL where the GPU has it (Hopper on) and `PDL` is on."""
+    return {"launch_pdl": True} if PDL and _pdl_capable(device) else {}
 
 
 def dot_precision(dtype: torch.dtype) -> str:

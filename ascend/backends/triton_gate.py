@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends import triton_common  # noqa: F401  (on import: the CPU interpreter's fix for Triton 3.6)
+# (importing triton_common also applies its fix to Triton 3.6's CPU interpreter)
+from ascend.backends.triton_common import after_previous_kernel, launch_options
 
 
 @triton.jit
@@ -36,6 +37,7 @@ def _softplus(z):
 @triton.jit
 def _gate_topk_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, route_scale, s_row,
                       K: tl.constexpr, K_P2: tl.constexpr, E_P2: tl.constexpr):
+    after_previous_kernel()
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P2)
     e_ok = e < E
@@ -77,5 +79,5 @@ def gate_topk(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, route_
     if n:
         _gate_topk_kernel[(n,)](flat, bias, weights, indices, n_experts, float(route_scale), flat.stride(0),
                                 K=topk, K_P2=triton.next_power_of_2(topk), E_P2=triton.next_power_of_2(n_experts),
-                                num_warps=num_warps)
+                                num_warps=num_warps, **launch_options(flat.device))
     return weights.view(*logits.shape[:-1], topk), indices.view(*logits.shape[:-1], topk)

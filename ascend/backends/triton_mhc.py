@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends import triton_common  # noqa: F401  (on import: the CPU interpreter's fix for Triton 3.6)
+# (importing triton_common also applies its fix to Triton 3.6's CPU interpreter)
+from ascend.backends.triton_common import after_previous_kernel, launch_options
 
 Tensor = torch.Tensor
 
@@ -61,6 +62,7 @@ def _hc_partials_kernel(
 ):
     """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for BLOCK_T
     tokens t, which share one load of the fn block."""
+    after_previous_kernel()
     kb = tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_K)
     k = kb // n_db
@@ -91,6 +93,7 @@ def _hc_mix_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
 ):
     """Sum the partials of token t, normalise, sigmoid (+ Sinkhorn), y[t, block] = sum_k pre_k x[t, k, block]."""
+    after_previous_kernel()
     M: tl.constexpr = (2 + N) * N if SINKHORN else N
     t = tl.program_id(0)
     db = tl.program_id(1)
@@ -150,6 +153,7 @@ def _hc_post_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[t, j, block] = post[t, j] y[t, block] + sum_k comb[t, k, j] res[t, k, block], float32 math."""
+    after_previous_kernel()
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -190,11 +194,11 @@ def _reduce_streams(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: i
     block_t = min(block_t, triton.next_power_of_2(T))
     _hc_partials_kernel[(triton.cdiv(T, block_t), kb)](xt, fn, part, T, D, m, *xt.stride(), *fn.stride(),
                                                        M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k,
-                                                       BLOCK_T=block_t)
+                                                       BLOCK_T=block_t, **launch_options(x.device))
     _hc_mix_kernel[(T, triton.cdiv(D, block_d))](
         xt, part, scale, base, y, post, comb, D, kb, iters, eps, norm_eps, *xt.stride(),
         N=n, N_PAD=triton.next_power_of_2(n), KB_CHUNK=min(kb_chunk, triton.next_power_of_2(kb)), BLOCK_D=block_d,
-        SINKHORN=sinkhorn, num_warps=mix_warps)
+        SINKHORN=sinkhorn, num_warps=mix_warps, **launch_options(x.device))
     return y, post, comb
 
 
@@ -222,7 +226,8 @@ def launch_hc_post(y: Tensor, residual: Tensor, post: Tensor, comb: Tensor, **la
     if yt.size(0):
         _hc_post_kernel[(yt.size(0), triton.cdiv(D, launch["block_d"]))](
             yt, rt, pt, ct, out, D, *yt.stride(), *rt.stride(), *pt.stride(), *ct.stride(),
-            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=launch["block_d"], num_warps=launch["num_warps"])
+            N=n, N_PAD=triton.next_power_of_2(n), BLOCK_D=launch["block_d"], num_warps=launch["num_warps"],
+            **launch_options(y.device))
     return out
 
 

@@ -33,17 +33,15 @@ Launch shapes depend only on tensor shapes and there is no host sync, so both ar
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import arrival_tickets, dot_precision, last_to_arrive
+from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
+                                           last_to_arrive, launch_options)
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 X_SCAN = tl.constexpr(1024)      # inputs per step of the fp4 walk's scan for max |x|
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # PTX cannot run: emulate it
 
 
 @triton.jit
@@ -117,7 +115,7 @@ def _store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: t
 def _packed_fma(a, b, c):
     """a * b + c on int32 words of two float16 each, rounded once per half (`fma.rn.f16x2`); emulated in float32
     (exact products, the sum rounded to float16) under the interpreter."""
-    if _INTERPRETING:
+    if INTERPRETING:
         lo = _f16_half(a, False) * _f16_half(b, False) + _f16_half(c, False)
         hi = _f16_half(a, True) * _f16_half(b, True) + _f16_half(c, True)
         return _f16_pack(lo, hi)
@@ -137,7 +135,7 @@ def _f16_half(v, HIGH: tl.constexpr):
 @triton.jit
 def _f16_pack(lo, hi):
     """Two float32 tensors rounded to float16 into the halves of int32 words (lo in bits 0..15)."""
-    if _INTERPRETING:
+    if INTERPRETING:
         low = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return low | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
     else:
@@ -149,7 +147,7 @@ def _f16_pack(lo, hi):
 def _e4m3_bytes_to_f16(v):
     """int32 words of four e4m3 bytes -> (bytes 0, 1; bytes 2, 3) as float16 pairs, two conversions of two bytes
     each (`cvt.rn.f16x2.e4m3x2`, sm_89+)."""
-    if _INTERPRETING:
+    if INTERPRETING:
         return (_f16_pack(_e4m3_byte(v, 0), _e4m3_byte(v, 1)), _f16_pack(_e4m3_byte(v, 2), _e4m3_byte(v, 3)))
     else:
         return tl.inline_asm_elementwise(
@@ -221,6 +219,7 @@ def _fp4_expert_matmul_kernel(
     """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs. The tile is
     [BLOCK_OUT rows, BLOCK_IN / 8 words]; each word's 8 products are summed in float16 pairs (16-bit x) or float32
     (float32 x), its group's 4 words in float32 and scaled once."""
+    after_previous_kernel()
     GROUPS: tl.constexpr = BLOCK_IN // 32
     WORDS: tl.constexpr = BLOCK_IN // 8
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
@@ -271,6 +270,7 @@ def _unpacked_expert_matmul_kernel(
     """Same walk for weights of one stored element each: FP8 e4m3 with one ue8m0 scale per 128 x 128 block
     (BLOCK_IN is at most 128 and divides it, so each chunk of a row has one scale), or plain bf16 / float32 weights
     without scales (`s_ptr` None: `f32_gemv`)."""
+    after_previous_kernel()
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
@@ -332,7 +332,8 @@ def _launch(kernel, x, weight, scale, expert_idx, block_out, block_in, num_warps
     kernel[grid + (split_k,)](x, weight, s, expert_idx, order, y, part, tickets, n_out, n_in, k_split, x.stride(0),
                               weight.stride(0), weight.stride(1), *s_strides, y.stride(0),
                               part.stride(0) if split_k > 1 else 0,
-                              BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps)
+                              BLOCK_OUT=block_out, BLOCK_IN=block_in, SPLITS=split_k, num_warps=num_warps,
+                              **launch_options(x.device))
     return y
 
 
@@ -399,6 +400,7 @@ def _fp4_grouped_kernel(
     """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
     dtype (exact: an e2m1 value times a power of two), low and high nibbles interleaved back into input order
     (`tl.join`), and meets BLOCK_M of the expert's rows in one `tl.dot`."""
+    after_previous_kernel()
     GROUPS: tl.constexpr = BLOCK_IN // 32
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
@@ -445,6 +447,7 @@ def _fp8_grouped_kernel(
 ):
     """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
     multiplies the tile's float32 partial product (a power of two: the same value as scaling the weights first)."""
+    after_previous_kernel()
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     first = tl.load(starts_ptr + expert)
@@ -519,7 +522,7 @@ def _launch_grouped(kernel, x, weight, scale, expert_idx, block_out, block_m, bl
                               part.stride(0) if split_k > 1 else 0,
                               BLOCK_OUT=block_out, BLOCK_M=block_m, BLOCK_IN=block_in,
                               PRECISION=dot_precision(x.dtype), SPLITS=split_k, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, **launch_options(x.device))
     return y
 
 

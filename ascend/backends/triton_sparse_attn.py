@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import dot_precision
+from ascend.backends.triton_common import after_previous_kernel, dot_precision, launch_options
 
 
 @triton.jit
@@ -31,6 +31,7 @@ def _sparse_attn_partial_kernel(
     D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    after_previous_kernel()
     bs = tl.program_id(0)           # flattened (batch, query position)
     hb = tl.program_id(1)           # block of heads
     split = tl.program_id(2)        # chunk of the index list
@@ -142,13 +143,13 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
         PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2,
+        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **launch_options(q.device),
     )
     if nsplit > 1:
         heads, dims, chunks = _merge_blocks(B * S, H, D, block_h, nsplit, q.device)
         _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](
             *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, NSPLIT_P2=triton.next_power_of_2(nsplit),
-            SPLIT_CHUNK=chunks, num_warps=4)
+            SPLIT_CHUNK=chunks, num_warps=4, **launch_options(q.device))
     return out
 
 
@@ -163,6 +164,7 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
     The maxima and sums of all chunks are read at once (a few values per head); the partial outputs SPLIT_CHUNK
     chunks per load (all of them at batch-1 decode: one round trip to memory, not one per chunk). The blocks come
     from `_merge_blocks`."""
+    after_previous_kernel()
     bs = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -197,6 +199,7 @@ def _indexer_scores_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
     D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    after_previous_kernel()
     bs = tl.program_id(0)
     tb = tl.program_id(1)
     b = bs // S
@@ -233,7 +236,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2, **launch_options(q.device),
     )
     return out
 
@@ -252,6 +255,7 @@ def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr):
     histogram of the keys that share the bytes found so far), then one pass in index order that writes the entries
     above it and the lowest-index ties with it, then -1 in the slots left. The row is re-read on each of the 5
     passes (from L2 after the first)."""
+    after_previous_kernel()
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
     out = out_ptr + row * o_row
@@ -297,5 +301,5 @@ def topk(scores: torch.Tensor, k: int, block: int | None = None, num_warps: int 
     block = block or min(4096, triton.next_power_of_2(flat.size(1)))
     out = torch.empty(flat.size(0), k, device=scores.device, dtype=torch.int32)
     _topk_kernel[(flat.size(0),)](flat, out, flat.size(1), k, flat.stride(0), out.stride(0),
-                                  BLOCK=block, num_warps=num_warps)
+                                  BLOCK=block, num_warps=num_warps, **launch_options(flat.device))
     return out.view(*scores.shape[:-1], k)
