@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -139,11 +140,18 @@ def print_table(results: list[dict], total: dict) -> None:
           f"{total['tokens_per_s']:.1f} tokens/s")
 
 
+def batch_seed(seed: int, k: int) -> int:
+    """The sampling seed of batch k of a run with --seed `seed`: the pair hashed into 63 bits (BLAKE2b), so each
+    (seed, k) has a stream of its own (seed + k gave batch k + 1 of seed s the stream of batch k of seed s + 1)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed},{k}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request], lockstep, stream: bool,
                   batches_before: int = 0) -> list[dict]:
     """All requests over the data-parallel groups; returns (on rank 0) every result in request order. Batch k of
-    the run (in round-robin order over the groups, after `batches_before` of earlier calls) samples with seed + k:
-    one seed for every batch gave request i of each batch, or each chat turn, the same random stream."""
+    the run (in round-robin order over the groups, after `batches_before` of earlier calls) samples with
+    `batch_seed(seed, k)`: one seed for every batch gave request i of each batch, or each chat turn, the same random
+    stream."""
     arrived = time.perf_counter()     # every request is submitted at once: TTFT includes waiting for a batch
     index = {id(r): i for i, r in enumerate(requests)}
     batches = split_for_dp(requests, mesh.dp_size, mesh.dp_rank, args.max_batch)
@@ -158,7 +166,7 @@ def serve_batches(args, mesh, session, idle, tokenizer, requests: list[Request],
         on_text = (lambda i, delta: print(delta, end="", flush=True)) if show else None
         maybe_fail(args, mesh.rank, "generate")
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  seed=args.seed + batches_before + r * mesh.dp_size + mesh.dp_rank)
+                                  seed=batch_seed(args.seed, batches_before + r * mesh.dp_size + mesh.dp_rank))
         out = generate(session, tokenizer, batch, sampling, args.max_new_tokens, args.max_len, args.stop, lockstep,
                        idle, on_text, keep_logits=args.dump_logits, arrived=arrived)
         if show:

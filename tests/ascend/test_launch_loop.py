@@ -437,22 +437,24 @@ def _serve_args(**kw):
 
 def test_each_batch_and_chat_turn_samples_its_own_stream(tok):
     """Sampled replies to the same request differ from batch to batch and from turn to turn (one seed for every
-    batch gave request i of each batch the same random stream), and a run repeats itself."""
+    batch gave request i of each batch the same random stream), a run repeats itself, and the next seed's run is
+    not this one shifted by a batch (as with seed + k)."""
     from types import SimpleNamespace
 
     from ascend.serve import serve_batches
     mesh = SimpleNamespace(dp_rank=0, dp_size=1, rank=0, tp_rank=0, distributed=False)
     req = [launch.Request(str(i), [{"role": "user", "content": "hello"}]) for i in range(3)]
 
-    def run(batches_before=0):
+    def run(batches_before=0, seed=7):
         session = ToySession(tok.vocab_size)          # one-hot logits: at temperature 1 nearly uniform draws
-        return [r["tokens"] for r in serve_batches(_serve_args(), mesh, session, session, tok, req, launch.Lockstep(),
-                                                    stream=False, batches_before=batches_before)]
+        return [r["tokens"] for r in serve_batches(_serve_args(seed=seed), mesh, session, session, tok, req,
+                                                    launch.Lockstep(), stream=False, batches_before=batches_before)]
 
     first = run()
     assert len({tuple(t) for t in first}) == 3
     assert run() == first
     assert run(batches_before=1)[:2] == first[1:]     # the next chat turn draws as the next batch would
+    assert run(seed=8)[:2] != first[1:]
 
 
 def test_one_token_replies_have_no_time_per_output_token(tok):
