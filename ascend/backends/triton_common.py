@@ -36,6 +36,13 @@ def after_previous_kernel():
 
 
 @functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's SMs, which launch shapes are sized by; CPU tensors come here only under Triton's interpreter
+    (the tests): a nominal 8, so that split paths run there too."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+@functools.cache
 def _pdl_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 

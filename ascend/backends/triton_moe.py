@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
-                                           last_to_arrive, launch_options)
+                                           last_to_arrive, launch_options, sm_count)
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 X_SCAN = tl.constexpr(1024)      # inputs per step of the fp4 walk's scan for max |x|
@@ -536,8 +536,7 @@ def split_k_for(programs: int, n_in: int, block_in: int, device: torch.device) -
     split; 1 off CUDA."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_in // (2 * block_in), SPLIT_K_PROGRAMS_PER_SM * sms // programs))
+    return max(1, min(n_in // (2 * block_in), SPLIT_K_PROGRAMS_PER_SM * sm_count(device) // programs))
 
 
 GROUPED_MAX_BLOCK_M = 64

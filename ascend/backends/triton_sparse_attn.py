@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import after_previous_kernel, dot_precision, launch_options
+from ascend.backends.triton_common import after_previous_kernel, dot_precision, launch_options, sm_count
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, devic
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
     256 programs of 4 x 32, one load each."""
-    heads, dims, sms = block_h, min(128, triton.next_power_of_2(D)), _sms(device)
+    heads, dims, sms = block_h, min(128, triton.next_power_of_2(D)), sm_count(device)
     grid = lambda: queries * triton.cdiv(H, heads) * triton.cdiv(D, dims)     # noqa: E731
     if 2 * grid() >= sms:
         return heads, dims, 1
@@ -104,15 +104,9 @@ def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, devic
     return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims)))
 
 
-def _sms(device: torch.device) -> int:
-    """The device's SMs; CPU tensors come here only under Triton's interpreter (the tests): a nominal 8, so that
-    their split and merge paths run too."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
     """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU."""
-    return max(1, min(k_blocks, triton.cdiv(int(waves * _sms(device)), programs)))
+    return max(1, min(k_blocks, triton.cdiv(int(waves * sm_count(device)), programs)))
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,

@@ -470,7 +470,7 @@ def test_merge_blocks_narrow_only_small_grids(monkeypatch):
     """On an H200's 132 SMs at V4's 64 heads x 512: batch-1 decode (16 programs of 16 x 128) gets 256 programs of
     4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load."""
     from ascend.backends import triton_sparse_attn
-    monkeypatch.setattr(triton_sparse_attn, "_sms", lambda device: 132)
+    monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 132)
     assert triton_sparse_attn._merge_blocks(1, 64, 512, 16, 20, "cuda") == (4, 32, 32)
     assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, 9, "cuda") == (16, 128, 1)
     assert triton_sparse_attn._merge_blocks(32, 64, 512, 16, 3, "cuda") == (16, 128, 1)
