@@ -203,6 +203,8 @@ def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: 
 
     if case.fmt == "bf16":
         return measure_f32_case(case, shapes, device, kernels, variants)
+    if case.fmt not in cuda.triton_expert_formats():
+        kernels = None          # a GPU the backend runs the reference on for this format (older than sm_89)
     weight, scale = stored_weights(case, device)
     per_expert_bytes = weight[0].numel() * weight.element_size() + scale[0].numel()
     config = (cuda.LINEAR_MATMUL_CONFIG if case.n_experts == 1 else cuda.EXPERT_MATMUL_CONFIG)[case.fmt]

@@ -409,7 +409,7 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return y.view(*x.shape[:-1], out)
 
 
-def _triton_expert_formats() -> tuple[str, ...]:
+def triton_expert_formats() -> tuple[str, ...]:
     """Both quantised formats need sm_89+ (Ada, Hopper): Triton's float8_e4m3fn loads, and the fp4 walk's e4m3 ->
     float16 conversion (`triton_moe._e2m1_words_to_f16`); older GPUs run the reference for both."""
     old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
@@ -446,7 +446,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     if use_triton:
         from ascend.backends import triton_mhc     # imports triton: only here
 
-        formats = _triton_expert_formats()
+        formats = triton_expert_formats()
         short["f32_linear"] = f32_linear_triton      # one-row router / compressor projections: the Triton walk
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),

@@ -39,6 +39,16 @@ def test_cases_keep_the_formats_asked_for(capsys):
     assert "--cases 'fp5': expected formats among fp4, fp8, bf16" in capsys.readouterr().err
 
 
+def test_formats_the_backend_runs_as_reference_are_timed_as_reference_only(capsys, monkeypatch):
+    """On a GPU older than sm_89 the backend runs the reference for both quantised formats
+    (`cuda.triton_expert_formats` empty): the benchmark then times no kernel it cannot build there."""
+    from ascend.backends import cuda
+    monkeypatch.setattr(cuda, "triton_expert_formats", lambda: ())
+    assert run_script("bench_moe", ["--quick", "--batch", "1", "--cases", "fp4,fp8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and {r["impl"] for r in rows} == {"reference"} and all(r["chosen"] for r in rows)
+
+
 def test_quick_mode_times_the_f32_projection_at_batch_1(capsys):
     """The bf16 case (`kernels.f32_linear`) runs at batch 1 only: cuBLAS's path as the reference, the Triton walk
     next to it where Triton runs, one of them marked as the backend's."""

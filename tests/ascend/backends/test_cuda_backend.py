@@ -360,7 +360,7 @@ def test_triton_table_covers_the_decode_stages():
     assert k.gate_topk is cuda.gate_topk_triton
     assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
     # the formats the Triton expert kernels read in place: the MoE runs them static at any size (prefill too)
-    assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda._triton_expert_formats()
+    assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda.triton_expert_formats()
 
 
 @needs_triton_or_interpreter
