@@ -83,6 +83,16 @@ class OutFile:
         _, raw, data = safetensors_header(self.entries)
         return 8 + len(raw) + data
 
+    def written_at(self, path: Path) -> bool:
+        """Whether `path` holds this file as this job writes it, by size and header: what --resume keeps. A file
+        cut short or replaced since (or a stray one under the name) is written again instead of going into the
+        manifest with whatever it holds."""
+        _, raw, data = safetensors_header(self.entries)
+        if not path.is_file() or path.stat().st_size != 8 + len(raw) + data:
+            return False
+        with open(path, "rb") as f:
+            return f.read(8 + len(raw)) == len(raw).to_bytes(8, "little") + raw
+
 
 @dataclass(frozen=True)
 class SourceRange:
@@ -226,7 +236,7 @@ class Conversion:
         for group in self.by_source:
             left = []
             for of in group:
-                if (out / of.path).exists():
+                if of.written_at(out / of.path):
                     hashes[of.path] = hash_file(out / of.path)  # finished by an earlier run
                 else:
                     left.append(of)
