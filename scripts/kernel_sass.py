@@ -63,7 +63,8 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind != "constexpr" and name != "sy_split"}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits})
+                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
+                                                   "PDL": True})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:

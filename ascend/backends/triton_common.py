@@ -24,13 +24,14 @@ launch starting only once the previous grid has finished (docs/performance.md ha
 
 
 @triton.jit
-def after_previous_kernel():
-    """The first statement of every kernel of the backend. Launched with PDL, this kernel's programs may start
-    while the previous kernel on the stream still runs: `griddepcontrol.wait` holds them until that kernel has
-    finished and its writes are visible (nothing before it may read another kernel's output or write anything).
-    Then `launch_dependents` lets the next kernel's programs be scheduled in turn. Both are no-ops in a launch
-    without PDL, and skipped by the interpreter."""
-    if not INTERPRETING:
+def after_previous_kernel(PDL: tl.constexpr):
+    """The first statement of every kernel of the backend, given its PDL constexpr (`launch_options`). Launched
+    with PDL, this kernel's programs may start while the previous kernel on the stream still runs:
+    `griddepcontrol.wait` holds them until that kernel has finished and its writes are visible (nothing before it
+    may read another kernel's output or write anything). Then `launch_dependents` lets the next kernel's programs be
+    scheduled in turn. Compiled in only with PDL: the instructions exist from sm_90 on, and older targets refuse
+    them."""
+    if PDL and not INTERPRETING:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -44,12 +45,14 @@ def sm_count(device: torch.device) -> int:
 
 @functools.cache
 def _pdl_capable(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def launch_options(device: torch.device) -> dict:
-    """Keyword arguments of a kernel launch on `device`: PDL where the GPU has it (Hopper on) and `PDL` is on."""
-    return {"launch_pdl": True} if PDL and _pdl_capable(device) else {}
+    """Keyword arguments of a kernel launch on `device`: the kernel's PDL constexpr (`after_previous_kernel`) and,
+    where the GPU has PDL (NVIDIA, sm_90 on) and `PDL` is on, the launch flag with it."""
+    pdl = PDL and _pdl_capable(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def dot_precision(dtype: torch.dtype) -> str:

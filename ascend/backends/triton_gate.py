@@ -36,8 +36,8 @@ def _softplus(z):
 
 @triton.jit
 def _gate_topk_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, route_scale, s_row,
-                      K: tl.constexpr, K_P2: tl.constexpr, E_P2: tl.constexpr):
-    after_previous_kernel()
+                      K: tl.constexpr, K_P2: tl.constexpr, E_P2: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P2)
     e_ok = e < E

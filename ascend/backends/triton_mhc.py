@@ -58,11 +58,11 @@ POST_CONFIG = dict(block_d=128, num_warps=4)
 def _hc_partials_kernel(
     x_ptr, fn_ptr, part_ptr,
     T, D, M, sx_t, sx_k, sx_d, sf_m, sf_c,
-    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):
     """part[t, kb, :M] = fn[:, block kb] . x[t, block kb]; part[t, kb, M] = sum(x[t, block kb]^2), for BLOCK_T
     tokens t, which share one load of the fn block."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     kb = tl.program_id(1)
     n_db = tl.cdiv(D, BLOCK_K)
     k = kb // n_db
@@ -91,9 +91,10 @@ def _hc_mix_kernel(
     D, KB, iters, eps, norm_eps,
     sx_t, sx_k, sx_d,
     N: tl.constexpr, N_PAD: tl.constexpr, KB_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SINKHORN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Sum the partials of token t, normalise, sigmoid (+ Sinkhorn), y[t, block] = sum_k pre_k x[t, k, block]."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     M: tl.constexpr = (2 + N) * N if SINKHORN else N
     t = tl.program_id(0)
     db = tl.program_id(1)
@@ -150,10 +151,10 @@ def _hc_mix_kernel(
 def _hc_post_kernel(
     y_ptr, res_ptr, post_ptr, comb_ptr, out_ptr,
     D, sy_t, sy_d, sr_t, sr_k, sr_d, sp_t, sp_j, sc_t, sc_k, sc_j,
-    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[t, j, block] = post[t, j] y[t, block] + sum_k comb[t, k, j] res[t, k, block], float32 math."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D

@@ -214,12 +214,12 @@ def _f16_range(x_row, k_lo, k_hi):
 def _fp4_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """w_ptr: the packed codes as int32 words (strides in words), 4 per scale group of 32 inputs. The tile is
     [BLOCK_OUT rows, BLOCK_IN / 8 words]; each word's 8 products are summed in float16 pairs (16-bit x) or float32
     (float32 x), its group's 4 words in float32 and scaled once."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     GROUPS: tl.constexpr = BLOCK_IN // 32
     WORDS: tl.constexpr = BLOCK_IN // 8
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
@@ -265,12 +265,12 @@ def _fp4_expert_matmul_kernel(
 def _unpacked_expert_matmul_kernel(
     x_ptr, w_ptr, s_ptr, idx_ptr, order_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Same walk for weights of one stored element each: FP8 e4m3 with one ue8m0 scale per 128 x 128 block
     (BLOCK_IN is at most 128 and divides it, so each chunk of a row has one scale), or plain bf16 / float32 weights
     without scales (`s_ptr` None: `f32_gemv`)."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     sel, expert, rows, row_ok, k_lo, k_hi = _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT)
     cols = tl.arange(0, BLOCK_IN)
     w_rows = w_ptr + expert * sw_e + rows[:, None].to(tl.int64) * sw_o
@@ -395,12 +395,12 @@ def _fp4_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (block of output rows, expert slot): the expert's [BLOCK_OUT, BLOCK_IN] tile is decoded into x's
     dtype (exact: an e2m1 value times a power of two), low and high nibbles interleaved back into input order
     (`tl.join`), and meets BLOCK_M of the expert's rows in one `tl.dot`."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     GROUPS: tl.constexpr = BLOCK_IN // 32
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)                  # 0: the loop over rows below runs no iteration
@@ -443,11 +443,11 @@ def _fp8_grouped_kernel(
     x_ptr, w_ptr, s_ptr, order_ptr, starts_ptr, counts_ptr, experts_ptr, y_ptr, part_ptr, tickets_ptr,
     OUT, IN, K_SPLIT, sx, sw_e, sw_o, ss_e, ss_o, sy, sy_split,
     BLOCK_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_IN: tl.constexpr, PRECISION: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Same grouping for e4m3 weights: BLOCK_OUT and BLOCK_IN divide 128, so a tile has ONE ue8m0 scale, which
     multiplies the tile's float32 partial product (a power of two: the same value as scaling the weights first)."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     expert = tl.load(experts_ptr + tl.program_id(1)).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     first = tl.load(starts_ptr + expert)

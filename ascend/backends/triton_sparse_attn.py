@@ -29,9 +29,9 @@ def _sparse_attn_partial_kernel(
     S, H, T, K, chunk, scale,
     sq_b, sq_s, sq_h, skv_b, skv_t, si_b, si_s,
     D: tl.constexpr, D_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     bs = tl.program_id(0)           # flattened (batch, query position)
     hb = tl.program_id(1)           # block of heads
     split = tl.program_id(2)        # chunk of the index list
@@ -150,7 +150,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                  SPLIT_CHUNK: tl.constexpr):
+                  SPLIT_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Combine the chunk partials [BS, NSPLIT, H, (D)] of one query, block of heads and block of dims into the
     normalised output: each chunk's (o, m, l) rescaled to the largest max, the sink one more logit per head with a
     zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step).
@@ -158,7 +158,7 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
     The maxima and sums of all chunks are read at once (a few values per head); the partial outputs SPLIT_CHUNK
     chunks per load (all of them at batch-1 decode: one round trip to memory, not one per chunk). The blocks come
     from `_merge_blocks`."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     bs = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -192,8 +192,9 @@ def _indexer_scores_kernel(
     S, H, T,
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
     D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     bs = tl.program_id(0)
     tb = tl.program_id(1)
     b = bs // S
@@ -244,12 +245,12 @@ def _order_key(x):
 
 
 @triton.jit
-def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr):
+def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row. Radix select: the K-th largest order key, one byte per pass from the top (a 256-bin
     histogram of the keys that share the bytes found so far), then one pass in index order that writes the entries
     above it and the lowest-index ties with it, then -1 in the slots left. The row is re-read on each of the 5
     passes (from L2 after the first)."""
-    after_previous_kernel()
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
     out = out_ptr + row * o_row
