@@ -18,7 +18,7 @@ as a byte range of the source file by the writer, chunk by chunk; one that is re
 columns is read and cast by worker threads in a bounded window. Memory is therefore a few tensors and
 chunk buffers, never a shard or a rank. Each output file appears under its final name only
 when complete, and its bytes depend only on the source, the plan and the format, so --resume keeps the
-finished files and redoes the rest to the same bytes.
+finished files (those that still have the size and header this job writes) and redoes the rest to the same bytes.
 """
 
 from __future__ import annotations
