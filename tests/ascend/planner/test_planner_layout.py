@@ -4,7 +4,7 @@ import pytest
 
 from ascend.hardware import get_hardware
 from ascend.planner import PlanError
-from ascend.planner.layout import check_layout, evaluate, plan_deployment, search
+from ascend.planner.layout import check_layout, divisors, evaluate, plan_deployment, search
 from ascend.planner.memory import MemorySettings, memory_per_rank
 from model.config import ModelConfig
 
@@ -14,6 +14,12 @@ GiB = 2**30
 @pytest.fixture(scope="module")
 def flash():
     return ModelConfig.preset("flash")
+
+
+def test_divisors_ascending_and_complete():
+    for n in list(range(1, 400)) + [1_600_000, 2 ** 20, 999_983]:       # squares, a prime, a large world
+        small = [d for d in range(1, int(n ** 0.5) + 2) if n % d == 0]
+        assert divisors(n) == sorted({*small, *(n // d for d in small)})
 
 
 def test_divisibility_rules(flash):
