@@ -52,7 +52,7 @@ def run_case(E: int, L: int, ep: int, redundant: int, rpn: int, groups: int, sig
     b_ours, b_base = pl.balancedness(load, ours, ep), pl.balancedness(load, base, ep)
     peak = pl.rank_loads(load, ours, ep).max(1)
     bound = pl.lower_bound(load, P, ep)
-    return {"ours": b_ours, "eplb": b_base, "bound": load.sum(1) / ep / bound, "gap": peak / bound - 1,
+    return {"ours": b_ours, "eplb": b_base, "bound": pl.bound_balancedness(load, P, ep), "gap": peak / bound - 1,
             "worse": int((b_ours < b_base - 1e-12).sum()), "t_ours": t_ours, "t_base": t_base}
 
 

@@ -73,6 +73,13 @@ def lower_bound(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
     return np.maximum(load.sum(1) / n_ranks, (load / counts).max(1))
 
 
+def bound_balancedness(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
+    """The best balancedness any placement of `n_slots` replicas could reach: mean rank load / `lower_bound` per
+    layer (1.0 for a layer with no load, as in `balancedness`)."""
+    bound = lower_bound(load, n_slots, n_ranks)
+    return np.where(bound > 0, load.sum(1) / n_ranks / np.where(bound > 0, bound, 1), 1.0)
+
+
 # ----------------------------------------------------------------------------------- replication
 def replica_counts(load: np.ndarray, n_slots: int, cap: int | None = None) -> np.ndarray:
     """Replicas per expert, [L, E], summing to n_slots, minimising the largest load / replicas

@@ -280,7 +280,7 @@ def make_plan(config: Any, world_size: int, tp: int, ep: int, redundant: int = 0
         "before": pl.balancedness(load, pl.contiguous_placement(L, E, n_slots), ep).round(6).tolist(),
         "after": pl.balancedness(load, phy2log, ep).round(6).tolist(),
         "eplb": pl.balancedness(load, eplb, ep).round(6).tolist(),
-        "bound": (load.sum(1) / ep / np.maximum(pl.lower_bound(load, n_slots, ep), 1e-300)).round(6).tolist(),
+        "bound": pl.bound_balancedness(load, n_slots, ep).round(6).tolist(),
         "load": "uniform" if expert_load is None else "given",
     }
     return Plan(world_size=world_size, tp=tp, ep=ep, n_layers=config.n_layers, n_mtp_layers=config.n_mtp_layers,

@@ -81,6 +81,12 @@ def test_plan_load_rejects_bad_files(tiny, tmp_path):
         Plan.load(tmp_path / "absent.json")
 
 
+def test_a_load_of_zeros_is_balanced_everywhere(tiny):
+    """Layers no token reached are perfectly balanced before, after, for EPLB and at the bound (the bound read 0)."""
+    plan = make_plan(tiny, 4, 2, 4, redundant=4, expert_load=np.zeros((4, 8)))
+    assert all(set(v) == {1.0} for k, v in plan.balance.items() if k != "load")
+
+
 def test_make_plan_rejects_invalid_layouts(tiny):
     with pytest.raises(PlanError, match="tp=3 must divide the 6 devices|tp=3 must divide o_groups"):
         make_plan(tiny, 6, 3, 2)
