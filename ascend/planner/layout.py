@@ -209,6 +209,8 @@ def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int |
             if problems:
                 if problems[0] not in reasons:
                     reasons.append(problems[0])
+                if t < 1 or world % t or config.tp_split_problem(t):
+                    break           # tp's own problem comes first for every ep: the rest would only repeat it
                 continue
             found.append(evaluate(config, world, t, e, r, hw, s))
     if not found:
