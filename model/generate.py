@@ -126,11 +126,13 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     active = torch.ones(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(params.max_new_tokens):
-        if not bool((torch.isfinite(logits).all(-1) | ~active).all()):   # a token drawn from them would be noise
-            raise GenerationError(f"generate: the model's logits hold NaN or infinite values at new token {step + 1}")
         tokens = sampler(logits)
         stopped = torch.isin(tokens, stop_ids) & active
-        keep = (active & ~stopped).tolist()
+        # with the rows to keep, in the same transfer: whether the live rows' logits were finite (a token drawn
+        # from NaN logits is noise)
+        keep, finite = torch.stack((active & ~stopped, torch.isfinite(logits).all(-1) | ~active)).tolist()
+        if not all(finite):
+            raise GenerationError(f"generate: the model's logits hold NaN or infinite values at new token {step + 1}")
         for b, token in enumerate(tokens.tolist()):
             if keep[b]:
                 out[b].append(token)
