@@ -43,19 +43,14 @@ class Request:
     mode: str = "chat"
     max_new_tokens: int | None = None
 
-    def prompt(self, system: str | None = None) -> str:
-        """The conversation rendered with V4's chat template (`system` added when it has none)."""
-        return self._rendered if system is None else self._render(system)
+    def prompt(self) -> str:
+        """The conversation rendered with V4's chat template."""
+        return self._rendered
 
     @functools.cached_property
     def _rendered(self) -> str:
         # a request is rendered when it is read (to refuse a bad one), measured and generated: once is enough
-        return self._render(None)
-
-    def _render(self, system: str | None) -> str:
         messages = [dict(m) for m in self.messages]
-        if system is not None and not (messages and messages[0]["role"] == "system"):
-            messages.insert(0, {"role": "system", "content": system})
         if self.tools:
             if not (messages and messages[0]["role"] == "system"):
                 messages.insert(0, {"role": "system", "content": ""})
