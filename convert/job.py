@@ -80,18 +80,18 @@ class OutFile:
     @property
     def file_bytes(self) -> int:
         """The file's size once written, header included (what --dry-run reports)."""
-        _, raw, data = safetensors_header(self.entries)
-        return 8 + len(raw) + data
+        _, start, data = safetensors_header(self.entries)
+        return len(start) + data
 
     def written_at(self, path: Path) -> bool:
         """Whether `path` holds this file as this job writes it, by size and header: what --resume keeps. A file
         cut short or replaced since (or a stray one under the name) is written again instead of going into the
         manifest with whatever it holds."""
-        _, raw, data = safetensors_header(self.entries)
-        if not path.is_file() or path.stat().st_size != 8 + len(raw) + data:
+        _, start, data = safetensors_header(self.entries)
+        if not path.is_file() or path.stat().st_size != len(start) + data:
             return False
         with open(path, "rb") as f:
-            return f.read(8 + len(raw)) == len(raw).to_bytes(8, "little") + raw
+            return f.read(len(start)) == start
 
 
 @dataclass(frozen=True)

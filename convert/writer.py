@@ -138,8 +138,9 @@ class CopyBuffers:
 
 
 def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> tuple[dict, bytes, int]:
-    """(header, its encoding padded to 8 bytes, data section bytes) of a file holding `entries` =
-    [(name, dtype code, shape)] in that order: the file is 8 + len(encoding) + data bytes."""
+    """(header, the bytes the file starts with: the 8-byte length and the encoding padded to 8 bytes, data section
+    bytes) of a file holding `entries` = [(name, dtype code, shape)] in that order: the file is
+    len(start) + data bytes."""
     header, at = {}, 0
     for name, dtype, shape in entries:
         n = DTYPE_BYTES[dtype]
@@ -148,7 +149,8 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> tuple
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
         at += n
     raw = json.dumps(header, separators=(",", ":")).encode()
-    return header, raw + b" " * (-len(raw) % 8), at        # padded: the data section stays 8-byte aligned
+    raw += b" " * (-len(raw) % 8)                         # padded: the data section stays 8-byte aligned
+    return header, len(raw).to_bytes(8, "little") + raw, at
 
 
 class SafetensorsWriter:
@@ -157,14 +159,14 @@ class SafetensorsWriter:
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
         self.path, self.tmp = Path(path), temp_name(Path(path))
         self.entries = list(entries)
-        self.header, raw, data = safetensors_header(self.entries)
-        self.nbytes = 8 + len(raw) + data
+        self.header, start, data = safetensors_header(self.entries)
+        self.nbytes = len(start) + data
         self.file_hash = _BackgroundHash()
         self.tensor_hashes: dict[str, str] = {}
         self._next = 0
         try:
             self._f = open(self.tmp, "wb", buffering=0)  # large writes, no copy through a buffer
-            self._write(len(raw).to_bytes(8, "little") + raw)
+            self._write(start)
         except OSError as e:
             self.abort()
             raise disk_error(e, self.path) from None
