@@ -245,7 +245,8 @@ class Transformer(nn.Module):
         if name.endswith(".gate.tid2eid") and src.numel():
             lo, hi = int(src.min()), int(src.max())
             if lo < 0 or hi >= self.config.n_routed_experts:
-                raise WeightsError(f"tensor {name}: expert ids {lo}..{hi}, expected 0..{self.config.n_routed_experts - 1}")
+                raise WeightsError(f"tensor {name}: expert ids {lo}..{hi}, "
+                                   f"expected 0..{self.config.n_routed_experts - 1}")
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> LoadResult:

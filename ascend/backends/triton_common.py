@@ -112,5 +112,5 @@ def _interpreter_index_fix() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":    # module import: once per process
+if INTERPRETING:    # module import: once per process
     _interpreter_index_fix()

@@ -23,10 +23,11 @@ the hardware widens to float16 pairs (`_e2m1_words_to_f16`, sm_89+). On bf16 / f
 two per program into float16's range (`_f16_range`) and packed once per word, and each pair of codes meets it in one
 packed float16 multiply-add (`fma.rn.f16x2`): a word's four products per half are summed in float16, everything after
 in float32. That is about 8 instructions per packed byte on sm_90 at the experts' 32 x 256 tile (7.25 at 32 x 512;
-`scripts/kernel_sass.py`) against 10.6 for the walk before, in float32, whose decode built each code's float16 bits with two shifts and two masks per pair. The price:
-an error of at most 2^-9 of the summed magnitudes of a row's products (four float16 roundings per word); relative to
-the reference path's output about 1e-3 at V4-Flash shapes (`scripts/bench_moe.py`'s rel err, ~5e-5 before), the size of one bf16
-rounding of the output. float32 rows keep float32 products and sums.
+`scripts/kernel_sass.py`) against 10.6 for the walk before, in float32, whose decode built each code's float16 bits
+with two shifts and two masks per pair. The price: an error of at most 2^-9 of the summed magnitudes of a row's
+products (four float16 roundings per word); relative to the reference path's output about 1e-3 at V4-Flash shapes
+(`scripts/bench_moe.py`'s rel err, ~5e-5 before), the size of one bf16 rounding of the output. float32 rows keep
+float32 products and sums.
 
 Launch shapes depend only on tensor shapes and there is no host sync, so both are CUDA-graph capturable.
 """
@@ -228,7 +229,6 @@ def _fp4_expert_matmul_kernel(
     s_rows = s_ptr + expert * ss_e + rows[:, None].to(tl.int64) * ss_o
     x_row = x_ptr + sel * sx
     if EXACT:
-        up = 1.0
         down = 64.0                                               # 2^6: see _e2m1_words_to_f16
     else:
         up, down = _f16_range(x_row, k_lo, k_hi)

@@ -24,8 +24,8 @@ from ascend.errors import parse_json
 from ascend.planner.errors import PlanError
 
 __all__ = [
-    "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound", "logcnt_of",
-    "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
+    "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound", "bound_balancedness",
+    "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
     "read_expert_load", "check_load",
 ]
 
