@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ascend.errors import AscendDeployError, parse_json
 from model.chat import ChatFormatError, encode_messages, parse_completion
 from model.generate import Sampler, SamplingParams
+from model.kernels import Kernels
 from model.tokenizer import EOS, Tokenizer
 
 
@@ -211,7 +212,10 @@ class Session(Protocol):
     `replay_bucket()`: the captured graph this batch's decode would replay (0: none); `decode(bucket=)` takes the
     ranks' choice (`Lockstep.vote`), which binds sessions whose graphs exchange tokens (0: eagerly).
     `can_replay_idle()` / `replay_idle(bucket)`: whether a rank with nothing to decode can step the others' graph
-    with no live row, and doing so."""
+    with no live row, and doing so. `kernels`: the model's `model.kernels.Kernels`, whose argmax the sampler picks
+    with."""
+
+    kernels: Kernels
 
     def prefill(self, prompts: list[list[int]], max_len: int) -> torch.Tensor: ...
     def replay_bucket(self) -> int: ...
@@ -338,7 +342,7 @@ def generate(session: Session, tokenizer: Tokenizer, requests: list[Request], sa
     texts = [Detokenizer(tokenizer) for _ in requests]
     finished = [False] * B
     shown = [0] * B
-    sampler = Sampler(sampling)
+    sampler = Sampler(sampling, session.kernels)
     eos_text = tokenizer.decode([tokenizer.eos_id])
     hold = max(map(len, stop), default=1) - 1  # a stop string may be arriving: do not stream its start yet
     t0 = time.perf_counter() if arrived is None else arrived

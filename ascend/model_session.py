@@ -69,6 +69,11 @@ class CacheSession:
             rows = bucket_for(min(fixed[0], self.buckets[-1]), self.buckets)
             self._capture(rows, fixed[1], tuple(b for b in self.buckets if b <= rows))
 
+    @property
+    def kernels(self) -> Any:
+        """The model's `Kernels` (the launcher's sampler picks with its argmax)."""
+        return self.model.kernels
+
     def _capture(self, rows: int, max_len: int, buckets: tuple[int, ...]) -> None:
         """A cache of `rows` x `max_len` and the decode graph of each bucket over its first rows."""
         self.cache = self._full = self._runner = None             # free the old cache and graph first

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from model.kernels import REFERENCE
+
 __all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error"]
 
 
@@ -38,13 +40,15 @@ def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(runs)
 
 
-def timed_decode(fn: Callable[[Any, Any], Any], tokens: Any, active: Any, steps: int, device: Any) -> float:
+def timed_decode(fn: Callable[[Any, Any], Any], tokens: Any, active: Any, steps: int, device: Any,
+                 argmax: Callable[[Any], Any] = REFERENCE.argmax) -> float:
     """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits (each step feeds its argmax to the
-    next), the device synchronised around them."""
+    next, picked by `argmax`: the model's `kernels.argmax`, as its greedy sampler picks), the device synchronised
+    around them."""
     device.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens = fn(tokens, active).argmax(-1)
+        tokens = argmax(fn(tokens, active))
     device.synchronize()
     return time.perf_counter() - t0
 

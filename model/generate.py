@@ -13,6 +13,7 @@ import torch
 
 from ascend.errors import AscendDeployError
 from model.cache import KVCache
+from model.kernels import REFERENCE, Kernels
 from model.transformer import Transformer
 
 __all__ = ["GenerationError", "SamplingParams", "Sampler", "prefill", "decode_step", "generate"]
@@ -44,10 +45,12 @@ class SamplingParams:
 class Sampler:
     """Picks the next token from float32 logits [B, V]; seedable (one torch.Generator on the logits' device). A
     sampled draw is the exponential race (argmax of probs / Exp(1)): no device sync, and a NaN row gives a token
-    rather than an error or a stopped device; the launcher refuses NaN logits itself."""
+    rather than an error or a stopped device; the launcher refuses NaN logits itself. Both picks are the argmax of
+    `kernels` (the model's table: one launch on CUDA, where torch.argmax is one of the slowest kernels of a batch-1
+    step)."""
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    def __init__(self, params: SamplingParams, kernels: Kernels = REFERENCE):
+        self.params, self.kernels = params, kernels
         self._generator: torch.Generator | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator | None:
@@ -60,7 +63,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.temperature <= 0:
-            return logits.argmax(dim=-1)
+            return self.kernels.argmax(logits)
         logits = logits.float() / p.temperature
         if 0 < p.top_k < logits.size(-1):
             kth = logits.topk(p.top_k, dim=-1).values[..., -1:]
@@ -75,7 +78,7 @@ class Sampler:
         # torch.multinomial it cannot stop the device on a NaN row (a device-side assert on CUDA) or wait for it
         probs = logits.softmax(dim=-1)
         race = torch.empty_like(probs).exponential_(generator=self._rng(probs.device))
-        return (probs / race).argmax(dim=-1)
+        return self.kernels.argmax(probs / race)
 
 
 def check_prompts(prompts: list[list[int]], where: str) -> None:
@@ -119,7 +122,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     stops = params.stop_tokens if params.stop_tokens is not None else (model.config.eos_token_id,)
     if cache is None:
         cache = model.new_cache(len(prompts), max(map(len, prompts)) + params.max_new_tokens)
-    sampler = Sampler(params)
+    sampler = Sampler(params, model.kernels)
     logits = prefill(model, prompts, cache, prefill_chunk)
     device = logits.device
     stop_ids = torch.tensor(list(stops), dtype=torch.long, device=device)

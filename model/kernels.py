@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
            "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
-           "expert_matmul", "take_rows", "round_kv_entries", "use_kernels"]
+           "expert_matmul", "argmax", "take_rows", "round_kv_entries", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -304,6 +304,12 @@ def expert_matmul(x: Tensor, weight: Tensor, scale: Tensor | None, fmt: str, exp
     return torch.where((expert_idx >= 0).unsqueeze(1), y, 0.0)
 
 
+def argmax(scores: Tensor) -> Tensor:
+    """The greedy pick (`model.generate.Sampler`): scores [..., V] -> int64 [...], the index of each row's largest
+    score, the first of equal ones, a NaN counting as the largest (torch.argmax's rule)."""
+    return scores.argmax(-1)
+
+
 # ----------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Kernels:
@@ -324,6 +330,7 @@ class Kernels:
     grouped_linear: Callable[..., Tensor] = grouped_linear
     group_experts: Callable[..., tuple | None] = group_experts
     expert_matmul: Callable[..., Tensor] = expert_matmul
+    argmax: Callable[..., Tensor] = argmax
     # stored formats whose `expert_matmul` reads each expert's weight once per group of its rows (a grouped kernel),
     # not once per row as the reference's gather does: for them the static MoE path has no per-selection weight copy
     # and is the faster one at any size (a prefill chunk too), not only at decode sizes

@@ -176,11 +176,11 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
         replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
         return runner
 
-    timed_decode(step, first, active, 2, device)      # warm-up: lazy kernel builds, allocator
+    timed_decode(step, first, active, 2, device, model.kernels.argmax)      # warm-up: lazy kernel builds, allocator
     replicate_rows(one, cache)
     eager_logits = step(first, active).clone()
     replicate_rows(one, cache)
-    eager_s = timed_decode(step, first, active, steps, device)
+    eager_s = timed_decode(step, first, active, steps, device, model.kernels.argmax)
     row = {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
            "eager_tok_s": batch * steps / eager_s, "eager_step_ms": eager_s / steps * 1e3,
            "graph_tok_s": None, "graph_step_ms": None, "graph": "off (--no-graph)",
@@ -189,7 +189,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     if graphs:
         try:
             runner = captured(step)
-            graph_s = timed_decode(runner, first, active, steps, device)
+            graph_s = timed_decode(runner, first, active, steps, device, model.kernels.argmax)
             row.update(graph_tok_s=batch * steps / graph_s, graph_step_ms=graph_s / steps * 1e3,
                        graph="captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)")
             if profile_steps and device.type == "cuda":
@@ -211,7 +211,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
             row["compile_s"] = time.perf_counter() - t0
             row["compiled_vs_eager"] = logit_gap(compiled_logits, eager_logits)
             runner = captured(fn) if graphs else fn
-            compiled_s = timed_decode(runner, first, active, steps, device)
+            compiled_s = timed_decode(runner, first, active, steps, device, model.kernels.argmax)
             row.update(compiled_tok_s=batch * steps / compiled_s, compiled_step_ms=compiled_s / steps * 1e3,
                        compiled="compiled + captured" if graphs else "compiled, eager launches")
             if profile_steps and device.type == "cuda":

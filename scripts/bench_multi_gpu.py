@@ -154,7 +154,7 @@ def decode_speed(session: CacheSession, device: Device, prompts: list[list[int]]
     for _ in range(warmup):
         tokens = session.decode(tokens, active).argmax(-1)
     reset_traffic(exchanges)
-    seconds = timed_decode(session.decode, tokens, active, steps, device)
+    seconds = timed_decode(session.decode, tokens, active, steps, device, session.kernels.argmax)
     return {"seconds": seconds, "traffic": total_traffic(exchanges).to_dict()}
 
 

@@ -15,6 +15,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 | `gate_topk` (scored)     | scores, k argmax rounds, weights in one launch     | the reference                        |
+| `argmax` (greedy pick)   | a program per chunk of a row, one launch           | the reference (torch.argmax)         |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -430,9 +431,10 @@ def triton_runs_on(device_type: str) -> bool:
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
-    (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`)
-    and the mHC stages (`ascend.backends.triton_mhc`) when available (default), else the PyTorch ones; every other
-    stage is the reference, except rms_norm / rope / hadamard / f32_linear.
+    (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
+    the mHC stages (`ascend.backends.triton_mhc`) and the greedy pick (`ascend.backends.triton_argmax`) when
+    available (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope /
+    hadamard / f32_linear.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
@@ -444,7 +446,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     else:
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     if use_triton:
-        from ascend.backends import triton_mhc     # imports triton: only here
+        from ascend.backends import triton_argmax, triton_mhc     # import triton: only here
 
         formats = triton_expert_formats()
         short["f32_linear"] = f32_linear_triton      # one-row router / compressor projections: the Triton walk
@@ -455,7 +457,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    linear=functools.partial(linear_triton, formats=formats),
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
-                                   gate_topk=gate_topk_triton, **short)
+                                   gate_topk=gate_topk_triton, argmax=triton_argmax.argmax, **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

@@ -9,6 +9,7 @@ import torch
 from ascend import launch
 from model.chat import encode_messages
 from model.generate import SamplingParams
+from model.kernels import REFERENCE
 from model.tokenizer import load_tokenizer, write_synthetic_tokenizer
 
 
@@ -19,6 +20,8 @@ def tok(tmp_path_factory):
 
 class ToySession:
     """A deterministic stand-in model with per-row state: next token = f(last token, row length)."""
+
+    kernels = REFERENCE
 
     def __init__(self, vocab: int, eos_at: int | None = None, eos: int = 1):
         self.vocab, self.eos_at, self.eos = vocab, eos_at, eos

@@ -1,10 +1,13 @@
 """generate(): greedy equals an independent full-forward argmax loop, batching and stops per sequence, sampler."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from model.config import ModelConfig
 from model.generate import GenerationError, Sampler, SamplingParams, generate, prefill
+from model.kernels import REFERENCE
 from model.transformer import Transformer, init_random_
 
 CFG = ModelConfig.preset("tiny", dtype="bf16", expert_dtype="bf16", quant_sim=False)  # see test_transformer.py
@@ -66,6 +69,16 @@ def test_sampler_filters_and_seed():
     assert torch.equal(Sampler(SamplingParams())(logits), torch.tensor([0]))   # greedy
     nan_row = torch.tensor([[float("nan")] * 4, [0.0, 0.0, 0.0, 30.0]])      # a NaN row leaves the others be
     assert Sampler(SamplingParams(temperature=1.0, seed=7))(nan_row)[1].item() == 3
+
+
+def test_sampler_picks_with_the_kernels_argmax():
+    """Greedy and sampled picks both go through the table's argmax (the CUDA table's is one Triton launch): a table
+    whose argmax picks the last index changes both."""
+    last = dataclasses.replace(REFERENCE, argmax=lambda s: torch.full(s.shape[:-1], s.size(-1) - 1))
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    assert Sampler(SamplingParams())(logits).item() == 0
+    assert Sampler(SamplingParams(), last)(logits).item() == 2
+    assert Sampler(SamplingParams(temperature=1.0, seed=1), last)(logits).item() == 2
 
 
 def test_sampled_generation_is_reproducible(model):

@@ -352,9 +352,10 @@ def test_bf16_linear_of_one_row_takes_the_walk(monkeypatch):
 
 @needs_triton_or_interpreter
 def test_triton_table_covers_the_decode_stages():
-    from ascend.backends import triton_mhc
+    from ascend.backends import triton_argmax, triton_mhc
 
     k = cuda.make_kernels(use_triton=True)
+    assert k.argmax is triton_argmax.argmax
     assert (k.hc_pre, k.hc_post, k.hc_head) == (triton_mhc.hc_pre, triton_mhc.hc_post, triton_mhc.hc_head)
     assert k.sparse_attn is cuda.sparse_attn_triton and k.grouped_linear.func is cuda.grouped_linear_triton
     assert k.gate_topk is cuda.gate_topk_triton
