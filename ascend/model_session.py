@@ -17,6 +17,7 @@ from ascend.expert_parallel import ExpertLayout, ExpertParallel
 from ascend.graph import DEFAULT_BUCKETS, DecodeGraphRunner, batch_rows, bucket_for
 from ascend.launch import Checked, LaunchError
 from model.generate import decode_step, prefill
+from model.kernels import Kernels
 from model.moe import MoE, set_moe_mode
 
 EXCHANGES = ("allreduce", "alltoall", "allgather")
@@ -70,7 +71,7 @@ class CacheSession:
             self._capture(rows, fixed[1], tuple(b for b in self.buckets if b <= rows))
 
     @property
-    def kernels(self) -> Any:
+    def kernels(self) -> Kernels:
         """The model's `Kernels` (the launcher's sampler picks with its argmax)."""
         return self.model.kernels
 

@@ -150,9 +150,9 @@ def decode_speed(session: CacheSession, device: Device, prompts: list[list[int]]
     """Timed decode steps of this rank's prompts; exchange bytes counted over the timed steps only."""
     logits = session.prefill(prompts, max(map(len, prompts)) + warmup + steps + 1)
     active = torch.ones(len(prompts), dtype=torch.bool, device=logits.device)
-    tokens = logits.argmax(-1)
+    tokens = session.kernels.argmax(logits)
     for _ in range(warmup):
-        tokens = session.decode(tokens, active).argmax(-1)
+        tokens = session.kernels.argmax(session.decode(tokens, active))
     reset_traffic(exchanges)
     seconds = timed_decode(session.decode, tokens, active, steps, device, session.kernels.argmax)
     return {"seconds": seconds, "traffic": total_traffic(exchanges).to_dict()}

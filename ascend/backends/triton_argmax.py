@@ -1,10 +1,12 @@
-"""Triton kernel for the greedy pick (`model.kernels.argmax`): the index of each row's largest score in one launch.
+"""Triton kernel for the greedy pick (`model.kernels.argmax`): the index of each row's largest score in one
+launch.
 
 torch.argmax reduces a row in one thread block: over V4's 129,280 float32 logits at batch 1 its kernel took ~28 us
-of an H200 decode step, the slowest after the head; with this kernel the benchmark's batch-1 decode loop is ~53 us
-per token faster (docs/performance.md, fifteenth session). Here a program per chunk of a row finds the chunk's first largest score, and the last of the
-row's programs to finish (`triton_common.last_to_arrive`) picks among the chunks, so the pick is one launch with
-no host sync (graph-capturable). Same index as torch.argmax: the first largest, a NaN counting as the largest.
+of an H200 decode step, about as long as the step's longest weight walk; with this kernel the benchmark's batch-1
+decode loop is ~53 us per token faster (docs/performance.md, fifteenth session). Here a program per chunk of a row
+finds the chunk's first largest score, and the last of the row's programs to finish
+(`triton_common.last_to_arrive`) picks among the chunks, so the pick is one launch with no host sync
+(graph-capturable). Same index as torch.argmax: the first largest, a NaN counting as the largest.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def _first_largest(v, at, NONE):
 @triton.jit
 def _argmax_kernel(x_ptr, part_v_ptr, part_i_ptr, out_ptr, tickets_ptr, V, s_row,
                    BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr, PDL: tl.constexpr):
-    """Program (0, row, chunk); the chunks of a row are its split, tickets counted per row."""
+    """Program (row, 0, chunk): the chunks of a row are its split (grid axis z), its ticket is the row's."""
     after_previous_kernel(PDL)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(2)
     chunks = tl.num_programs(2)
     at = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -58,11 +60,11 @@ def argmax(scores: torch.Tensor, num_warps: int = 4) -> torch.Tensor:
         flat = flat.contiguous()
     rows, width = flat.shape
     out = torch.empty(rows, dtype=torch.int64, device=scores.device)
-    if rows and width:
+    if rows:
         chunks = triton.cdiv(width, BLOCK)
         part_v = torch.empty(rows, chunks, dtype=torch.float32, device=scores.device)
         part_i = torch.empty(rows, chunks, dtype=torch.int32, device=scores.device)
-        _argmax_kernel[(1, rows, chunks)](flat, part_v, part_i, out, arrival_tickets(scores.device, rows), width,
+        _argmax_kernel[(rows, 1, chunks)](flat, part_v, part_i, out, arrival_tickets(scores.device, rows), width,
                                           flat.stride(0), BLOCK=BLOCK, CHUNKS_P2=triton.next_power_of_2(chunks),
                                           num_warps=num_warps, **launch_options(scores.device))
     return out.view(scores.shape[:-1])
