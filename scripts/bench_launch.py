@@ -27,6 +27,7 @@ For every (prompt length, batch):
     python3 scripts/bench_launch.py                         # one H200: Flash width, 4 layers, 1K/64K x 1/32
     python3 scripts/bench_launch.py --no-graph --no-hf      # eager decode only, no baseline
     python3 scripts/bench_launch.py --compile --profile     # also the compiled step; where a step's time goes
+    python3 scripts/bench_launch.py --compile --pick torch  # each step's token by torch.argmax (the old baseline)
 
 `--profile` prints, per case, the kernels of one replayed decode step (torch.profiler; the graph's kernels when
 the profiler sees inside graphs, else an eager step's) grouped by name: launches and device time per step.
@@ -39,6 +40,7 @@ import json
 import re
 import time
 import traceback
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,7 +53,7 @@ from ascend.model_session import compute_dtype
 from ascend.profiling import format_kernel_table, kernel_table, short_error, timed_decode
 from model.config import ModelConfig
 from model.generate import decode_step, prefill
-from model.kernels import use_kernels
+from model.kernels import REFERENCE, use_kernels
 from model.moe import MOE_MODES, MoE, set_moe_mode
 from model.transformer import Transformer, init_random_
 
@@ -146,9 +148,10 @@ def logit_gap(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, steps: int, chunk: int,
-             graphs: bool, compile_step: bool = False, profile_steps: int = 0) -> dict:
+             graphs: bool, compile_step: bool = False, profile_steps: int = 0, pick: Callable | None = None) -> dict:
     """Prefill one prompt, copy its cache to `batch` rows, then decode eagerly, from a captured graph (`graphs`) and
-    compiled then captured (`compile_step`), each from the same prefilled state."""
+    compiled then captured (`compile_step`), each from the same prefilled state. Each step's greedy token is
+    `pick(logits)`; None: the model's `kernels.argmax`, as the launcher's sampler picks."""
     cfg = model.config
     device.empty_cache()
     device.reset_peak()
@@ -176,11 +179,11 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
         replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
         return runner
 
-    timed_decode(step, first, active, 2, device, model.kernels.argmax)      # warm-up: lazy kernel builds, allocator
+    timed_decode(step, first, active, 2, device, pick or model.kernels.argmax)   # warm-up: kernel builds, allocator
     replicate_rows(one, cache)
     eager_logits = step(first, active).clone()
     replicate_rows(one, cache)
-    eager_s = timed_decode(step, first, active, steps, device, model.kernels.argmax)
+    eager_s = timed_decode(step, first, active, steps, device, pick or model.kernels.argmax)
     row = {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
            "eager_tok_s": batch * steps / eager_s, "eager_step_ms": eager_s / steps * 1e3,
            "graph_tok_s": None, "graph_step_ms": None, "graph": "off (--no-graph)",
@@ -189,7 +192,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     if graphs:
         try:
             runner = captured(step)
-            graph_s = timed_decode(runner, first, active, steps, device, model.kernels.argmax)
+            graph_s = timed_decode(runner, first, active, steps, device, pick or model.kernels.argmax)
             row.update(graph_tok_s=batch * steps / graph_s, graph_step_ms=graph_s / steps * 1e3,
                        graph="captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)")
             if profile_steps and device.type == "cuda":
@@ -211,7 +214,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
             row["compile_s"] = time.perf_counter() - t0
             row["compiled_vs_eager"] = logit_gap(compiled_logits, eager_logits)
             runner = captured(fn) if graphs else fn
-            compiled_s = timed_decode(runner, first, active, steps, device, model.kernels.argmax)
+            compiled_s = timed_decode(runner, first, active, steps, device, pick or model.kernels.argmax)
             row.update(compiled_tok_s=batch * steps / compiled_s, compiled_step_ms=compiled_s / steps * 1e3,
                        compiled="compiled + captured" if graphs else "compiled, eager launches")
             if profile_steps and device.type == "cuda":
@@ -475,6 +478,9 @@ def main() -> None:
                    help="also time the decode step compiled by ascend.backends.cuda.compile_decode (then captured)")
     p.add_argument("--profile", type=non_negative, default=0, metavar="STEPS",
                    help="CUDA: profile this many replayed decode steps per case and print the top kernels")
+    p.add_argument("--pick", default="table", choices=["table", "torch"],
+                   help="greedy pick of the timed steps: the model's kernels.argmax (as the launcher; one Triton "
+                        "launch on CUDA) or torch.argmax (the baseline before it)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--hf-limit", type=float, default=10.0,
                    help="seconds of HF decode per case at most (fewer steps are timed when it is slow)")
@@ -493,7 +499,8 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     bandwidth = copy_bandwidth(device, 2**30 if device.type != "cpu" else 2**27)
     graphs = not args.no_graph and args.moe != "dynamic"
-    rows = [run_case(model, device, pl, b, args.steps, args.chunk, graphs, args.compile, args.profile)
+    pick = REFERENCE.argmax if args.pick == "torch" else None
+    rows = [run_case(model, device, pl, b, args.steps, args.chunk, graphs, args.compile, args.profile, pick)
             for pl in args.prompts for b in args.batches]
     best = lambda r: max(r["eager_tok_s"], r["graph_tok_s"] or 0.0, r["compiled_tok_s"] or 0.0)  # noqa: E731
     for r in rows:
@@ -507,14 +514,14 @@ def main() -> None:
         r["hf_note"] = theirs.get("skipped", "")
         r["vs_hf"] = best(r) / r["hf_tok_s"] if r["hf_tok_s"] else None
     doc = {"device": str(device), "preset": args.preset, "layers": args.layers, "experts": cfg.n_routed_experts,
-           "expert_dtype": cfg.expert_dtype, "dtype": str(dtype), "moe": args.moe, "build_s": build_s,
-           "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
+           "expert_dtype": cfg.expert_dtype, "dtype": str(dtype), "moe": args.moe, "pick": args.pick,
+           "build_s": build_s, "copy_bandwidth_gb_s": bandwidth / 1e9, "cases": rows, "hf": hf}
     if args.json:
         print(json.dumps(doc))
         return
     print(f"{device}: {args.preset} width, {args.layers} layers, {cfg.n_routed_experts} experts ({cfg.expert_dtype}), "
-          f"{dtype}, MoE {args.moe}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured); model built in "
-          f"{build_s:.1f} s")
+          f"{dtype}, MoE {args.moe}, greedy pick {args.pick}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (measured); "
+          f"model built in {build_s:.1f} s")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"{'prompt':>7} {'batch':>5} {'prefill tok/s':>13} {'eager tok/s':>11} {'graph tok/s':>11} "
           f"{'compiled tok/s':>14} {'step ms e/g/c':>19} {'MB/step':>8} {'roofline tok/s':>14} {'of roof':>7} "
