@@ -151,8 +151,10 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
              graphs: bool, compile_step: bool = False, profile_steps: int = 0, pick: Callable | None = None) -> dict:
     """Prefill one prompt, copy its cache to `batch` rows, then decode eagerly, from a captured graph (`graphs`) and
     compiled then captured (`compile_step`), each from the same prefilled state. Each step's greedy token is
-    `pick(logits)`; None: the model's `kernels.argmax`, as the launcher's sampler picks."""
+    `pick(logits)`; None: the model's `kernels.argmax`, as the launcher's sampler picks (the compiled step's table
+    picks with the same function)."""
     cfg = model.config
+    argmax = pick or model.kernels.argmax
     device.empty_cache()
     device.reset_peak()
     g = torch.Generator().manual_seed(prompt_len)
@@ -179,11 +181,11 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
         replicate_rows(one, cache)      # capture ran the step: start again from the prefilled state
         return runner
 
-    timed_decode(step, first, active, 2, device, pick or model.kernels.argmax)   # warm-up: kernel builds, allocator
+    timed_decode(step, first, active, 2, device, argmax)      # warm-up: lazy kernel builds, allocator
     replicate_rows(one, cache)
     eager_logits = step(first, active).clone()
     replicate_rows(one, cache)
-    eager_s = timed_decode(step, first, active, steps, device, pick or model.kernels.argmax)
+    eager_s = timed_decode(step, first, active, steps, device, argmax)
     row = {"prompt": prompt_len, "batch": batch, "prefill_tok_s": prompt_len / prefill_s,
            "eager_tok_s": batch * steps / eager_s, "eager_step_ms": eager_s / steps * 1e3,
            "graph_tok_s": None, "graph_step_ms": None, "graph": "off (--no-graph)",
@@ -192,7 +194,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
     if graphs:
         try:
             runner = captured(step)
-            graph_s = timed_decode(runner, first, active, steps, device, pick or model.kernels.argmax)
+            graph_s = timed_decode(runner, first, active, steps, device, argmax)
             row.update(graph_tok_s=batch * steps / graph_s, graph_step_ms=graph_s / steps * 1e3,
                        graph="captured" if device.type != "cpu" else "eager re-run (CPU has no graphs)")
             if profile_steps and device.type == "cuda":
@@ -214,7 +216,7 @@ def run_case(model: Transformer, device: Device, prompt_len: int, batch: int, st
             row["compile_s"] = time.perf_counter() - t0
             row["compiled_vs_eager"] = logit_gap(compiled_logits, eager_logits)
             runner = captured(fn) if graphs else fn
-            compiled_s = timed_decode(runner, first, active, steps, device, pick or model.kernels.argmax)
+            compiled_s = timed_decode(runner, first, active, steps, device, argmax)
             row.update(compiled_tok_s=batch * steps / compiled_s, compiled_step_ms=compiled_s / steps * 1e3,
                        compiled="compiled + captured" if graphs else "compiled, eager launches")
             if profile_steps and device.type == "cuda":
