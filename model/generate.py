@@ -130,17 +130,16 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(params.max_new_tokens):
         tokens = sampler(logits)
-        stopped = torch.isin(tokens, stop_ids) & active
-        # with the rows to keep, in the same transfer: whether the live rows' logits were finite (a token drawn
-        # from NaN logits is noise)
-        keep, finite = torch.stack((active & ~stopped, torch.isfinite(logits).all(-1) | ~active)).tolist()
+        finite = torch.isfinite(logits).all(-1) | ~active      # only live rows count (a token of NaN logits is noise)
+        active &= ~torch.isin(tokens, stop_ids)
+        # one transfer: the tokens, the rows to keep (still active after their token) and the finite check
+        toks, keep, finite = torch.stack((tokens, active.long(), finite.long())).tolist()
         if not all(finite):
             raise GenerationError(f"generate: the model's logits hold NaN or infinite values at new token {step + 1}")
-        for b, token in enumerate(tokens.tolist()):
+        for b, token in enumerate(toks):
             if keep[b]:
                 out[b].append(token)
-        active &= ~stopped
-        if not active.any() or step == params.max_new_tokens - 1:
+        if not any(keep) or step == params.max_new_tokens - 1:
             break
         logits = decode_step(model, tokens, cache, active)
     return out
