@@ -13,8 +13,6 @@ from typing import Any, Callable
 
 import torch
 
-from model.kernels import REFERENCE
-
 __all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error"]
 
 
@@ -41,7 +39,7 @@ def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
 
 
 def timed_decode(fn: Callable[[Any, Any], Any], tokens: Any, active: Any, steps: int, device: Any,
-                 argmax: Callable[[Any], Any] = REFERENCE.argmax) -> float:
+                 argmax: Callable[[Any], Any]) -> float:
     """Seconds for `steps` greedy decode steps of fn(tokens, active) -> logits (each step feeds its argmax to the
     next, picked by `argmax`: the model's `kernels.argmax`, as its greedy sampler picks), the device synchronised
     around them."""

@@ -467,7 +467,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
 # 280-329 to 245-289 us and an HCA layer from 167-213 to 148-188 us (scripts/bench_attention.py, docs/performance.md).
 INDUCTOR_CONFIG = {"combo_kernels": True, "triton.enable_pdl": True}
 # triton.enable_pdl: inductor's kernels launched with programmatic dependent launch on sm_90+, as the backend's own
-# (triton_common.PDL); torch versions without the setting compile without it.
+# are (those by `triton_common.PDL`, which does not switch this one); torch versions without it compile without it.
 
 
 def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
