@@ -29,8 +29,8 @@ GiB = 2**30
 
 
 def divisors(n: int) -> list[int]:
-    """The divisors of n, ascending, found up to sqrt(n): the search asks for them once per (tp, ep) pair it
-    rejects, so a scan up to n made a plan for 100,000 nodes (1.6 M devices) take minutes."""
+    """The divisors of n, ascending, found up to sqrt(n): a scan up to n made a plan for 100,000 nodes (1.6 M
+    devices) take minutes (`check_layout` lists them in its messages)."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
 
@@ -202,8 +202,9 @@ def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int |
     """All valid layouts (optionally with tp / ep forced), best first. Raises PlanError when none is valid."""
     E = config.n_routed_experts
     found, reasons = [], []
-    for t in ([tp] if tp else divisors(world)):
-        for e in ([ep] if ep else divisors(world)):
+    ds = divisors(world)
+    for t in ([tp] if tp else ds):
+        for e in ([ep] if ep else ds):
             r = redundant if redundant is not None else (-E) % e
             problems = check_layout(config, world, t, e, r, hardware=hw, batch=s.batch)
             if problems:

@@ -24,8 +24,8 @@ from ascend.errors import parse_json
 from ascend.planner.errors import PlanError
 
 __all__ = [
-    "place", "eplb_baseline", "replica_counts", "rank_loads", "balancedness", "lower_bound", "bound_balancedness",
-    "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
+    "place", "eplb_baseline", "replica_counts", "rank_loads", "mean_over_peak", "balancedness", "lower_bound",
+    "bound_balancedness", "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
     "read_expert_load", "check_load",
 ]
 
@@ -60,11 +60,15 @@ def rank_loads(load: np.ndarray, phy2log: np.ndarray, n_ranks: int) -> np.ndarra
     return per_slot.reshape(load.shape[0], n_ranks, -1).sum(-1)
 
 
+def mean_over_peak(mean: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """mean / peak per layer, 1.0 where the peak is 0 (a layer with no load is perfectly balanced)."""
+    return np.where(peak > 0, mean / np.where(peak > 0, peak, 1), 1.0)
+
+
 def balancedness(load: np.ndarray, phy2log: np.ndarray, n_ranks: int) -> np.ndarray:
     """Mean rank load / max rank load per layer (1.0 for a layer with no load)."""
     loads = rank_loads(load, phy2log, n_ranks)
-    peak = loads.max(1)
-    return np.where(peak > 0, loads.mean(1) / np.where(peak > 0, peak, 1), 1.0)
+    return mean_over_peak(loads.mean(1), loads.max(1))
 
 
 def lower_bound(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
@@ -76,8 +80,7 @@ def lower_bound(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
 def bound_balancedness(load: np.ndarray, n_slots: int, n_ranks: int) -> np.ndarray:
     """The best balancedness any placement of `n_slots` replicas could reach: mean rank load / `lower_bound` per
     layer (1.0 for a layer with no load, as in `balancedness`)."""
-    bound = lower_bound(load, n_slots, n_ranks)
-    return np.where(bound > 0, load.sum(1) / n_ranks / np.where(bound > 0, bound, 1), 1.0)
+    return mean_over_peak(load.sum(1) / n_ranks, lower_bound(load, n_slots, n_ranks))
 
 
 # ----------------------------------------------------------------------------------- replication
