@@ -25,8 +25,8 @@ from ascend.planner.errors import PlanError
 
 __all__ = [
     "place", "eplb_baseline", "replica_counts", "rank_loads", "mean_over_peak", "balancedness", "lower_bound",
-    "bound_balancedness", "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement", "synthetic_load",
-    "read_expert_load", "check_load",
+    "bound_balancedness", "logcnt_of", "log2phy_of", "duplicate_slots", "separate_replicas", "contiguous_placement",
+    "synthetic_load", "read_expert_load", "check_load",
 ]
 
 COUNT_FACTORS = (1.0, 1.05, 1.15, 1.3, 1.6)    # replica-count variants tried by `place`
