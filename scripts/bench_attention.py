@@ -316,7 +316,7 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                               time_ms(device, lambda: cuda.indexer_topk_bmm(*iargs, topk), shapes.reps), roof, ref))
         if triton:
             for name, variant in INDEXER_VARIANTS.items():
-                fn = lambda: cuda.topk_auto(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
+                fn = lambda: cuda.topk_triton(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
                 rows.append(KernelRow("indexer_topk", kind, batch, context, f"triton {name}",
                                       time_ms(device, fn, shapes.reps), roof, ref))
         rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, shapes, device,
@@ -334,8 +334,8 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
 
     roof = scores.numel() * 4 / copy_bps * 1e3
     ref = time_ms(device, lambda: select_topk(scores, topk), shapes.reps)
-    rows = [KernelRow("topk", kind, batch, context, "torch.topk", time_ms(
-        device, lambda: cuda.topk_fixed(scores, topk), shapes.reps), roof, ref)]
+    rows = [KernelRow("topk", kind, batch, context, "torch.topk (ties in its own order)", time_ms(
+        device, lambda: scores.topk(topk, dim=-1), shapes.reps), roof, ref)]
     if triton:
         rows.append(KernelRow("topk", kind, batch, context, "triton radix select", time_ms(
             device, lambda: cuda.topk_triton(scores, topk), shapes.reps), roof, ref))

@@ -7,7 +7,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 |--------------------------|----------------------------------------------------|--------------------------------------|
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
 | `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, the reference's |
-|                          | (rows over 8,192 entries: torch.topk)              | top-k (ties to the lowest indices)   |
+|                          | (long rows: chunked, one launch per key byte)      | top-k (ties to the lowest indices)   |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |
@@ -73,23 +73,6 @@ def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     out = F.scaled_dot_product_attention(q.reshape(B * S, 1, H, D), keys, keys,
                                          attn_mask=mask.view(B * S, 1, H, K + 1), scale=scale)
     return out.view(B, S, H, D)
-
-
-def topk_fixed(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices of the `topk` largest scores per row as int32 by one torch.topk; masked (-inf) picks become -1.
-
-    Always returns exactly `topk` columns: when a row has fewer candidates the scores are padded
-    with -inf first, so the shape never depends on the data (no `topk(min(k, n))`). Entries tied with the
-    topk-th score are kept in torch.topk's (unspecified) order, not the contract's lowest-index rule
-    (`model.kernels.select_topk`), which costs a second top-k pass over the row: `topk_auto` takes it for rows
-    longer than TOPK_TRITON_MAX_ENTRIES, the one place the backend departs from that rule. A tie there needs
-    exactly equal scores at the k-th place among over 8,192 entries (all heads' ReLU zero for both).
-    """
-    short = topk - scores.shape[-1]
-    if short > 0:
-        scores = F.pad(scores, (0, short), value=float("-inf"))
-    values, idx = scores.topk(topk, dim=-1)
-    return torch.where(values == float("-inf"), -1, idx).to(torch.int32)
 
 
 def indexer_scores_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
@@ -285,24 +268,10 @@ def _(scores, k):
     return scores.new_empty(*scores.shape[:-1], k, dtype=torch.int32)
 
 
-# Up to here (entries per row) the one-program-per-row radix select beats torch.topk: on an H200 at batch 8 and 32,
-# k = 512, 22-23 us vs 47-49 us at 2048 entries (8K context), 51 us vs 71-76 us at 8192; at 32768 it is 1.6-1.9x
-# slower (141 us vs 74-86), as one program per row cannot keep up with torch's multi-block select
-# (scripts/bench_attention.py's kernel table, docs/performance.md).
-TOPK_TRITON_MAX_ENTRIES = 8192
-
-
-def topk_auto(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """`topk` picks of each row of `scores` as `topk_fixed` returns them (int32, -1 for none), by the faster of the
-    two for the row length (a shape, so the choice is fixed per captured graph)."""
-    return (topk_triton if scores.size(-1) <= TOPK_TRITON_MAX_ENTRIES else topk_fixed)(scores, topk)
-
-
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
-    """Fused Triton indexer scores, then a fixed-size top-k: the Triton radix select for rows of at most
-    TOPK_TRITON_MAX_ENTRIES entries, torch.topk for longer ones (`indexer_topk_bmm`'s output; ties at the k-th
-    score of rows that long in torch.topk's order, see `topk_fixed`)."""
-    return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_auto)
+    """Fused Triton indexer scores, then the Triton radix select (`indexer_topk_bmm`'s output, ties at the k-th
+    score to the lowest indices at every row length)."""
+    return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_triton)
 
 
 @torch.library.custom_op("ascend_cuda::gate_topk", mutates_args=())

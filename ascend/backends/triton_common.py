@@ -1,8 +1,9 @@
 """What the Triton kernel modules share: programmatic dependent launch (every kernel starts with
 `after_previous_kernel` and is launched with `launch_options`), the SM count launch shapes are sized by, the dot
 precision rule (triton_moe, triton_sparse_attn), the arrival tickets by which the last of a block's programs finishes
-its work in the same launch (triton_moe's split-K, triton_argmax's pick among a row's chunks), and a fix to Triton
-3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
+its work in the same launch (triton_moe's split-K, triton_argmax's pick among a row's chunks, triton_sparse_attn's
+chunked top-k), and a fix to Triton 3.6's CPU interpreter, applied when this module is imported under
+TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 

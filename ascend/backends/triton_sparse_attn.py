@@ -7,8 +7,8 @@
   sink.
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
-
-- `topk`: the k largest scores of each row (the indexer's selection), by radix select in one program per row.
+- `topk`: the k largest scores of each row (the indexer's selection) by radix select: one program per short row,
+  longer rows spread over chunks with one launch per byte of the order key.
 
 All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import after_previous_kernel, dot_precision, launch_options, sm_count
+from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, dot_precision, last_to_arrive,
+                                           launch_options, sm_count)
 
 
 @triton.jit
@@ -245,11 +246,12 @@ def _order_key(x):
 
 
 @triton.jit
-def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One program per row. Radix select: the K-th largest order key, one byte per pass from the top (a 256-bin
-    histogram of the keys that share the bytes found so far), then one pass in index order that writes the entries
-    above it and the lowest-index ties with it, then -1 in the slots left. The row is re-read on each of the 5
-    passes (from L2 after the first)."""
+def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One program per row, every pass in one launch (short rows). Radix select: the K-th largest order key of the
+    finite scores, one byte per pass from the top (a 256-bin histogram of the keys that share the bytes found so far),
+    then one pass in index order that writes the entries above it and the lowest-index ties with it, then -1 in the
+    slots left. The row is re-read on each of the 5 passes (from L2 after the first); blocks of -inf scores only
+    (entries not visible yet) are skipped."""
     after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
@@ -262,11 +264,13 @@ def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, P
         hist = tl.zeros([256], tl.int32)
         for t0 in range(0, T, BLOCK):
             t = t0 + offs
-            key = _order_key(tl.load(base + t, mask=t < T, other=float("-inf")))
-            same = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (t < T)
-            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
+            score = tl.load(base + t, mask=t < T, other=float("-inf"))
+            if tl.max(score, 0) > float("-inf"):    # a block of invisible entries only (prefill, cache tail): none
+                key = _order_key(score)
+                same = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (score != float("-inf"))
+                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
         higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)               # keys with a larger byte than each bin's
-        byte = tl.maximum(tl.max(tl.where(higher + hist >= need, bins, -1), 0), 0)   # 0: fewer than K in the row
+        byte = tl.maximum(tl.max(tl.where(higher + hist >= need, bins, -1), 0), 0)   # 0: fewer than K finite
         need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
         kth |= byte.to(tl.int64) << shift
     n_sel = tl.zeros([], tl.int32)
@@ -274,27 +278,167 @@ def _topk_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, P
     for t0 in range(0, T, BLOCK):
         t = t0 + offs
         score = tl.load(base + t, mask=t < T, other=float("-inf"))
-        key = _order_key(score)
-        tie = (key == kth) & (t < T)
-        tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - 1
-        sel = ((key > kth) | (tie & (tie_rank < need))) & (score != float("-inf")) & (t < T)
-        pos = n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1
-        tl.store(out + pos, t, mask=sel)
-        n_sel += tl.sum(sel.to(tl.int32), 0)
-        n_tie += tl.sum(tie.to(tl.int32), 0)
+        if tl.max(score, 0) > float("-inf"):
+            key = _order_key(score)
+            finite = score != float("-inf")
+            tie = (key == kth) & finite
+            tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - 1
+            sel = ((key > kth) | (tie & (tie_rank < need))) & finite
+            tl.store(out + n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1, t, mask=sel)
+            n_sel += tl.sum(sel.to(tl.int32), 0)
+            n_tie += tl.sum(tie.to(tl.int32), 0)
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
         tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= n_sel) & (k < K))
 
 
-def topk(scores: torch.Tensor, k: int, block: int | None = None, num_warps: int = 8) -> torch.Tensor:
+@triton.jit
+def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr, state_ptr, tickets_ptr,
+                       T, K, s_row, CHUNK, P, SHIFT: tl.constexpr, BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """One byte of the radix select, program (row, 0, chunk). Each program histograms byte SHIFT of the finite
+    scores' order keys in its chunk, among the keys whose higher bytes equal the k-th key's found so far (pass 24:
+    all), into its own slot of `hist`. The row's last program (`last_to_arrive`) sums the slots, finds the k-th key's
+    byte, and adds to each chunk's count of keys above the k-th (those of a larger byte here); after the last byte
+    it turns the counts into each chunk's output offset and its first tie rank (`_radix_write_kernel`).
+    state[row] = (k-th key so far, picks still wanted among keys equal to it, picks in all)."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(2)
+    bins = tl.arange(0, 256)
+    if SHIFT == 24:
+        kth = tl.zeros([], tl.int64)
+        need = tl.zeros([], tl.int64) + K
+    else:
+        kth = tl.load(state_ptr + row * 3)
+        need = tl.load(state_ptr + row * 3 + 1)
+    base = scores_ptr + row * s_row
+    end = tl.minimum((c + 1) * CHUNK, T)
+    hist = tl.zeros([256], tl.int32)
+    for t0 in range(c * CHUNK, end, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        score = tl.load(base + t, mask=t < end, other=float("-inf"))
+        if tl.max(score, 0) > float("-inf"):        # as in `_topk_row_kernel`
+            key = _order_key(score)
+            same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (score != float("-inf"))
+            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same)
+    tl.store(hist_ptr + (row * P + c) * 256 + bins, hist)
+    if last_to_arrive(tickets_ptr, P):
+        parts = row * P + tl.arange(0, P_BLOCK)
+        total = tl.zeros([256], tl.int32)
+        for p0 in range(0, P, P_BLOCK):             # the other programs' slots, read from L2 (`.cg`)
+            ok = (p0 + tl.arange(0, P_BLOCK) < P)[:, None]
+            total += tl.sum(tl.load(hist_ptr + (parts[:, None] + p0) * 256 + bins[None, :], mask=ok, other=0,
+                                    cache_modifier=".cg"), 0)
+        higher = tl.sum(total, 0) - tl.cumsum(total, 0)              # keys with a larger byte than each bin's
+        byte = tl.maximum(tl.max(tl.where(higher + total >= need, bins, -1), 0), 0)   # 0: fewer than K finite
+        need -= tl.sum(tl.where(bins > byte, total, 0), 0)
+        kth |= byte.to(tl.int64) << SHIFT
+        tie_before = tl.zeros([], tl.int32)
+        sel_before = tl.zeros([], tl.int32)
+        for p0 in range(0, P, P_BLOCK):
+            chunk = p0 + tl.arange(0, P_BLOCK)
+            ok = chunk < P
+            tile = tl.load(hist_ptr + (parts[:, None] + p0) * 256 + bins[None, :], mask=ok[:, None], other=0,
+                           cache_modifier=".cg")
+            above = tl.sum(tl.where(bins[None, :] > byte, tile, 0), 1)
+            if SHIFT != 24:
+                above += tl.load(above_ptr + parts + p0, mask=ok, other=0)
+            if SHIFT == 0:  # the k-th key is known: ties kept in index order, offsets by exclusive prefix sums
+                tie = tl.sum(tl.where(bins[None, :] == byte, tile, 0), 1)
+                ties_first = tie_before + tl.cumsum(tie, 0) - tie
+                picked = above + tl.minimum(tie, tl.maximum(need.to(tl.int32) - ties_first, 0))
+                tl.store(tie_off_ptr + parts + p0, ties_first, mask=ok)
+                tl.store(sel_off_ptr + parts + p0, sel_before + tl.cumsum(picked, 0) - picked, mask=ok)
+                tie_before += tl.sum(tie, 0)
+                sel_before += tl.sum(picked, 0)
+            else:
+                tl.store(above_ptr + parts + p0, above, mask=ok)
+        tl.store(state_ptr + row * 3, kth)
+        tl.store(state_ptr + row * 3 + 1, need)
+        tl.store(state_ptr + row * 3 + 2, sel_before.to(tl.int64))
+
+
+@triton.jit
+def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr, T, K, s_row, o_row, CHUNK, P,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, 0, chunk) writes its chunk's picks in index order from the chunk's output offset: the keys
+    above the k-th, and the ties with it whose rank in the row is below the number still wanted; then its share of
+    the -1 slots after the row's picks."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(2)
+    kth = tl.load(state_ptr + row * 3)
+    need = tl.load(state_ptr + row * 3 + 1)
+    n_sel = tl.load(sel_off_ptr + row * P + c)
+    n_tie = tl.load(tie_off_ptr + row * P + c)
+    base = scores_ptr + row * s_row
+    out = out_ptr + row * o_row
+    end = tl.minimum((c + 1) * CHUNK, T)
+    for t0 in range(c * CHUNK, end, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        score = tl.load(base + t, mask=t < end, other=float("-inf"))
+        if tl.max(score, 0) > float("-inf"):
+            key = _order_key(score)
+            finite = score != float("-inf")
+            tie = (key == kth) & finite
+            tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - 1
+            sel = ((key > kth) | (tie & (tie_rank < need))) & finite
+            tl.store(out + n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1, t, mask=sel)
+            n_sel += tl.sum(sel.to(tl.int32), 0)
+            n_tie += tl.sum(tie.to(tl.int32), 0)
+    picked = tl.load(state_ptr + row * 3 + 2)
+    for k0 in range(c * BLOCK, K, P * BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= picked) & (k < K))
+
+
+# Rows up to this many entries: one program per row (`_topk_row_kernel`); longer rows: spread over chunks, one
+# launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, batch 8 / 32, one program per row took 11 us at 2,048
+# entries (8K context) where the chunked form's five launches take 18 us, and 32 us at 8,192 against 21-26 us.
+TOPK_ROW_MAX_ENTRIES = 4096
+TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64)
+
+
+def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | None = None) -> torch.Tensor:
     """Indices of the `k` largest of each row of float32 `scores` [..., T] as int32 [..., k], in index order, -1
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
-    largest score the lowest indices are kept (the `kernels.indexer_topk` contract). `block`: entries per step
-    (default: the whole row, up to 4096)."""
+    largest score the lowest indices are kept (the `kernels.indexer_topk` contract).
+
+    Radix select over the scores' order keys, one byte at a time from the top. `chunk`: entries per program
+    (default: the whole row up to TOPK_ROW_MAX_ENTRIES, else about TOPK_CHUNKED["per_sm"] programs per SM in all, so
+    rows that fill the GPU by themselves, a prefill chunk's, keep one program each).
+    A row in one chunk is one program doing every pass (one launch); longer rows take a launch per byte, each
+    spread over the row's chunks, whose last program to finish finds the byte, then a launch that writes the picks
+    (five launches, whatever the row length: the 256K-entry rows of a 1M context took torch.topk 98-159 us at batch
+    8-32, which also keeps ties in its own order). `block`: entries per step of a program."""
     flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
-    block = block or min(4096, triton.next_power_of_2(flat.size(1)))
-    out = torch.empty(flat.size(0), k, device=scores.device, dtype=torch.int32)
-    _topk_kernel[(flat.size(0),)](flat, out, flat.size(1), k, flat.stride(0), out.stride(0),
-                                  BLOCK=block, num_warps=num_warps, **launch_options(flat.device))
+    rows, T = flat.shape
+    dev = flat.device
+    out = torch.empty(rows, k, device=dev, dtype=torch.int32)
+    if rows == 0:
+        return out.view(*scores.shape[:-1], k)
+    cfg = TOPK_CHUNKED
+    if chunk is None:
+        chunk = T if T <= TOPK_ROW_MAX_ENTRIES else triton.cdiv(T, max(1, triton.cdiv(cfg["per_sm"] * sm_count(dev),
+                                                                                         rows)))
+    if chunk >= T:
+        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0),
+                                  BLOCK=block or min(4096, triton.next_power_of_2(T)), num_warps=8,
+                                  **launch_options(dev))
+        return out.view(*scores.shape[:-1], k)
+    block = block or cfg["block"]
+    chunk = triton.cdiv(chunk, block) * block
+    P = triton.cdiv(T, chunk)
+    hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)
+    above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))
+    state = torch.empty(rows, 3, device=dev, dtype=torch.int64)
+    tickets = arrival_tickets(dev, rows)
+    for shift in (24, 16, 8, 0):
+        _radix_pass_kernel[(rows, 1, P)](flat, hist, above, sel_off, tie_off, state, tickets, T, k, flat.stride(0),
+                                         chunk, P, SHIFT=shift, BLOCK=block,
+                                         P_BLOCK=min(cfg["p_block"], triton.next_power_of_2(P)),
+                                         num_warps=cfg["num_warps"], **launch_options(dev))
+    _radix_write_kernel[(rows, 1, P)](flat, out, sel_off, tie_off, state, T, k, flat.stride(0), out.stride(0), chunk,
+                                      P, BLOCK=block, num_warps=cfg["num_warps"], **launch_options(dev))
     return out.view(*scores.shape[:-1], k)

@@ -80,12 +80,6 @@ def test_indexer_topk_bmm_breaks_ties_as_the_reference():
     assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)
 
 
-def test_topk_fixed_shape_does_not_depend_on_values():
-    scores = torch.full((2, 3), float("-inf"))
-    scores[0, 1] = 1.0
-    assert cuda.topk_fixed(scores, 5).tolist() == [[1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]
-
-
 def test_make_kernels_replaces_only_its_stages():
     k = cuda.make_kernels(use_triton=False)
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
@@ -169,11 +163,14 @@ def _sorted_ids(idx):
 
 
 @needs_triton_or_interpreter
-@pytest.mark.parametrize("T,k,block", [(100, 16, 64), (300, 64, 128), (50, 64, 32), (1000, 512, 256),
-                                       (4000, 512, None)])
-def test_triton_topk_keeps_the_reference_selection(T, k, block):
-    """Radix select: the k largest, ties at the k-th score to the lowest indices, -inf never, -1 padding after the
-    picks (T < k too), several blocks per row; rows of ties, of negatives, of -inf halves, of +-0."""
+@pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, 1024), (300, 64, 128, 64),
+                                             (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
+                                             (5000, 512, None, None)])
+def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
+    """Radix select, one program per row (T <= TOPK_ROW_MAX_ENTRIES by default) and chunked (explicit chunks, or a
+    longer row): the k largest, ties at the k-th score to the lowest indices (across chunks too), -inf never, -1
+    padding after the picks (T < k too), several blocks per program; rows of ties, of negatives, of -inf halves, of
+    +-0."""
     from ascend.backends import triton_sparse_attn
     g = torch.Generator().manual_seed(T)
     s = torch.randn(5, T, generator=g)
@@ -182,7 +179,7 @@ def test_triton_topk_keeps_the_reference_selection(T, k, block):
     s[2] = -s[2].abs()
     s[3, :5], s[3, 5:10], s[3, 10:] = -0.0, 0.0, -1.0
     s[4] = torch.randint(-2, 2, (T,), generator=g).float() * 1e-3
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, block=block, num_warps=4).cpu()
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, chunk=chunk, block=block).cpu()
     assert got.shape == (5, k) and got.dtype == torch.int32
     ordered = (got[:, 1:] > got[:, :-1]) | (got[:, 1:] < 0)                 # index order, -1 after the picks
     assert ordered.all() and not ((got[:, :-1] < 0) & (got[:, 1:] >= 0)).any()
@@ -190,16 +187,24 @@ def test_triton_topk_keeps_the_reference_selection(T, k, block):
 
 
 @needs_triton_or_interpreter
-def test_triton_topk_rows_all_invisible_and_routing_by_length(monkeypatch):
+def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch):
+    """The row's last program reads the chunks' histograms p_block slots at a time, carrying the counts of keys
+    above the k-th and of ties from block to block: rows of many ties over 8 chunks, read 2 at a time."""
+    from ascend.backends import triton_sparse_attn
+    monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "p_block", 2)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 4, (3, 1000), generator=g).float()
+    s[1, ::3] = float("-inf")
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 300, chunk=128, block=64).cpu()
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 300)))
+
+
+@needs_triton_or_interpreter
+def test_triton_topk_rows_all_invisible():
     from ascend.backends import triton_sparse_attn
     s = torch.full((2, 1, 40), float("-inf"), device=TRITON_DEVICE)
-    assert (triton_sparse_attn.topk(s, 8, num_warps=4) == -1).all()
-    calls = []
-    monkeypatch.setattr(cuda, "topk_triton", lambda x, k: calls.append("triton") or cuda.topk_fixed(x, k))
-    monkeypatch.setattr(cuda, "TOPK_TRITON_MAX_ENTRIES", 40)
-    cuda.topk_auto(s, 8)
-    cuda.topk_auto(torch.zeros(1, 41), 8)
-    assert calls == ["triton"]
+    assert (triton_sparse_attn.topk(s, 8) == -1).all()
+    assert (triton_sparse_attn.topk(s, 8, chunk=16, block=16) == -1).all()
 
 
 def test_make_kernels_for_compile_uses_traceable_forms():
