@@ -294,14 +294,16 @@ def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexp
 
 @triton.jit
 def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr, state_ptr, tickets_ptr,
-                       T, K, s_row, CHUNK, P, SHIFT: tl.constexpr, BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
+                       cand_ptr, cand_n_ptr, T, K, s_row, CHUNK, P, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+                       P_BLOCK: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr):
     """One byte of the radix select, program (row, 0, chunk). Each program histograms byte SHIFT of the finite
     scores' order keys in its chunk, among the keys whose higher bytes equal the k-th key's found so far (pass 24:
     all), into its own slot of `hist`. The row's last program (`last_to_arrive`) sums the slots, finds the k-th key's
     byte, and adds to each chunk's count of keys above the k-th (those of a larger byte here); after the last byte
     it turns the counts into each chunk's output offset and its first tie rank (`_radix_write_kernel`).
-    state[row] = (k-th key so far, picks still wanted among keys equal to it, picks in all)."""
+    state[row] = (k-th key so far, picks still wanted among keys equal to it, picks in all). With COMPACT the pass
+    of byte 16 also writes the scores whose top byte is the k-th key's, in order, to the chunk's part of `cand`
+    (their count to `cand_n`), and the last two passes read only those."""
     after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(2)
@@ -313,14 +315,29 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
         kth = tl.load(state_ptr + row * 3)
         need = tl.load(state_ptr + row * 3 + 1)
     base = scores_ptr + row * s_row
-    end = tl.minimum((c + 1) * CHUNK, T)
+    cand = cand_ptr + (row * P + c) * CHUNK
     hist = tl.zeros([256], tl.int32)
-    for t0 in range(c * CHUNK, end, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        score = tl.load(base + t, mask=t < end, other=float("-inf"))
-        if tl.max(score, 0) > float("-inf"):        # as in `_topk_row_kernel`
-            key = _order_key(score)
-            same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (score != float("-inf"))
+    if SHIFT >= 16 or not COMPACT:                  # every entry of the chunk
+        end = tl.minimum((c + 1) * CHUNK, T)
+        n_cand = tl.zeros([], tl.int32)
+        for t0 in range(c * CHUNK, end, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            score = tl.load(base + t, mask=t < end, other=float("-inf"))
+            if tl.max(score, 0) > float("-inf"):    # as in `_topk_row_kernel`
+                key = _order_key(score)
+                same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (score != float("-inf"))
+                hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same)
+                if COMPACT and SHIFT == 16:         # the entries of the k-th key's top byte: the next passes' only
+                    tl.store(cand + n_cand + tl.cumsum(same.to(tl.int32), 0) - 1, score, mask=same)
+                    n_cand += tl.sum(same.to(tl.int32), 0)
+        if COMPACT and SHIFT == 16:
+            tl.store(cand_n_ptr + row * P + c, n_cand)
+    else:                                           # the chunk's candidates only
+        n_cand = tl.load(cand_n_ptr + row * P + c)
+        for i0 in range(0, n_cand, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            key = _order_key(tl.load(cand + i, mask=i < n_cand, other=float("-inf")))
+            same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (i < n_cand)
             hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same)
     tl.store(hist_ptr + (row * P + c) * 256 + bins, hist)
     if last_to_arrive(tickets_ptr, P):
@@ -397,7 +414,11 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
 # launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, batch 8 / 32, one program per row took 11 us at 2,048
 # entries (8K context) where the chunked form's five launches take 18 us, and 32 us at 8,192 against 21-26 us.
 TOPK_ROW_MAX_ENTRIES = 4096
-TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64)
+# The chunked form's launch settings, the fastest of an ad-hoc sweep on the H200 (docs/performance.md): entries per
+# step, warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
+# `compact_over_blocks` steps keep their candidates after the second byte (COMPACT): at batch 32 and 262,144 entries
+# (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
+TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64, compact_over_blocks=2)
 
 
 def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | None = None) -> torch.Tensor:
@@ -434,10 +455,13 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))
     state = torch.empty(rows, 3, device=dev, dtype=torch.int64)
     tickets = arrival_tickets(dev, rows)
+    compact = chunk > cfg["compact_over_blocks"] * block
+    cand = torch.empty(rows, P * chunk if compact else 0, device=dev, dtype=torch.float32)
+    cand_n = torch.empty(rows, P, device=dev, dtype=torch.int32)
     for shift in (24, 16, 8, 0):
-        _radix_pass_kernel[(rows, 1, P)](flat, hist, above, sel_off, tie_off, state, tickets, T, k, flat.stride(0),
-                                         chunk, P, SHIFT=shift, BLOCK=block,
-                                         P_BLOCK=min(cfg["p_block"], triton.next_power_of_2(P)),
+        _radix_pass_kernel[(rows, 1, P)](flat, hist, above, sel_off, tie_off, state, tickets, cand, cand_n, T, k,
+                                         flat.stride(0), chunk, P, SHIFT=shift, BLOCK=block,
+                                         P_BLOCK=min(cfg["p_block"], triton.next_power_of_2(P)), COMPACT=compact,
                                          num_warps=cfg["num_warps"], **launch_options(dev))
     _radix_write_kernel[(rows, 1, P)](flat, out, sel_off, tie_off, state, T, k, flat.stride(0), out.stride(0), chunk,
                                       P, BLOCK=block, num_warps=cfg["num_warps"], **launch_options(dev))

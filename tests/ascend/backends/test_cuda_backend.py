@@ -165,25 +165,39 @@ def _sorted_ids(idx):
 @needs_triton_or_interpreter
 @pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, 1024), (300, 64, 128, 64),
                                              (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
-                                             (5000, 512, None, None)])
+                                             (2000, 100, 1024, 64), (5000, 512, None, None)])
 def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
     """Radix select, one program per row (T <= TOPK_ROW_MAX_ENTRIES by default) and chunked (explicit chunks, or a
-    longer row): the k largest, ties at the k-th score to the lowest indices (across chunks too), -inf never, -1
-    padding after the picks (T < k too), several blocks per program; rows of ties, of negatives, of -inf halves, of
-    +-0."""
+    longer row; chunks of more than 2 blocks keep their candidates after the second byte): the k largest, ties at
+    the k-th score to the lowest indices (across chunks too), -inf never, -1 padding after the picks (T < k too),
+    several blocks per program; rows of ties, of negatives, of -inf halves, of +-0, of values that differ only in
+    the low two bytes of their keys."""
     from ascend.backends import triton_sparse_attn
     g = torch.Generator().manual_seed(T)
-    s = torch.randn(5, T, generator=g)
+    s = torch.randn(6, T, generator=g)
     s[0] = torch.randint(0, 3, (T,), generator=g).float()
     s[1, T // 2:] = float("-inf")
     s[2] = -s[2].abs()
     s[3, :5], s[3, 5:10], s[3, 10:] = -0.0, 0.0, -1.0
     s[4] = torch.randint(-2, 2, (T,), generator=g).float() * 1e-3
+    s[5] = 1 + torch.randperm(T, generator=g).float() * 2 ** -20     # distinct in the two low bytes only
     got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, chunk=chunk, block=block).cpu()
-    assert got.shape == (5, k) and got.dtype == torch.int32
+    assert got.shape == (6, k) and got.dtype == torch.int32
     ordered = (got[:, 1:] > got[:, :-1]) | (got[:, 1:] < 0)                 # index order, -1 after the picks
     assert ordered.all() and not ((got[:, :-1] < 0) & (got[:, 1:] >= 0)).any()
     assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, k)))
+
+
+@needs_triton_or_interpreter
+def test_triton_topk_decided_in_the_candidates_of_compacted_chunks():
+    """Rows whose keys share their top two bytes: every entry is a candidate of its chunk and the k-th key's low
+    bytes come from the passes that read only the candidates (distinct values, and ties at the k-th score)."""
+    from ascend.backends import triton_sparse_attn
+    g = torch.Generator().manual_seed(1)
+    s = torch.stack((1 + torch.randperm(3000, generator=g).float() * 2 ** -20,
+                     1 + torch.randint(0, 50, (3000,), generator=g).float() * 2 ** -20))
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 1500, chunk=512, block=64).cpu()
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 1500)))
 
 
 @needs_triton_or_interpreter
