@@ -334,7 +334,7 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
 
     roof = scores.numel() * 4 / copy_bps * 1e3
     ref = time_ms(device, lambda: select_topk(scores, topk), shapes.reps)
-    rows = [KernelRow("topk", kind, batch, context, "torch.topk (ties in its own order)", time_ms(
+    rows = [KernelRow("topk", kind, batch, context, "torch.topk alone (no -1 / int32; own tie order)", time_ms(
         device, lambda: scores.topk(topk, dim=-1), shapes.reps), roof, ref)]
     if triton:
         rows.append(KernelRow("topk", kind, batch, context, "triton radix select", time_ms(

@@ -7,8 +7,9 @@
   sink.
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
-- `topk`: the k largest scores of each row (the indexer's selection) by radix select: one program per short row,
-  longer rows spread over chunks with one launch per byte of the order key.
+- `topk`: the k largest scores of each row (the indexer's selection) by radix select: one program per row for
+  short rows (and for rows that fill the GPU by themselves), longer rows spread over chunks with one launch per byte
+  of the order key.
 
 All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
@@ -246,39 +247,33 @@ def _order_key(x):
 
 
 @triton.jit
-def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One program per row, every pass in one launch (short rows). Radix select: the K-th largest order key of the
-    finite scores, one byte per pass from the top (a 256-bin histogram of the keys that share the bytes found so far),
-    then one pass in index order that writes the entries above it and the lowest-index ties with it, then -1 in the
-    slots left. The row is re-read on each of the 5 passes (from L2 after the first); blocks of -inf scores only
-    (entries not visible yet) are skipped."""
-    after_previous_kernel(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    base = scores_ptr + row * s_row
-    out = out_ptr + row * o_row
-    offs = tl.arange(0, BLOCK)
+def _byte_histogram(score, kth, SHIFT: tl.constexpr):
+    """(256-bin histogram of byte SHIFT of the order keys of the finite `score`s whose higher bytes are kth's, which
+    scores those are)."""
+    key = _order_key(score)
+    same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (score != float("-inf"))
+    return tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same), same
+
+
+@triton.jit
+def _kth_byte(hist, need, kth, SHIFT: tl.constexpr):
+    """From one pass's histogram: the k-th key's byte SHIFT (the largest byte with at least `need` keys at or above
+    it; 0 when the row has fewer), the keys still wanted among those equal to the k-th so far, and the k-th key with
+    the byte added. Returns (byte, need, kth)."""
     bins = tl.arange(0, 256)
-    kth = tl.zeros([], tl.int64)
-    need = K                                    # how many of the keys equal to kth's bytes so far are still wanted
-    for shift in tl.static_range(24, -1, -8):
-        hist = tl.zeros([256], tl.int32)
-        for t0 in range(0, T, BLOCK):
-            t = t0 + offs
-            score = tl.load(base + t, mask=t < T, other=float("-inf"))
-            if tl.max(score, 0) > float("-inf"):    # a block of invisible entries only (prefill, cache tail): none
-                key = _order_key(score)
-                same = ((key >> (shift + 8)) == (kth >> (shift + 8))) & (score != float("-inf"))
-                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
-        higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)               # keys with a larger byte than each bin's
-        byte = tl.maximum(tl.max(tl.where(higher + hist >= need, bins, -1), 0), 0)   # 0: fewer than K finite
-        need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
-        kth |= byte.to(tl.int64) << shift
-    n_sel = tl.zeros([], tl.int32)
-    n_tie = tl.zeros([], tl.int32)
-    for t0 in range(0, T, BLOCK):
-        t = t0 + offs
-        score = tl.load(base + t, mask=t < T, other=float("-inf"))
-        if tl.max(score, 0) > float("-inf"):
+    higher = tl.sum(hist, 0) - tl.cumsum(hist, 0)               # keys with a larger byte than each bin's
+    byte = tl.maximum(tl.max(tl.where(higher + hist >= need, bins, -1), 0), 0)
+    return byte, need - tl.sum(tl.where(bins > byte, hist, 0), 0), kth | (byte.to(tl.int64) << SHIFT)
+
+
+@triton.jit
+def _write_picks(base, out, start, end, kth, need, n_sel, n_tie, BLOCK: tl.constexpr):
+    """The picks among entries [start, end) in index order: keys above the k-th, and ties with it whose rank in the
+    row (n_tie ties before `start`) is below `need`; written from out[n_sel]. Returns the picks written in all."""
+    for t0 in range(start, end, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        score = tl.load(base + t, mask=t < end, other=float("-inf"))
+        if tl.max(score, 0) > float("-inf"):        # a block of invisible entries only (prefill, cache tail): none
             key = _order_key(score)
             finite = score != float("-inf")
             tie = (key == kth) & finite
@@ -287,6 +282,33 @@ def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexp
             tl.store(out + n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1, t, mask=sel)
             n_sel += tl.sum(sel.to(tl.int32), 0)
             n_tie += tl.sum(tie.to(tl.int32), 0)
+    return n_sel
+
+
+@triton.jit
+def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One program per row, every pass in one launch. Radix select: the K-th largest order key of the finite
+    scores, one byte per pass from the top (a 256-bin histogram of the keys that share the bytes found so far), then
+    one pass in index order that writes the entries above it and the lowest-index ties with it, then -1 in the slots
+    left. The row is re-read on each of the 5 passes (from L2 after the first); blocks of -inf scores only (entries
+    not visible yet) are skipped."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    base = scores_ptr + row * s_row
+    out = out_ptr + row * o_row
+    offs = tl.arange(0, BLOCK)
+    kth = tl.zeros([], tl.int64)
+    need = tl.zeros([], tl.int64) + K           # how many of the keys equal to kth's bytes so far are still wanted
+    for shift in tl.static_range(24, -1, -8):
+        hist = tl.zeros([256], tl.int32)
+        for t0 in range(0, T, BLOCK):
+            t = t0 + offs
+            score = tl.load(base + t, mask=t < T, other=float("-inf"))
+            if tl.max(score, 0) > float("-inf"):
+                counts, same = _byte_histogram(score, kth, shift)
+                hist += counts
+        byte, need, kth = _kth_byte(hist, need, kth, shift)
+    n_sel = _write_picks(base, out, 0, T, kth, need, tl.zeros([], tl.int32), tl.zeros([], tl.int32), BLOCK)
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
         tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= n_sel) & (k < K))
@@ -323,22 +345,20 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
         for t0 in range(c * CHUNK, end, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             score = tl.load(base + t, mask=t < end, other=float("-inf"))
-            if tl.max(score, 0) > float("-inf"):    # as in `_topk_row_kernel`
-                key = _order_key(score)
-                same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (score != float("-inf"))
-                hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same)
+            if tl.max(score, 0) > float("-inf"):    # as in `_write_picks`
+                counts, same = _byte_histogram(score, kth, SHIFT)
+                hist += counts
                 if COMPACT and SHIFT == 16:         # the entries of the k-th key's top byte: the next passes' only
                     tl.store(cand + n_cand + tl.cumsum(same.to(tl.int32), 0) - 1, score, mask=same)
                     n_cand += tl.sum(same.to(tl.int32), 0)
         if COMPACT and SHIFT == 16:
             tl.store(cand_n_ptr + row * P + c, n_cand)
-    else:                                           # the chunk's candidates only
+    else:                                           # the chunk's candidates only (finite: -inf past their count)
         n_cand = tl.load(cand_n_ptr + row * P + c)
         for i0 in range(0, n_cand, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            key = _order_key(tl.load(cand + i, mask=i < n_cand, other=float("-inf")))
-            same = ((key >> (SHIFT + 8)) == (kth >> (SHIFT + 8))) & (i < n_cand)
-            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=same)
+            counts, same = _byte_histogram(tl.load(cand + i, mask=i < n_cand, other=float("-inf")), kth, SHIFT)
+            hist += counts
     tl.store(hist_ptr + (row * P + c) * 256 + bins, hist)
     if last_to_arrive(tickets_ptr, P):
         parts = row * P + tl.arange(0, P_BLOCK)
@@ -347,10 +367,7 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
             ok = (p0 + tl.arange(0, P_BLOCK) < P)[:, None]
             total += tl.sum(tl.load(hist_ptr + (parts[:, None] + p0) * 256 + bins[None, :], mask=ok, other=0,
                                     cache_modifier=".cg"), 0)
-        higher = tl.sum(total, 0) - tl.cumsum(total, 0)              # keys with a larger byte than each bin's
-        byte = tl.maximum(tl.max(tl.where(higher + total >= need, bins, -1), 0), 0)   # 0: fewer than K finite
-        need -= tl.sum(tl.where(bins > byte, total, 0), 0)
-        kth |= byte.to(tl.int64) << SHIFT
+        byte, need, kth = _kth_byte(total, need, kth, SHIFT)
         tie_before = tl.zeros([], tl.int32)
         sel_before = tl.zeros([], tl.int32)
         for p0 in range(0, P, P_BLOCK):
@@ -373,49 +390,33 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
                 tl.store(above_ptr + parts + p0, above, mask=ok)
         tl.store(state_ptr + row * 3, kth)
         tl.store(state_ptr + row * 3 + 1, need)
-        tl.store(state_ptr + row * 3 + 2, sel_before.to(tl.int64))
+        if SHIFT == 0:
+            tl.store(state_ptr + row * 3 + 2, sel_before.to(tl.int64))
 
 
 @triton.jit
 def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr, T, K, s_row, o_row, CHUNK, P,
                         BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, 0, chunk) writes its chunk's picks in index order from the chunk's output offset: the keys
-    above the k-th, and the ties with it whose rank in the row is below the number still wanted; then its share of
-    the -1 slots after the row's picks."""
+    """Program (row, 0, chunk) writes its chunk's picks (`_write_picks`) from the chunk's output offset, then its
+    share of the -1 slots after the row's picks."""
     after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(2)
-    kth = tl.load(state_ptr + row * 3)
-    need = tl.load(state_ptr + row * 3 + 1)
-    n_sel = tl.load(sel_off_ptr + row * P + c)
-    n_tie = tl.load(tie_off_ptr + row * P + c)
-    base = scores_ptr + row * s_row
-    out = out_ptr + row * o_row
-    end = tl.minimum((c + 1) * CHUNK, T)
-    for t0 in range(c * CHUNK, end, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        score = tl.load(base + t, mask=t < end, other=float("-inf"))
-        if tl.max(score, 0) > float("-inf"):
-            key = _order_key(score)
-            finite = score != float("-inf")
-            tie = (key == kth) & finite
-            tie_rank = n_tie + tl.cumsum(tie.to(tl.int32), 0) - 1
-            sel = ((key > kth) | (tie & (tie_rank < need))) & finite
-            tl.store(out + n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1, t, mask=sel)
-            n_sel += tl.sum(sel.to(tl.int32), 0)
-            n_tie += tl.sum(tie.to(tl.int32), 0)
+    _write_picks(scores_ptr + row * s_row, out_ptr + row * o_row, c * CHUNK, tl.minimum((c + 1) * CHUNK, T),
+                 tl.load(state_ptr + row * 3), tl.load(state_ptr + row * 3 + 1), tl.load(sel_off_ptr + row * P + c),
+                 tl.load(tie_off_ptr + row * P + c), BLOCK)
     picked = tl.load(state_ptr + row * 3 + 2)
     for k0 in range(c * BLOCK, K, P * BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= picked) & (k < K))
+        tl.store(out_ptr + row * o_row + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= picked) & (k < K))
 
 
 # Rows up to this many entries: one program per row (`_topk_row_kernel`); longer rows: spread over chunks, one
 # launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, batch 8 / 32, one program per row took 11 us at 2,048
-# entries (8K context) where the chunked form's five launches take 18 us, and 32 us at 8,192 against 21-26 us.
+# entries (8K context) where the chunked form's five launches take 18-20 us, and 32 us at 8,192 against 21-26 us.
 TOPK_ROW_MAX_ENTRIES = 4096
-# The chunked form's launch settings, the fastest of an ad-hoc sweep on the H200 (docs/performance.md): entries per
-# step, warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
+# The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
+# warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
 # `compact_over_blocks` steps keep their candidates after the second byte (COMPACT): at batch 32 and 262,144 entries
 # (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
 TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64, compact_over_blocks=2)
@@ -426,13 +427,13 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
     largest score the lowest indices are kept (the `kernels.indexer_topk` contract).
 
-    Radix select over the scores' order keys, one byte at a time from the top. `chunk`: entries per program
-    (default: the whole row up to TOPK_ROW_MAX_ENTRIES, else about TOPK_CHUNKED["per_sm"] programs per SM in all, so
-    rows that fill the GPU by themselves, a prefill chunk's, keep one program each).
-    A row in one chunk is one program doing every pass (one launch); longer rows take a launch per byte, each
-    spread over the row's chunks, whose last program to finish finds the byte, then a launch that writes the picks
-    (five launches, whatever the row length: the 256K-entry rows of a 1M context took torch.topk 98-159 us at batch
-    8-32, which also keeps ties in its own order). `block`: entries per step of a program."""
+    Radix select over the scores' order keys, one byte at a time from the top. `chunk`: entries per program, rounded
+    up to whole steps of `block` entries (default: the whole row up to TOPK_ROW_MAX_ENTRIES; longer rows are shared
+    by about TOPK_CHUNKED["per_sm"] programs per SM in all, at least one step each, so rows that fill the GPU by
+    themselves, a prefill chunk's, keep one program each). A row in one chunk is one program doing every pass (one
+    launch); longer rows take a launch per byte, each spread over the row's chunks, whose last program to finish
+    finds the byte, then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows
+    of a 1M context took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
     flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
     rows, T = flat.shape
     dev = flat.device
@@ -441,28 +442,26 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
         return out.view(*scores.shape[:-1], k)
     cfg = TOPK_CHUNKED
     if chunk is None:
-        chunk = T if T <= TOPK_ROW_MAX_ENTRIES else triton.cdiv(T, max(1, triton.cdiv(cfg["per_sm"] * sm_count(dev),
-                                                                                         rows)))
+        chunk = T if T <= TOPK_ROW_MAX_ENTRIES else triton.cdiv(T, triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
+    step = block or (min(4096, triton.next_power_of_2(T)) if chunk >= T else cfg["block"])
+    chunk = triton.cdiv(chunk, step) * step
     if chunk >= T:
-        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0),
-                                  BLOCK=block or min(4096, triton.next_power_of_2(T)), num_warps=8,
+        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0), BLOCK=step, num_warps=8,
                                   **launch_options(dev))
         return out.view(*scores.shape[:-1], k)
-    block = block or cfg["block"]
-    chunk = triton.cdiv(chunk, block) * block
     P = triton.cdiv(T, chunk)
+    compact = chunk > cfg["compact_over_blocks"] * step
     hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)
     above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))
     state = torch.empty(rows, 3, device=dev, dtype=torch.int64)
-    tickets = arrival_tickets(dev, rows)
-    compact = chunk > cfg["compact_over_blocks"] * block
     cand = torch.empty(rows, P * chunk if compact else 0, device=dev, dtype=torch.float32)
-    cand_n = torch.empty(rows, P, device=dev, dtype=torch.int32)
+    cand_n = torch.empty(rows, P if compact else 0, device=dev, dtype=torch.int32)
+    tickets = arrival_tickets(dev, rows)
     for shift in (24, 16, 8, 0):
         _radix_pass_kernel[(rows, 1, P)](flat, hist, above, sel_off, tie_off, state, tickets, cand, cand_n, T, k,
-                                         flat.stride(0), chunk, P, SHIFT=shift, BLOCK=block,
+                                         flat.stride(0), chunk, P, SHIFT=shift, BLOCK=step,
                                          P_BLOCK=min(cfg["p_block"], triton.next_power_of_2(P)), COMPACT=compact,
                                          num_warps=cfg["num_warps"], **launch_options(dev))
     _radix_write_kernel[(rows, 1, P)](flat, out, sel_off, tie_off, state, T, k, flat.stride(0), out.stride(0), chunk,
-                                      P, BLOCK=block, num_warps=cfg["num_warps"], **launch_options(dev))
+                                      P, BLOCK=step, num_warps=cfg["num_warps"], **launch_options(dev))
     return out.view(*scores.shape[:-1], k)

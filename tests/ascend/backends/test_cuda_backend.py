@@ -189,10 +189,12 @@ def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
 
 
 @needs_triton_or_interpreter
-def test_triton_topk_decided_in_the_candidates_of_compacted_chunks():
+def test_triton_topk_decided_in_the_candidates_of_compacted_chunks(monkeypatch):
     """Rows whose keys share their top two bytes: every entry is a candidate of its chunk and the k-th key's low
-    bytes come from the passes that read only the candidates (distinct values, and ties at the k-th score)."""
+    bytes come from the passes that read only the candidates (distinct values, and ties at the k-th score); the 6
+    chunks' histograms read 2 at a time."""
     from ascend.backends import triton_sparse_attn
+    monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "p_block", 2)
     g = torch.Generator().manual_seed(1)
     s = torch.stack((1 + torch.randperm(3000, generator=g).float() * 2 ** -20,
                      1 + torch.randint(0, 50, (3000,), generator=g).float() * 2 ** -20))
@@ -211,6 +213,72 @@ def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch):
     s[1, ::3] = float("-inf")
     got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 300, chunk=128, block=64).cpu()
     assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 300)))
+
+
+@needs_triton_or_interpreter
+def test_triton_topk_one_program_per_row_for_short_rows_and_rows_that_fill_the_gpu(monkeypatch):
+    """Rows up to TOPK_ROW_MAX_ENTRIES take the one-program kernel, longer ones the chunked launches, unless there
+    are so many rows (a prefill chunk's) that one program per row already gives TOPK_CHUNKED["per_sm"] per SM."""
+    from ascend.backends import triton_sparse_attn
+    from ascend.backends.triton_common import sm_count
+    monkeypatch.setattr(triton_sparse_attn, "TOPK_ROW_MAX_ENTRIES", 64)
+    monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "block", 16)        # chunks are whole steps
+    launched = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(triton_sparse_attn, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel"):
+        monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
+    fill = triton_sparse_attn.TOPK_CHUNKED["per_sm"] * sm_count(torch.device(TRITON_DEVICE))
+    for rows, T, want in ((2, 64, ["_topk_row_kernel"]), (2, 65, ["_radix_pass_kernel"] * 4 + ["_radix_write_kernel"]),
+                          (fill, 65, ["_topk_row_kernel"])):
+        launched.clear()
+        s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
+        got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 16).cpu()
+        assert launched == want, (rows, T)
+        assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 16)))
+
+
+_TOPK_COMPILE = """
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from ascend.backends import triton_sparse_attn as T
+types = dict(scores_ptr="*fp32", cand_ptr="*fp32", state_ptr="*i64")
+def build(kernel, **constexprs):
+    names = inspect.signature(kernel.fn).parameters
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
+                 for n in names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+build(T._topk_row_kernel, BLOCK=4096, PDL=True)
+build(T._radix_write_kernel, BLOCK=2048, PDL=True)
+for shift in (24, 16, 8, 0):
+    for compact in (False, True):
+        build(T._radix_pass_kernel, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
+"""
+
+
+def test_triton_topk_kernels_compile_for_sm90():
+    """The interpreter runs what the GPU compiler may refuse (a name re-typed inside a branch of an unrolled loop
+    did): an offline sm_90 compile of the top-k kernels in every form, down to the cubin (Triton's own ptxas, no
+    GPU), in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[3]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    out = subprocess.run([sys.executable, "-c", _TOPK_COMPILE], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @needs_triton_or_interpreter
