@@ -245,53 +245,6 @@ def test_triton_topk_one_program_per_row_for_short_rows_and_rows_that_fill_the_g
         assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 16)))
 
 
-_ATTENTION_COMPILE = """
-import inspect, triton
-from triton.backends.compiler import GPUTarget
-from ascend.backends import triton_sparse_attn as T
-
-def build(kernel, types, **constexprs):
-    # pointers int32 and scalars int32 unless `types` says otherwise
-    names = inspect.signature(kernel.fn).parameters
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
-                 for n in names}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
-
-bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", k_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32",
-            m_ptr="*fp32", l_ptr="*fp32", w_ptr="*fp32", scale="fp32")
-for single in (False, True):
-    build(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=32, SINGLE=single,
-          PRECISION="tf32", PDL=True)
-build(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=8, SPLIT_CHUNK=1, PDL=True)
-build(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
-      PRECISION="tf32", PDL=True)
-top = dict(scores_ptr="*fp32", cand_ptr="*fp32", state_ptr="*i64")
-build(T._topk_row_kernel, top, BLOCK=4096, PDL=True)
-build(T._radix_write_kernel, top, BLOCK=2048, PDL=True)
-for shift in (24, 16, 8, 0):
-    for compact in (False, True):
-        build(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
-"""
-
-
-def test_attention_kernels_compile_for_sm90():
-    """The interpreter runs what the GPU compiler may refuse (a name re-typed inside a branch of an unrolled loop
-    did, in the top-k): an offline sm_90 compile of triton_sparse_attn's kernels at V4-Flash decode settings, the
-    top-k in every form, down to the cubin (Triton's own ptxas, no GPU), in a process without TRITON_INTERPRET."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[3]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    out = subprocess.run([sys.executable, "-c", _ATTENTION_COMPILE], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-
-
 @needs_triton_or_interpreter
 def test_triton_topk_rows_all_invisible():
     from ascend.backends import triton_sparse_attn
