@@ -3,8 +3,8 @@
 The CPU suite runs the kernels under Triton's interpreter, which executes Python that the GPU compiler may refuse:
 a name re-typed inside a branch of an unrolled loop passed the interpreter and failed to compile (a draft of the
 top-k). Each case compiles one module's kernels at V4-Flash decode settings, with programmatic dependent
-launch, in a process without TRITON_INTERPRET. triton_moe's per-selection kernels are compiled by
-tests/scripts/test_kernel_sass.py; its grouped kernels are not compiled here."""
+launch, in a process without TRITON_INTERPRET (triton_moe: its grouped kernels; tests/scripts/test_kernel_sass.py
+compiles the per-selection ones)."""
 
 import os
 import subprocess
@@ -55,6 +55,15 @@ build(A._argmax_kernel, dict(x_ptr="*fp32", part_v_ptr="*fp32", out_ptr="*i64"),
 from ascend.backends import triton_gate as G
 build(G._gate_topk_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64",
                                 route_scale="fp32"), K=6, K_P2=8, E_P2=256, PDL=True)
+""",
+    "triton_moe": """
+from ascend.backends import triton_moe as E
+grouped = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", part_ptr="*fp32")
+for splits in (1, 4):                   # routed experts, and a projection split over its inputs
+    build(E._fp4_grouped_kernel, grouped, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128, PRECISION="tf32", SPLITS=splits,
+          PDL=True)
+    build(E._fp8_grouped_kernel, {**grouped, "w_ptr": "*fp8e4nv"}, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128,
+          PRECISION="tf32", SPLITS=splits, PDL=True)
 """,
     "triton_mhc": """
 from ascend.backends import triton_mhc as M
