@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,30 @@ def run_script(name: str, argv: list[str]) -> int:
         return load_script(name).main(argv)
     finally:
         torch.set_grad_enabled(True)
+
+
+def run_without_interpreter(*args: str, timeout: int = 600) -> str:
+    """`python <args>` from the repository root in a fresh process without TRITON_INTERPRET (the suite's
+    TRITON_INTERPRET=1 turns every `triton.jit` kernel into the interpreter's at import, which cannot be compiled):
+    its stdout, or the test fails with the end of its stderr. For offline compiles (`compile_for`)."""
+    root = Path(__file__).parents[1]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, *args], env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def compile_for(kernel, types: dict[str, str], arch: int = 90, **constexprs):
+    """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
+    run it under `run_without_interpreter`). `types`: the arguments' Triton types where they are not the default,
+    int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {name: "constexpr" if p.is_constexpr else types.get(name, "*i32" if name.endswith("_ptr") else "i32")
+                 for name, p in zip(kernel.arg_names, kernel.params)}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
 
 
 # The official DeepSeek-V4 `inference/` folder (model.py, and a pure-torch kernel.py beside it in place of the tilelang

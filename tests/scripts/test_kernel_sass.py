@@ -2,14 +2,11 @@
 per-selection kernels (needs Triton's wheel with its ptxas / cuobjdump, no GPU)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_script
+from tests.conftest import load_script, run_without_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +34,8 @@ def test_loop_mix_takes_the_longest_backward_branch():
 
 def _offline(*args: str) -> dict:
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_sass.py"), "--json", *args], env=env,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return {r["kernel"]: r for r in json.loads(out.stdout)}
+    out = run_without_interpreter(str(ROOT / "scripts" / "kernel_sass.py"), "--json", *args, timeout=300)
+    return {r["kernel"]: r for r in json.loads(out)}
 
 
 def test_offline_compile_counts_both_kernels():

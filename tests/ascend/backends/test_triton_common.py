@@ -5,16 +5,13 @@ the dependent-launch check needs a CUDA GPU of sm_90 or later.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 from ascend.backends import triton_common  # noqa: E402
+from tests.conftest import run_without_interpreter  # noqa: E402
 
 needs_pdl = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
                                reason="programmatic dependent launch needs a CUDA GPU of sm_90 or later")
@@ -33,17 +30,15 @@ def test_launch_options_ask_for_pdl_only_on_a_gpu_that_has_it(monkeypatch):
 # triton_gate's kernel compiled for a target without a GPU (outside the interpreter, which skips the wait), with and
 # without PDL: whether it builds, and whether its code waits for the previous kernel
 _COMPILE = """
-import json, triton
-from triton.backends.compiler import GPUTarget
+import json
 from ascend.backends import triton_gate
-k = triton_gate._gate_topk_kernel
-sig = {n: "constexpr" if p.is_constexpr else "i32" for n, p in zip(k.arg_names, k.params)}
-sig.update(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", route_scale="fp32")
+from tests.conftest import compile_for
+types = dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", route_scale="fp32")
 out = {}
 for arch, pdl in ((80, False), (89, False), (90, True), (89, True)):
-    src = triton.compiler.ASTSource(fn=k, signature=sig, constexprs={"K": 6, "K_P2": 8, "E_P2": 256, "PDL": pdl})
     try:
-        out[f"{arch} {pdl}"] = "griddepcontrol.wait" in triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+        ptx = compile_for(triton_gate._gate_topk_kernel, types, arch, K=6, K_P2=8, E_P2=256, PDL=pdl).asm["ptx"]
+        out[f"{arch} {pdl}"] = "griddepcontrol.wait" in ptx
     except Exception as e:
         out[f"{arch} {pdl}"] = type(e).__name__
 print(json.dumps(out))
@@ -54,12 +49,8 @@ def test_kernels_wait_only_when_launched_with_pdl():
     """`griddepcontrol` exists from sm_90 on, and ptxas refuses it for older targets: a kernel compiled without PDL
     (what `launch_options` gives a GPU before Hopper) builds for sm_80 and sm_89 and has no wait; with PDL, for
     sm_90, it waits. (Compiling it in unconditionally cost every GPU before Hopper all of the backend's kernels.)"""
-    root = Path(__file__).resolve().parents[3]
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(root)}
-    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    built = json.loads(run.stdout.splitlines()[-1])       # (Triton prints a failed build's PTX before it)
+    built = json.loads(run_without_interpreter("-c", _COMPILE, timeout=300).splitlines()[-1])   # (Triton prints a
+    # failed build's PTX before it)
     assert built["80 False"] is False and built["89 False"] is False and built["90 True"] is True
     assert built["89 True"] not in (True, False)          # the instruction itself: refused before sm_90
 

@@ -1,32 +1,14 @@
-"""Offline sm_90 compiles of the backend's Triton kernels, down to the cubin (Triton's own ptxas; no GPU).
+"""Offline sm_90 compiles of the backend's Triton kernels, down to the cubin (`tests.conftest.compile_for`; no GPU).
 
 The CPU suite runs the kernels under Triton's interpreter, which executes Python that the GPU compiler may refuse:
 a name re-typed inside a branch of an unrolled loop passed the interpreter and failed to compile (a draft of the
-top-k). Each case compiles one module's kernels at V4-Flash decode settings, with programmatic dependent
-launch, in a process without TRITON_INTERPRET (triton_moe: its grouped kernels; tests/scripts/test_kernel_sass.py
-compiles the per-selection ones)."""
-
-import os
-import subprocess
-import sys
-from pathlib import Path
+top-k). Each case compiles one module's kernels at V4-Flash decode settings, with programmatic dependent launch.
+Compiled elsewhere: triton_gate's kernel (test_triton_common, with and without PDL) and triton_moe's per-selection
+kernels (tests/scripts/test_kernel_sass.py)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-
-BUILD = """
-import inspect, triton
-from triton.backends.compiler import GPUTarget
-
-def build(kernel, types, **constexprs):
-    # parameters not in `types`: pointers to int32, scalars int32
-    names = inspect.signature(kernel.fn).parameters
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "*i32" if n.endswith("_ptr") else "i32")
-                 for n in names}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"], kernel.fn.__name__
-"""
+from tests.conftest import run_without_interpreter
 
 MODULES = {
     "triton_sparse_attn": """
@@ -34,47 +16,42 @@ from ascend.backends import triton_sparse_attn as T
 bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", k_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32",
             m_ptr="*fp32", l_ptr="*fp32", w_ptr="*fp32", scale="fp32")
 for single in (False, True):
-    build(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=32, SINGLE=single,
-          PRECISION="tf32", PDL=True)
-build(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=8, SPLIT_CHUNK=1, PDL=True)
-build(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
-      PRECISION="tf32", PDL=True)
+    compile_for(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=32, SINGLE=single,
+                PRECISION="tf32", PDL=True)
+compile_for(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=8, SPLIT_CHUNK=1, PDL=True)
+compile_for(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
+            PRECISION="tf32", PDL=True)
 top = dict(scores_ptr="*fp32", cand_ptr="*fp32", state_ptr="*i64")
-build(T._topk_row_kernel, top, BLOCK=4096, PDL=True)
-build(T._radix_write_kernel, top, BLOCK=2048, PDL=True)
+compile_for(T._topk_row_kernel, top, BLOCK=4096, PDL=True)
+compile_for(T._radix_write_kernel, top, BLOCK=2048, PDL=True)
 for shift in (24, 16, 8, 0):
     for compact in (False, True):
-        build(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
+        compile_for(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
 """,
     "triton_argmax": """
 from ascend.backends import triton_argmax as A
-build(A._argmax_kernel, dict(x_ptr="*fp32", part_v_ptr="*fp32", out_ptr="*i64"), BLOCK=A.BLOCK, CHUNKS_P2=128,
-      PDL=True)
-""",
-    "triton_gate": """
-from ascend.backends import triton_gate as G
-build(G._gate_topk_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64",
-                                route_scale="fp32"), K=6, K_P2=8, E_P2=256, PDL=True)
+compile_for(A._argmax_kernel, dict(x_ptr="*fp32", part_v_ptr="*fp32", out_ptr="*i64"), BLOCK=A.BLOCK, CHUNKS_P2=128,
+            PDL=True)
 """,
     "triton_moe": """
 from ascend.backends import triton_moe as E
 grouped = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", part_ptr="*fp32")
 for splits in (1, 4):                   # routed experts, and a projection split over its inputs
-    build(E._fp4_grouped_kernel, grouped, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128, PRECISION="tf32", SPLITS=splits,
-          PDL=True)
-    build(E._fp8_grouped_kernel, {**grouped, "w_ptr": "*fp8e4nv"}, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128,
-          PRECISION="tf32", SPLITS=splits, PDL=True)
+    compile_for(E._fp4_grouped_kernel, grouped, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128, PRECISION="tf32",
+                SPLITS=splits, PDL=True)
+    compile_for(E._fp8_grouped_kernel, {**grouped, "w_ptr": "*fp8e4nv"}, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128,
+                PRECISION="tf32", SPLITS=splits, PDL=True)
 """,
     "triton_mhc": """
 from ascend.backends import triton_mhc as M
 f32 = dict(x_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16", out_ptr="*bf16", fn_ptr="*fp32", part_ptr="*fp32",
            scale_ptr="*fp32", base_ptr="*fp32", post_ptr="*fp32", comb_ptr="*fp32", eps="fp32", norm_eps="fp32")
 pre = M.PRE_CONFIG
-build(M._hc_partials_kernel, f32, M_PAD=32, BLOCK_K=pre["block_k"], BLOCK_T=pre["block_t"], PDL=True)
+compile_for(M._hc_partials_kernel, f32, M_PAD=32, BLOCK_K=pre["block_k"], BLOCK_T=pre["block_t"], PDL=True)
 for sinkhorn in (True, False):          # hc_pre, hc_head
-    build(M._hc_mix_kernel, f32, N=4, N_PAD=4, KB_CHUNK=pre["kb_chunk"], BLOCK_D=pre["block_d"], SINKHORN=sinkhorn,
-          PDL=True)
-build(M._hc_post_kernel, f32, N=4, N_PAD=4, BLOCK_D=M.POST_CONFIG["block_d"], PDL=True)
+    compile_for(M._hc_mix_kernel, f32, N=4, N_PAD=4, KB_CHUNK=pre["kb_chunk"], BLOCK_D=pre["block_d"],
+                SINKHORN=sinkhorn, PDL=True)
+compile_for(M._hc_post_kernel, f32, N=4, N_PAD=4, BLOCK_D=M.POST_CONFIG["block_d"], PDL=True)
 """,
 }
 
@@ -82,8 +59,4 @@ build(M._hc_post_kernel, f32, N=4, N_PAD=4, BLOCK_D=M.POST_CONFIG["block_d"], PD
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_kernels_compile_for_sm90(module):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", BUILD + MODULES[module]], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_without_interpreter("-c", "from tests.conftest import compile_for\n" + MODULES[module])
