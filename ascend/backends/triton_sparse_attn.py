@@ -256,6 +256,33 @@ def _byte_histogram(score, kth, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _range_histogram(base, start, end, kth, cand, SHIFT: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+    """`_byte_histogram` of the scores [start, end), blocks of -inf scores only skipped (entries not visible yet:
+    prefill, cache tail). COMPACT: also write the counted scores, in order, from cand[0]. Returns (histogram, how many
+    were written)."""
+    hist = tl.zeros([256], tl.int32)
+    n_cand = tl.zeros([], tl.int32)
+    for t0 in range(start, end, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        score = tl.load(base + t, mask=t < end, other=float("-inf"))
+        if tl.max(score, 0) > float("-inf"):
+            counts, same = _byte_histogram(score, kth, SHIFT)
+            hist += counts
+            if COMPACT:
+                tl.store(cand + n_cand + tl.cumsum(same.to(tl.int32), 0) - 1, score, mask=same)
+                n_cand += tl.sum(same.to(tl.int32), 0)
+    return hist, n_cand
+
+
+@triton.jit
+def _fill_unpicked(out, picked, start, K, stride, BLOCK: tl.constexpr):
+    """-1 in the slots k >= picked of out[:K] that fall in the blocks start, start + stride, ..."""
+    for k0 in range(start, K, stride):
+        k = k0 + tl.arange(0, BLOCK)
+        tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= picked) & (k < K))
+
+
+@triton.jit
 def _kth_byte(hist, need, kth, SHIFT: tl.constexpr):
     """From one pass's histogram: the k-th key's byte SHIFT (the largest byte with at least `need` keys at or above
     it; 0 when the row has fewer), the keys still wanted among those equal to the k-th so far, and the k-th key with
@@ -273,7 +300,7 @@ def _write_picks(base, out, start, end, kth, need, n_sel, n_tie, BLOCK: tl.const
     for t0 in range(start, end, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
         score = tl.load(base + t, mask=t < end, other=float("-inf"))
-        if tl.max(score, 0) > float("-inf"):        # a block of invisible entries only (prefill, cache tail): none
+        if tl.max(score, 0) > float("-inf"):        # as in `_range_histogram`
             key = _order_key(score)
             finite = score != float("-inf")
             tie = (key == kth) & finite
@@ -296,22 +323,13 @@ def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexp
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
     out = out_ptr + row * o_row
-    offs = tl.arange(0, BLOCK)
     kth = tl.zeros([], tl.int64)
     need = tl.zeros([], tl.int64) + K           # how many of the keys equal to kth's bytes so far are still wanted
     for shift in tl.static_range(24, -1, -8):
-        hist = tl.zeros([256], tl.int32)
-        for t0 in range(0, T, BLOCK):
-            t = t0 + offs
-            score = tl.load(base + t, mask=t < T, other=float("-inf"))
-            if tl.max(score, 0) > float("-inf"):
-                counts, same = _byte_histogram(score, kth, shift)
-                hist += counts
+        hist, n_cand = _range_histogram(base, 0, T, kth, base, shift, BLOCK, False)     # (no candidates kept)
         byte, need, kth = _kth_byte(hist, need, kth, shift)
     n_sel = _write_picks(base, out, 0, T, kth, need, tl.zeros([], tl.int32), tl.zeros([], tl.int32), BLOCK)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + offs
-        tl.store(out + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= n_sel) & (k < K))
+    _fill_unpicked(out, n_sel, 0, K, BLOCK, BLOCK)
 
 
 @triton.jit
@@ -338,22 +356,14 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
         need = tl.load(state_ptr + row * 3 + 1)
     base = scores_ptr + row * s_row
     cand = cand_ptr + (row * P + c) * CHUNK
-    hist = tl.zeros([256], tl.int32)
-    if SHIFT >= 16 or not COMPACT:                  # every entry of the chunk
-        end = tl.minimum((c + 1) * CHUNK, T)
-        n_cand = tl.zeros([], tl.int32)
-        for t0 in range(c * CHUNK, end, BLOCK):
-            t = t0 + tl.arange(0, BLOCK)
-            score = tl.load(base + t, mask=t < end, other=float("-inf"))
-            if tl.max(score, 0) > float("-inf"):    # as in `_write_picks`
-                counts, same = _byte_histogram(score, kth, SHIFT)
-                hist += counts
-                if COMPACT and SHIFT == 16:         # the entries of the k-th key's top byte: the next passes' only
-                    tl.store(cand + n_cand + tl.cumsum(same.to(tl.int32), 0) - 1, score, mask=same)
-                    n_cand += tl.sum(same.to(tl.int32), 0)
+    if SHIFT >= 16 or not COMPACT:                  # every entry of the chunk; in the pass of byte 16 with COMPACT,
+        # the entries of the k-th key's top byte kept as the next passes' only ones
+        hist, n_cand = _range_histogram(base, c * CHUNK, tl.minimum((c + 1) * CHUNK, T), kth, cand, SHIFT, BLOCK,
+                                        COMPACT and SHIFT == 16)
         if COMPACT and SHIFT == 16:
             tl.store(cand_n_ptr + row * P + c, n_cand)
     else:                                           # the chunk's candidates only (finite: -inf past their count)
+        hist = tl.zeros([256], tl.int32)
         n_cand = tl.load(cand_n_ptr + row * P + c)
         for i0 in range(0, n_cand, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
@@ -405,10 +415,7 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
     _write_picks(scores_ptr + row * s_row, out_ptr + row * o_row, c * CHUNK, tl.minimum((c + 1) * CHUNK, T),
                  tl.load(state_ptr + row * 3), tl.load(state_ptr + row * 3 + 1), tl.load(sel_off_ptr + row * P + c),
                  tl.load(tie_off_ptr + row * P + c), BLOCK)
-    picked = tl.load(state_ptr + row * 3 + 2)
-    for k0 in range(c * BLOCK, K, P * BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        tl.store(out_ptr + row * o_row + k, tl.full([BLOCK], -1, tl.int32), mask=(k >= picked) & (k < K))
+    _fill_unpicked(out_ptr + row * o_row, tl.load(state_ptr + row * 3 + 2), c * BLOCK, K, P * BLOCK, BLOCK)
 
 
 # Rows up to this many entries: one program per row (`_topk_row_kernel`); longer rows: spread over chunks, one
