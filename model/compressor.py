@@ -9,7 +9,8 @@ non-RoPE dims for the main compressor; Hadamard + FP4 for the indexer's).
 
 An entry exists once its block is complete. A chunk of tokens may start and end anywhere: the tokens of the
 unfinished block (and of the previous block for ratio 4) are kept in a `CompressorState` between calls and
-re-assembled with the chunk in a block-aligned staging buffer of static size.
+re-assembled with the chunk in a block-aligned staging buffer of static size (`kernels.compress_blocks`, which a
+backend may replace: the CUDA one pools a decode step's block in place, reading the state only when it completes).
 """
 
 from __future__ import annotations
@@ -25,20 +26,7 @@ from model.norm import RMSNorm
 from model.quant import FP4_BLOCK
 from model.rope import Rotary
 
-__all__ = ["Compressor", "pool_blocks"]
-
-
-def pool_blocks(kv: torch.Tensor, score: torch.Tensor, overlap: bool) -> torch.Tensor:
-    """Gated pooling of whole blocks. kv, score: float32 [B, n_blocks, ratio, coff * d] -> [B, n_blocks', d].
-
-    Without overlap every block gives one entry. With overlap (coff = 2) entry k pools block k's first d channels
-    with block k+1's last d channels, so n_blocks' = n_blocks - 1 (the first block only lends its first half).
-    """
-    if overlap:
-        d = kv.size(-1) // 2
-        kv = torch.cat((kv[:, :-1, :, :d], kv[:, 1:, :, d:]), dim=2)
-        score = torch.cat((score[:, :-1, :, :d], score[:, 1:, :, d:]), dim=2)
-    return (kv * score.softmax(dim=2)).sum(dim=2)
+__all__ = ["Compressor"]
 
 
 class Compressor(JointRows):
@@ -69,33 +57,12 @@ class Compressor(JointRows):
         N = ceil(S / ratio) + 1 blocks the chunk may touch; only the `complete` ones are new entries (the others
         are zeros, to be discarded). N depends on S only, so the call is static-shaped.
         """
-        b, s, _ = x.shape
-        r, ov = self.ratio, int(self.overlap)
-        steps = torch.arange(s, device=x.device)
-        pos = start[:, None] + steps
+        pos = start[:, None] + torch.arange(x.size(1), device=x.device)
         kv, score = self.joint(x, f32=True)                 # float32 projections of the bf16 weights
-        score = score + self.ape[pos % r]
-
-        # staging buffer: blocks (first - ov) .. first + n - 1, starting with the saved state, plus a discard slot
-        first = start // r                                  # block of the chunk's first token
-        n = (s + r - 1) // r + 1
-        size = (ov + n) * r
-        width = kv.size(-1)
-        stage_kv = torch.cat((state.kv, kv.new_zeros(b, size + 1 - state.kv.size(1), width)), dim=1)
-        stage_score = torch.cat((state.score, kv.new_full((b, size + 1 - state.kv.size(1), width), float("-inf"))),
-                                dim=1)
-        valid = steps < n_valid[:, None]
-        slot = torch.where(valid, ov * r + pos - first[:, None] * r, size).unsqueeze(-1).expand(-1, -1, width)
-        stage_kv.scatter_(1, slot, kv)
-        stage_score.scatter_(1, slot, score)
-
-        pooled = pool_blocks(stage_kv[:, :size].view(b, ov + n, r, width),
-                             stage_score[:, :size].view(b, ov + n, r, width), self.overlap)
-        entry_ids = first[:, None] + torch.arange(n, device=x.device)
-        complete = (entry_ids + 1) * r <= (start + n_valid)[:, None]
-        pooled = torch.where(complete.unsqueeze(-1), pooled, 0.0)     # unfinished blocks pooled -inf scores
+        entry_ids, complete, pooled = self.kernels.compress_blocks(
+            kv, score + self.ape[pos % self.ratio], start, n_valid, state.kv, state.score, self.ratio, self.overlap)
         entries = self.norm(pooled.to(x.dtype))
-        cos, sin = rotary(entry_ids * r)
+        cos, sin = rotary(entry_ids * self.ratio)
         entries = self.kernels.rope(entries, cos, sin)
         if self.rotate:
             entries = self.kernels.hadamard(entries)
@@ -103,10 +70,4 @@ class Compressor(JointRows):
                 entries = self.kernels.fp4_round_trip(entries, FP4_BLOCK)
         elif self.quant_sim:
             entries = K.round_kv_entries(self.kernels, entries, self.rope_dim)
-
-        # new state: the block holding the next token (and the one before it for overlap)
-        keep = ((start + n_valid) // r - first)[:, None] * r + torch.arange(state.kv.size(1), device=x.device)
-        keep = keep.unsqueeze(-1).expand(-1, -1, width)
-        state.kv.copy_(stage_kv.gather(1, keep))
-        state.score.copy_(stage_score.gather(1, keep))
         return entry_ids, complete, entries

@@ -10,7 +10,7 @@ Rules every implementation keeps:
 * batch-first shapes; every output shape depends only on input *shapes* and integer arguments, never on tensor
   values (top-k is a fixed size padded with -1), so a decode step can be graph-captured and exported;
 * reductions and softmaxes run in float32; an output has the dtype stated in its docstring;
-* inputs are not modified in place.
+* inputs are not modified in place (except `compress_blocks`'s state, the compressor's carry, as documented).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
            "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
-           "expert_matmul", "argmax", "take_rows", "round_kv_entries", "use_kernels"]
+           "expert_matmul", "argmax", "pool_blocks", "chunk_blocks", "compress_blocks", "take_rows", "round_kv_entries", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -310,6 +310,63 @@ def argmax(scores: Tensor) -> Tensor:
     return scores.argmax(-1)
 
 
+# ----------------------------------------------------------------------------------------------- compressor
+def pool_blocks(kv: Tensor, score: Tensor, overlap: bool) -> Tensor:
+    """Gated pooling of whole blocks. kv, score: float32 [B, n_blocks, ratio, coff * d] -> [B, n_blocks', d].
+
+    Without overlap every block gives one entry. With overlap (coff = 2) entry k pools block k's first d channels
+    with block k+1's last d channels, so n_blocks' = n_blocks - 1 (the first block only lends its first half).
+    """
+    if overlap:
+        d = kv.size(-1) // 2
+        kv = torch.cat((kv[:, :-1, :, :d], kv[:, 1:, :, d:]), dim=2)
+        score = torch.cat((score[:, :-1, :, :d], score[:, 1:, :, d:]), dim=2)
+    return (kv * score.softmax(dim=2)).sum(dim=2)
+
+
+def chunk_blocks(start: Tensor, n_valid: Tensor, s: int, ratio: int) -> tuple[Tensor, Tensor]:
+    """The N = ceil(s / ratio) + 1 blocks a chunk of s tokens at `start` may touch: (ids [B, N] int64, complete
+    [B, N] bool: the blocks whose last token is among the chunk's n_valid valid ones or before)."""
+    ids = (start // ratio)[:, None] + torch.arange((s + ratio - 1) // ratio + 1, device=start.device)
+    return ids, (ids + 1) * ratio <= (start + n_valid)[:, None]
+
+
+def compress_blocks(kv: Tensor, score: Tensor, start: Tensor, n_valid: Tensor, state_kv: Tensor,
+                    state_score: Tensor, ratio: int, overlap: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The compressor's pooling of a chunk (model/compressor.py): its tokens joined with the unfinished block(s)
+    carried in the state, every block the chunk completes pooled (`pool_blocks`), the state advanced.
+
+    kv, score: float32 [B, S, W] projections of the chunk's tokens (score with `ape` added; W = 2d with overlap,
+    else d); token s of sequence b at position start[b] + s, valid iff s < n_valid[b]. state_kv, state_score:
+    float32 [B, (1 + overlap) * ratio, W], the `model.cache.CompressorState` layout, **updated in place** (the one
+    stage that writes its inputs: the compressor's carry between calls). Returns (ids, complete) of
+    `chunk_blocks` and the pooled entries float32 [B, N, d], zero where not complete.
+    """
+    b, s, width = kv.shape
+    r, ov = ratio, int(overlap)
+    ids, complete = chunk_blocks(start, n_valid, s, r)
+    # staging buffer: blocks (first - ov) .. first + n - 1, starting with the saved state, plus a discard slot
+    first, n = start // r, ids.size(1)
+    size = (ov + n) * r
+    stage_kv = torch.cat((state_kv, kv.new_zeros(b, size + 1 - state_kv.size(1), width)), dim=1)
+    stage_score = torch.cat((state_score, kv.new_full((b, size + 1 - state_kv.size(1), width), float("-inf"))),
+                            dim=1)
+    steps = torch.arange(s, device=kv.device)
+    slot = torch.where(steps < n_valid[:, None], ov * r + start[:, None] + steps - first[:, None] * r, size)
+    slot = slot.unsqueeze(-1).expand(-1, -1, width)
+    stage_kv.scatter_(1, slot, kv)
+    stage_score.scatter_(1, slot, score)
+    pooled = pool_blocks(stage_kv[:, :size].view(b, ov + n, r, width),
+                         stage_score[:, :size].view(b, ov + n, r, width), overlap)
+    pooled = torch.where(complete.unsqueeze(-1), pooled, 0.0)     # unfinished blocks pooled -inf scores
+    # new state: the block holding the next token (and the one before it for overlap)
+    keep = ((start + n_valid) // r - first)[:, None] * r + torch.arange(state_kv.size(1), device=kv.device)
+    keep = keep.unsqueeze(-1).expand(-1, -1, width)
+    state_kv.copy_(stage_kv.gather(1, keep))
+    state_score.copy_(stage_score.gather(1, keep))
+    return ids, complete, pooled
+
+
 # ----------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Kernels:
@@ -331,6 +388,7 @@ class Kernels:
     group_experts: Callable[..., tuple | None] = group_experts
     expert_matmul: Callable[..., Tensor] = expert_matmul
     argmax: Callable[..., Tensor] = argmax
+    compress_blocks: Callable[..., tuple[Tensor, Tensor, Tensor]] = compress_blocks
     # stored formats whose `expert_matmul` reads each expert's weight once per group of its rows (a grouped kernel),
     # not once per row as the reference's gather does: for them the static MoE path has no per-selection weight copy
     # and is the faster one at any size (a prefill chunk too), not only at decode sizes

@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 
 from model.attention import Attention
 from model.cache import KVCache
-from model.compressor import Compressor, pool_blocks
+from model.compressor import Compressor
 from model.config import ModelConfig
+from model.kernels import pool_blocks
 from model.linear import Linear
 from model.parallel import ParallelContext
 from model.quant import fp4_round_trip, fp8_round_trip
