@@ -16,6 +16,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 | `gate_topk` (scored)     | scores, k argmax rounds, weights in one launch     | the reference                        |
 | `argmax` (greedy pick)   | a program per chunk of a row, one launch           | the reference (torch.argmax)         |
+| `compress_blocks`        | decode: the token written in place, its block      | the reference (staging buffer)       |
+|                          | pooled only when complete (triton_compressor)      |                                      |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -47,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.kernels import REFERENCE, Kernels, select_topk
+from model.kernels import REFERENCE, Kernels, chunk_blocks, select_topk
 
 
 def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
@@ -274,6 +276,33 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_triton)
 
 
+@torch.library.custom_op("ascend_cuda::compress_decode", mutates_args=("state_kv", "state_score"))
+def compress_decode_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
+                           state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
+                           overlap: bool) -> torch.Tensor:
+    """Triton compressor step at one token per sequence: pooled entries float32 [B, 2, d], state in place
+    (`triton_compressor.compress_decode`)."""
+    from ascend.backends import triton_compressor
+    return triton_compressor.compress_decode(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
+
+
+@compress_decode_triton.register_fake
+def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
+    return kv.new_empty(kv.size(0), 2, kv.size(-1) // (2 if overlap else 1), dtype=torch.float32)
+
+
+def compress_blocks_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
+                           state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
+                           overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) in one launch that writes the token
+    into the state and reads the state only where the token completes a block; chunks (prefill) take the reference's
+    staging."""
+    if kv.size(1) != 1 or kv.dtype != torch.float32 or state_kv.dtype != torch.float32:
+        return REFERENCE.compress_blocks(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
+    ids, complete = chunk_blocks(start, n_valid, 1, ratio)
+    return ids, complete, compress_decode_triton(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
+
+
 @torch.library.custom_op("ascend_cuda::gate_topk", mutates_args=())
 def gate_topk_scored(logits: torch.Tensor, bias: torch.Tensor | None, topk: int,
                      route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +455,8 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    linear=functools.partial(linear_triton, formats=formats),
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
-                                   gate_topk=gate_topk_triton, argmax=triton_argmax.argmax, **short)
+                                   gate_topk=gate_topk_triton, argmax=triton_argmax.argmax,
+                                   compress_blocks=compress_blocks_triton, **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

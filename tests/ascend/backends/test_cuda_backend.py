@@ -272,25 +272,34 @@ def _decode_twice(layer, config, layer_id, step, device="cpu", dtype=torch.float
     return torch.cat(ys, 1), cache
 
 
+@pytest.mark.parametrize("triton", [False, pytest.param(True, marks=needs_triton_or_interpreter)])
 @pytest.mark.parametrize("layer_id", [1, 2])    # tiny: CSA, HCA
-def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id):
+def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id, triton):
     """fullgraph compile of a whole decode layer (aot_eager: the functionalised graph, run without code generation,
-    so the test stays fast on CPU) equals the eager layer, cache writes included; the GPU test below runs inductor."""
+    so the test stays fast on CPU) equals the eager layer, cache writes included (with the Triton stages: the
+    compressor's custom op, which writes its state in place, too); the GPU test below runs inductor."""
     from ascend.onnx_export import synthetic_attention
     from model.kernels import use_kernels
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny")
-    layer = use_kernels(synthetic_attention(config, layer_id), cuda.make_kernels(use_triton=False, for_compile=True))
+    layer = use_kernels(synthetic_attention(config, layer_id, TRITON_DEVICE if triton else "cpu"),
+                        cuda.make_kernels(use_triton=triton, for_compile=True))
     torch._dynamo.reset()
     with torch.no_grad():
-        y_eager, c_eager = _decode_twice(layer, config, layer_id, layer)
-        y_comp, c_comp = _decode_twice(layer, config, layer_id, cuda.compile_decode(layer, backend="aot_eager"))
+        device = TRITON_DEVICE if triton else "cpu"
+        y_eager, c_eager = _decode_twice(layer, config, layer_id, layer, device)
+        y_comp, c_comp = _decode_twice(layer, config, layer_id, cuda.compile_decode(layer, backend="aot_eager"),
+                                       device)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     for name in ("kv", "index_kv"):
         if getattr(c_eager, name) is not None:
             torch.testing.assert_close(getattr(c_comp, name), getattr(c_eager, name), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c_comp.compressor.kv, c_eager.compressor.kv, rtol=1e-5, atol=1e-5)
+    for name in ("compressor", "index_compressor"):
+        if getattr(c_eager, name) is not None:
+            for part in ("kv", "score"):
+                torch.testing.assert_close(getattr(getattr(c_comp, name), part),
+                                           getattr(getattr(c_eager, name), part), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_step_keeps_the_eager_roundings_before_fp4():

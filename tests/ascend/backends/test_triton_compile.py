@@ -28,6 +28,13 @@ for shift in (24, 16, 8, 0):
     for compact in (False, True):
         compile_for(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
 """,
+    "triton_compressor": """
+from ascend.backends import triton_compressor as C
+ptrs = dict(kv_ptr="*fp32", score_ptr="*fp32", start_ptr="*i64", n_valid_ptr="*i64", state_kv_ptr="*fp32",
+            state_score_ptr="*fp32", out_ptr="*fp32")
+for ratio, overlap, block_c in ((4, 1, 256), (128, 0, 32)):     # CSA (main and indexer), HCA
+    compile_for(C._compress_decode_kernel, ptrs, R=ratio, R_P2=ratio, OVERLAP=overlap, BLOCK_C=block_c, PDL=True)
+""",
     "triton_argmax": """
 from ascend.backends import triton_argmax as A
 compile_for(A._argmax_kernel, dict(x_ptr="*fp32", part_v_ptr="*fp32", out_ptr="*i64"), BLOCK=A.BLOCK, CHUNKS_P2=128,

@@ -1,0 +1,113 @@
+"""Triton kernel for the compressor at decode (`model.kernels.compress_blocks` with one token per sequence).
+
+The reference stages every call: the carried state joined with the chunk in a new buffer, every block of it
+pooled, the state gathered back. At a decode step that reads and writes the whole state every time (V4-Flash's
+HCA layers carry 128 rows of 512 float32 kv and score channels, 512 KiB per sequence, 16 MiB at batch 32) although
+one token changes one row and completes a block once every `ratio` steps. Here a program per (sequence, block of
+channels) writes the token's row in place and, only where the token completes its block, reads that block, pools
+it and advances the state: with overlap (ratio 4) the block becomes the previous one and the new current block
+starts empty; without, the state starts empty. Same pooling as the reference (float32 softmax over the block's
+slots, then the weighted sum), added up in another order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ascend.backends.triton_common import after_previous_kernel, launch_options
+
+TILE = 4096         # state values per program per tensor when a block is pooled: 32 channels x 128 rows for HCA
+
+
+@triton.jit
+def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_ptr, state_score_ptr, out_ptr,
+                            s_new, s_state, d, R: tl.constexpr, R_P2: tl.constexpr, OVERLAP: tl.constexpr,
+                            BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, channel block). State of sequence b: [(1 + OVERLAP) * R rows, W] at state + b * s_state, W =
+    (1 + OVERLAP) * d; the block being filled is at rows OVERLAP * R on. Channel c pools into this block's entry
+    from its own channel c + OVERLAP * d and, with overlap, from channel c of the previous block (rows 0 .. R-1)."""
+    after_previous_kernel(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = c < d
+    width = (1 + OVERLAP) * d
+    pos = tl.load(start_ptr + b)
+    valid = tl.load(n_valid_ptr + b) > 0
+    at = pos % R
+    own = c + OVERLAP * d                   # the token's channels that pool into its own block's entry
+    new_kv = tl.load(kv_ptr + b * s_new + own, mask=in_c)
+    new_score = tl.load(score_ptr + b * s_new + own, mask=in_c)
+    state_kv = state_kv_ptr + b * s_state
+    state_score = state_score_ptr + b * s_state
+    out = out_ptr + b * 2 * d               # [2, d]: the block the token is in, and the next (never complete)
+    if valid & (at == R - 1):               # the token completes its block: pool it, then advance the state
+        r = tl.arange(0, R_P2)
+        tile = (r < R)[:, None] & in_c[None, :]
+        is_new = (r == at)[:, None]
+        cur = (OVERLAP * R + r)[:, None] * width + own[None, :]
+        kv = tl.where(is_new, new_kv[None, :], tl.load(state_kv + cur, mask=tile, other=0.0))
+        score = tl.where(is_new, new_score[None, :], tl.load(state_score + cur, mask=tile, other=float("-inf")))
+        if OVERLAP:     # the previous block's first half pools into this entry too; this block's moves to rows 0..
+            prev = r[:, None] * width + c[None, :]
+            kv_prev = tl.load(state_kv + prev, mask=tile, other=0.0)
+            score_prev = tl.load(state_score + prev, mask=tile, other=float("-inf"))
+            top = tl.maximum(tl.max(score, 0), tl.max(score_prev, 0))
+            e = tl.exp(score - top[None, :])
+            e_prev = tl.exp(score_prev - top[None, :])
+            total = tl.sum(e, 0) + tl.sum(e_prev, 0)
+            pooled = tl.sum(kv * (e / total[None, :]), 0) + tl.sum(kv_prev * (e_prev / total[None, :]), 0)
+            lo = (R + r)[:, None] * width + c[None, :]
+            kv_lo = tl.where(is_new, tl.load(kv_ptr + b * s_new + c, mask=in_c)[None, :],
+                             tl.load(state_kv + lo, mask=tile, other=0.0))
+            score_lo = tl.where(is_new, tl.load(score_ptr + b * s_new + c, mask=in_c)[None, :],
+                                tl.load(state_score + lo, mask=tile, other=float("-inf")))
+            tl.debug_barrier()          # every thread's loads of the state before any store to it
+            tl.store(state_kv + prev, kv_lo, mask=tile)
+            tl.store(state_score + prev, score_lo, mask=tile)
+            tl.store(state_kv + prev + d, kv, mask=tile)
+            tl.store(state_score + prev + d, score, mask=tile)
+            tl.store(state_kv + lo, tl.zeros_like(kv), mask=tile)
+            tl.store(state_score + lo, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
+            tl.store(state_kv + cur, tl.zeros_like(kv), mask=tile)
+            tl.store(state_score + cur, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
+        else:           # the state starts empty
+            e = tl.exp(score - tl.max(score, 0)[None, :])
+            pooled = tl.sum(kv * (e / tl.sum(e, 0)[None, :]), 0)
+            tl.debug_barrier()
+            tl.store(state_kv + cur, tl.zeros_like(kv), mask=tile)
+            tl.store(state_score + cur, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
+        tl.store(out + c, pooled, mask=in_c)
+    else:
+        row = (OVERLAP * R + at) * width
+        tl.store(state_kv + row + own, new_kv, mask=in_c & valid)
+        tl.store(state_score + row + own, new_score, mask=in_c & valid)
+        if OVERLAP:
+            tl.store(state_kv + row + c, tl.load(kv_ptr + b * s_new + c, mask=in_c), mask=in_c & valid)
+            tl.store(state_score + row + c, tl.load(score_ptr + b * s_new + c, mask=in_c), mask=in_c & valid)
+        tl.store(out + c, tl.zeros_like(new_kv), mask=in_c)
+    tl.store(out + d + c, tl.zeros_like(new_kv), mask=in_c)
+
+def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
+                    state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int, overlap: bool,
+                    num_warps: int = 4) -> torch.Tensor:
+    """`model.kernels.compress_blocks`'s pooled entries for a decode step, float32 [B, 2, d] (the second block is
+    never complete at one token), updating the float32 state in place. kv, score: float32 [B, 1, W]; state rows
+    contiguous ([B, rows, W] with unit stride in W and W between rows)."""
+    b, s, width = kv.shape
+    if s != 1:
+        raise ValueError(f"compress_decode: one token per sequence, got kv of shape {tuple(kv.shape)}")
+    d = width // (2 if overlap else 1)
+    new_kv, new_score = kv[:, 0], score[:, 0]
+    if new_kv.stride(-1) != 1 or new_score.stride(0) != new_kv.stride(0) or new_score.stride(-1) != 1:
+        new_kv, new_score = new_kv.contiguous(), new_score.contiguous()
+    assert state_kv.stride()[1:] == (width, 1) and state_score.stride() == state_kv.stride(), "state layout"
+    out = torch.empty(b, 2, d, dtype=torch.float32, device=kv.device)
+    r_p2 = triton.next_power_of_2(ratio)
+    block_c = min(triton.next_power_of_2(d), max(16, TILE // r_p2))
+    _compress_decode_kernel[(b, triton.cdiv(d, block_c))](
+        new_kv, new_score, start, n_valid, state_kv, state_score, out, new_kv.stride(0), state_kv.stride(0), d,
+        R=ratio, R_P2=r_p2, OVERLAP=int(overlap), BLOCK_C=block_c, num_warps=num_warps,
+        **launch_options(kv.device))
+    return out
