@@ -276,7 +276,8 @@ class KernelRow:
 def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, device: Device, copy_bps: float,
                 flops_per_s: float, triton: bool) -> list[KernelRow]:
     """The decode-step sparse_attn (and, for CSA, indexer_topk) alone: each Triton launch variant, the PyTorch
-    version and the reference, captured; roofline = rows read once (and scores written once) vs FLOPs."""
+    version and the reference, captured; roofline = rows read once (and scores written once) vs FLOPs. Then the
+    indexer's selection stages (CSA) and the compressor's step (`compressor_rows`)."""
     from ascend.backends import cuda
     from model.kernels import REFERENCE
 
@@ -321,7 +322,7 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                                       time_ms(device, fn, shapes.reps), roof, ref))
         rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, shapes, device,
                                copy_bps, triton)
-    return rows
+    return rows + compressor_rows(config, kind, batch, context, shapes, device, copy_bps, triton)
 
 
 def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, topk: int, iq: torch.Tensor,
@@ -346,6 +347,34 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
                          ("backend", lambda: cuda.hadamard_matmul(x))):
             rows.append(KernelRow(f"hadamard {what}", kind, batch, context, name,
                                   time_ms(device, fn, shapes.reps), roof, ref))
+    return rows
+
+
+def compressor_rows(config, kind: str, batch: int, context: int, shapes: Shapes, device: Device, copy_bps: float,
+                    triton: bool) -> list[KernelRow]:
+    """The main compressor's pooling step alone (`compress_blocks` at one token per sequence, the same at every
+    context): the reference's staging against the CUDA backend's Triton step, for a token inside its block and for
+    one that completes it (each replay then pools and advances the state again). Roofline: the float32 kv and score
+    rows the step must read and write (the token's row; with a completed block, the block's rows too)."""
+    from ascend.backends import cuda
+    from model.kernels import REFERENCE
+
+    dev, ratio = device.torch_device, 4 if kind == "csa" else 128
+    overlap = ratio == 4
+    width = (2 if overlap else 1) * config.head_dim
+    state = [torch.randn(batch, (1 + overlap) * ratio, width, device=dev) for _ in range(2)]
+    kv, score = (torch.randn(batch, 1, width, device=dev) for _ in range(2))
+    n_valid = torch.ones(batch, dtype=torch.int64, device=dev)
+    rows = []
+    for what, pos, touched in (("inside a block", 100 * ratio + 1, 1),
+                               ("completing it", 101 * ratio - 1, (1 + overlap) * ratio)):
+        args = (kv, score, torch.full((batch,), pos, device=dev), n_valid, *state, ratio, overlap)
+        roof = batch * touched * width * 2 * 4 * 2 / copy_bps * 1e3
+        ref = time_ms(device, lambda: REFERENCE.compress_blocks(*args), shapes.reps)
+        rows.append(KernelRow(f"compress_blocks ({what})", kind, batch, context, "reference staging", ref, roof, ref))
+        if triton:
+            rows.append(KernelRow(f"compress_blocks ({what})", kind, batch, context, "triton step", time_ms(
+                device, lambda: cuda.compress_blocks_triton(*args), shapes.reps), roof, ref))
     return rows
 
 
@@ -410,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", type=inductor_option,
                    help="an inductor config option for the compiled step (repeatable), e.g. combo_kernels=True")
     p.add_argument("--profile", type=non_negative, default=0, metavar="STEPS",
-                   help="CUDA: print the kernels of this many replays of each captured step, eager and compiled")
+                   help="CUDA: print the kernels of this many replays of each captured step, eager and compiled "
+                        "(the timings of such a run read slower: on the H200 the same code's compiled steps took "
+                        "5-30 us more in a run with --profile than in runs without; take timings from a run "
+                        "without it)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write bench_attention.md, .json, and .jsonl (each result as it comes) here")
     args = p.parse_args(argv)
