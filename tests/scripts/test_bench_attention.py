@@ -18,6 +18,9 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     # the compiled step (traced as one graph, run on CPU without code generation) gives the eager step's output
     assert all(r["compiled_ms"] > 0 and r["compiled_err"] < 1e-5 for r in results["decode"])
     assert set(results["prefill"]) == {"csa", "hca"} and results["kernels"] and not results["failures"]
+    stages = {(r["kernel"], r["layer"]) for r in results["kernels"]}
+    assert {(f"compress_blocks ({what})", layer) for what in ("inside a block", "completing it")
+            for layer in ("csa", "hca")} <= stages
     table = (tmp_path / "bench_attention.md").read_text()
     assert "x roofline" in table and "| csa | 1 | 64 |" in table
 
