@@ -29,7 +29,8 @@ Tensor = torch.Tensor
 
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
            "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
-           "expert_matmul", "argmax", "pool_blocks", "chunk_blocks", "compress_blocks", "take_rows", "round_kv_entries", "use_kernels"]
+           "expert_matmul", "argmax", "pool_blocks", "chunk_blocks", "compress_blocks", "take_rows",
+           "round_kv_entries", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE

@@ -294,9 +294,10 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
 def compress_blocks_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                            state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
                            overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) in one launch that writes the token
-    into the state and reads the state only where the token completes a block; chunks (prefill) take the reference's
-    staging."""
+    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) is one Triton launch that writes the
+    token into the state and reads the state only where the token completes a block, plus the few small ops of the
+    blocks' ids and flags (`chunk_blocks`, which a compiled step fuses with its neighbours); chunks (prefill) take the
+    reference's staging."""
     if kv.size(1) != 1 or kv.dtype != torch.float32 or state_kv.dtype != torch.float32:
         return REFERENCE.compress_blocks(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
     ids, complete = chunk_blocks(start, n_valid, 1, ratio)
@@ -430,9 +431,9 @@ def triton_runs_on(device_type: str) -> bool:
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
     (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
-    the mHC stages (`ascend.backends.triton_mhc`) and the greedy pick (`ascend.backends.triton_argmax`) when
-    available (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope /
-    hadamard / f32_linear.
+    the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`) and the
+    compressor's decode step (`ascend.backends.triton_compressor`) when available (default), else the PyTorch
+    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear.
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their

@@ -18,7 +18,10 @@ import triton.language as tl
 
 from ascend.backends.triton_common import after_previous_kernel, launch_options
 
-TILE = 4096         # state values per program per tensor when a block is pooled: 32 channels x 128 rows for HCA
+# Values of each [rows, channels] tile a program loads when its token completes a block (kv and score, and with
+# overlap the previous block's and the moved half's too): 32 channels x 128 rows for HCA, 32 registers per thread
+# of 4 warps for each tile; more channels per program would spill, fewer would only add programs.
+TILE = 4096
 
 
 @triton.jit

@@ -283,11 +283,11 @@ def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id, triton)
     from model.config import ModelConfig
 
     config = ModelConfig.preset("tiny")
-    layer = use_kernels(synthetic_attention(config, layer_id, TRITON_DEVICE if triton else "cpu"),
-                        cuda.make_kernels(use_triton=triton, for_compile=True))
+    device = TRITON_DEVICE if triton else "cpu"
+    layer = use_kernels(synthetic_attention(config, layer_id, device), cuda.make_kernels(use_triton=triton,
+                                                                                      for_compile=True))
     torch._dynamo.reset()
     with torch.no_grad():
-        device = TRITON_DEVICE if triton else "cpu"
         y_eager, c_eager = _decode_twice(layer, config, layer_id, layer, device)
         y_comp, c_comp = _decode_twice(layer, config, layer_id, cuda.compile_decode(layer, backend="aot_eager"),
                                        device)
@@ -418,7 +418,7 @@ def test_triton_table_covers_the_decode_stages():
     assert k.argmax is triton_argmax.argmax
     assert (k.hc_pre, k.hc_post, k.hc_head) == (triton_mhc.hc_pre, triton_mhc.hc_post, triton_mhc.hc_head)
     assert k.sparse_attn is cuda.sparse_attn_triton and k.grouped_linear.func is cuda.grouped_linear_triton
-    assert k.gate_topk is cuda.gate_topk_triton
+    assert k.gate_topk is cuda.gate_topk_triton and k.compress_blocks is cuda.compress_blocks_triton
     assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
     # the formats the Triton expert kernels read in place: the MoE runs them static at any size (prefill too)
     assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda.triton_expert_formats()

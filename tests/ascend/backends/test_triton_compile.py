@@ -32,7 +32,7 @@ for shift in (24, 16, 8, 0):
 from ascend.backends import triton_compressor as C
 ptrs = dict(kv_ptr="*fp32", score_ptr="*fp32", start_ptr="*i64", n_valid_ptr="*i64", state_kv_ptr="*fp32",
             state_score_ptr="*fp32", out_ptr="*fp32")
-for ratio, overlap, block_c in ((4, 1, 256), (128, 0, 32)):     # CSA (main and indexer), HCA
+for ratio, overlap, block_c in ((4, 1, 512), (4, 1, 128), (128, 0, 32)):     # CSA main, CSA indexer, HCA
     compile_for(C._compress_decode_kernel, ptrs, R=ratio, R_P2=ratio, OVERLAP=overlap, BLOCK_C=block_c, PDL=True)
 """,
     "triton_argmax": """

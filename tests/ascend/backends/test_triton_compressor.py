@@ -49,7 +49,7 @@ def test_decode_steps_equal_the_reference(ratio, overlap, d):
         n_valid[:2] = 1
         new_kv = torch.randn(batch, 1, width, generator=g).to(DEVICE)
         new_score = torch.randn(batch, 1, width, generator=g).to(DEVICE)
-        ids, complete, want = REFERENCE.compress_blocks(new_kv, new_score, pos, n_valid, ref_kv, ref_score, ratio,
+        _, complete, want = REFERENCE.compress_blocks(new_kv, new_score, pos, n_valid, ref_kv, ref_score, ratio,
                                                         overlap)
         got = triton_compressor.compress_decode(new_kv, new_score, pos, n_valid, kv, score, ratio, overlap)
         assert torch.equal(kv, ref_kv) and torch.equal(score, ref_score), f"state after step {step}"
@@ -67,11 +67,26 @@ def test_backend_routes_decode_to_the_kernel_and_chunks_to_the_reference(monkeyp
     start, n_valid = torch.tensor([3, 9], device=DEVICE), torch.tensor([1, 1], device=DEVICE)
     for s in (1, 5):
         kv, score = (torch.randn(2, s, 16, generator=g).to(DEVICE) for _ in range(2))
-        states = [_state(2, 4, True, 16, torch.zeros_like(start), start, g) for _ in range(2)]
-        states[1] = tuple(t.clone() for t in states[0])
+        state = _state(2, 4, True, 16, torch.zeros_like(start), start, g)
+        states = [state, tuple(t.clone() for t in state)]
         got = cuda.compress_blocks_triton(kv, score, start, n_valid * s, *states[0], 4, True)
         want = REFERENCE.compress_blocks(kv, score, start, n_valid * s, *states[1], 4, True)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(states[0], states[1]))
     assert calls == [(2, 1, 16)]
+
+
+def test_custom_op_registration_passes_opcheck():
+    """Schema (the state declared as written), fake implementation and dispatch, as torch.library checks them, for a
+    token inside its block and one completing it."""
+    g = torch.Generator().manual_seed(1)
+    start = torch.tensor([0, 0], device=DEVICE)
+    for pos in (5, 7):
+        for ratio, overlap in ((4, True), (8, False)):
+            width = 32 if overlap else 16
+            kv, score = (torch.randn(2, 1, width, generator=g).to(DEVICE) for _ in range(2))
+            state = _state(2, ratio, overlap, width, start, torch.tensor([pos, pos - 2], device=DEVICE), g)
+            at = torch.tensor([pos, pos - 2], device=DEVICE)
+            torch.library.opcheck(cuda.compress_decode_triton, (kv, score, at, torch.ones_like(at), *state, ratio,
+                                                                overlap))
