@@ -19,8 +19,8 @@ import triton.language as tl
 from ascend.backends.triton_common import after_previous_kernel, launch_options
 
 # Values of each [rows, channels] tile a program loads when its token completes a block (kv and score, and with
-# overlap the previous block's and the moved half's too): 32 channels x 128 rows for HCA, 32 registers per thread
-# of 4 warps for each tile; more channels per program would spill, fewer would only add programs.
+# overlap the previous block's and the moved half's too): 32 channels x 128 rows for HCA, 32 per thread of the 4
+# warps, sized to keep the tiles in registers. Not tuned: a block completes once every `ratio` steps.
 TILE = 4096
 
 
