@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.kernels import REFERENCE, Kernels, chunk_blocks, select_topk
+from model.kernels import REFERENCE, Kernels, select_topk
 
 
 def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
@@ -279,29 +279,29 @@ def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
 @torch.library.custom_op("ascend_cuda::compress_decode", mutates_args=("state_kv", "state_score"))
 def compress_decode_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                            state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
-                           overlap: bool) -> torch.Tensor:
-    """Triton compressor step at one token per sequence: pooled entries float32 [B, 2, d], state in place
-    (`triton_compressor.compress_decode`)."""
+                           overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton compressor step at one token per sequence: the blocks' ids and complete flags [B, 2] and the pooled
+    entries float32 [B, 2, d], the state updated in place (`triton_compressor.compress_decode`)."""
     from ascend.backends import triton_compressor
     return triton_compressor.compress_decode(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
 
 
 @compress_decode_triton.register_fake
 def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
-    return kv.new_empty(kv.size(0), 2, kv.size(-1) // (2 if overlap else 1), dtype=torch.float32)
+    b = kv.size(0)
+    return (kv.new_empty(b, 2, dtype=torch.int64), kv.new_empty(b, 2, dtype=torch.bool),
+            kv.new_empty(b, 2, kv.size(-1) // (2 if overlap else 1), dtype=torch.float32))
 
 
 def compress_blocks_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                            state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
                            overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) is one Triton launch that writes the
-    token into the state and reads the state only where the token completes a block, plus the few small ops of the
-    blocks' ids and flags (`chunk_blocks`, which a compiled step fuses with its neighbours); chunks (prefill) take the
-    reference's staging."""
+    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) in one Triton launch that writes the
+    token into the state, reads the state only where the token completes a block and gives the blocks' ids and
+    flags too; chunks (prefill) take the reference's staging."""
     if kv.size(1) != 1 or kv.dtype != torch.float32 or state_kv.dtype != torch.float32:
         return REFERENCE.compress_blocks(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
-    ids, complete = chunk_blocks(start, n_valid, 1, ratio)
-    return ids, complete, compress_decode_triton(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
+    return compress_decode_triton(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
 
 
 @torch.library.custom_op("ascend_cuda::gate_topk", mutates_args=())

@@ -25,12 +25,13 @@ TILE = 4096
 
 
 @triton.jit
-def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_ptr, state_score_ptr, out_ptr,
-                            s_new, s_state, d, R: tl.constexpr, R_P2: tl.constexpr, OVERLAP: tl.constexpr,
-                            BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_ptr, state_score_ptr, ids_ptr,
+                            complete_ptr, out_ptr, s_kv, s_score, s_state, d, R: tl.constexpr, R_P2: tl.constexpr,
+                            OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """Program (b, channel block). State of sequence b: [(1 + OVERLAP) * R rows, W] at state + b * s_state, W =
     (1 + OVERLAP) * d; the block being filled is at rows OVERLAP * R on. Channel c pools into this block's entry
-    from its own channel c + OVERLAP * d and, with overlap, from channel c of the previous block (rows 0 .. R-1)."""
+    from its own channel c + OVERLAP * d and, with overlap, from channel c of the previous block (rows 0 .. R-1).
+    Programs (b, 0) also write the ids and complete flags of the two blocks (`model.kernels.chunk_blocks`)."""
     after_previous_kernel(PDL)
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -39,13 +40,21 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
     pos = tl.load(start_ptr + b)
     valid = tl.load(n_valid_ptr + b) > 0
     at = pos % R
+    completes = valid & (at == R - 1)
+    if tl.program_id(1) == 0:               # the token's block and the next one, which one token never completes
+        two = tl.arange(0, 2)
+        tl.store(ids_ptr + b * 2 + two, pos // R + two)
+        tl.store(complete_ptr + b * 2 + two, ((two == 0) & completes).to(tl.uint8))
     own = c + OVERLAP * d                   # the token's channels that pool into its own block's entry
-    new_kv = tl.load(kv_ptr + b * s_new + own, mask=in_c)
-    new_score = tl.load(score_ptr + b * s_new + own, mask=in_c)
+    new_kv = tl.load(kv_ptr + b * s_kv + own, mask=in_c)
+    new_score = tl.load(score_ptr + b * s_score + own, mask=in_c)
+    if OVERLAP:                             # and those that pool into the next block's entry
+        next_kv = tl.load(kv_ptr + b * s_kv + c, mask=in_c)
+        next_score = tl.load(score_ptr + b * s_score + c, mask=in_c)
     state_kv = state_kv_ptr + b * s_state
     state_score = state_score_ptr + b * s_state
-    out = out_ptr + b * 2 * d               # [2, d]: the block the token is in, and the next (never complete)
-    if valid & (at == R - 1):               # the token completes its block: pool it, then advance the state
+    out = out_ptr + b * 2 * d               # [2, d]: the token's block and the next (zeros)
+    if completes:                           # pool the token's block, then advance the state
         r = tl.arange(0, R_P2)
         tile = (r < R)[:, None] & in_c[None, :]
         is_new = (r == at)[:, None]
@@ -62,10 +71,8 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
             total = tl.sum(e, 0) + tl.sum(e_prev, 0)
             pooled = tl.sum(kv * (e / total[None, :]), 0) + tl.sum(kv_prev * (e_prev / total[None, :]), 0)
             lo = (R + r)[:, None] * width + c[None, :]
-            kv_lo = tl.where(is_new, tl.load(kv_ptr + b * s_new + c, mask=in_c)[None, :],
-                             tl.load(state_kv + lo, mask=tile, other=0.0))
-            score_lo = tl.where(is_new, tl.load(score_ptr + b * s_new + c, mask=in_c)[None, :],
-                                tl.load(state_score + lo, mask=tile, other=float("-inf")))
+            kv_lo = tl.where(is_new, next_kv[None, :], tl.load(state_kv + lo, mask=tile, other=0.0))
+            score_lo = tl.where(is_new, next_score[None, :], tl.load(state_score + lo, mask=tile, other=float("-inf")))
             tl.debug_barrier()          # every thread's loads of the state before any store to it
             tl.store(state_kv + prev, kv_lo, mask=tile)
             tl.store(state_score + prev, score_lo, mask=tile)
@@ -87,30 +94,32 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
         tl.store(state_kv + row + own, new_kv, mask=in_c & valid)
         tl.store(state_score + row + own, new_score, mask=in_c & valid)
         if OVERLAP:
-            tl.store(state_kv + row + c, tl.load(kv_ptr + b * s_new + c, mask=in_c), mask=in_c & valid)
-            tl.store(state_score + row + c, tl.load(score_ptr + b * s_new + c, mask=in_c), mask=in_c & valid)
+            tl.store(state_kv + row + c, next_kv, mask=in_c & valid)
+            tl.store(state_score + row + c, next_score, mask=in_c & valid)
         tl.store(out + c, tl.zeros_like(new_kv), mask=in_c)
     tl.store(out + d + c, tl.zeros_like(new_kv), mask=in_c)
 
+
 def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                     state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int, overlap: bool,
-                    num_warps: int = 4) -> torch.Tensor:
-    """`model.kernels.compress_blocks`'s pooled entries for a decode step, float32 [B, 2, d] (the second block is
-    never complete at one token), updating the float32 state in place. kv, score: float32 [B, 1, W]; state rows
+                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`model.kernels.compress_blocks` for a decode step: (ids int64 [B, 2], complete bool [B, 2], pooled entries
+    float32 [B, 2, d]; the second block is never complete at one token), updating the float32 state in place.
+    kv, score: float32 [B, 1, W] (row strides free, unit stride in W: views of a joint projection do); state rows
     contiguous ([B, rows, W] with unit stride in W and W between rows)."""
     b, s, width = kv.shape
     if s != 1:
         raise ValueError(f"compress_decode: one token per sequence, got kv of shape {tuple(kv.shape)}")
     d = width // (2 if overlap else 1)
-    new_kv, new_score = kv[:, 0], score[:, 0]
-    if new_kv.stride(-1) != 1 or new_score.stride(0) != new_kv.stride(0) or new_score.stride(-1) != 1:
-        new_kv, new_score = new_kv.contiguous(), new_score.contiguous()
+    new_kv, new_score = (t[:, 0] if t.stride(-1) == 1 else t[:, 0].contiguous() for t in (kv, score))
     assert state_kv.stride()[1:] == (width, 1) and state_score.stride() == state_kv.stride(), "state layout"
+    ids = torch.empty(b, 2, dtype=torch.int64, device=kv.device)
+    complete = torch.empty(b, 2, dtype=torch.bool, device=kv.device)
     out = torch.empty(b, 2, d, dtype=torch.float32, device=kv.device)
     r_p2 = triton.next_power_of_2(ratio)
     block_c = min(triton.next_power_of_2(d), max(16, TILE // r_p2))
     _compress_decode_kernel[(b, triton.cdiv(d, block_c))](
-        new_kv, new_score, start, n_valid, state_kv, state_score, out, new_kv.stride(0), state_kv.stride(0), d,
-        R=ratio, R_P2=r_p2, OVERLAP=int(overlap), BLOCK_C=block_c, num_warps=num_warps,
-        **launch_options(kv.device))
-    return out
+        new_kv, new_score, start, n_valid, state_kv, state_score, ids, complete.view(torch.uint8), out,
+        new_kv.stride(0), new_score.stride(0), state_kv.stride(0), d, R=ratio, R_P2=r_p2, OVERLAP=int(overlap),
+        BLOCK_C=block_c, num_warps=num_warps, **launch_options(kv.device))
+    return ids, complete, out

@@ -2,7 +2,8 @@
 
 On the GPU when CUDA and triton are present, else on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1);
 skipped otherwise. Decode steps run on two copies of one state, reference and kernel: the state must stay equal
-exactly (it is only moved), the pooled entries to float32 rounding (the same sums in another order).
+exactly (it is only moved), the blocks' ids and flags too, the pooled entries to float32 rounding (the same sums
+in another order).
 """
 
 import pytest
@@ -49,10 +50,12 @@ def test_decode_steps_equal_the_reference(ratio, overlap, d):
         n_valid[:2] = 1
         new_kv = torch.randn(batch, 1, width, generator=g).to(DEVICE)
         new_score = torch.randn(batch, 1, width, generator=g).to(DEVICE)
-        _, complete, want = REFERENCE.compress_blocks(new_kv, new_score, pos, n_valid, ref_kv, ref_score, ratio,
+        ids, complete, want = REFERENCE.compress_blocks(new_kv, new_score, pos, n_valid, ref_kv, ref_score, ratio,
                                                         overlap)
-        got = triton_compressor.compress_decode(new_kv, new_score, pos, n_valid, kv, score, ratio, overlap)
+        got_ids, got_complete, got = triton_compressor.compress_decode(new_kv, new_score, pos, n_valid, kv, score,
+                                                                       ratio, overlap)
         assert torch.equal(kv, ref_kv) and torch.equal(score, ref_score), f"state after step {step}"
+        assert torch.equal(got_ids, ids) and torch.equal(got_complete, complete)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         completed += int(complete.sum())
         pos = pos + n_valid
