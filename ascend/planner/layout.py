@@ -35,19 +35,26 @@ def divisors(n: int) -> list[int]:
     return small + [n // d for d in reversed(small) if d * d != n]
 
 
-def check_layout(config: Any, world: int, tp: int, ep: int, redundant: int, hardware: Any = None,
-                 batch: int | None = None) -> list[str]:
-    """Every rule (tp, ep, redundant) breaks on `world` devices, each as a sentence saying what would work."""
+def tp_problems(config: Any, world: int, tp: int) -> list[str]:
+    """The rules tp breaks on its own, whatever ep: it must divide the devices and split the model's heads."""
     out = []
-    E = config.n_routed_experts
     if tp < 1 or world % tp:
         out.append(f"tp={tp} must divide the {world} devices (try {divisors(world)})")
-    if ep < 1 or world % ep:
-        out.append(f"ep={ep} must divide the {world} devices (try {divisors(world)})")
     problem = config.tp_split_problem(tp) if tp >= 1 else None
     if problem:
         ok = [d for d in divisors(world) if config.tp_split_problem(d) is None]
         out.append(f"{problem} (valid tp here: {ok})")
+    return out
+
+
+def check_layout(config: Any, world: int, tp: int, ep: int, redundant: int, hardware: Any = None,
+                 batch: int | None = None) -> list[str]:
+    """Every rule (tp, ep, redundant) breaks on `world` devices, each as a sentence saying what would work; tp's
+    own problems first."""
+    out = tp_problems(config, world, tp)
+    E = config.n_routed_experts
+    if ep < 1 or world % ep:
+        out.append(f"ep={ep} must divide the {world} devices (try {divisors(world)})")
     if redundant < 0:
         out.append(f"redundant={redundant}: expected >= 0")
     elif ep >= 1 and redundant > (ep - 1) * E:      # placement puts at most one replica of an expert per EP rank
@@ -210,7 +217,7 @@ def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int |
             if problems:
                 if problems[0] not in reasons:
                     reasons.append(problems[0])
-                if t < 1 or world % t or config.tp_split_problem(t):
+                if tp_problems(config, world, t):
                     break           # tp's own problem comes first for every ep: the rest would only repeat it
                 continue
             found.append(evaluate(config, world, t, e, r, hw, s))
