@@ -390,8 +390,10 @@ def kernel_table(rows: list[KernelRow]) -> str:
 
 def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: dict[str, float]) -> str:
     options = f", inductor options {ceilings['inductor']}" if ceilings.get("inductor") else ""
+    profiled = ("; with --profile: these step times read slower than a run's without it"
+                if ceilings.get("profile_steps") else "")
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
-             f"({ceilings['device']}){options}", "",
+             f"({ceilings['device']}){options}{profiled}", "",
              "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
              "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_bps = copy_bandwidth(device, 2 ** 30 if big else 2 ** 26)
     flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
     ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
-                "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor)}
+                "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor), "profile_steps": args.profile}
 
     rows, prefill, dense, failures = [], {}, {}, []
 

@@ -40,3 +40,10 @@ def test_inductor_options_need_the_inductor_backend(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_script("bench_attention", ["--quick", "--compile-backend", "aot_eager", "--inductor", "combo_kernels=True"])
     assert exit_info.value.code == 2 and "--compile-backend aot_eager" in capsys.readouterr().err
+
+
+def test_table_says_when_its_step_times_were_taken_with_the_profiler():
+    bench = load_script("bench_attention")
+    ceilings = {"copy_GBps": 4000.0, "matmul_TFLOPs": 800.0, "device": "x", "prefill_tokens": 1, "inductor": {}}
+    assert "--profile" not in bench.table([], {}, {**ceilings, "profile_steps": 0})
+    assert "with --profile: these step times read slower" in bench.table([], {}, {**ceilings, "profile_steps": 2})
