@@ -211,14 +211,17 @@ def search(config: Any, world: int, hw: Any, s: MemorySettings, redundant: int |
     found, reasons = [], []
     ds = divisors(world)
     for t in ([tp] if tp else ds):
+        bad_tp = tp_problems(config, world, t)
+        if bad_tp:                  # the same first problem for every ep: checked once
+            if bad_tp[0] not in reasons:
+                reasons.append(bad_tp[0])
+            continue
         for e in ([ep] if ep else ds):
             r = redundant if redundant is not None else (-E) % e
             problems = check_layout(config, world, t, e, r, hardware=hw, batch=s.batch)
             if problems:
                 if problems[0] not in reasons:
                     reasons.append(problems[0])
-                if tp_problems(config, world, t):
-                    break           # tp's own problem comes first for every ep: the rest would only repeat it
                 continue
             found.append(evaluate(config, world, t, e, r, hw, s))
     if not found:
