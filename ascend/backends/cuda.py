@@ -296,10 +296,10 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
 def compress_blocks_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                            state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
                            overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.compress_blocks`: a decode step (one float32 token per sequence) in one Triton launch that writes the
+    """`kernels.compress_blocks`: a decode step (one token per sequence) in one Triton launch that writes the
     token into the state, reads the state only where the token completes a block and gives the blocks' ids and
     flags too; chunks (prefill) take the reference's staging."""
-    if kv.size(1) != 1 or kv.dtype != torch.float32 or state_kv.dtype != torch.float32:
+    if kv.size(1) != 1:
         return REFERENCE.compress_blocks(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
     return compress_decode_triton(kv, score, start, n_valid, state_kv, state_score, ratio, overlap)
 

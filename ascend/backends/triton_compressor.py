@@ -20,8 +20,9 @@ from ascend.backends.triton_common import after_previous_kernel, launch_options
 
 # Values of each [rows, channels] tile a program loads when its token completes a block (kv and score, and with
 # overlap the previous block's and the moved half's too): 32 channels x 128 rows for HCA, 32 per thread of the 4
-# warps, sized to keep the tiles in registers. Not tuned: a block completes once every `ratio` steps.
+# warps (NUM_WARPS), sized to keep the tiles in registers. Not tuned: a block completes once every `ratio` steps.
 TILE = 4096
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -73,21 +74,19 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
             lo = (R + r)[:, None] * width + c[None, :]
             kv_lo = tl.where(is_new, next_kv[None, :], tl.load(state_kv + lo, mask=tile, other=0.0))
             score_lo = tl.where(is_new, next_score[None, :], tl.load(state_score + lo, mask=tile, other=float("-inf")))
-            tl.debug_barrier()          # every thread's loads of the state before any store to it
+        else:
+            e = tl.exp(score - tl.max(score, 0)[None, :])
+            pooled = tl.sum(kv * (e / tl.sum(e, 0)[None, :]), 0)
+        tl.debug_barrier()              # every thread's loads of the state before any store to it
+        if OVERLAP:
             tl.store(state_kv + prev, kv_lo, mask=tile)
             tl.store(state_score + prev, score_lo, mask=tile)
             tl.store(state_kv + prev + d, kv, mask=tile)
             tl.store(state_score + prev + d, score, mask=tile)
             tl.store(state_kv + lo, tl.zeros_like(kv), mask=tile)
             tl.store(state_score + lo, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
-            tl.store(state_kv + cur, tl.zeros_like(kv), mask=tile)
-            tl.store(state_score + cur, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
-        else:           # the state starts empty
-            e = tl.exp(score - tl.max(score, 0)[None, :])
-            pooled = tl.sum(kv * (e / tl.sum(e, 0)[None, :]), 0)
-            tl.debug_barrier()
-            tl.store(state_kv + cur, tl.zeros_like(kv), mask=tile)
-            tl.store(state_score + cur, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
+        tl.store(state_kv + cur, tl.zeros_like(kv), mask=tile)          # the token's block starts empty
+        tl.store(state_score + cur, tl.full([R_P2, BLOCK_C], float("-inf"), tl.float32), mask=tile)
         tl.store(out + c, pooled, mask=in_c)
     else:
         row = (OVERLAP * R + at) * width
@@ -101,8 +100,8 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
 
 
 def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
-                    state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int, overlap: bool,
-                    num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
+                    overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`model.kernels.compress_blocks` for a decode step: (ids int64 [B, 2], complete bool [B, 2], pooled entries
     float32 [B, 2, d]; the second block is never complete at one token), updating the float32 state in place.
     kv, score: float32 [B, 1, W] (row strides free, unit stride in W: views of a joint projection do); state rows
@@ -121,5 +120,5 @@ def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, 
     _compress_decode_kernel[(b, triton.cdiv(d, block_c))](
         new_kv, new_score, start, n_valid, state_kv, state_score, ids, complete.view(torch.uint8), out,
         new_kv.stride(0), new_score.stride(0), state_kv.stride(0), d, R=ratio, R_P2=r_p2, OVERLAP=int(overlap),
-        BLOCK_C=block_c, num_warps=num_warps, **launch_options(kv.device))
+        BLOCK_C=block_c, num_warps=NUM_WARPS, **launch_options(kv.device))
     return ids, complete, out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ascend.backends import cuda
+from model.cache import CompressorState
 from model.kernels import REFERENCE
 
 DEVICE = "cuda" if cuda.triton_available() else "cpu"
@@ -22,9 +23,8 @@ from ascend.backends import triton_compressor  # noqa: E402  (imports triton)
 def _state(batch: int, ratio: int, overlap: bool, width: int, start: torch.Tensor, lengths: torch.Tensor,
            g: torch.Generator):
     """A state after a prefill chunk of `lengths` tokens at `start` (reference), as a CompressorState holds it."""
-    rows = (2 if overlap else 1) * ratio
-    kv = torch.zeros(batch, rows, width, device=DEVICE)
-    score = torch.full_like(kv, float("-inf"))
+    state = CompressorState.empty(batch, ratio, width, DEVICE)
+    kv, score = state.kv, state.score
     chunk = torch.randn(batch, int(lengths.max()), width, generator=g).to(DEVICE)
     REFERENCE.compress_blocks(chunk, torch.randn(chunk.shape, generator=g).to(DEVICE), start, lengths, kv, score,
                               ratio, overlap)
