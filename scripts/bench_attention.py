@@ -126,9 +126,12 @@ FULL = Shapes("flash", (1, 8, 32), (8192, 131072, 1048576), 131072, 16384, torch
 QUICK = Shapes("tiny", (1, 2), (64, 256), 256, 128, torch.float32, 3)
 
 
+RATIO = {"csa": 4, "hca": 128}       # compress ratio of each layer type
+
+
 def layer_ids(config) -> dict[str, int]:
     """First CSA (ratio 4) and first HCA (ratio 128) layer of the schedule."""
-    return {name: config.compress_ratios.index(r) for name, r in (("csa", 4), ("hca", 128))}
+    return {name: config.compress_ratios.index(r) for name, r in RATIO.items()}
 
 
 def filled_cache(config, layer_id: int, batch: int, context: int, dtype: torch.dtype, device: Device):
@@ -277,13 +280,13 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                 flops_per_s: float, triton: bool) -> list[KernelRow]:
     """The decode-step sparse_attn (and, for CSA, indexer_topk) alone: each Triton launch variant, the PyTorch
     version and the reference, captured; roofline = rows read once (and scores written once) vs FLOPs. Then the
-    indexer's selection stages (CSA) and the compressor's step (`compressor_rows`)."""
+    indexer's selection stages (CSA)."""
     from ascend.backends import cuda
     from model.kernels import REFERENCE
 
     dev, dt = device.torch_device, shapes.dtype
     h, d, win = config.n_heads, config.head_dim, config.window_size
-    n_entries = context // (4 if kind == "csa" else 128)
+    n_entries = context // RATIO[kind]
     selected = min(config.index_topk, n_entries) if kind == "csa" else n_entries
     q = torch.randn(batch, 1, h, d, device=dev, dtype=dt)
     kv = torch.randn(batch, win + n_entries + 1, d, device=dev, dtype=dt)
@@ -322,7 +325,7 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                                       time_ms(device, fn, shapes.reps), roof, ref))
         rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, shapes, device,
                                copy_bps, triton)
-    return rows + compressor_rows(config, kind, batch, context, shapes, device, copy_bps, triton)
+    return rows
 
 
 def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, topk: int, iq: torch.Tensor,
@@ -359,7 +362,7 @@ def compressor_rows(config, kind: str, batch: int, context: int, shapes: Shapes,
     from ascend.backends import cuda
     from model.kernels import REFERENCE
 
-    dev, ratio = device.torch_device, 4 if kind == "csa" else 128
+    dev, ratio = device.torch_device, RATIO[kind]
     overlap = ratio == 4
     width = (2 if overlap else 1) * config.head_dim
     state = [torch.randn(batch, (1 + overlap) * ratio, width, device=dev) for _ in range(2)]
@@ -537,8 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             for context in contexts:
                 for batch in batches:
                     try:
-                        new = kernel_rows(config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
-                                          triton=device.type == "cuda" and triton_available())
+                        triton = device.type == "cuda" and triton_available()
+                        new = kernel_rows(config, kind, batch, context, shapes, device, copy_bps, flops_per_s, triton)
+                        if context == contexts[0]:      # the compressor's step is the same at every context
+                            new += compressor_rows(config, kind, batch, context, shapes, device, copy_bps, triton)
                         krows += new
                         for r in new:
                             log({"kernel": asdict(r)})
