@@ -42,7 +42,7 @@ def fill_redundant(n_experts: int, ep: int, redundant: int) -> int:
 
 def bound_gap(peak: np.ndarray, bound: np.ndarray) -> np.ndarray:
     """How far each layer's peak rank load is above the lower bound (0.02 = 2%); 0 for a layer with no load."""
-    return np.where(bound > 0, peak / np.where(bound > 0, bound, 1) - 1, 0.0)
+    return pl.mean_over_peak(peak, bound) - 1       # peak / bound, 1 where the bound (and so the peak) is 0
 
 
 def run_case(E: int, L: int, ep: int, redundant: int, rpn: int, groups: int, sigma: float, seed: int) -> dict:
