@@ -48,24 +48,35 @@ def loop_mix(sass: str) -> Counter:
     return Counter(op for at, op in _INSTRUCTION.findall(sass) if lo <= int(at, 16) <= hi)
 
 
+def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, arch: int = 90,
+                   aligned: bool = False):
+    """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
+    in a process without TRITON_INTERPRET). `types`: the arguments' Triton types where they are not the default,
+    int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value; `aligned`: every
+    argument but `sy_split` divisible by 16, as a launch on the GPU specialises them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {name: "constexpr" if p.is_constexpr else types.get(name, "*i32" if name.endswith("_ptr") else "i32")
+                 for name, p in zip(kernel.arg_names, kernel.params)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+             if aligned and kind != "constexpr" and name != "sy_split"}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=attrs, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
 def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> tuple[str, int]:
     """(SASS, registers per thread) of triton_moe's per-selection `fmt` kernel for sm_90a, its inputs over
     `splits` programs."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from ascend.backends import triton_moe
     kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._unpacked_expert_matmul_kernel}[fmt]
-    # the kernel's own argument list: sizes and strides i32, the pointers typed as triton_moe._launch passes them
-    signature = {name: "constexpr" if p.is_constexpr else "i32" for name, p in zip(kernel.arg_names, kernel.params)}
-    signature.update(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
-                     part_ptr="*fp32", tickets_ptr="*i32")
-    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
-               if kind != "constexpr" and name != "sy_split"}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                       constexprs={"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
-                                                   "PDL": True})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    # the pointers typed as triton_moe._launch passes them; sizes and strides i32
+    types = dict(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
+                 part_ptr="*fp32", tickets_ptr="*i32")
+    compiled = compile_triton(kernel, types, {"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
+                                              "PDL": True}, num_warps, aligned=True)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"

@@ -56,17 +56,10 @@ def run_without_interpreter(*args: str, timeout: int = 600) -> str:
     return out.stdout
 
 
-def compile_for(kernel, types: dict[str, str], arch: int = 90, **constexprs):
-    """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
-    run it under `run_without_interpreter`). `types`: the arguments' Triton types where they are not the default,
-    int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    signature = {name: "constexpr" if p.is_constexpr else types.get(name, "*i32" if name.endswith("_ptr") else "i32")
-                 for name, p in zip(kernel.arg_names, kernel.params)}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+def compile_for(kernel, types: dict[str, str], arch: int = 90, num_warps: int = 4, **constexprs):
+    """`scripts/kernel_sass.compile_triton` of `kernel` at the constexprs given as keywords (run it under
+    `run_without_interpreter`)."""
+    return load_script("kernel_sass").compile_triton(kernel, types, constexprs, num_warps, arch)
 
 
 # The official DeepSeek-V4 `inference/` folder (model.py, and a pure-torch kernel.py beside it in place of the tilelang
