@@ -247,7 +247,7 @@ def _order_key(x):
 
 
 @triton.jit
-def _byte_histogram(score, kth, SHIFT: tl.constexpr):
+def _byte_histogram(score, kth, SHIFT):
     """(256-bin histogram of byte SHIFT of the order keys of the finite `score`s whose higher bytes are kth's, which
     scores those are)."""
     key = _order_key(score)
@@ -256,7 +256,7 @@ def _byte_histogram(score, kth, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _range_histogram(base, start, end, kth, cand, SHIFT: tl.constexpr, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+def _range_histogram(base, start, end, kth, cand, SHIFT, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
     """`_byte_histogram` of the scores [start, end), blocks of -inf scores only skipped (entries not visible yet:
     prefill, cache tail). COMPACT: also write the counted scores, in order, from cand[0]. Returns (histogram, how many
     were written)."""
@@ -283,7 +283,7 @@ def _fill_unpicked(out, picked, start, K, stride, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kth_byte(hist, need, kth, SHIFT: tl.constexpr):
+def _kth_byte(hist, need, kth, SHIFT):
     """From one pass's histogram: the k-th key's byte SHIFT (the largest byte with at least `need` keys at or above
     it; 0 when the row has fewer), the keys still wanted among those equal to the k-th so far, and the k-th key with
     the byte added. Returns (byte, need, kth)."""
@@ -325,7 +325,11 @@ def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexp
     out = out_ptr + row * o_row
     kth = tl.zeros([], tl.int64)
     need = tl.zeros([], tl.int64) + K           # how many of the keys equal to kth's bytes so far are still wanted
-    for shift in tl.static_range(24, -1, -8):
+    # a loop, not unrolled: the four passes as straight-line code were 4,400 instructions (70 KB at 8 warps, the
+    # histogram unrolled over each thread's entries); alone both forms take ~13 us, but in the compiled CSA decode
+    # step at 8K the loop's 1,880 made the step 10-19 us faster on the H200 (docs/performance.md; likely the unrolled
+    # code fetched cold, other kernels having run since the last call)
+    for shift in range(24, -1, -8):
         hist, n_cand = _range_histogram(base, 0, T, kth, base, shift, BLOCK, False)     # (no candidates kept)
         byte, need, kth = _kth_byte(hist, need, kth, shift)
     n_sel = _write_picks(base, out, 0, T, kth, need, tl.zeros([], tl.int32), tl.zeros([], tl.int32), BLOCK)
