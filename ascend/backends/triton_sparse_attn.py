@@ -325,10 +325,10 @@ def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexp
     out = out_ptr + row * o_row
     kth = tl.zeros([], tl.int64)
     need = tl.zeros([], tl.int64) + K           # how many of the keys equal to kth's bytes so far are still wanted
-    # a loop, not unrolled: the four passes as straight-line code were 4,400 instructions (70 KB at 8 warps, the
-    # histogram unrolled over each thread's entries); alone both forms take ~13 us, but in the compiled CSA decode
-    # step at 8K the loop's 1,880 made the step 10-19 us faster on the H200 (docs/performance.md; likely the unrolled
-    # code fetched cold, other kernels having run since the last call)
+    # a loop, not unrolled: the four passes as straight-line code were 4,400 instructions at 2,048 entries (70 KB at
+    # 8 warps, the histogram unrolled over each thread's entries); alone, back to back, both forms take ~13 us there,
+    # but in the compiled CSA decode step at 8K the loop's 1,880 made the step 10-19 us faster on the H200 in one job
+    # (docs/performance.md; likely the unrolled code fetched cold, other kernels having run since the last call)
     for shift in range(24, -1, -8):
         hist, n_cand = _range_histogram(base, 0, T, kth, base, shift, BLOCK, False)     # (no candidates kept)
         byte, need, kth = _kth_byte(hist, need, kth, shift)
@@ -424,7 +424,9 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
 
 # Rows up to this many entries: one program per row (`_topk_row_kernel`); longer rows: spread over chunks, one
 # launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, batch 8 / 32, one program per row took 11 us at 2,048
-# entries (8K context) where the chunked form's five launches take 18-20 us, and 32 us at 8,192 against 21-26 us.
+# entries (8K context) where the chunked form's five launches take 18-20 us, and 32 us at 8,192 against 21-26 us
+# (kernels alone, back to back, before the row kernel's passes became a loop; the crossover not re-checked since, nor
+# inside a decode step, where the chunked form beat the unrolled row kernel at 2,048 entries: docs/performance.md).
 TOPK_ROW_MAX_ENTRIES = 4096
 # The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
 # warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
