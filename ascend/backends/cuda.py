@@ -467,7 +467,8 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
 # 280-329 to 245-289 us and an HCA layer from 167-213 to 148-188 us (scripts/bench_attention.py, docs/performance.md).
 INDUCTOR_CONFIG = {"combo_kernels": True, "triton.enable_pdl": True}
 # triton.enable_pdl: inductor's kernels launched with programmatic dependent launch on sm_90+, as the backend's own
-# are (those by `triton_common.PDL`, which does not switch this one); torch versions without it compile without it.
+# are; `triton_common.PDL` off turns both off (read when `compile_decode` is called); torch versions without it
+# compile without it.
 
 
 def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Callable:
@@ -495,6 +496,9 @@ def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Ca
     config = {**INDUCTOR_CONFIG, "emulate_precision_casts": eager_numerics}
     if not hasattr(torch._inductor.config.triton, "enable_pdl"):
         config.pop("triton.enable_pdl", None)
+    elif importlib.util.find_spec("triton") is not None:
+        from ascend.backends import triton_common
+        config["triton.enable_pdl"] = config.get("triton.enable_pdl", False) and triton_common.PDL
 
     def run(*args, **kwargs):
         # inductor reads its config when it compiles, i.e. inside the first call of each shape

@@ -302,6 +302,26 @@ def test_compiled_decode_traces_as_one_graph_and_matches_eager(layer_id, triton)
                                            getattr(getattr(c_eager, name), part), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pdl", [True, False])
+def test_compile_decode_follows_the_backends_pdl_switch(monkeypatch, pdl):
+    """`triton_common.PDL` switches inductor's programmatic dependent launch with the backend's own kernels'."""
+    pytest.importorskip("triton")
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no enable_pdl")
+    from ascend.backends import triton_common
+    monkeypatch.setattr(triton_common, "PDL", pdl)
+    seen = {}
+
+    def backend(gm, example_inputs):        # compiles inside the first call, as inductor would: reads its config
+        seen.update(pdl=torch._inductor.config.triton.enable_pdl, combo=torch._inductor.config.combo_kernels)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = cuda.compile_decode(lambda x: x * 2, backend=backend)
+    assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
+    assert seen == {"pdl": pdl, "combo": True}
+
+
 def test_compiled_step_keeps_the_eager_roundings_before_fp4():
     """inductor (on CPU here) with `eager_numerics`: the indexer queries (RoPE, Hadamard, FP4 simulation, bf16) equal
     the eager ones bit for bit. Without it fused float32 intermediates move FP4 codes (3% here; on the H200 the
