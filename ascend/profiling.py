@@ -1,8 +1,12 @@
-"""Where a step's device time goes: its kernels grouped by name, from torch.profiler.
+"""Where a step's device time goes: its kernels grouped by name, from torch.profiler, and what one stage costs
+inside the step, from the step timed again with that stage replaced by a stand-in that does no work.
 
-The benchmarks (`scripts/bench_launch.py --profile`, `scripts/bench_attention.py --profile`) print this next to
-their timings. Kernels replayed from a captured CUDA graph are traced too (CUPTI reports graph kernels), so a
-captured decode step can be profiled as it runs in production.
+The benchmarks (`scripts/bench_launch.py --profile`, `scripts/bench_attention.py --profile`) print the kernels next
+to their timings. Kernels replayed from a captured CUDA graph are traced too (CUPTI reports graph kernels), so a
+captured decode step can be profiled as it runs in production. A kernel's span there is not its cost: launched with
+programmatic dependent launch it starts while the kernel before it runs, and a kernel can run slower inside a step
+than alone (on the H200 the indexer's top-k took ~13 us alone and ~30 us of the compiled CSA step,
+docs/performance.md). `STAND_INS` (`scripts/bench_attention.py --stub`) measure the latter.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error"]
+__all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error", "STAND_INS"]
 
 
 def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
@@ -85,3 +89,38 @@ def format_kernel_table(table: dict, title: str) -> str:
              f"{table['kernel_us_per_step']:.0f} us of kernels"]
     lines += [f"  {k['us_per_step']:>9.1f} us {k['calls_per_step']:>6.1f}x  {k['kernel']}" for k in table["top"]]
     return "\n".join(lines)
+
+
+# Stand-ins for `model.kernels.Kernels` stages: the stage's output shape and dtype from one small kernel. Custom
+# operators, so that a compiled step keeps them as opaque nodes that still take the stage's inputs (what produces
+# those inputs keeps running, as in the real step) and cannot be folded away.
+@torch.library.custom_op("ascend_profiling::no_selection", mutates_args=())
+def _no_selection(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
+                  topk: int) -> torch.Tensor:
+    """`indexer_topk` without scores or selection: the first `topk` visible entries, -1 after them."""
+    t = torch.arange(topk, device=q.device, dtype=torch.int32)
+    return torch.where(t < n_visible.unsqueeze(-1), t, -1).to(torch.int32)
+
+
+@_no_selection.register_fake
+def _(q, k, weights, n_visible, topk):
+    return q.new_empty(*n_visible.shape, topk, dtype=torch.int32)
+
+
+@torch.library.custom_op("ascend_profiling::no_attention", mutates_args=())
+def _no_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """`sparse_attn` without attention: zeros of q's shape."""
+    return torch.zeros_like(q)
+
+
+@_no_attention.register_fake
+def _(q, kv, indices, sink, scale):
+    return q.new_empty(q.shape)
+
+
+STAND_INS: dict[str, Callable[..., Any]] = {
+    "indexer_topk": lambda q, k, weights, n_visible, topk, group=None: _no_selection(q, k, weights, n_visible, topk),
+    "sparse_attn": _no_attention,
+}
+"""Kernels field -> its stand-in (same signature)."""

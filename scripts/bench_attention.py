@@ -13,17 +13,22 @@ static graph, then captured the same way), and is reported as ratios:
   512-dim bf16 cache of `context` tokens), also captured.
 
 Prefill throughput (tokens/s) of one layer over a 128K prompt is reported too, and the peak device memory of
-every row. `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to check the script itself.
+every row. `--stub STAGE` times each step again (eager, and compiled when the row compiles) with one `Kernels` stage
+replaced by a stand-in that does no work (`ascend.profiling.STAND_INS`): the difference is what the stage costs
+inside the step, which a kernel's time alone or its span in a profile does not tell. `--quick` runs tiny shapes on
+CPU (graphs are eager re-runs there) to check the script itself.
 
     python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
     python3 scripts/bench_attention.py --quick                   # CPU smoke test
     python3 scripts/bench_attention.py --quick --compile on --compile-backend aot_eager   # checks the compiled path
+    python3 scripts/bench_attention.py --stub indexer_topk --contexts 8192 --batches 8,32 --no-kernels --no-prefill
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import statistics
 import sys
@@ -95,6 +100,8 @@ class Row:
     compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
     compile_error: str | None = None     # why the compiled step could not be timed
     profiles: dict | None = None         # --profile: kernels of one captured step, eager and compiled
+    stubbed_ms: float | None = None      # --stub: the eager step with that stage's stand-in (None: never called)
+    stubbed_compiled_ms: float | None = None     # and the compiled one
 
     @property
     def best_ms(self) -> float:
@@ -178,12 +185,14 @@ def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device:
 
 def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
                copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
-               compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0) -> Row:
+               compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0,
+               stub: str | None = None) -> Row:
     """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them. Repeating the step at the same
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
     the eager timing and the compiled step's first output see the same cache. `profile_steps`: also the kernels of
-    that many replays of each captured step (CUDA)."""
+    that many replays of each captured step (CUDA); `stub`: also both steps with that `Kernels` stage replaced by
+    its stand-in (`profiling.STAND_INS`), where the layer calls it."""
     from ascend.backends.cuda import compile_decode
     from model.kernels import use_kernels
     from model.kernels import REFERENCE
@@ -206,10 +215,13 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0)
     name = "eager"
     profile(step)
-    if compiled_kernels is not None:
+    def compile_with(table):
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
-        use_kernels(layer, compiled_kernels)
-        compiled = compile_decode(layer, **(compile_options or {}))
+        use_kernels(layer, table)
+        return compile_decode(layer, **(compile_options or {}))
+
+    if compiled_kernels is not None:
+        compiled = compile_with(compiled_kernels)
         t0 = time.perf_counter()
         try:
             out = compiled(x, start, cache).float()
@@ -223,6 +235,21 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.compile_s = time.perf_counter() - t0
             row.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
         torch._dynamo.reset()
+    if stub is not None:
+        stand_in, calls = profiling.STAND_INS[stub], []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return stand_in(*args, **kwargs)
+
+        use_kernels(layer, dataclasses.replace(kernels, **{stub: counted}))
+        step()
+        if calls:                        # (HCA layers have no indexer: nothing stands in for their indexer_topk)
+            row.stubbed_ms = time_ms(device, step, shapes.reps)
+            if row.compiled_ms is not None:
+                stubbed = compile_with(dataclasses.replace(compiled_kernels, **{stub: stand_in}))
+                row.stubbed_compiled_ms = time_ms(device, lambda: stubbed(x, start, cache), shapes.reps)
+                torch._dynamo.reset()
     row.peak_gib = peak_gib(device)
     if with_reference:
         use_kernels(layer, REFERENCE)
@@ -395,12 +422,15 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     options = f", inductor options {ceilings['inductor']}" if ceilings.get("inductor") else ""
     profiled = ("; with --profile: these step times read slower than a run's without it"
                 if ceilings.get("profile_steps") else "")
+    stub = ceilings.get("stub")
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
              f"({ceilings['device']}){options}{profiled}", "",
              "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
-             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |"
+             + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if stub else "")]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
+    cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
     for r in rows:
         compiled_us = None if r.compiled_ms is None else r.compiled_ms * 1e3
         speedup = None if r.compiled_ms is None else r.ms / r.compiled_ms
@@ -408,7 +438,9 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
         lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {fmt(compiled_us, '.1f')} | "
                      f"{fmt(speedup, '.2f')} | {r.roofline_ms * 1e3:.1f} | {r.x_roofline:.2f} | "
                      f"{r.ms / r.roofline_ms:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {fmt(ref_us, '.1f')} | "
-                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | {r.peak_gib:.2f} |")
+                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | {r.peak_gib:.2f} |"
+                     + (f" {fmt(cost(r.ms, r.stubbed_ms), '.1f')} | "
+                        f"{fmt(cost(r.compiled_ms, r.stubbed_compiled_ms), '.1f')} |" if stub else ""))
     lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
     for kind, (tps, peak) in prefill.items():
         lines.append(f"| {kind} | {ceilings['prefill_tokens']} | {tps:,.0f} | {peak:.2f} |")
@@ -448,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(the timings of such a run read slower: on the H200 the same code's compiled steps took "
                         "5-30 us more in a run with --profile than in runs without; take timings from a run "
                         "without it)")
+    p.add_argument("--stub", choices=sorted(profiling.STAND_INS), default=None, metavar="STAGE",
+                   help="also time each step with this Kernels stage replaced by a stand-in that does no work "
+                        f"({', '.join(sorted(profiling.STAND_INS))}): the difference is the stage's cost inside "
+                        "the step")
     p.add_argument("--out", type=Path, default=None,
                    help="also write bench_attention.md, .json, and .jsonl (each result as it comes) here")
     args = p.parse_args(argv)
@@ -474,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bps = copy_bandwidth(device, 2 ** 30 if big else 2 ** 26)
     flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
     ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
-                "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor), "profile_steps": args.profile}
+                "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor), "profile_steps": args.profile,
+                "stub": args.stub}
 
     rows, prefill, dense, failures = [], {}, {}, []
 
@@ -501,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
                                      kernels, not args.no_reference, compiled_kernels if within_budget else None,
-                                     compile_options, args.profile)
+                                     compile_options, args.profile, args.stub)
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")

@@ -11,7 +11,7 @@ from tests.conftest import load_script, run_script
 def test_quick_mode_writes_table_and_json(tmp_path):
     assert run_script("bench_attention", ["--quick", "--batches", "1", "--contexts", "64", "--no-reference",
                                            "--out", str(tmp_path), "--compile", "on",
-                                           "--compile-backend", "aot_eager"]) == 0
+                                           "--compile-backend", "aot_eager", "--stub", "indexer_topk"]) == 0
     results = json.loads((tmp_path / "bench_attention.json").read_text())
     assert [(r["layer"], r["batch"], r["context"]) for r in results["decode"]] == [("csa", 1, 64), ("hca", 1, 64)]
     assert all(r["ms"] > 0 and r["roofline_ms"] > 0 and r["dense_ms"] > 0 for r in results["decode"])
@@ -21,8 +21,11 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     stages = {(r["kernel"], r["layer"]) for r in results["kernels"]}
     assert {(f"compress_blocks ({what})", layer) for what in ("inside a block", "completing it")
             for layer in ("csa", "hca")} <= stages
+    # --stub: the CSA steps again with the indexer's selection stood in for; HCA layers have none
+    stubbed = {r["layer"]: (r["stubbed_ms"], r["stubbed_compiled_ms"]) for r in results["decode"]}
+    assert all(t > 0 for t in stubbed["csa"]) and stubbed["hca"] == (None, None)
     table = (tmp_path / "bench_attention.md").read_text()
-    assert "x roofline" in table and "| csa | 1 | 64 |" in table
+    assert "x roofline" in table and "| csa | 1 | 64 |" in table and "indexer_topk in the compiled step us" in table
 
 
 def test_inductor_options_parse_as_literals():
