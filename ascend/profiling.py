@@ -6,7 +6,8 @@ to their timings. Kernels replayed from a captured CUDA graph are traced too (CU
 captured decode step can be profiled as it runs in production. A kernel's span there is not its cost: launched with
 programmatic dependent launch it starts while the kernel before it runs, and a kernel can run slower inside a step
 than alone (on the H200 the indexer's top-k took ~13 us alone and ~30 us of the compiled CSA step,
-docs/performance.md). `STAND_INS` (`scripts/bench_attention.py --stub`) measure the latter.
+docs/performance.md). `STAND_INS` (`scripts/bench_attention.py --stub`) measure what a whole stage costs in the
+step (for the indexer: its scores and selection together).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _no_selection(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vis
                   topk: int) -> torch.Tensor:
     """`indexer_topk` without scores or selection: the first `topk` visible entries, -1 after them."""
     t = torch.arange(topk, device=q.device, dtype=torch.int32)
-    return torch.where(t < n_visible.unsqueeze(-1), t, -1).to(torch.int32)
+    return torch.where(t < n_visible.unsqueeze(-1), t, -1)
 
 
 @_no_selection.register_fake
@@ -111,7 +112,7 @@ def _(q, k, weights, n_visible, topk):
 def _no_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """`sparse_attn` without attention: zeros of q's shape."""
-    return torch.zeros_like(q)
+    return q.new_zeros(q.shape)
 
 
 @_no_attention.register_fake

@@ -100,8 +100,9 @@ class Row:
     compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
     compile_error: str | None = None     # why the compiled step could not be timed
     profiles: dict | None = None         # --profile: kernels of one captured step, eager and compiled
-    stubbed_ms: float | None = None      # --stub: the eager step with that stage's stand-in (None: never called)
-    stubbed_compiled_ms: float | None = None     # and the compiled one
+    stubbed_ms: float | None = None      # --stub: the eager step with that stage's stand-in (None: no --stub, or
+    stubbed_compiled_ms: float | None = None     # the layer never calls the stage), and the compiled one
+    stub_compile_s: float | None = None  # the first call of the compiled one
 
     @property
     def best_ms(self) -> float:
@@ -236,20 +237,29 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
         torch._dynamo.reset()
     if stub is not None:
-        stand_in, calls = profiling.STAND_INS[stub], []
+        stand_in, called = profiling.STAND_INS[stub], []
 
-        def counted(*args, **kwargs):
-            calls.append(1)
+        def recorded(*args, **kwargs):
+            called.append(True)
             return stand_in(*args, **kwargs)
 
-        use_kernels(layer, dataclasses.replace(kernels, **{stub: counted}))
+        use_kernels(layer, dataclasses.replace(kernels, **{stub: recorded}))
         step()
-        if calls:                        # (HCA layers have no indexer: nothing stands in for their indexer_topk)
+        if called:                       # (HCA layers have no indexer: nothing stands in for their indexer_topk)
             row.stubbed_ms = time_ms(device, step, shapes.reps)
             if row.compiled_ms is not None:
                 stubbed = compile_with(dataclasses.replace(compiled_kernels, **{stub: stand_in}))
-                row.stubbed_compiled_ms = time_ms(device, lambda: stubbed(x, start, cache), shapes.reps)
-                torch._dynamo.reset()
+                t0 = time.perf_counter()
+                try:
+                    stubbed(x, start, cache)
+                    device.synchronize()
+                    row.stub_compile_s = time.perf_counter() - t0
+                    row.stubbed_compiled_ms = time_ms(device, lambda: stubbed(x, start, cache), shapes.reps)
+                except Exception as e:  # noqa: BLE001 -- keep the row's other numbers
+                    row.stub_compile_s = time.perf_counter() - t0
+                    row.compile_error = f"with the {stub} stand-in: {type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    torch._dynamo.reset()
     row.peak_gib = peak_gib(device)
     if with_reference:
         use_kernels(layer, REFERENCE)
@@ -428,7 +438,7 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
              "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
              "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |"
              + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if stub else "")]
+             "|---|" + "---:|" * (16 if stub else 14)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
     for r in rows:
@@ -483,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stub", choices=sorted(profiling.STAND_INS), default=None, metavar="STAGE",
                    help="also time each step with this Kernels stage replaced by a stand-in that does no work "
                         f"({', '.join(sorted(profiling.STAND_INS))}): the difference is the stage's cost inside "
-                        "the step")
+                        "the step (a row whose layer never calls the stage shows '-'; the compiled step is "
+                        "compiled once more, within --compile-budget)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write bench_attention.md, .json, and .jsonl (each result as it comes) here")
     args = p.parse_args(argv)
@@ -545,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     device.empty_cache()
                     continue
                 device.empty_cache()
-                compile_s += row.compile_s or 0.0
+                compile_s += (row.compile_s or 0.0) + (row.stub_compile_s or 0.0)
                 if row.compile_error:
                     failures.append(f"{kind} b{batch} ctx{context} compiled: {row.compile_error}")
                 if (batch, context) not in dense:

@@ -68,8 +68,6 @@ def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: i
 def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> tuple[str, int]:
     """(SASS, registers per thread) of triton_moe's per-selection `fmt` kernel for sm_90a, its inputs over
     `splits` programs."""
-    import triton
-
     from ascend.backends import triton_moe
     kernel = {"fp4": triton_moe._fp4_expert_matmul_kernel, "fp8": triton_moe._unpacked_expert_matmul_kernel}[fmt]
     # the pointers typed as triton_moe._launch passes them; sizes and strides i32
@@ -77,6 +75,13 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
                  part_ptr="*fp32", tickets_ptr="*i32")
     compiled = compile_triton(kernel, types, {"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
                                               "PDL": True}, num_warps, aligned=True)
+    return disassemble(compiled)
+
+
+def disassemble(compiled) -> tuple[str, int]:
+    """(SASS, registers per thread) of a `compile_triton` result, by the cuobjdump in Triton's wheel."""
+    import triton
+
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"

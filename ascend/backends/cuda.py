@@ -498,7 +498,7 @@ def compile_decode(step: Callable, eager_numerics: bool = True, **options) -> Ca
         config.pop("triton.enable_pdl", None)
     elif importlib.util.find_spec("triton") is not None:
         from ascend.backends import triton_common
-        config["triton.enable_pdl"] = config.get("triton.enable_pdl", False) and triton_common.PDL
+        config["triton.enable_pdl"] = config["triton.enable_pdl"] and triton_common.PDL
 
     def run(*args, **kwargs):
         # inductor reads its config when it compiles, i.e. inside the first call of each shape

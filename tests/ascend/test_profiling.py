@@ -23,16 +23,29 @@ def test_kernel_table_counts_the_kernels_of_a_captured_step():
 
 def test_stand_ins_give_the_stage_outputs_shape_from_its_inputs_and_stay_opaque_when_compiled():
     """indexer_topk's stand-in: the first topk visible entries, -1 after them (any valid selection would do; this
-    one depends on the inputs, so a compiled step cannot fold it); sparse_attn's: zeros of q's shape. Both run in
-    a fullgraph compile as single nodes."""
-    q = torch.randn(2, 1, 4, 8)
-    pick = STAND_INS["indexer_topk"]
-    n_visible = torch.tensor([[3], [10]])
+    one depends on the inputs, so a compiled step cannot fold it); sparse_attn's: zeros of q's shape. Both are
+    custom operators with a fake implementation (opcheck), and a fullgraph compile keeps each as one node whose
+    inputs are still computed."""
+    q, kv, n_visible = torch.randn(2, 1, 4, 8), torch.randn(2, 12, 8), torch.tensor([[3], [10]])
+    weights, idx, sink = torch.randn(2, 1, 4), torch.zeros(2, 1, 5, dtype=torch.int32), torch.zeros(4)
     want = torch.tensor([[[0, 1, 2, -1, -1]], [[0, 1, 2, 3, 4]]], dtype=torch.int32)
-    assert torch.equal(pick(q, torch.randn(2, 12, 8), torch.randn(2, 1, 4), n_visible, 5), want)
-    attend = STAND_INS["sparse_attn"]
-    idx = torch.zeros(2, 1, 5, dtype=torch.int32)
-    assert torch.equal(attend(q, torch.randn(2, 12, 8), idx, torch.zeros(4), 0.1), torch.zeros_like(q))
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda q, n: pick(q * 2, q, q, n + 0, 5), backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(q, n_visible), want)
+    pick, attend = STAND_INS["indexer_topk"], STAND_INS["sparse_attn"]
+    assert torch.equal(pick(q, kv, weights, n_visible, 5), want)
+    assert torch.equal(attend(q, kv, idx, sink, 0.1), torch.zeros_like(q))
+    ops = torch.ops.ascend_profiling
+    torch.library.opcheck(ops.no_selection, (q, kv, weights, n_visible, 5))
+    torch.library.opcheck(ops.no_attention, (q, kv, idx, sink, 0.1))
+
+    cases = ((ops.no_selection.default, lambda q, kv: pick(q * 2, kv + 1, weights, n_visible, 5), want),
+             (ops.no_attention.default, lambda q, kv: attend(q * 2, kv + 1, idx, sink, 0.1), torch.zeros_like(q)))
+    for op, fn, out in cases:
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm.graph)
+            return gm.forward
+
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, backend=backend, fullgraph=True)(q, kv), out)
+        node = next(n for n in graphs[0].nodes if n.op == "call_function" and n.target is op)
+        assert all(a.op == "call_function" for a in node.args[:2])      # q * 2 and kv + 1: computed, not folded

@@ -67,3 +67,19 @@ compile_for(M._hc_post_kernel, f32, N=4, N_PAD=4, BLOCK_D=M.POST_CONFIG["block_d
 def test_kernels_compile_for_sm90(module):
     pytest.importorskip("triton")
     run_without_interpreter("-c", "from tests.conftest import compile_for\n" + MODULES[module])
+
+
+def test_one_program_top_k_runs_its_passes_as_a_loop():
+    """The one-program top-k's four radix passes are a loop, not unrolled: unrolled (`tl.static_range`) they compile
+    to 4,720 sm_90 instructions here (2,048 entries, 8 warps, unaligned arguments) against the loop's 2,104, and
+    that code cost the compiled CSA decode step at 8K 10-19 us on the H200, though the kernel alone ran as fast
+    (docs/performance.md). A form that unrolls them again fails here."""
+    pytest.importorskip("triton")
+    out = run_without_interpreter("-c", """
+from tests.conftest import compile_for, load_script
+from ascend.backends import triton_sparse_attn as T
+tools = load_script("kernel_sass")
+sass, _ = tools.disassemble(compile_for(T._topk_row_kernel, {"scores_ptr": "*fp32"}, num_warps=8, BLOCK=2048, PDL=True))
+print(len(tools._INSTRUCTION.findall(sass)))
+""")
+    assert int(out.split()[-1]) < 3000
