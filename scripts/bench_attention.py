@@ -216,6 +216,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0)
     name = "eager"
     profile(step)
+
     def compile_with(table):
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, table)
