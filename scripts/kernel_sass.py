@@ -48,6 +48,11 @@ def loop_mix(sass: str) -> Counter:
     return Counter(op for at, op in _INSTRUCTION.findall(sass) if lo <= int(at, 16) <= hi)
 
 
+def opcodes(sass: str) -> Counter:
+    """Opcodes (without modifiers) of the whole SASS listing."""
+    return Counter(op for _, op in _INSTRUCTION.findall(sass))
+
+
 def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, arch: int = 90,
                    aligned: bool = False):
     """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
@@ -95,7 +100,7 @@ def disassemble(compiled) -> tuple[str, int]:
 def measure(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> dict:
     sass, registers = compile_sass(fmt, block_out, block_in, num_warps, splits)
     mix = loop_mix(sass)
-    whole = Counter(op for _, op in _INSTRUCTION.findall(sass))
+    whole = opcodes(sass)
     weight_bytes = block_out * block_in // (2 if fmt == "fp4" else 1) / (32 * num_warps)
     n = sum(mix.values())
     return {"kernel": fmt, "block_out": block_out, "block_in": block_in, "num_warps": num_warps, "splits": splits,

@@ -49,8 +49,8 @@ def test_kernels_wait_only_when_launched_with_pdl():
     """`griddepcontrol` exists from sm_90 on, and ptxas refuses it for older targets: a kernel compiled without PDL
     (what `launch_options` gives a GPU before Hopper) builds for sm_80 and sm_89 and has no wait; with PDL, for
     sm_90, it waits. (Compiling it in unconditionally cost every GPU before Hopper all of the backend's kernels.)"""
-    built = json.loads(run_without_interpreter("-c", _COMPILE, timeout=300).splitlines()[-1])   # (Triton prints a
-    # failed build's PTX before it)
+    # the last line: Triton prints a failed build's PTX before it
+    built = json.loads(run_without_interpreter("-c", _COMPILE, timeout=300).splitlines()[-1])
     assert built["80 False"] is False and built["89 False"] is False and built["90 True"] is True
     assert built["89 True"] not in (True, False)          # the instruction itself: refused before sm_90
 

@@ -80,6 +80,6 @@ from tests.conftest import compile_for, load_script
 from ascend.backends import triton_sparse_attn as T
 tools = load_script("kernel_sass")
 sass, _ = tools.disassemble(compile_for(T._topk_row_kernel, {"scores_ptr": "*fp32"}, num_warps=8, BLOCK=2048, PDL=True))
-print(len(tools._INSTRUCTION.findall(sass)))
+print(sum(tools.opcodes(sass).values()))
 """)
     assert int(out.split()[-1]) < 3000
