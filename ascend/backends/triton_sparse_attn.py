@@ -107,8 +107,11 @@ def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, devic
 
 
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
-    """Chunks of the index list per (query, head block): enough programs for `waves` waves on the GPU."""
-    return max(1, min(k_blocks, triton.cdiv(int(waves * sm_count(device)), programs)))
+    """Chunks of the index list per (query, head block): the most that keep the grid within `waves` programs per SM
+    (at least one). `waves` is what an SM holds at once, so the grid runs as one round with no partial last one: a
+    kernel of one program per SM at batch 32 (32 query blocks) takes 4 chunks, 128 programs, where 5 (160) made a
+    second round of 28 that took as long as the first (H200, docs/performance.md)."""
+    return max(1, min(k_blocks, int(waves * sm_count(device)) // programs))
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,

@@ -482,7 +482,8 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
 
 SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
                    dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
-                   dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4)]
+                   dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4),
+                   cuda.SPARSE_ATTN_LONG_CONFIG]
 
 
 @needs_triton
@@ -576,6 +577,29 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
     out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, block_h=16, block_k=16, num_warps=4,
                                          waves=waves)
     ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_attn_config_takes_the_long_setting_for_long_decode_lists():
+    """At an H200's 132 SMs and V4-Flash's 64 heads: HCA's lists at batch 8 and 1M context (8,320 entries) or batch
+    32 and 128K (1,152) take the 64-head setting; batch 8 at 128K (9K rows in all), CSA's 640 at batch 32, a prefill
+    chunk (more queries than SMs) and 32 local heads (two tensor-parallel ranks) keep the default."""
+    long, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG
+    assert cuda.sparse_attn_config(8, 8320, 64, 132) is long and cuda.sparse_attn_config(32, 1152, 64, 132) is long
+    assert cuda.sparse_attn_config(8, 1152, 64, 132) is default and cuda.sparse_attn_config(32, 640, 64, 132) is default
+    assert cuda.sparse_attn_config(16384, 640, 64, 132) is default and cuda.sparse_attn_config(8, 8320, 32, 132) is default
+
+
+@needs_triton_or_interpreter
+def test_triton_sparse_attn_long_setting_matches_reference():
+    """The long-list setting (64 heads per program, one round of programs) splits and merges to the reference."""
+    from ascend.backends import triton_sparse_attn
+    q, kv, idx, sink = _attn_inputs(2, 1, 64, 64, 600, 512, device=TRITON_DEVICE)
+    config = cuda.SPARSE_ATTN_LONG_CONFIG
+    programs = 2 * (64 // config["block_h"])
+    assert triton_sparse_attn._num_splits(programs, 512 // config["block_k"], q.device, config["waves"]) > 1
+    out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, 64 ** -0.5, **config)
+    ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), 64 ** -0.5)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
