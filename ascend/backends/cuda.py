@@ -207,15 +207,17 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
-# Long index lists at decode (HCA's every visible entry at long contexts): 64 heads per program, so that each KV tile
-# is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. Its 192 KiB of
-# shared memory leave one program per SM: the list is split into one round of programs (waves 1). Alone on an H200
-# (HCA, V4-Flash shapes; docs/performance.md): 171 against 284 us at batch 32 and 1M context, 71 against 101 at batch
-# 8, 46 against 54 at batch 32 and 128K, but 34 against 24 at batch 8 and 128K (9K rows in all) and 21 against 18 at
-# batch 32 and 8K (6K): so from SPARSE_ATTN_LONG_ROWS queries x entries on (CSA batch 32, 20K, was even), for grids
-# of at most one query per SM (decode; prefill chunks keep the 16-head setting, not measured with this one).
+INDEXER_CONFIG = dict(block_t=128, num_warps=4)
+# Long index lists at decode (HCA's every visible entry, CSA's 640 at batch 32): 64 heads per program, so that each KV
+# tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. Its 192
+# KiB of shared memory leave one program per SM, so the list is split into one round of programs (waves 1). Alone on
+# an H200 at V4-Flash shapes, us against the 16-head setting (docs/performance.md): HCA batch 32 at 1M context 164
+# against 345, batch 8 at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21
+# against 23, CSA batch 32 at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9: so from
+# SPARSE_ATTN_LONG_ROWS queries x entries on, for grids of at most one query per SM (decode; prefill chunks keep the
+# 16-head setting, not measured with this one).
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
-SPARSE_ATTN_LONG_ROWS = 32768
+SPARSE_ATTN_LONG_ROWS = 8192
 
 
 def sparse_attn_config(queries: int, entries: int, heads: int, sms: int) -> dict:
@@ -224,7 +226,8 @@ def sparse_attn_config(queries: int, entries: int, heads: int, sms: int) -> dict
     SPARSE_ATTN_CONFIG. Shapes only, so a captured graph keeps one kernel."""
     long = queries <= sms and queries * entries >= SPARSE_ATTN_LONG_ROWS and heads % 64 == 0
     return SPARSE_ATTN_LONG_CONFIG if long else SPARSE_ATTN_CONFIG
-INDEXER_CONFIG = dict(block_t=128, num_warps=4)
+
+
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
 # per format, for the routed experts (EXPERT_) and for projections (LINEAR_: one weight, so the grid has only
 # out / block_out programs and wants smaller blocks; small grids also split their inputs, triton_moe.split_k_for).

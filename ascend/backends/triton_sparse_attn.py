@@ -87,17 +87,19 @@ def _sparse_attn_partial_kernel(
 
 
 MERGE_TILE = 8192        # float32 values of o one merge program loads at once: 64 per thread of its 4 warps
+MERGE_HEADS = 16         # heads per merge program at most, whatever the sparse kernel's block (below)
 
 
-def _merge_blocks(queries: int, H: int, D: int, block_h: int, nsplit: int, device: torch.device) -> tuple:
-    """(heads, dims, chunks) per merge program and load. A grid of the sparse kernel's head block and up to 128 dims
-    that fills at least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several
+def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.device) -> tuple:
+    """(heads, dims, chunks) per merge program and load. A grid of MERGE_HEADS heads and up to 128 dims that fills at least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several
     chunks per load made batch 32 slower: their sum over chunks crosses threads). A smaller grid (batch-1 decode) has
     its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
-    256 programs of 4 x 32, one load each."""
-    heads, dims, sms = block_h, min(128, triton.next_power_of_2(D)), sm_count(device)
+    256 programs of 4 x 32, one load each. Blocks of the sparse kernel's 64 heads (its long-list setting) made the
+    merge 3-12 us slower at batch 8 and 32 on an H200 (fewer, larger programs at batch 32; at batch 8, halved down to
+    8 heads and several chunks per load): so the merge starts from 16 heads whatever that kernel's block."""
+    heads, dims, sms = MERGE_HEADS, min(128, triton.next_power_of_2(D)), sm_count(device)
     grid = lambda: queries * triton.cdiv(H, heads) * triton.cdiv(D, dims)     # noqa: E731
     if 2 * grid() >= sms:
         return heads, dims, 1
@@ -145,7 +147,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
         num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **launch_options(q.device),
     )
     if nsplit > 1:
-        heads, dims, chunks = _merge_blocks(B * S, H, D, block_h, nsplit, q.device)
+        heads, dims, chunks = _merge_blocks(B * S, H, D, nsplit, q.device)
         _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](
             *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, NSPLIT_P2=triton.next_power_of_2(nsplit),
             SPLIT_CHUNK=chunks, num_warps=4, **launch_options(q.device))

@@ -553,9 +553,9 @@ def test_merge_blocks_narrow_only_small_grids(monkeypatch):
     4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 132)
-    assert triton_sparse_attn._merge_blocks(1, 64, 512, 16, 20, "cuda") == (4, 32, 32)
-    assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, 9, "cuda") == (16, 128, 1)
-    assert triton_sparse_attn._merge_blocks(32, 64, 512, 16, 3, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(1, 64, 512, 20, "cuda") == (4, 32, 32)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 9, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 3, "cuda") == (16, 128, 1)
 
 
 @needs_triton_or_interpreter
@@ -572,7 +572,7 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
     idx[0, 0, :64] = -1
     programs = B * S * -(-H // 16)
     splits = triton_sparse_attn._num_splits(programs, -(-K // 16), q.device, waves)
-    per_load = triton_sparse_attn._merge_blocks(B * S, H, D, 16, splits, q.device)[2]
+    per_load = triton_sparse_attn._merge_blocks(B * S, H, D, splits, q.device)[2]
     assert splits > (per_load if waves > 2 else 1)
     out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, block_h=16, block_k=16, num_warps=4,
                                          waves=waves)
@@ -581,13 +581,14 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
 
 
 def test_sparse_attn_config_takes_the_long_setting_for_long_decode_lists():
-    """At an H200's 132 SMs and V4-Flash's 64 heads: HCA's lists at batch 8 and 1M context (8,320 entries) or batch
-    32 and 128K (1,152) take the 64-head setting; batch 8 at 128K (9K rows in all), CSA's 640 at batch 32, a prefill
-    chunk (more queries than SMs) and 32 local heads (two tensor-parallel ranks) keep the default."""
+    """At an H200's 132 SMs and V4-Flash's 64 heads: HCA's lists at 128K context (1,152 entries) and at 1M (8,320)
+    and CSA's 640 at batch 32 take the 64-head setting; CSA at batch 8 (5K rows in all), HCA at 8K (192 entries), a
+    prefill chunk (more queries than SMs) and 32 local heads (two tensor-parallel ranks) keep the default."""
     long, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG
-    assert cuda.sparse_attn_config(8, 8320, 64, 132) is long and cuda.sparse_attn_config(32, 1152, 64, 132) is long
-    assert cuda.sparse_attn_config(8, 1152, 64, 132) is default and cuda.sparse_attn_config(32, 640, 64, 132) is default
-    assert cuda.sparse_attn_config(16384, 640, 64, 132) is default and cuda.sparse_attn_config(8, 8320, 32, 132) is default
+    for queries, entries in ((8, 1152), (8, 8320), (32, 1152), (32, 640)):
+        assert cuda.sparse_attn_config(queries, entries, 64, 132) is long
+    for queries, entries, heads in ((8, 640, 64), (32, 192, 64), (16384, 640, 64), (8, 8320, 32)):
+        assert cuda.sparse_attn_config(queries, entries, heads, 132) is default
 
 
 @needs_triton_or_interpreter
