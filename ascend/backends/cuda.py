@@ -220,11 +220,12 @@ SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
 SPARSE_ATTN_LONG_ROWS = 8192
 
 
-def sparse_attn_config(queries: int, entries: int, heads: int, sms: int) -> dict:
+def sparse_attn_config(queries: int, entries: int, heads: int, item_bytes: int, sms: int) -> dict:
     """The Triton sparse attention's launch setting for `queries` (B * S) of `entries` index slots each over `heads`
-    heads on a GPU of `sms` SMs: SPARSE_ATTN_LONG_CONFIG for long decode lists of whole 64-head blocks, else
-    SPARSE_ATTN_CONFIG. Shapes only, so a captured graph keeps one kernel."""
-    long = queries <= sms and queries * entries >= SPARSE_ATTN_LONG_ROWS and heads % 64 == 0
+    heads of `item_bytes`-byte elements on a GPU of `sms` SMs: SPARSE_ATTN_LONG_CONFIG for long decode lists of whole
+    64-head blocks in bf16 / fp16 (float32 tiles would need twice its shared memory, more than an SM has), else
+    SPARSE_ATTN_CONFIG. Shapes and dtype only, so a captured graph keeps one kernel."""
+    long = (queries <= sms and queries * entries >= SPARSE_ATTN_LONG_ROWS and heads % 64 == 0 and item_bytes == 2)
     return SPARSE_ATTN_LONG_CONFIG if long else SPARSE_ATTN_CONFIG
 
 
@@ -258,7 +259,7 @@ def sparse_attn_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     `sparse_attn_config` picks."""
     from ascend.backends import triton_common, triton_sparse_attn
     b, s, h, _ = q.shape
-    config = sparse_attn_config(b * s, indices.size(-1), h, triton_common.sm_count(q.device))
+    config = sparse_attn_config(b * s, indices.size(-1), h, q.element_size(), triton_common.sm_count(q.device))
     return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **config)
 
 

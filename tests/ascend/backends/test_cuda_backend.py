@@ -582,13 +582,15 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
 
 def test_sparse_attn_config_takes_the_long_setting_for_long_decode_lists():
     """At an H200's 132 SMs and V4-Flash's 64 heads: HCA's lists at 128K context (1,152 entries) and at 1M (8,320)
-    and CSA's 640 at batch 32 take the 64-head setting; CSA at batch 8 (5K rows in all), HCA at 8K (192 entries), a
-    prefill chunk (more queries than SMs) and 32 local heads (two tensor-parallel ranks) keep the default."""
+    and CSA's 640 at batch 32 take the 64-head setting in bf16; CSA at batch 8 (5K rows in all), HCA at 8K (192
+    entries), a prefill chunk (more queries than SMs), 32 local heads (two tensor-parallel ranks) and float32 (whose
+    tiles would not fit in shared memory) keep the default."""
     long, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG
     for queries, entries in ((8, 1152), (8, 8320), (32, 1152), (32, 640)):
-        assert cuda.sparse_attn_config(queries, entries, 64, 132) is long
-    for queries, entries, heads in ((8, 640, 64), (32, 192, 64), (16384, 640, 64), (8, 8320, 32)):
-        assert cuda.sparse_attn_config(queries, entries, heads, 132) is default
+        assert cuda.sparse_attn_config(queries, entries, 64, 2, 132) is long
+    for queries, entries, heads, item_bytes in ((8, 640, 64, 2), (32, 192, 64, 2), (16384, 640, 64, 2),
+                                                (8, 8320, 32, 2), (32, 640, 64, 4)):
+        assert cuda.sparse_attn_config(queries, entries, heads, item_bytes, 132) is default
 
 
 @needs_triton_or_interpreter
