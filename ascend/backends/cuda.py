@@ -208,12 +208,12 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
-# Long index lists at decode (HCA's every visible entry, CSA's 640 at batch 32): 64 heads per program, so that each KV
-# tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. Its 192
+# Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
+# KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. Its 192
 # KiB of shared memory leave one program per SM, so the list is split into one round of programs (waves 1). Alone on
-# an H200 at V4-Flash shapes, us against the 16-head setting (docs/performance.md): HCA batch 32 at 1M context 164
-# against 345, batch 8 at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21
-# against 23, CSA batch 32 at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9: so from
+# an H200 at V4-Flash shapes, us against the 16-head setting (one job, docs/performance.md): HCA batch 32 at 1M
+# context 164 against 345, batch 8 at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in
+# all) 21 against 23, CSA batch 32 at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9: so from
 # SPARSE_ATTN_LONG_ROWS queries x entries on, for grids of at most one query per SM (decode; prefill chunks keep the
 # 16-head setting, not measured with this one).
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)

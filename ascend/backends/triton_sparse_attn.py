@@ -91,8 +91,9 @@ MERGE_HEADS = 16         # heads per merge program at most, whatever the sparse 
 
 
 def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.device) -> tuple:
-    """(heads, dims, chunks) per merge program and load. A grid of MERGE_HEADS heads and up to 128 dims that fills at least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several
-    chunks per load made batch 32 slower: their sum over chunks crosses threads). A smaller grid (batch-1 decode) has
+    """(heads, dims, chunks) per merge program and load. A grid of MERGE_HEADS heads and up to 128 dims that fills at
+    least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several chunks per
+    load made batch 32 slower: their sum over chunks crosses threads). A smaller grid (batch-1 decode) has
     its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
@@ -110,9 +111,9 @@ def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.devic
 
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
     """Chunks of the index list per (query, head block): the most that keep the grid within `waves` programs per SM
-    (at least one). `waves` is what an SM holds at once, so the grid runs as one round with no partial last one: a
-    kernel of one program per SM at batch 32 (32 query blocks) takes 4 chunks, 128 programs, where 5 (160) made a
-    second round of 28 that took as long as the first (H200, docs/performance.md)."""
+    (at least one). `waves` is the number meant to be in flight per SM, so the grid runs as one round with no partial
+    last one: a kernel of one program per SM at batch 32 (32 query blocks) takes 4 chunks, 128 programs, where 5 made
+    160, a second round of 28 (HCA at 1M context on an H200: 171 against 256 us, docs/performance.md)."""
     return max(1, min(k_blocks, int(waves * sm_count(device)) // programs))
 
 
@@ -121,7 +122,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
                 waves: float = 2.0) -> torch.Tensor:
     """q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32 (-1 = skip), sink [H] fp32 -> [B,S,H,D] in q's dtype.
 
-    block_h: heads per program (16 / 32 / 64); block_k: rows per inner step; waves: target programs per SM.
+    block_h: heads per program (16 / 32 / 64); block_k: rows per inner step; waves: programs per SM
+    at most (`_num_splits`).
     """
     B, S, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
