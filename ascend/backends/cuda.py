@@ -209,24 +209,32 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
-# KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. Its 192
-# KiB of shared memory leave one program per SM, so the list is split into one round of programs (waves 1). Alone on
-# an H200 at V4-Flash shapes, us against the 16-head setting (one job, docs/performance.md): HCA batch 32 at 1M
-# context 164 against 345, batch 8 at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in
-# all) 21 against 23, CSA batch 32 at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9: so from
-# SPARSE_ATTN_LONG_ROWS queries x entries on, for grids of at most one query per SM (decode; prefill chunks keep the
-# 16-head setting, not measured with this one).
+# KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. It takes
+# more than half an SM's shared memory (128 KiB compiled for sm_90 at V4's 512 dims; 160 for sm_80), so one program
+# per SM, and the list is split into one round of programs (waves 1). Alone on an H200 at V4-Flash shapes, us against
+# the 16-head setting (one job, docs/performance.md): HCA batch 32 at 1M context 164 against 345, batch 8 at 1M 67
+# against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21 against 23, CSA batch 32 at 8K 31
+# against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9. So `sparse_attn_config` takes it for decode steps of
+# SPARSE_ATTN_LONG_ROWS queries x entries or more, at the batches measured (8 to 32 on 132 SMs: from 8 to a quarter of
+# the SMs), on GPUs whose shared memory holds its tiles with room to spare (two stages of keys and the queries: 192
+# KiB at 512 bf16 dims, so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything else
+# (batch-1 decode, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps SPARSE_ATTN_CONFIG.
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
 SPARSE_ATTN_LONG_ROWS = 8192
+SPARSE_ATTN_LONG_MIN_BATCH = 8
 
 
-def sparse_attn_config(queries: int, entries: int, heads: int, item_bytes: int, sms: int) -> dict:
-    """The Triton sparse attention's launch setting for `queries` (B * S) of `entries` index slots each over `heads`
-    heads of `item_bytes`-byte elements on a GPU of `sms` SMs: SPARSE_ATTN_LONG_CONFIG for long decode lists of whole
-    64-head blocks in bf16 / fp16 (float32 tiles would need twice its shared memory, more than an SM has), else
-    SPARSE_ATTN_CONFIG. Shapes and dtype only, so a captured graph keeps one kernel."""
-    long = (queries <= sms and queries * entries >= SPARSE_ATTN_LONG_ROWS and heads % 64 == 0 and item_bytes == 2)
-    return SPARSE_ATTN_LONG_CONFIG if long else SPARSE_ATTN_CONFIG
+def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, sms: int, shared_bytes: int) -> dict:
+    """The Triton sparse attention's launch setting for queries of shape `q_shape` (B, S, H, D) over `entries` index
+    slots each, `item_bytes`-byte elements, on a GPU of `sms` SMs and `shared_bytes` of shared memory per program:
+    SPARSE_ATTN_LONG_CONFIG where the comment above says, else SPARSE_ATTN_CONFIG. Shapes and dtype only, so a
+    captured graph keeps one kernel."""
+    batch, steps, heads, dim = q_shape
+    long = SPARSE_ATTN_LONG_CONFIG
+    tiles = (2 * long["block_k"] + long["block_h"]) * (1 << (dim - 1).bit_length()) * item_bytes
+    use = (steps == 1 and SPARSE_ATTN_LONG_MIN_BATCH <= batch <= sms // 4 and batch * entries >= SPARSE_ATTN_LONG_ROWS
+           and heads % long["block_h"] == 0 and tiles <= shared_bytes)
+    return long if use else SPARSE_ATTN_CONFIG
 
 
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),
@@ -258,8 +266,8 @@ def sparse_attn_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`), launched as
     `sparse_attn_config` picks."""
     from ascend.backends import triton_common, triton_sparse_attn
-    b, s, h, _ = q.shape
-    config = sparse_attn_config(b * s, indices.size(-1), h, q.element_size(), triton_common.sm_count(q.device))
+    config = sparse_attn_config(tuple(q.shape), indices.size(-1), q.element_size(), triton_common.sm_count(q.device),
+                                triton_common.shared_memory(q.device))
     return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **config)
 
 

@@ -550,12 +550,15 @@ def test_triton_stages_replay_under_cuda_graph():
 @needs_triton_or_interpreter
 def test_merge_blocks_narrow_only_small_grids(monkeypatch):
     """On an H200's 132 SMs at V4's 64 heads x 512: batch-1 decode (16 programs of 16 x 128) gets 256 programs of
-    4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load."""
+    4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load (the
+    16-head kernel's 8 and 2 chunks; 16 and 4 for its 64-head setting, whose blocks the merge does not take)."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 132)
     assert triton_sparse_attn._merge_blocks(1, 64, 512, 20, "cuda") == (4, 32, 32)
-    assert triton_sparse_attn._merge_blocks(8, 64, 512, 9, "cuda") == (16, 128, 1)
-    assert triton_sparse_attn._merge_blocks(32, 64, 512, 3, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 8, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 2, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 4, "cuda") == (16, 128, 1)
 
 
 @needs_triton_or_interpreter
@@ -581,16 +584,19 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
 
 
 def test_sparse_attn_config_takes_the_long_setting_for_long_decode_lists():
-    """At an H200's 132 SMs and V4-Flash's 64 heads: HCA's lists at 128K context (1,152 entries) and at 1M (8,320)
-    and CSA's 640 at batch 32 take the 64-head setting in bf16; CSA at batch 8 (5K rows in all), HCA at 8K (192
-    entries), a prefill chunk (more queries than SMs), 32 local heads (two tensor-parallel ranks) and float32 (whose
-    tiles would not fit in shared memory) keep the default."""
-    long, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG
-    for queries, entries in ((8, 1152), (8, 8320), (32, 1152), (32, 640)):
-        assert cuda.sparse_attn_config(queries, entries, 64, 2, 132) is long
-    for queries, entries, heads, item_bytes in ((8, 640, 64, 2), (32, 192, 64, 2), (16384, 640, 64, 2),
-                                                (8, 8320, 32, 2), (32, 640, 64, 4)):
-        assert cuda.sparse_attn_config(queries, entries, heads, item_bytes, 132) is default
+    """On an H200 (132 SMs, 227 KiB of shared memory) at V4-Flash's 64 heads x 512 in bf16: HCA's lists at 128K
+    context (1,152 entries) and 1M (8,320), and CSA's 640 at batch 32, take the 64-head setting at batch 8-32. CSA at
+    batch 8 (5K rows in all), HCA at 8K (192 entries), batch 1 and batch 64 (not measured), a prefill chunk, 32 local
+    heads (two tensor-parallel ranks), float32 or 576 dims (tiles too large) and an sm_89's 99 KiB keep the default."""
+    long, default, h200 = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG, (132, 227 << 10)
+    for batch, entries in ((8, 1152), (8, 8320), (16, 8320), (32, 1152), (32, 640)):
+        assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200) is long
+    for shape, entries, item_bytes, device in (((8, 1, 64, 512), 640, 2, h200), ((32, 1, 64, 512), 192, 2, h200),
+                                               ((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),
+                                               ((1, 4096, 64, 512), 8320, 2, h200), ((8, 1, 32, 512), 8320, 2, h200),
+                                               ((32, 1, 64, 512), 640, 4, h200), ((8, 1, 64, 576), 8320, 2, h200),
+                                               ((8, 1, 64, 512), 8320, 2, (128, 99 << 10))):
+        assert cuda.sparse_attn_config(shape, entries, item_bytes, *device) is default
 
 
 @needs_triton_or_interpreter
