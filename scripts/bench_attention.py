@@ -341,6 +341,9 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                       time_ms(device, lambda: cuda.sparse_attn_sdpa(*args), shapes.reps), roof, ref)]
     if triton:
         from ascend.backends import triton_sparse_attn as tsa
+        # the backend's own op first: the setting `cuda.sparse_attn_config` picks for this shape, among the variants
+        rows.append(KernelRow("sparse_attn", kind, batch, context, "triton backend",
+                              time_ms(device, lambda: cuda.sparse_attn_triton(*args), shapes.reps), roof, ref))
         for name, variant in SPARSE_VARIANTS.items():
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
             rows.append(KernelRow("sparse_attn", kind, batch, context, f"triton {name}", ms, roof, ref))
