@@ -217,25 +217,29 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     name = "eager"
     profile(step)
 
-    def compile_with(table):
+    def compiled_step(table):
+        """The layer compiled on `table`, called once (compiling it) and timed: (its first output in float32, seconds
+        of that first call, ms per captured step, the step, None), or (None, seconds, None, None, the error) if it
+        failed, so that the row keeps its other numbers."""
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, table)
-        return compile_decode(layer, **(compile_options or {}))
-
-    if compiled_kernels is not None:
-        compiled = compile_with(compiled_kernels)
+        compiled = compile_decode(layer, **(compile_options or {}))
+        fn = lambda: compiled(x, start, cache)     # noqa: E731
         t0 = time.perf_counter()
         try:
-            out = compiled(x, start, cache).float()
+            out = fn().float()
             device.synchronize()
-            row.compile_s = time.perf_counter() - t0
+            first_s = time.perf_counter() - t0
+            return out, first_s, time_ms(device, fn, shapes.reps), fn, None
+        except Exception as e:  # noqa: BLE001 -- one failing compile keeps the row
+            return None, time.perf_counter() - t0, None, None, f"{type(e).__name__}: {str(e)[:300]}"
+
+    if compiled_kernels is not None:
+        out, row.compile_s, row.compiled_ms, fn, row.compile_error = compiled_step(compiled_kernels)
+        if out is not None:
             row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
-            row.compiled_ms = time_ms(device, lambda: compiled(x, start, cache), shapes.reps)
             name = "compiled"
-            profile(lambda: compiled(x, start, cache))
-        except Exception as e:  # noqa: BLE001 -- keep the eager numbers of the row
-            row.compile_s = time.perf_counter() - t0
-            row.compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+            profile(fn)
         torch._dynamo.reset()
     if stub is not None:
         stand_in, called = profiling.STAND_INS[stub], []
@@ -245,22 +249,16 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             return stand_in(*args, **kwargs)
 
         use_kernels(layer, dataclasses.replace(kernels, **{stub: recorded}))
-        step()
-        if called:                       # (HCA layers have no indexer: nothing stands in for their indexer_topk)
+        step()                           # does the layer call the stage? (HCA layers have no indexer_topk)
+        if called:
+            use_kernels(layer, dataclasses.replace(kernels, **{stub: stand_in}))
             row.stubbed_ms = time_ms(device, step, shapes.reps)
             if row.compiled_ms is not None:
-                stubbed = compile_with(dataclasses.replace(compiled_kernels, **{stub: stand_in}))
-                t0 = time.perf_counter()
-                try:
-                    stubbed(x, start, cache)
-                    device.synchronize()
-                    row.stub_compile_s = time.perf_counter() - t0
-                    row.stubbed_compiled_ms = time_ms(device, lambda: stubbed(x, start, cache), shapes.reps)
-                except Exception as e:  # noqa: BLE001 -- keep the row's other numbers
-                    row.stub_compile_s = time.perf_counter() - t0
-                    row.compile_error = f"with the {stub} stand-in: {type(e).__name__}: {str(e)[:300]}"
-                finally:
-                    torch._dynamo.reset()
+                _, row.stub_compile_s, row.stubbed_compiled_ms, _, error = compiled_step(
+                    dataclasses.replace(compiled_kernels, **{stub: stand_in}))
+                if error:
+                    row.compile_error = f"with the {stub} stand-in: {error}"
+                torch._dynamo.reset()
     row.peak_gib = peak_gib(device)
     if with_reference:
         use_kernels(layer, REFERENCE)
@@ -340,13 +338,14 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
     rows = [KernelRow("sparse_attn", kind, batch, context, "pytorch sdpa",
                       time_ms(device, lambda: cuda.sparse_attn_sdpa(*args), shapes.reps), roof, ref)]
     if triton:
-        from ascend.backends import triton_sparse_attn as tsa
-        # the backend's own op first: the setting `cuda.sparse_attn_config` picks for this shape, among the variants
-        rows.append(KernelRow("sparse_attn", kind, batch, context, "triton backend",
-                              time_ms(device, lambda: cuda.sparse_attn_triton(*args), shapes.reps), roof, ref))
+        from ascend.backends import triton_common, triton_sparse_attn as tsa
+        # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (both of its settings are here)
+        picked = cuda.sparse_attn_config(tuple(q.shape), k_rows, q.element_size(), triton_common.sm_count(q.device),
+                                         triton_common.shared_memory(q.device))
         for name, variant in SPARSE_VARIANTS.items():
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
-            rows.append(KernelRow("sparse_attn", kind, batch, context, f"triton {name}", ms, roof, ref))
+            label = f"triton {name}" + (" (backend)" if variant == picked else "")
+            rows.append(KernelRow("sparse_attn", kind, batch, context, label, ms, roof, ref))
     if kind == "csa":
         di, hi = config.index_head_dim, config.index_n_heads
         iq = torch.randn(batch, 1, hi, di, device=dev, dtype=dt)
@@ -402,12 +401,14 @@ def compressor_rows(config, kind: str, batch: int, context: int, shapes: Shapes,
     one that completes it (each replay then pools and advances the state again). Roofline: the float32 kv and score
     rows the step must read and write (the token's row; with a completed block, the block's rows too)."""
     from ascend.backends import cuda
+    from model.cache import CompressorState
     from model.kernels import REFERENCE
 
     dev, ratio = device.torch_device, RATIO[kind]
     overlap = ratio == 4
     width = (2 if overlap else 1) * config.head_dim
-    state = [torch.randn(batch, (1 + overlap) * ratio, width, device=dev) for _ in range(2)]
+    carried = CompressorState.empty(batch, ratio, width, dev)        # the cache's layout, random values
+    state = [carried.kv.normal_(), carried.score.normal_()]
     kv, score = (torch.randn(batch, 1, width, device=dev) for _ in range(2))
     n_valid = torch.ones(batch, dtype=torch.int64, device=dev)
     rows = []

@@ -8,6 +8,13 @@ import pytest
 from tests.conftest import load_script, run_script
 
 
+def test_kernel_table_times_both_backend_sparse_attention_settings():
+    """The kernel table marks the variant the backend picks for each shape: both of its settings must be variants."""
+    from ascend.backends import cuda
+    variants = list(load_script("bench_attention").SPARSE_VARIANTS.values())
+    assert cuda.SPARSE_ATTN_CONFIG in variants and cuda.SPARSE_ATTN_LONG_CONFIG in variants
+
+
 def test_quick_mode_writes_table_and_json(tmp_path):
     assert run_script("bench_attention", ["--quick", "--batches", "1", "--contexts", "64", "--no-reference",
                                            "--out", str(tmp_path), "--compile", "on",
