@@ -54,18 +54,18 @@ def opcodes(sass: str) -> Counter:
 
 
 def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, arch: int = 90,
-                   aligned: bool = False):
+                   aligned: bool = False, unaligned: tuple[str, ...] = ()):
     """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
     in a process without TRITON_INTERPRET). `types`: the arguments' Triton types where they are not the default,
     int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value; `aligned`: every
-    argument but `sy_split` divisible by 16, as a launch on the GPU specialises them."""
+    argument but the `unaligned` ones divisible by 16, as a launch on the GPU specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     signature = {name: "constexpr" if p.is_constexpr else types.get(name, "*i32" if name.endswith("_ptr") else "i32")
                  for name, p in zip(kernel.arg_names, kernel.params)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
-             if aligned and kind != "constexpr" and name != "sy_split"}
+             if aligned and kind != "constexpr" and name not in unaligned}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=attrs, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -79,7 +79,7 @@ def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits
     types = dict(x_ptr="*bf16", w_ptr=_WEIGHT[fmt], s_ptr="*u8", idx_ptr="*i64", order_ptr="*i64", y_ptr="*bf16",
                  part_ptr="*fp32", tickets_ptr="*i32")
     compiled = compile_triton(kernel, types, {"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "SPLITS": splits,
-                                              "PDL": True}, num_warps, aligned=True)
+                                              "PDL": True}, num_warps, aligned=True, unaligned=("sy_split",))
     return disassemble(compiled)
 
 

@@ -2,6 +2,7 @@
 tests share."""
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import socket
@@ -56,10 +57,16 @@ def run_without_interpreter(*args: str, timeout: int = 600) -> str:
     return out.stdout
 
 
+@functools.cache
+def kernel_sass():
+    """scripts/kernel_sass.py, loaded once per process (the offline compiles call it many times)."""
+    return load_script("kernel_sass")
+
+
 def compile_for(kernel, types: dict[str, str], arch: int = 90, num_warps: int = 4, **constexprs):
     """`scripts/kernel_sass.compile_triton` of `kernel` at the constexprs given as keywords (run it under
     `run_without_interpreter`)."""
-    return load_script("kernel_sass").compile_triton(kernel, types, constexprs, num_warps, arch)
+    return kernel_sass().compile_triton(kernel, types, constexprs, num_warps, arch)
 
 
 # The official DeepSeek-V4 `inference/` folder (model.py, and a pure-torch kernel.py beside it in place of the tilelang

@@ -48,7 +48,7 @@ def sm_count(device: torch.device) -> int:
 def shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one program may use on `device` (the opt-in maximum per block; 48 KiB where the
     property is missing); CPU tensors come here only under Triton's interpreter, which has no such limit: a nominal
-    227 KiB (an H100's or H200's), so that the settings such a GPU takes run in the tests too."""
+    227 KiB (an H100's or H200's)."""
     if device.type == "cuda":
         return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 << 10))
     return 227 << 10

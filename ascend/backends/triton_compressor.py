@@ -99,6 +99,12 @@ def _compress_decode_kernel(kv_ptr, score_ptr, start_ptr, n_valid_ptr, state_kv_
     tl.store(out + d + c, tl.zeros_like(new_kv), mask=in_c)
 
 
+def block_channels(d: int, ratio: int) -> int:
+    """Channels per program of `_compress_decode_kernel` for entries of `d` channels pooled over `ratio` rows: as
+    many as keep each tile within TILE values (at least 16, at most d rounded up to a power of two)."""
+    return min(triton.next_power_of_2(d), max(16, TILE // triton.next_power_of_2(ratio)))
+
+
 def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                     state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
                     overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,10 +121,9 @@ def compress_decode(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, 
     ids = torch.empty(b, 2, dtype=torch.int64, device=kv.device)
     complete = torch.empty(b, 2, dtype=torch.bool, device=kv.device)
     out = torch.empty(b, 2, d, dtype=torch.float32, device=kv.device)
-    r_p2 = triton.next_power_of_2(ratio)
-    block_c = min(triton.next_power_of_2(d), max(16, TILE // r_p2))
+    block_c = block_channels(d, ratio)
     _compress_decode_kernel[(b, triton.cdiv(d, block_c))](
         new_kv, new_score, start, n_valid, state_kv, state_score, ids, complete.view(torch.uint8), out,
-        new_kv.stride(0), new_score.stride(0), state_kv.stride(0), d, R=ratio, R_P2=r_p2, OVERLAP=int(overlap),
-        BLOCK_C=block_c, num_warps=NUM_WARPS, **launch_options(kv.device))
+        new_kv.stride(0), new_score.stride(0), state_kv.stride(0), d, R=ratio, R_P2=triton.next_power_of_2(ratio),
+        OVERLAP=int(overlap), BLOCK_C=block_c, num_warps=NUM_WARPS, **launch_options(kv.device))
     return ids, complete, out

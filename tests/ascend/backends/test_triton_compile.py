@@ -31,9 +31,10 @@ for shift in (24, 16, 8, 0):
     "triton_compressor": """
 from ascend.backends import triton_compressor as C
 ptrs = dict(kv_ptr="*fp32", score_ptr="*fp32", start_ptr="*i64", n_valid_ptr="*i64", state_kv_ptr="*fp32",
-            state_score_ptr="*fp32", out_ptr="*fp32")
-for ratio, overlap, block_c in ((4, 1, 512), (4, 1, 128), (128, 0, 32)):     # CSA main, CSA indexer, HCA
-    compile_for(C._compress_decode_kernel, ptrs, R=ratio, R_P2=ratio, OVERLAP=overlap, BLOCK_C=block_c, PDL=True)
+            state_score_ptr="*fp32", ids_ptr="*i64", complete_ptr="*u8", out_ptr="*fp32")
+for ratio, overlap, d in ((4, 1, 512), (4, 1, 128), (128, 0, 512)):     # CSA main, CSA indexer, HCA
+    compile_for(C._compress_decode_kernel, ptrs, R=ratio, R_P2=ratio, OVERLAP=overlap,
+                BLOCK_C=C.block_channels(d, ratio), PDL=True)
 """,
     "triton_argmax": """
 from ascend.backends import triton_argmax as A
@@ -76,9 +77,9 @@ def test_one_program_top_k_runs_its_passes_as_a_loop():
     (docs/performance.md). A form that unrolls them again fails here."""
     pytest.importorskip("triton")
     out = run_without_interpreter("-c", """
-from tests.conftest import compile_for, load_script
+from tests.conftest import compile_for, kernel_sass
 from ascend.backends import triton_sparse_attn as T
-tools = load_script("kernel_sass")
+tools = kernel_sass()
 sass, _ = tools.disassemble(compile_for(T._topk_row_kernel, {"scores_ptr": "*fp32"}, num_warps=8, BLOCK=2048, PDL=True))
 print(sum(tools.opcodes(sass).values()))
 """)
