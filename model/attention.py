@@ -8,10 +8,15 @@ prefill chunk that may start anywhere, earlier tokens coming from the cache. Eve
 graph-split backend can run separately:
 
     prolog    q / kv projections, norms, RoPE, FP8 simulation of the window kv
+              (= project: wq_a / wkv, q_norm; then queries: wq_b, norm, RoPE; and token_kv: kv norm, RoPE, FP8)
     compress  block pooling of the chunk into new compressed entries (main and indexer), written to the cache
+              (= compress_main, and compress_index for CSA)
     select    compressed entries each query attends: indexer top-k (CSA), all visible (HCA), none (ratio 0)
+              (CSA: the indexer's queries and weights, then pick: scores and top-k)
     attend    sparse attention over window + selected entries with the per-head sink; window ring update
     epilog    de-rotation of the output's RoPE dims, grouped low-rank output projection wo_a, then wo_b
+
+The finer stages in parentheses are the units that `ascend.backends.streams` runs on concurrent streams at decode.
 
 Rows of the key buffer that sparse attention indexes: [window ring | compressed entries | discard row] from the
 cache; a prefill chunk appends its own window kv after those rows (its tokens are written to the ring only after
@@ -97,23 +102,38 @@ class Attention(JointRows):
     # ------------------------------------------------------------------------------------------- stages
     def prolog(self, x: torch.Tensor, positions: torch.Tensor):
         """-> q [B, S, heads, D] (normed, rotated), qr [B, S, q_lora_rank], kv [B, S, D], cos, sin."""
+        qr, kv, cos, sin = self.project(x, positions)
+        return self.queries(qr, cos, sin), qr, self.token_kv(kv, cos, sin), cos, sin
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """The prolog's shared part: -> qr (normed), kv (wkv(x) as it comes), cos, sin."""
         cos, sin = self.rotary(positions)
         qr, kv = self.joint(x)                                  # wq_a(x), wkv(x)
-        qr = self.q_norm(qr)
+        return self.q_norm(qr), kv, cos, sin
+
+    def queries(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The query path: wq_b, per-head RMS norm, RoPE -> q [B, S, heads, D]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = self.kernels.rope(self.kernels.rms_norm(q, None, self.eps), cos, sin)
+        return self.kernels.rope(self.kernels.rms_norm(q, None, self.eps), cos, sin)
+
+    def token_kv(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The kv path: the tokens' kv as the window stores it (normed, rotated, FP8-rounded non-RoPE dims)."""
         kv = self.kernels.rope(self.kv_norm(kv), cos, sin)
-        if self.quant_sim:
-            kv = K.round_kv_entries(self.kernels, kv, self.rope_dim)
-        return q, qr, kv, cos, sin
+        return K.round_kv_entries(self.kernels, kv, self.rope_dim) if self.quant_sim else kv
 
     def compress(self, x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache) -> None:
         """Write the entries of the blocks this chunk completes (main and, for CSA, indexer keys) to the cache."""
+        self.compress_main(x, start, n_valid, cache)
+        if self.indexer is not None:
+            self.compress_index(x, start, n_valid, cache)
+
+    def compress_main(self, x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache) -> None:
         ids, complete, entries = self.compressor(x, start, n_valid, cache.compressor, self.rotary)
         cache.write_main(torch.where(complete, self.window + ids, cache.discard_row), entries)
-        if self.indexer is not None:
-            ids, complete, keys = self.indexer.compressor(x, start, n_valid, cache.index_compressor, self.rotary)
-            cache.write_index(torch.where(complete, ids, cache.n_entries), keys)
+
+    def compress_index(self, x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor, cache: LayerCache) -> None:
+        ids, complete, keys = self.indexer.compressor(x, start, n_valid, cache.index_compressor, self.rotary)
+        cache.write_index(torch.where(complete, ids, cache.n_entries), keys)
 
     def select(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, cache: LayerCache) -> torch.Tensor | None:
@@ -122,7 +142,12 @@ class Attention(JointRows):
             return None
         if self.indexer is None:
             return visible_entry_rows(positions, self.ratio, cache.n_entries, self.window)
-        ids = self.indexer(x, qr, positions, cos, sin, cache.index_keys())
+        return self.pick(self.indexer.queries(qr, cos, sin), self.indexer.weights(x), positions, cache)
+
+    def pick(self, index_q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+             cache: LayerCache) -> torch.Tensor:
+        """CSA's selection from the indexer's queries and head weights: the top-k entries' key-buffer rows."""
+        ids = self.indexer(index_q, weights, positions, cache.index_keys())
         return torch.where(ids >= 0, ids + self.window, -1)
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,

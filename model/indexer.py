@@ -45,15 +45,18 @@ class Indexer(nn.Module):
         q = self.kernels.hadamard(self.kernels.rope(q, cos, sin))
         return self.kernels.fp4_round_trip(q, FP4_BLOCK) if self.quant_sim else q
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Top-k entry ids int32 [B, S, index_topk] (-1 = none) for queries at `positions` [B, S].
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head weights of the scores, float32 [B, S, local heads]."""
+        return self.weights_proj(x).float() * self.weight_scale
+
+    def forward(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                keys: torch.Tensor) -> torch.Tensor:
+        """Top-k entry ids int32 [B, S, index_topk] (-1 = none) for `queries` q and `weights` of the queries at
+        `positions` [B, S].
 
         keys: [B, T, head_dim] the indexer cache (entries of this chunk already written); rows >= the visible count
         are never selected.
         """
-        q = self.queries(qr, cos, sin)
-        weights = self.weights_proj(x).float() * self.weight_scale
         n_visible = (positions + 1) // self.ratio
         group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
         return self.kernels.indexer_topk(q, keys, weights, n_visible, self.topk, group)
