@@ -99,6 +99,9 @@ class Row:
     compile_s: float | None = None       # its first call (trace, code generation, kernel builds)
     compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
     compile_error: str | None = None     # why the compiled step could not be timed
+    streamed_ms: float | None = None     # the stages compiled apart on concurrent streams (StreamedDecode)
+    streamed_s: float | None = None      # its first call
+    streamed_err: float | None = None    # |streamed - eager| / |eager|
     profiles: dict | None = None         # --profile: kernels of one captured step, eager and compiled
     stubbed_ms: float | None = None      # --stub: the eager step with that stage's stand-in (None: no --stub, or
     stubbed_compiled_ms: float | None = None     # the layer never calls the stage), and the compiled one
@@ -106,7 +109,7 @@ class Row:
 
     @property
     def best_ms(self) -> float:
-        return self.ms if self.compiled_ms is None else min(self.ms, self.compiled_ms)
+        return min(t for t in (self.ms, self.compiled_ms, self.streamed_ms) if t is not None)
 
     @property
     def x_roofline(self) -> float:
@@ -187,14 +190,16 @@ def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device:
 def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
                copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
                compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0,
-               stub: str | None = None) -> Row:
+               stub: str | None = None, streams: bool = False) -> Row:
     """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
-    with `compiled_kernels`, also the step compiled by `compile_decode` on them. Repeating the step at the same
+    with `compiled_kernels`, also the step compiled by `compile_decode` on them and, with `streams`, its stages
+    compiled apart on concurrent streams (`StreamedDecode`). Repeating the step at the same
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
     the eager timing and the compiled step's first output see the same cache. `profile_steps`: also the kernels of
     that many replays of each captured step (CUDA); `stub`: also both steps with that `Kernels` stage replaced by
     its stand-in (`profiling.STAND_INS`), where the layer calls it."""
     from ascend.backends.cuda import compile_decode
+    from ascend.backends.streams import StreamedDecode
     from model.kernels import use_kernels
     from model.kernels import REFERENCE
 
@@ -217,13 +222,14 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     name = "eager"
     profile(step)
 
-    def compiled_step(table):
-        """The layer compiled on `table`, called once (compiling it) and timed: (its first output in float32, seconds
+    def compiled_step(table, streamed=False):
+        """The layer compiled on `table` (one graph, or `streamed`: its stages on streams), called once (compiling it) and timed: (its first output in float32, seconds
         of that first call, ms per captured step, the step, None), or (None, seconds, None, None, the error) if it
         failed, so that the row keeps its other numbers."""
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, table)
-        compiled = compile_decode(layer, **(compile_options or {}))
+        options = compile_options or {}
+        compiled = StreamedDecode(layer, device, **options) if streamed else compile_decode(layer, **options)
         fn = lambda: compiled(x, start, cache)     # noqa: E731
         t0 = time.perf_counter()
         try:
@@ -240,6 +246,12 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
             name = "compiled"
             profile(fn)
+        if streams:
+            out, row.streamed_s, row.streamed_ms, _, error = compiled_step(compiled_kernels, streamed=True)
+            if out is None:
+                row.compile_error = f"streamed: {error}"
+            else:
+                row.streamed_err = ((out - eager_out).norm() / eager_out.norm()).item()
         torch._dynamo.reset()
     if stub is not None:
         stand_in, called = profiling.STAND_INS[stub], []
@@ -441,20 +453,21 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     stub = ceilings.get("stub")
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
              f"({ceilings['device']}){options}{profiled}", "",
-             "| layer | batch | context | eager us | compiled us | speedup | roofline us | best x roofline | "
-             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | peak GiB |"
+             "| layer | batch | context | eager us | compiled us | streamed us | eager / best | roofline us | best x roofline | "
+             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | "
+             "streamed err | peak GiB |"
              + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else ""),
-             "|---|" + "---:|" * (16 if stub else 14)]
+             "|---|" + "---:|" * (18 if stub else 16)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
     for r in rows:
-        compiled_us = None if r.compiled_ms is None else r.compiled_ms * 1e3
-        speedup = None if r.compiled_ms is None else r.ms / r.compiled_ms
-        ref_us = None if r.reference_ms is None else r.reference_ms * 1e3
-        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {fmt(compiled_us, '.1f')} | "
-                     f"{fmt(speedup, '.2f')} | {r.roofline_ms * 1e3:.1f} | {r.x_roofline:.2f} | "
-                     f"{r.ms / r.roofline_ms:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {fmt(ref_us, '.1f')} | "
-                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | {r.peak_gib:.2f} |"
+        us = lambda ms: None if ms is None else ms * 1e3   # noqa: E731
+        speedup = r.ms / r.best_ms
+        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {fmt(us(r.compiled_ms), '.1f')} | "
+                     f"{fmt(us(r.streamed_ms), '.1f')} | {speedup:.2f} | {r.roofline_ms * 1e3:.1f} | {r.x_roofline:.2f} | "
+                     f"{r.ms / r.roofline_ms:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {fmt(us(r.reference_ms), '.1f')} | "
+                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | "
+                     f"{fmt(r.streamed_err, '.1e')} | {r.peak_gib:.2f} |"
                      + (f" {fmt(cost(r.ms, r.stubbed_ms), '.1f')} | "
                         f"{fmt(cost(r.compiled_ms, r.stubbed_compiled_ms), '.1f')} |" if stub else ""))
     lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
@@ -485,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel variant table")
     p.add_argument("--compile", choices=("on", "off"), default=None,
                    help="also time the step compiled by compile_decode (default: on for CUDA, off elsewhere)")
+    p.add_argument("--streams", choices=("on", "off"), default="on",
+                   help="with --compile, also time the layer's stages compiled apart on concurrent streams "
+                        "(ascend.backends.streams.StreamedDecode)")
     p.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of compilation after which the remaining rows are timed eagerly only")
     p.add_argument("--compile-backend", default="inductor",
@@ -555,14 +571,14 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
                                      kernels, not args.no_reference, compiled_kernels if within_budget else None,
-                                     compile_options, args.profile, args.stub)
+                                     compile_options, args.profile, args.stub, args.streams == "on")
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
                     device.empty_cache()
                     continue
                 device.empty_cache()
-                compile_s += (row.compile_s or 0.0) + (row.stub_compile_s or 0.0)
+                compile_s += (row.compile_s or 0.0) + (row.stub_compile_s or 0.0) + (row.streamed_s or 0.0)
                 if row.compile_error:
                     failures.append(f"{kind} b{batch} ctx{context} compiled: {row.compile_error}")
                 if (batch, context) not in dense:
