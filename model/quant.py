@@ -19,6 +19,7 @@ and the packing handles the nibbles by hand. Every other cast is a plain `tensor
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -45,10 +46,21 @@ _E2M1_PAIRS = tuple((E2M1_VALUES[b & 0x0F], E2M1_VALUES[b >> 4]) for b in range(
 _E8M0_MIN_EXP, _E8M0_MAX_EXP = -127, 127
 
 
+def _floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for a > 0, exact: Log/Log(2) can be off by one at powers of two, so correct it."""
+    e = torch.floor(torch.log(a) / math.log(2.0))
+    return e + (torch.pow(2.0, e + 1) <= a).float() - (torch.pow(2.0, e) > a).float()
+
+
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """The smallest power of two s with amax / s <= qmax, clamped to the ue8m0 range (float32)."""
-    exp = torch.ceil(torch.log2(amax.float() / qmax)).clamp(_E8M0_MIN_EXP, _E8M0_MAX_EXP)
-    return torch.exp2(exp)
+    """A block's power-of-two scale as the official kernels take it (`fast_round_scale`): the smallest power of two
+    >= amax * (1 / qmax), that product in float32, clamped to the ue8m0 range (float32). The exponent is exact
+    (the official kernels read it from the float's bits; a rounded float32 log2 would miss the ceiling when the
+    product lies within ~1e-6 above a power of two), from Log and Pow only, so the same code fuses under inductor
+    and exports to ONNX."""
+    r = amax.float() * (1.0 / qmax)
+    e = _floor_log2(r)
+    return torch.pow(2.0, (e + (torch.pow(2.0, e) < r).float()).clamp(_E8M0_MIN_EXP, _E8M0_MAX_EXP))
 
 
 def _blocks_2d(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -194,6 +206,32 @@ def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """
     packed, scale = quantize_fp4(x, block)
     return dequantize_fp4(packed, scale, block).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- the same in float arithmetic
+# The round trips above cast through float8 types and use bucketize: inductor leaves the casts and the code tables
+# to a dozen unfused ATen launches, and an ONNX exporter can write none of them. These are the same functions in
+# float32 arithmetic only, equal in value (a zero's sign aside): the scales are `pow2_scale`'s, and rounding to the
+# format's grid is `torch.round` (half to even) at the grid's step. The ONNX export's quantisation operators and
+# the CUDA backend's FP4 simulation, which inductor fuses into one kernel.
+def fp8_round_trip_float(x: torch.Tensor, block: int = KV_FP8_BLOCK) -> torch.Tensor:
+    """`fp8_round_trip` (e4m3, power-of-two scale per `block`) in float arithmetic."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
+    v = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
+    step = torch.pow(2.0, _floor_log2(v.abs().clamp_min(2.0 ** -6)) - 3)   # 3 mantissa bits; subnormals 2^-9
+    r = (torch.round(v.abs() / step) * step).clamp_max(FP8_MAX)
+    return (torch.sign(v) * r * scale).flatten(-2).to(x.dtype)
+
+
+def fp4_round_trip_float(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+    """`fp4_round_trip` (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; power-of-two scale per `block`) in float arithmetic."""
+    blocks = x.float().unflatten(-1, (-1, block))
+    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0 ** -126), FP4_MAX)
+    v = blocks / scale
+    a = v.abs().clamp_max(FP4_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return (torch.sign(v) * torch.round(a / step) * step * scale).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- one entry point per stored format

@@ -9,15 +9,35 @@ from model import quant as Q
 
 
 def _ref_pow2_ceil(t: torch.Tensor) -> torch.Tensor:
-    """Power-of-two ceiling via frexp (exact), independent of the log2 path in quant.py."""
+    """Power-of-two ceiling via frexp (exact), independent of the Log path in quant.py."""
     m, e = torch.frexp(t)
     return torch.ldexp(torch.ones_like(t), torch.where(m == 0.5, e - 1, e))
 
 
-def test_pow2_scale_is_exact_ceiling():
-    amax = torch.cat([torch.rand(1000) * 1000, torch.tensor([448.0, 224.0, 448.0 * 2 ** -20, 449.0])])
-    s = Q.pow2_scale(amax, Q.FP8_MAX)
-    assert torch.equal(s, _ref_pow2_ceil(amax / Q.FP8_MAX))
+def _ref_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The scale's definition: the power-of-two ceiling of amax * float32(1 / qmax)."""
+    return _ref_pow2_ceil(amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32))
+
+
+def _official_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The official kernels' fast_round_scale, bit for bit: amax * float32(1 / qmax), then the exponent field plus
+    one unless the mantissa is zero, as a power of two."""
+    bits = (amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32)).view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), e)
+
+
+@pytest.mark.parametrize("qmax", [Q.FP8_MAX, Q.FP4_MAX])
+def test_pow2_scale_is_the_official_exact_ceiling(qmax):
+    """Random amax, powers of two, and products just above / below powers of two (where a rounded float32 log2
+    misses the ceiling: the form before this test had that off by one binade)."""
+    amax = torch.cat([torch.rand(1000) * 1000, torch.tensor([448.0, 224.0, 448.0 * 2 ** -20, 449.0, 6.0, 1e-4]),
+                      (2.0 ** torch.arange(-100, 100)) * qmax])
+    amax = torch.cat([amax, torch.nextafter(amax, torch.tensor(float("inf"))),
+                      torch.nextafter(amax, torch.tensor(0.0)), amax * (1 + 2.0 ** -20)])
+    s = Q.pow2_scale(amax, qmax)
+    assert torch.equal(s, _official_scale(amax, qmax))
+    assert torch.equal(s, _ref_scale(amax, qmax))
     assert torch.equal(s.to(torch.float8_e8m0fnu).float(), s)       # ue8m0 holds it exactly
 
 
@@ -79,7 +99,7 @@ def test_fp8_weight_bit_exact_vs_native_cast():
     for bi in range(3):
         for bj in range(2):
             blk = w[bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128]
-            scale = _ref_pow2_ceil(blk.abs().amax() / 448.0)
+            scale = _ref_scale(blk.abs().amax(), 448.0)
             assert s[bi, bj].float() == scale
             assert s[bi, bj].view(torch.uint8).item() - 127 == round(math.log2(scale.item()))
             want = (blk / scale).to(torch.float8_e4m3fn)
@@ -105,7 +125,7 @@ def test_fp8_round_trip_simulation_matches_native_cast():
     y = Q.fp8_round_trip(x)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     blocks = x.float().unflatten(-1, (-1, 64))
-    scale = _ref_pow2_ceil(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448.0)
+    scale = _ref_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), 448.0)
     want = ((blocks / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2).to(torch.bfloat16)
     assert torch.equal(y, want)
     assert torch.equal(Q.fp8_round_trip(y), y)                       # idempotent
@@ -115,7 +135,29 @@ def test_fp4_round_trip_simulation():
     x = torch.randn(2, 4, 128)
     y = Q.fp4_round_trip(x)
     blocks = x.unflatten(-1, (-1, 32))
-    scale = _ref_pow2_ceil(blocks.abs().amax(-1, keepdim=True) / 6.0)
+    scale = _ref_scale(blocks.abs().amax(-1, keepdim=True), 6.0)
     assert torch.isin((y.unflatten(-1, (-1, 32)) / scale), torch.tensor(Q.E2M1_VALUES)).all()
     assert torch.equal(Q.fp4_round_trip(y), y)
     assert torch.equal(Q.fp4_round_trip(torch.zeros(1, 32)), torch.zeros(1, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_round_trips_equal_the_cast_forms(dtype):
+    """fp8 / fp4_round_trip_float (the ONNX export's and the CUDA backend's forms) equal the float8-cast ones:
+    random blocks over 60 binades, powers of two, zero blocks of both signs, every e2m1 / e4m3 midpoint (ties to
+    even) at three scales, subnormal magnitudes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4096, generator=g) * torch.logspace(-30, 30, 64)[:, None]
+    x[0, :64] = 2.0 ** torch.arange(-32, 32)
+    x[1, :64], x[2, :64] = 0.0, -0.0
+    x[3, :64] = torch.tensor([1.0625, 1.1875, 9.0, 11.0, 208.0, 232.0, 448.0, -3.0] * 8)  # e4m3 midpoints
+    x[4, :64] = 1e-40
+    x[4, 1:64:2] = -3e-39
+    ties = torch.tensor(Q._E2M1_MIDPOINTS + Q.E2M1_VALUES[:8] + (-0.25, -1.75, -5.0, -0.0, 1e-3, 7.0, 6.0, -3.5, 2.5,
+                                                                0.75, -1.25, 0.0, 5.5, 4.5, 0.1, 3.0, -2.0))
+    for row, scale in zip((5, 6, 7), (1.0, 2.0 ** -20, 2.0 ** 30)):
+        x[row, :32] = ties * scale           # a block of its own: amax 7 clamps, the rest are exact midpoints
+    x = x.to(dtype)
+    for block, cast, fused in ((64, Q.fp8_round_trip, Q.fp8_round_trip_float),
+                               (32, Q.fp4_round_trip, Q.fp4_round_trip_float)):
+        assert torch.equal(fused(x, block), cast(x, block))
