@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ from torch import nn
 
 from ascend.errors import AscendDeployError
 from model.kernels import REFERENCE, Kernels, use_kernels
-from model.quant import FP4_BLOCK, FP4_MAX, FP8_MAX, KV_FP8_BLOCK
+from model import quant
+from model.quant import FP4_BLOCK, KV_FP8_BLOCK
 
 DOMAIN = "ascend.deploy"
 DOMAIN_VERSION = 1
@@ -118,53 +118,18 @@ def function_body(op: type[torch.autograd.Function], specs: Sequence[tuple], att
                                 attributes=sorted(attributes))
 
 
-# The quantisation-aware-training simulations (model/quant.py) cast through float8 types and use exp2 /
-# bucketize, none of which the exporter can write. These are the same functions in float32 arithmetic only
-# (exact: power-of-two scales, round-half-even on the format's grid), exported as their own operators.
-def _floor_log2(a: torch.Tensor) -> torch.Tensor:
-    """floor(log2(a)) for a > 0, exact: Log/Log(2) can be off by one at powers of two, so correct it."""
-    e = torch.floor(torch.log(a) / math.log(2.0))
-    return e + (torch.pow(2.0, e + 1) <= a).float() - (torch.pow(2.0, e) > a).float()
-
-
-def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two >= r (exponent clamped to the ue8m0 range), as model.quant.pow2_scale."""
-    e = _floor_log2(r)
-    return torch.pow(2.0, (e + (torch.pow(2.0, e) < r).float()).clamp(-127, 127))
-
-
-def fp8_round_trip_exportable(x: torch.Tensor, block: int) -> torch.Tensor:
-    """model.quant.fp8_round_trip (e4m3, power-of-two scale per `block`) in float arithmetic."""
-    blocks = x.float().unflatten(-1, (-1, block))
-    scale = _pow2_ceil(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4) / FP8_MAX)
-    v = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
-    step = torch.pow(2.0, _floor_log2(v.abs().clamp_min(2.0 ** -6)) - 3)   # 3 mantissa bits; subnormals 2^-9
-    r = (torch.round(v.abs() / step) * step).clamp_max(FP8_MAX)
-    return (torch.sign(v) * r * scale).flatten(-2).to(x.dtype)
-
-
-def fp4_round_trip_exportable(x: torch.Tensor, block: int) -> torch.Tensor:
-    """model.quant.fp4_round_trip (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; power-of-two scale per `block`)."""
-    blocks = x.float().unflatten(-1, (-1, block))
-    scale = _pow2_ceil(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0 ** -126) / FP4_MAX)
-    v = blocks / scale
-    a = v.abs().clamp_max(FP4_MAX)
-    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-    return (torch.sign(v) * torch.round(a / step) * step * scale).flatten(-2).to(x.dtype)
-
-
 class Fp8RoundTrip(nn.Module):
     """`model.quant.fp8_round_trip` as one node (a graph compiler may map it to a quantise/dequantise pair)."""
 
     def forward(self, x, block=KV_FP8_BLOCK):
-        return fp8_round_trip_exportable(x, block)
+        return quant.fp8_round_trip_float(x, block)
 
 
 class Fp4RoundTrip(nn.Module):
     """`model.quant.fp4_round_trip` as one node."""
 
     def forward(self, x, block=FP4_BLOCK):
-        return fp4_round_trip_exportable(x, block)
+        return quant.fp4_round_trip_float(x, block)
 
 
 EXTRACTED = (Fp8RoundTrip, Fp4RoundTrip)       # modules the exporter turns into functions itself

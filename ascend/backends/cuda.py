@@ -24,7 +24,9 @@ tests compare with `model.kernels.REFERENCE`.
 
 `rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
-launches, which is what a small-batch decode step is made of. `f32_linear` (router, compressors, head) multiplies
+launches, which is what a small-batch decode step is made of. `fp4_round_trip` (the indexer's FP4 simulation) is
+`quant.fp4_round_trip_float`, the same values in float arithmetic that inductor fuses into one kernel (the cast
+form's code tables, bucketize and ue8m0 cast were six unfused launches per call in a compiled step). `f32_linear` (router, compressors, head) multiplies
 the bf16 weights directly into float32 instead of widening them on every call.
 
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
@@ -172,20 +174,6 @@ def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
 
 
 _HADAMARD: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def fp4_round_trip_arith(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """`quant.fp4_round_trip` as plain arithmetic, equal bit for bit: the e2m1 grid is 0.5 apart below 2, 1 apart
-    below 4 and 2 apart up to 6, so rounding to it is `torch.round` (half to even, as the e2m1 codes' ties) of
-    the magnitude at that step. The reference's code tables, bucketize and ue8m0 casts are a dozen launches that
-    inductor cannot fuse (its compiled CSA step spent ~15 us on them per FP4 simulation); this is one reduction
-    and one pointwise chain, which it fuses with their neighbours."""
-    blocks = x.float().unflatten(-1, (-1, block))
-    scale = quant.pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(quant.FP4_MAX * 2.0 ** -126),
-                             quant.FP4_MAX)
-    m = (blocks / scale).abs().clamp_max(quant.FP4_MAX)
-    step = torch.where(m < 2, 0.5, torch.where(m < 4, 1.0, 2.0))
-    return (torch.copysign(torch.round(m / step) * step, blocks) * scale).flatten(-2).to(x.dtype)
 
 
 def _hadamard_matrix(d: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -488,10 +476,10 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     if use_triton is None:
         use_triton = triton_available()
     if for_compile:
-        short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16, fp4_round_trip=fp4_round_trip_arith)
+        short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16, fp4_round_trip=quant.fp4_round_trip_float)
     else:
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16,
-                     fp4_round_trip=fp4_round_trip_arith)
+                     fp4_round_trip=quant.fp4_round_trip_float)
     if use_triton:
         from ascend.backends import triton_argmax, triton_mhc     # import triton: only here
 
