@@ -39,7 +39,7 @@ from model.norm import RMSNorm
 from model.parallel import ParallelContext
 from model.rope import Rotary
 
-__all__ = ["Attention", "window_rows", "visible_entry_rows"]
+__all__ = ["Attention", "chunk_positions", "window_rows", "visible_entry_rows"]
 
 
 def window_rows(positions: torch.Tensor, start: torch.Tensor, ring_end: torch.Tensor, window: int,
@@ -53,6 +53,14 @@ def window_rows(positions: torch.Tensor, start: torch.Tensor, ring_end: torch.Te
     in_ring = keys < ring_end[:, None, None]
     rows = torch.where(in_ring, keys % window, chunk_row + keys - start[:, None, None])
     return torch.where(keys >= 0, rows, -1).int()
+
+
+def chunk_positions(x: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor | None = None):
+    """(positions [B, S], n_valid [B] int64) of a chunk x [B, S, ...] starting at `start` (all S valid by default)."""
+    b, s = x.shape[:2]
+    if n_valid is None:
+        n_valid = torch.full((b,), s, dtype=torch.int64, device=x.device)
+    return start[:, None] + torch.arange(s, device=x.device), n_valid
 
 
 def visible_entry_rows(positions: torch.Tensor, ratio: int, n_entries: int, first_row: int) -> torch.Tensor:
@@ -187,10 +195,7 @@ class Attention(JointRows):
         Returns [B, S, dim] (rows past n_valid are unspecified). Writes this chunk's kv, entries and compressor
         state into `cache`; the caller advances its lengths.
         """
-        b, s, _ = x.shape
-        if n_valid is None:
-            n_valid = torch.full((b,), s, dtype=torch.int64, device=x.device)
-        positions = start[:, None] + torch.arange(s, device=x.device)
+        positions, n_valid = chunk_positions(x, start, n_valid)
         q, qr, kv, cos, sin = self.prolog(x, positions)
         if self.ratio:
             self.compress(x, start, n_valid, cache)

@@ -25,9 +25,10 @@ import torch
 
 __all__ = [
     "FP8_MAX", "FP4_MAX", "INT8_MAX", "FP8_BLOCK", "FP4_BLOCK", "KV_FP8_BLOCK", "E2M1_VALUES",
-    "pow2_scale", "quantize_fp8", "dequantize_fp8", "fp8_scale_shape",
+    "pow2_scale", "pow2_scale_exportable", "quantize_fp8", "dequantize_fp8", "fp8_scale_shape",
     "e2m1_encode", "e2m1_decode", "pack_fp4", "unpack_fp4", "quantize_fp4", "dequantize_fp4", "fp4_scale_shape",
     "quantize_int8", "dequantize_int8", "set_quant_sim", "fp8_round_trip", "fp4_round_trip",
+    "fp8_round_trip_float", "fp4_round_trip_float",
     "FORMATS", "weight_layout", "quantize_weight", "dequantize_weight",
 ]
 
@@ -43,7 +44,17 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _E2M1_PAIRS = tuple((E2M1_VALUES[b & 0x0F], E2M1_VALUES[b >> 4]) for b in range(256))  # packed byte -> 2 values
 
-_E8M0_MIN_EXP, _E8M0_MAX_EXP = -127, 127
+_E8M0_MAX_EXP = 127
+
+
+def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """A block's power-of-two scale as the official kernels take it (`fast_round_scale`): r = amax * (1 / qmax) in
+    float32, then 2^(r's exponent field - 127, plus one unless its mantissa is zero), read from the bits: the exact
+    ceiling for a normal r, 2^-126 for a subnormal one. Float32, exponent clamped to ue8m0's range [-127, 127]
+    (r = 0, which callers rule out by flooring amax, gives 2^-127 here and 0 in the official bit construction)."""
+    bits = (amax.float() * (1.0 / qmax)).view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
+    return torch.exp2(exp.clamp(-127, _E8M0_MAX_EXP).float())
 
 
 def _floor_log2(a: torch.Tensor) -> torch.Tensor:
@@ -52,15 +63,13 @@ def _floor_log2(a: torch.Tensor) -> torch.Tensor:
     return e + (torch.pow(2.0, e + 1) <= a).float() - (torch.pow(2.0, e) > a).float()
 
 
-def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """A block's power-of-two scale as the official kernels take it (`fast_round_scale`): the smallest power of two
-    >= amax * (1 / qmax), that product in float32, clamped to the ue8m0 range (float32). The exponent is exact
-    (the official kernels read it from the float's bits; a rounded float32 log2 would miss the ceiling when the
-    product lies within ~1e-6 above a power of two), from Log and Pow only, so the same code fuses under inductor
-    and exports to ONNX."""
+def pow2_scale_exportable(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """`pow2_scale` from Log and Pow only (no bit casts, which ONNX has not): the exact power-of-two ceiling of
+    the same float32 product, below the normal range the official kernels' 2^-126 (2^-127 for zero)."""
     r = amax.float() * (1.0 / qmax)
     e = _floor_log2(r)
-    return torch.pow(2.0, (e + (torch.pow(2.0, e) < r).float()).clamp(_E8M0_MIN_EXP, _E8M0_MAX_EXP))
+    e = torch.where(r >= 2.0 ** -126, e + (torch.pow(2.0, e) < r).float(), torch.where(r > 0, -126.0, -127.0))
+    return torch.pow(2.0, e.clamp_max(_E8M0_MAX_EXP))
 
 
 def _blocks_2d(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -209,29 +218,35 @@ def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the same in float arithmetic
-# The round trips above cast through float8 types and use bucketize: inductor leaves the casts and the code tables
-# to a dozen unfused ATen launches, and an ONNX exporter can write none of them. These are the same functions in
-# float32 arithmetic only, equal in value (a zero's sign aside): the scales are `pow2_scale`'s, and rounding to the
-# format's grid is `torch.round` (half to even) at the grid's step. The ONNX export's quantisation operators and
-# the CUDA backend's FP4 simulation, which inductor fuses into one kernel.
+# The round trips above cast through float8 types and use bucketize and bit casts: inductor leaves the casts and
+# code tables to unfused ATen launches (six per FP4 simulation in a compiled step), and an ONNX exporter can write
+# none of them. These are the same functions in float32 arithmetic only, equal bit for bit: the scales are
+# `pow2_scale_exportable`'s, rounding to the format's grid is `torch.round` (half to even) at the grid's step, and
+# the sign is put back by a test that also sees -0. The ONNX export's quantisation operators and the CUDA
+# backend's FP4 simulation, which inductor fuses into one kernel.
+def _with_sign_of(v: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """magnitude with v's sign, -0 included (1 / -0 = -inf): copysign in operators an ONNX graph has."""
+    return torch.where(1.0 / v < 0, -magnitude, magnitude)
+
+
 def fp8_round_trip_float(x: torch.Tensor, block: int = KV_FP8_BLOCK) -> torch.Tensor:
     """`fp8_round_trip` (e4m3, power-of-two scale per `block`) in float arithmetic."""
     blocks = x.float().unflatten(-1, (-1, block))
-    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
+    scale = pow2_scale_exportable(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
     v = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
     step = torch.pow(2.0, _floor_log2(v.abs().clamp_min(2.0 ** -6)) - 3)   # 3 mantissa bits; subnormals 2^-9
     r = (torch.round(v.abs() / step) * step).clamp_max(FP8_MAX)
-    return (torch.sign(v) * r * scale).flatten(-2).to(x.dtype)
+    return _with_sign_of(v, r * scale).flatten(-2).to(x.dtype)
 
 
 def fp4_round_trip_float(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """`fp4_round_trip` (e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; power-of-two scale per `block`) in float arithmetic."""
     blocks = x.float().unflatten(-1, (-1, block))
-    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0 ** -126), FP4_MAX)
+    scale = pow2_scale_exportable(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0 ** -126), FP4_MAX)
     v = blocks / scale
     a = v.abs().clamp_max(FP4_MAX)
     step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-    return (torch.sign(v) * torch.round(a / step) * step * scale).flatten(-2).to(x.dtype)
+    return _with_sign_of(v, torch.round(a / step) * step * scale).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- one entry point per stored format

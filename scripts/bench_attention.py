@@ -249,7 +249,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         if streams:
             out, row.streamed_s, row.streamed_ms, _, error = compiled_step(compiled_kernels, streamed=True)
             if out is None:
-                row.compile_error = f"streamed: {error}"
+                row.compile_error = "; ".join(filter(None, (row.compile_error, f"streamed: {error}")))
             else:
                 row.streamed_err = ((out - eager_out).norm() / eager_out.norm()).item()
         torch._dynamo.reset()

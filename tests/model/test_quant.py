@@ -20,24 +20,29 @@ def _ref_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 def _official_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """The official kernels' fast_round_scale, bit for bit: amax * float32(1 / qmax), then the exponent field plus
-    one unless the mantissa is zero, as a power of two."""
+    """The official kernels' fast_round_scale: amax * float32(1 / qmax), then the exponent field plus one unless the
+    mantissa is zero, as a power of two (for a zero product 2^-127, where the official bit construction gives 0:
+    callers floor amax so that it never arises)."""
     bits = (amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32)).view(torch.int32)
     e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
     return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), e)
 
 
 @pytest.mark.parametrize("qmax", [Q.FP8_MAX, Q.FP4_MAX])
-def test_pow2_scale_is_the_official_exact_ceiling(qmax):
-    """Random amax, powers of two, and products just above / below powers of two (where a rounded float32 log2
-    misses the ceiling: the form before this test had that off by one binade)."""
+def test_pow2_scale_is_the_official_scale(qmax):
+    """pow2_scale (bit reads) and pow2_scale_exportable (Log and Pow) against the official formula: random amax,
+    powers of two, products just above / below powers of two (where a rounded float32 log2 misses the ceiling: the
+    form before this test was off by one binade there), zero and subnormal products."""
     amax = torch.cat([torch.rand(1000) * 1000, torch.tensor([448.0, 224.0, 448.0 * 2 ** -20, 449.0, 6.0, 1e-4]),
                       (2.0 ** torch.arange(-100, 100)) * qmax])
     amax = torch.cat([amax, torch.nextafter(amax, torch.tensor(float("inf"))),
-                      torch.nextafter(amax, torch.tensor(0.0)), amax * (1 + 2.0 ** -20)])
+                      torch.nextafter(amax, torch.tensor(0.0)), amax * (1 + 2.0 ** -20),
+                      torch.tensor([0.0, 1e-45, 1e-40, torch.finfo(torch.float32).tiny])])
     s = Q.pow2_scale(amax, qmax)
     assert torch.equal(s, _official_scale(amax, qmax))
-    assert torch.equal(s, _ref_scale(amax, qmax))
+    assert torch.equal(Q.pow2_scale_exportable(amax, qmax), s)
+    normal = amax * (1.0 / qmax) >= 2.0 ** -126
+    assert torch.equal(s[normal], _ref_scale(amax[normal], qmax))
     assert torch.equal(s.to(torch.float8_e8m0fnu).float(), s)       # ue8m0 holds it exactly
 
 
@@ -143,8 +148,8 @@ def test_fp4_round_trip_simulation():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_round_trips_equal_the_cast_forms(dtype):
-    """fp8 / fp4_round_trip_float (the ONNX export's and the CUDA backend's forms) equal the float8-cast ones:
-    random blocks over 60 binades, powers of two, zero blocks of both signs, every e2m1 / e4m3 midpoint (ties to
+    """fp8 / fp4_round_trip_float (the ONNX export's and the CUDA backend's forms) equal the float8-cast ones bit for
+    bit, zeros' signs included: random blocks over 60 binades, powers of two, zero blocks of both signs, every e2m1 / e4m3 midpoint (ties to
     even) at three scales, subnormal magnitudes."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4096, generator=g) * torch.logspace(-30, 30, 64)[:, None]
@@ -160,4 +165,5 @@ def test_float_round_trips_equal_the_cast_forms(dtype):
     x = x.to(dtype)
     for block, cast, fused in ((64, Q.fp8_round_trip, Q.fp8_round_trip_float),
                                (32, Q.fp4_round_trip, Q.fp4_round_trip_float)):
-        assert torch.equal(fused(x, block), cast(x, block))
+        mine, ref = fused(x, block), cast(x, block)
+        assert torch.equal(mine, ref) and torch.equal(torch.signbit(mine), torch.signbit(ref))

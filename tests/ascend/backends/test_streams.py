@@ -42,20 +42,28 @@ def _state(cache):
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("compiled", [False, True])
 def test_streamed_decode_equals_the_layer(kind, compiled):
-    """Three decode steps (positions moving across block ends), outputs and every cache tensor as the layer's own
-    forward leaves them; compiled: each stage traced by torch.compile (aot_eager: the graphs, not inductor's code)."""
+    """Four decode steps (positions moving across block ends; the first with an idle row, whose n_valid 0 stores
+    nothing, the others with n_valid left out), outputs and every cache tensor as the layer's own forward leaves
+    them; compiled: each stage traced by torch.compile (aot_eager: the graphs, not inductor's code)."""
     layer, cache, x, start = _setup(kind)
     mine = copy.deepcopy(cache)
     torch._dynamo.reset()
-    step = StreamedDecode(layer, get_device("cpu"), compile=compiled,
-                          **({"backend": "aot_eager"} if compiled else {}))
-    with torch.no_grad():
-        for i in range(3):
-            n_valid = torch.tensor([1, 0, 1])          # an idle row (padding): nothing of it is stored
-            assert torch.equal(step(x, start + i, mine, n_valid), layer(x, start + i, cache, n_valid))
-            for a, b in zip(_state(mine), _state(cache)):
-                assert torch.equal(a, b)
-    torch._dynamo.reset()
+    try:
+        step = StreamedDecode(layer, get_device("cpu"), compile=compiled,
+                              **({"backend": "aot_eager"} if compiled else {}))
+        with torch.no_grad():
+            for i, n_valid in enumerate([torch.tensor([1, 0, 1]), None, None, None]):
+                assert torch.equal(step(x, start + i, mine, n_valid), layer(x, start + i, cache, n_valid))
+                for a, b in zip(_state(mine), _state(cache)):
+                    assert torch.equal(a, b)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_streamed_decode_refuses_prefill_chunks():
+    layer, cache, x, start = _setup("csa")
+    with pytest.raises(ValueError, match="decode steps"):
+        StreamedDecode(layer, get_device("cpu"), compile=False)(x.expand(-1, 2, -1), start, cache)
 
 
 def test_streamed_decode_uses_one_side_stream_per_branch():
