@@ -1,5 +1,6 @@
 """StreamedDecode (one attention layer's decode stages on concurrent streams) against the layer's own forward."""
 
+import contextlib
 import copy
 
 import pytest
@@ -71,6 +72,92 @@ def test_streamed_decode_uses_one_side_stream_per_branch():
     dev = get_device("cpu")
     counts = {kind: len(StreamedDecode(_setup(kind)[0], dev, compile=False).sides) for kind in LAYERS}
     assert counts == {"window": 1, "csa": 4, "hca": 2}
+
+
+class _Stream:
+    """A stream that only records: its last stage and the stages it was told to wait for."""
+
+    def __init__(self, name):
+        self.name, self.last, self.waits = name, None, set()
+
+    def wait_stream(self, other):
+        if other.last is not None:
+            self.waits.add(other.last)
+
+
+class _RecordingDevice:
+    """The device calls StreamedDecode makes, recording on which stream each stage runs and what it waits for."""
+
+    def __init__(self):
+        self.streams = [_Stream("main")]
+        self.current = self.streams[0]
+        self.stages = []            # (name, stream, stages it directly follows)
+
+    def stream(self):
+        self.streams.append(_Stream(f"side{len(self.streams)}"))
+        return self.streams[-1]
+
+    def current_stream(self):
+        return self.current
+
+    @contextlib.contextmanager
+    def use_stream(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def recorded(self, name, fn):
+        def run(*args):
+            s = self.current
+            self.stages.append((name, s, ({s.last} | s.waits) - {None}))
+            s.last, s.waits = len(self.stages) - 1, set()
+            return fn(*args)
+        return run
+
+    def before(self, i):
+        """Every stage that must have finished before stage i starts (the happens-before closure)."""
+        seen, todo = set(), list(self.stages[i][2])
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo += self.stages[j][2]
+        return {self.stages[j][0] for j in seen}, seen
+
+
+# What each stage reads of another's output or of the cache another one writes
+NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_queries": {"project"},
+         "pick": {"compress_index", "index_weights", "index_queries"}}
+
+
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_streamed_decode_orders_every_dependency_and_nothing_else(kind):
+    """The schedule itself, which CPU streams cannot exercise: each stage follows the stages it reads from (finish
+    all of them), the compressors and the indexer are not ordered after wq_b's `queries` nor it after them (so
+    they can overlap), and a second step's side stages follow the first step's finish (its reads of what they
+    overwrite)."""
+    layer, cache, x, start = _setup(kind)
+    dev = _RecordingDevice()
+    step = StreamedDecode(layer, dev, compile=False)
+    step.stages = {name: dev.recorded(name, fn) for name, fn in step.stages.items()}
+    with torch.no_grad():
+        step(x, start, cache)
+        first = len(dev.stages)
+        step(x, start + 1, cache)
+    names = [name for name, _, _ in dev.stages[:first]]
+    assert set(names) == set(step.stages) and len(names) == len(step.stages)
+    at = {name: i for i, name in enumerate(names)}
+    for name, needs in NEEDS.items():
+        if name in at:
+            assert needs <= dev.before(at[name])[0], name
+    assert dev.before(at["finish"])[0] == set(names) - {"finish"}
+    side_work = {"compress_main", "compress_index", "index_weights", "index_queries", "pick", "token_kv"} & set(names)
+    assert not side_work & dev.before(at["queries"])[0]
+    assert "queries" not in set().union(*(dev.before(at[n])[0] for n in side_work))
+    for name in side_work:
+        assert dev.stages[at[name]][1].name != "main" and at["finish"] in dev.before(first + at[name])[1], name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
