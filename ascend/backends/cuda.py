@@ -26,8 +26,9 @@ tests compare with `model.kernels.REFERENCE`.
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
 launches, which is what a small-batch decode step is made of. `fp4_round_trip` (the indexer's FP4 simulation) is
 `quant.fp4_round_trip_float`, the same values in float arithmetic that inductor fuses into one kernel (the cast
-form's code tables, bucketize and ue8m0 cast were six unfused launches per call in a compiled step). `f32_linear` (router, compressors, head) multiplies
-the bf16 weights directly into float32 instead of widening them on every call.
+form's code tables, bucketize and ue8m0 cast were six unfused launches per call in a compiled step).
+`f32_linear` (router, compressors, head) multiplies the bf16 weights directly into float32 instead of widening
+them on every call.
 
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
