@@ -222,7 +222,7 @@ def fp4_round_trip(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
 # code tables to unfused ATen launches (six per FP4 simulation in a compiled step), and an ONNX exporter can write
 # none of them. These are the same functions in float32 arithmetic only, equal bit for bit: the scales are
 # `pow2_scale_exportable`'s, rounding to the format's grid is `torch.round` (half to even) at the grid's step, and
-# the sign is put back by a test that also sees -0. The ONNX export's quantisation operators and the CUDA
+# the sign is put back by a test that also sees -0. The ONNX export's quantisation operators and the compiled CUDA
 # backend's FP4 simulation, which inductor fuses into one kernel.
 def _with_sign_of(v: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """magnitude with v's sign, -0 included (1 / -0 = -inf): copysign in operators an ONNX graph has."""

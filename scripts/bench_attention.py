@@ -223,9 +223,9 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     profile(step)
 
     def compiled_step(table, streamed=False):
-        """The layer compiled on `table` (one graph, or `streamed`: its stages on streams), called once (compiling it) and timed: (its first output in float32, seconds
-        of that first call, ms per captured step, the step, None), or (None, seconds, None, None, the error) if it
-        failed, so that the row keeps its other numbers."""
+        """The layer compiled on `table` (one graph, or `streamed`: its stages on streams), called once (compiling
+        it) and timed: (its first output in float32, seconds of that first call, ms per captured step, the step,
+        None), or (None, seconds, None, None, the error) if it failed, so that the row keeps its other numbers."""
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, table)
         options = compile_options or {}

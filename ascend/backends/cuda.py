@@ -24,16 +24,16 @@ tests compare with `model.kernels.REFERENCE`.
 
 `rms_norm`, `rope` and `hadamard` get shorter PyTorch formulations too (fused `F.rms_norm`, one complex
 multiply, one matmul with a cached Hadamard matrix): the same math in a third to a tenth of the kernel
-launches, which is what a small-batch decode step is made of. `fp4_round_trip` (the indexer's FP4 simulation) is
-`quant.fp4_round_trip_float`, the same values in float arithmetic that inductor fuses into one kernel (the cast
-form's code tables, bucketize and ue8m0 cast were six unfused launches per call in a compiled step).
-`f32_linear` (router, compressors, head) multiplies the bf16 weights directly into float32 instead of widening
-them on every call.
+launches, which is what a small-batch decode step is made of. `f32_linear` (router, compressors, head) multiplies
+the bf16 weights directly into float32 instead of widening them on every call.
 
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
 epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few dozen generated kernels; the
-Triton stages enter the graph as opaque custom ops. Capture the compiled step in a graph as usual.
+Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the indexer's FP4 simulation) is
+`quant.fp4_round_trip_float`, the same values in float arithmetic, which inductor fuses (the cast form's code
+tables, bucketize and ue8m0 cast stayed six unfused launches per call); uncompiled that form is more launches
+than the cast one (49 ATen ops against 42), so the eager table keeps the cast form. Capture the compiled step in a graph as usual.
 
 On sm_90+ every Triton kernel, the backend's and inductor's, is launched with programmatic dependent launch
 (`triton_common.PDL`, INDUCTOR_CONFIG): in a captured step each kernel's programs are scheduled while the previous
@@ -469,18 +469,19 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
     the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`) and the
     compressor's decode step (`ascend.backends.triton_compressor`) when available (default), else the PyTorch
-    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear.
+    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear (and, compiled,
+    fp4_round_trip).
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
-    neighbours; the complex-number RoPE does not compile) and the matmul Hadamard."""
+    neighbours; the complex-number RoPE does not compile), the matmul Hadamard and the float-arithmetic FP4
+    simulation."""
     if use_triton is None:
         use_triton = triton_available()
     if for_compile:
         short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16, fp4_round_trip=quant.fp4_round_trip_float)
     else:
-        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16,
-                     fp4_round_trip=quant.fp4_round_trip_float)
+        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     if use_triton:
         from ascend.backends import triton_argmax, triton_mhc     # import triton: only here
 
