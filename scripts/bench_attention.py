@@ -453,21 +453,19 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     stub = ceilings.get("stub")
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
              f"({ceilings['device']}){options}{profiled}", "",
-             "| layer | batch | context | eager us | compiled us | streamed us | eager / best | roofline us | best x roofline | "
-             "eager x roofline | dense us | best x dense | reference-kernels us | compile s | compiled err | "
-             "streamed err | peak GiB |"
+             "| layer | batch | context | eager us | compiled us | streamed us | eager / best | roofline us | "
+             "best x roofline | eager x roofline | dense us | best x dense | reference-kernels us | compile s | "
+             "compiled err | streamed err | peak GiB |"
              + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else ""),
              "|---|" + "---:|" * (18 if stub else 16)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
+    us = lambda ms: "-" if ms is None else f"{ms * 1e3:.1f}"   # noqa: E731
     cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
     for r in rows:
-        us = lambda ms: None if ms is None else ms * 1e3   # noqa: E731
-        speedup = r.ms / r.best_ms
-        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {r.ms * 1e3:.1f} | {fmt(us(r.compiled_ms), '.1f')} | "
-                     f"{fmt(us(r.streamed_ms), '.1f')} | {speedup:.2f} | {r.roofline_ms * 1e3:.1f} | {r.x_roofline:.2f} | "
-                     f"{r.ms / r.roofline_ms:.2f} | {r.dense_ms * 1e3:.1f} | {r.x_dense:.3f} | {fmt(us(r.reference_ms), '.1f')} | "
-                     f"{fmt(r.compile_s, '.1f')} | {fmt(r.compiled_err, '.1e')} | "
-                     f"{fmt(r.streamed_err, '.1e')} | {r.peak_gib:.2f} |"
+        lines.append(f"| {r.layer} | {r.batch} | {r.context} | {us(r.ms)} | {us(r.compiled_ms)} | "
+                     f"{us(r.streamed_ms)} | {r.ms / r.best_ms:.2f} | {us(r.roofline_ms)} | {r.x_roofline:.2f} | "
+                     f"{r.ms / r.roofline_ms:.2f} | {us(r.dense_ms)} | {r.x_dense:.3f} | {us(r.reference_ms)} | {fmt(r.compile_s, '.1f')} | "
+                     f"{fmt(r.compiled_err, '.1e')} | {fmt(r.streamed_err, '.1e')} | {r.peak_gib:.2f} |"
                      + (f" {fmt(cost(r.ms, r.stubbed_ms), '.1f')} | "
                         f"{fmt(cost(r.compiled_ms, r.stubbed_compiled_ms), '.1f')} |" if stub else ""))
     lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
