@@ -7,9 +7,8 @@
   sink.
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
-- `topk`: the k largest scores of each row (the indexer's selection) by radix select: one program per row for
-  short rows (and for rows that fill the GPU by themselves), longer rows spread over chunks with one launch per byte
-  of the order key.
+- `topk`: the k largest scores of each row (the indexer's selection): one program per row for short rows (the row in
+  registers), longer rows by radix select spread over chunks, one launch per byte of the order key.
 
 All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
@@ -321,26 +320,31 @@ def _write_picks(base, out, start, end, kth, need, n_sel, n_tie, BLOCK: tl.const
 
 @triton.jit
 def _topk_row_kernel(scores_ptr, out_ptr, T, K, s_row, o_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One program per row, every pass in one launch. Radix select: the K-th largest order key of the finite
-    scores, one byte per pass from the top (a 256-bin histogram of the keys that share the bytes found so far), then
-    one pass in index order that writes the entries above it and the lowest-index ties with it, then -1 in the slots
-    left. The row is re-read on each of the 5 passes (from L2 after the first); blocks of -inf scores only (entries
-    not visible yet) are skipped."""
+    """One program per row of T <= BLOCK entries, the row's order keys held in registers. The K-th largest key of
+    the finite scores is found two bits at a time from the top: each step counts the keys at or above the three
+    candidates that extend the bits found so far, in one sum (three 16-bit counts packed in an int64, so one
+    reduction across the program per step, 16 in all, instead of a 256-bin histogram per byte), and keeps the
+    largest candidate with at least K. Then `_write_picks` writes the entries above it and the lowest-index ties
+    with it in index order, and -1 fills the slots left. -inf scores get key 0, below every candidate."""
+    tl.static_assert(BLOCK < 65536)                 # a count must fit its 16 bits
     after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * s_row
-    out = out_ptr + row * o_row
+    t = tl.arange(0, BLOCK)
+    score = tl.load(base + t, mask=t < T, other=float("-inf"))
+    key = tl.where(score != float("-inf"), _order_key(score), 0)
     kth = tl.zeros([], tl.int64)
-    need = tl.zeros([], tl.int64) + K           # how many of the keys equal to kth's bytes so far are still wanted
-    # a loop, not unrolled: the four passes as straight-line code were 4,400 instructions at 2,048 entries (70 KB at
-    # 8 warps, the histogram unrolled over each thread's entries); alone, back to back, both forms take ~13 us there,
-    # but in the compiled CSA decode step at 8K the loop's 1,880 made the step 10-19 us faster on the H200 in one job
-    # (docs/performance.md; likely the unrolled code fetched cold, other kernels having run since the last call)
-    for shift in range(24, -1, -8):
-        hist, n_cand = _range_histogram(base, 0, T, kth, base, shift, BLOCK, False)     # (no candidates kept)
-        byte, need, kth = _kth_byte(hist, need, kth, shift)
-    n_sel = _write_picks(base, out, 0, T, kth, need, tl.zeros([], tl.int32), tl.zeros([], tl.int32), BLOCK)
-    _fill_unpicked(out, n_sel, 0, K, BLOCK, BLOCK)
+    for shift in range(30, -1, -2):
+        step = tl.full([], 1, tl.int64) << shift
+        packed = ((key >= (kth | step)).to(tl.int64) + ((key >= (kth | 2 * step)).to(tl.int64) << 16)
+                  + ((key >= (kth | 3 * step)).to(tl.int64) << 32))
+        n = tl.sum(packed, 0)
+        n1, n2, n3 = n & 0xFFFF, (n >> 16) & 0xFFFF, n >> 32
+        kth = tl.where(n3 >= K, kth | 3 * step, tl.where(n2 >= K, kth | 2 * step, tl.where(n1 >= K, kth | step, kth)))
+    need = K - tl.sum((key > kth).to(tl.int64), 0)
+    n_sel = _write_picks(base, out_ptr + row * o_row, 0, T, kth, need, tl.zeros([], tl.int32), tl.zeros([], tl.int32),
+                         BLOCK)
+    _fill_unpicked(out_ptr + row * o_row, n_sel, 0, K, BLOCK, BLOCK)
 
 
 @triton.jit
@@ -429,11 +433,11 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
     _fill_unpicked(out_ptr + row * o_row, tl.load(state_ptr + row * 3 + 2), c * BLOCK, K, P * BLOCK, BLOCK)
 
 
-# Rows up to this many entries: one program per row (`_topk_row_kernel`); longer rows: spread over chunks, one
-# launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, batch 8 / 32, one program per row took 11 us at 2,048
-# entries (8K context) where the chunked form's five launches take 18-20 us, and 32 us at 8,192 against 21-26 us
-# (kernels alone, back to back, before the row kernel's passes became a loop; the crossover not re-checked since, nor
-# inside a decode step, where the chunked form beat the unrolled row kernel at 2,048 entries: docs/performance.md).
+# Rows up to this many entries: one program per row, the row in registers (`_topk_row_kernel`); longer rows: spread
+# over chunks, one launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, ten calls back to back in one graph
+# (one job, docs/performance.md), the register kernel took 10.3 us per call at batch 8 and 32 and 2,048 entries (8K
+# context) where the byte-histogram row kernel it replaced took 12.5, 14.8 against 16.6 at 4,096, 19.9 against 25.5
+# for 256 rows of 2,048; the chunked form's five launches took 18-20 us at 2,048 entries in an earlier job.
 TOPK_ROW_MAX_ENTRIES = 4096
 # The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
 # warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
@@ -447,28 +451,28 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
     largest score the lowest indices are kept (the `kernels.indexer_topk` contract).
 
-    Radix select over the scores' order keys, one byte at a time from the top. `chunk`: entries per program, rounded
-    up to whole steps of `block` entries (default: the whole row up to TOPK_ROW_MAX_ENTRIES; longer rows are shared
-    by about TOPK_CHUNKED["per_sm"] programs per SM in all, at least one step each, so rows that fill the GPU by
-    themselves, a prefill chunk's, keep one program each). A row in one chunk is one program doing every pass (one
-    launch); longer rows take a launch per byte, each spread over the row's chunks, whose last program to finish
-    finds the byte, then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows
-    of a 1M context took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
+    Without `chunk`, a row of at most TOPK_ROW_MAX_ENTRIES is one program holding it in registers (one launch).
+    Longer rows (or an explicit `chunk`: entries per program, rounded up to whole steps of `block` entries) are radix
+    select over the scores' order keys, one byte at a time from the top: a launch per byte, each spread over the
+    row's chunks (by default about TOPK_CHUNKED["per_sm"] programs per SM in all, at least one step each, so rows that
+    fill the GPU by themselves, a prefill chunk's, are one chunk each), whose last program to finish finds the byte,
+    then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows of a 1M context
+    took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
     flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
     rows, T = flat.shape
     dev = flat.device
     out = torch.empty(rows, k, device=dev, dtype=torch.int32)
     if rows == 0:
         return out.view(*scores.shape[:-1], k)
+    if chunk is None and T <= TOPK_ROW_MAX_ENTRIES:
+        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0),
+                                  BLOCK=max(16, triton.next_power_of_2(T)), num_warps=8, **launch_options(dev))
+        return out.view(*scores.shape[:-1], k)
     cfg = TOPK_CHUNKED
     if chunk is None:
-        chunk = T if T <= TOPK_ROW_MAX_ENTRIES else triton.cdiv(T, triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
-    step = block or (min(4096, triton.next_power_of_2(T)) if chunk >= T else cfg["block"])
+        chunk = triton.cdiv(T, triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
+    step = block or cfg["block"]
     chunk = triton.cdiv(chunk, step) * step
-    if chunk >= T:
-        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0), BLOCK=step, num_warps=8,
-                                  **launch_options(dev))
-        return out.view(*scores.shape[:-1], k)
     P = triton.cdiv(T, chunk)
     compact = chunk > cfg["compact_over_blocks"] * step
     hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)

@@ -164,14 +164,14 @@ def _sorted_ids(idx):
 
 
 @needs_triton_or_interpreter
-@pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, 1024), (300, 64, 128, 64),
+@pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, None), (300, 64, 128, 64),
                                              (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
                                              (2000, 100, 1024, 64), (5000, 512, None, None)])
 def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
-    """Radix select, one program per row (T <= TOPK_ROW_MAX_ENTRIES by default) and chunked (explicit chunks, or a
-    longer row; chunks of more than 2 blocks keep their candidates after the second byte): the k largest, ties at
-    the k-th score to the lowest indices (across chunks too), -inf never, -1 padding after the picks (T < k too),
-    several blocks per program; rows of ties, of negatives, of -inf halves, of +-0, of values that differ only in
+    """One program per row (T <= TOPK_ROW_MAX_ENTRIES by default: two bits of the k-th key per step) and chunked
+    radix select (explicit chunks, or a longer row; chunks of more than 2 blocks keep their candidates after the
+    second byte): the k largest, ties at the k-th score to the lowest indices (across chunks too), -inf never, -1
+    padding after the picks (T < k too), several blocks per program; rows of ties, of negatives, of -inf halves, of +-0, of values that differ only in
     the low two bytes of their keys."""
     from ascend.backends import triton_sparse_attn
     g = torch.Generator().manual_seed(T)
@@ -217,9 +217,10 @@ def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch):
 
 
 @needs_triton_or_interpreter
-def test_triton_topk_one_program_per_row_for_short_rows_and_rows_that_fill_the_gpu(monkeypatch):
-    """Rows up to TOPK_ROW_MAX_ENTRIES take the one-program kernel, longer ones the chunked launches, unless there
-    are so many rows (a prefill chunk's) that one program per row already gives TOPK_CHUNKED["per_sm"] per SM."""
+def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
+    """Rows up to TOPK_ROW_MAX_ENTRIES take the one-program kernel (the row in registers), longer ones the chunked
+    launches, spread over chunks unless there are so many rows (a prefill chunk's) that one chunk per row already
+    gives TOPK_CHUNKED["per_sm"] programs per SM."""
     from ascend.backends import triton_sparse_attn
     from ascend.backends.triton_common import sm_count
     monkeypatch.setattr(triton_sparse_attn, "TOPK_ROW_MAX_ENTRIES", 64)
@@ -231,14 +232,15 @@ def test_triton_topk_one_program_per_row_for_short_rows_and_rows_that_fill_the_g
             self.name, self.kernel = name, getattr(triton_sparse_attn, name)
 
         def __getitem__(self, grid):
-            launched.append(self.name)
+            launched.append((self.name, grid[-1]))
             return self.kernel[grid]
 
     for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel"):
         monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
     fill = triton_sparse_attn.TOPK_CHUNKED["per_sm"] * sm_count(torch.device(TRITON_DEVICE))
-    for rows, T, want in ((2, 64, ["_topk_row_kernel"]), (2, 65, ["_radix_pass_kernel"] * 4 + ["_radix_write_kernel"]),
-                          (fill, 65, ["_topk_row_kernel"])):
+    chunked = lambda chunks: [("_radix_pass_kernel", chunks)] * 4 + [("_radix_write_kernel", chunks)]  # noqa: E731
+    for rows, T, want in ((2, 64, [("_topk_row_kernel", 2)]), (fill, 64, [("_topk_row_kernel", fill)]),
+                          (2, 65, chunked(5)), (fill, 65, chunked(1))):
         launched.clear()
         s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
         got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 16).cpu()

@@ -70,11 +70,11 @@ def test_kernels_compile_for_sm90(module):
     run_without_interpreter("-c", "from tests.conftest import compile_for\n" + MODULES[module])
 
 
-def test_one_program_top_k_runs_its_passes_as_a_loop():
-    """The one-program top-k's four radix passes are a loop, not unrolled: unrolled (`tl.static_range`) they compile
-    to 4,720 sm_90 instructions here (2,048 entries, 8 warps, unaligned arguments) against the loop's 2,104, and
-    that code cost the compiled CSA decode step at 8K 10-19 us on the H200, though the kernel alone ran as fast
-    (docs/performance.md). A form that unrolls them again fails here."""
+def test_one_program_top_k_runs_its_steps_as_a_loop():
+    """The one-program top-k's 16 two-bit steps are a loop, not unrolled: 1,528 sm_90 instructions here (2,048
+    entries, 8 warps, unaligned arguments), 3,680 unrolled (`tl.static_range`). Unrolled code cost the compiled CSA decode step at 8K 10-19 us on the H200
+    once, though the kernel alone ran as fast (its byte-histogram predecessor: 4,720 instructions against 2,104 as a
+    loop; docs/performance.md). A form that unrolls them again fails here."""
     pytest.importorskip("triton")
     out = run_without_interpreter("-c", """
 from tests.conftest import compile_for, kernel_sass
