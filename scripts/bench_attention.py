@@ -304,6 +304,7 @@ def prefill_tokens_per_s(layer, config, shapes: Shapes, device: Device, kernels)
 # ----------------------------------------------------------------------------------------------- kernels alone
 SPARSE_VARIANTS = {"h32 k32 w8": dict(block_h=32, block_k=32, num_warps=8, waves=2.0),
                    "h16 k32 w4": dict(block_h=16, block_k=32, num_warps=4, waves=2.0),
+                   "h16 k64 w4 waves1": dict(block_h=16, block_k=64, num_warps=4, waves=1.0),
                    "h64 k32 w8": dict(block_h=64, block_k=32, num_warps=8, waves=2.0),
                    "h32 k64 w8": dict(block_h=32, block_k=64, num_warps=8, waves=2.0),
                    "h32 k32 w8 waves4": dict(block_h=32, block_k=32, num_warps=8, waves=4.0),

@@ -211,7 +211,9 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
 # H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
-SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
+# 64 keys per step and one round of programs (waves 1) over 32 keys and two rounds: in the streamed decode step at 8K
+# (one job, docs/performance.md) HCA batch 8 / 32 2.2 / 4.4 us faster, CSA batch 8 0.6 us.
+SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=64, num_warps=4, waves=1.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
 # KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. It takes

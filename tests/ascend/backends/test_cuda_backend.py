@@ -486,7 +486,7 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
 SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
                    dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
                    dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4),
-                   cuda.SPARSE_ATTN_LONG_CONFIG]
+                   cuda.SPARSE_ATTN_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG]
 
 
 @needs_triton
