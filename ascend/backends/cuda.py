@@ -211,37 +211,48 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
 # H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
 # up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
-# 64 keys per step and one round of programs (waves 1) over 32 keys and two rounds: in the streamed decode step at 8K
-# (one job, docs/performance.md) HCA batch 8 / 32 2.2 / 4.4 us faster, CSA batch 8 0.6 us.
-SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=64, num_warps=4, waves=1.0)
+SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4)
+# Decode at batch 8 or more (up to a quarter of the SMs) with lists short of the long-list rule below (CSA at batch
+# 8, HCA at 8K): the same 16 heads with 64 keys per step and one round of programs. In the streamed decode step at
+# 8K on the H200 (one job, two captures each, docs/performance.md) HCA batch 8 / 32 103.4 / 130.4 us against 105.5
+# / 134.7, CSA batch 8 within the captures' spread (147.7 against 148.3). Not measured at batch 1 (where it halves
+# the chunks, 20 to 10 at V4's CSA lists) nor in prefill, which keep SPARSE_ATTN_CONFIG; its tiles (queries and two
+# stages of 64 keys: 144 KiB at 512 bf16 dims) must fit the shared memory, as the long-list setting's must.
+SPARSE_ATTN_BATCH_CONFIG = dict(block_h=16, block_k=64, num_warps=4, waves=1.0)
 # Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
 # KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. It takes
 # more than half an SM's shared memory (128 KiB compiled for sm_90 at V4's 512 dims; 160 for sm_80), so one program
 # per SM, and the list is split into one round of programs (waves 1). Alone on an H200 at V4-Flash shapes, us against
-# the 16-head setting (one job, docs/performance.md): HCA batch 32 at 1M context 164 against 345, batch 8 at 1M 67
-# against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21 against 23, CSA batch 32 at 8K 31
-# against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9. So `sparse_attn_config` takes it for decode steps of
-# SPARSE_ATTN_LONG_ROWS queries x entries or more, at the batches measured (8 to 32 on 132 SMs: from 8 to a quarter of
-# the SMs), on GPUs whose shared memory holds its tiles with room to spare (two stages of keys and the queries: 192
-# KiB at 512 bf16 dims, so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything else
-# (batch-1 decode, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps SPARSE_ATTN_CONFIG.
+# the 16-head setting of 32 keys (one job, docs/performance.md): HCA batch 32 at 1M context 164 against 345, batch 8
+# at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21 against 23, CSA batch 32
+# at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9. So `sparse_attn_config` takes it for decode
+# steps of SPARSE_ATTN_LONG_ROWS queries x entries or more, at the batches measured (8 to 32 on 132 SMs: from 8 to a
+# quarter of the SMs), on GPUs whose shared memory holds its tiles with room to spare (two stages of keys and the
+# queries: 192 KiB at 512 bf16 dims, so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything
+# else (batch-1 decode, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps
+# SPARSE_ATTN_CONFIG, or SPARSE_ATTN_BATCH_CONFIG where that applies.
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
 SPARSE_ATTN_LONG_ROWS = 8192
-SPARSE_ATTN_LONG_MIN_BATCH = 8
+SPARSE_ATTN_DECODE_MIN_BATCH = 8
 
 
 def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, sms: int, shared_bytes: int) -> dict:
     """The Triton sparse attention's launch setting for queries of shape `q_shape` (B, S, H, D) over `entries` index
     slots each, `item_bytes`-byte elements, on a GPU of `sms` SMs and `shared_bytes` of shared memory per program:
-    SPARSE_ATTN_LONG_CONFIG where the comment above says, else SPARSE_ATTN_CONFIG. Shapes and dtype only, so a
-    captured graph keeps one kernel."""
+    SPARSE_ATTN_LONG_CONFIG or SPARSE_ATTN_BATCH_CONFIG where the comments above say, else SPARSE_ATTN_CONFIG. Shapes
+    and dtype only, so a captured graph keeps one kernel."""
     batch, steps, heads, dim = q_shape
+
+    def fits(config: dict) -> bool:      # queries and two stages of keys in shared memory
+        return (2 * config["block_k"] + config["block_h"]) * (1 << (dim - 1).bit_length()) * item_bytes <= shared_bytes
+
+    if steps != 1 or not SPARSE_ATTN_DECODE_MIN_BATCH <= batch <= sms // 4:
+        return SPARSE_ATTN_CONFIG
     long = SPARSE_ATTN_LONG_CONFIG
-    tiles = (2 * long["block_k"] + long["block_h"]) * (1 << (dim - 1).bit_length()) * item_bytes
-    use = (steps == 1 and SPARSE_ATTN_LONG_MIN_BATCH <= batch <= sms // 4 and batch * entries >= SPARSE_ATTN_LONG_ROWS
-           and heads % long["block_h"] == 0 and tiles <= shared_bytes)
-    return long if use else SPARSE_ATTN_CONFIG
+    if batch * entries >= SPARSE_ATTN_LONG_ROWS and heads % long["block_h"] == 0 and fits(long):
+        return long
+    return SPARSE_ATTN_BATCH_CONFIG if fits(SPARSE_ATTN_BATCH_CONFIG) else SPARSE_ATTN_CONFIG
 
 
 # Quantised-weight kernels (triton_moe.expert_matmul picks per-selection `gemv` or tensor-core `grouped` by rows),

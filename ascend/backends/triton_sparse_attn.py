@@ -441,8 +441,8 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
 TOPK_ROW_MAX_ENTRIES = 4096
 # The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
 # warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
-# `compact_over_blocks` steps keep their candidates after the second byte (COMPACT): at batch 32 and 262,144 entries
-# (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
+# `compact_over_blocks` steps, in rows of several chunks, keep their candidates after the second byte (COMPACT): at
+# batch 32 and 262,144 entries (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
 TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64, compact_over_blocks=2)
 
 
@@ -451,7 +451,8 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
     largest score the lowest indices are kept (the `kernels.indexer_topk` contract).
 
-    Without `chunk`, a row of at most TOPK_ROW_MAX_ENTRIES is one program holding it in registers (one launch).
+    Without `chunk`, a row of at most TOPK_ROW_MAX_ENTRIES is one program holding it in registers (one launch;
+    `block` does not apply).
     Longer rows (or an explicit `chunk`: entries per program, rounded up to whole steps of `block` entries) are radix
     select over the scores' order keys, one byte at a time from the top: a launch per byte, each spread over the
     row's chunks (by default about TOPK_CHUNKED["per_sm"] programs per SM in all, at least one step each, so rows that
@@ -474,7 +475,9 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     step = block or cfg["block"]
     chunk = triton.cdiv(chunk, step) * step
     P = triton.cdiv(T, chunk)
-    compact = chunk > cfg["compact_over_blocks"] * step
+    # a row in one chunk (rows that fill the GPU by themselves) keeps no candidates: they would take as much memory
+    # as the scores (2 GiB for a 16,384-query prefill chunk at 128K context)
+    compact = P > 1 and chunk > cfg["compact_over_blocks"] * step
     hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)
     above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))
     state = torch.empty(rows, 3, device=dev, dtype=torch.int64)

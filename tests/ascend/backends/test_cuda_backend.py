@@ -165,14 +165,14 @@ def _sorted_ids(idx):
 
 @needs_triton_or_interpreter
 @pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, None), (300, 64, 128, 64),
-                                             (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
+                                             (50, 64, None, None), (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
                                              (2000, 100, 1024, 64), (5000, 512, None, None)])
 def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
     """One program per row (T <= TOPK_ROW_MAX_ENTRIES by default: two bits of the k-th key per step) and chunked
     radix select (explicit chunks, or a longer row; chunks of more than 2 blocks keep their candidates after the
     second byte): the k largest, ties at the k-th score to the lowest indices (across chunks too), -inf never, -1
-    padding after the picks (T < k too), several blocks per program; rows of ties, of negatives, of -inf halves, of +-0, of values that differ only in
-    the low two bytes of their keys."""
+    padding after the picks (T < k too, in one program and chunked), several blocks per program; rows of ties, of
+    negatives, of -inf halves, of +-0, of values that differ only in the low two bytes of their keys."""
     from ascend.backends import triton_sparse_attn
     g = torch.Generator().manual_seed(T)
     s = torch.randn(6, T, generator=g)
@@ -220,20 +220,24 @@ def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch):
 def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
     """Rows up to TOPK_ROW_MAX_ENTRIES take the one-program kernel (the row in registers), longer ones the chunked
     launches, spread over chunks unless there are so many rows (a prefill chunk's) that one chunk per row already
-    gives TOPK_CHUNKED["per_sm"] programs per SM."""
+    gives TOPK_CHUNKED["per_sm"] programs per SM; those keep no candidates (no buffer as large as the scores)."""
     from ascend.backends import triton_sparse_attn
     from ascend.backends.triton_common import sm_count
     monkeypatch.setattr(triton_sparse_attn, "TOPK_ROW_MAX_ENTRIES", 64)
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "block", 16)        # chunks are whole steps
-    launched = []
+    launched, candidates = [], []
 
     class Spy:
         def __init__(self, name):
             self.name, self.kernel = name, getattr(triton_sparse_attn, name)
 
         def __getitem__(self, grid):
-            launched.append((self.name, grid[-1]))
-            return self.kernel[grid]
+            def launch(*args, **kwargs):
+                launched.append((self.name, grid[-1]))
+                if self.name == "_radix_pass_kernel":
+                    candidates.append(args[7].numel())
+                return self.kernel[grid](*args, **kwargs)
+            return launch
 
     for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel"):
         monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
@@ -242,9 +246,12 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
     for rows, T, want in ((2, 64, [("_topk_row_kernel", 2)]), (fill, 64, [("_topk_row_kernel", fill)]),
                           (2, 65, chunked(5)), (fill, 65, chunked(1))):
         launched.clear()
+        candidates.clear()
         s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
         got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 16).cpu()
         assert launched == want, (rows, T)
+        if want == chunked(1):          # chunks of 5 steps, which would keep candidates in a row of several
+            assert candidates == [0] * 4
         assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 16)))
 
 
@@ -486,7 +493,7 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
 SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
                    dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
                    dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4),
-                   cuda.SPARSE_ATTN_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG]
+                   cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG]
 
 
 @needs_triton
@@ -586,18 +593,21 @@ def test_triton_sparse_attn_split_and_merged_matches_reference(B, S, H, D, T, K,
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_attn_config_takes_the_long_setting_for_long_decode_lists():
-    """On an H200 (132 SMs, 227 KiB of shared memory) at V4-Flash's 64 heads x 512 in bf16: HCA's lists at 128K
-    context (1,152 entries) and 1M (8,320), and CSA's 640 at batch 32, take the 64-head setting at batch 8-32. CSA at
-    batch 8 (5K rows in all), HCA at 8K (192 entries), batch 1 and batch 64 (not measured), a prefill chunk, 32 local
-    heads (two tensor-parallel ranks), float32 or 576 dims (tiles too large) and an sm_89's 99 KiB keep the default."""
-    long, default, h200 = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_CONFIG, (132, 227 << 10)
+def test_sparse_attn_config_by_decode_batch_and_list_length():
+    """On an H200 (132 SMs, 227 KiB of shared memory) at V4-Flash's 64 heads x 512 in bf16, decode at batch 8-32:
+    HCA's lists at 128K context (1,152 entries) and 1M (8,320), and CSA's 640 at batch 32, take the 64-head setting;
+    CSA at batch 8 (5K rows in all), HCA at 8K (192 entries) and 32 local heads (two tensor-parallel ranks) the batch
+    setting. Batch 1 and batch 64 (not measured), a prefill chunk, float32 or 576 dims (tiles too large for both) and
+    an sm_89's 99 KiB keep the default."""
+    long, batch_config, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_CONFIG
+    h200 = (132, 227 << 10)
     for batch, entries in ((8, 1152), (8, 8320), (16, 8320), (32, 1152), (32, 640)):
         assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200) is long
-    for shape, entries, item_bytes, device in (((8, 1, 64, 512), 640, 2, h200), ((32, 1, 64, 512), 192, 2, h200),
-                                               ((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),
-                                               ((1, 4096, 64, 512), 8320, 2, h200), ((8, 1, 32, 512), 8320, 2, h200),
-                                               ((32, 1, 64, 512), 640, 4, h200), ((8, 1, 64, 576), 8320, 2, h200),
+    for shape, entries in (((8, 1, 64, 512), 640), ((32, 1, 64, 512), 192), ((8, 1, 32, 512), 8320)):
+        assert cuda.sparse_attn_config(shape, entries, 2, *h200) is batch_config
+    for shape, entries, item_bytes, device in (((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),
+                                               ((1, 4096, 64, 512), 8320, 2, h200), ((32, 1, 64, 512), 640, 4, h200),
+                                               ((8, 1, 64, 576), 8320, 2, h200),
                                                ((8, 1, 64, 512), 8320, 2, (128, 99 << 10))):
         assert cuda.sparse_attn_config(shape, entries, item_bytes, *device) is default
 

@@ -16,8 +16,9 @@ from ascend.backends import triton_sparse_attn as T
 bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", k_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32",
             m_ptr="*fp32", l_ptr="*fp32", w_ptr="*fp32", scale="fp32")
 for single in (False, True):
-    compile_for(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=32, SINGLE=single,
-                PRECISION="tf32", PDL=True)
+    for block_k in (32, 64):            # SPARSE_ATTN_CONFIG's, SPARSE_ATTN_BATCH_CONFIG's
+        compile_for(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=block_k, SINGLE=single,
+                    PRECISION="tf32", PDL=True)
 compile_for(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=8, SPLIT_CHUNK=1, PDL=True)
 compile_for(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
             PRECISION="tf32", PDL=True)
@@ -72,9 +73,10 @@ def test_kernels_compile_for_sm90(module):
 
 def test_one_program_top_k_runs_its_steps_as_a_loop():
     """The one-program top-k's 16 two-bit steps are a loop, not unrolled: 1,528 sm_90 instructions here (2,048
-    entries, 8 warps, unaligned arguments), 3,680 unrolled (`tl.static_range`). Unrolled code cost the compiled CSA decode step at 8K 10-19 us on the H200
-    once, though the kernel alone ran as fast (its byte-histogram predecessor: 4,720 instructions against 2,104 as a
-    loop; docs/performance.md). A form that unrolls them again fails here."""
+    entries, 8 warps, unaligned arguments), 3,680 unrolled (`tl.static_range`). Unrolled code cost the compiled CSA
+    decode step at 8K 10-19 us on the H200 once, though the kernel alone ran as fast (its byte-histogram
+    predecessor: 4,720 instructions against 2,104 as a loop; docs/performance.md). A form that unrolls them again
+    fails here."""
     pytest.importorskip("triton")
     out = run_without_interpreter("-c", """
 from tests.conftest import compile_for, kernel_sass
