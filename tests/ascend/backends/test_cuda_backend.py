@@ -613,12 +613,14 @@ def test_sparse_attn_config_by_decode_batch_and_list_length():
 
 
 @needs_triton_or_interpreter
-def test_triton_sparse_attn_long_setting_matches_reference():
-    """The long-list setting (64 heads per program, one round of programs) splits and merges to the reference."""
+@pytest.mark.parametrize("setting,heads", [("LONG", 64), ("BATCH", 16)])
+def test_triton_sparse_attn_decode_settings_match_reference(setting, heads):
+    """The long-list setting (64 heads per program, 64 keys per step, one round of programs) and the batch setting
+    (16 heads, 64 keys per step, one round) split and merge to the reference."""
     from ascend.backends import triton_sparse_attn
-    q, kv, idx, sink = _attn_inputs(2, 1, 64, 64, 600, 512, device=TRITON_DEVICE)
-    config = cuda.SPARSE_ATTN_LONG_CONFIG
-    programs = 2 * (64 // config["block_h"])
+    q, kv, idx, sink = _attn_inputs(2, 1, heads, 64, 600, 512, device=TRITON_DEVICE)
+    config = getattr(cuda, f"SPARSE_ATTN_{setting}_CONFIG")
+    programs = 2 * (heads // config["block_h"])
     assert triton_sparse_attn._num_splits(programs, 512 // config["block_k"], q.device, config["waves"]) > 1
     out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, 64 ** -0.5, **config)
     ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), 64 ** -0.5)
