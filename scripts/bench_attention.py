@@ -15,8 +15,10 @@ static graph, then captured the same way), and is reported as ratios:
 Prefill throughput (tokens/s) of one layer over a 128K prompt is reported too, and the peak device memory of
 every row. `--stub STAGE` times each step again (eager, and compiled when the row compiles) with one `Kernels` stage
 replaced by a stand-in that does no work (`ascend.profiling.STAND_INS`): the difference is what the stage costs
-inside the step, which a kernel's time alone or its span in a profile does not tell. `--quick` runs tiny shapes on
-CPU (graphs are eager re-runs there) to check the script itself.
+inside the step, which a kernel's time alone or its span in a profile does not tell. `--trials N` compiles and
+captures each compiled step N times afresh and reports the median (compiles of the same code can differ by more
+than the change being measured). `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to check the
+script itself.
 
     python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
     python3 scripts/bench_attention.py --quick                   # CPU smoke test
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ascend import profiling
-from ascend.argtypes import non_negative, positive_list
+from ascend.argtypes import non_negative, positive, positive_list
 from ascend.device import Device, get_device
 
 
@@ -102,6 +104,8 @@ class Row:
     streamed_ms: float | None = None     # the stages compiled apart on concurrent streams (StreamedDecode)
     streamed_s: float | None = None      # its first call
     streamed_err: float | None = None    # |streamed - eager| / |eager|
+    compiled_trials: list[float] | None = None   # --trials: ms of each fresh compile and capture (compiled_ms and
+    streamed_trials: list[float] | None = None   # streamed_ms are their medians)
     profiles: dict | None = None         # --profile: kernels of one captured step, eager and compiled
     stubbed_ms: float | None = None      # --stub: the eager step with that stage's stand-in (None: no --stub, or
     stubbed_compiled_ms: float | None = None     # the layer never calls the stage), and the compiled one
@@ -190,14 +194,15 @@ def dense_attention_ms(config, batch: int, context: int, shapes: Shapes, device:
 def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shapes, device: Device,
                copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
                compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0,
-               stub: str | None = None, streams: bool = False) -> Row:
+               stub: str | None = None, streams: bool = False, trials: int = 1) -> Row:
     """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them and, with `streams`, its stages
     compiled apart on concurrent streams (`StreamedDecode`). Repeating the step at the same
     position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
     the eager timing and the compiled step's first output see the same cache. `profile_steps`: also the kernels of
     that many replays of each captured step (CUDA); `stub`: also both steps with that `Kernels` stage replaced by
-    its stand-in (`profiling.STAND_INS`), where the layer calls it."""
+    its stand-in (`profiling.STAND_INS`), where the layer calls it; `trials`: each compiled step compiled and
+    captured that many times afresh, timed as the median (the same code compiled twice ran 15% apart on the H200)."""
     from ascend.backends.cuda import compile_decode
     from ascend.backends.streams import StreamedDecode
     from model.kernels import use_kernels
@@ -240,18 +245,26 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         except Exception as e:  # noqa: BLE001 -- one failing compile keeps the row
             return None, time.perf_counter() - t0, None, None, f"{type(e).__name__}: {str(e)[:300]}"
 
+    def more_trials(first_ms: float, streamed: bool = False) -> tuple[float, list[float]]:
+        """(median, all) of `first_ms` and trials - 1 more fresh compiles and captures of the step."""
+        times = [first_ms] + [compiled_step(compiled_kernels, streamed)[2] for _ in range(trials - 1)]
+        times = [t for t in times if t is not None]
+        return statistics.median(times), times
+
     if compiled_kernels is not None:
         out, row.compile_s, row.compiled_ms, fn, row.compile_error = compiled_step(compiled_kernels)
         if out is not None:
             row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
             name = "compiled"
             profile(fn)
+            row.compiled_ms, row.compiled_trials = more_trials(row.compiled_ms)
         if streams:
             out, row.streamed_s, row.streamed_ms, _, error = compiled_step(compiled_kernels, streamed=True)
             if out is None:
                 row.compile_error = "; ".join(filter(None, (row.compile_error, f"streamed: {error}")))
             else:
                 row.streamed_err = ((out - eager_out).norm() / eager_out.norm()).item()
+                row.streamed_ms, row.streamed_trials = more_trials(row.streamed_ms, streamed=True)
         torch._dynamo.reset()
     if stub is not None:
         stand_in, called = profiling.STAND_INS[stub], []
@@ -452,23 +465,28 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     profiled = ("; with --profile: these step times read slower than a run's without it"
                 if ceilings.get("profile_steps") else "")
     stub = ceilings.get("stub")
+    trials = ceilings.get("trials", 1) > 1
+    trial_note = f"; compiled and streamed: medians of {ceilings.get('trials')} compiles each" if trials else ""
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
-             f"({ceilings['device']}){options}{profiled}", "",
+             f"({ceilings['device']}){options}{profiled}{trial_note}", "",
              "| layer | batch | context | eager us | compiled us | streamed us | eager / best | roofline us | "
              "best x roofline | eager x roofline | dense us | best x dense | reference-kernels us | compile s | "
              "compiled err | streamed err | peak GiB |"
-             + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else ""),
-             "|---|" + "---:|" * (18 if stub else 16)]
+             + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else "")
+             + (" compiled range us | streamed range us |" if trials else ""),
+             "|---|" + "---:|" * (16 + 2 * bool(stub) + 2 * trials)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     us = lambda ms: "-" if ms is None else f"{ms * 1e3:.1f}"   # noqa: E731
     cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
+    spread = lambda times: "-" if not times else f"{min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r.layer} | {r.batch} | {r.context} | {us(r.ms)} | {us(r.compiled_ms)} | "
                      f"{us(r.streamed_ms)} | {r.ms / r.best_ms:.2f} | {us(r.roofline_ms)} | {r.x_roofline:.2f} | "
                      f"{r.ms / r.roofline_ms:.2f} | {us(r.dense_ms)} | {r.x_dense:.3f} | {us(r.reference_ms)} | {fmt(r.compile_s, '.1f')} | "
                      f"{fmt(r.compiled_err, '.1e')} | {fmt(r.streamed_err, '.1e')} | {r.peak_gib:.2f} |"
                      + (f" {fmt(cost(r.ms, r.stubbed_ms), '.1f')} | "
-                        f"{fmt(cost(r.compiled_ms, r.stubbed_compiled_ms), '.1f')} |" if stub else ""))
+                        f"{fmt(cost(r.compiled_ms, r.stubbed_compiled_ms), '.1f')} |" if stub else "")
+                     + (f" {spread(r.compiled_trials)} | {spread(r.streamed_trials)} |" if trials else ""))
     lines += ["", "| layer | prefill tokens | tokens/s | peak GiB |", "|---|---:|---:|---:|"]
     for kind, (tps, peak) in prefill.items():
         lines.append(f"| {kind} | {ceilings['prefill_tokens']} | {tps:,.0f} | {peak:.2f} |")
@@ -500,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", choices=("on", "off"), default="on",
                    help="with --compile, also time the layer's stages compiled apart on concurrent streams "
                         "(ascend.backends.streams.StreamedDecode)")
+    p.add_argument("--trials", type=positive, default=1,
+                   help="compile and capture each compiled / streamed step this many times afresh and report the "
+                        "median, the range in the table (on the H200 the same code compiled in two jobs read 181 "
+                        "and 216 us at CSA batch 32 and 8K, while captures of one compile agree to a few us)")
     p.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of compilation after which the remaining rows are timed eagerly only")
     p.add_argument("--compile-backend", default="inductor",
@@ -543,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_s = matmul_rate(device, 8192 if big else 512, shapes.dtype)
     ceilings = {"device": device.name, "copy_GBps": copy_bps / 1e9, "matmul_TFLOPs": flops_per_s / 1e12,
                 "prefill_tokens": shapes.prefill_tokens, "inductor": dict(args.inductor), "profile_steps": args.profile,
-                "stub": args.stub}
+                "stub": args.stub, "trials": args.trials}
 
     rows, prefill, dense, failures = [], {}, {}, []
 
@@ -570,14 +592,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = decode_row(layer, config, kind, batch, context, shapes, device, copy_bps, flops_per_s,
                                      kernels, not args.no_reference, compiled_kernels if within_budget else None,
-                                     compile_options, args.profile, args.stub, args.streams == "on")
+                                     compile_options, args.profile, args.stub, args.streams == "on", args.trials)
                 except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) keeps the rest
                     print(f"{kind} batch {batch} context {context}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     failures.append(f"{kind} b{batch} ctx{context}: {type(e).__name__}: {str(e)[:200]}")
                     device.empty_cache()
                     continue
                 device.empty_cache()
-                compile_s += (row.compile_s or 0.0) + (row.stub_compile_s or 0.0) + (row.streamed_s or 0.0)
+                # each trial compiles again, taking about as long as the first
+                compile_s += (args.trials * ((row.compile_s or 0.0) + (row.streamed_s or 0.0))
+                              + (row.stub_compile_s or 0.0))
                 if row.compile_error:
                     failures.append(f"{kind} b{batch} ctx{context} compiled: {row.compile_error}")
                 if (batch, context) not in dense:

@@ -40,6 +40,21 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     assert "x roofline" in table and "| csa | 1 | 64 |" in table and "indexer_topk in the compiled step us" in table
 
 
+def test_trials_take_the_median_of_fresh_compiles(tmp_path):
+    """--trials 3: each compiled and streamed step compiled and captured three times; the row's time is their median
+    and the table shows their range."""
+    assert run_script("bench_attention", ["--quick", "--batches", "1", "--contexts", "64", "--no-reference",
+                                           "--no-kernels", "--no-prefill", "--out", str(tmp_path), "--compile", "on",
+                                           "--compile-backend", "aot_eager", "--trials", "3"]) == 0
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["decode"]
+    for r in rows:
+        for kind in ("compiled", "streamed"):
+            times = r[f"{kind}_trials"]
+            assert len(times) == 3 and r[f"{kind}_ms"] == sorted(times)[1]
+    table = (tmp_path / "bench_attention.md").read_text()
+    assert "medians of 3 compiles each" in table and "| streamed range us |" in table
+
+
 def test_inductor_options_parse_as_literals():
     """--inductor KEY=VALUE: Python literals where VALUE is one, the string otherwise; no '=' is refused."""
     parse = load_script("bench_attention").inductor_option
