@@ -4,7 +4,9 @@
 For each (layer type, batch, context) the whole attention layer's decode step (prolog, compressor, indexer,
 sparse attention, epilog) runs from a captured graph with the CUDA backend's kernels, eager ("decode") and, with
 `--compile` (the default on CUDA), also compiled by `ascend.backends.cuda.compile_decode` (torch.compile, one
-static graph, then captured the same way), and is reported as ratios:
+static graph, then captured the same way) and, with `--streams on` (the default), as its stages compiled apart on
+concurrent streams (`ascend.backends.streams.StreamedDecode`, captured likewise). The fastest of the three ("best")
+is reported as ratios:
 
 * x roofline = time / max(bytes the step must read / measured copy bandwidth, FLOPs / measured matmul rate),
   where the bytes are the layer's weights plus, per sequence, the KV rows the step reads (window, selected or all
@@ -16,9 +18,9 @@ Prefill throughput (tokens/s) of one layer over a 128K prompt is reported too, a
 every row. `--stub STAGE` times each step again (eager, and compiled when the row compiles) with one `Kernels` stage
 replaced by a stand-in that does no work (`ascend.profiling.STAND_INS`): the difference is what the stage costs
 inside the step, which a kernel's time alone or its span in a profile does not tell. `--trials N` compiles and
-captures each compiled step N times afresh and reports the median (compiles of the same code can differ by more
-than the change being measured). `--quick` runs tiny shapes on CPU (graphs are eager re-runs there) to check the
-script itself.
+captures each compiled and streamed step N times afresh and reports the median (compiles of the same code can
+differ by more than the change being measured). `--quick` runs tiny shapes on CPU (graphs are eager re-runs there)
+to check the script itself.
 
     python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
     python3 scripts/bench_attention.py --quick                   # CPU smoke test
@@ -103,6 +105,7 @@ class Row:
     compile_error: str | None = None     # why the compiled step could not be timed
     streamed_ms: float | None = None     # the stages compiled apart on concurrent streams (StreamedDecode)
     streamed_s: float | None = None      # its first call
+    trials_s: float = 0.0                # --trials: seconds of the compiles after the first ones
     streamed_err: float | None = None    # |streamed - eager| / |eager|
     compiled_trials: list[float] | None = None   # --trials: ms of each fresh compile and capture (compiled_ms and
     streamed_trials: list[float] | None = None   # streamed_ms are their medians)
@@ -247,23 +250,32 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
 
     def more_trials(first_ms: float, streamed: bool = False) -> tuple[float, list[float]]:
         """(median, all) of `first_ms` and trials - 1 more fresh compiles and captures of the step."""
-        times = [first_ms] + [compiled_step(compiled_kernels, streamed)[2] for _ in range(trials - 1)]
-        times = [t for t in times if t is not None]
+        times = [first_ms]
+        for _ in range(trials - 1):
+            _, seconds, ms, _, _ = compiled_step(compiled_kernels, streamed)
+            row.trials_s += seconds
+            times += [ms] if ms is not None else []
         return statistics.median(times), times
 
+    def note(error: str) -> None:
+        row.compile_error = "; ".join(filter(None, (row.compile_error, error)))
+
+    rel_err = lambda out: ((out - eager_out).norm() / eager_out.norm()).item()   # noqa: E731
     if compiled_kernels is not None:
-        out, row.compile_s, row.compiled_ms, fn, row.compile_error = compiled_step(compiled_kernels)
-        if out is not None:
-            row.compiled_err = ((out - eager_out).norm() / eager_out.norm()).item()
+        out, row.compile_s, row.compiled_ms, fn, error = compiled_step(compiled_kernels)
+        if out is None:
+            note(error)
+        else:
+            row.compiled_err = rel_err(out)
             name = "compiled"
             profile(fn)
             row.compiled_ms, row.compiled_trials = more_trials(row.compiled_ms)
         if streams:
             out, row.streamed_s, row.streamed_ms, _, error = compiled_step(compiled_kernels, streamed=True)
             if out is None:
-                row.compile_error = "; ".join(filter(None, (row.compile_error, f"streamed: {error}")))
+                note(f"streamed: {error}")
             else:
-                row.streamed_err = ((out - eager_out).norm() / eager_out.norm()).item()
+                row.streamed_err = rel_err(out)
                 row.streamed_ms, row.streamed_trials = more_trials(row.streamed_ms, streamed=True)
         torch._dynamo.reset()
     if stub is not None:
@@ -282,7 +294,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
                 _, row.stub_compile_s, row.stubbed_compiled_ms, _, error = compiled_step(
                     dataclasses.replace(compiled_kernels, **{stub: stand_in}))
                 if error:
-                    row.compile_error = f"with the {stub} stand-in: {error}"
+                    note(f"with the {stub} stand-in: {error}")
                 torch._dynamo.reset()
     row.peak_gib = peak_gib(device)
     if with_reference:
@@ -599,9 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                     device.empty_cache()
                     continue
                 device.empty_cache()
-                # each trial compiles again, taking about as long as the first
-                compile_s += (args.trials * ((row.compile_s or 0.0) + (row.streamed_s or 0.0))
-                              + (row.stub_compile_s or 0.0))
+                compile_s += sum(t or 0.0 for t in (row.compile_s, row.streamed_s, row.stub_compile_s, row.trials_s))
                 if row.compile_error:
                     failures.append(f"{kind} b{batch} ctx{context} compiled: {row.compile_error}")
                 if (batch, context) not in dense:
