@@ -42,11 +42,11 @@ __all__ = ["StreamedDecode"]
 
 class StreamedDecode:
     """`step(x, start, cache, n_valid=None)` == `layer(x, start, cache, n_valid)` for decode steps (x [B, 1, dim]),
-    its stages on up to five streams: the caller's, one for the window kv, one per compressor, one for the
-    indexer's queries and weights.
+    its stages on up to five streams: the caller's, one for the window kv, one for the main compressor, one for the
+    indexer's compressor and then its selection (scores, top-k), one for the indexer's weights and queries.
 
-    compile: each stage through `ascend.backends.cuda.compile_decode` (`options` go to torch.compile), else the
-    layer's own eager stages (the schedule alone).
+    compile: each stage through `ascend.backends.cuda.compile_decode` (`options` go to it, and through it to
+    torch.compile), else the layer's own eager stages (the schedule alone).
     """
 
     def __init__(self, layer: Attention, device: Device, compile: bool = True, **options):
@@ -69,7 +69,7 @@ class StreamedDecode:
 
         def finish(q, kv, cos, sin, x, start, n_valid, entry_rows, cache):
             positions, n_valid = chunk_positions(x, start, n_valid)
-            if a.ratio and a.indexer is None:           # HCA: every visible entry
+            if entry_rows is None:                      # not picked by the indexer: HCA's every visible entry, or none
                 entry_rows = a.select(x, None, positions, cos, sin, cache)
             return a.epilog(a.attend(q, kv, positions, start, n_valid, entry_rows, cache), cos, sin)
 
