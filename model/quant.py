@@ -50,11 +50,12 @@ _E8M0_MAX_EXP = 127
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """A block's power-of-two scale as the official kernels take it (`fast_round_scale`): r = amax * (1 / qmax) in
     float32, then 2^(r's exponent field - 127, plus one unless its mantissa is zero), read from the bits: the exact
-    ceiling for a normal r, 2^-126 for a subnormal one. Float32, exponent clamped to ue8m0's range [-127, 127]
-    (r = 0, which callers rule out by flooring amax, gives 2^-127 here and 0 in the official bit construction)."""
+    ceiling for a normal r, 2^-126 for a subnormal one. Float32, the exponent at most ue8m0's 127 (the bits give
+    at least -127: r = 0, which callers rule out by flooring amax, gives 2^-127 here and 0 in the official bit
+    construction)."""
     bits = (amax.float() * (1.0 / qmax)).view(torch.int32)
     exp = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
-    return torch.exp2(exp.clamp(-127, _E8M0_MAX_EXP).float())
+    return torch.exp2(exp.clamp_max(_E8M0_MAX_EXP).float())
 
 
 def _floor_log2(a: torch.Tensor) -> torch.Tensor:
