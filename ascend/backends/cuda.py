@@ -228,8 +228,9 @@ SPARSE_ATTN_BATCH_CONFIG = dict(block_h=16, block_k=64, num_warps=4, waves=1.0)
 # at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21 against 23, CSA batch 32
 # at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9. So `sparse_attn_config` takes it for decode
 # steps of SPARSE_ATTN_LONG_ROWS queries x entries or more, at the batches measured (8 to 32 on 132 SMs: from 8 to a
-# quarter of the SMs), on GPUs whose shared memory holds its tiles with room to spare (two stages of keys and the
-# queries: 192 KiB at 512 bf16 dims, so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything
+# quarter of the SMs), on GPUs whose shared memory holds a conservative estimate of its tiles (the queries and the
+# launch's two pipeline stages of keys, at D rounded up to a power of two: 192 KiB at 512 bf16 dims, above the 128
+# compiled; so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything
 # else (batch-1 decode, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps
 # SPARSE_ATTN_CONFIG, or SPARSE_ATTN_BATCH_CONFIG where that applies.
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
@@ -244,7 +245,7 @@ def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, 
     and dtype only, so a captured graph keeps one kernel."""
     batch, steps, heads, dim = q_shape
 
-    def fits(config: dict) -> bool:      # queries and two stages of keys in shared memory
+    def fits(config: dict) -> bool:      # queries and two stages of keys (triton_sparse_attn's num_stages=2)
         return (2 * config["block_k"] + config["block_h"]) * (1 << (dim - 1).bit_length()) * item_bytes <= shared_bytes
 
     if steps != 1 or not SPARSE_ATTN_DECODE_MIN_BATCH <= batch <= sms // 4:
