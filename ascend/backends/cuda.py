@@ -33,7 +33,7 @@ epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few do
 Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the indexer's FP4 simulation) is
 `quant.fp4_round_trip_float`, the same values in float arithmetic, which inductor fuses (the cast form's code
 tables, bucketize and ue8m0 cast stayed six unfused launches per call); uncompiled that form is more launches
-than the cast one (49 ATen ops against 42), so the eager table keeps the cast form. Capture the compiled step in a
+than the cast one (49 ATen ops against 42, an ad-hoc CPU count), so the eager table keeps the cast form. Capture the compiled step in a
 graph as usual.
 
 On sm_90+ every Triton kernel, the backend's and inductor's, is launched with programmatic dependent launch

@@ -73,7 +73,7 @@ def test_kernels_compile_for_sm90(module):
 
 def test_one_program_top_k_runs_its_steps_as_a_loop():
     """The one-program top-k's 16 two-bit steps are a loop, not unrolled: 1,528 sm_90 instructions here (2,048
-    entries, 8 warps, unaligned arguments), 3,680 unrolled (`tl.static_range`). Unrolled code cost the compiled CSA
+    entries, 8 warps, unaligned arguments), 3,680 unrolled (`tl.static_range`; an ad-hoc edit compiled here). Unrolled code cost the compiled CSA
     decode step at 8K 10-19 us on the H200 once, though the kernel alone ran as fast (its byte-histogram
     predecessor: 4,720 instructions against 2,104 as a loop; docs/performance.md). A form that unrolls them again
     fails here."""
