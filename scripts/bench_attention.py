@@ -376,10 +376,9 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
     rows = [KernelRow("sparse_attn", kind, batch, context, "pytorch sdpa",
                       time_ms(device, lambda: cuda.sparse_attn_sdpa(*args), shapes.reps), roof, ref)]
     if triton:
-        from ascend.backends import triton_common, triton_sparse_attn as tsa
-        # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (both of its settings are here)
-        picked = cuda.sparse_attn_config(tuple(q.shape), k_rows, q.element_size(), triton_common.sm_count(q.device),
-                                         triton_common.shared_memory(q.device))
+        from ascend.backends import triton_sparse_attn as tsa
+        # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (each of its settings is here)
+        picked = cuda.sparse_attn_setting(q, k_rows)
         for name, variant in SPARSE_VARIANTS.items():
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
             label = f"triton {name}" + (" (backend)" if variant == picked else "")

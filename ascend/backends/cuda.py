@@ -284,10 +284,15 @@ def sparse_attn_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
                        scale: float) -> torch.Tensor:
     """Triton sparse attention on CUDA tensors (same contract as `sparse_attn_sdpa`), launched as
     `sparse_attn_config` picks."""
-    from ascend.backends import triton_common, triton_sparse_attn
-    config = sparse_attn_config(tuple(q.shape), indices.size(-1), q.element_size(), triton_common.sm_count(q.device),
-                                triton_common.shared_memory(q.device))
-    return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **config)
+    from ascend.backends import triton_sparse_attn
+    return triton_sparse_attn.sparse_attn(q, kv, indices, sink, scale, **sparse_attn_setting(q, indices.size(-1)))
+
+
+def sparse_attn_setting(q: torch.Tensor, entries: int) -> dict:
+    """`sparse_attn_config` for queries `q` over `entries` slots each on q's GPU."""
+    from ascend.backends import triton_common
+    return sparse_attn_config(tuple(q.shape), entries, q.element_size(), triton_common.sm_count(q.device),
+                              triton_common.shared_memory(q.device))
 
 
 @sparse_attn_triton.register_fake
