@@ -175,6 +175,25 @@ def rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     return torch.cat((x[..., :-r], rotated.to(x.dtype)), dim=-1)
 
 
+def rope_pointwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`kernels.rope` as one pointwise map over all of x's dims, for inductor: element 2k of a pair becomes x0 * c -
+    x1 * s and element 2k + 1 x1 * c + x0 * s (the reference's products and sums, each pair member reading its
+    partner by index), the leading dims pass through a where. The reference's slices, stack and cat split the q
+    path's norm and RoPE into three kernels in the compiled decode step; a pointwise map fuses with the norm before
+    it."""
+    d, r = x.size(-1), 2 * cos.size(-1)
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    dims = torch.arange(d, device=x.device)
+    pair = ((dims - (d - r)) // 2).clamp(min=0)                     # each rotated dim's pair; 0 for the rest
+    odd = dims % 2 == 1
+    c, s = cos[..., pair], sin[..., pair]
+    s = torch.where(odd, s, -s) if not inverse else torch.where(odd, -s, s)
+    y = x.float()
+    partner = y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)        # x[2k + 1] at 2k, x[2k] at 2k + 1
+    return torch.where(dims >= d - r, y * c + partner * s, y).to(x.dtype)
+
+
 _HADAMARD: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -493,13 +512,14 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     fp4_round_trip).
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
-    `compile_decode`: the reference rms_norm and rope (plain float32 pointwise chains that inductor fuses with their
-    neighbours; the complex-number RoPE does not compile), the matmul Hadamard and the float-arithmetic FP4
-    simulation."""
+    `compile_decode`: the reference rms_norm and the pointwise RoPE (float32 pointwise chains that inductor fuses
+    with their neighbours; the complex-number RoPE does not compile), the matmul Hadamard and the float-arithmetic
+    FP4 simulation."""
     if use_triton is None:
         use_triton = triton_available()
     if for_compile:
-        short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16, fp4_round_trip=quant.fp4_round_trip_float)
+        short = dict(rope=rope_pointwise, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16,
+                     fp4_round_trip=quant.fp4_round_trip_float)
     else:
         short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
     if use_triton:

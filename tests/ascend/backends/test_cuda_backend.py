@@ -143,6 +143,22 @@ def test_short_elementwise_stages_match_reference(dtype):
         cuda.hadamard_matmul(x3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_rope_equals_the_reference_bit_for_bit(dtype):
+    """The compile table's RoPE: the same products and sums as the reference, so equal to the bit, on 3-D and 4-D
+    inputs, forward and inverse, with inf / nan in the passed-through dims staying where they are."""
+    angles = torch.randn(2, 3, 32) * 10
+    cos, sin = angles.cos(), angles.sin()
+    x3 = (torch.randn(2, 3, 192) * 3).to(dtype)
+    x3[0, 0, :2] = torch.tensor([float("inf"), float("nan")])
+    for x in (x3, torch.randn(2, 3, 4, 128).to(dtype)):
+        for inverse in (False, True):
+            out = cuda.rope_pointwise(x, cos, sin, inverse)
+            assert out.dtype == x.dtype
+            assert torch.equal(out.nan_to_num(), REFERENCE.rope(x, cos, sin, inverse).nan_to_num())
+            assert torch.equal(out.isnan(), x.isnan())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 +-1 matmul form runs on CUDA only")
 def test_hadamard_matmul_bf16_is_the_butterfly_to_float32_rounding():
     """bf16 inputs take the +-1 bf16 matmul with float32 accumulation: exact products, so only the float32
@@ -265,7 +281,7 @@ def test_triton_topk_rows_all_invisible():
 
 def test_make_kernels_for_compile_uses_traceable_forms():
     k = cuda.make_kernels(use_triton=False, for_compile=True)
-    assert k.rms_norm is REFERENCE.rms_norm and k.rope is REFERENCE.rope and k.hadamard is cuda.hadamard_matmul
+    assert k.rms_norm is REFERENCE.rms_norm and k.rope is cuda.rope_pointwise and k.hadamard is cuda.hadamard_matmul
     assert k.f32_linear is cuda.f32_linear_bf16 and k.fp4_round_trip is quant.fp4_round_trip_float
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
 
