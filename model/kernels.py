@@ -398,6 +398,9 @@ class Kernels:
     # elsewhere, as the ONNX export does to write each as one node
     fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip
     fp4_round_trip: Callable[..., Tensor] = quant.fp4_round_trip
+    # a backend's fusion of the CSA indexer query's RoPE, Hadamard and FP4 simulation (q, cos, sin, fp4_block or 0
+    # -> q's dtype; `model.indexer.Indexer.queries`); None: those three stages of this table in turn
+    index_query: Callable[..., Tensor] | None = None
 
 
 REFERENCE = Kernels()

@@ -368,6 +368,20 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
             kv.new_empty(b, 2, kv.size(-1) // (2 if overlap else 1), dtype=torch.float32))
 
 
+@torch.library.custom_op("ascend_cuda::index_query", mutates_args=())
+def index_query_triton(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> torch.Tensor:
+    """`Kernels.index_query`: the indexer query's RoPE, Hadamard and FP4 simulation in one Triton launch
+    (`triton_index_query`), the Hadamard as `hadamard_matmul` computes it."""
+    from ascend.backends import triton_index_query
+    return triton_index_query.index_query(q, cos, sin, _hadamard_matrix(q.size(-1), q.device, torch.bfloat16),
+                                          fp4_block)
+
+
+@index_query_triton.register_fake
+def _(q, cos, sin, fp4_block):
+    return q.new_empty(q.shape)
+
+
 def compress_blocks_triton(kv: torch.Tensor, score: torch.Tensor, start: torch.Tensor, n_valid: torch.Tensor,
                            state_kv: torch.Tensor, state_score: torch.Tensor, ratio: int,
                            overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -535,7 +549,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
                                    gate_topk=gate_topk_triton, argmax=triton_argmax.argmax,
-                                   compress_blocks=compress_blocks_triton, **short)
+                                   compress_blocks=compress_blocks_triton, index_query=index_query_triton, **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

@@ -1,0 +1,88 @@
+"""The indexer query's fused transform (ascend/backends/triton_index_query.py) against the stages it replaces.
+
+On the GPU when CUDA and triton are present (bf16 and float32), else on CPU tensors through Triton's interpreter
+(float32 only: the interpreter's bf16 products are not the GPU's). Values whose every sum is exact in float32
+(small integers, quarter-turn angles, power-of-two magnitudes) make the result independent of the order the
+Hadamard adds in, so the kernel must equal the reference stages to the bit there; on random values its Hadamard
+differs from the butterfly by float32 rounding, which the FP4 grid absorbs but for rare values at a rounding
+boundary.
+"""
+
+import pytest
+import torch
+
+from ascend.backends import cuda
+from model import quant
+from model.kernels import REFERENCE
+
+DEVICE = "cuda" if cuda.triton_available() else "cpu"
+if not cuda.triton_runs_on(DEVICE):
+    pytest.skip("needs triton with a CUDA device, or TRITON_INTERPRET=1", allow_module_level=True)
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+
+
+def _stages(q, cos, sin, fp4_block):
+    y = REFERENCE.hadamard(REFERENCE.rope(q, cos, sin))
+    return quant.fp4_round_trip(y, fp4_block) if fp4_block else y
+
+
+def _angles(shape, g, quarter_turns: bool):
+    if quarter_turns:
+        a = torch.randint(0, 4, shape, generator=g).float() * (torch.pi / 2)
+        return a.cos().round().to(DEVICE), a.sin().round().to(DEVICE)
+    a = torch.randn(shape, generator=g) * 10
+    return a.cos().to(DEVICE), a.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fp4_block", [32, 0])
+def test_fused_query_equals_the_stages_on_exact_values(dtype, fp4_block):
+    """Rows of 3 tokens x 5 heads (not a whole program's 16), 128 dims with 64 rotated: small integers scaled by
+    powers of two from 2^-130 (below the FP4 scale's floor) to 2^100, an all-zero row and negative zeros."""
+    g = torch.Generator().manual_seed(fp4_block)
+    q = torch.randint(-8, 9, (1, 3, 5, 128), generator=g).float()
+    q *= torch.tensor([2.0 ** -130, 1.0, 2.0 ** 100])[None, :, None, None]
+    q[0, 1, 2] = 0.0
+    q[0, 1, 3, :7] = -0.0
+    cos, sin = _angles((1, 3, 32), g, quarter_turns=True)
+    q = q.to(dtype).to(DEVICE)
+    got = cuda.index_query_triton(q, cos, sin, fp4_block)
+    want = _stages(q, cos, sin, fp4_block)
+    assert got.dtype == dtype and torch.equal(got, want)
+    # negative values that round to zero stay -0 (the sign of an exact zero sum is the adding order's, not checked)
+    nonzero = REFERENCE.hadamard(REFERENCE.rope(q, cos, sin)) != 0
+    assert torch.equal(torch.signbit(got)[nonzero], torch.signbit(want)[nonzero])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_query_on_random_values(dtype):
+    """Batch 2, 3 tokens, 64 heads: at most 1% of the FP4 values differ from the stages' (one grid step where the
+    Hadamard's float32 sum lands on the other side of a rounding boundary); without FP4, float32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(2, 3, 64, 128, generator=g) * 3).to(dtype).to(DEVICE)
+    cos, sin = _angles((2, 3, 32), g, quarter_turns=False)
+    got, want = cuda.index_query_triton(q, cos, sin, 32).float(), _stages(q, cos, sin, 32).float()
+    assert (got != want).float().mean() <= 0.01
+    assert (got - want).norm() <= 0.02 * want.norm()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(cuda.index_query_triton(q, cos, sin, 0), _stages(q, cos, sin, 0), **tol)
+
+
+def test_indexer_queries_take_the_fused_entry_when_the_table_has_one(monkeypatch):
+    """`Indexer.queries` hands (projected q, cos, sin, FP4 block or 0) to `Kernels.index_query` where set."""
+    import dataclasses
+
+    from model.config import ModelConfig
+    from model.indexer import Indexer
+    calls = []
+    cfg = ModelConfig.preset("tiny", dtype="bf16")
+    indexer = Indexer(cfg, 4)
+    torch.nn.init.normal_(indexer.wq_b.weight)
+    qr = torch.randn(2, 1, cfg.q_lora_rank).to(indexer.wq_b.weight.dtype)
+    cos, sin = _angles((2, 1, cfg.rope_head_dim // 2), torch.Generator().manual_seed(0), quarter_turns=False)
+    want = indexer.queries(qr, cos.cpu(), sin.cpu())
+    indexer.kernels = dataclasses.replace(REFERENCE, index_query=lambda *a: calls.append(a[3]) or _stages(*a))
+    torch.testing.assert_close(indexer.queries(qr, cos.cpu(), sin.cpu()), want, rtol=0, atol=0)
+    indexer.quant_sim = False
+    indexer.queries(qr, cos.cpu(), sin.cpu())
+    assert calls == [32, 0]
