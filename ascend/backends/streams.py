@@ -19,8 +19,11 @@ branches concurrently. On an H200 at V4-Flash shapes (docs/performance.md), agai
 one graph: the stages compiled apart on one stream were 4-10 us slower (the fusion lost at their borders), on
 these streams 17-36 us (HCA) and 35-69 us (CSA) faster at batch 8 and 32 from 8K to 1M tokens in the three jobs
 on this form (in a first job on an earlier one, HCA batch 32 at 1M only 4 us). Not kept:
-high-priority side streams (no faster), and wq_b waiting for the indexer's inputs so that it does not hold the
-SMs their kernels wait for (8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster).
+high-priority side streams (no faster); wq_b waiting for the indexer's inputs so that it does not hold the
+SMs their kernels wait for (8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster); the
+tokens' cos / sin on the kv stream beside the joint projection (wq_b starts earlier, but HCA steps were 1-4 us
+slower: the compressor's branch then ends last); part of wo_a read into L2 on a side stream after wq_b (HCA
+2-24 us slower).
 
 Streams come from the device layer (`Device.stream()`), so on CPU the branches simply run in order, and on an NPU
 they are torch_npu streams (not run on an NPU). Memory stays safe across streams without `record_stream`: every
