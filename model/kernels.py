@@ -399,7 +399,8 @@ class Kernels:
     fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip
     fp4_round_trip: Callable[..., Tensor] = quant.fp4_round_trip
     # a backend's fusion of the CSA indexer query's RoPE, Hadamard and FP4 simulation (q, cos, sin, fp4_block or 0
-    # -> q's dtype; `model.indexer.Indexer.queries`); None: those three stages of this table in turn
+    # -> q's dtype; `model.indexer.Indexer.queries`); None: those three stages of this table in turn. Where it is
+    # set, replacing `rope`, `hadamard` or `fp4_round_trip` in the table no longer changes the indexer's queries
     index_query: Callable[..., Tensor] | None = None
 
 

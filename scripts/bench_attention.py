@@ -410,7 +410,9 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
                    shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
     """The indexer's two small stages alone: top-k of the scores (torch.topk vs the Triton radix select) and the
     Hadamard rotation of its queries and of its new entries (two rows per sequence at decode), as the reference
-    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend."""
+    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard` (which the Triton tables
+    run for the entries; their queries take it inside `index_query`, with the RoPE and the FP4 simulation: not
+    timed here)."""
     from ascend.backends import cuda
     from model.kernels import REFERENCE, select_topk
 
@@ -425,7 +427,7 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
         roof = 2 * x.numel() * x.element_size() / copy_bps * 1e3
         ref = time_ms(device, lambda: REFERENCE.hadamard(x), shapes.reps)
         for name, fn in (("float32 matmul", lambda: cuda.hadamard_matmul(x.float()).to(x.dtype)),
-                         ("backend", lambda: cuda.hadamard_matmul(x))):
+                         ("bf16 +-1 matmul (backend hadamard)", lambda: cuda.hadamard_matmul(x))):
             rows.append(KernelRow(f"hadamard {what}", kind, batch, context, name,
                                   time_ms(device, fn, shapes.reps), roof, ref))
     return rows

@@ -18,6 +18,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `argmax` (greedy pick)   | a program per chunk of a row, one launch           | the reference (torch.argmax)         |
 | `compress_blocks`        | decode: the token written in place, its block      | the reference (staging buffer)       |
 |                          | pooled only when complete (triton_compressor)      |                                      |
+| `index_query` (optional) | the CSA indexer query's RoPE, Hadamard and FP4     | none (the three stages in turn)      |
+|                          | simulation in one launch (triton_index_query)      |                                      |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -30,7 +32,8 @@ the bf16 weights directly into float32 instead of widening them on every call.
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
 epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few dozen generated kernels; the
-Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the indexer's FP4 simulation) is
+Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the FP4 simulation of the
+indexer's keys, and of its queries without Triton: with Triton they take `index_query`, one custom op) is
 `quant.fp4_round_trip_float`, the same values in float arithmetic, which inductor fuses (the cast form's code
 tables, bucketize and ue8m0 cast stayed six unfused launches per call); uncompiled that form is more launches
 than the cast one (49 ATen ops against 42, an ad-hoc CPU count), so the eager table keeps the cast form. Capture the compiled step in a
@@ -371,7 +374,8 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
 @torch.library.custom_op("ascend_cuda::index_query", mutates_args=())
 def index_query_triton(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> torch.Tensor:
     """`Kernels.index_query`: the indexer query's RoPE, Hadamard and FP4 simulation in one Triton launch
-    (`triton_index_query`), the Hadamard as `hadamard_matmul` computes it."""
+    (`triton_index_query`), the Hadamard as `hadamard_matmul` computes it for bf16 (+-1 products, float32 sums,
+    then the scale; other dtypes cast the +-1 matrix on each call)."""
     from ascend.backends import triton_index_query
     return triton_index_query.index_query(q, cos, sin, _hadamard_matrix(q.size(-1), q.device, torch.bfloat16),
                                           fp4_block)
@@ -520,8 +524,9 @@ def triton_runs_on(device_type: str) -> bool:
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
     (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
-    the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`) and the
-    compressor's decode step (`ascend.backends.triton_compressor`) when available (default), else the PyTorch
+    the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`), the
+    compressor's decode step (`ascend.backends.triton_compressor`) and the indexer query's transform
+    (`ascend.backends.triton_index_query`) when available (default), else the PyTorch
     ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear (and, compiled,
     fp4_round_trip).
 

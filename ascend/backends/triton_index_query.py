@@ -24,6 +24,7 @@ import triton.language as tl
 from ascend.backends.triton_common import after_previous_kernel, dot_precision, launch_options
 
 BLOCK_R = 16            # rows (token x head) per program: the MMA's smallest M; 32 programs at V4-Flash batch 8
+MAX_DIM = 256           # the D x D Hadamard tile and the rows are held in registers (V4's indexer: D = 128)
 FP4_MAX = tl.constexpr(6.0)
 ROUND = tl.constexpr(12582912.0)    # 1.5 * 2^23: t + ROUND - ROUND is t rounded half to even, for 0 <= t < 2^22
 
@@ -71,8 +72,10 @@ def _index_query_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
 
 def index_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard: torch.Tensor,
                 fp4_block: int) -> torch.Tensor:
-    """q [B, S, H, D] (D a power of two, >= 16), cos / sin [B, S, R / 2] float32, hadamard the +-1 matrix [D, D]
-    in q's dtype; fp4_block 0 for no FP4 simulation -> [B, S, H, D] in q's dtype."""
+    """q [B, S, H, D] (D a power of two, 16 to MAX_DIM), cos / sin [B, S, R / 2] float32 with R <= D (one row of
+    angles per token: the kernel indexes them by token, it does not broadcast), hadamard the +-1 matrix [D, D] in
+    q's dtype; fp4_block 0 for no FP4 simulation, else a power of two dividing D -> [B, S, H, D] in q's dtype."""
+    check_shapes(q, cos, sin, fp4_block)
     b, s, heads, d = q.shape
     q, rows = q.contiguous(), b * s * heads
     out = torch.empty_like(q)
@@ -81,3 +84,18 @@ def index_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard:
         D=d, ROPE=2 * cos.size(-1), FP4_BLOCK=fp4_block, BLOCK_R=BLOCK_R, PRECISION=dot_precision(q.dtype),
         num_warps=4, enable_fp_fusion=False, **launch_options(q.device))
     return out
+
+
+def check_shapes(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> None:
+    """ValueError naming what `index_query` cannot take (the kernel would read past the angles or mix blocks)."""
+    if q.dim() != 4:
+        raise ValueError(f"index_query: q must be [B, S, H, D], got shape {tuple(q.shape)}")
+    d = q.size(-1)
+    if d & (d - 1) or not 16 <= d <= MAX_DIM:
+        raise ValueError(f"index_query: head dim {d} must be a power of two from 16 to {MAX_DIM}")
+    want = (*q.shape[:2], cos.size(-1))
+    if tuple(cos.shape) != want or tuple(sin.shape) != want or 2 * cos.size(-1) > d:
+        raise ValueError(f"index_query: cos / sin must be [B, S, R/2] = {want} with R <= {d}, got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    if fp4_block and (fp4_block & (fp4_block - 1) or d % fp4_block):
+        raise ValueError(f"index_query: FP4 block {fp4_block} must be a power of two dividing the head dim {d}")

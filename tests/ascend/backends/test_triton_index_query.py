@@ -37,14 +37,15 @@ def _angles(shape, g, quarter_turns: bool):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp4_block", [32, 0])
 def test_fused_query_equals_the_stages_on_exact_values(dtype, fp4_block):
-    """Rows of 3 tokens x 5 heads (not a whole program's 16), 128 dims with 64 rotated: small integers scaled by
-    powers of two from 2^-130 (below the FP4 scale's floor) to 2^100, an all-zero row and negative zeros."""
+    """30 rows (2 x 3 tokens x 5 heads: two programs of 16, the last partial), 128 dims with 64 rotated: small
+    integers scaled by powers of two from 2^-130 (below the FP4 scale's floor) to 2^100, an all-zero row and
+    negative zeros."""
     g = torch.Generator().manual_seed(fp4_block)
-    q = torch.randint(-8, 9, (1, 3, 5, 128), generator=g).float()
+    q = torch.randint(-8, 9, (2, 3, 5, 128), generator=g).float()
     q *= torch.tensor([2.0 ** -130, 1.0, 2.0 ** 100])[None, :, None, None]
     q[0, 1, 2] = 0.0
     q[0, 1, 3, :7] = -0.0
-    cos, sin = _angles((1, 3, 32), g, quarter_turns=True)
+    cos, sin = _angles((2, 3, 32), g, quarter_turns=True)
     q = q.to(dtype).to(DEVICE)
     got = cuda.index_query_triton(q, cos, sin, fp4_block)
     want = _stages(q, cos, sin, fp4_block)
@@ -52,6 +53,53 @@ def test_fused_query_equals_the_stages_on_exact_values(dtype, fp4_block):
     # negative values that round to zero stay -0 (the sign of an exact zero sum is the adding order's, not checked)
     nonzero = REFERENCE.hadamard(REFERENCE.rope(q, cos, sin)) != 0
     assert torch.equal(torch.signbit(got)[nonzero], torch.signbit(want)[nonzero])
+
+
+def _tie_pair(dtype, hi: float, lo: float, n: int = 256):
+    """(x0, x1) in `dtype` for which the Hadamard outputs of a row holding only them, (x0 + x1) c at even dims and
+    (x0 - x1) c at odd ones (c = 128^-0.5, rounded to dtype as the stages round), are exactly hi and lo: a search
+    among the dtype's neighbours of the exact solution."""
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    c = torch.tensor(128 ** -0.5)
+
+    def around(v):
+        return (torch.tensor(v, dtype=dtype).view(bits) + torch.arange(-n, n + 1, dtype=bits)).view(dtype)
+    x0, x1 = around((hi + lo) / 2 / c.item()), around((hi - lo) / 2 / c.item())
+    a, b = x0[:, None].float(), x1[None, :].float()
+    hit = ((((a + b) * c).to(dtype) == hi) & (((a - b) * c).to(dtype) == lo)).nonzero()
+    return x0[hit[0, 0]].item(), x1[hit[0, 1]].item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_query_rounds_fp4_ties_to_even_and_keeps_negative_zeros(dtype):
+    """Rows whose FP4 inputs sit exactly halfway between grid points, in both directions under half-to-even
+    (float32: 5 -> 4 and 1.75 -> 2; bf16: 5 -> 4 and 3.5 -> 4; the block's scale 1), negated, and a row whose
+    small negative values round to -0: equal to the stages' values and signs."""
+    hi, lo = (5.0, 1.75) if dtype == torch.float32 else (5.0, 3.5)
+    x0, x1 = _tie_pair(dtype, hi, lo)
+    q = torch.zeros(1, 1, 3, 128)
+    q[0, 0, 0, :2] = torch.tensor([x0, x1])
+    q[0, 0, 1, :2] = torch.tensor([-x0, -x1])
+    q[0, 0, 2, :2] = torch.tensor([10.0, 10.5])            # outputs 20.5 c and -0.5 c: the latter rounds to -0
+    q = q.to(dtype).to(DEVICE)
+    cos, sin = _angles((1, 1, 32), torch.Generator().manual_seed(2), quarter_turns=False)
+    stage_in = REFERENCE.hadamard(REFERENCE.rope(q, cos, sin))
+    assert torch.equal(stage_in[0, 0, 0, :2].float().cpu(), torch.tensor([hi, lo]))           # ties, as meant
+    got, want = cuda.index_query_triton(q, cos, sin, 32), _stages(q, cos, sin, 32)
+    assert want[0, 0, 0, :2].float().cpu().tolist() == [4.0, 2.0 if lo == 1.75 else 4.0]      # half to even
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+    assert torch.signbit(want[0, 0, 2, 1::2]).all()
+
+
+def test_fused_query_refuses_shapes_it_cannot_index():
+    from ascend.backends import triton_index_query
+    q, cos = torch.zeros(2, 1, 4, 128), torch.zeros(2, 1, 32)
+    for bad_q, bad_cos, block, what in ((q[0], cos, 32, "must be"), (q, cos[:1], 32, "cos / sin"),
+                                        (q, torch.zeros(2, 1, 80), 32, "R <= 128"), (q[..., :96], cos, 32, "power"),
+                                        (q, cos, 48, "FP4 block 48"), (q[..., :16], cos[..., :8], 32, "FP4 block 32")):
+        with pytest.raises(ValueError, match=what):
+            triton_index_query.check_shapes(bad_q, bad_cos, bad_cos, block)
+    triton_index_query.check_shapes(q, cos, cos, 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
