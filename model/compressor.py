@@ -63,6 +63,9 @@ class Compressor(JointRows):
             kv, score + self.ape[pos % self.ratio], start, n_valid, state.kv, state.score, self.ratio, self.overlap)
         entries = self.norm(pooled.to(x.dtype))
         cos, sin = rotary(entry_ids * self.ratio)
+        if self.rotate and self.kernels.index_rotate is not None:       # the indexer's keys, as its queries
+            block = FP4_BLOCK if self.quant_sim else 0
+            return entry_ids, complete, self.kernels.index_rotate(entries.unsqueeze(2), cos, sin, block).squeeze(2)
         entries = self.kernels.rope(entries, cos, sin)
         if self.rotate:
             entries = self.kernels.hadamard(entries)

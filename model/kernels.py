@@ -398,10 +398,11 @@ class Kernels:
     # elsewhere, as the ONNX export does to write each as one node
     fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip
     fp4_round_trip: Callable[..., Tensor] = quant.fp4_round_trip
-    # a backend's fusion of the CSA indexer query's RoPE, Hadamard and FP4 simulation (q, cos, sin, fp4_block or 0
-    # -> q's dtype; `model.indexer.Indexer.queries`); None: those three stages of this table in turn. Where it is
-    # set, replacing `rope`, `hadamard` or `fp4_round_trip` in the table no longer changes the indexer's queries
-    index_query: Callable[..., Tensor] | None = None
+    # a backend's fusion of the CSA indexer's RoPE, Hadamard and FP4 simulation of its queries and keys (x [B, S, H,
+    # D], cos, sin [B, S, R/2], fp4_block or 0 -> x's dtype; `Indexer.queries`, the rotating `Compressor`); None:
+    # those three stages of this table in turn. Where it is set, replacing `rope`, `hadamard` or `fp4_round_trip`
+    # in the table no longer changes the indexer's queries and keys
+    index_rotate: Callable[..., Tensor] | None = None
 
 
 REFERENCE = Kernels()

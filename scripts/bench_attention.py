@@ -410,9 +410,8 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
                    shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
     """The indexer's two small stages alone: top-k of the scores (torch.topk vs the Triton radix select) and the
     Hadamard rotation of its queries and of its new entries (two rows per sequence at decode), as the reference
-    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard` (which the Triton tables
-    run for the entries; their queries take it inside `index_query`, with the RoPE and the FP4 simulation: not
-    timed here)."""
+    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard` (the Triton tables run
+    both inside `index_rotate` instead, with the RoPE and the FP4 simulation: not timed here)."""
     from ascend.backends import cuda
     from model.kernels import REFERENCE, select_topk
 

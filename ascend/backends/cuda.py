@@ -18,8 +18,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `argmax` (greedy pick)   | a program per chunk of a row, one launch           | the reference (torch.argmax)         |
 | `compress_blocks`        | decode: the token written in place, its block      | the reference (staging buffer)       |
 |                          | pooled only when complete (triton_compressor)      |                                      |
-| `index_query` (optional) | the CSA indexer query's RoPE, Hadamard and FP4     | none (the three stages in turn)      |
-|                          | simulation in one launch (triton_index_query)      |                                      |
+| `index_rotate` (optional)| the CSA indexer's RoPE, Hadamard and FP4 of its    | none (the three stages in turn)      |
+|                          | queries and keys, one launch (triton_index_rotate) |                                      |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -32,8 +32,8 @@ the bf16 weights directly into float32 instead of widening them on every call.
 `compile_decode(step)` goes further: `torch.compile` (inductor, one static graph) of a whole decode step built
 on `make_kernels(for_compile=True)`, which fuses the hundreds of small ops of prolog, compressor, indexer and
 epilog (norms, RoPE, FP8 / FP4 simulations, staging, cache writes) into a few dozen generated kernels; the
-Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the FP4 simulation of the
-indexer's keys, and of its queries without Triton: with Triton they take `index_query`, one custom op) is
+Triton stages enter the graph as opaque custom ops. Its table's `fp4_round_trip` (the indexer's FP4 simulation
+without Triton: with Triton its queries and keys take `index_rotate`, one custom op) is
 `quant.fp4_round_trip_float`, the same values in float arithmetic, which inductor fuses (the cast form's code
 tables, bucketize and ue8m0 cast stayed six unfused launches per call); uncompiled that form is more launches
 than the cast one (49 ATen ops against 42, an ad-hoc CPU count), so the eager table keeps the cast form. Capture the compiled step in a
@@ -371,17 +371,17 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
             kv.new_empty(b, 2, kv.size(-1) // (2 if overlap else 1), dtype=torch.float32))
 
 
-@torch.library.custom_op("ascend_cuda::index_query", mutates_args=())
-def index_query_triton(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> torch.Tensor:
-    """`Kernels.index_query`: the indexer query's RoPE, Hadamard and FP4 simulation in one Triton launch
-    (`triton_index_query`), the Hadamard as `hadamard_matmul` computes it for bf16 (+-1 products, float32 sums,
+@torch.library.custom_op("ascend_cuda::index_rotate", mutates_args=())
+def index_rotate_triton(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> torch.Tensor:
+    """`Kernels.index_rotate`: the indexer's RoPE, Hadamard and FP4 simulation in one Triton launch
+    (`triton_index_rotate`), the Hadamard as `hadamard_matmul` computes it for bf16 (+-1 products, float32 sums,
     then the scale; other dtypes cast the +-1 matrix on each call)."""
-    from ascend.backends import triton_index_query
-    return triton_index_query.index_query(q, cos, sin, _hadamard_matrix(q.size(-1), q.device, torch.bfloat16),
-                                          fp4_block)
+    from ascend.backends import triton_index_rotate
+    return triton_index_rotate.index_rotate(q, cos, sin, _hadamard_matrix(q.size(-1), q.device, torch.bfloat16),
+                                            fp4_block)
 
 
-@index_query_triton.register_fake
+@index_rotate_triton.register_fake
 def _(q, cos, sin, fp4_block):
     return q.new_empty(q.shape)
 
@@ -525,8 +525,8 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
     (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
     the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`), the
-    compressor's decode step (`ascend.backends.triton_compressor`) and the indexer query's transform
-    (`ascend.backends.triton_index_query`) when available (default), else the PyTorch
+    compressor's decode step (`ascend.backends.triton_compressor`) and the indexer's rotation of its queries and keys
+    (`ascend.backends.triton_index_rotate`) when available (default), else the PyTorch
     ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear (and, compiled,
     fp4_round_trip).
 
@@ -554,7 +554,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
                                    gate_topk=gate_topk_triton, argmax=triton_argmax.argmax,
-                                   compress_blocks=compress_blocks_triton, index_query=index_query_triton, **short)
+                                   compress_blocks=compress_blocks_triton, index_rotate=index_rotate_triton, **short)
     return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
 
 

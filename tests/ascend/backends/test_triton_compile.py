@@ -42,11 +42,11 @@ from ascend.backends import triton_argmax as A
 compile_for(A._argmax_kernel, dict(x_ptr="*fp32", part_v_ptr="*fp32", out_ptr="*i64"), BLOCK=A.BLOCK, CHUNKS_P2=128,
             PDL=True)
 """,
-    "triton_index_query": """
-from ascend.backends import triton_index_query as Q
+    "triton_index_rotate": """
+from ascend.backends import triton_index_rotate as Q
 ptrs = dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", h_ptr="*bf16", out_ptr="*bf16")
 for fp4_block in (32, 0):
-    compile_for(Q._index_query_kernel, ptrs, D=128, ROPE=64, FP4_BLOCK=fp4_block, BLOCK_R=Q.BLOCK_R, PRECISION="tf32",
+    compile_for(Q._index_rotate_kernel, ptrs, D=128, ROPE=64, FP4_BLOCK=fp4_block, BLOCK_R=Q.BLOCK_R, PRECISION="tf32",
                 PDL=True)
 """,
     "triton_moe": """

@@ -1,10 +1,11 @@
-"""Triton kernel for the CSA indexer's query transform: RoPE, Hadamard rotation and FP4 simulation in one launch.
+"""Triton kernel for the CSA indexer's rotation: RoPE, Hadamard transform and FP4 simulation in one launch.
 
-After its projection the indexer's query [B, S, H, D] takes RoPE on its last dims, the normalised Hadamard
-transform and (with the quantisation simulation on) the FP4 round trip per block of 32 values
-(`model.indexer.Indexer.queries`). As stages these are four to six launches on the path that a CSA decode step's
-selection waits for (docs/performance.md); here one program takes BLOCK_R rows through all three, rounding to the
-input dtype where the stages do:
+The indexer's queries [B, S, H, D] (after their projection, `model.indexer.Indexer.queries`) and its keys [B, N, D]
+(the new compressed entries, after their norm, `model.compressor.Compressor`) take RoPE on their last dims, the
+normalised Hadamard transform and (with the quantisation simulation on) the FP4 round trip per block of 32 values.
+As stages these are four to six launches on each of the two branches that a CSA decode step's selection waits for
+(docs/performance.md); here one program takes BLOCK_R rows through all three, rounding to the input dtype where the
+stages do:
 
 - RoPE in float32, each member of an interleaved pair reading its partner by index (`kernels.rope`'s products and
   sums, compiled without fused multiply-adds, so each rounds as it does there);
@@ -30,7 +31,7 @@ ROUND = tl.constexpr(12582912.0)    # 1.5 * 2^23: t + ROUND - ROUND is t rounded
 
 
 @triton.jit
-def _index_query_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
+def _index_rotate_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
                         D: tl.constexpr, ROPE: tl.constexpr, FP4_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
                         PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Rows r of x [rows, D] (row r of token r // heads); cos, sin [tokens, ROPE / 2] float32; h the +-1 Hadamard
@@ -70,7 +71,7 @@ def _index_query_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
     tl.store(out_ptr + at + d[None, :], z, mask=ok)
 
 
-def index_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard: torch.Tensor,
+def index_rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard: torch.Tensor,
                 fp4_block: int) -> torch.Tensor:
     """q [B, S, H, D] (D a power of two, 16 to MAX_DIM), cos / sin [B, S, R / 2] float32 with R <= D (one row of
     angles per token: the kernel indexes them by token, it does not broadcast), hadamard the +-1 matrix [D, D] in
@@ -79,7 +80,7 @@ def index_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard:
     b, s, heads, d = q.shape
     q, rows = q.contiguous(), b * s * heads
     out = torch.empty_like(q)
-    _index_query_kernel[(triton.cdiv(rows, BLOCK_R),)](
+    _index_rotate_kernel[(triton.cdiv(rows, BLOCK_R),)](
         q, cos.float().contiguous(), sin.float().contiguous(), hadamard.to(q.dtype).contiguous(), out, rows, heads,
         D=d, ROPE=2 * cos.size(-1), FP4_BLOCK=fp4_block, BLOCK_R=BLOCK_R, PRECISION=dot_precision(q.dtype),
         num_warps=4, enable_fp_fusion=False, **launch_options(q.device))
@@ -87,15 +88,15 @@ def index_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard:
 
 
 def check_shapes(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> None:
-    """ValueError naming what `index_query` cannot take (the kernel would read past the angles or mix blocks)."""
+    """ValueError naming what `index_rotate` cannot take (the kernel would read past the angles or mix blocks)."""
     if q.dim() != 4:
-        raise ValueError(f"index_query: q must be [B, S, H, D], got shape {tuple(q.shape)}")
+        raise ValueError(f"index_rotate: q must be [B, S, H, D], got shape {tuple(q.shape)}")
     d = q.size(-1)
     if d & (d - 1) or not 16 <= d <= MAX_DIM:
-        raise ValueError(f"index_query: head dim {d} must be a power of two from 16 to {MAX_DIM}")
+        raise ValueError(f"index_rotate: head dim {d} must be a power of two from 16 to {MAX_DIM}")
     want = (*q.shape[:2], cos.size(-1))
     if tuple(cos.shape) != want or tuple(sin.shape) != want or 2 * cos.size(-1) > d:
-        raise ValueError(f"index_query: cos / sin must be [B, S, R/2] = {want} with R <= {d}, got "
+        raise ValueError(f"index_rotate: cos / sin must be [B, S, R/2] = {want} with R <= {d}, got "
                          f"{tuple(cos.shape)} / {tuple(sin.shape)}")
     if fp4_block and (fp4_block & (fp4_block - 1) or d % fp4_block):
-        raise ValueError(f"index_query: FP4 block {fp4_block} must be a power of two dividing the head dim {d}")
+        raise ValueError(f"index_rotate: FP4 block {fp4_block} must be a power of two dividing the head dim {d}")

@@ -1,4 +1,4 @@
-"""The indexer query's fused transform (ascend/backends/triton_index_query.py) against the stages it replaces.
+"""The indexer query's fused transform (ascend/backends/triton_index_rotate.py) against the stages it replaces.
 
 On the GPU when CUDA and triton are present (bf16 and float32), else on CPU tensors through Triton's interpreter
 (float32 only: the interpreter's bf16 products are not the GPU's). Values whose every sum is exact in float32
@@ -47,7 +47,7 @@ def test_fused_query_equals_the_stages_on_exact_values(dtype, fp4_block):
     q[0, 1, 3, :7] = -0.0
     cos, sin = _angles((2, 3, 32), g, quarter_turns=True)
     q = q.to(dtype).to(DEVICE)
-    got = cuda.index_query_triton(q, cos, sin, fp4_block)
+    got = cuda.index_rotate_triton(q, cos, sin, fp4_block)
     want = _stages(q, cos, sin, fp4_block)
     assert got.dtype == dtype and torch.equal(got, want)
     # negative values that round to zero stay -0 (the sign of an exact zero sum is the adding order's, not checked)
@@ -85,21 +85,21 @@ def test_fused_query_rounds_fp4_ties_to_even_and_keeps_negative_zeros(dtype):
     cos, sin = _angles((1, 1, 32), torch.Generator().manual_seed(2), quarter_turns=False)
     stage_in = REFERENCE.hadamard(REFERENCE.rope(q, cos, sin))
     assert torch.equal(stage_in[0, 0, 0, :2].float().cpu(), torch.tensor([hi, lo]))           # ties, as meant
-    got, want = cuda.index_query_triton(q, cos, sin, 32), _stages(q, cos, sin, 32)
+    got, want = cuda.index_rotate_triton(q, cos, sin, 32), _stages(q, cos, sin, 32)
     assert want[0, 0, 0, :2].float().cpu().tolist() == [4.0, 2.0 if lo == 1.75 else 4.0]      # half to even
     assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
     assert torch.signbit(want[0, 0, 2, 1::2]).all()
 
 
 def test_fused_query_refuses_shapes_it_cannot_index():
-    from ascend.backends import triton_index_query
+    from ascend.backends import triton_index_rotate
     q, cos = torch.zeros(2, 1, 4, 128), torch.zeros(2, 1, 32)
     for bad_q, bad_cos, block, what in ((q[0], cos, 32, "must be"), (q, cos[:1], 32, "cos / sin"),
                                         (q, torch.zeros(2, 1, 80), 32, "R <= 128"), (q[..., :96], cos, 32, "power"),
                                         (q, cos, 48, "FP4 block 48"), (q[..., :16], cos[..., :8], 32, "FP4 block 32")):
         with pytest.raises(ValueError, match=what):
-            triton_index_query.check_shapes(bad_q, bad_cos, bad_cos, block)
-    triton_index_query.check_shapes(q, cos, cos, 32)
+            triton_index_rotate.check_shapes(bad_q, bad_cos, bad_cos, block)
+    triton_index_rotate.check_shapes(q, cos, cos, 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,15 +109,15 @@ def test_fused_query_on_random_values(dtype):
     g = torch.Generator().manual_seed(1)
     q = (torch.randn(2, 3, 64, 128, generator=g) * 3).to(dtype).to(DEVICE)
     cos, sin = _angles((2, 3, 32), g, quarter_turns=False)
-    got, want = cuda.index_query_triton(q, cos, sin, 32).float(), _stages(q, cos, sin, 32).float()
+    got, want = cuda.index_rotate_triton(q, cos, sin, 32).float(), _stages(q, cos, sin, 32).float()
     assert (got != want).float().mean() <= 0.01
     assert (got - want).norm() <= 0.02 * want.norm()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
-    torch.testing.assert_close(cuda.index_query_triton(q, cos, sin, 0), _stages(q, cos, sin, 0), **tol)
+    torch.testing.assert_close(cuda.index_rotate_triton(q, cos, sin, 0), _stages(q, cos, sin, 0), **tol)
 
 
 def test_indexer_queries_take_the_fused_entry_when_the_table_has_one(monkeypatch):
-    """`Indexer.queries` hands (projected q, cos, sin, FP4 block or 0) to `Kernels.index_query` where set."""
+    """`Indexer.queries` hands (projected q, cos, sin, FP4 block or 0) to `Kernels.index_rotate` where set."""
     import dataclasses
 
     from model.config import ModelConfig
@@ -129,8 +129,36 @@ def test_indexer_queries_take_the_fused_entry_when_the_table_has_one(monkeypatch
     qr = torch.randn(2, 1, cfg.q_lora_rank).to(indexer.wq_b.weight.dtype)
     cos, sin = _angles((2, 1, cfg.rope_head_dim // 2), torch.Generator().manual_seed(0), quarter_turns=False)
     want = indexer.queries(qr, cos.cpu(), sin.cpu())
-    indexer.kernels = dataclasses.replace(REFERENCE, index_query=lambda *a: calls.append(a[3]) or _stages(*a))
+    indexer.kernels = dataclasses.replace(REFERENCE, index_rotate=lambda *a: calls.append(a[3]) or _stages(*a))
     torch.testing.assert_close(indexer.queries(qr, cos.cpu(), sin.cpu()), want, rtol=0, atol=0)
     indexer.quant_sim = False
     indexer.queries(qr, cos.cpu(), sin.cpu())
     assert calls == [32, 0]
+
+
+@pytest.mark.parametrize("quant_sim", [True, False])
+def test_indexer_keys_take_the_fused_entry_when_the_table_has_one(quant_sim):
+    """The indexer's compressor hands its normed entries [B, N, 1, D], their blocks' angles and the FP4 block (or
+    0) to `Kernels.index_rotate` where set, and gives what the three stages give; the main compressor does not."""
+    import copy
+    import dataclasses
+
+    from ascend.onnx_export import synthetic_attention
+    from model.cache import CompressorState
+    from model.config import ModelConfig
+    cfg = ModelConfig.preset("tiny", dtype="bf16")
+    layer = synthetic_attention(cfg, next(i for i in range(cfg.n_layers) if cfg.compress_ratio(i) == 4))
+    calls = []
+    table = dataclasses.replace(REFERENCE, index_rotate=lambda *a: calls.append((a[0].shape, a[3])) or _stages(*a))
+    x = torch.randn(2, 8, cfg.dim).to(torch.bfloat16)                 # two whole blocks of 4 from position 0
+    start, n_valid = torch.zeros(2, dtype=torch.long), torch.full((2,), 8)
+    for compressor, d in ((layer.indexer.compressor, cfg.index_head_dim), (layer.compressor, cfg.head_dim)):
+        compressor.quant_sim = quant_sim
+        state = CompressorState.empty(2, 4, 2 * d, "cpu")
+        outs = []
+        for kernels in (REFERENCE, table):
+            compressor.kernels = kernels
+            outs.append(compressor(x, start, n_valid, copy.deepcopy(state), layer.rotary))
+        for want, got in zip(*outs):
+            assert torch.equal(got, want)
+    assert calls == [((2, 3, 1, cfg.index_head_dim), 32 if quant_sim else 0)]
