@@ -401,18 +401,20 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
                 fn = lambda: cuda.topk_triton(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
                 rows.append(KernelRow("indexer_topk", kind, batch, context, f"triton {name}",
                                       time_ms(device, fn, shapes.reps), roof, ref))
-        rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, shapes, device,
-                               copy_bps, triton)
+        rows += selection_rows(kind, batch, context, cuda.indexer_scores_bmm(*iargs), topk, iq, config.rope_head_dim,
+                               shapes, device, copy_bps, triton)
     return rows
 
 
 def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, topk: int, iq: torch.Tensor,
-                   shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
-    """The indexer's two small stages alone: top-k of the scores (torch.topk vs the Triton radix select) and the
-    Hadamard rotation of its queries and of its new entries (two rows per sequence at decode), as the reference
-    butterfly, a float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard` (the Triton tables run
-    both inside `index_rotate` instead, with the RoPE and the FP4 simulation: not timed here)."""
+                   rope_dim: int, shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
+    """The indexer's small stages alone: top-k of the scores (torch.topk vs the Triton radix select); the Hadamard
+    rotation of its queries and of its new entries (two rows per sequence at decode), as the reference butterfly, a
+    float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard`; and their whole rotation (RoPE,
+    Hadamard, FP4 simulation: `Kernels.index_rotate`, which the Triton tables run) as the eager table's three stages
+    and as the one Triton launch."""
     from ascend.backends import cuda
+    from model import quant
     from model.kernels import REFERENCE, select_topk
 
     roof = scores.numel() * 4 / copy_bps * 1e3
@@ -429,6 +431,19 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
                          ("bf16 +-1 matmul (backend hadamard)", lambda: cuda.hadamard_matmul(x))):
             rows.append(KernelRow(f"hadamard {what}", kind, batch, context, name,
                                   time_ms(device, fn, shapes.reps), roof, ref))
+    for what, x in (("queries", iq), ("entries", iq[:, 0, :2].unsqueeze(2).contiguous())):     # [B, N, heads, D]
+        angles = torch.rand(*x.shape[:2], rope_dim // 2, device=x.device) * 6.3
+        cos, sin, block = angles.cos(), angles.sin(), quant.FP4_BLOCK
+        roof = 2 * x.numel() * x.element_size() / copy_bps * 1e3
+        ref = time_ms(device, lambda: quant.fp4_round_trip(REFERENCE.hadamard(REFERENCE.rope(x, cos, sin)), block),
+                      shapes.reps)
+        stages = lambda: quant.fp4_round_trip(cuda.hadamard_matmul(cuda.rope_complex(x, cos, sin)), block)  # noqa
+        rows.append(KernelRow(f"index_rotate {what}", kind, batch, context, "eager stages (rope, hadamard, fp4)",
+                              time_ms(device, stages, shapes.reps), roof, ref))
+        if triton:
+            rows.append(KernelRow(f"index_rotate {what}", kind, batch, context, "triton, one launch (backend)",
+                                  time_ms(device, lambda: cuda.index_rotate_triton(x, cos, sin, block), shapes.reps),
+                                  roof, ref))
     return rows
 
 

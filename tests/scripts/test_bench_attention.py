@@ -33,6 +33,7 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     stages = {(r["kernel"], r["layer"]) for r in results["kernels"]}
     assert {(f"compress_blocks ({what})", layer) for what in ("inside a block", "completing it")
             for layer in ("csa", "hca")} <= stages
+    assert {("index_rotate queries", "csa"), ("index_rotate entries", "csa")} <= stages
     # --stub: the CSA steps again with the indexer's selection stood in for; HCA layers have none
     stubbed = {r["layer"]: (r["stubbed_ms"], r["stubbed_compiled_ms"]) for r in results["decode"]}
     assert all(t > 0 for t in stubbed["csa"]) and stubbed["hca"] == (None, None)
