@@ -1,4 +1,5 @@
-"""The indexer query's fused transform (ascend/backends/triton_index_rotate.py) against the stages it replaces.
+"""The indexer's fused rotation of its queries and keys (ascend/backends/triton_index_rotate.py: RoPE, Hadamard,
+FP4 simulation) against the stages it replaces.
 
 On the GPU when CUDA and triton are present (bf16 and float32), else on CPU tensors through Triton's interpreter
 (float32 only: the interpreter's bf16 products are not the GPU's). Values whose every sum is exact in float32
@@ -36,15 +37,16 @@ def _angles(shape, g, quarter_turns: bool):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp4_block", [32, 0])
-def test_fused_query_equals_the_stages_on_exact_values(dtype, fp4_block):
-    """30 rows (2 x 3 tokens x 5 heads: two programs of 16, the last partial), 128 dims with 64 rotated: small
-    integers scaled by powers of two from 2^-130 (below the FP4 scale's floor) to 2^100, an all-zero row and
-    negative zeros."""
+@pytest.mark.parametrize("heads", [5, 1])
+def test_fused_rotation_equals_the_stages_on_exact_values(dtype, fp4_block, heads):
+    """Query-shaped rows (2 x 3 tokens x 5 heads = 30: two programs of 16, the last partial) and key-shaped ones
+    (2 sequences x 3 entries x 1: 6 rows, one partial program), 128 dims with 64 rotated: small integers scaled by
+    powers of two from 2^-130 (below the FP4 scale's floor) to 2^100, an all-zero row and negative zeros."""
     g = torch.Generator().manual_seed(fp4_block)
-    q = torch.randint(-8, 9, (2, 3, 5, 128), generator=g).float()
+    q = torch.randint(-8, 9, (2, 3, heads, 128), generator=g).float()
     q *= torch.tensor([2.0 ** -130, 1.0, 2.0 ** 100])[None, :, None, None]
-    q[0, 1, 2] = 0.0
-    q[0, 1, 3, :7] = -0.0
+    q[0, 1, heads // 2] = 0.0
+    q[0, 2, heads - 1, :7] = -0.0
     cos, sin = _angles((2, 3, 32), g, quarter_turns=True)
     q = q.to(dtype).to(DEVICE)
     got = cuda.index_rotate_triton(q, cos, sin, fp4_block)
@@ -71,7 +73,7 @@ def _tie_pair(dtype, hi: float, lo: float, n: int = 256):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_query_rounds_fp4_ties_to_even_and_keeps_negative_zeros(dtype):
+def test_fused_rotation_rounds_fp4_ties_to_even_and_keeps_negative_zeros(dtype):
     """Rows whose FP4 inputs sit exactly halfway between grid points, in both directions under half-to-even
     (float32: 5 -> 4 and 1.75 -> 2; bf16: 5 -> 4 and 3.5 -> 4; the block's scale 1), negated, and a row whose
     small negative values round to -0: equal to the stages' values and signs."""
@@ -91,7 +93,7 @@ def test_fused_query_rounds_fp4_ties_to_even_and_keeps_negative_zeros(dtype):
     assert torch.signbit(want[0, 0, 2, 1::2]).all()
 
 
-def test_fused_query_refuses_shapes_it_cannot_index():
+def test_fused_rotation_refuses_shapes_it_cannot_index():
     from ascend.backends import triton_index_rotate
     q, cos = torch.zeros(2, 1, 4, 128), torch.zeros(2, 1, 32)
     for bad_q, bad_cos, block, what in ((q[0], cos, 32, "must be"), (q, cos[:1], 32, "cos / sin"),
@@ -103,7 +105,7 @@ def test_fused_query_refuses_shapes_it_cannot_index():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_query_on_random_values(dtype):
+def test_fused_rotation_on_random_values(dtype):
     """Batch 2, 3 tokens, 64 heads: at most 1% of the FP4 values differ from the stages' (one grid step where the
     Hadamard's float32 sum lands on the other side of a rounding boundary); without FP4, float32 rounding."""
     g = torch.Generator().manual_seed(1)
@@ -138,27 +140,39 @@ def test_indexer_queries_take_the_fused_entry_when_the_table_has_one(monkeypatch
 
 @pytest.mark.parametrize("quant_sim", [True, False])
 def test_indexer_keys_take_the_fused_entry_when_the_table_has_one(quant_sim):
-    """The indexer's compressor hands its normed entries [B, N, 1, D], their blocks' angles and the FP4 block (or
-    0) to `Kernels.index_rotate` where set, and gives what the three stages give; the main compressor does not."""
+    """The indexer's compressor hands its normed entries [B, N, 1, D], their blocks' angles (shapes the kernel
+    accepts) and the FP4 block (or 0) to `Kernels.index_rotate` where set, and gives what the three stages give, in
+    their dtype: a chunk of 8 tokens from positions 0 and 37 (the sequences' blocks at different angles), then a
+    decode step completing a block; the main compressor does not take it."""
     import copy
     import dataclasses
 
+    from ascend.backends import triton_index_rotate
     from ascend.onnx_export import synthetic_attention
     from model.cache import CompressorState
     from model.config import ModelConfig
     cfg = ModelConfig.preset("tiny", dtype="bf16")
     layer = synthetic_attention(cfg, next(i for i in range(cfg.n_layers) if cfg.compress_ratio(i) == 4))
     calls = []
-    table = dataclasses.replace(REFERENCE, index_rotate=lambda *a: calls.append((a[0].shape, a[3])) or _stages(*a))
-    x = torch.randn(2, 8, cfg.dim).to(torch.bfloat16)                 # two whole blocks of 4 from position 0
-    start, n_valid = torch.zeros(2, dtype=torch.long), torch.full((2,), 8)
+
+    def fused(*a):
+        triton_index_rotate.check_shapes(*a[:3], a[3])
+        calls.append((tuple(a[0].shape), a[3]))
+        return _stages(*a)
+    table = dataclasses.replace(REFERENCE, index_rotate=fused)
+    g = torch.Generator().manual_seed(3)
+    steps = [(torch.randn(2, 8, cfg.dim, generator=g).to(torch.bfloat16), torch.tensor([0, 37]), torch.full((2,), 8)),
+             (torch.randn(2, 1, cfg.dim, generator=g).to(torch.bfloat16), torch.tensor([8, 47]), torch.ones(2, dtype=torch.long))]
     for compressor, d in ((layer.indexer.compressor, cfg.index_head_dim), (layer.compressor, cfg.head_dim)):
         compressor.quant_sim = quant_sim
-        state = CompressorState.empty(2, 4, 2 * d, "cpu")
-        outs = []
-        for kernels in (REFERENCE, table):
-            compressor.kernels = kernels
-            outs.append(compressor(x, start, n_valid, copy.deepcopy(state), layer.rotary))
-        for want, got in zip(*outs):
-            assert torch.equal(got, want)
-    assert calls == [((2, 3, 1, cfg.index_head_dim), 32 if quant_sim else 0)]
+        states = {name: CompressorState.empty(2, 4, 2 * d, "cpu") for name in ("stages", "fused")}
+        for x, start, n_valid in steps:                 # the states carry over from the chunk to the decode step
+            outs = []
+            for name, kernels in (("stages", REFERENCE), ("fused", table)):
+                compressor.kernels = kernels
+                outs.append(compressor(x, start, n_valid, states[name], layer.rotary))
+            for want, got in zip(*outs):
+                assert got.dtype == want.dtype and torch.equal(got, want)
+            assert outs[0][1].any()                     # some block completes in each call
+    block = 32 if quant_sim else 0
+    assert calls == [((2, 3, 1, cfg.index_head_dim), block), ((2, 2, 1, cfg.index_head_dim), block)]
