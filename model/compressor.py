@@ -23,7 +23,6 @@ from model.cache import CompressorState
 from model.config import ModelConfig
 from model.linear import JointRows, Linear
 from model.norm import RMSNorm
-from model.quant import FP4_BLOCK
 from model.rope import Rotary
 
 __all__ = ["Compressor"]
@@ -63,14 +62,9 @@ class Compressor(JointRows):
             kv, score + self.ape[pos % self.ratio], start, n_valid, state.kv, state.score, self.ratio, self.overlap)
         entries = self.norm(pooled.to(x.dtype))
         cos, sin = rotary(entry_ids * self.ratio)
-        if self.rotate and self.kernels.index_rotate is not None:       # the indexer's keys, as its queries
-            block = FP4_BLOCK if self.quant_sim else 0
-            return entry_ids, complete, self.kernels.index_rotate(entries.unsqueeze(2), cos, sin, block).squeeze(2)
+        if self.rotate:                                     # the indexer's keys, rotated as its queries are
+            return entry_ids, complete, K.rotate_index(self.kernels, entries, cos, sin, self.quant_sim)
         entries = self.kernels.rope(entries, cos, sin)
-        if self.rotate:
-            entries = self.kernels.hadamard(entries)
-            if self.quant_sim:
-                entries = self.kernels.fp4_round_trip(entries, FP4_BLOCK)
-        elif self.quant_sim:
+        if self.quant_sim:
             entries = K.round_kv_entries(self.kernels, entries, self.rope_dim)
         return entry_ids, complete, entries

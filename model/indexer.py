@@ -18,7 +18,6 @@ from model.compressor import Compressor
 from model.config import ModelConfig
 from model.linear import ColumnParallelLinear
 from model.parallel import ParallelContext
-from model.quant import FP4_BLOCK
 
 __all__ = ["Indexer"]
 
@@ -42,10 +41,7 @@ class Indexer(nn.Module):
     def queries(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[B, S, q_lora_rank] -> rotated, Hadamard-mixed, FP4-simulated queries [B, S, local heads, head_dim]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        if self.kernels.index_rotate is not None:
-            return self.kernels.index_rotate(q, cos, sin, FP4_BLOCK if self.quant_sim else 0)
-        q = self.kernels.hadamard(self.kernels.rope(q, cos, sin))
-        return self.kernels.fp4_round_trip(q, FP4_BLOCK) if self.quant_sim else q
+        return K.rotate_index(self.kernels, q, cos, sin, self.quant_sim)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head weights of the scores, float32 [B, S, local heads]."""

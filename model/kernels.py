@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 __all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
            "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
            "expert_matmul", "argmax", "pool_blocks", "chunk_blocks", "compress_blocks", "take_rows",
-           "round_kv_entries", "use_kernels"]
+           "round_kv_entries", "rotate_index", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -399,9 +399,9 @@ class Kernels:
     fp8_round_trip: Callable[..., Tensor] = quant.fp8_round_trip
     fp4_round_trip: Callable[..., Tensor] = quant.fp4_round_trip
     # a backend's fusion of the CSA indexer's RoPE, Hadamard and FP4 simulation of its queries and keys (x [B, S, H,
-    # D], cos, sin [B, S, R/2], fp4_block or 0 -> x's dtype; `Indexer.queries`, the rotating `Compressor`); None:
-    # those three stages of this table in turn. Where it is set, replacing `rope`, `hadamard` or `fp4_round_trip`
-    # in the table no longer changes the indexer's queries and keys
+    # D], cos, sin [B, S, R/2], fp4_block or 0 -> x's dtype; called by `rotate_index`); None: those three stages of
+    # this table in turn. Where it is set, replacing `rope`, `hadamard` or `fp4_round_trip` in the table no longer
+    # changes the indexer's queries and keys
     index_rotate: Callable[..., Tensor] | None = None
 
 
@@ -413,6 +413,18 @@ def round_kv_entries(kernels: Kernels, x: Tensor, rope_dim: int) -> Tensor:
     non-RoPE dims through `kernels.fp8_round_trip` per `quant.KV_FP8_BLOCK`; the last `rope_dim` (RoPE) dims stay
     in the model dtype, as the cache stores them in BF16."""
     return torch.cat((kernels.fp8_round_trip(x[..., :-rope_dim], quant.KV_FP8_BLOCK), x[..., -rope_dim:]), dim=-1)
+
+
+def rotate_index(kernels: Kernels, x: Tensor, cos: Tensor, sin: Tensor, fp4: bool) -> Tensor:
+    """The CSA indexer's rotation of its queries x [B, S, H, D] and of its compressor's keys x [B, N, D]: RoPE, the
+    Hadamard transform and, with `fp4`, the FP4 simulation per `quant.FP4_BLOCK`; one call of the table's
+    `index_rotate` where it fuses them (keys as one head), else its three stages in turn."""
+    if kernels.index_rotate is not None:
+        keys = x.dim() == 3
+        y = kernels.index_rotate(x.unsqueeze(2) if keys else x, cos, sin, quant.FP4_BLOCK if fp4 else 0)
+        return y.squeeze(2) if keys else y
+    x = kernels.hadamard(kernels.rope(x, cos, sin))
+    return kernels.fp4_round_trip(x, quant.FP4_BLOCK) if fp4 else x
 
 
 def use_kernels(module: torch.nn.Module, kernels: Kernels) -> torch.nn.Module:

@@ -187,11 +187,12 @@ def rope_pointwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
     d, r = x.size(-1), 2 * cos.size(-1)
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    if inverse:
+        sin = -sin
     dims = torch.arange(d, device=x.device)
     pair = ((dims - (d - r)) // 2).clamp(min=0)                     # each rotated dim's pair; 0 for the rest
-    odd = dims % 2 == 1
     c, s = cos[..., pair], sin[..., pair]
-    s = torch.where(odd, s, -s) if not inverse else torch.where(odd, -s, s)
+    s = torch.where(dims % 2 == 1, s, -s)
     y = x.float()
     partner = y.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)        # x[2k + 1] at 2k, x[2k] at 2k + 1
     return torch.where(dims >= d - r, y * c + partner * s, y).to(x.dtype)
