@@ -252,9 +252,12 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         """(median, all) of `first_ms` and trials - 1 more fresh compiles and captures of the step."""
         times = [first_ms]
         for _ in range(trials - 1):
-            _, seconds, ms, _, _ = compiled_step(compiled_kernels, streamed)
+            _, seconds, ms, _, error = compiled_step(compiled_kernels, streamed)
             row.trials_s += seconds
-            times += [ms] if ms is not None else []
+            if ms is None:              # a failed trial is said, not silently left out of the median
+                note(error)
+            else:
+                times.append(ms)
         return statistics.median(times), times
 
     def note(error: str) -> None:
@@ -414,8 +417,7 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
     Hadamard, FP4 simulation: `Kernels.index_rotate`, which the Triton tables run) as the eager table's three stages
     and as the one Triton launch."""
     from ascend.backends import cuda
-    from model import quant
-    from model.kernels import REFERENCE, select_topk
+    from model.kernels import REFERENCE, rotate_index, select_topk
 
     roof = scores.numel() * 4 / copy_bps * 1e3
     ref = time_ms(device, lambda: select_topk(scores, topk), shapes.reps)
@@ -424,26 +426,21 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
     if triton:
         rows.append(KernelRow("topk", kind, batch, context, "triton radix select", time_ms(
             device, lambda: cuda.topk_triton(scores, topk), shapes.reps), roof, ref))
-    for what, x in (("queries", iq), ("entries", iq[:, 0, :2])):
+    tables = [("eager stages (rope, hadamard, fp4)", cuda.make_kernels(use_triton=False))]
+    tables += [("triton, one launch (backend)", cuda.make_kernels(use_triton=True))] if triton else []
+    for what, x in (("queries", iq), ("entries", iq[:, 0, :2])):            # entries: [B, N, D], keys as one head
         roof = 2 * x.numel() * x.element_size() / copy_bps * 1e3
         ref = time_ms(device, lambda: REFERENCE.hadamard(x), shapes.reps)
         for name, fn in (("float32 matmul", lambda: cuda.hadamard_matmul(x.float()).to(x.dtype)),
                          ("bf16 +-1 matmul (backend hadamard)", lambda: cuda.hadamard_matmul(x))):
             rows.append(KernelRow(f"hadamard {what}", kind, batch, context, name,
                                   time_ms(device, fn, shapes.reps), roof, ref))
-    for what, x in (("queries", iq), ("entries", iq[:, 0, :2].unsqueeze(2).contiguous())):     # [B, N, heads, D]
         angles = torch.rand(*x.shape[:2], rope_dim // 2, device=x.device) * 6.3
-        cos, sin, block = angles.cos(), angles.sin(), quant.FP4_BLOCK
-        roof = 2 * x.numel() * x.element_size() / copy_bps * 1e3
-        ref = time_ms(device, lambda: quant.fp4_round_trip(REFERENCE.hadamard(REFERENCE.rope(x, cos, sin)), block),
-                      shapes.reps)
-        stages = lambda: quant.fp4_round_trip(cuda.hadamard_matmul(cuda.rope_complex(x, cos, sin)), block)  # noqa
-        rows.append(KernelRow(f"index_rotate {what}", kind, batch, context, "eager stages (rope, hadamard, fp4)",
-                              time_ms(device, stages, shapes.reps), roof, ref))
-        if triton:
-            rows.append(KernelRow(f"index_rotate {what}", kind, batch, context, "triton, one launch (backend)",
-                                  time_ms(device, lambda: cuda.index_rotate_triton(x, cos, sin, block), shapes.reps),
-                                  roof, ref))
+        cos, sin = angles.cos(), angles.sin()
+        ref = time_ms(device, lambda: rotate_index(REFERENCE, x, cos, sin, True), shapes.reps)
+        for name, table in tables:
+            rows.append(KernelRow(f"index_rotate {what}", kind, batch, context, name, time_ms(
+                device, lambda: rotate_index(table, x, cos, sin, True), shapes.reps), roof, ref))
     return rows
 
 

@@ -242,7 +242,7 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4)
 # / 134.7, CSA batch 8 within the captures' spread (147.7 against 148.3). Not measured at batch 1 (where it halves
 # the chunks, 20 to 10 at V4's CSA lists) nor in prefill, which keep SPARSE_ATTN_CONFIG; its tiles (queries and two
 # stages of 64 keys: 144 KiB at 512 bf16 dims) must fit the shared memory, as the long-list setting's must.
-SPARSE_ATTN_BATCH_CONFIG = dict(block_h=16, block_k=64, num_warps=4, waves=1.0)
+SPARSE_ATTN_BATCH_CONFIG = SPARSE_ATTN_CONFIG | dict(block_k=64, waves=1.0)
 # Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
 # KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. It takes
 # more than half an SM's shared memory (128 KiB compiled for sm_90 at V4's 512 dims; 160 for sm_80), so one program
@@ -376,7 +376,7 @@ def _(kv, score, start, n_valid, state_kv, state_score, ratio, overlap):
 def index_rotate_triton(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp4_block: int) -> torch.Tensor:
     """`Kernels.index_rotate`: the indexer's RoPE, Hadamard and FP4 simulation in one Triton launch
     (`triton_index_rotate`), the Hadamard as `hadamard_matmul` computes it for bf16 (+-1 products, float32 sums,
-    then the scale; other dtypes cast the +-1 matrix on each call)."""
+    then the scale)."""
     from ascend.backends import triton_index_rotate
     return triton_index_rotate.index_rotate(q, cos, sin, _hadamard_matrix(q.size(-1), q.device, torch.bfloat16),
                                             fp4_block)
@@ -537,11 +537,9 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     FP4 simulation."""
     if use_triton is None:
         use_triton = triton_available()
-    if for_compile:
-        short = dict(rope=rope_pointwise, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16,
-                     fp4_round_trip=quant.fp4_round_trip_float)
-    else:
-        short = dict(rms_norm=rms_norm_fused, rope=rope_complex, hadamard=hadamard_matmul, f32_linear=f32_linear_bf16)
+    short = dict(hadamard=hadamard_matmul, f32_linear=f32_linear_bf16) | (
+        dict(rope=rope_pointwise, fp4_round_trip=quant.fp4_round_trip_float) if for_compile
+        else dict(rms_norm=rms_norm_fused, rope=rope_complex))
     if use_triton:
         from ascend.backends import triton_argmax, triton_mhc     # import triton: only here
 

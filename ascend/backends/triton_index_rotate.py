@@ -35,7 +35,7 @@ def _index_rotate_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
                         D: tl.constexpr, ROPE: tl.constexpr, FP4_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
                         PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Rows r of x [rows, D] (row r of token r // heads); cos, sin [tokens, ROPE / 2] float32; h the +-1 Hadamard
-    matrix [D, D] in x's dtype. FP4_BLOCK 0: no FP4 simulation."""
+    matrix [D, D] in any float dtype. FP4_BLOCK 0: no FP4 simulation."""
     after_previous_kernel(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
@@ -53,7 +53,7 @@ def _index_rotate_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
     xf = x.to(tl.float32)
     y = tl.where(rotated, xf * c + partner * s, xf).to(x.dtype)
 
-    h = tl.load(h_ptr + d[:, None] * D + d[None, :])
+    h = tl.load(h_ptr + d[:, None] * D + d[None, :]).to(x.dtype)      # +-1: exact in any dtype
     z = (tl.dot(y, h, input_precision=PRECISION) * (D ** -0.5)).to(x.dtype)
 
     if FP4_BLOCK:
@@ -74,14 +74,14 @@ def _index_rotate_kernel(x_ptr, cos_ptr, sin_ptr, h_ptr, out_ptr, rows, heads,
 def index_rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard: torch.Tensor,
                 fp4_block: int) -> torch.Tensor:
     """q [B, S, H, D] (D a power of two, 16 to MAX_DIM), cos / sin [B, S, R / 2] float32 with R <= D (one row of
-    angles per token: the kernel indexes them by token, it does not broadcast), hadamard the +-1 matrix [D, D] in
-    q's dtype; fp4_block 0 for no FP4 simulation, else a power of two dividing D -> [B, S, H, D] in q's dtype."""
+    angles per token: the kernel indexes them by token, it does not broadcast), hadamard the +-1 matrix [D, D] (any
+    float dtype: the kernel converts it); fp4_block 0 for no FP4 simulation, else a power of two dividing D -> [B, S, H, D] in q's dtype."""
     check_shapes(q, cos, sin, fp4_block)
     b, s, heads, d = q.shape
     q, rows = q.contiguous(), b * s * heads
     out = torch.empty_like(q)
     _index_rotate_kernel[(triton.cdiv(rows, BLOCK_R),)](
-        q, cos.float().contiguous(), sin.float().contiguous(), hadamard.to(q.dtype).contiguous(), out, rows, heads,
+        q, cos.float().contiguous(), sin.float().contiguous(), hadamard.contiguous(), out, rows, heads,
         D=d, ROPE=2 * cos.size(-1), FP4_BLOCK=fp4_block, BLOCK_R=BLOCK_R, PRECISION=dot_precision(q.dtype),
         num_warps=4, enable_fp_fusion=False, **launch_options(q.device))
     return out
