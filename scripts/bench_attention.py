@@ -6,13 +6,18 @@ sparse attention, epilog) runs from a captured graph with the CUDA backend's ker
 `--compile` (the default on CUDA), also compiled by `ascend.backends.cuda.compile_decode` (torch.compile, one
 static graph, then captured the same way) and, with `--streams on` (the default), as its stages compiled apart on
 concurrent streams (`ascend.backends.streams.StreamedDecode`, captured likewise). The fastest of the three ("best")
-is reported as ratios:
+is reported as ratios. A step's time is the mean over the last positions of the context (`decode_positions`: an
+HCA layer's whole 128-token block, 16 positions for CSA), the steps captured back to back in one graph, as a
+model's decode graph runs its layers: the per-token time of a long decode. The step at context - 1 completes a
+block (the only one in 128 whose compressor pools, for HCA); replayed alone from an idle device (so with the
+host's launch of the graph in it), it is reported too, as the "completing step" columns:
 
 * x roofline = time / max(bytes the step must read / measured copy bandwidth, FLOPs / measured matmul rate),
   where the bytes are the layer's weights plus, per sequence, the KV rows the step reads (window, selected or all
   compressed entries, all visible indexer keys) and the FLOPs the projections plus attention plus indexer scores;
 * x dense = time / dense attention over the same context (SDPA, 64 heads over an uncompressed single-head
-  512-dim bf16 cache of `context` tokens), also captured.
+  512-dim bf16 cache of `context` tokens), also captured (one call per replay: at 0.7 ms and more per call on the
+  H200 the launch is under 1%).
 
 Prefill throughput (tokens/s) of one layer over a 128K prompt is reported too, and the peak device memory of
 every row. `--stub STAGE` times each step again (eager, and compiled when the row compiles) with one `Kernels` stage
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -50,14 +56,22 @@ from ascend.device import Device, get_device
 
 # ----------------------------------------------------------------------------------------------- measurement
 def time_ms(device: Device, fn, reps: int, graph: bool = True) -> float:
-    """Median milliseconds of `fn()`; captured once and replayed when `graph` (CPU: eager re-runs)."""
+    """Median milliseconds of `fn()`; captured once and replayed when `graph` (CPU: eager re-runs). `fn` may be a
+    list of functions: they run back to back (one graph), and the time is per function. Each replay is timed from
+    an idle device, so a single function's time includes the host launching the graph (3-6 us of the H200's decode
+    steps, docs/performance.md); back to back, as in a whole model's graph, that is paid once per list."""
+    fns = fn if isinstance(fn, list) else [fn]
+
+    def run_all():
+        return [f() for f in fns]
+
     if graph:
         g = device.graph()
-        g.capture(fn, warmup=2)
+        g.capture(run_all, warmup=2)
         run = g.replay
     else:
-        fn()
-        run = fn
+        run_all()
+        run = run_all
     times = []
     for _ in range(reps):
         start, end = device.event(), device.event()
@@ -65,7 +79,7 @@ def time_ms(device: Device, fn, reps: int, graph: bool = True) -> float:
         run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / len(fns))
     return statistics.median(times)
 
 
@@ -94,11 +108,14 @@ class Row:
     layer: str
     batch: int
     context: int
-    ms: float
-    roofline_ms: float
+    ms: float                            # per step over `decode_positions`, back to back (so are compiled_ms,
+    roofline_ms: float                   # streamed_ms, stubbed_ms and stubbed_compiled_ms)
     dense_ms: float
-    reference_ms: float | None
+    reference_ms: float | None           # the block-completing step (context - 1) alone
     peak_gib: float
+    completing_ms: float | None = None   # the block-completing step replayed alone (from an idle device), eager;
+    compiled_completing_ms: float | None = None  # compiled;
+    streamed_completing_ms: float | None = None  # streamed
     compiled_ms: float | None = None     # the same step through compile_decode
     compile_s: float | None = None       # its first call (trace, code generation, kernel builds)
     compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
@@ -117,6 +134,12 @@ class Row:
     @property
     def best_ms(self) -> float:
         return min(t for t in (self.ms, self.compiled_ms, self.streamed_ms) if t is not None)
+
+    @property
+    def best_completing_ms(self) -> float | None:
+        """The block-completing step alone, of the variant that is fastest over the positions."""
+        return {self.ms: self.completing_ms, self.compiled_ms: self.compiled_completing_ms,
+                self.streamed_ms: self.streamed_completing_ms}[self.best_ms]
 
     @property
     def x_roofline(self) -> float:
@@ -138,10 +161,11 @@ class Shapes:
     prefill_chunk: int
     dtype: torch.dtype
     reps: int
+    decode_steps: tuple[int, int]       # (fewest, most) positions each decode step is timed over (`decode_positions`)
 
 
-FULL = Shapes("flash", (1, 8, 32), (8192, 131072, 1048576), 131072, 16384, torch.bfloat16, 20)
-QUICK = Shapes("tiny", (1, 2), (64, 256), 256, 128, torch.float32, 3)
+FULL = Shapes("flash", (1, 8, 32), (8192, 131072, 1048576), 131072, 16384, torch.bfloat16, 20, (16, 128))
+QUICK = Shapes("tiny", (1, 2), (64, 256), 256, 128, torch.float32, 3, (2, 4))
 
 
 RATIO = {"csa": 4, "hca": 128}       # compress ratio of each layer type
@@ -150,6 +174,16 @@ RATIO = {"csa": 4, "hca": 128}       # compress ratio of each layer type
 def layer_ids(config) -> dict[str, int]:
     """First CSA (ratio 4) and first HCA (ratio 128) layer of the schedule."""
     return {name: config.compress_ratios.index(r) for name, r in RATIO.items()}
+
+
+def decode_positions(ratio: int, context: int, steps: tuple[int, int]) -> list[int]:
+    """The positions a decode step is timed at: the last n before `context`, n = the layer's compress ratio within
+    `steps` (and the context). The last (context - 1) completes a compressed block, the only step in `ratio` that
+    pools one (an HCA layer's step that does reads its 128 carried rows): at V4-Flash's ratios (4, 128) and
+    FULL's (16, 128), 16 CSA positions and an HCA layer's whole block, so their mean is the per-token time of a
+    long decode."""
+    n = min(max(ratio, steps[0]), steps[1], context)
+    return list(range(context - n, context))
 
 
 def filled_cache(config, layer_id: int, batch: int, context: int, dtype: torch.dtype, device: Device):
@@ -198,14 +232,16 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
                copy_bps: float, flops_per_s: float, kernels, with_reference: bool,
                compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0,
                stub: str | None = None, streams: bool = False, trials: int = 1) -> Row:
-    """Time one captured decode step of `layer` at `context` tokens (all of them visible) for `batch` sequences;
+    """Time the captured decode step of `layer` at `context` tokens for `batch` sequences, per step over the
+    positions of `decode_positions` (all of the context visible), and the block-completing one (context - 1) alone;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them and, with `streams`, its stages
-    compiled apart on concurrent streams (`StreamedDecode`). Repeating the step at the same
-    position settles after a couple of runs (the compressor state stops moving), so the eager output taken after
-    the eager timing and the compiled step's first output see the same cache. `profile_steps`: also the kernels of
-    that many replays of each captured step (CUDA); `stub`: also both steps with that `Kernels` stage replaced by
-    its stand-in (`profiling.STAND_INS`), where the layer calls it; `trials`: each compiled step compiled and
-    captured that many times afresh, timed as the median (the same code compiled twice ran 15% apart on the H200)."""
+    compiled apart on concurrent streams (`StreamedDecode`). The outputs compared are those of the completing step:
+    repeated at its position it settles after a couple of runs (the compressor state stops moving), so the eager
+    output taken after the eager timing and the compiled step's first output see the same cache. `profile_steps`:
+    also the kernels of that many replays of each captured completing step (CUDA); `stub`: also both steps with
+    that `Kernels` stage replaced by its stand-in (`profiling.STAND_INS`), where the layer calls it; `trials`: each
+    compiled step compiled and captured that many times afresh, timed as the median (the same code compiled twice
+    ran 15% apart on the H200)."""
     from ascend.backends.cuda import compile_decode
     from ascend.backends.streams import StreamedDecode
     from model.kernels import use_kernels
@@ -215,8 +251,15 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     device.reset_peak()
     cache = filled_cache(config, layer.layer_id, batch, context, shapes.dtype, device)
     x = torch.randn(batch, 1, config.dim, device=dev, dtype=shapes.dtype)
-    start = torch.full((batch,), context - 1, dtype=torch.int64, device=dev)
-    step = lambda: layer(x, start, cache)   # noqa: E731 -- the captured decode step
+    starts = [torch.full((batch,), p, dtype=torch.int64, device=dev)
+              for p in decode_positions(layer.ratio, context, shapes.decode_steps)]
+    step = functools.partial(layer, x, starts[-1], cache)       # the captured decode step that completes a block
+
+    def timed(call) -> tuple[float, float]:
+        """(ms per step of `call(x, start, cache)` over the positions, back to back; ms of the completing step)."""
+        return (time_ms(device, [functools.partial(call, x, s, cache) for s in starts], shapes.reps),
+                time_ms(device, functools.partial(call, x, starts[-1], cache), shapes.reps))
+
     def profile(fn) -> None:
         if profile_steps and device.type == "cuda":
             g = device.graph()
@@ -224,33 +267,35 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.profiles = {**(row.profiles or {}), name: profiling.kernel_table(g.replay, profile_steps)}
 
     use_kernels(layer, kernels)
-    ms = time_ms(device, step, shapes.reps)
+    ms, completing_ms = timed(layer)
     eager_out = step().float()
-    row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0)
+    row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0, completing_ms)
     name = "eager"
     profile(step)
 
     def compiled_step(table, streamed=False):
         """The layer compiled on `table` (one graph, or `streamed`: its stages on streams), called once (compiling
-        it) and timed: (its first output in float32, seconds of that first call, ms per captured step, the step,
-        None), or (None, seconds, None, None, the error) if it failed, so that the row keeps its other numbers."""
+        it) and timed: (its first output in float32, seconds of that first call, `timed`'s pair, the completing
+        step, None), or (None, seconds, None, None, the error) if it failed, so that the row keeps its other
+        numbers."""
         torch._dynamo.reset()            # a fresh compile cache per shape: never the recompile limit
         use_kernels(layer, table)
         options = compile_options or {}
         compiled = StreamedDecode(layer, device, **options) if streamed else compile_decode(layer, **options)
-        fn = lambda: compiled(x, start, cache)     # noqa: E731
+        fn = functools.partial(compiled, x, starts[-1], cache)
         t0 = time.perf_counter()
         try:
             out = fn().float()
             device.synchronize()
             first_s = time.perf_counter() - t0
-            return out, first_s, time_ms(device, fn, shapes.reps), fn, None
+            return out, first_s, timed(compiled), fn, None
         except Exception as e:  # noqa: BLE001 -- one failing compile keeps the row
             return None, time.perf_counter() - t0, None, None, f"{type(e).__name__}: {str(e)[:300]}"
 
-    def more_trials(first_ms: float, streamed: bool = False) -> tuple[float, list[float]]:
-        """(median, all) of `first_ms` and trials - 1 more fresh compiles and captures of the step."""
-        times = [first_ms]
+    def more_trials(first: tuple[float, float], streamed: bool = False) -> tuple[float, float, list[float]]:
+        """(median over the positions, median of the completing step, all of the former) of `first` and trials - 1
+        more fresh compiles and captures of the step."""
+        times = [first]
         for _ in range(trials - 1):
             _, seconds, ms, _, error = compiled_step(compiled_kernels, streamed)
             row.trials_s += seconds
@@ -258,28 +303,29 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
                 note(error)
             else:
                 times.append(ms)
-        return statistics.median(times), times
+        cycle, completing = zip(*times)
+        return statistics.median(cycle), statistics.median(completing), list(cycle)
 
     def note(error: str) -> None:
         row.compile_error = "; ".join(filter(None, (row.compile_error, error)))
 
     rel_err = lambda out: ((out - eager_out).norm() / eager_out.norm()).item()   # noqa: E731
     if compiled_kernels is not None:
-        out, row.compile_s, row.compiled_ms, fn, error = compiled_step(compiled_kernels)
+        out, row.compile_s, times, fn, error = compiled_step(compiled_kernels)
         if out is None:
             note(error)
         else:
             row.compiled_err = rel_err(out)
             name = "compiled"
             profile(fn)
-            row.compiled_ms, row.compiled_trials = more_trials(row.compiled_ms)
+            row.compiled_ms, row.compiled_completing_ms, row.compiled_trials = more_trials(times)
         if streams:
-            out, row.streamed_s, row.streamed_ms, _, error = compiled_step(compiled_kernels, streamed=True)
+            out, row.streamed_s, times, _, error = compiled_step(compiled_kernels, streamed=True)
             if out is None:
                 note(f"streamed: {error}")
             else:
                 row.streamed_err = rel_err(out)
-                row.streamed_ms, row.streamed_trials = more_trials(row.streamed_ms, streamed=True)
+                row.streamed_ms, row.streamed_completing_ms, row.streamed_trials = more_trials(times, streamed=True)
         torch._dynamo.reset()
     if stub is not None:
         stand_in, called = profiling.STAND_INS[stub], []
@@ -292,10 +338,11 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         step()                           # does the layer call the stage? (HCA layers have no indexer_topk)
         if called:
             use_kernels(layer, dataclasses.replace(kernels, **{stub: stand_in}))
-            row.stubbed_ms = time_ms(device, step, shapes.reps)
+            row.stubbed_ms = timed(layer)[0]
             if row.compiled_ms is not None:
-                _, row.stub_compile_s, row.stubbed_compiled_ms, _, error = compiled_step(
+                _, row.stub_compile_s, times, _, error = compiled_step(
                     dataclasses.replace(compiled_kernels, **{stub: stand_in}))
+                row.stubbed_compiled_ms = times and times[0]
                 if error:
                     note(f"with the {stub} stand-in: {error}")
                 torch._dynamo.reset()
@@ -492,13 +539,15 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     trials = ceilings.get("trials", 1) > 1
     trial_note = f"; compiled and streamed: medians of {ceilings.get('trials')} compiles each" if trials else ""
     lines = [f"copy bandwidth {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.3g} TFLOP/s "
-             f"({ceilings['device']}){options}{profiled}{trial_note}", "",
+             f"({ceilings['device']}){options}{profiled}{trial_note}; decode us: per step over the last "
+             "positions of the context, back to back (one graph), but the completing step's and the reference's: "
+             "the step at context - 1 replayed alone", "",
              "| layer | batch | context | eager us | compiled us | streamed us | eager / best | roofline us | "
-             "best x roofline | eager x roofline | dense us | best x dense | reference-kernels us | compile s | "
-             "compiled err | streamed err | peak GiB |"
+             "best x roofline | best's completing step alone us | its x roofline | eager x roofline | dense us | "
+             "best x dense | reference-kernels us | compile s | compiled err | streamed err | peak GiB |"
              + (f" {stub} in the eager step us | {stub} in the compiled step us |" if stub else "")
              + (" compiled range us | streamed range us |" if trials else ""),
-             "|---|" + "---:|" * (16 + 2 * bool(stub) + 2 * trials)]
+             "|---|" + "---:|" * (18 + 2 * bool(stub) + 2 * trials)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)   # noqa: E731
     us = lambda ms: "-" if ms is None else f"{ms * 1e3:.1f}"   # noqa: E731
     cost = lambda whole, without: None if whole is None or without is None else (whole - without) * 1e3  # noqa: E731
@@ -506,6 +555,7 @@ def table(rows: list[Row], prefill: dict[str, tuple[float, float]], ceilings: di
     for r in rows:
         lines.append(f"| {r.layer} | {r.batch} | {r.context} | {us(r.ms)} | {us(r.compiled_ms)} | "
                      f"{us(r.streamed_ms)} | {r.ms / r.best_ms:.2f} | {us(r.roofline_ms)} | {r.x_roofline:.2f} | "
+                     f"{us(r.best_completing_ms)} | {r.best_completing_ms / r.roofline_ms:.2f} | "
                      f"{r.ms / r.roofline_ms:.2f} | {us(r.dense_ms)} | {r.x_dense:.3f} | {us(r.reference_ms)} | {fmt(r.compile_s, '.1f')} | "
                      f"{fmt(r.compiled_err, '.1e')} | {fmt(r.streamed_err, '.1e')} | {r.peak_gib:.2f} |"
                      + (f" {fmt(cost(r.ms, r.stubbed_ms), '.1f')} | "
@@ -677,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_attention.md").write_text(text + "\n")
         (args.out / "bench_attention.json").write_text(json.dumps({
             "ceilings": ceilings, "shapes": {**asdict(shapes), "dtype": str(shapes.dtype)},
-            "decode": [{**asdict(r), "x_roofline": r.x_roofline, "x_dense": r.x_dense} for r in rows],
+            "decode": [{**asdict(r), "x_roofline": r.x_roofline, "x_dense": r.x_dense,
+                        "best_completing_ms": r.best_completing_ms} for r in rows],
             "prefill": {k: {"tokens_per_s": v[0], "peak_gib": v[1]} for k, v in prefill.items()},
             "kernels": [asdict(r) for r in krows], "failures": failures}, indent=1))
     return 1 if failures else 0

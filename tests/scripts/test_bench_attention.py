@@ -29,6 +29,11 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     assert all(r["streamed_ms"] > 0 and r["streamed_err"] < 1e-5 for r in results["decode"])
     assert all(r["x_roofline"] * r["roofline_ms"] == pytest.approx(min(r["ms"], r["compiled_ms"], r["streamed_ms"]))
                for r in results["decode"])
+    # the block-completing step alone, of each variant, and the best variant's in the table
+    assert all(r[f"{v}completing_ms"] > 0 for r in results["decode"] for v in ("", "compiled_", "streamed_"))
+    assert all(r["best_completing_ms"] == {r["ms"]: r["completing_ms"], r["compiled_ms"]: r["compiled_completing_ms"],
+                                           r["streamed_ms"]: r["streamed_completing_ms"]}[min(
+                                               r["ms"], r["compiled_ms"], r["streamed_ms"])] for r in results["decode"])
     assert set(results["prefill"]) == {"csa", "hca"} and results["kernels"] and not results["failures"]
     stages = {(r["kernel"], r["layer"]) for r in results["kernels"]}
     assert {(f"compress_blocks ({what})", layer) for what in ("inside a block", "completing it")
@@ -39,6 +44,25 @@ def test_quick_mode_writes_table_and_json(tmp_path):
     assert all(t > 0 for t in stubbed["csa"]) and stubbed["hca"] == (None, None)
     table = (tmp_path / "bench_attention.md").read_text()
     assert "x roofline" in table and "| csa | 1 | 64 |" in table and "indexer_topk in the compiled step us" in table
+
+
+def test_decode_steps_are_timed_over_the_last_positions_of_a_block():
+    """Positions end with the block-completing step (context - 1); an HCA layer's whole block of 128 (V4-Flash), 16
+    for CSA and window layers, never more than the context has."""
+    positions = load_script("bench_attention").decode_positions
+    assert positions(128, 8192, (16, 128)) == list(range(8192 - 128, 8192))
+    assert positions(4, 8192, (16, 128)) == list(range(8192 - 16, 8192))
+    assert positions(0, 8192, (16, 128)) == list(range(8192 - 16, 8192))
+    assert positions(128, 64, (2, 4)) == [60, 61, 62, 63] and positions(128, 3, (2, 4)) == [0, 1, 2]
+
+
+def test_time_ms_of_a_list_is_per_function():
+    """Functions timed together run back to back and the time is per function: 3 sleeps of 20 ms read ~20 ms."""
+    import time
+    from ascend.device import get_device
+    bench = load_script("bench_attention")
+    ms = bench.time_ms(get_device("cpu"), [lambda: time.sleep(0.02)] * 3, reps=2)
+    assert 19 < ms < 40
 
 
 def test_trials_take_the_median_of_fresh_compiles(tmp_path):
