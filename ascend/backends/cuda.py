@@ -351,8 +351,10 @@ def _(scores, k):
 
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     """Fused Triton indexer scores, then the Triton radix select (`indexer_topk_bmm`'s output, ties at the k-th
-    score to the lowest indices at every row length)."""
-    return _select(indexer_scores_triton(q, k, weights, n_visible), topk, group, topk_triton)
+    score to the lowest indices at every row length). The visible counts are made the kernel's int32 here, outside
+    the custom operator, so that a compiled step computes them so in the kernel that derives them (inside, the
+    conversion was a launch of its own on CSA's selection path)."""
+    return _select(indexer_scores_triton(q, k, weights, n_visible.to(torch.int32)), topk, group, topk_triton)
 
 
 @torch.library.custom_op("ascend_cuda::compress_decode", mutates_args=("state_kv", "state_score"))
