@@ -43,6 +43,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,6 +198,21 @@ def filled_cache(config, layer_id: int, batch: int, context: int, dtype: torch.d
     return cache
 
 
+def cache_snapshot(cache) -> Callable[[], None]:
+    """A host copy of every tensor of a layer cache; calling the result writes it back. The positions' steps write
+    the entries of their blocks with the arithmetic of the variant being timed, so each variant's output to compare
+    is taken from the cache as the eager output saw it, not as the previous variant's timing left it."""
+    states = [st for st in (cache.compressor, cache.index_compressor) if st is not None]
+    tensors = [t for t in (cache.kv, cache.index_kv, *(x for st in states for x in (st.kv, st.score)))
+               if t is not None]
+    saved = [t.to("cpu", copy=True) for t in tensors]
+
+    def restore() -> None:
+        for t, v in zip(tensors, saved):
+            t.copy_(v)
+    return restore
+
+
 def decode_roofline(config, layer, kind: str, batch: int, context: int, dtype: torch.dtype,
                     copy_bps: float, flops_per_s: float) -> tuple[float, float, float]:
     """(seconds, bytes, flops) one decode step must at least take: every weight and every KV row it reads
@@ -235,9 +251,8 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     """Time the captured decode step of `layer` at `context` tokens for `batch` sequences, per step over the
     positions of `decode_positions` (all of the context visible), and the block-completing one (context - 1) alone;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them and, with `streams`, its stages
-    compiled apart on concurrent streams (`StreamedDecode`). The outputs compared are those of the completing step:
-    repeated at its position it settles after a couple of runs (the compressor state stops moving), so the eager
-    output taken after the eager timing and the compiled step's first output see the same cache. `profile_steps`:
+    compiled apart on concurrent streams (`StreamedDecode`). The outputs compared are those of the completing step,
+    each from the cache as it was for the eager one (`cache_snapshot`). `profile_steps`:
     also the kernels of that many replays of each captured completing step (CUDA); `stub`: also both steps with
     that `Kernels` stage replaced by its stand-in (`profiling.STAND_INS`), where the layer calls it; `trials`: each
     compiled step compiled and captured that many times afresh, timed as the median (the same code compiled twice
@@ -268,6 +283,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
 
     use_kernels(layer, kernels)
     ms, completing_ms = timed(layer)
+    restore = cache_snapshot(cache)
     eager_out = step().float()
     row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0, completing_ms)
     name = "eager"
@@ -284,6 +300,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         compiled = StreamedDecode(layer, device, **options) if streamed else compile_decode(layer, **options)
         fn = functools.partial(compiled, x, starts[-1], cache)
         t0 = time.perf_counter()
+        restore()
         try:
             out = fn().float()
             device.synchronize()

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from tests.conftest import load_script, run_script
 
@@ -54,6 +55,25 @@ def test_decode_steps_are_timed_over_the_last_positions_of_a_block():
     assert positions(4, 8192, (16, 128)) == list(range(8192 - 16, 8192))
     assert positions(0, 8192, (16, 128)) == list(range(8192 - 16, 8192))
     assert positions(128, 64, (2, 4)) == [60, 61, 62, 63] and positions(128, 3, (2, 4)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_cache_snapshot_restores_every_tensor_of_the_layer_cache(kind):
+    """What a variant's timed steps write (entries, indexer keys, compressor states) is put back before its output
+    is compared with the eager step's."""
+    from ascend.device import get_device
+    from model.config import ModelConfig
+    bench = load_script("bench_attention")
+    config = ModelConfig.preset("tiny")
+    cache = bench.filled_cache(config, bench.layer_ids(config)[kind], 2, 64, torch.float32, get_device("cpu"))
+    tensors = [t for t in (cache.kv, cache.index_kv, cache.compressor.kv, cache.compressor.score)
+               + ((cache.index_compressor.kv, cache.index_compressor.score) if kind == "csa" else ()) if t is not None]
+    before = [t.clone() for t in tensors]
+    restore = bench.cache_snapshot(cache)
+    for t in tensors:
+        t.add_(1.0)
+    restore()
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
 
 
 def test_time_ms_of_a_list_is_per_function():
