@@ -59,7 +59,7 @@ from ascend.device import Device, get_device
 def time_ms(device: Device, fn, reps: int, graph: bool = True) -> float:
     """Median milliseconds of `fn()`; captured once and replayed when `graph` (CPU: eager re-runs). `fn` may be a
     list of functions: they run back to back (one graph), and the time is per function. Each replay is timed from
-    an idle device, so a single function's time includes the host launching the graph (3-6 us of the H200's decode
+    an idle device, so a single function's time includes the host launching the graph (2.4-6.8 us of the H200's decode
     steps, docs/performance.md); back to back, as in a whole model's graph, that is paid once per list."""
     fns = fn if isinstance(fn, list) else [fn]
 
@@ -109,8 +109,10 @@ class Row:
     layer: str
     batch: int
     context: int
-    ms: float                            # per step over `decode_positions`, back to back (so are compiled_ms,
-    roofline_ms: float                   # streamed_ms, stubbed_ms and stubbed_compiled_ms)
+    # per step over `decode_positions`, back to back: ms (eager), compiled_ms, streamed_ms, stubbed_ms and
+    # stubbed_compiled_ms
+    ms: float
+    roofline_ms: float
     dense_ms: float
     reference_ms: float | None           # the block-completing step (context - 1) alone
     peak_gib: float
@@ -119,7 +121,7 @@ class Row:
     streamed_completing_ms: float | None = None  # streamed
     compiled_ms: float | None = None     # the same step through compile_decode
     compile_s: float | None = None       # its first call (trace, code generation, kernel builds)
-    compiled_err: float | None = None    # |compiled - eager| / |eager| of the step's output
+    compiled_err: float | None = None    # |compiled - eager| / |eager| of the completing step's output
     compile_error: str | None = None     # why the compiled step could not be timed
     streamed_ms: float | None = None     # the stages compiled apart on concurrent streams (StreamedDecode)
     streamed_s: float | None = None      # its first call
@@ -249,7 +251,8 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
                compiled_kernels=None, compile_options: dict | None = None, profile_steps: int = 0,
                stub: str | None = None, streams: bool = False, trials: int = 1) -> Row:
     """Time the captured decode step of `layer` at `context` tokens for `batch` sequences, per step over the
-    positions of `decode_positions` (all of the context visible), and the block-completing one (context - 1) alone;
+    positions of `decode_positions` (the cache's rows filled, each position seeing the entries before it), and the
+    block-completing one (context - 1) alone;
     with `compiled_kernels`, also the step compiled by `compile_decode` on them and, with `streams`, its stages
     compiled apart on concurrent streams (`StreamedDecode`). The outputs compared are those of the completing step,
     each from the cache as it was for the eager one (`cache_snapshot`). `profile_steps`:
@@ -282,10 +285,10 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             row.profiles = {**(row.profiles or {}), name: profiling.kernel_table(g.replay, profile_steps)}
 
     use_kernels(layer, kernels)
-    ms, completing_ms = timed(layer)
+    eager_ms, completing_ms = timed(layer)
     restore = cache_snapshot(cache)
     eager_out = step().float()
-    row = Row(kind, batch, context, ms, 0.0, float("nan"), None, 0.0, completing_ms)
+    row = Row(kind, batch, context, eager_ms, 0.0, float("nan"), None, 0.0, completing_ms)
     name = "eager"
     profile(step)
 
@@ -299,8 +302,8 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         options = compile_options or {}
         compiled = StreamedDecode(layer, device, **options) if streamed else compile_decode(layer, **options)
         fn = functools.partial(compiled, x, starts[-1], cache)
+        restore()                        # (not counted in the compile time)
         t0 = time.perf_counter()
-        restore()
         try:
             out = fn().float()
             device.synchronize()
@@ -314,12 +317,12 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         more fresh compiles and captures of the step."""
         times = [first]
         for _ in range(trials - 1):
-            _, seconds, ms, _, error = compiled_step(compiled_kernels, streamed)
+            _, seconds, pair, _, error = compiled_step(compiled_kernels, streamed)
             row.trials_s += seconds
-            if ms is None:              # a failed trial is said, not silently left out of the median
+            if pair is None:            # a failed trial is said, not silently left out of the median
                 note(error)
             else:
-                times.append(ms)
+                times.append(pair)
         cycle, completing = zip(*times)
         return statistics.median(cycle), statistics.median(completing), list(cycle)
 
@@ -359,7 +362,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             if row.compiled_ms is not None:
                 _, row.stub_compile_s, times, _, error = compiled_step(
                     dataclasses.replace(compiled_kernels, **{stub: stand_in}))
-                row.stubbed_compiled_ms = times and times[0]
+                row.stubbed_compiled_ms = None if times is None else times[0]
                 if error:
                     note(f"with the {stub} stand-in: {error}")
                 torch._dynamo.reset()
@@ -453,11 +456,11 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
     if kind == "csa":
         di, hi = config.index_head_dim, config.index_n_heads
         iq = torch.randn(batch, 1, hi, di, device=dev, dtype=dt)
-        ik = torch.randn(batch, n_entries + 1, di, device=dev, dtype=dt)
+        ik = torch.randn(batch, n_entries, di, device=dev, dtype=dt)     # the layer's keys (`LayerCache.index_keys`)
         w = torch.randn(batch, 1, hi, device=dev)
         nv = torch.full((batch, 1), n_entries, device=dev)
-        t = n_entries + 1
-        roof = max(batch * t * (di * ik.element_size() + 8) / copy_bps, 2 * batch * hi * di * t / flops_per_s) * 1e3
+        roof = max(batch * n_entries * (di * ik.element_size() + 8) / copy_bps,
+                   2 * batch * hi * di * n_entries / flops_per_s) * 1e3
         iargs = (iq, ik, w, nv)
         topk = config.index_topk
         ref = time_ms(device, lambda: REFERENCE.indexer_topk(*iargs, topk), shapes.reps)

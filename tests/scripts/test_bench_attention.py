@@ -71,7 +71,7 @@ def test_cache_snapshot_restores_every_tensor_of_the_layer_cache(kind):
     before = [t.clone() for t in tensors]
     restore = bench.cache_snapshot(cache)
     for t in tensors:
-        t.add_(1.0)
+        t.fill_(1.0)
     restore()
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))
 
