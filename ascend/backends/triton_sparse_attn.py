@@ -230,7 +230,9 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
     """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible."""
     B, S, H, D = q.shape
     T = k.shape[1]
-    q, k = q.contiguous(), k.to(q.dtype).contiguous()
+    q, k = q.contiguous(), k.to(q.dtype)
+    if k.stride(-1) != 1:               # rows may be strided (the cache's keys are a view without its last row)
+        k = k.contiguous()
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
     _indexer_scores_kernel[(B * S, triton.cdiv(T, block_t))](
@@ -439,9 +441,9 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
 # context) where the byte-histogram row kernel it replaced took 12.5, 14.8 against 16.6 at 4,096, 19.9 against 25.5
 # for 256 rows of 2,048; the chunked form's five launches took 18-20 us at 2,048 entries in an earlier job.
 TOPK_ROW_MAX_ENTRIES = 4096
-# Its warps: 4 for rows of up to this many entries (CSA's 2,048 at 8K context), else 8. On the H200, 20 calls per
-# graph, us at 8 / 32 rows (session 23's ad-hoc jobs 1-2, docs/performance.md): 2,048 entries 9.5-9.7 against
-# 10.1-10.3 with 8 warps, 4,096 entries 15.0 / 15.5 against 14.7 / 14.8.
+# Its warps: 4 for rows of up to this many entries (CSA's 2,048 at 8K context), else 8. On the H200, alone, 20 calls
+# per graph, us at 8 / 32 rows (session 23's ad-hoc jobs 1-2, docs/performance.md): 2,048 entries 9.5-9.7 against
+# 10.1-10.3 with 8 warps, 4,096 entries 15.0 / 15.5 against 14.7 / 14.8. Not timed inside the decode step.
 TOPK_ROW_FEW_WARPS_MAX = 2048
 # The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
 # warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
@@ -470,9 +472,9 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     if rows == 0:
         return out.view(*scores.shape[:-1], k)
     if chunk is None and T <= TOPK_ROW_MAX_ENTRIES:
-        block = max(16, triton.next_power_of_2(T))
-        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0), BLOCK=block,
-                                  num_warps=4 if block <= TOPK_ROW_FEW_WARPS_MAX else 8, **launch_options(dev))
+        row_block = max(16, triton.next_power_of_2(T))
+        _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0), BLOCK=row_block,
+                                  num_warps=4 if row_block <= TOPK_ROW_FEW_WARPS_MAX else 8, **launch_options(dev))
         return out.view(*scores.shape[:-1], k)
     cfg = TOPK_CHUNKED
     if chunk is None:

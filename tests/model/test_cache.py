@@ -1,5 +1,6 @@
 """KV cache: byte accounting against deepseek-v4.md §3, entry layouts, allocation shapes, reset."""
 
+import pytest
 import torch
 
 from model.cache import (KVCache, cache_bytes_per_token, decode_index_entries, decode_main_entries,
@@ -104,3 +105,17 @@ def test_row_writes_equal_a_per_row_assignment():
                 expect_kv[b, main_rows[b, i]] = enc_main[b, i].to(expect_kv.dtype)
                 expect_index[b, index_rows[b, i]] = enc_index[b, i].to(expect_index.dtype)
         assert torch.equal(cache.kv, expect_kv) and torch.equal(cache.index_kv, expect_index), layout
+
+
+@pytest.mark.parametrize("layout", ["bf16", "fp8"])
+def test_index_keys_leave_out_the_discard_row(layout):
+    """The indexer reads its n_entries keys, not the discard row after them (never visible; at 8K context it made
+    2,049 entries): a write sent to the discard row is not among them, a write to an entry is."""
+    cfg = ModelConfig.preset("tiny")
+    layer = KVCache(cfg, 2, 512, torch.float32, layout=layout).layers[1]
+    keys = fp4_round_trip(torch.randn(2, 2, 128))                 # values both layouts hold exactly
+    layer.write_index(torch.tensor([[5, layer.n_entries], [layer.n_entries, 0]]), keys)
+    got = layer.index_keys()
+    assert got.shape == (2, layer.n_entries, 128)
+    assert torch.equal(got[0, 5], keys[0, 0]) and torch.equal(got[1, 0], keys[1, 1])
+    assert not got[0].eq(keys[0, 1]).all(-1).any() and not got[1].eq(keys[1, 0]).all(-1).any()

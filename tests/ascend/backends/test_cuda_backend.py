@@ -534,6 +534,29 @@ def test_triton_indexer_launch_variants(variant):
     torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-2, atol=5e-2)
 
 
+@needs_triton_or_interpreter
+def test_triton_indexer_scores_read_strided_keys_in_place():
+    """The cache hands the scores its keys as a view without the discard row (rows strided by one more entry): the
+    kernel reads them through their strides, as it would a contiguous copy, without making one."""
+    from ascend.backends import triton_sparse_attn
+    q, k, w, n_visible = _indexer_inputs(2, 1, 8, 32, 65, device=TRITON_DEVICE)
+    view = k[:, :64]
+    assert not view.is_contiguous()
+    copies = []
+    original = torch.Tensor.contiguous
+
+    def counted(t, *args, **kwargs):
+        copies.append(t is view)
+        return original(t, *args, **kwargs)
+
+    n_visible = n_visible.clamp(max=64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "contiguous", counted)
+        got = triton_sparse_attn.indexer_scores(q, view, w, n_visible)
+    assert not any(copies)
+    torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, view.contiguous(), w, n_visible), rtol=1e-5, atol=1e-4)
+
+
 @needs_triton
 @pytest.mark.parametrize("B,S,H,D,T,topk", [(1, 1, 64, 128, 4096, 512), (4, 3, 8, 32, 300, 64), (2, 1, 64, 128, 100, 512)])
 def test_triton_indexer_topk_matches_reference(B, S, H, D, T, topk):
