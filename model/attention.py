@@ -150,12 +150,18 @@ class Attention(JointRows):
             return None
         if self.indexer is None:
             return visible_entry_rows(positions, self.ratio, cache.n_entries, self.window)
-        return self.pick(self.indexer.queries(qr, cos, sin), self.indexer.weights(x), positions, cache)
+        return self.entry_rows(self.pick(self.indexer.queries(qr, cos, sin), self.indexer.weights(x), positions,
+                                         cache))
 
     def pick(self, index_q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
              cache: LayerCache) -> torch.Tensor:
-        """CSA's selection from the indexer's queries and head weights: the top-k entries' key-buffer rows."""
-        ids = self.indexer(index_q, weights, positions, cache.index_keys())
+        """CSA's selection from the indexer's queries and head weights: the top-k entries' ids, int32 [B, S, K]
+        (-1 = none)."""
+        return self.indexer(index_q, weights, positions, cache.index_keys())
+
+    def entry_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Compressed entry ids (-1 = none) as key-buffer rows: the entries follow the window's rows. Apart from
+        `pick` so that a compiled attention stage can fuse it with the rows it joins (`StreamedDecode`)."""
         return torch.where(ids >= 0, ids + self.window, -1)
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,

@@ -71,10 +71,12 @@ class StreamedDecode:
         def pick(index_q, weights, x, start, cache):
             return a.pick(index_q, weights, chunk_positions(x, start)[0], cache)
 
-        def finish(q, kv, cos, sin, x, start, n_valid, entry_rows, cache):
+        def finish(q, kv, cos, sin, x, start, n_valid, entry_ids, cache):
             positions, n_valid = chunk_positions(x, start, n_valid)
-            if entry_rows is None:                      # not picked by the indexer: HCA's every visible entry, or none
+            if entry_ids is None:                       # not picked by the indexer: HCA's every visible entry, or none
                 entry_rows = a.select(x, None, positions, cos, sin, cache)
+            else:                                       # the indexer's picks as rows, fused with the rows' join
+                entry_rows = a.entry_rows(entry_ids)
             return a.epilog(a.attend(q, kv, positions, start, n_valid, entry_rows, cache), cos, sin)
 
         stages = dict(project=project, queries=a.queries, token_kv=a.token_kv, finish=finish)
@@ -101,7 +103,7 @@ class StreamedDecode:
         main = dev.current_stream()
         for s in self.sides:
             s.wait_stream(main)
-        entry_rows = None
+        entry_ids = None
         if a.ratio:
             with dev.use_stream(self.compress_side):
                 f["compress_main"](x, start, n_valid, cache)
@@ -120,10 +122,10 @@ class StreamedDecode:
                 index_q = f["index_queries"](qr, cos, sin)
             self.index_keys_side.wait_stream(self.index_side)
             with dev.use_stream(self.index_keys_side):
-                entry_rows = f["pick"](index_q, weights, x, start, cache)
+                entry_ids = f["pick"](index_q, weights, x, start, cache)
         q = f["queries"](qr, cos, sin)
         for s in self.sides:
             main.wait_stream(s)
-        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_q, entry_rows) is held
+        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_q, entry_ids) is held
         # to here, past the joins: no block of theirs is freed while another stream may still read it
-        return f["finish"](q, kv, cos, sin, x, start, n_valid, entry_rows, cache)
+        return f["finish"](q, kv, cos, sin, x, start, n_valid, entry_ids, cache)
