@@ -369,6 +369,8 @@ class _Ops:
         if group is not None and dist.get_world_size(group) > 1:
             return ("tensor-parallel scores must be summed across ranks before top-k; "
                     "npu_lightning_indexer selects per rank")
+        if k.shape[1] == 0:
+            return "no keys to index (a cache shorter than one compressed block)"
         if q.shape[-1] != 128:
             return f"npu_lightning_indexer needs head dim 128, got {q.shape[-1]}"
         heads_ok = q.shape[2] in (8, 16, 24, 32, 64) if self.soc == "A5" else q.shape[2] <= 64

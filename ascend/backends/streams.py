@@ -18,7 +18,7 @@ captured as one graph (`Device.graph()`): the forks and joins become edges of th
 branches concurrently. On an H200 at V4-Flash shapes (docs/performance.md), against the whole layer compiled as
 one graph: the stages compiled apart on one stream were 4-10 us slower (the fusion lost at their borders), on
 these streams 17-63 us (HCA) and 35-69 us (CSA) faster at batch 8 and 32 from 8K to 1M tokens in the five jobs
-on this form (9bb50ce's, per token over a block's positions: 19-63 and 38-49; in a first job on an earlier one, HCA
+on this form (9bb50ce's, per token over the last 128 (HCA) / 16 (CSA) positions: 19-63 and 38-49; in a first job on an earlier one, HCA
 batch 32 at 1M only 4 us). Not kept:
 high-priority side streams (no faster); wq_b waiting for the indexer's inputs so that it does not hold the
 SMs their kernels wait for (8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster); the

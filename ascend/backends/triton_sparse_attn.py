@@ -465,12 +465,12 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     fill the GPU by themselves, a prefill chunk's, are one chunk each), whose last program to finish finds the byte,
     then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows of a 1M context
     took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
-    flat = scores.float().reshape(-1, scores.size(-1)).contiguous()
-    rows, T = flat.shape
+    rows, T = scores.shape[:-1].numel(), scores.size(-1)
+    if rows == 0 or T == 0:                         # nothing to pick (a cache shorter than one block has no keys)
+        return torch.full((*scores.shape[:-1], k), -1, device=scores.device, dtype=torch.int32)
+    flat = scores.float().reshape(rows, T).contiguous()
     dev = flat.device
     out = torch.empty(rows, k, device=dev, dtype=torch.int32)
-    if rows == 0:
-        return out.view(*scores.shape[:-1], k)
     if chunk is None and T <= TOPK_ROW_MAX_ENTRIES:
         row_block = max(16, triton.next_power_of_2(T))
         _topk_row_kernel[(rows,)](flat, out, T, k, flat.stride(0), out.stride(0), BLOCK=row_block,

@@ -535,6 +535,14 @@ def test_triton_indexer_launch_variants(variant):
 
 
 @needs_triton_or_interpreter
+def test_triton_selection_without_keys_selects_nothing():
+    """A cache shorter than one compressed block hands the indexer no keys: every slot -1, no launch to fail."""
+    q, k, w, _ = _indexer_inputs(2, 3, 4, 16, 0, device=TRITON_DEVICE)
+    got = cuda.indexer_topk_triton(q, k, w, torch.zeros(2, 3, dtype=torch.int64, device=TRITON_DEVICE), 5)
+    assert torch.equal(got.cpu(), torch.full((2, 3, 5), -1, dtype=torch.int32))
+
+
+@needs_triton_or_interpreter
 def test_triton_indexer_scores_read_strided_keys_in_place():
     """The cache hands the scores its keys as a view without the discard row (rows strided by one more entry): the
     kernel reads them through their strides, as it would a contiguous copy, without making one."""

@@ -211,6 +211,16 @@ def test_indexer_topk_selects_the_reference_entries(emulation):
     assert stage_ran_on_npu(fb, "indexer_topk")
 
 
+def test_indexer_topk_without_keys_selects_nothing(emulation):
+    """A cache shorter than one compressed block has no indexer keys: every slot -1, through the reference, and
+    the fallback says why."""
+    k, fb = npu_kernels("A3")
+    q, keys, weights = torch.randn(2, 1, 4, 128).bfloat16(), torch.randn(2, 0, 128).bfloat16(), torch.rand(2, 1, 4)
+    got = k.indexer_topk(q, keys, weights, torch.zeros(2, 1, dtype=torch.int64), 4)
+    assert torch.equal(got, torch.full((2, 1, 4), -1, dtype=torch.int32))
+    assert ("indexer_topk", "no keys to index (a cache shorter than one compressed block)") in fb.reasons
+
+
 @pytest.mark.parametrize("heads", [1, 3, 8])     # Ascend 950 takes any head count up to 128 (A2/A3: powers of 2)
 def test_sparse_attn_with_sinks_and_empty_slots(emulation, heads):
     k, fb = npu_kernels("A5")
