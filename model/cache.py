@@ -17,8 +17,8 @@ Entries are stored in the model's dtype (`layout="bf16"`, float32 in CPU tests) 
 deployment byte layout: a main entry is the FP8 e4m3 non-RoPE dims, the RoPE dims in BF16, one ue8m0 scale per 64
 non-RoPE dims, padded to 8 bytes (448 + 128 + 7 + 1 = 584 B for V4); an indexer key is packed FP4 e2m1 (two per
 byte, low nibble first) plus one ue8m0 scale per 32 dims (64 + 4 = 68 B). The model's FP8 / FP4 simulations make
-those encodings lossless for the quantised dims. Reads of the fp8 layout decode the whole buffer (a reference
-path; fused kernels read the bytes directly).
+those encodings lossless for the quantised dims. Reads of the fp8 layout decode the whole buffer but the
+indexer's discard row (a reference path; fused kernels read the bytes directly).
 
 Token positions belong to the caller: `KVCache.lengths` counts the tokens already written per sequence.
 """

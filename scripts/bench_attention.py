@@ -456,7 +456,8 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
     if kind == "csa":
         di, hi = config.index_head_dim, config.index_n_heads
         iq = torch.randn(batch, 1, hi, di, device=dev, dtype=dt)
-        ik = torch.randn(batch, n_entries, di, device=dev, dtype=dt)     # the layer's keys (`LayerCache.index_keys`)
+        # as the layer's keys (`LayerCache.index_keys`): a view of n_entries rows of a buffer with one row more
+        ik = torch.randn(batch, n_entries + 1, di, device=dev, dtype=dt)[:, :n_entries]
         w = torch.randn(batch, 1, hi, device=dev)
         nv = torch.full((batch, 1), n_entries, device=dev)
         roof = max(batch * n_entries * (di * ik.element_size() + 8) / copy_bps,
