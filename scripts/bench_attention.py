@@ -134,15 +134,20 @@ class Row:
     stubbed_compiled_ms: float | None = None     # the layer never calls the stage), and the compiled one
     stub_compile_s: float | None = None  # the first call of the compiled one
 
+    def _best(self) -> tuple[float, float | None]:
+        """(per-token ms, completing-step ms) of the variant that is fastest over the positions."""
+        timed = [(self.ms, self.completing_ms), (self.compiled_ms, self.compiled_completing_ms),
+                 (self.streamed_ms, self.streamed_completing_ms)]
+        return min((pair for pair in timed if pair[0] is not None), key=lambda pair: pair[0])
+
     @property
     def best_ms(self) -> float:
-        return min(t for t in (self.ms, self.compiled_ms, self.streamed_ms) if t is not None)
+        return self._best()[0]
 
     @property
     def best_completing_ms(self) -> float | None:
         """The block-completing step alone, of the variant that is fastest over the positions."""
-        return {self.ms: self.completing_ms, self.compiled_ms: self.compiled_completing_ms,
-                self.streamed_ms: self.streamed_completing_ms}[self.best_ms]
+        return self._best()[1]
 
     @property
     def x_roofline(self) -> float:
@@ -273,10 +278,11 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
               for p in decode_positions(layer.ratio, context, shapes.decode_steps)]
     step = functools.partial(layer, x, starts[-1], cache)       # the captured decode step that completes a block
 
-    def timed(call) -> tuple[float, float]:
-        """(ms per step of `call(x, start, cache)` over the positions, back to back; ms of the completing step)."""
+    def timed(call, completing: bool = True) -> tuple[float, float | None]:
+        """(ms per step of `call(x, start, cache)` over the positions, back to back; ms of the completing step
+        alone, or None without `completing`)."""
         return (time_ms(device, [functools.partial(call, x, s, cache) for s in starts], shapes.reps),
-                time_ms(device, functools.partial(call, x, starts[-1], cache), shapes.reps))
+                time_ms(device, functools.partial(call, x, starts[-1], cache), shapes.reps) if completing else None)
 
     def profile(fn) -> None:
         if profile_steps and device.type == "cuda":
@@ -292,7 +298,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
     name = "eager"
     profile(step)
 
-    def compiled_step(table, streamed=False):
+    def compiled_step(table, streamed=False, completing=True):
         """The layer compiled on `table` (one graph, or `streamed`: its stages on streams), called once (compiling
         it) and timed: (its first output in float32, seconds of that first call, `timed`'s pair, the completing
         step, None), or (None, seconds, None, None, the error) if it failed, so that the row keeps its other
@@ -308,7 +314,7 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             out = fn().float()
             device.synchronize()
             first_s = time.perf_counter() - t0
-            return out, first_s, timed(compiled), fn, None
+            return out, first_s, timed(compiled, completing), fn, None
         except Exception as e:  # noqa: BLE001 -- one failing compile keeps the row
             return None, time.perf_counter() - t0, None, None, f"{type(e).__name__}: {str(e)[:300]}"
 
@@ -358,10 +364,10 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
         step()                           # does the layer call the stage? (HCA layers have no indexer_topk)
         if called:
             use_kernels(layer, dataclasses.replace(kernels, **{stub: stand_in}))
-            row.stubbed_ms = timed(layer)[0]
+            row.stubbed_ms = timed(layer, completing=False)[0]
             if row.compiled_ms is not None:
                 _, row.stub_compile_s, times, _, error = compiled_step(
-                    dataclasses.replace(compiled_kernels, **{stub: stand_in}))
+                    dataclasses.replace(compiled_kernels, **{stub: stand_in}), completing=False)
                 row.stubbed_compiled_ms = None if times is None else times[0]
                 if error:
                     note(f"with the {stub} stand-in: {error}")
