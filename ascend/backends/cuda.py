@@ -233,9 +233,15 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 
 # Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
 # H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
-# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer program beat 64 by ~1.2x.
+# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer tile beat 64 by ~1.2x.
+# The indexer's decode queries take their keys in parts of several tiles, the next tiles' keys loaded while one is
+# scored (3 stages), as many parts as keep the grid within 2 programs per SM, which is what fits (176 registers per
+# thread at 4 warps, an offline sm_90 compile): one round. On the H200 (session 24's jobs 3-5, docs/performance.md)
+# alone 8 queries x 32,768 keys 24.9 against 30.9 us with a program per tile; in the CSA decode step per token at
+# 128K / 1M context 6.9 / 58.6 us faster at batch 8 and, at 4 per SM, 24.5 / 131 at batch 32 (job 4), where 2 per
+# SM took 4.8 / 4.3 more off (job 5; at batch 8 and 128K 4 per SM was 3.4 slower).
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
-INDEXER_CONFIG = dict(block_t=128, num_warps=4)
+INDEXER_CONFIG = dict(block_t=128, num_warps=4, per_sm=2, num_stages=3)
 # Decode at batch 8 or more (up to a quarter of the SMs) with lists short of the long-list rule below (CSA at batch
 # 8, HCA at 8K): the same 16 heads with 64 keys per step and one round of programs. In the streamed decode step at
 # 8K on the H200 (one job, two captures each, docs/performance.md) HCA batch 8 / 32 103.4 / 130.4 us against 105.5

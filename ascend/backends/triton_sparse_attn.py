@@ -197,37 +197,44 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
 @triton.jit
 def _indexer_scores_kernel(
     q_ptr, k_ptr, w_ptr, nv_ptr, out_ptr,
-    S, H, T,
+    S, H, T, TILES,
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
     D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Program (query, part): the scores of keys [part * TILES * BLOCK_T, ...) for TILES tiles of BLOCK_T keys, the
+    query's heads and weights loaded once, the keys of the next tiles loaded while this one is scored (STAGES)."""
     after_previous_kernel(PDL)
     bs = tl.program_id(0)
-    tb = tl.program_id(1)
-    b = bs // S
+    part = tl.program_id(1)
+    b = (bs // S).to(tl.int64)
     s = (bs % S).to(tl.int64)       # s * stride overflows int32 for long prefill chunks
     heads = tl.arange(0, H_P2)
     dims = tl.arange(0, D_P2)
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     h_ok = heads < H
     d_ok = dims < D
-    t_ok = t < T
-    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
+    q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    w = tl.load(w_ptr + b.to(tl.int64) * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + b.to(tl.int64) * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
-                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-    logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [H_P2, BLOCK_T]
-    score = tl.sum(logits * w[:, None], 0)
-    n_visible = tl.load(nv_ptr + b.to(tl.int64) * snv_b + s)
-    score = tl.where(t < n_visible, score, float("-inf"))
-    tl.store(out_ptr + b.to(tl.int64) * so_b + s * so_s + t, score, mask=t_ok)
+    w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
+    n_visible = tl.load(nv_ptr + b * snv_b + s)
+    first = part * TILES
+    for tb in tl.range(first, tl.minimum(first + TILES, tl.cdiv(T, BLOCK_T)), num_stages=STAGES):
+        t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        k = tl.load(k_ptr + b * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [H_P2, BLOCK_T]
+        score = tl.where(t < n_visible, tl.sum(logits * w[:, None], 0), float("-inf"))
+        tl.store(out_ptr + b * so_b + s * so_s + t, score, mask=t_ok)
 
 
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
-                   block_t: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible."""
+                   block_t: int = 64, num_warps: int = 4, per_sm: int | None = None,
+                   num_stages: int = 2) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible.
+    With `per_sm`, where the queries are at most `per_sm` per SM (decode), each query's keys are cut into parts of
+    whole tiles of `block_t`, as many as keep the grid within `per_sm` programs per SM: one round of programs, no
+    partial second one. Otherwise (prefill's many queries), a program per tile."""
     B, S, H, D = q.shape
     T = k.shape[1]
     q, k = q.contiguous(), k.to(q.dtype)
@@ -235,13 +242,16 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         k = k.contiguous()
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
-    _indexer_scores_kernel[(B * S, triton.cdiv(T, block_t))](
+    n_tiles = triton.cdiv(T, block_t)
+    parts = n_tiles if per_sm is None else per_sm * sm_count(q.device) // (B * S)
+    tiles = max(1, triton.cdiv(n_tiles, parts)) if parts else 1        # no keys (T = 0): an empty grid
+    _indexer_scores_kernel[(B * S, triton.cdiv(n_tiles, tiles))](
         q, k, weights, n_visible, out,
-        S, H, T,
+        S, H, T, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2, **launch_options(q.device),
+        PRECISION=dot_precision(q.dtype), STAGES=num_stages, num_warps=num_warps, **launch_options(q.device),
     )
     return out
 

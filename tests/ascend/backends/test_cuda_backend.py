@@ -524,9 +524,23 @@ def test_triton_sparse_attn_launch_variants(B, K, variant):
     assert torch.isfinite(out).all() and (out.double() - ref).norm() / ref.norm() < 1e-2
 
 
+@needs_triton_or_interpreter
+def test_triton_indexer_scores_by_parts_of_several_tiles():
+    """Programs of several tiles each (about per_sm per SM): 3 queries x 300 keys in tiles of 32, 3 programs per
+    query on the interpreter's nominal 8 SMs (4 tiles each, the last part 2; on a GPU one tile each), the last tile
+    partial, keys past each query's visible count -inf: the scores of one program per tile."""
+    from ascend.backends import triton_sparse_attn
+    q, k, w, n_visible = _indexer_inputs(3, 1, 8, 32, 300, device=TRITON_DEVICE)
+    got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32, per_sm=1, num_stages=3)
+    torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32), rtol=0, atol=0)
+    torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
+    assert (got.isinf() == (torch.arange(300, device=TRITON_DEVICE) >= n_visible[..., None])).all()
+
+
 @needs_triton
 @pytest.mark.parametrize("variant", [dict(block_t=64, num_warps=4), dict(block_t=128, num_warps=8),
-                                     dict(block_t=32, num_warps=4), dict(block_t=128, num_warps=4)])
+                                     dict(block_t=32, num_warps=4), dict(block_t=128, num_warps=4),
+                                     dict(block_t=128, num_warps=4, per_sm=4, num_stages=3)])
 def test_triton_indexer_launch_variants(variant):
     from ascend.backends import triton_sparse_attn
     q, k, w, n_visible = _indexer_inputs(4, 1, 64, 128, 5000, device="cuda", dtype=torch.bfloat16)
