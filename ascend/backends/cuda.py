@@ -7,7 +7,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 |--------------------------|----------------------------------------------------|--------------------------------------|
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
 | `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, the reference's |
-|                          | (long rows: chunked, one launch per key byte)      | top-k (ties to the lowest indices)   |
+|                          | (long rows: chunked; decode's in one launch)       | top-k (ties to the lowest indices)   |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |

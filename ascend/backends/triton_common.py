@@ -88,16 +88,18 @@ def last_to_arrive(tickets_ptr, splits):
     return last
 
 
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
+_TICKETS: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
 TICKETS_MIN = 1 << 16
 
 
-def arrival_tickets(device: torch.device, n: int) -> torch.Tensor:
+def arrival_tickets(device: torch.device, n: int, pool: str = "tickets") -> torch.Tensor:
     """`last_to_arrive`'s counters on a device: a buffer of at least `n`, zero between launches (each block's last
     program resets its own), so one buffer serves every call of every kernel, one launch after another on the step's
     stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
-    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph."""
-    kept = _TICKETS.setdefault(device, [])
+    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. `pool` keeps
+    kernels apart that may run at once on other streams: the cooperative top-k's barrier counts ("barriers"), where
+    a count another kernel moved would be a hang rather than a wrong sum."""
+    kept = _TICKETS.setdefault((device, pool), [])
     tickets = next((t for t in kept if t.numel() >= n), None)
     if tickets is None:
         tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)

@@ -8,7 +8,8 @@
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
 - `topk`: the k largest scores of each row (the indexer's selection): one program per row for short rows (the row in
-  registers), longer rows by radix select spread over chunks, one launch per byte of the order key.
+  registers), longer rows by radix select spread over chunks: in one launch whose chunks wait for each other between
+  the bytes of the order key where they all fit on the GPU at once (decode), else one launch per byte (prefill).
 
 All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
@@ -20,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, dot_precision, last_to_arrive,
-                                           launch_options, sm_count)
+from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
+                                           last_to_arrive, launch_options, sm_count)
 
 
 @triton.jit
@@ -274,9 +275,9 @@ def _byte_histogram(score, kth, SHIFT):
 
 
 @triton.jit
-def _range_histogram(base, start, end, kth, cand, SHIFT, BLOCK: tl.constexpr, COMPACT: tl.constexpr):
+def _range_histogram(base, start, end, kth, cand, SHIFT, BLOCK: tl.constexpr, keep):
     """`_byte_histogram` of the scores [start, end), blocks of -inf scores only skipped (entries not visible yet:
-    prefill, cache tail). COMPACT: also write the counted scores, in order, from cand[0]. Returns (histogram, how many
+    prefill, cache tail). `keep`: also write the counted scores, in order, from cand[0]. Returns (histogram, how many
     were written)."""
     hist = tl.zeros([256], tl.int32)
     n_cand = tl.zeros([], tl.int32)
@@ -286,10 +287,21 @@ def _range_histogram(base, start, end, kth, cand, SHIFT, BLOCK: tl.constexpr, CO
         if tl.max(score, 0) > float("-inf"):
             counts, same = _byte_histogram(score, kth, SHIFT)
             hist += counts
-            if COMPACT:
+            if keep:
                 tl.store(cand + n_cand + tl.cumsum(same.to(tl.int32), 0) - 1, score, mask=same)
                 n_cand += tl.sum(same.to(tl.int32), 0)
     return hist, n_cand
+
+
+@triton.jit
+def _candidate_histogram(cand, n_cand, kth, SHIFT, BLOCK: tl.constexpr):
+    """`_byte_histogram` of a chunk's `n_cand` candidates (`_range_histogram`'s COMPACT output)."""
+    hist = tl.zeros([256], tl.int32)
+    for i0 in range(0, n_cand, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        counts, same = _byte_histogram(tl.load(cand + i, mask=i < n_cand, other=float("-inf")), kth, SHIFT)
+        hist += counts
+    return hist
 
 
 @triton.jit
@@ -389,13 +401,8 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, above_ptr, sel_off_ptr, tie_off_ptr
                                         COMPACT and SHIFT == 16)
         if COMPACT and SHIFT == 16:
             tl.store(cand_n_ptr + row * P + c, n_cand)
-    else:                                           # the chunk's candidates only (finite: -inf past their count)
-        hist = tl.zeros([256], tl.int32)
-        n_cand = tl.load(cand_n_ptr + row * P + c)
-        for i0 in range(0, n_cand, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            counts, same = _byte_histogram(tl.load(cand + i, mask=i < n_cand, other=float("-inf")), kth, SHIFT)
-            hist += counts
+    else:                                           # the chunk's candidates only
+        hist = _candidate_histogram(cand, tl.load(cand_n_ptr + row * P + c), kth, SHIFT, BLOCK)
     tl.store(hist_ptr + (row * P + c) * 256 + bins, hist)
     if last_to_arrive(tickets_ptr, P):
         parts = row * P + tl.arange(0, P_BLOCK)
@@ -445,6 +452,90 @@ def _radix_write_kernel(scores_ptr, out_ptr, sel_off_ptr, tie_off_ptr, state_ptr
     _fill_unpicked(out_ptr + row * o_row, tl.load(state_ptr + row * 3 + 2), c * BLOCK, K, P * BLOCK, BLOCK)
 
 
+@triton.jit
+def _wait_for_row(count_ptr, target):
+    """A barrier of the programs of one row of the cooperative top-k: each adds one to the row's count and waits
+    until it reaches `target` (its programs times the barriers passed so far). The block barrier puts every thread's
+    stores before the release; the acquire that sees the target makes the other programs' stores visible (CUTLASS's
+    semaphore's order). Only correct when every program of the row is resident at once (`topk` launches at most
+    TOPK_COOPERATIVE["per_sm"] programs per SM). The interpreter runs programs one after another, so there the
+    barrier is a launch boundary instead (`_radix_coop_kernel`'s STOP)."""
+    if not INTERPRETING:
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+        while tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu") < target:
+            pass
+        tl.debug_barrier()
+
+
+@triton.jit
+def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, sync_ptr, T, K, s_row, o_row, CHUNK, P,
+                       BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, COMPACT: tl.constexpr, STOP: tl.constexpr,
+                       PDL: tl.constexpr):
+    """The radix select of `_radix_pass_kernel` and `_radix_write_kernel` in one launch, program (row, 0, chunk).
+    For each byte of the order key, every program histograms its chunk into its own slot (one set of slots per byte,
+    so a program ahead never overwrites a slot another still reads), waits for the row's other programs
+    (`_wait_for_row`), then reads all the row's slots and finds the k-th key's byte itself: no last program
+    finishing each byte, no launch between bytes. From the same slots it counts the keys above the k-th key and the
+    ties with it in the chunks before its own, which is where its picks go (`_write_picks`). sync[row] counts the
+    barrier's arrivals, sync[rows + row] the programs done; the last one done zeroes both for the next launch.
+    STOP < 4 (the interpreter): return after writing byte STOP's slot, so that consecutive launches with STOP = 0..4
+    compute what the barriers separate on a GPU."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(2)
+    rows = tl.num_programs(0)
+    base = scores_ptr + row * s_row
+    start, end = c * CHUNK, tl.minimum((c + 1) * CHUNK, T)
+    cand = cand_ptr + (row * P + c) * CHUNK
+    bins = tl.arange(0, 256)
+    kth = tl.zeros([], tl.int64)
+    need = tl.zeros([], tl.int64) + K
+    n_cand = tl.zeros([], tl.int32)
+    above_before = tl.zeros([], tl.int32)          # keys above the k-th in the chunks before this one
+    above_all = tl.zeros([], tl.int32)             # and in the row
+    ties_before = tl.zeros([], tl.int32)
+    ties_all = tl.zeros([], tl.int32)
+    for i in range(4):                             # a loop, not unrolled (`_topk_row_kernel`'s note)
+        shift = 24 - 8 * i
+        if i <= STOP:
+            if COMPACT and i >= 2:                     # as `_radix_pass_kernel`: candidates kept in the pass of byte 16
+                hist = _candidate_histogram(cand, n_cand, kth, shift, BLOCK)
+            else:
+                hist, n_kept = _range_histogram(base, start, end, kth, cand, shift, BLOCK, COMPACT and i == 1)
+                n_cand = tl.where(i == 1, n_kept, n_cand)
+            slots = hist_ptr + (row * 4 + i) * P * 256
+            tl.store(slots + c * 256 + bins, hist)
+            if i < STOP:
+                _wait_for_row(sync_ptr + row, P * (i + 1))
+                total = tl.zeros([256], tl.int32)
+                before = tl.zeros([256], tl.int32)
+                for p0 in range(0, P, P_BLOCK):
+                    chunk = p0 + tl.arange(0, P_BLOCK)
+                    tile = tl.load(slots + chunk[:, None] * 256 + bins[None, :], mask=(chunk < P)[:, None], other=0,
+                                   cache_modifier=".cg")
+                    total += tl.sum(tile, 0)
+                    before += tl.sum(tl.where((chunk < c)[:, None], tile, 0), 0)
+                byte, next_need, kth = _kth_byte(total, need, kth, shift)
+                above_before += tl.sum(tl.where(bins > byte, before, 0), 0)
+                above_all += tl.sum(tl.where(bins > byte, total, 0), 0)
+                ties_before = tl.sum(tl.where(bins == byte, before, 0), 0)     # the last byte's are the ties
+                ties_all = tl.sum(tl.where(bins == byte, total, 0), 0)
+                need = next_need
+    if STOP == 4:
+        picked = above_all + tl.minimum(ties_all, need.to(tl.int32))
+        out = out_ptr + row * o_row
+        _write_picks(base, out, start, end, kth, need, above_before + tl.minimum(ties_before, need.to(tl.int32)),
+                     ties_before, BLOCK)
+        _fill_unpicked(out, picked, c * BLOCK, K, P * BLOCK, BLOCK)
+        if not INTERPRETING:
+            tl.debug_barrier()
+            done = tl.atomic_add(sync_ptr + rows + row, 1, sem="relaxed", scope="gpu") == P - 1
+            if done:        # every program of the row has passed the last barrier: nobody reads the count again
+                tl.atomic_xchg(sync_ptr + row, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(sync_ptr + rows + row, 0, sem="relaxed", scope="gpu")
+
+
 # Rows up to this many entries: one program per row, the row in registers (`_topk_row_kernel`); longer rows: spread
 # over chunks, one launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, ten calls back to back in one graph
 # (one job, docs/performance.md), the register kernel took 10.3 us per call at batch 8 and 32 and 2,048 entries (8K
@@ -460,9 +551,19 @@ TOPK_ROW_FEW_WARPS_MAX = 2048
 # `compact_over_blocks` steps, in rows of several chunks, keep their candidates after the second byte (COMPACT): at
 # batch 32 and 262,144 entries (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
 TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64, compact_over_blocks=2)
+# The cooperative form (`_radix_coop_kernel`: one launch, the row's chunks waiting for each other between bytes):
+# at most `per_sm` programs per SM, so that every program of a launch can be resident at once, which its barriers
+# need, and by default only where that makes chunks of at most `max_steps` steps: longer chunks (a 1M context's rows;
+# a prefill chunk's many rows) take the launch per byte, spread over more programs. Steps, warps, histograms per load
+# and candidates as the launch per byte's. On the H200, 20 calls per graph, us per call at k = 512 (session 24's
+# job 2, docs/performance.md), launch per byte against cooperative at 1 / 2 programs per SM: 8 rows of 32,768
+# entries 29.4-29.7 against 22.1-22.3 / 22.1-22.3; 32 rows 50.6-50.8 against 55.8-56.0 / 41.1 (chunks of 4,096);
+# 8 rows of 262,144 73.6-73.9 against 102.2-102.7 / 88.9-89.1; 32 rows 202.4-202.5 against 379.8 / 281.4-282.3.
+TOPK_COOPERATIVE = dict(per_sm=2, max_steps=2)
 
 
-def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | None = None) -> torch.Tensor:
+def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | None = None,
+         cooperative: bool | None = None) -> torch.Tensor:
     """Indices of the `k` largest of each row of float32 `scores` [..., T] as int32 [..., k], in index order, -1
     after the last one; -inf scores are never picked (their slots are -1), and among entries tied with the k-th
     largest score the lowest indices are kept (the `kernels.indexer_topk` contract).
@@ -470,11 +571,14 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     Without `chunk`, a row of at most TOPK_ROW_MAX_ENTRIES is one program holding it in registers (one launch;
     `block` does not apply).
     Longer rows (or an explicit `chunk`: entries per program, rounded up to whole steps of `block` entries) are radix
-    select over the scores' order keys, one byte at a time from the top: a launch per byte, each spread over the
-    row's chunks (by default about TOPK_CHUNKED["per_sm"] programs per SM in all, at least one step each, so rows that
-    fill the GPU by themselves, a prefill chunk's, are one chunk each), whose last program to finish finds the byte,
-    then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows of a 1M context
-    took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
+    select over the scores' order keys, one byte at a time from the top, spread over the row's chunks, then the picks
+    written. Where TOPK_COOPERATIVE["per_sm"] programs per SM cut the rows into chunks of at most its `max_steps`
+    steps (decode up to 128K context; or `cooperative`), that is one launch whose chunks wait for each other between
+    bytes (`_radix_coop_kernel`); otherwise (longer rows, prefill's many rows; or `cooperative=False`) a launch per
+    byte, each spread over about TOPK_CHUNKED["per_sm"] programs per SM (rows that fill the GPU by themselves are one
+    chunk each), whose last program to finish finds the byte, then a launch that writes the picks (five launches,
+    whatever the row length: the 256K-entry rows of a 1M context took torch.topk 98-159 us at batch 8-32, which also
+    keeps ties in its own order)."""
     rows, T = scores.shape[:-1].numel(), scores.size(-1)
     if rows == 0 or T == 0:                         # nothing to pick (a cache shorter than one block has no keys)
         return torch.full((*scores.shape[:-1], k), -1, device=scores.device, dtype=torch.int32)
@@ -487,25 +591,45 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
                                   num_warps=4 if row_block <= TOPK_ROW_FEW_WARPS_MAX else 8, **launch_options(dev))
         return out.view(*scores.shape[:-1], k)
     cfg = TOPK_CHUNKED
-    if chunk is None:
-        chunk = triton.cdiv(T, triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
     step = block or cfg["block"]
+    resident = TOPK_COOPERATIVE["per_sm"] * sm_count(dev)
+    if cooperative is None:
+        cooperative = (rows <= resident
+                       and (chunk or triton.cdiv(T, resident // rows)) <= TOPK_COOPERATIVE["max_steps"] * step)
+    if chunk is None:
+        chunk = triton.cdiv(T, resident // rows if cooperative else triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
     chunk = triton.cdiv(chunk, step) * step
     P = triton.cdiv(T, chunk)
+    # a program waiting for one that cannot start would wait forever (the interpreter's barriers end launches)
+    if cooperative and rows * P > resident and not INTERPRETING:
+        raise ValueError(f"topk: {rows} rows of {P} chunks are more programs than the {resident} the cooperative "
+                         f"top-k may keep resident (TOPK_COOPERATIVE['per_sm'] per SM); give larger chunks")
     # a row in one chunk (rows that fill the GPU by themselves) keeps no candidates: they would take as much memory
     # as the scores (2 GiB for a 16,384-query prefill chunk at 128K context)
     compact = P > 1 and chunk > cfg["compact_over_blocks"] * step
+    cand = torch.empty(rows, P * chunk if compact else 0, device=dev, dtype=torch.float32)
+    p_block = min(cfg["p_block"], triton.next_power_of_2(P))
+    if cooperative:
+        hist = torch.empty(rows, 4, P, 256, device=dev, dtype=torch.int32)
+        sync = arrival_tickets(dev, 2 * rows, pool="barriers")
+        # the interpreter runs one program after another: there each barrier is the end of a launch (STOP)
+        for stop in range(4) if INTERPRETING else ():
+            _radix_coop_kernel[(rows, 1, P)](flat, out, hist, cand, sync, T, k, flat.stride(0), out.stride(0), chunk,
+                                             P, BLOCK=step, P_BLOCK=p_block, COMPACT=compact, STOP=stop,
+                                             num_warps=cfg["num_warps"], **launch_options(dev))
+        _radix_coop_kernel[(rows, 1, P)](flat, out, hist, cand, sync, T, k, flat.stride(0), out.stride(0), chunk, P,
+                                         BLOCK=step, P_BLOCK=p_block, COMPACT=compact, STOP=4,
+                                         num_warps=cfg["num_warps"], **launch_options(dev))
+        return out.view(*scores.shape[:-1], k)
     hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)
     above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))
     state = torch.empty(rows, 3, device=dev, dtype=torch.int64)
-    cand = torch.empty(rows, P * chunk if compact else 0, device=dev, dtype=torch.float32)
     cand_n = torch.empty(rows, P if compact else 0, device=dev, dtype=torch.int32)
     tickets = arrival_tickets(dev, rows)
     for shift in (24, 16, 8, 0):
         _radix_pass_kernel[(rows, 1, P)](flat, hist, above, sel_off, tie_off, state, tickets, cand, cand_n, T, k,
-                                         flat.stride(0), chunk, P, SHIFT=shift, BLOCK=step,
-                                         P_BLOCK=min(cfg["p_block"], triton.next_power_of_2(P)), COMPACT=compact,
-                                         num_warps=cfg["num_warps"], **launch_options(dev))
+                                         flat.stride(0), chunk, P, SHIFT=shift, BLOCK=step, P_BLOCK=p_block,
+                                         COMPACT=compact, num_warps=cfg["num_warps"], **launch_options(dev))
     _radix_write_kernel[(rows, 1, P)](flat, out, sel_off, tie_off, state, T, k, flat.stride(0), out.stride(0), chunk,
                                       P, BLOCK=step, num_warps=cfg["num_warps"], **launch_options(dev))
     return out.view(*scores.shape[:-1], k)

@@ -180,15 +180,18 @@ def _sorted_ids(idx):
 
 
 @needs_triton_or_interpreter
-@pytest.mark.parametrize("T,k,chunk,block", [(100, 16, None, None), (4000, 512, None, None), (300, 64, 128, 64),
-                                             (50, 64, None, None), (50, 64, 32, 32), (1000, 512, 256, 128), (3000, 7, 512, 128),
-                                             (2000, 100, 1024, 64), (5000, 512, None, None)])
-def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
+@pytest.mark.parametrize("T,k,chunk,block,cooperative", [
+    (100, 16, None, None, None), (4000, 512, None, None, None), (300, 64, 128, 64, False), (50, 64, None, None, None),
+    (50, 64, 32, 32, False), (1000, 512, 256, 128, False), (3000, 7, 512, 128, False), (2000, 100, 1024, 64, False),
+    (5000, 512, None, None, False), (5000, 512, None, None, None), (300, 64, 128, 64, True), (50, 64, 32, 32, True),
+    (1000, 100, 256, 64, True)])
+def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block, cooperative):
     """One program per row (T <= TOPK_ROW_MAX_ENTRIES by default: two bits of the k-th key per step) and chunked
     radix select (explicit chunks, or a longer row; chunks of more than 2 blocks keep their candidates after the
-    second byte): the k largest, ties at the k-th score to the lowest indices (across chunks too), -inf never, -1
-    padding after the picks (T < k too, in one program and chunked), several blocks per program; rows of ties, of
-    negatives, of -inf halves, of +-0, of values that differ only in the low two bytes of their keys."""
+    second byte), a launch per byte or cooperative (one launch; by default for these 6 rows): the k largest, ties at
+    the k-th score to the lowest indices (across chunks too), -inf never, -1 padding after the picks (T < k too, in
+    one program and chunked), several blocks per program; rows of ties, of negatives, of -inf halves, of +-0, of
+    values that differ only in the low two bytes of their keys."""
     from ascend.backends import triton_sparse_attn
     g = torch.Generator().manual_seed(T)
     s = torch.randn(6, T, generator=g)
@@ -198,7 +201,7 @@ def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
     s[3, :5], s[3, 5:10], s[3, 10:] = -0.0, 0.0, -1.0
     s[4] = torch.randint(-2, 2, (T,), generator=g).float() * 1e-3
     s[5] = 1 + torch.randperm(T, generator=g).float() * 2 ** -20     # distinct in the two low bytes only
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, chunk=chunk, block=block).cpu()
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), k, chunk=chunk, block=block, cooperative=cooperative).cpu()
     assert got.shape == (6, k) and got.dtype == torch.int32
     ordered = (got[:, 1:] > got[:, :-1]) | (got[:, 1:] < 0)                 # index order, -1 after the picks
     assert ordered.all() and not ((got[:, :-1] < 0) & (got[:, 1:] >= 0)).any()
@@ -206,7 +209,8 @@ def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block):
 
 
 @needs_triton_or_interpreter
-def test_triton_topk_decided_in_the_candidates_of_compacted_chunks(monkeypatch):
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_triton_topk_decided_in_the_candidates_of_compacted_chunks(monkeypatch, cooperative):
     """Rows whose keys share their top two bytes: every entry is a candidate of its chunk and the k-th key's low
     bytes come from the passes that read only the candidates (distinct values, and ties at the k-th score); the 6
     chunks' histograms read 2 at a time."""
@@ -215,32 +219,40 @@ def test_triton_topk_decided_in_the_candidates_of_compacted_chunks(monkeypatch):
     g = torch.Generator().manual_seed(1)
     s = torch.stack((1 + torch.randperm(3000, generator=g).float() * 2 ** -20,
                      1 + torch.randint(0, 50, (3000,), generator=g).float() * 2 ** -20))
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 1500, chunk=512, block=64).cpu()
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 1500, chunk=512, block=64, cooperative=cooperative).cpu()
     assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 1500)))
 
 
 @needs_triton_or_interpreter
-def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch):
-    """The row's last program reads the chunks' histograms p_block slots at a time, carrying the counts of keys
-    above the k-th and of ties from block to block: rows of many ties over 8 chunks, read 2 at a time."""
+@pytest.mark.parametrize("cooperative", [False, True])
+def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch, cooperative):
+    """The row's last program (cooperative: each program) reads the chunks' histograms p_block slots at a time,
+    carrying the counts of keys above the k-th and of ties from block to block: rows of many ties over 8 chunks,
+    read 2 at a time."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "p_block", 2)
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 4, (3, 1000), generator=g).float()
     s[1, ::3] = float("-inf")
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 300, chunk=128, block=64).cpu()
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 300, chunk=128, block=64, cooperative=cooperative).cpu()
     assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 300)))
 
 
 @needs_triton_or_interpreter
 def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
     """Rows up to TOPK_ROW_MAX_ENTRIES take the one-program kernel (the row in registers), longer ones the chunked
-    launches, spread over chunks unless there are so many rows (a prefill chunk's) that one chunk per row already
-    gives TOPK_CHUNKED["per_sm"] programs per SM; those keep no candidates (no buffer as large as the scores)."""
+    radix select: where TOPK_COOPERATIVE["per_sm"] programs per SM make chunks of at most its max_steps steps, the
+    cooperative launch (the interpreter: one launch per barrier, STOP 0-4); longer chunks, or more rows than that
+    (a prefill chunk's), a launch per byte over about TOPK_CHUNKED["per_sm"] programs per SM, one chunk per row
+    once the rows give that many, without candidates (no buffer as large as the scores). A nominal 8 SMs."""
     from ascend.backends import triton_sparse_attn
-    from ascend.backends.triton_common import sm_count
+    from ascend.backends.triton_common import INTERPRETING
+    monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
     monkeypatch.setattr(triton_sparse_attn, "TOPK_ROW_MAX_ENTRIES", 64)
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "block", 16)        # chunks are whole steps
+    monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "per_sm", 4)
+    monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "per_sm", 2)
+    monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "max_steps", 2)
     launched, candidates = [], []
 
     class Spy:
@@ -249,26 +261,43 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append((self.name, grid[-1]))
+                launched.append((self.name, grid[-1], kwargs.get("STOP")))
                 if self.name == "_radix_pass_kernel":
                     candidates.append(args[7].numel())
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel"):
+    for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel", "_radix_coop_kernel"):
         monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
-    fill = triton_sparse_attn.TOPK_CHUNKED["per_sm"] * sm_count(torch.device(TRITON_DEVICE))
-    chunked = lambda chunks: [("_radix_pass_kernel", chunks)] * 4 + [("_radix_write_kernel", chunks)]  # noqa: E731
-    for rows, T, want in ((2, 64, [("_topk_row_kernel", 2)]), (fill, 64, [("_topk_row_kernel", fill)]),
-                          (2, 65, chunked(5)), (fill, 65, chunked(1))):
+    chunked = lambda chunks: [("_radix_pass_kernel", chunks, None)] * 4 + [("_radix_write_kernel", chunks, None)]  # noqa: E731
+    coop = lambda chunks: [("_radix_coop_kernel", chunks, stop) for stop in ((0, 1, 2, 3, 4) if INTERPRETING else (4,))]  # noqa: E731
+    # 16 programs resident: 2 rows of 65 in 8 chunks of 9 -> one step of 16 each, 5 chunks; of 1,040: 130 > 2 steps,
+    # so a launch per byte over 32 programs, 16 per row of 65 -> 80 entries (5 steps, candidates kept), 13 chunks
+    for rows, T, want, kept in ((2, 64, [("_topk_row_kernel", 2, None)], None),
+                                (32, 64, [("_topk_row_kernel", 32, None)], None),
+                                (2, 65, coop(5), None), (2, 1040, chunked(13), 2 * 13 * 80), (32, 65, chunked(1), 0)):
         launched.clear()
         candidates.clear()
         s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
         got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 16).cpu()
         assert launched == want, (rows, T)
-        if want == chunked(1):          # chunks of 5 steps, which would keep candidates in a row of several
-            assert candidates == [0] * 4
+        if kept is not None:
+            assert candidates == [kept] * 4
         assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 16)))
+
+
+@needs_triton_or_interpreter
+def test_triton_topk_cooperative_launch_fits_on_the_gpu_at_once(monkeypatch):
+    """The cooperative top-k's programs wait for each other, so all of them must be resident at once: more than
+    TOPK_COOPERATIVE["per_sm"] per SM is refused before anything is launched (on a GPU; the interpreter's barriers end
+    launches, so it has no such limit)."""
+    from ascend.backends import triton_sparse_attn
+    from ascend.backends.triton_common import sm_count
+    monkeypatch.setattr(triton_sparse_attn, "INTERPRETING", False)
+    resident = triton_sparse_attn.TOPK_COOPERATIVE["per_sm"] * sm_count(torch.device(TRITON_DEVICE))
+    s = torch.randn(resident, 64, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match=f"{resident} rows of 2 chunks are more programs than the {resident}"):
+        triton_sparse_attn.topk(s, 8, chunk=32, block=32, cooperative=True)
 
 
 @needs_triton_or_interpreter

@@ -29,6 +29,8 @@ compile_for(T._radix_write_kernel, top, BLOCK=2048, PDL=True)
 for shift in (24, 16, 8, 0):
     for compact in (False, True):
         compile_for(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
+for compact in (False, True):
+    compile_for(T._radix_coop_kernel, top, BLOCK=2048, P_BLOCK=16, COMPACT=compact, STOP=4, PDL=True)
 """,
     "triton_compressor": """
 from ascend.backends import triton_compressor as C

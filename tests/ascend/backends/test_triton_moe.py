@@ -216,7 +216,7 @@ def test_split_calls_leave_their_tickets_at_zero(grouped):
     x = _rows(idx.numel(), 512, torch.float32)
     launch = (triton_moe.grouped_matmul_fp8 if grouped else triton_moe.expert_matmul_fp8)
     _check(launch(x, weight, scale, idx, block_out=16, block_in=32, split_k=4), x, weight, scale, "fp8", idx)
-    tickets = triton_common._TICKETS[x.device]
+    tickets = triton_common._TICKETS[(x.device, "tickets")]
     assert tickets and all(t.numel() >= triton_common.TICKETS_MIN and not t.any() for t in tickets)
 
 
@@ -228,7 +228,7 @@ def test_ticket_buffers_are_never_dropped():
     first = triton_common.arrival_tickets(device, 8)
     bigger = triton_common.arrival_tickets(device, triton_common.TICKETS_MIN + 1)
     assert bigger.numel() > first.numel() and not bigger.any()
-    assert any(t is first for t in triton_common._TICKETS[device])
+    assert any(t is first for t in triton_common._TICKETS[(device, "tickets")])
     assert triton_common.arrival_tickets(device, 8) is first
 
 
