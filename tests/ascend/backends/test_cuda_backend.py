@@ -300,6 +300,33 @@ def test_triton_topk_cooperative_launch_fits_on_the_gpu_at_once(monkeypatch):
         triton_sparse_attn.topk(s, 8, chunk=32, block=32, cooperative=True)
 
 
+@needs_triton
+def test_triton_topk_cooperative_repeats_and_replays_in_a_graph():
+    """On the GPU the cooperative top-k's barriers are real: decode-sized rows (8 x 32,768: 16 chunks per row, 32 x
+    32,768: 8) pick what the launch per byte picks, call after call (the last program of each row zeroes the counts
+    for the next) and replayed from a captured graph on new scores."""
+    from ascend.backends import triton_sparse_attn
+    for rows in (8, 32):
+        s = torch.randn(rows, 32768, device="cuda")
+        s[0] = torch.randint(0, 3, (32768,), device="cuda").float()              # ties across chunks
+        s[1, 16384:] = float("-inf")
+        want = triton_sparse_attn.topk(s, 512, cooperative=False)
+        for _ in range(3):
+            assert torch.equal(triton_sparse_attn.topk(s, 512, cooperative=True), want)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        triton_sparse_attn.topk(s, 512, cooperative=True)                      # compiled outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = triton_sparse_attn.topk(s, 512, cooperative=True)
+    for seed in range(3):
+        s.copy_(torch.randn(s.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        assert torch.equal(out, triton_sparse_attn.topk(s, 512, cooperative=False))
+
+
 @needs_triton_or_interpreter
 def test_triton_topk_rows_all_invisible():
     from ascend.backends import triton_sparse_attn
