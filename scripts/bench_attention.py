@@ -412,7 +412,9 @@ SPARSE_VARIANTS = {"h32 k32 w8": dict(block_h=32, block_k=32, num_warps=8, waves
                    "h32 k32 w4": dict(block_h=32, block_k=32, num_warps=4, waves=2.0),
                    "h64 k64 w8 waves1": dict(block_h=64, block_k=64, num_warps=8, waves=1.0)}
 INDEXER_VARIANTS = {"t64 w4": dict(block_t=64, num_warps=4), "t128 w8": dict(block_t=128, num_warps=8),
-                    "t32 w4": dict(block_t=32, num_warps=4), "t128 w4": dict(block_t=128, num_warps=4)}
+                    "t32 w4": dict(block_t=32, num_warps=4), "t128 w4": dict(block_t=128, num_warps=4),
+                    "t128 w4 parts 2/SM s3": dict(block_t=128, num_warps=4, per_sm=2, num_stages=3),
+                    "t128 w4 parts 4/SM s3": dict(block_t=128, num_warps=4, per_sm=4, num_stages=3)}
 
 
 @dataclass

@@ -7,7 +7,7 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 |--------------------------|----------------------------------------------------|--------------------------------------|
 | `sparse_attn`            | gather-and-attend over the index list, split-K     | gather rows, one SDPA call, sink key |
 | `indexer_topk`           | fused relu-weighted scores, radix-select top-k     | two batched matmuls, the reference's |
-|                          | (long rows: chunked; decode's in one launch)       | top-k (ties to the lowest indices)   |
+|                          | (long rows chunked; decode's to 128K one launch)   | top-k (ties to the lowest indices)   |
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |
@@ -239,7 +239,7 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # thread at 4 warps, an offline sm_90 compile): one round. On the H200 (session 24's jobs 3-5, docs/performance.md)
 # alone 8 queries x 32,768 keys 24.9 against 30.9 us with a program per tile; in the CSA decode step per token at
 # 128K / 1M context 6.9 / 58.6 us faster at batch 8 and, at 4 per SM, 24.5 / 131 at batch 32 (job 4), where 2 per
-# SM took 4.8 / 4.3 more off (job 5; at batch 8 and 128K 4 per SM was 3.4 slower).
+# SM took 4.1-4.8 / 4.3-4.7 more off (job 5; at batch 8 and 128K 4 per SM was 3.4-3.5 slower).
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=128, num_warps=4, per_sm=2, num_stages=3)
 # Decode at batch 8 or more (up to a quarter of the SMs) with lists short of the long-list rule below (CSA at batch

@@ -96,9 +96,11 @@ def arrival_tickets(device: torch.device, n: int, pool: str = "tickets") -> torc
     """`last_to_arrive`'s counters on a device: a buffer of at least `n`, zero between launches (each block's last
     program resets its own), so one buffer serves every call of every kernel, one launch after another on the step's
     stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
-    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. `pool` keeps
-    kernels apart that may run at once on other streams: the cooperative top-k's barrier counts ("barriers"), where
-    a count another kernel moved would be a hang rather than a wrong sum."""
+    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. `pool` keeps one
+    kernel's counters apart from the others': the cooperative top-k's barrier counts ("barriers"), which a split-K
+    projection on another stream of the streamed decode could otherwise move, a hang rather than a wrong sum. Within
+    a pool, kernels run one after another as with the tickets: two cooperative top-ks at once on two streams would
+    share counts (the streamed decode has one selection stage)."""
     kept = _TICKETS.setdefault((device, pool), [])
     tickets = next((t for t in kept if t.numel() >= n), None)
     if tickets is None:

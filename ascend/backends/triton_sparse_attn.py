@@ -8,8 +8,9 @@
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
 - `topk`: the k largest scores of each row (the indexer's selection): one program per row for short rows (the row in
-  registers), longer rows by radix select spread over chunks: in one launch whose chunks wait for each other between
-  the bytes of the order key where they all fit on the GPU at once (decode), else one launch per byte (prefill).
+  registers), longer rows by radix select spread over chunks: one launch whose chunks wait for each other between
+  the bytes of the order key where the rows are few and short enough (decode up to 128K context), else one launch per
+  byte (a 1M context's rows, prefill).
 
 All launch with grid sizes that depend only on tensor shapes, so they are CUDA-graph capturable.
 Importing this module needs Triton; `ascend.backends.cuda` imports it only when CUDA is present.
@@ -198,13 +199,13 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
 @triton.jit
 def _indexer_scores_kernel(
     q_ptr, k_ptr, w_ptr, nv_ptr, out_ptr,
-    S, H, T, TILES,
+    S, H, T, part_tiles,
     sq_b, sq_s, sq_h, sk_b, sk_t, sw_b, sw_s, snv_b, so_b, so_s,
     D: tl.constexpr, D_P2: tl.constexpr, H_P2: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
     STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (query, part): the scores of keys [part * TILES * BLOCK_T, ...) for TILES tiles of BLOCK_T keys, the
-    query's heads and weights loaded once, the keys of the next tiles loaded while this one is scored (STAGES)."""
+    """Program (query, part): the scores of `part_tiles` tiles of BLOCK_T keys from key part * part_tiles * BLOCK_T,
+    the query's heads and weights loaded once, the keys of the next tiles loaded while one is scored (STAGES)."""
     after_previous_kernel(PDL)
     bs = tl.program_id(0)
     part = tl.program_id(1)
@@ -218,8 +219,8 @@ def _indexer_scores_kernel(
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)
     w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
     n_visible = tl.load(nv_ptr + b * snv_b + s)
-    first = part * TILES
-    for tb in tl.range(first, tl.minimum(first + TILES, tl.cdiv(T, BLOCK_T)), num_stages=STAGES):
+    first = part * part_tiles
+    for tb in tl.range(first, tl.minimum(first + part_tiles, tl.cdiv(T, BLOCK_T)), num_stages=STAGES):
         t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < T
         k = tl.load(k_ptr + b * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
@@ -233,9 +234,9 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
                    block_t: int = 64, num_warps: int = 4, per_sm: int | None = None,
                    num_stages: int = 2) -> torch.Tensor:
     """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible.
-    With `per_sm`, where the queries are at most `per_sm` per SM (decode), each query's keys are cut into parts of
-    whole tiles of `block_t`, as many as keep the grid within `per_sm` programs per SM: one round of programs, no
-    partial second one. Otherwise (prefill's many queries), a program per tile."""
+    With `per_sm`, where that many programs per SM give every query two parts or more (decode), each query's keys
+    are cut into parts of whole tiles of `block_t`, as many as keep the grid within `per_sm` programs per SM: one
+    round of programs, no partial second one. Otherwise (prefill's many queries), a program per tile."""
     B, S, H, D = q.shape
     T = k.shape[1]
     q, k = q.contiguous(), k.to(q.dtype)
@@ -244,15 +245,18 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
     n_tiles = triton.cdiv(T, block_t)
-    parts = n_tiles if per_sm is None else per_sm * sm_count(q.device) // (B * S)
-    tiles = max(1, triton.cdiv(n_tiles, parts)) if parts else 1        # no keys (T = 0): an empty grid
-    _indexer_scores_kernel[(B * S, triton.cdiv(n_tiles, tiles))](
+    parts = per_sm * sm_count(q.device) // (B * S) if per_sm and B * S else 0
+    # parts of several tiles where every query gets two or more; otherwise (prefill's many queries) a program per
+    # tile, as without `per_sm`, which nothing pipelines (STAGES 1: the loop runs once)
+    part_tiles = max(1, triton.cdiv(n_tiles, parts)) if parts >= 2 else 1             # T = 0: an empty grid
+    _indexer_scores_kernel[(B * S, triton.cdiv(n_tiles, part_tiles))](
         q, k, weights, n_visible, out,
-        S, H, T, tiles,
+        S, H, T, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), weights.stride(0), weights.stride(1),
         n_visible.stride(0), out.stride(0), out.stride(1),
         D=D, D_P2=max(16, triton.next_power_of_2(D)), H_P2=max(16, triton.next_power_of_2(H)), BLOCK_T=block_t,
-        PRECISION=dot_precision(q.dtype), STAGES=num_stages, num_warps=num_warps, **launch_options(q.device),
+        PRECISION=dot_precision(q.dtype), STAGES=num_stages if part_tiles > 1 else 1, num_warps=num_warps,
+        **launch_options(q.device),
     )
     return out
 
@@ -295,7 +299,7 @@ def _range_histogram(base, start, end, kth, cand, SHIFT, BLOCK: tl.constexpr, ke
 
 @triton.jit
 def _candidate_histogram(cand, n_cand, kth, SHIFT, BLOCK: tl.constexpr):
-    """`_byte_histogram` of a chunk's `n_cand` candidates (`_range_histogram`'s COMPACT output)."""
+    """`_byte_histogram` of a chunk's `n_cand` candidates (the scores `_range_histogram` kept)."""
     hist = tl.zeros([256], tl.int32)
     for i0 in range(0, n_cand, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
@@ -457,9 +461,10 @@ def _wait_for_row(count_ptr, target):
     """A barrier of the programs of one row of the cooperative top-k: each adds one to the row's count and waits
     until it reaches `target` (its programs times the barriers passed so far). The block barrier puts every thread's
     stores before the release; the acquire that sees the target makes the other programs' stores visible (CUTLASS's
-    semaphore's order). Only correct when every program of the row is resident at once (`topk` launches at most
-    TOPK_COOPERATIVE["per_sm"] programs per SM). The interpreter runs programs one after another, so there the
-    barrier is a launch boundary instead (`_radix_coop_kernel`'s STOP)."""
+    semaphore's order). Only correct when every program of the row is resident at once: `topk` launches the kernel
+    as a cooperative grid, which the driver starts only if all of it fits at once. The interpreter runs programs one
+    after another, so there the barrier is a launch boundary instead (`_radix_coop_kernel`'s STOP). The wait polls
+    with one thread's acquire load (what Triton makes of the atomic add of 0)."""
     if not INTERPRETING:
         tl.debug_barrier()
         tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
@@ -469,7 +474,7 @@ def _wait_for_row(count_ptr, target):
 
 
 @triton.jit
-def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, sync_ptr, T, K, s_row, o_row, CHUNK, P,
+def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, counts_ptr, T, K, s_row, o_row, CHUNK, P,
                        BLOCK: tl.constexpr, P_BLOCK: tl.constexpr, COMPACT: tl.constexpr, STOP: tl.constexpr,
                        PDL: tl.constexpr):
     """The radix select of `_radix_pass_kernel` and `_radix_write_kernel` in one launch, program (row, 0, chunk).
@@ -477,8 +482,8 @@ def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, sync_ptr, T, K, 
     so a program ahead never overwrites a slot another still reads), waits for the row's other programs
     (`_wait_for_row`), then reads all the row's slots and finds the k-th key's byte itself: no last program
     finishing each byte, no launch between bytes. From the same slots it counts the keys above the k-th key and the
-    ties with it in the chunks before its own, which is where its picks go (`_write_picks`). sync[row] counts the
-    barrier's arrivals, sync[rows + row] the programs done; the last one done zeroes both for the next launch.
+    ties with it in the chunks before its own, which is where its picks go (`_write_picks`). counts[row] counts the
+    barrier's arrivals, counts[rows + row] the programs done; the last one done zeroes both for the next launch.
     STOP < 4 (the interpreter): return after writing byte STOP's slot, so that consecutive launches with STOP = 0..4
     compute what the barriers separate on a GPU."""
     after_previous_kernel(PDL)
@@ -507,7 +512,7 @@ def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, sync_ptr, T, K, 
             slots = hist_ptr + (row * 4 + i) * P * 256
             tl.store(slots + c * 256 + bins, hist)
             if i < STOP:
-                _wait_for_row(sync_ptr + row, P * (i + 1))
+                _wait_for_row(counts_ptr + row, P * (i + 1))
                 total = tl.zeros([256], tl.int32)
                 before = tl.zeros([256], tl.int32)
                 for p0 in range(0, P, P_BLOCK):
@@ -530,14 +535,14 @@ def _radix_coop_kernel(scores_ptr, out_ptr, hist_ptr, cand_ptr, sync_ptr, T, K, 
         _fill_unpicked(out, picked, c * BLOCK, K, P * BLOCK, BLOCK)
         if not INTERPRETING:
             tl.debug_barrier()
-            done = tl.atomic_add(sync_ptr + rows + row, 1, sem="relaxed", scope="gpu") == P - 1
+            done = tl.atomic_add(counts_ptr + rows + row, 1, sem="relaxed", scope="gpu") == P - 1
             if done:        # every program of the row has passed the last barrier: nobody reads the count again
-                tl.atomic_xchg(sync_ptr + row, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(sync_ptr + rows + row, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(counts_ptr + row, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(counts_ptr + rows + row, 0, sem="relaxed", scope="gpu")
 
 
 # Rows up to this many entries: one program per row, the row in registers (`_topk_row_kernel`); longer rows: spread
-# over chunks, one launch per byte (`_radix_pass_kernel`). On an H200 at k = 512, ten calls back to back in one graph
+# over chunks (`_radix_coop_kernel`, or a launch per byte: `_radix_pass_kernel`). On an H200 at k = 512, ten calls back to back in one graph
 # (one job, docs/performance.md), the register kernel took 10.3 us per call at batch 8 and 32 and 2,048 entries (8K
 # context) where the byte-histogram row kernel it replaced took 12.5, 14.8 against 16.6 at 4,096, 19.9 against 25.5
 # for 256 rows of 2,048; the chunked form's five launches took 18-20 us at 2,048 entries in an earlier job.
@@ -547,21 +552,23 @@ TOPK_ROW_MAX_ENTRIES = 4096
 # 10.1-10.3 with 8 warps, 4,096 entries 15.0 / 15.5 against 14.7 / 14.8. Not timed inside the decode step.
 TOPK_ROW_FEW_WARPS_MAX = 2048
 # The chunked form's launch settings, from an ad-hoc sweep on the H200 (docs/performance.md): entries per step,
-# warps, programs per SM, chunk histograms per load of the row's last program. Chunks of more than
+# warps, programs per SM, chunk histograms per load where they are summed (the row's last program; cooperative:
+# every program). Chunks of more than
 # `compact_over_blocks` steps, in rows of several chunks, keep their candidates after the second byte (COMPACT): at
 # batch 32 and 262,144 entries (16,384 per chunk) 169-183 us against 252, where chunks of 1-2 steps lost 1-5 us by it.
 TOPK_CHUNKED = dict(block=2048, num_warps=4, per_sm=4, p_block=64, compact_over_blocks=2)
 # The cooperative form (`_radix_coop_kernel`: one launch, the row's chunks waiting for each other between bytes):
 # at most `per_sm` programs per SM, so that every program of a launch can be resident at once, which its barriers
-# need, and by default only where that makes chunks of at most `max_steps` steps: longer chunks (a 1M context's rows;
-# a prefill chunk's many rows) take the launch per byte, spread over more programs. Steps, warps, histograms per load
+# need, and by default only where that makes chunks of at most `max_steps` steps, at most `max_chunks` per row (what
+# was measured: 16 at batch 8, 8 at 32): longer chunks (a 1M context's rows), more of them (every program reads all
+# the row's histograms per byte) or more rows (a prefill chunk's) take the launch per byte, over more programs. Steps, warps, histograms per load
 # and candidates as the launch per byte's. On the H200, 20 calls per graph, us per call at k = 512 (session 24's
 # job 2, docs/performance.md), launch per byte against cooperative at 1 / 2 programs per SM: 8 rows of 32,768
-# entries 29.4-29.7 against 22.1-22.3 / 22.1-22.3; 32 rows 50.6-50.8 against 55.8-56.0 / 41.1 (chunks of 4,096);
+# entries 29.4-29.7 against 22.2-22.3 / 22.1-22.3; 32 rows 50.6-50.8 against 55.8-56.0 / 41.1 (chunks of 4,096);
 # 8 rows of 262,144 73.6-73.9 against 102.2-102.7 / 88.9-89.1; 32 rows 202.4-202.5 against 379.8 / 281.4-282.3.
 # In the CSA decode step per token at 128K (job 5, the scores by parts): 169.5 against 175.3 us at batch 8, 272.0
 # against 276.2 at batch 32.
-TOPK_COOPERATIVE = dict(per_sm=2, max_steps=2)
+TOPK_COOPERATIVE = dict(per_sm=2, max_steps=2, max_chunks=16)
 
 
 def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | None = None,
@@ -574,13 +581,14 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     `block` does not apply).
     Longer rows (or an explicit `chunk`: entries per program, rounded up to whole steps of `block` entries) are radix
     select over the scores' order keys, one byte at a time from the top, spread over the row's chunks, then the picks
-    written. Where TOPK_COOPERATIVE["per_sm"] programs per SM cut the rows into chunks of at most its `max_steps`
-    steps (decode up to 128K context; or `cooperative`), that is one launch whose chunks wait for each other between
-    bytes (`_radix_coop_kernel`); otherwise (longer rows, prefill's many rows; or `cooperative=False`) a launch per
-    byte, each spread over about TOPK_CHUNKED["per_sm"] programs per SM (rows that fill the GPU by themselves are one
-    chunk each), whose last program to finish finds the byte, then a launch that writes the picks (five launches,
-    whatever the row length: the 256K-entry rows of a 1M context took torch.topk 98-159 us at batch 8-32, which also
-    keeps ties in its own order)."""
+    written. Where TOPK_COOPERATIVE["per_sm"] programs per SM cut the rows into at most its `max_chunks` chunks of at
+    most `max_steps` steps (decode up to 128K context; or `cooperative`), that is one launch whose chunks wait for
+    each other between bytes (`_radix_coop_kernel`; more programs than TOPK_COOPERATIVE["per_sm"] per SM raise
+    ValueError, and the driver refuses a cooperative grid that does not fit at once). Otherwise (longer rows,
+    prefill's many rows; or `cooperative=False`) a launch per byte, each spread over about TOPK_CHUNKED["per_sm"]
+    programs per SM (rows that fill the GPU by themselves are one chunk each), whose last program to finish finds
+    the byte, then a launch that writes the picks (five launches, whatever the row length: the 256K-entry rows of a
+    1M context took torch.topk 98-159 us at batch 8-32, which also keeps ties in its own order)."""
     rows, T = scores.shape[:-1].numel(), scores.size(-1)
     if rows == 0 or T == 0:                         # nothing to pick (a cache shorter than one block has no keys)
         return torch.full((*scores.shape[:-1], k), -1, device=scores.device, dtype=torch.int32)
@@ -594,16 +602,24 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
         return out.view(*scores.shape[:-1], k)
     cfg = TOPK_CHUNKED
     step = block or cfg["block"]
+    whole_steps = lambda n: triton.cdiv(n, step) * step                                  # noqa: E731
     resident = TOPK_COOPERATIVE["per_sm"] * sm_count(dev)
-    if cooperative is None:
-        cooperative = (rows <= resident
-                       and (chunk or triton.cdiv(T, resident // rows)) <= TOPK_COOPERATIVE["max_steps"] * step)
+    suits = lambda chunk: (chunk <= TOPK_COOPERATIVE["max_steps"] * step                  # noqa: E731
+                           and triton.cdiv(T, chunk) <= TOPK_COOPERATIVE["max_chunks"])
     if chunk is None:
-        chunk = triton.cdiv(T, resident // rows if cooperative else triton.cdiv(cfg["per_sm"] * sm_count(dev), rows))
-    chunk = triton.cdiv(chunk, step) * step
+        # the cooperative form's chunks: the rows over the programs that stay resident (none if the rows are more)
+        coop_chunk = whole_steps(triton.cdiv(T, resident // rows)) if rows <= resident else None
+        if cooperative is None:
+            cooperative = coop_chunk is not None and suits(coop_chunk)
+        chunk = (coop_chunk if cooperative and coop_chunk is not None
+                 else triton.cdiv(T, triton.cdiv(cfg["per_sm"] * sm_count(dev), rows)))
+    chunk = whole_steps(chunk)
     P = triton.cdiv(T, chunk)
     # a program waiting for one that cannot start would wait forever (the interpreter's barriers end launches)
-    if cooperative and rows * P > resident and not INTERPRETING:
+    fits = rows * P <= resident or bool(INTERPRETING)
+    if cooperative is None:                         # an explicit chunk
+        cooperative = fits and suits(chunk)
+    if cooperative and not fits:
         raise ValueError(f"topk: {rows} rows of {P} chunks are more programs than the {resident} the cooperative "
                          f"top-k may keep resident (TOPK_COOPERATIVE['per_sm'] per SM); give larger chunks")
     # a row in one chunk (rows that fill the GPU by themselves) keeps no candidates: they would take as much memory
@@ -613,15 +629,14 @@ def topk(scores: torch.Tensor, k: int, chunk: int | None = None, block: int | No
     p_block = min(cfg["p_block"], triton.next_power_of_2(P))
     if cooperative:
         hist = torch.empty(rows, 4, P, 256, device=dev, dtype=torch.int32)
-        sync = arrival_tickets(dev, 2 * rows, pool="barriers")
-        # the interpreter runs one program after another: there each barrier is the end of a launch (STOP)
-        for stop in range(4) if INTERPRETING else ():
-            _radix_coop_kernel[(rows, 1, P)](flat, out, hist, cand, sync, T, k, flat.stride(0), out.stride(0), chunk,
+        counts = arrival_tickets(dev, 2 * rows, pool="barriers")
+        # on a GPU a cooperative launch: the driver refuses a grid that cannot be resident at once rather than let it
+        # wait forever; the interpreter runs one program after another, so there each barrier ends a launch (STOP)
+        options = {**launch_options(dev), **({} if INTERPRETING else {"launch_cooperative_grid": True})}
+        for stop in range(5) if INTERPRETING else (4,):
+            _radix_coop_kernel[(rows, 1, P)](flat, out, hist, cand, counts, T, k, flat.stride(0), out.stride(0), chunk,
                                              P, BLOCK=step, P_BLOCK=p_block, COMPACT=compact, STOP=stop,
-                                             num_warps=cfg["num_warps"], **launch_options(dev))
-        _radix_coop_kernel[(rows, 1, P)](flat, out, hist, cand, sync, T, k, flat.stride(0), out.stride(0), chunk, P,
-                                         BLOCK=step, P_BLOCK=p_block, COMPACT=compact, STOP=4,
-                                         num_warps=cfg["num_warps"], **launch_options(dev))
+                                             num_warps=cfg["num_warps"], **options)
         return out.view(*scores.shape[:-1], k)
     hist = torch.empty(rows, P, 256, device=dev, dtype=torch.int32)
     above, sel_off, tie_off = (torch.empty(rows, P, device=dev, dtype=torch.int32) for _ in range(3))

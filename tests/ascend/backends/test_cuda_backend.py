@@ -288,31 +288,44 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
 
 @needs_triton_or_interpreter
 def test_triton_topk_cooperative_launch_fits_on_the_gpu_at_once(monkeypatch):
-    """The cooperative top-k's programs wait for each other, so all of them must be resident at once: more than
-    TOPK_COOPERATIVE["per_sm"] per SM is refused before anything is launched (on a GPU; the interpreter's barriers end
-    launches, so it has no such limit)."""
+    """The cooperative top-k's programs wait for each other, so all of them must be resident at once (on a GPU; the
+    interpreter's barriers end launches, so it has no such limit): more than TOPK_COOPERATIVE["per_sm"] per SM
+    asked for is refused before anything is launched, more rows than that too; an explicit chunk that would make
+    too many programs takes the launch per byte by default. A nominal 8 SMs: 16 programs."""
     from ascend.backends import triton_sparse_attn
-    from ascend.backends.triton_common import sm_count
     monkeypatch.setattr(triton_sparse_attn, "INTERPRETING", False)
-    resident = triton_sparse_attn.TOPK_COOPERATIVE["per_sm"] * sm_count(torch.device(TRITON_DEVICE))
-    s = torch.randn(resident, 64, device=TRITON_DEVICE)
-    with pytest.raises(ValueError, match=f"{resident} rows of 2 chunks are more programs than the {resident}"):
+    monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
+    monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "per_sm", 2)
+
+    class Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("launched")
+
+    monkeypatch.setattr(triton_sparse_attn, "_radix_coop_kernel", Refused())
+    s = torch.randn(16, 64, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="16 rows of 2 chunks are more programs than the 16"):
         triton_sparse_attn.topk(s, 8, chunk=32, block=32, cooperative=True)
+    with pytest.raises(ValueError, match="17 rows of 2 chunks are more programs than the 16"):
+        triton_sparse_attn.topk(torch.randn(17, 5000, device=TRITON_DEVICE), 8, cooperative=True)
+    s = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 8, chunk=32, block=16).cpu()     # 4 x 8 chunks: per byte
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 8)))
 
 
 @needs_triton
 def test_triton_topk_cooperative_repeats_and_replays_in_a_graph():
     """On the GPU the cooperative top-k's barriers are real: decode-sized rows (8 x 32,768: 16 chunks per row, 32 x
-    32,768: 8) pick what the launch per byte picks, call after call (the last program of each row zeroes the counts
-    for the next) and replayed from a captured graph on new scores."""
-    from ascend.backends import triton_sparse_attn
+    32,768: 8) pick what the launch per byte picks, call after call on other scores (the last program of each row
+    zeroes the counts for the next) and replayed from a captured graph on new scores."""
+    from ascend.backends import triton_common, triton_sparse_attn
     for rows in (8, 32):
-        s = torch.randn(rows, 32768, device="cuda")
-        s[0] = torch.randint(0, 3, (32768,), device="cuda").float()              # ties across chunks
-        s[1, 16384:] = float("-inf")
-        want = triton_sparse_attn.topk(s, 512, cooperative=False)
-        for _ in range(3):
-            assert torch.equal(triton_sparse_attn.topk(s, 512, cooperative=True), want)
+        for seed in range(3):                   # other scores each call: stale histograms or counts would show
+            s = torch.randn(rows, 32768, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            s[0] = torch.randint(0, 3 + seed, (32768,), device="cuda").float()     # ties across chunks
+            s[1, 16384:] = float("-inf")
+            got = triton_sparse_attn.topk(s, 512, cooperative=True)
+            assert torch.equal(got, triton_sparse_attn.topk(s, 512, cooperative=False))
+            assert not triton_common._TICKETS[(s.device, "barriers")][0].any()   # zero again for the next call
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -581,16 +594,28 @@ def test_triton_sparse_attn_launch_variants(B, K, variant):
 
 
 @needs_triton_or_interpreter
-def test_triton_indexer_scores_by_parts_of_several_tiles():
-    """Programs of several tiles each (about per_sm per SM): 3 queries x 300 keys in tiles of 32, 3 programs per
-    query on the interpreter's nominal 8 SMs (4 tiles each, the last part 2; on a GPU one tile each), the last tile
-    partial, keys past each query's visible count -inf: the scores of one program per tile."""
+def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
+    """Programs of several tiles each (parts within per_sm programs per SM): 2 queries x 300 keys in tiles of 32 on a
+    nominal 8 SMs at 1 per SM, 4 parts per query of 3, 3, 3 and 1 tiles, the last tile partial, keys past each
+    query's visible count -inf: the scores of a program per tile, bit for bit."""
     from ascend.backends import triton_sparse_attn
-    q, k, w, n_visible = _indexer_inputs(3, 1, 8, 32, 300, device=TRITON_DEVICE)
+    monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
+    grids = []
+    kernel = triton_sparse_attn._indexer_scores_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_sparse_attn, "_indexer_scores_kernel", Spy())
+    q, k, w, n_visible = _indexer_inputs(2, 1, 8, 32, 300, device=TRITON_DEVICE)
     got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32, per_sm=1, num_stages=3)
     torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32), rtol=0, atol=0)
+    assert grids == [(2, 4), (2, 10)]
     torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
     assert (got.isinf() == (torch.arange(300, device=TRITON_DEVICE) >= n_visible[..., None])).all()
+    assert triton_sparse_attn.indexer_scores(q[:0], k[:0], w[:0], n_visible[:0], per_sm=1).shape == (0, 1, 300)
 
 
 @needs_triton

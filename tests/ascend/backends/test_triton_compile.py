@@ -30,7 +30,8 @@ for shift in (24, 16, 8, 0):
     for compact in (False, True):
         compile_for(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
 for compact in (False, True):
-    compile_for(T._radix_coop_kernel, top, BLOCK=2048, P_BLOCK=16, COMPACT=compact, STOP=4, PDL=True)
+    for p_block in (16, 64):            # 16 chunks per row at most by default; 64 with explicit chunks
+        compile_for(T._radix_coop_kernel, top, BLOCK=2048, P_BLOCK=p_block, COMPACT=compact, STOP=4, PDL=True)
 """,
     "triton_compressor": """
 from ascend.backends import triton_compressor as C
