@@ -183,8 +183,7 @@ def _sorted_ids(idx):
 @pytest.mark.parametrize("T,k,chunk,block,cooperative", [
     (100, 16, None, None, None), (4000, 512, None, None, None), (300, 64, 128, 64, False), (50, 64, None, None, None),
     (50, 64, 32, 32, False), (1000, 512, 256, 128, False), (3000, 7, 512, 128, False), (2000, 100, 1024, 64, False),
-    (5000, 512, None, None, False), (5000, 512, None, None, None), (300, 64, 128, 64, True), (50, 64, 32, 32, True),
-    (1000, 100, 256, 64, True)])
+    (5000, 512, None, None, False), (5000, 512, None, None, None), (50, 64, 32, 32, True), (600, 100, 192, 64, True)])
 def test_triton_topk_keeps_the_reference_selection(T, k, chunk, block, cooperative):
     """One program per row (T <= TOPK_ROW_MAX_ENTRIES by default: two bits of the k-th key per step) and chunked
     radix select (explicit chunks, or a longer row; chunks of more than 2 blocks keep their candidates after the
@@ -217,10 +216,10 @@ def test_triton_topk_decided_in_the_candidates_of_compacted_chunks(monkeypatch, 
     from ascend.backends import triton_sparse_attn
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "p_block", 2)
     g = torch.Generator().manual_seed(1)
-    s = torch.stack((1 + torch.randperm(3000, generator=g).float() * 2 ** -20,
-                     1 + torch.randint(0, 50, (3000,), generator=g).float() * 2 ** -20))
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 1500, chunk=512, block=64, cooperative=cooperative).cpu()
-    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 1500)))
+    s = torch.stack((1 + torch.randperm(1536, generator=g).float() * 2 ** -20,
+                     1 + torch.randint(0, 50, (1536,), generator=g).float() * 2 ** -20))
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 768, chunk=256, block=64, cooperative=cooperative).cpu()
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 768)))
 
 
 @needs_triton_or_interpreter
@@ -232,10 +231,10 @@ def test_triton_topk_sums_the_chunk_slots_block_by_block(monkeypatch, cooperativ
     from ascend.backends import triton_sparse_attn
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "p_block", 2)
     g = torch.Generator().manual_seed(0)
-    s = torch.randint(0, 4, (3, 1000), generator=g).float()
+    s = torch.randint(0, 4, (3, 512), generator=g).float()
     s[1, ::3] = float("-inf")
-    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 300, chunk=128, block=64, cooperative=cooperative).cpu()
-    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 300)))
+    got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 150, chunk=64, block=64, cooperative=cooperative).cpu()
+    assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 150)))
 
 
 @needs_triton_or_interpreter
@@ -271,11 +270,11 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
         monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
     chunked = lambda chunks: [("_radix_pass_kernel", chunks, None)] * 4 + [("_radix_write_kernel", chunks, None)]  # noqa: E731
     coop = lambda chunks: [("_radix_coop_kernel", chunks, stop) for stop in ((0, 1, 2, 3, 4) if INTERPRETING else (4,))]  # noqa: E731
-    # 16 programs resident: 2 rows of 65 in 8 chunks of 9 -> one step of 16 each, 5 chunks; of 1,040: 130 > 2 steps,
-    # so a launch per byte over 32 programs, 16 per row of 65 -> 80 entries (5 steps, candidates kept), 13 chunks
+    # 16 programs resident: 2 rows of 65 in 8 chunks of 9 -> one step of 16 each, 5 chunks; of 560: 70 -> 80 > 2
+    # steps, so a launch per byte over 32 programs, 16 per row of 35 -> 48 entries (3 steps, candidates kept), 12
     for rows, T, want, kept in ((2, 64, [("_topk_row_kernel", 2, None)], None),
                                 (32, 64, [("_topk_row_kernel", 32, None)], None),
-                                (2, 65, coop(5), None), (2, 1040, chunked(13), 2 * 13 * 80), (32, 65, chunked(1), 0)):
+                                (2, 65, coop(5), None), (2, 560, chunked(12), 2 * 12 * 48), (32, 65, chunked(1), 0)):
         launched.clear()
         candidates.clear()
         s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
