@@ -159,6 +159,11 @@ class LayerCache:
         """Row of `kv` that takes writes nobody reads."""
         return self.window + self.n_entries
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the layer's cache holds: main buffer, indexer keys, compressor states (those it has)."""
+        states = [st for st in (self.compressor, self.index_compressor) if st is not None]
+        return [t for t in (self.kv, self.index_kv) if t is not None] + [t for st in states for t in (st.kv, st.score)]
+
     # -- main buffer
     def main_kv(self) -> torch.Tensor:
         """The main buffer as [B, rows, head_dim] values (decoded for the fp8 layout)."""
@@ -220,13 +225,7 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes held by every buffer of the cache."""
-        total = self.lengths.nbytes
-        for layer in self.layers:
-            for t in (layer.kv, layer.index_kv):
-                total += t.nbytes if t is not None else 0
-            for s in (layer.compressor, layer.index_compressor):
-                total += s.kv.nbytes + s.score.nbytes if s is not None else 0
-        return total
+        return self.lengths.nbytes + sum(t.nbytes for layer in self.layers for t in layer.buffers())
 
 
 # ----------------------------------------------------------------------------------------------- accounting

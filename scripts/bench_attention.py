@@ -209,9 +209,7 @@ def cache_snapshot(cache) -> Callable[[], None]:
     """A host copy of every tensor of a layer cache; calling the result writes it back. The positions' steps write
     the entries of their blocks with the arithmetic of the variant being timed, so each variant's output to compare
     is taken from the cache as the eager output saw it, not as the previous variant's timing left it."""
-    states = [st for st in (cache.compressor, cache.index_compressor) if st is not None]
-    tensors = [t for t in (cache.kv, cache.index_kv, *(x for st in states for x in (st.kv, st.score)))
-               if t is not None]
+    tensors = cache.buffers()
     saved = [t.to("cpu", copy=True) for t in tensors]
 
     def restore() -> None:

@@ -51,6 +51,8 @@ def test_layer_buffers():
     assert csa.compressor.kv.shape == (2, 8, 256) and csa.index_compressor.kv.shape == (2, 8, 256)
     assert hca.kv.shape == (2, 16 + 4 + 1, 128) and hca.compressor.kv.shape == (2, 128, 128)
     assert hca.index_kv is None and csa.discard_row == 16 + 128
+    assert [len(layer.buffers()) for layer in (window, csa, hca)] == [1, 6, 3]      # kv, index_kv, states' kv, score
+    assert csa.buffers()[0] is csa.kv and csa.buffers()[1] is csa.index_kv and hca.buffers()[1] is hca.compressor.kv
     assert torch.isinf(csa.compressor.score).all()
     csa.compressor.score[1] = 0.0
     cache.lengths += torch.tensor([3, 5])
