@@ -172,6 +172,26 @@ def test_hadamard_matmul_bf16_is_the_butterfly_to_float32_rounding():
         assert (y.float() != REFERENCE.hadamard(x.float()).to(torch.bfloat16).float()).float().mean() < 0.01
 
 
+def _record_launches(monkeypatch, module, *names, launch=True):
+    """Replace the Triton kernels `names` of `module` by ones that append each launch, (name, grid, args, kwargs),
+    to the returned list and then launch it (`launch=False`: only record it)."""
+    launches = []
+
+    class Recorded:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            def recorded(*args, **kwargs):
+                launches.append((self.name, grid, args, kwargs))
+                return self.kernel[grid](*args, **kwargs) if launch else None
+            return recorded
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorded(name))
+    return launches
+
+
 def _sorted_ids(idx):
     """Rows sorted ascending with the -1 slots moved to the end."""
     big = torch.iinfo(torch.int32).max
@@ -252,22 +272,8 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
     monkeypatch.setitem(triton_sparse_attn.TOPK_CHUNKED, "per_sm", 4)
     monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "per_sm", 2)
     monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "max_steps", 2)
-    launched, candidates = [], []
-
-    class Spy:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(triton_sparse_attn, name)
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((self.name, grid[-1], kwargs.get("STOP")))
-                if self.name == "_radix_pass_kernel":
-                    candidates.append(args[7].numel())
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    for name in ("_topk_row_kernel", "_radix_pass_kernel", "_radix_write_kernel", "_radix_coop_kernel"):
-        monkeypatch.setattr(triton_sparse_attn, name, Spy(name))
+    launches = _record_launches(monkeypatch, triton_sparse_attn, "_topk_row_kernel", "_radix_pass_kernel",
+                                "_radix_write_kernel", "_radix_coop_kernel")
     chunked = lambda chunks: [("_radix_pass_kernel", chunks, None)] * 4 + [("_radix_write_kernel", chunks, None)]  # noqa: E731
     coop = lambda chunks: [("_radix_coop_kernel", chunks, stop) for stop in ((0, 1, 2, 3, 4) if INTERPRETING else (4,))]  # noqa: E731
     # 16 programs resident: 2 rows of 65 in 8 chunks of 9 -> one step of 16 each, 5 chunks; of 560: 70 -> 80 > 2
@@ -275,13 +281,12 @@ def test_triton_topk_one_program_per_row_for_short_rows(monkeypatch):
     for rows, T, want, kept in ((2, 64, [("_topk_row_kernel", 2, None)], None),
                                 (32, 64, [("_topk_row_kernel", 32, None)], None),
                                 (2, 65, coop(5), None), (2, 560, chunked(12), 2 * 12 * 48), (32, 65, chunked(1), 0)):
-        launched.clear()
-        candidates.clear()
+        launches.clear()
         s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
         got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 16).cpu()
-        assert launched == want, (rows, T)
-        if kept is not None:
-            assert candidates == [kept] * 4
+        assert [(name, grid[-1], kwargs.get("STOP")) for name, grid, _, kwargs in launches] == want, (rows, T)
+        if kept is not None:            # the candidate buffer each launch per byte was handed
+            assert [args[7].numel() for name, _, args, _ in launches if name == "_radix_pass_kernel"] == [kept] * 4
         assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 16)))
 
 
@@ -295,12 +300,7 @@ def test_triton_topk_cooperative_launch_fits_on_the_gpu_at_once(monkeypatch):
     monkeypatch.setattr(triton_sparse_attn, "INTERPRETING", False)
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
     monkeypatch.setitem(triton_sparse_attn.TOPK_COOPERATIVE, "per_sm", 2)
-
-    class Refused:
-        def __getitem__(self, grid):
-            raise AssertionError("launched")
-
-    monkeypatch.setattr(triton_sparse_attn, "_radix_coop_kernel", Refused())
+    launches = _record_launches(monkeypatch, triton_sparse_attn, "_radix_coop_kernel", launch=False)
     s = torch.randn(16, 64, device=TRITON_DEVICE)
     with pytest.raises(ValueError, match="16 rows of 2 chunks are more programs than the 16"):
         triton_sparse_attn.topk(s, 8, chunk=32, block=32, cooperative=True)
@@ -309,6 +309,7 @@ def test_triton_topk_cooperative_launch_fits_on_the_gpu_at_once(monkeypatch):
     s = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     got = triton_sparse_attn.topk(s.to(TRITON_DEVICE), 8, chunk=32, block=16).cpu()     # 4 x 8 chunks: per byte
     assert torch.equal(_sorted_ids(got), _sorted_ids(select_topk(s, 8)))
+    assert not launches                 # the cooperative kernel never launched
 
 
 @needs_triton
@@ -599,19 +600,11 @@ def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
     query's visible count -inf: the scores of a program per tile, bit for bit."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
-    grids = []
-    kernel = triton_sparse_attn._indexer_scores_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(triton_sparse_attn, "_indexer_scores_kernel", Spy())
+    launches = _record_launches(monkeypatch, triton_sparse_attn, "_indexer_scores_kernel")
     q, k, w, n_visible = _indexer_inputs(2, 1, 8, 32, 300, device=TRITON_DEVICE)
     got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32, per_sm=1, num_stages=3)
     torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32), rtol=0, atol=0)
-    assert grids == [(2, 4), (2, 10)]
+    assert [grid for _, grid, _, _ in launches] == [(2, 4), (2, 10)]
     torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
     assert (got.isinf() == (torch.arange(300, device=TRITON_DEVICE) >= n_visible[..., None])).all()
     assert triton_sparse_attn.indexer_scores(q[:0], k[:0], w[:0], n_visible[:0], per_sm=1).shape == (0, 1, 300)
