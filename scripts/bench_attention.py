@@ -485,7 +485,8 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
 
 def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, topk: int, iq: torch.Tensor,
                    rope_dim: int, shapes: Shapes, device: Device, copy_bps: float, triton: bool) -> list[KernelRow]:
-    """The indexer's small stages alone: top-k of the scores (torch.topk vs the Triton radix select); the Hadamard
+    """The indexer's small stages alone: top-k of the scores (torch.topk vs the Triton radix select, the backend's
+    choice, cooperative where it applies, and the launch per byte); the Hadamard
     rotation of its queries and of its new entries (two rows per sequence at decode), as the reference butterfly, a
     float32 matmul and the bf16 +-1 matmul of the CUDA backend's `hadamard`; and their whole rotation (RoPE,
     Hadamard, FP4 simulation: `Kernels.index_rotate`, which the Triton tables run) as the eager table's three stages
@@ -498,8 +499,11 @@ def selection_rows(kind: str, batch: int, context: int, scores: torch.Tensor, to
     rows = [KernelRow("topk", kind, batch, context, "torch.topk alone (no -1 / int32; own tie order)", time_ms(
         device, lambda: scores.topk(topk, dim=-1), shapes.reps), roof, ref)]
     if triton:
-        rows.append(KernelRow("topk", kind, batch, context, "triton radix select", time_ms(
+        from ascend.backends import triton_sparse_attn
+        rows.append(KernelRow("topk", kind, batch, context, "triton radix select (backend)", time_ms(
             device, lambda: cuda.topk_triton(scores, topk), shapes.reps), roof, ref))
+        rows.append(KernelRow("topk", kind, batch, context, "triton radix select, a launch per byte", time_ms(
+            device, lambda: triton_sparse_attn.topk(scores, topk, cooperative=False), shapes.reps), roof, ref))
     tables = [("eager stages (rope, hadamard, fp4)", cuda.make_kernels(use_triton=False))]
     tables += [("triton, one launch (backend)", cuda.make_kernels(use_triton=True))] if triton else []
     for what, x in (("queries", iq), ("entries", iq[:, 0, :2])):            # entries: [B, N, D], keys as one head
