@@ -408,7 +408,8 @@ SPARSE_VARIANTS = {"h32 k32 w8": dict(block_h=32, block_k=32, num_warps=8, waves
                    "h32 k64 w8": dict(block_h=32, block_k=64, num_warps=8, waves=2.0),
                    "h32 k32 w8 waves4": dict(block_h=32, block_k=32, num_warps=8, waves=4.0),
                    "h32 k32 w4": dict(block_h=32, block_k=32, num_warps=4, waves=2.0),
-                   "h64 k64 w8 waves1": dict(block_h=64, block_k=64, num_warps=8, waves=1.0)}
+                   "h64 k64 w8 waves1": dict(block_h=64, block_k=64, num_warps=8, waves=1.0),
+                   "h64 k64 w8 waves1 wgmma": dict(block_h=64, block_k=64, num_warps=8, waves=1.0, wgmma=True)}
 INDEXER_VARIANTS = {"t64 w4": dict(block_t=64, num_warps=4), "t128 w8": dict(block_t=128, num_warps=8),
                     "t32 w4": dict(block_t=32, num_warps=4), "t128 w4": dict(block_t=128, num_warps=4),
                     "t128 w4 parts 2/SM s3": dict(block_t=128, num_warps=4, per_sm=2, num_stages=3),
@@ -456,6 +457,8 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
         # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (each of its settings is here)
         picked = cuda.sparse_attn_setting(q, k_rows)
         for name, variant in SPARSE_VARIANTS.items():
+            if variant.get("wgmma") and torch.cuda.get_device_capability(dev) != (9, 0):
+                continue        # the Gluon kernel is Hopper's
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
             label = f"triton {name}" + (" (backend)" if variant == picked else "")
             rows.append(KernelRow("sparse_attn", kind, batch, context, label, ms, roof, ref))

@@ -38,13 +38,21 @@ _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-
 _BRANCH = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`?\(?)0x([0-9a-f]+)")
 
 
-def loop_mix(sass: str) -> Counter:
-    """Opcodes (without modifiers) of the longest loop in cuobjdump's SASS: from the target of the backward branch
-    spanning the most code to that branch."""
+HGMMA = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?HGMMA\.(\d+x\d+x\d+)")     # (address, m x n x k)
+
+
+def loop_span(sass: str) -> tuple[int, int]:
+    """Addresses of the longest loop in cuobjdump's SASS: from the target of the backward branch spanning the most
+    code to that branch."""
     spans = [(int(to, 16), int(at, 16)) for at, to in _BRANCH.findall(sass) if int(to, 16) < int(at, 16)]
     if not spans:
         raise ValueError("no loop (backward branch) in this SASS")
-    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    return max(spans, key=lambda s: s[1] - s[0])
+
+
+def loop_mix(sass: str) -> Counter:
+    """Opcodes (without modifiers) of the longest loop in cuobjdump's SASS (`loop_span`)."""
+    lo, hi = loop_span(sass)
     return Counter(op for at, op in _INSTRUCTION.findall(sass) if lo <= int(at, 16) <= hi)
 
 
@@ -55,18 +63,23 @@ def opcodes(sass: str) -> Counter:
 
 def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, arch: int = 90,
                    aligned: bool = False, unaligned: tuple[str, ...] = ()):
-    """Triton's offline compile of `kernel` for CUDA sm_<arch>, down to the cubin with Triton's own ptxas (no GPU;
-    in a process without TRITON_INTERPRET). `types`: the arguments' Triton types where they are not the default,
-    int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value; `aligned`: every
-    argument but the `unaligned` ones divisible by 16, as a launch on the GPU specialises them."""
+    """Triton's offline compile of `kernel` (Triton or Gluon) for CUDA sm_<arch>, down to the cubin with Triton's own
+    ptxas (no GPU; in a process without TRITON_INTERPRET). `types`: the arguments' Triton types where they are not
+    the default, int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value; `aligned`:
+    every argument but the `unaligned` ones divisible by 16, as a launch on the GPU specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     signature = {name: "constexpr" if p.is_constexpr else types.get(name, "*i32" if name.endswith("_ptr") else "i32")
                  for name, p in zip(kernel.arg_names, kernel.params)}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
              if aligned and kind != "constexpr" and name not in unaligned}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, attrs=attrs, constexprs=constexprs)
+    if "num_warps" in kernel.arg_names:      # a kernel that lays out its own warps takes their count as a constexpr
+        constexprs = {**constexprs, "num_warps": num_warps}
+    # a Gluon kernel (ascend/backends/gluon_sparse_attn.py) is lowered from its own layouts, a Triton one from Triton's
+    ast_source = GluonASTSource if isinstance(kernel, GluonJITFunction) else triton.compiler.ASTSource
+    source = ast_source(fn=kernel, signature=signature, attrs=attrs, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 

@@ -4,7 +4,7 @@
   compressed entries), single KV head (K = V), learned per-head sink in the denominator. Split-K
   ("flash-decoding"): the index list is cut into chunks that run on separate programs, so a single
   decode token still fills the GPU; a second kernel merges the partial softmaxes and adds the
-  sink.
+  sink. On Hopper the long-list decode setting's chunks run as `gluon_sparse_attn`'s kernel (`wgmma=True`).
 - `indexer_scores`: score[b, s, t] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, t]) without ever
   writing the [B, S, H, T] product to memory (the unfused form needs ~2 GiB at B = 32, 1M tokens).
 - `topk`: the k largest scores of each row (the indexer's selection): one program per row for short rows (the row in
@@ -120,11 +120,12 @@ def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor, scale: float,
                 block_h: int | None = None, block_k: int = 32, num_warps: int | None = None,
-                waves: float = 2.0) -> torch.Tensor:
+                waves: float = 2.0, wgmma: bool = False) -> torch.Tensor:
     """q [B,S,H,D], kv [B,T,D], indices [B,S,K] int32 (-1 = skip), sink [H] fp32 -> [B,S,H,D] in q's dtype.
 
     block_h: heads per program (16 / 32 / 64); block_k: rows per inner step; waves: programs per SM
-    at most (`_num_splits`).
+    at most (`_num_splits`); wgmma: the chunks by `gluon_sparse_attn`'s Hopper kernel (sm_90 GPUs, bf16 / fp16,
+    64 heads per program, 8 warps, D a power of two of 16 to 512) instead of this module's; the merge the same.
     """
     B, S, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
@@ -141,14 +142,24 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
     if nsplit > 1:
         parts = [q.new_empty(B * S, nsplit, H, D, dtype=torch.float32),
                  q.new_empty(B * S, nsplit, H, dtype=torch.float32), q.new_empty(B * S, nsplit, H, dtype=torch.float32)]
-    _sparse_attn_partial_kernel[(B * S, head_blocks, nsplit)](
-        q, kv, indices, sink, out, *parts,
-        S, H, T, K, chunk, scale,
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **launch_options(q.device),
-    )
+    args = (q, kv, indices, sink, out, *parts, S, H, T, K, chunk, scale,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1))
+    if wgmma:
+        from ascend.backends import gluon_sparse_attn as G
+        if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+                and q.dtype in (torch.bfloat16, torch.float16) and block_h == G.BLOCK_H
+                and D == triton.next_power_of_2(D) and 16 <= D <= 512 and block_k >= 16
+                and num_warps in (None, G.NUM_WARPS)):
+            raise ValueError(f"sparse_attn(wgmma=True) needs an sm_90 GPU, bf16 / fp16, block_h {G.BLOCK_H}, "
+                             f"{G.NUM_WARPS} warps and a power-of-two head dim of 16 to 512: got {q.device} {q.dtype}, "
+                             f"block_h {block_h}, block_k {block_k}, num_warps {num_warps}, D {D}")
+        G._sparse_attn_wgmma_kernel[(B * S, head_blocks, nsplit)](
+            *args, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1, num_warps=G.NUM_WARPS)
+    else:
+        _sparse_attn_partial_kernel[(B * S, head_blocks, nsplit)](
+            *args, D=D, D_P2=triton.next_power_of_2(D), BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1,
+            PRECISION=dot_precision(q.dtype),
+            num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **launch_options(q.device))
     if nsplit > 1:
         heads, dims, chunks = _merge_blocks(B * S, H, D, nsplit, q.device)
         _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](

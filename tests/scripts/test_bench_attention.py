@@ -14,7 +14,7 @@ def test_kernel_table_times_both_backend_sparse_attention_settings():
     from ascend.backends import cuda
     variants = list(load_script("bench_attention").SPARSE_VARIANTS.values())
     assert all(c in variants for c in (cuda.SPARSE_ATTN_CONFIG, cuda.SPARSE_ATTN_BATCH_CONFIG,
-                                       cuda.SPARSE_ATTN_LONG_CONFIG))
+                                       cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_WGMMA_CONFIG))
 
 
 def test_quick_mode_writes_table_and_json(tmp_path):

@@ -578,7 +578,9 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
 SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
                    dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
                    dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4),
-                   cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG]
+                   cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG] + (
+                   [cuda.SPARSE_ATTN_WGMMA_CONFIG] if torch.cuda.is_available()
+                   and torch.cuda.get_device_capability() == (9, 0) else [])
 
 
 @needs_triton
@@ -591,6 +593,41 @@ def test_triton_sparse_attn_launch_variants(B, K, variant):
     out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, 512 ** -0.5, **variant)
     ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), 512 ** -0.5)
     assert torch.isfinite(out).all() and (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+                         and cuda.triton_available()), reason="the Gluon wgmma kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("B,S,D,T,K,waves,dtype", [(2, 1, 512, 300, 200, 1.0, torch.bfloat16),   # K past a tile
+                                                   (3, 2, 256, 700, 1000, 1.0, torch.float16),   # S = 2, 256 dims
+                                                   (4, 1, 512, 5000, 777, 0.01, torch.bfloat16),  # one chunk
+                                                   (8, 1, 512, 8400, 8320, 1.0, torch.bfloat16)])
+def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(B, S, D, T, K, waves, dtype):
+    """`gluon_sparse_attn`'s kernel (wgmma=True) against the Triton kernel at the same tiles and chunks, and the
+    reference: empty slots anywhere, a query with none, a list that ends inside a tile, two positions per
+    sequence, a single chunk (normalised in the kernel, no merge); and inside a captured graph."""
+    from ascend.backends import triton_sparse_attn
+    q, kv, idx, sink = _attn_inputs(B, S, 64, D, T, K, device="cuda", dtype=dtype)
+    setting = dict(block_h=64, block_k=64, num_warps=8, waves=waves)
+    got = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, **setting, wgmma=True)
+    triton_out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, **setting)
+    ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
+    assert torch.isfinite(got).all() and (got.double() - ref).norm() / ref.norm() < 1e-2
+    torch.testing.assert_close(got.float(), triton_out.float(), rtol=2e-2, atol=2e-3)
+    assert B * S == 1 or got[0, 0].abs().max() == 0
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, **setting, wgmma=True)
+    graph.replay()
+    torch.testing.assert_close(out, got, rtol=0, atol=0)
+
+
+def test_wgmma_sparse_attn_refuses_what_it_cannot_run():
+    """Off an sm_90 GPU (or in float32, or with other than 64 heads per program) wgmma=True is a ValueError that
+    names what it needs, not a Gluon compile error or a wrong result."""
+    from ascend.backends import triton_sparse_attn
+    q, kv, idx, sink = _attn_inputs(1, 1, 64, 64, 50, 16)
+    with pytest.raises(ValueError, match="sm_90 GPU, bf16 / fp16, block_h 64"):
+        triton_sparse_attn.sparse_attn(q, kv, idx, sink, 0.125, block_h=64, num_warps=8, wgmma=True)
 
 
 @needs_triton_or_interpreter
@@ -731,12 +768,16 @@ def test_sparse_attn_config_by_decode_batch_and_list_length():
     """On an H200 (132 SMs, 227 KiB of shared memory) at V4-Flash's 64 heads x 512 in bf16, decode at batch 8-32:
     HCA's lists at 128K context (1,152 entries) and 1M (8,320), and CSA's 640 at batch 32, take the 64-head setting;
     CSA at batch 8 (5K rows in all), HCA at 8K (192 entries) and 32 local heads (two tensor-parallel ranks) the batch
-    setting. Batch 1 and batch 64 (not measured), a prefill chunk, float32 or 576 dims (tiles too large for both) and
-    an sm_89's 99 KiB keep the default."""
+    setting; on sm_90 the 64-head setting with the Gluon wgmma kernel. Batch 1 and batch 64 (not measured), a prefill
+    chunk, float32 or 576 dims (tiles too large for both) and an sm_89's 99 KiB keep the default."""
     long, batch_config, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_CONFIG
     h200 = (132, 227 << 10)
     for batch, entries in ((8, 1152), (8, 8320), (16, 8320), (32, 1152), (32, 640)):
         assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200) is long
+        # on sm_90 its chunks run as the Gluon wgmma kernel; not on sm_100 (no wgmma) nor in float32
+        assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (9, 0)) is cuda.SPARSE_ATTN_WGMMA_CONFIG
+        assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (10, 0)) is long
+    assert cuda.sparse_attn_config((32, 1, 64, 512), 640, 4, *h200, (9, 0)) is default
     for shape, entries in (((8, 1, 64, 512), 640), ((32, 1, 64, 512), 192), ((8, 1, 32, 512), 8320)):
         assert cuda.sparse_attn_config(shape, entries, 2, *h200) is batch_config
     for shape, entries, item_bytes, device in (((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),

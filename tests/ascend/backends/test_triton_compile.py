@@ -33,6 +33,15 @@ for compact in (False, True):
     for p_block in (16, 64):            # 16 chunks per row at most by default; 64 with explicit chunks
         compile_for(T._radix_coop_kernel, top, BLOCK=2048, P_BLOCK=p_block, COMPACT=compact, STOP=4, PDL=True)
 """,
+    "gluon_sparse_attn": """
+from tests.conftest import kernel_sass
+from ascend.backends import gluon_sparse_attn as G
+bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32", m_ptr="*fp32",
+            l_ptr="*fp32", scale="fp32")
+for single in (False, True):      # its 16-byte row copies need the 16-aligned pointers and strides a launch sees
+    kernel_sass().compile_triton(G._sparse_attn_wgmma_kernel, bf16, dict(D=512, BLOCK_H=64, BLOCK_K=64, SINGLE=single),
+                                 num_warps=8, aligned=True, unaligned=("scale",))
+""",
     "triton_compressor": """
 from ascend.backends import triton_compressor as C
 ptrs = dict(kv_ptr="*fp32", score_ptr="*fp32", start_ptr="*i64", n_valid_ptr="*i64", state_kv_ptr="*fp32",
@@ -80,6 +89,33 @@ compile_for(M._hc_post_kernel, f32, N=4, N_PAD=4, BLOCK_D=M.POST_CONFIG["block_d
 def test_kernels_compile_for_sm90(module):
     pytest.importorskip("triton")
     run_without_interpreter("-c", "from tests.conftest import compile_for\n" + MODULES[module])
+
+
+def test_wgmma_sparse_attention_computes_each_tiles_scores_once():
+    """The Gluon kernel's point (ascend/backends/gluon_sparse_attn.py): per 64-key tile each warpgroup issues 32
+    `HGMMA.64x32x16` for the scores (its 32 keys over 512 dims) and 4 `HGMMA.64x256x16` for its half of the output,
+    where the Triton kernel's warpgroups each issue 64 for the scores (both compute all 64 keys: compiled beside it
+    here); no spills, and its shared memory within an sm_90 program's 227 KiB."""
+    pytest.importorskip("triton")
+    out = run_without_interpreter("-c", """
+from collections import Counter
+from tests.conftest import kernel_sass
+from ascend.backends import gluon_sparse_attn as G, triton_sparse_attn as T
+tools = kernel_sass()
+bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32", m_ptr="*fp32",
+            l_ptr="*fp32", scale="fp32")
+shape = dict(D=512, BLOCK_H=64, BLOCK_K=64, SINGLE=False)
+for name, kernel, extra in (("gluon", G._sparse_attn_wgmma_kernel, {}),
+                            ("triton", T._sparse_attn_partial_kernel, dict(D_P2=512, PRECISION="tf32", PDL=True))):
+    compiled = tools.compile_triton(kernel, bf16, shape | extra, num_warps=8, aligned=True, unaligned=("scale",))
+    sass, registers = tools.disassemble(compiled)
+    lo, hi = tools.loop_span(sass)
+    mma = Counter(shape for at, shape in tools.HGMMA.findall(sass) if lo <= int(at, 16) <= hi)
+    print(name, mma["64x32x16"], mma["64x256x16"], sass.count("STL"), compiled.metadata.shared)
+""")
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.strip().splitlines()}
+    assert rows["gluon"][:3] == [32, 4, 0] and rows["gluon"][3] <= 227 << 10
+    assert rows["triton"][:2] == [64, 4]
 
 
 def test_one_program_top_k_runs_its_steps_as_a_loop():
