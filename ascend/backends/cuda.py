@@ -269,7 +269,7 @@ SPARSE_ATTN_DECODE_MIN_BATCH = 8
 # tiles, each tile's scores split between the two warpgroups where Triton's code computes them in both. Alone on the
 # H200 (session 25's jobs 5 and 7, us per call, 10 calls per graph, docs/performance.md), against the Triton setting:
 # HCA batch 32 / 8 at 1M context 144 / 55 against 164 / 66 (job 5 read 122 / 49), at 128K 36 / 19 against 41 / 21;
-# CSA batch 32 at 8K 24 against 30. Its tiles (queries, two 64-key stages and the probabilities: 205 KiB at 512
+# CSA batch 32 at 8K 24 against 30. Its tiles (queries, two 64-key stages and the probabilities: 200 KiB at 512
 # dims) need the 227 KiB an sm_90 program may opt into.
 SPARSE_ATTN_WGMMA_CONFIG = SPARSE_ATTN_LONG_CONFIG | dict(wgmma=True)
 

@@ -10,7 +10,7 @@ at 64 rows that is one warpgroup's worth, so its 8 warps compute the 64 x 64 sco
 sums with the other through shared memory (Gluon's cross-warp reductions) and writes its half of the probabilities
 to a shared tile that both read for PV, each for its half of the 512 output dims. The next tile's rows are copied
 (cp.async) into the other of two shared buffers while one is computed; the queries' 64 KiB, two 64 KiB key tiles and
-the probabilities' 8 KiB make 205 KiB of the H100 / H200's 227.
+the probabilities' 8 KiB make 200 KiB (205,312 bytes compiled) of the H100 / H200's 227.
 
 Only the CUDA backend's long-list decode setting launches it (`cuda.sparse_attn_config`), on sm_90 GPUs, bf16 or
 fp16. Triton's CPU interpreter cannot run Gluon, so the CPU suite compiles it for sm_90 (its structure checked in
