@@ -299,10 +299,14 @@ def picks(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
-def test_chooser_picks_by_rows(fmt, picks):
+def test_chooser_picks_by_rows(fmt, picks, monkeypatch):
+    """The rule at the table's threshold, then the launches on each side of it at a threshold of 24 rows (the
+    table's 768 fp4 rows took 151 s under the interpreter; the rule reads the table at each call)."""
     from ascend.backends import triton_moe
-    weight, scale = _stack(fmt, 7, 24, 128)
     least = triton_moe.GROUPED_MIN_ROWS[fmt]
+    assert not triton_moe.use_grouped(least - 1, 7, fmt) and triton_moe.use_grouped(least, 7, fmt)
+    monkeypatch.setitem(triton_moe.GROUPED_MIN_ROWS, fmt, least := 24)
+    weight, scale = _stack(fmt, 7, 24, 128)
     for n, n_experts, want in [(least - 1, 7, "gemv"), (least, 7, "grouped"), (1, 1, "gemv"), (3, 1, "grouped"),
                                (0, 7, "gemv")]:
         x = _rows(n, 128, torch.float32)
