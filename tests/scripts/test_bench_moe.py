@@ -55,7 +55,7 @@ def test_formats_the_backend_runs_as_reference_are_timed_as_reference_only(capsy
 def test_quick_mode_times_the_f32_projection_at_batch_1(capsys):
     """The bf16 case (`kernels.f32_linear`) runs at batch 1 only: cuBLAS's path as the reference, the Triton walk
     next to it where Triton runs, one of them marked as the backend's."""
-    assert run_script("bench_moe", ["--quick", "--batch", "1,4", "--json"]) == 0
+    assert run_script("bench_moe", ["--quick", "--batch", "1,4", "--cases", "bf16", "--json"]) == 0
     rows = [r for r in json.loads(capsys.readouterr().out)["rows"] if r["case"] == "router"]
     assert {r["batch"] for r in rows} == {1} and rows[0]["impl"] == "reference" and sum(r["chosen"] for r in rows) == 1
     if len(rows) > 1:
@@ -67,7 +67,7 @@ def test_variants_time_every_setting_of_both_kernels(capsys):
     """--variants: each per-selection and grouped setting of the format's table runs once per case and matches the
     reference like the backend's own."""
     bench = load_script("bench_moe")
-    assert run_script("bench_moe", ["--quick", "--batch", "1", "--variants", "--json"]) == 0
+    assert run_script("bench_moe", ["--quick", "--batch", "1", "--variants", "--cases", "fp4,fp8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     if not any(r["impl"] == "gemv" for r in rows):
         return                                      # no Triton here: the reference alone, nothing to vary
