@@ -266,11 +266,13 @@ SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
 SPARSE_ATTN_LONG_ROWS = 8192
 SPARSE_ATTN_DECODE_MIN_BATCH = 8
 # On sm_90 (H100 / H200) in bf16 / fp16 the long-list setting's chunks run as `gluon_sparse_attn`'s kernel: the same
-# tiles, each tile's scores split between the two warpgroups where Triton's code computes them in both. Alone on the
-# H200 (session 25's jobs 5 and 7, us per call, 10 calls per graph, docs/performance.md), against the Triton setting:
-# HCA batch 32 / 8 at 1M context 144 / 55 against 164 / 66 (job 5 read 122 / 49), at 128K 36 / 19 against 41 / 21;
-# CSA batch 32 at 8K 24 against 30. Its tiles (queries, two 64-key stages and the probabilities: 200 KiB at 512
-# dims) need the 227 KiB an sm_90 program may opt into.
+# tiles, each tile's scores split between the two warpgroups where Triton's code computes them in both, the index
+# loads a tile ahead. Alone on the H200 (session 25's job 9, us per call, 10 calls per graph, docs/performance.md),
+# against the Triton setting: HCA batch 32 / 8 at 1M context 108 / 45 against 163 / 65, at 128K 29 / 18 against
+# 40 / 20; CSA batch 32 at 8K 22 against 30. Long lists take it from batch 1 (the other settings from batch 8): HCA
+# at 1M batch 1 / 4 19 / 36 against 24 / 57 with the default setting (job 10); lists of 1,152 at batch 1-2 (HCA at
+# 128K) and CSA's at batch 8 were as fast or faster without it. Its tiles (queries, two 64-key stages and the
+# probabilities: 200 KiB at 512 dims) need the 227 KiB an sm_90 program may opt into.
 SPARSE_ATTN_WGMMA_CONFIG = SPARSE_ATTN_LONG_CONFIG | dict(wgmma=True)
 
 
@@ -278,22 +280,25 @@ def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, 
                        capability: tuple[int, int] = (0, 0)) -> dict:
     """The Triton sparse attention's launch setting for queries of shape `q_shape` (B, S, H, D) over `entries` index
     slots each, `item_bytes`-byte elements, on a GPU of `sms` SMs, `shared_bytes` of shared memory per program and
-    compute `capability`: SPARSE_ATTN_LONG_CONFIG (SPARSE_ATTN_WGMMA_CONFIG on sm_90) or SPARSE_ATTN_BATCH_CONFIG where
-    the comments above say, else SPARSE_ATTN_CONFIG. Shapes, dtype and GPU only, so a captured graph keeps one
-    kernel."""
+    compute `capability`: SPARSE_ATTN_WGMMA_CONFIG, SPARSE_ATTN_LONG_CONFIG or SPARSE_ATTN_BATCH_CONFIG where the
+    comments above say, else SPARSE_ATTN_CONFIG. Shapes, dtype and GPU only, so a captured graph keeps one kernel."""
     batch, steps, heads, dim = q_shape
     dim_p2 = 1 << (dim - 1).bit_length()
 
     def fits(config: dict) -> bool:      # queries and two stages of keys (triton_sparse_attn's num_stages=2)
         return (2 * config["block_k"] + config["block_h"]) * dim_p2 * item_bytes <= shared_bytes
 
-    if steps != 1 or not SPARSE_ATTN_DECODE_MIN_BATCH <= batch <= sms // 4:
+    if steps != 1 or batch > sms // 4:
         return SPARSE_ATTN_CONFIG
     long = SPARSE_ATTN_LONG_CONFIG
-    if batch * entries >= SPARSE_ATTN_LONG_ROWS and heads % long["block_h"] == 0 and fits(long):
-        wgmma_smem = (2 * long["block_k"] + long["block_h"]) * dim_p2 * 2 + long["block_h"] * long["block_k"] * 2
-        if capability == (9, 0) and item_bytes == 2 and dim == dim_p2 <= 512 and wgmma_smem <= shared_bytes:
-            return SPARSE_ATTN_WGMMA_CONFIG
+    is_long = batch * entries >= SPARSE_ATTN_LONG_ROWS and heads % long["block_h"] == 0 and fits(long)
+    wgmma_smem = (2 * long["block_k"] + long["block_h"]) * dim_p2 * 2 + long["block_h"] * long["block_k"] * 2
+    if (is_long and capability == (9, 0) and item_bytes == 2 and dim == dim_p2 <= 512
+            and wgmma_smem <= shared_bytes):
+        return SPARSE_ATTN_WGMMA_CONFIG
+    if batch < SPARSE_ATTN_DECODE_MIN_BATCH:
+        return SPARSE_ATTN_CONFIG
+    if is_long:
         return long
     return SPARSE_ATTN_BATCH_CONFIG if fits(SPARSE_ATTN_BATCH_CONFIG) else SPARSE_ATTN_CONFIG
 

@@ -29,13 +29,17 @@ NUM_WARPS = 8         # two warpgroups
 
 
 @gluon.jit
-def _copy_tile(kv_smem, buf, kv_base, idx_base, start, K, T, skv_t,
-               BLOCK_K: gl.constexpr, D: gl.constexpr, LOAD: gl.constexpr):
-    """Start copying the kv rows of index slots start .. start + BLOCK_K into buffer `buf` (one commit group);
-    slots past K, -1 or out of range copy nothing (zeros; their scores are masked to -inf anyway)."""
-    offs = start + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, LOAD))
+def _tile_rows(idx_base, start, K, BLOCK_K: gl.constexpr, layout: gl.constexpr):
+    """The kv rows of index slots start .. start + BLOCK_K (-1 past K) in `layout`."""
+    offs = start + gl.arange(0, BLOCK_K, layout=layout)
+    return gl.load(idx_base + offs, mask=offs < K, other=-1)
+
+
+@gluon.jit
+def _copy_tile(kv_smem, buf, kv_base, rows, T, skv_t, D: gl.constexpr, LOAD: gl.constexpr):
+    """Start copying the kv `rows` (`_tile_rows` in LOAD's row slice) into buffer `buf` (one commit group); -1 or
+    out-of-range rows copy nothing (zeros; their scores are masked to -inf anyway)."""
     dims = gl.arange(0, D, layout=gl.SliceLayout(0, LOAD))
-    rows = gl.load(idx_base + offs, mask=offs < K, other=-1)
     valid = (rows >= 0) & (rows < T)
     rows = gl.where(valid, rows, 0).to(gl.int64)
     async_copy.async_copy_global_to_shared(kv_smem.index(buf), kv_base + rows[:, None] * skv_t + dims[None, :],
@@ -80,19 +84,26 @@ def _sparse_attn_wgmma_kernel(
     idx_base = idx_ptr + b.to(gl.int64) * si_b + s * si_s
     kv_base = kv_ptr + b.to(gl.int64) * skv_b
     tiles = (gl.minimum(chunk, K - k_start) + BLOCK_K - 1) // BLOCK_K
-    keys = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, SCORES))
+    ROWS_LOAD: gl.constexpr = gl.SliceLayout(1, LOAD)     # a tile's rows as its copy addresses them
+    KEYS: gl.constexpr = gl.SliceLayout(0, SCORES)        # ... and as its scores' columns
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=ROWS)
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROWS)
     acc = gl.zeros([BLOCK_H, D], gl.float32, layout=OUT)
-    _copy_tile(kv_smem, 0, kv_base, idx_base, k_start, K, T, skv_t, BLOCK_K, D, LOAD)
+    _copy_tile(kv_smem, 0, kv_base, _tile_rows(idx_base, k_start, K, BLOCK_K, ROWS_LOAD), T, skv_t, D, LOAD)
+    # the index loads run a tile ahead of their use, so no iteration waits on one (the copy of tile j + 1 is issued
+    # at the top of iteration j from rows loaded in iteration j - 1)
+    copy_rows = _tile_rows(idx_base, k_start + BLOCK_K, K, BLOCK_K, ROWS_LOAD)
+    key_rows = _tile_rows(idx_base, k_start, K, BLOCK_K, KEYS)
     for j in range(tiles):
         buf = j % 2
         gl.thread_barrier()         # both warpgroups are done with tile j - 1: its buffer and p_smem are free
         if j + 1 < tiles:
-            _copy_tile(kv_smem, 1 - buf, kv_base, idx_base, k_start + (j + 1) * BLOCK_K, K, T, skv_t, BLOCK_K, D, LOAD)
+            _copy_tile(kv_smem, 1 - buf, kv_base, copy_rows, T, skv_t, D, LOAD)
         else:
             async_copy.commit_group()   # an empty group: "all but the newest group" is tile j either way
+        copy_rows = _tile_rows(idx_base, k_start + (j + 2) * BLOCK_K, K, BLOCK_K, ROWS_LOAD)
+        next_key_rows = _tile_rows(idx_base, k_start + (j + 1) * BLOCK_K, K, BLOCK_K, KEYS)
         async_copy.wait_group(1)
         fence_async_shared()        # this thread's copies (and, at j = 0, its part of q) visible to the tensor cores
         gl.thread_barrier()         # ... and every thread's
@@ -100,9 +111,8 @@ def _sparse_attn_wgmma_kernel(
         scores = warpgroup_mma(q_smem, kv.permute((1, 0)), gl.zeros([BLOCK_H, BLOCK_K], gl.float32, SCORES),
                                use_acc=False, is_async=True)
         scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-        offs = k_start + j * BLOCK_K + keys
-        rows = gl.load(idx_base + offs, mask=offs < K, other=-1)
-        scores = gl.where(((rows >= 0) & (rows < T))[None, :], scores * scale, float("-inf"))
+        scores = gl.where(((key_rows >= 0) & (key_rows < T))[None, :], scores * scale, float("-inf"))
+        key_rows = next_key_rows
         m_new = gl.maximum(m_i, gl.max(scores, 1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)          # all masked so far: keep zeros
         alpha = gl.exp(m_i - m_safe)

@@ -768,8 +768,9 @@ def test_sparse_attn_config_by_decode_batch_and_list_length():
     """On an H200 (132 SMs, 227 KiB of shared memory) at V4-Flash's 64 heads x 512 in bf16, decode at batch 8-32:
     HCA's lists at 128K context (1,152 entries) and 1M (8,320), and CSA's 640 at batch 32, take the 64-head setting;
     CSA at batch 8 (5K rows in all), HCA at 8K (192 entries) and 32 local heads (two tensor-parallel ranks) the batch
-    setting; on sm_90 the 64-head setting with the Gluon wgmma kernel. Batch 1 and batch 64 (not measured), a prefill
-    chunk, float32 or 576 dims (tiles too large for both) and an sm_89's 99 KiB keep the default."""
+    setting; on sm_90 the 64-head setting with the Gluon wgmma kernel, which also takes long lists at batch 1-4. Batch
+    1 otherwise and batch 64 (not measured), a prefill chunk, float32 or 576 dims (tiles too large for both) and an
+    sm_89's 99 KiB keep the default."""
     long, batch_config, default = cuda.SPARSE_ATTN_LONG_CONFIG, cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_CONFIG
     h200 = (132, 227 << 10)
     for batch, entries in ((8, 1152), (8, 8320), (16, 8320), (32, 1152), (32, 640)):
@@ -778,6 +779,10 @@ def test_sparse_attn_config_by_decode_batch_and_list_length():
         assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (9, 0)) is cuda.SPARSE_ATTN_WGMMA_CONFIG
         assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (10, 0)) is long
     assert cuda.sparse_attn_config((32, 1, 64, 512), 640, 4, *h200, (9, 0)) is default
+    # the Gluon kernel also takes long lists below batch 8 (HCA at 1M: 8,320 entries), not shorter ones
+    for batch, entries, want in ((1, 8320, cuda.SPARSE_ATTN_WGMMA_CONFIG), (4, 8320, cuda.SPARSE_ATTN_WGMMA_CONFIG),
+                                 (1, 1152, default), (2, 1152, default), (4, 640, default)):
+        assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (9, 0)) is want
     for shape, entries in (((8, 1, 64, 512), 640), ((32, 1, 64, 512), 192), ((8, 1, 32, 512), 8320)):
         assert cuda.sparse_attn_config(shape, entries, 2, *h200) is batch_config
     for shape, entries, item_bytes, device in (((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),
