@@ -267,9 +267,9 @@ SPARSE_ATTN_LONG_ROWS = 8192
 SPARSE_ATTN_DECODE_MIN_BATCH = 8
 # On sm_90 (H100 / H200) in bf16 / fp16 the long-list setting's chunks run as `gluon_sparse_attn`'s kernel: the same
 # tiles, each tile's scores split between the two warpgroups where Triton's code computes them in both, the index
-# loads a tile ahead. Alone on the H200 (session 25's job 9, us per call, 10 calls per graph, docs/performance.md),
-# against the Triton setting: HCA batch 32 / 8 at 1M context 108 / 45 against 163 / 65, at 128K 29 / 18 against
-# 40 / 20; CSA batch 32 at 8K 22 against 30. Long lists take it from batch 1 (the other settings from batch 8): HCA
+# loads a tile ahead, one exchange between the warpgroups per tile. Alone on the H200 (session 25's job 11, us per
+# call, 10 calls per graph, docs/performance.md), against the Triton setting: HCA batch 32 / 8 at 1M context 105 /
+# 44 against 164 / 65, at 128K 28-30 / 19-20 against 40-41 / 20-22; CSA batch 32 at 8K 22-23 against 30. Long lists take it from batch 1 (the other settings from batch 8): HCA
 # at 1M batch 1 / 4 19 / 36 against 24 / 57 with the default setting (job 10); lists of 1,152 at batch 1-2 (HCA at
 # 128K) and CSA's at batch 8 were as fast or faster without it. Its tiles (queries, two 64-key stages and the
 # probabilities: 200 KiB at 512 dims) need the 227 KiB an sm_90 program may opt into.

@@ -6,13 +6,14 @@ a decode query's 64 heads x 512 dims in one program of two warpgroups, as the 64
 scores of each 64-key tile split between the warpgroups (32 keys each) instead of computed by both. Triton lays a
 product whose result feeds another product (QK^T into PV, the flash-attention chain) with every warp along its rows;
 at 64 rows that is one warpgroup's worth, so its 8 warps compute the 64 x 64 scores twice (two chains of 32
-`HGMMA.64x32x16` per warpgroup in its sm_90 code). Here each warpgroup issues 32 per tile, exchanges row maxima and
-sums with the other through shared memory (Gluon's cross-warp reductions) and writes its half of the probabilities
+`HGMMA.64x32x16` per warpgroup in its sm_90 code). Here each warpgroup issues 32 per tile, exchanges row maxima with
+the other through shared memory (Gluon's cross-warp reduction; the sums are kept per key slot and added up once at
+the end), loads the index list a tile ahead of its use, and writes its half of the probabilities
 to a shared tile that both read for PV, each for its half of the 512 output dims. The next tile's rows are copied
 (cp.async) into the other of two shared buffers while one is computed; the queries' 64 KiB, two 64 KiB key tiles and
 the probabilities' 8 KiB make 200 KiB (205,312 bytes compiled) of the H100 / H200's 227.
 
-Only the CUDA backend's long-list decode setting launches it (`cuda.sparse_attn_config`), on sm_90 GPUs, bf16 or
+The CUDA backend launches it for decode over long index lists (`cuda.sparse_attn_config`), on sm_90 GPUs, bf16 or
 fp16. Triton's CPU interpreter cannot run Gluon, so the CPU suite compiles it for sm_90 (its structure checked in
 tests/ascend/backends/test_triton_compile.py) and the GPU tests compare it with the Triton kernel and the reference.
 """
@@ -88,7 +89,9 @@ def _sparse_attn_wgmma_kernel(
     KEYS: gl.constexpr = gl.SliceLayout(0, SCORES)        # ... and as its scores' columns
 
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=ROWS)
-    l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROWS)
+    # the softmax sums kept per key slot (each warpgroup its own half), rescaled like the output and summed across
+    # the warpgroups once at the end: one exchange through shared memory per tile (the maxima) instead of two
+    l_acc = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=SCORES)
     acc = gl.zeros([BLOCK_H, D], gl.float32, layout=OUT)
     _copy_tile(kv_smem, 0, kv_base, _tile_rows(idx_base, k_start, K, BLOCK_K, ROWS_LOAD), T, skv_t, D, LOAD)
     # the index loads run a tile ahead of their use, so no iteration waits on one (the copy of tile j + 1 is issued
@@ -117,7 +120,7 @@ def _sparse_attn_wgmma_kernel(
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)          # all masked so far: keep zeros
         alpha = gl.exp(m_i - m_safe)
         p = gl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
+        l_acc = l_acc * alpha[:, None] + p
         m_i = m_new
         p_smem.store(p.to(dtype))
         fence_async_shared()
@@ -126,6 +129,7 @@ def _sparse_attn_wgmma_kernel(
         acc = warpgroup_mma(p_smem, kv, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     async_copy.wait_group(0)
+    l_i = gl.sum(l_acc, 1)
 
     heads_o = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, OUT))
     dims_o = gl.arange(0, D, layout=gl.SliceLayout(0, OUT))
