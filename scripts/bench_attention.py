@@ -457,8 +457,8 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
         # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (each of its settings is here)
         picked = cuda.sparse_attn_setting(q, k_rows)
         for name, variant in SPARSE_VARIANTS.items():
-            if variant.get("wgmma") and torch.cuda.get_device_capability(dev) != (9, 0):
-                continue        # the Gluon kernel is Hopper's
+            if variant.get("wgmma") and (torch.cuda.get_device_capability(dev) != (9, 0) or q.element_size() != 2):
+                continue        # the Gluon kernel is Hopper's, bf16 / fp16 (--quick runs float32)
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
             label = f"triton {name}" + (" (backend)" if variant == picked else "")
             rows.append(KernelRow("sparse_attn", kind, batch, context, label, ms, roof, ref))

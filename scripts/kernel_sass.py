@@ -62,11 +62,12 @@ def opcodes(sass: str) -> Counter:
 
 
 def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, arch: int = 90,
-                   aligned: bool = False, unaligned: tuple[str, ...] = ()):
+                   aligned: bool = False, unaligned: tuple[str, ...] = (), num_stages: int | None = None):
     """Triton's offline compile of `kernel` (Triton or Gluon) for CUDA sm_<arch>, down to the cubin with Triton's own
     ptxas (no GPU; in a process without TRITON_INTERPRET). `types`: the arguments' Triton types where they are not
     the default, int32 for scalars and pointers to int32; `constexprs`: every constexpr parameter's value; `aligned`:
-    every argument but the `unaligned` ones divisible by 16, as a launch on the GPU specialises them."""
+    every argument but the `unaligned` ones divisible by 16, as a launch on the GPU specialises them; `num_stages`:
+    the launch's pipeline depth where it sets one (Triton's default otherwise)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
@@ -80,7 +81,8 @@ def compile_triton(kernel, types: dict[str, str], constexprs: dict, num_warps: i
     # a Gluon kernel (ascend/backends/gluon_sparse_attn.py) is lowered from its own layouts, a Triton one from Triton's
     ast_source = GluonASTSource if isinstance(kernel, GluonJITFunction) else triton.compiler.ASTSource
     source = ast_source(fn=kernel, signature=signature, attrs=attrs, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages else {})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_sass(fmt: str, block_out: int, block_in: int, num_warps: int, splits: int = 1) -> tuple[str, int]:

@@ -251,17 +251,17 @@ INDEXER_CONFIG = dict(block_t=128, num_warps=4, per_sm=2, num_stages=3)
 SPARSE_ATTN_BATCH_CONFIG = SPARSE_ATTN_CONFIG | dict(block_k=64, waves=1.0)
 # Long index lists at decode (HCA's from 128K context on, CSA's 640 at batch 32): 64 heads per program, so that each
 # KV tile is read once for all of them and Hopper's warpgroup MMA has its 64 rows, 64 keys per step, 8 warps. It takes
-# more than half an SM's shared memory (128 KiB compiled for sm_90 at V4's 512 dims; 160 for sm_80), so one program
+# more than half an SM's shared memory (192 KiB compiled for sm_90 at V4's 512 dims), so one program
 # per SM, and the list is split into one round of programs (waves 1). Alone on an H200 at V4-Flash shapes, us against
 # the 16-head setting of 32 keys (one job, docs/performance.md): HCA batch 32 at 1M context 164 against 345, batch 8
 # at 1M 67 against 102, batch 32 at 128K 43 against 60, batch 8 at 128K (9K rows in all) 21 against 23, CSA batch 32
 # at 8K 31 against 36; but CSA batch 8 at 8K (5K rows) 18.5 against 17.9. So `sparse_attn_config` takes it for decode
 # steps of SPARSE_ATTN_LONG_ROWS queries x entries or more, at the batches measured (8 to 32 on 132 SMs: from 8 to a
 # quarter of the SMs), on GPUs whose shared memory holds a conservative estimate of its tiles (the queries and the
-# launch's two pipeline stages of keys, at D rounded up to a power of two: 192 KiB at 512 bf16 dims, above the 128
-# compiled; so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything
-# else (batch-1 decode, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps
-# SPARSE_ATTN_CONFIG, or SPARSE_ATTN_BATCH_CONFIG where that applies.
+# launch's two pipeline stages of keys, at D rounded up to a power of two: 192 KiB at 512 bf16 dims, as compiled;
+# so H100 / H200 and not the 99 KiB of sm_86 / sm_89 nor float32 tiles); anything else (batch-1 decode but on sm_90
+# below, prefill chunks, 32 local heads of a tensor-parallel rank, other GPUs) keeps SPARSE_ATTN_CONFIG, or
+# SPARSE_ATTN_BATCH_CONFIG where that applies.
 SPARSE_ATTN_LONG_CONFIG = dict(block_h=64, block_k=64, num_warps=8, waves=1.0)
 SPARSE_ATTN_LONG_ROWS = 8192
 SPARSE_ATTN_DECODE_MIN_BATCH = 8
@@ -269,10 +269,13 @@ SPARSE_ATTN_DECODE_MIN_BATCH = 8
 # tiles, each tile's scores split between the two warpgroups where Triton's code computes them in both, the index
 # loads a tile ahead, one exchange between the warpgroups per tile. Alone on the H200 (session 25's job 11, us per
 # call, 10 calls per graph, docs/performance.md), against the Triton setting: HCA batch 32 / 8 at 1M context 105 /
-# 44 against 164 / 65, at 128K 28-30 / 19-20 against 40-41 / 20-22; CSA batch 32 at 8K 22-23 against 30. Long lists take it from batch 1 (the other settings from batch 8): HCA
-# at 1M batch 1 / 4 19 / 36 against 24 / 57 with the default setting (job 10); lists of 1,152 at batch 1-2 (HCA at
-# 128K) and CSA's at batch 8 were as fast or faster without it. Its tiles (queries, two 64-key stages and the
-# probabilities: 200 KiB at 512 dims) need the 227 KiB an sm_90 program may opt into.
+# 44 against 164 / 65, at 128K 28-30 / 18.5-19.6 against 40-41 / 20-22; CSA batch 32 at 8K 22-23 against 30. Long
+# lists take it from batch 1 (the other settings from batch 8): HCA's 8,320 slots of a 1M-token cache at batch 1 / 4
+# 19 / 36 against 24 / 57 us with the default setting, every slot filled (job 10; the list's length follows the
+# cache, not the context: a mostly empty list was not measured); lists of 1,152 at batch 1-2 (HCA at 128K) were
+# faster without it (9.5-12.0 against 12.0-12.5), CSA's 640 at batch 8 within 0.7 us either way. Its tiles (queries,
+# two 64-key stages and the probabilities: 200 KiB at 512 dims, `gluon_sparse_attn.shared_bytes`) need the 227 KiB
+# an sm_90 program may opt into.
 SPARSE_ATTN_WGMMA_CONFIG = SPARSE_ATTN_LONG_CONFIG | dict(wgmma=True)
 
 
@@ -292,10 +295,10 @@ def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, 
         return SPARSE_ATTN_CONFIG
     long = SPARSE_ATTN_LONG_CONFIG
     is_long = batch * entries >= SPARSE_ATTN_LONG_ROWS and heads % long["block_h"] == 0 and fits(long)
-    wgmma_smem = (2 * long["block_k"] + long["block_h"]) * dim_p2 * 2 + long["block_h"] * long["block_k"] * 2
-    if (is_long and capability == (9, 0) and item_bytes == 2 and dim == dim_p2 <= 512
-            and wgmma_smem <= shared_bytes):
-        return SPARSE_ATTN_WGMMA_CONFIG
+    if is_long and capability == (9, 0):
+        from ascend.backends.gluon_sparse_attn import supports      # Triton's wheel: present with the kernels
+        if supports(item_bytes, dim, long["block_h"], long["block_k"], long["num_warps"], shared_bytes):
+            return SPARSE_ATTN_WGMMA_CONFIG
     if batch < SPARSE_ATTN_DECODE_MIN_BATCH:
         return SPARSE_ATTN_CONFIG
     if is_long:

@@ -1,7 +1,8 @@
 """The long-list decode sparse attention for Hopper (sm_90) in Gluon, Triton's lower-level dialect, where the kernel
 chooses its own layouts.
 
-What it changes against `triton_sparse_attn._sparse_attn_partial_kernel` (same arguments, same partials, same merge):
+What it changes against `triton_sparse_attn._sparse_attn_partial_kernel` (its arguments but the constexprs D_P2,
+PRECISION and PDL; the same partials and merge):
 a decode query's 64 heads x 512 dims in one program of two warpgroups, as the 64-head Triton setting has them, but the
 scores of each 64-key tile split between the warpgroups (32 keys each) instead of computed by both. Triton lays a
 product whose result feeds another product (QK^T into PV, the flash-attention chain) with every warp along its rows;
@@ -27,6 +28,24 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 
 BLOCK_H = 64          # heads per program: one wgmma row block
 NUM_WARPS = 8         # two warpgroups
+SCRATCH_BYTES = 512   # the compiler's own shared memory beside the tiles (the row maxima's exchange) at 512 dims
+
+
+def shared_bytes(dim: int, block_k: int) -> int:
+    """Shared memory of one program for 2-byte elements: queries, two key tiles, the probabilities, the compiler's
+    scratch (205,312 bytes at 512 dims and 64 keys, as the sm_90 compile reports; 344,576 at 128 keys, too many)."""
+    return 2 * (BLOCK_H * dim + 2 * block_k * dim + BLOCK_H * block_k) + SCRATCH_BYTES
+
+
+def supports(item_bytes: int, dim: int, block_h: int, block_k: int, num_warps: int | None,
+             shared_bytes_per_program: int) -> bool:
+    """Whether the kernel runs these: 2-byte elements (bf16 / fp16), BLOCK_H heads per program, NUM_WARPS warps,
+    256 or 512 dims and 32 or 64 keys per step (each has run on the H200: half the dims is one wgmma's N, at most 256;
+    smaller tiles would spread the copies' layout over fewer columns than its threads, not tried), its tiles within
+    `shared_bytes_per_program`. The one rule for `cuda.sparse_attn_config`'s choice and `triton_sparse_attn.
+    sparse_attn`'s refusal."""
+    return (item_bytes == 2 and block_h == BLOCK_H and num_warps in (None, NUM_WARPS) and dim in (256, 512)
+            and block_k in (32, 64) and shared_bytes(dim, block_k) <= shared_bytes_per_program)
 
 
 @gluon.jit

@@ -26,7 +26,8 @@ launch starting only once the previous grid has finished (docs/performance.md ha
 
 @triton.jit
 def after_previous_kernel(PDL: tl.constexpr):
-    """The first statement of every kernel of the backend, given its PDL constexpr (`launch_options`). Launched
+    """The first statement of every Triton kernel of the backend (the Gluon one, `gluon_sparse_attn`, launches without
+    PDL), given its PDL constexpr (`launch_options`). Launched
     with PDL, this kernel's programs may start while the previous kernel on the stream still runs:
     `griddepcontrol.wait` holds them until that kernel has finished and its writes are visible (nothing before it
     may read another kernel's output or write anything). Then `launch_dependents` lets the next kernel's programs be

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
-                                           last_to_arrive, launch_options, sm_count)
+                                           last_to_arrive, launch_options, shared_memory, sm_count)
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
 
     block_h: heads per program (16 / 32 / 64); block_k: rows per inner step; waves: programs per SM
     at most (`_num_splits`); wgmma: the chunks by `gluon_sparse_attn`'s Hopper kernel (sm_90 GPUs, bf16 / fp16,
-    64 heads per program, 8 warps, D a power of two of 16 to 512) instead of this module's; the merge the same.
+    64 heads per program, 8 warps: `gluon_sparse_attn.supports`) instead of this module's; the merge the same.
     """
     B, S, H, D = q.shape
     T, K = kv.shape[1], indices.shape[-1]
@@ -146,13 +146,12 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1))
     if wgmma:
         from ascend.backends import gluon_sparse_attn as G
-        if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
-                and q.dtype in (torch.bfloat16, torch.float16) and block_h == G.BLOCK_H
-                and D == triton.next_power_of_2(D) and 16 <= D <= 512 and block_k >= 16
-                and num_warps in (None, G.NUM_WARPS)):
+        if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.is_floating_point()
+                and G.supports(q.element_size(), D, block_h, block_k, num_warps, shared_memory(q.device))):
             raise ValueError(f"sparse_attn(wgmma=True) needs an sm_90 GPU, bf16 / fp16, block_h {G.BLOCK_H}, "
-                             f"{G.NUM_WARPS} warps and a power-of-two head dim of 16 to 512: got {q.device} {q.dtype}, "
-                             f"block_h {block_h}, block_k {block_k}, num_warps {num_warps}, D {D}")
+                             f"{G.NUM_WARPS} warps, head dim 256 or 512 and block_k 32 or 64 "
+                             f"(gluon_sparse_attn.supports): got {q.device} {q.dtype}, block_h {block_h}, "
+                             f"block_k {block_k}, num_warps {num_warps}, D {D}")
         G._sparse_attn_wgmma_kernel[(B * S, head_blocks, nsplit)](
             *args, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SINGLE=nsplit == 1, num_warps=G.NUM_WARPS)
     else:

@@ -597,20 +597,25 @@ def test_triton_sparse_attn_launch_variants(B, K, variant):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
                          and cuda.triton_available()), reason="the Gluon wgmma kernel needs an sm_90 GPU")
-@pytest.mark.parametrize("B,S,D,T,K,waves,dtype", [(2, 1, 512, 300, 200, 1.0, torch.bfloat16),   # K past a tile
-                                                   (3, 2, 256, 700, 1000, 1.0, torch.float16),   # S = 2, 256 dims
-                                                   (4, 1, 512, 5000, 777, 0.01, torch.bfloat16),  # one chunk
-                                                   (8, 1, 512, 8400, 8320, 1.0, torch.bfloat16)])
-def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(B, S, D, T, K, waves, dtype):
-    """`gluon_sparse_attn`'s kernel (wgmma=True) against the Triton kernel at the same tiles and chunks, and the
-    reference: empty slots anywhere, a query with none, a list that ends inside a tile, two positions per
-    sequence, a single chunk (normalised in the kernel, no merge); and inside a captured graph."""
-    from ascend.backends import triton_sparse_attn
+@pytest.mark.parametrize("B,S,D,T,K,block_k,waves,dtype", [
+    (2, 1, 512, 300, 200, 64, 1.0, torch.bfloat16),     # K past a tile, chunks of one tile
+    (3, 2, 256, 700, 1000, 64, 0.2, torch.float16),     # S = 2, 256 dims, chunks of 4 tiles
+    (4, 1, 512, 5000, 777, 64, 0.01, torch.bfloat16),   # one chunk (normalised in the kernel, no merge)
+    (2, 1, 256, 900, 1500, 32, 0.1, torch.bfloat16),    # 32 keys per step, chunks of several tiles
+    (8, 1, 512, 8400, 8320, 64, 1.0, torch.bfloat16)])  # HCA at 1M context, batch 8
+def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(monkeypatch, B, S, D, T, K, block_k, waves, dtype):
+    """`gluon_sparse_attn`'s kernel (wgmma=True; it, not the Triton kernel, launched) against the Triton kernel at the
+    same tiles and chunks, and the reference: empty slots anywhere, rows past the cache (masked like -1), a query
+    with none, a list ending inside a tile; and inside a captured graph."""
+    from ascend.backends import gluon_sparse_attn, triton_sparse_attn
     q, kv, idx, sink = _attn_inputs(B, S, 64, D, T, K, device="cuda", dtype=dtype)
-    setting = dict(block_h=64, block_k=64, num_warps=8, waves=waves)
+    idx[torch.rand(idx.shape, device="cuda") < 0.05] = T + 7                # out of range: no row
+    setting = dict(block_h=64, block_k=block_k, num_warps=8, waves=waves)
+    launches = _record_launches(monkeypatch, gluon_sparse_attn, "_sparse_attn_wgmma_kernel")
     got = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, **setting, wgmma=True)
+    assert len(launches) == 1
     triton_out = triton_sparse_attn.sparse_attn(q, kv, idx, sink, D ** -0.5, **setting)
-    ref = REFERENCE.sparse_attn(q.double(), kv.double(), idx, sink.double(), D ** -0.5)
+    ref = REFERENCE.sparse_attn(q.double(), kv.double(), torch.where(idx < T, idx, -1), sink.double(), D ** -0.5)
     assert torch.isfinite(got).all() and (got.double() - ref).norm() / ref.norm() < 1e-2
     torch.testing.assert_close(got.float(), triton_out.float(), rtol=2e-2, atol=2e-3)
     assert B * S == 1 or got[0, 0].abs().max() == 0
@@ -621,13 +626,32 @@ def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(B, S, D, T, K, wa
     torch.testing.assert_close(out, got, rtol=0, atol=0)
 
 
+def test_wgmma_kernel_support_rule():
+    """`gluon_sparse_attn.supports`, the one rule for the backend's choice and the launcher's refusal: 2-byte
+    elements, 64 heads per program, 8 warps, 256 or 512 dims and 32 or 64 keys per step (the shapes run on the
+    H200), tiles within the shared memory (205,312 bytes at 512 dims and 64 keys, as the sm_90 compile reports)."""
+    pytest.importorskip("triton")
+    from ascend.backends import gluon_sparse_attn as G
+    h200 = 227 << 10
+    assert G.shared_bytes(512, 64) == 205312 and G.shared_bytes(512, 128) > h200
+    assert G.supports(2, 512, 64, 64, 8, h200) and G.supports(2, 256, 64, 32, None, h200)
+    for item_bytes, dim, block_h, block_k, num_warps, shared in ((4, 512, 64, 64, 8, h200), (2, 64, 64, 64, 8, h200),
+                                                                 (2, 576, 64, 64, 8, h200), (2, 512, 16, 64, 8, h200),
+                                                                 (2, 512, 64, 48, 8, h200), (2, 512, 64, 128, 8, h200),
+                                                                 (2, 512, 64, 16, 8, h200), (2, 512, 64, 64, 4, h200),
+                                                                 (2, 512, 64, 64, 8, 200 << 10)):
+        assert not G.supports(item_bytes, dim, block_h, block_k, num_warps, shared)
+
+
 def test_wgmma_sparse_attn_refuses_what_it_cannot_run():
-    """Off an sm_90 GPU (or in float32, or with other than 64 heads per program) wgmma=True is a ValueError that
-    names what it needs, not a Gluon compile error or a wrong result."""
+    """Off an sm_90 GPU (here: CPU tensors) wgmma=True is a ValueError that names what it needs, not a Gluon compile
+    error or a wrong result."""
+    pytest.importorskip("triton")
     from ascend.backends import triton_sparse_attn
     q, kv, idx, sink = _attn_inputs(1, 1, 64, 64, 50, 16)
     with pytest.raises(ValueError, match="sm_90 GPU, bf16 / fp16, block_h 64"):
-        triton_sparse_attn.sparse_attn(q, kv, idx, sink, 0.125, block_h=64, num_warps=8, wgmma=True)
+        triton_sparse_attn.sparse_attn(q.bfloat16(), kv.bfloat16(), idx, sink, 0.125, block_h=64, num_warps=8,
+                                       wgmma=True)
 
 
 @needs_triton_or_interpreter
@@ -783,6 +807,14 @@ def test_sparse_attn_config_by_decode_batch_and_list_length():
     for batch, entries, want in ((1, 8320, cuda.SPARSE_ATTN_WGMMA_CONFIG), (4, 8320, cuda.SPARSE_ATTN_WGMMA_CONFIG),
                                  (1, 1152, default), (2, 1152, default), (4, 640, default)):
         assert cuda.sparse_attn_config((batch, 1, 64, 512), entries, 2, *h200, (9, 0)) is want
+    # ... nor what it cannot run: 8 dims, 576, 32 heads per rank, a prefill chunk, batch 64, an sm_89's 99 KiB
+    for shape, entries, device, want in (((1, 1, 64, 8), 8320 * 64, h200, default),
+                                         ((8, 1, 64, 576), 8320, h200, default),
+                                         ((8, 1, 32, 512), 8320, h200, batch_config),
+                                         ((1, 4096, 64, 512), 8320, h200, default),
+                                         ((64, 1, 64, 512), 8320, h200, default),
+                                         ((8, 1, 64, 512), 8320, (128, 99 << 10), default)):
+        assert cuda.sparse_attn_config(shape, entries, 2, *device, (9, 0)) is want
     for shape, entries in (((8, 1, 64, 512), 640), ((32, 1, 64, 512), 192), ((8, 1, 32, 512), 8320)):
         assert cuda.sparse_attn_config(shape, entries, 2, *h200) is batch_config
     for shape, entries, item_bytes, device in (((1, 1, 64, 512), 8320, 2, h200), ((64, 1, 64, 512), 8320, 2, h200),

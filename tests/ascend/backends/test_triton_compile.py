@@ -105,9 +105,11 @@ tools = kernel_sass()
 bf16 = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", sink_ptr="*fp32", o_ptr="*fp32", m_ptr="*fp32",
             l_ptr="*fp32", scale="fp32")
 shape = dict(D=512, BLOCK_H=64, BLOCK_K=64, SINGLE=False)
-for name, kernel, extra in (("gluon", G._sparse_attn_wgmma_kernel, {}),
-                            ("triton", T._sparse_attn_partial_kernel, dict(D_P2=512, PRECISION="tf32", PDL=True))):
-    compiled = tools.compile_triton(kernel, bf16, shape | extra, num_warps=8, aligned=True, unaligned=("scale",))
+for name, kernel, extra, stages in (("gluon", G._sparse_attn_wgmma_kernel, {}, None),     # as sparse_attn launches them
+                                    ("triton", T._sparse_attn_partial_kernel,
+                                     dict(D_P2=512, PRECISION="tf32", PDL=True), 2)):
+    compiled = tools.compile_triton(kernel, bf16, shape | extra, num_warps=8, aligned=True, unaligned=("scale",),
+                                    num_stages=stages)
     sass, registers = tools.disassemble(compiled)
     lo, hi = tools.loop_span(sass)
     mma = Counter(shape for at, shape in tools.HGMMA.findall(sass) if lo <= int(at, 16) <= hi)
