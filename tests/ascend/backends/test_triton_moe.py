@@ -466,7 +466,10 @@ def test_strided_groups_are_the_sorted_grouping_of_repeated_ids(tokens):
     for g in range(8):   # each group's rows, in any order within the group
         mine = slice(g * tokens, (g + 1) * tokens)
         assert sorted(groups[0][mine].tolist()) == sorted(s_order[mine].tolist())
-    weight, scale = _stack("fp4", 8, 64, 128)
+    # fp8, the format the groups were made for: at 20 tokens its grouped kernel runs (fp4 would take the per-selection
+    # kernel up to 768 rows, which reads the order alone)
+    weight, scale = _stack("fp8", 8, 64, 128)
     x = _rows(8 * tokens, 128, torch.float32)
-    torch.testing.assert_close(triton_moe.expert_matmul(x, weight, scale, "fp4", idx, all_valid=True, groups=groups),
-                               triton_moe.expert_matmul(x, weight, scale, "fp4", idx, all_valid=True), rtol=0, atol=0)
+    assert triton_moe.use_grouped(8 * tokens, 8, "fp8") == (tokens == 20)
+    torch.testing.assert_close(triton_moe.expert_matmul(x, weight, scale, "fp8", idx, all_valid=True, groups=groups),
+                               triton_moe.expert_matmul(x, weight, scale, "fp8", idx, all_valid=True), rtol=0, atol=0)
