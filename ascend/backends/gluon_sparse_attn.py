@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 
 BLOCK_H = 64          # heads per program: one wgmma row block
 NUM_WARPS = 8         # two warpgroups
-SCRATCH_BYTES = 512   # the compiler's own shared memory beside the tiles (the row maxima's exchange) at 512 dims
+SCRATCH_BYTES = 512   # the compiler's own shared memory beside the tiles (its cross-warp exchanges), as compiled
 
 
 def shared_bytes(dim: int, block_k: int) -> int:
@@ -63,7 +63,7 @@ def _copy_tile(kv_smem, buf, kv_base, rows, T, skv_t, D: gl.constexpr, LOAD: gl.
     valid = (rows >= 0) & (rows < T)
     rows = gl.where(valid, rows, 0).to(gl.int64)
     async_copy.async_copy_global_to_shared(kv_smem.index(buf), kv_base + rows[:, None] * skv_t + dims[None, :],
-                                           mask=valid[:, None] & (dims[None, :] < D))
+                                           mask=valid[:, None] & (dims[None, :] < D))    # (the row mask, tile-wide)
     async_copy.commit_group()
 
 
