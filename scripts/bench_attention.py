@@ -453,12 +453,17 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
     rows = [KernelRow("sparse_attn", kind, batch, context, "pytorch sdpa",
                       time_ms(device, lambda: cuda.sparse_attn_sdpa(*args), shapes.reps), roof, ref)]
     if triton:
-        from ascend.backends import triton_sparse_attn as tsa
+        from ascend.backends import gluon_sparse_attn, triton_sparse_attn as tsa
+        from ascend.backends.triton_common import capability, shared_memory
         # the variant `cuda.sparse_attn_config` picks for this shape is the backend's (each of its settings is here)
         picked = cuda.sparse_attn_setting(q, k_rows)
-        for name, variant in SPARSE_VARIANTS.items():
-            if variant.get("wgmma") and (torch.cuda.get_device_capability(dev) != (9, 0) or q.element_size() != 2):
-                continue        # the Gluon kernel is Hopper's, bf16 / fp16 (--quick runs float32)
+
+        def runs(variant: dict) -> bool:      # the Gluon kernel is Hopper's, bf16 / fp16 (--quick runs float32)
+            return not variant.get("wgmma") or gluon_sparse_attn.supports(
+                capability(dev), q.element_size(), d, variant["block_h"], variant["block_k"], variant["num_warps"],
+                shared_memory(dev))
+
+        for name, variant in filter(lambda item: runs(item[1]), SPARSE_VARIANTS.items()):
             ms = time_ms(device, lambda: tsa.sparse_attn(*args, **variant), shapes.reps)
             label = f"triton {name}" + (" (backend)" if variant == picked else "")
             rows.append(KernelRow("sparse_attn", kind, batch, context, label, ms, roof, ref))

@@ -295,9 +295,9 @@ def sparse_attn_config(q_shape: tuple[int, ...], entries: int, item_bytes: int, 
         return SPARSE_ATTN_CONFIG
     long = SPARSE_ATTN_LONG_CONFIG
     is_long = batch * entries >= SPARSE_ATTN_LONG_ROWS and heads % long["block_h"] == 0 and fits(long)
-    if is_long and capability == (9, 0):
+    if is_long:
         from ascend.backends.gluon_sparse_attn import supports      # Triton's wheel: present with the kernels
-        if supports(item_bytes, dim, long["block_h"], long["block_k"], long["num_warps"], shared_bytes):
+        if supports(capability, item_bytes, dim, long["block_h"], long["block_k"], long["num_warps"], shared_bytes):
             return SPARSE_ATTN_WGMMA_CONFIG
     if batch < SPARSE_ATTN_DECODE_MIN_BATCH:
         return SPARSE_ATTN_CONFIG
@@ -341,9 +341,8 @@ def sparse_attn_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
 def sparse_attn_setting(q: torch.Tensor, entries: int) -> dict:
     """`sparse_attn_config` for queries `q` over `entries` slots each on q's GPU."""
     from ascend.backends import triton_common
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
     return sparse_attn_config(tuple(q.shape), entries, q.element_size(), triton_common.sm_count(q.device),
-                              triton_common.shared_memory(q.device), capability)
+                              triton_common.shared_memory(q.device), triton_common.capability(q.device))
 
 
 @sparse_attn_triton.register_fake

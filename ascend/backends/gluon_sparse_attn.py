@@ -26,6 +26,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+HOPPER = (9, 0)       # wgmma: sm_90 only (sm_100 has other tensor-core instructions)
 BLOCK_H = 64          # heads per program: one wgmma row block
 NUM_WARPS = 8         # two warpgroups
 SCRATCH_BYTES = 512   # the compiler's own shared memory beside the tiles (its cross-warp exchanges), as compiled
@@ -37,14 +38,15 @@ def shared_bytes(dim: int, block_k: int) -> int:
     return 2 * (BLOCK_H * dim + 2 * block_k * dim + BLOCK_H * block_k) + SCRATCH_BYTES
 
 
-def supports(item_bytes: int, dim: int, block_h: int, block_k: int, num_warps: int | None,
-             shared_bytes_per_program: int) -> bool:
-    """Whether the kernel runs these: 2-byte elements (bf16 / fp16), BLOCK_H heads per program, NUM_WARPS warps,
+def supports(capability: tuple[int, int], item_bytes: int, dim: int, block_h: int, block_k: int,
+             num_warps: int | None, shared_bytes_per_program: int) -> bool:
+    """Whether the kernel runs these: an sm_90 GPU (`triton_common.capability`), 2-byte floats (bf16 / fp16; 0 for
+    other dtypes), BLOCK_H heads per program, NUM_WARPS warps,
     256 or 512 dims and 32 or 64 keys per step (each has run on the H200: half the dims is one wgmma's N, at most 256;
     smaller tiles would spread the copies' layout over fewer columns than its threads, not tried), its tiles within
     `shared_bytes_per_program`. The one rule for `cuda.sparse_attn_config`'s choice and `triton_sparse_attn.
     sparse_attn`'s refusal."""
-    return (item_bytes == 2 and block_h == BLOCK_H and num_warps in (None, NUM_WARPS) and dim in (256, 512)
+    return (capability == HOPPER and item_bytes == 2 and block_h == BLOCK_H and num_warps in (None, NUM_WARPS) and dim in (256, 512)
             and block_k in (32, 64) and shared_bytes(dim, block_k) <= shared_bytes_per_program)
 
 

@@ -56,8 +56,18 @@ def shared_memory(device: torch.device) -> int:
 
 
 @functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """The NVIDIA compute capability of `device`, which kernels and settings are chosen by; (0, 0) for CPU tensors
+    (the interpreter) and ROCm devices, which report their gfx numbers through the same call (an MI250's gfx90a
+    reads (9, 0), an H100's)."""
+    if device.type == "cuda" and torch.version.hip is None:
+        return tuple(torch.cuda.get_device_capability(device))
+    return (0, 0)
+
+
+@functools.cache
 def _pdl_capable(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return capability(device)[0] >= 9
 
 
 def launch_options(device: torch.device) -> dict:

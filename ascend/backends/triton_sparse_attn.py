@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
-                                           last_to_arrive, launch_options, shared_memory, sm_count)
+from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, capability,
+                                           dot_precision, last_to_arrive, launch_options, shared_memory, sm_count)
 
 
 @triton.jit
@@ -146,8 +146,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1))
     if wgmma:
         from ascend.backends import gluon_sparse_attn as G
-        if not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and q.is_floating_point()
-                and G.supports(q.element_size(), D, block_h, block_k, num_warps, shared_memory(q.device))):
+        if not G.supports(capability(q.device), q.element_size() if q.is_floating_point() else 0, D, block_h,
+                          block_k, num_warps, shared_memory(q.device)):
             raise ValueError(f"sparse_attn(wgmma=True) needs an sm_90 GPU, bf16 / fp16, block_h {G.BLOCK_H}, "
                              f"{G.NUM_WARPS} warps, head dim 256 or 512 and block_k 32 or 64 "
                              f"(gluon_sparse_attn.supports): got {q.device} {q.dtype}, block_h {block_h}, "

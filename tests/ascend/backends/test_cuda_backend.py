@@ -575,12 +575,19 @@ def test_triton_sparse_attn_matches_reference(B, S, H, D, T, K, dtype):
     assert B * S == 1 or out[0, 0].abs().max() == 0
 
 
+def _hopper() -> bool:
+    """An sm_90 GPU with Triton: where the Gluon sparse attention runs."""
+    if not cuda.triton_available():
+        return False
+    from ascend.backends.triton_common import capability
+    return capability(torch.device("cuda")) == (9, 0)
+
+
 SPARSE_VARIANTS = [dict(block_h=32, block_k=32, num_warps=8, waves=2.0), dict(block_h=16, block_k=32, num_warps=4),
                    dict(block_h=64, block_k=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
                    dict(block_h=32, block_k=32, num_warps=8, waves=4.0), dict(block_h=32, block_k=32, num_warps=4),
                    cuda.SPARSE_ATTN_BATCH_CONFIG, cuda.SPARSE_ATTN_LONG_CONFIG] + (
-                   [cuda.SPARSE_ATTN_WGMMA_CONFIG] if torch.cuda.is_available()
-                   and torch.cuda.get_device_capability() == (9, 0) else [])
+                   [cuda.SPARSE_ATTN_WGMMA_CONFIG] if _hopper() else [])
 
 
 @needs_triton
@@ -595,8 +602,7 @@ def test_triton_sparse_attn_launch_variants(B, K, variant):
     assert torch.isfinite(out).all() and (out.double() - ref).norm() / ref.norm() < 1e-2
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-                         and cuda.triton_available()), reason="the Gluon wgmma kernel needs an sm_90 GPU")
+@pytest.mark.skipif(not _hopper(), reason="the Gluon wgmma kernel needs an sm_90 GPU")
 @pytest.mark.parametrize("B,S,D,T,K,block_k,waves,dtype", [
     (2, 1, 512, 300, 200, 64, 1.0, torch.bfloat16),     # K past a tile, chunks of one tile
     (3, 2, 256, 700, 1000, 64, 0.2, torch.float16),     # S = 2, 256 dims, chunks of 4 tiles
@@ -627,20 +633,20 @@ def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(monkeypatch, B, S
 
 
 def test_wgmma_kernel_support_rule():
-    """`gluon_sparse_attn.supports`, the one rule for the backend's choice and the launcher's refusal: 2-byte
-    elements, 64 heads per program, 8 warps, 256 or 512 dims and 32 or 64 keys per step (the shapes run on the
+    """`gluon_sparse_attn.supports`, the one rule for the backend's choice and the launcher's refusal: sm_90 (not
+    sm_100, not CPU or ROCm's (0, 0)), 2-byte elements, 64 heads per program, 8 warps, 256 or 512 dims and 32 or 64 keys per step (the shapes run on the
     H200), tiles within the shared memory (205,312 bytes at 512 dims and 64 keys, as the sm_90 compile reports)."""
     pytest.importorskip("triton")
     from ascend.backends import gluon_sparse_attn as G
     h200 = 227 << 10
     assert G.shared_bytes(512, 64) == 205312 and G.shared_bytes(512, 128) > h200
-    assert G.supports(2, 512, 64, 64, 8, h200) and G.supports(2, 256, 64, 32, None, h200)
-    for item_bytes, dim, block_h, block_k, num_warps, shared in ((4, 512, 64, 64, 8, h200), (2, 64, 64, 64, 8, h200),
-                                                                 (2, 576, 64, 64, 8, h200), (2, 512, 16, 64, 8, h200),
-                                                                 (2, 512, 64, 48, 8, h200), (2, 512, 64, 128, 8, h200),
-                                                                 (2, 512, 64, 16, 8, h200), (2, 512, 64, 64, 4, h200),
-                                                                 (2, 512, 64, 64, 8, 200 << 10)):
-        assert not G.supports(item_bytes, dim, block_h, block_k, num_warps, shared)
+    assert G.supports((9, 0), 2, 512, 64, 64, 8, h200) and G.supports((9, 0), 2, 256, 64, 32, None, h200)
+    for capability, item_bytes, dim, block_h, block_k, num_warps, shared in (
+            ((10, 0), 2, 512, 64, 64, 8, h200), ((0, 0), 2, 512, 64, 64, 8, h200), ((9, 0), 4, 512, 64, 64, 8, h200),
+            ((9, 0), 2, 64, 64, 64, 8, h200), ((9, 0), 2, 576, 64, 64, 8, h200), ((9, 0), 2, 512, 16, 64, 8, h200),
+            ((9, 0), 2, 512, 64, 48, 8, h200), ((9, 0), 2, 512, 64, 128, 8, h200), ((9, 0), 2, 512, 64, 16, 8, h200),
+            ((9, 0), 2, 512, 64, 64, 4, h200), ((9, 0), 2, 512, 64, 64, 8, 200 << 10)):
+        assert not G.supports(capability, item_bytes, dim, block_h, block_k, num_warps, shared)
 
 
 def test_wgmma_sparse_attn_refuses_what_it_cannot_run():

@@ -27,6 +27,18 @@ def test_launch_options_ask_for_pdl_only_on_a_gpu_that_has_it(monkeypatch):
         assert triton_common.launch_options(torch.device("cuda", 0)) == {"PDL": False}
 
 
+def test_capability_is_nvidias_only(monkeypatch):
+    """The compute capability that picks kernels (PDL, the Gluon sparse attention): a CUDA device's own; (0, 0) for
+    CPU tensors and for a ROCm device, whose gfx90a (MI250) torch reports as (9, 0), an H100's number."""
+    capability = triton_common.capability.__wrapped__          # uncached: each case below asks afresh
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert capability(torch.device("cpu")) == (0, 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert capability(torch.device("cuda", 0)) == (9, 0)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert capability(torch.device("cuda", 0)) == (0, 0)
+
+
 # triton_gate's kernel compiled for a target without a GPU (outside the interpreter, which skips the wait), with and
 # without PDL: whether it builds, and whether its code waits for the previous kernel
 _COMPILE = """
