@@ -306,6 +306,8 @@ class Device:
 
     # streams and events
     def stream(self) -> Any:
+        """A side stream. CUDA's (and torch_npu's) come from a pool that repeats (torch: 32 per priority, round
+        robin), so two calls can return the same stream, and one can be the stream a graph is captured on."""
         return self.runtime.Stream(device=self.torch_device)
 
     def current_stream(self) -> Any:

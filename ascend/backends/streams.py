@@ -89,11 +89,24 @@ class StreamedDecode:
             from ascend.backends.cuda import compile_decode
             stages = {name: compile_decode(fn, **options) for name, fn in stages.items()}
         self.stages = stages
-        self.kv_side = device.stream()
-        self.compress_side = device.stream() if a.ratio else None
-        self.index_keys_side, self.index_side = (device.stream(), device.stream()) if a.indexer is not None \
-            else (None, None)
-        self.sides = [s for s in (self.kv_side, self.compress_side, self.index_keys_side, self.index_side) if s]
+        self._draw_sides()
+
+    def _draw_sides(self, avoid=None) -> None:
+        """Side streams from the device, none of them `avoid` (the step's main stream). CUDA hands out streams from
+        a pool (torch: 32 per priority, round robin) that torch.cuda.graph's capture stream also comes from, so a
+        side stream drawn later can be the very stream a step is captured on, and its branch then runs in line on
+        the main path. On an H200 (docs/performance.md) two StreamedDecodes of twenty made in one process drew it;
+        before this redraw such a one read up to 18 us per token slower than the others with the same compiled
+        stages (CSA batch 8 at 128K 188.2 against 170.2-170.5: the benchmark tables' "slow second compile")."""
+        a, dev = self.layer, self.device
+        while True:
+            self.kv_side = dev.stream()
+            self.compress_side = dev.stream() if a.ratio else None
+            self.index_keys_side, self.index_side = (dev.stream(), dev.stream()) if a.indexer is not None \
+                else (None, None)
+            self.sides = [s for s in (self.kv_side, self.compress_side, self.index_keys_side, self.index_side) if s]
+            if avoid is None or all(s != avoid for s in self.sides):
+                return
 
     def __call__(self, x: torch.Tensor, start: torch.Tensor, cache: LayerCache,
                  n_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,6 +114,8 @@ class StreamedDecode:
             raise ValueError(f"StreamedDecode runs decode steps (one token per sequence), got chunks of {x.size(1)}")
         dev, a, f = self.device, self.layer, self.stages
         main = dev.current_stream()
+        if any(s == main for s in self.sides):
+            self._draw_sides(avoid=main)
         for s in self.sides:
             s.wait_stream(main)
         entry_ids = None

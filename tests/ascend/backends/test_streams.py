@@ -127,19 +127,35 @@ class _RecordingDevice:
         return {self.stages[j][0] for j in seen}, seen
 
 
+class _PooledDevice(_RecordingDevice):
+    """Streams handed out round robin from a pool of six that holds the main stream, as CUDA's pool holds the stream
+    torch.cuda.graph captures on: the first four drawn include it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = self.streams + [_Stream(f"side{i}") for i in range(1, 6)]
+        self.drawn = 0
+
+    def stream(self):
+        self.drawn += 1
+        return self.pool[(self.drawn - 1) % len(self.pool)]
+
+
 # What each stage reads of another's output or of the cache another one writes
 NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_queries": {"project"},
          "pick": {"compress_index", "index_weights", "index_queries"}}
 
 
 @pytest.mark.parametrize("kind", ["hca", "csa"])
-def test_streamed_decode_orders_every_dependency_and_nothing_else(kind):
+@pytest.mark.parametrize("device", [_RecordingDevice, _PooledDevice])
+def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, device):
     """The schedule itself, which CPU streams cannot exercise: each stage follows the stages it reads from (finish
     all of them), the compressors and the indexer are not ordered after wq_b's `queries` nor it after them (so
     they can overlap), and a second step's side stages follow the first step's finish (its reads of what they
-    overwrite)."""
+    overwrite). With streams from a pool that holds the main one, the side streams are drawn again until none is
+    main."""
     layer, cache, x, start = _setup(kind)
-    dev = _RecordingDevice()
+    dev = device()
     step = StreamedDecode(layer, dev, compile=False)
     step.stages = {name: dev.recorded(name, fn) for name, fn in step.stages.items()}
     with torch.no_grad():
@@ -182,3 +198,28 @@ def test_streamed_decode_captured_on_cuda_equals_the_layer(kind):
             assert torch.equal(out, layer(x, start + i, cache))
             for a, b in zip(_state(mine), _state(cache)):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_decode_side_streams_avoid_the_capture_stream():
+    """torch.cuda.graph captures on a stream of the same pool Device.stream() draws from: a StreamedDecode whose
+    side stream is that stream (made here by drawing until one is) moves its branches off it when captured, and the
+    replay still equals the layer."""
+    dev = get_device("cuda")
+    layer, cache, x, start = _setup("csa", "cuda", dtype=torch.bfloat16)
+    use_kernels(layer, cuda.make_kernels())
+    dev.graph().capture(lambda: x + 1, warmup=0)                 # the capture stream exists from here
+    capture_stream = torch.cuda.graphs.graph.default_capture_stream
+    for _ in range(64):
+        step = StreamedDecode(layer, dev, compile=False)
+        if any(s == capture_stream for s in step.sides):
+            break
+    assert any(s == capture_stream for s in step.sides)
+    mine = copy.deepcopy(cache)
+    with torch.no_grad():
+        step(x, start, copy.deepcopy(cache))
+        graph = dev.graph()
+        out = graph.capture(lambda: step(x, start, mine), warmup=0)
+        assert not any(s == capture_stream for s in step.sides)
+        graph.replay()
+        assert torch.equal(out, layer(x, start, cache))
