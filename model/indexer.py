@@ -40,7 +40,15 @@ class Indexer(nn.Module):
 
     def queries(self, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[B, S, q_lora_rank] -> rotated, Hadamard-mixed, FP4-simulated queries [B, S, local heads, head_dim]."""
-        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+        return self.rotate_queries(self.project_queries(qr), cos, sin)
+
+    def project_queries(self, qr: torch.Tensor) -> torch.Tensor:
+        """The queries' projection wq_b: [B, S, q_lora_rank] -> [B, S, local heads, head_dim] (apart from their
+        rotation so that a decode schedule can order the attention's own wq_b after it: ascend.backends.streams)."""
+        return self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+
+    def rotate_queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE, Hadamard and FP4 simulation of projected queries (`project_queries`)."""
         return K.rotate_index(self.kernels, q, cos, sin, self.quant_sim)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:

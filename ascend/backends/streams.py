@@ -5,12 +5,20 @@ wo_b) and dozens of small, latency-bound kernels that leave most of the device i
 to wq_b; the window kv, the compressors and, in a CSA layer, the indexer need nothing of it but the low-rank
 query qr, and sparse attention is the first stage that needs them. So they run beside it:
 
-    main     project ─► queries (wq_b, norm, RoPE) ──────────────────────────────────► attend + epilog
-                │ wkv, qr, cos, sin                                                      ▲ (joins all)
-    kv       token_kv (kv norm, RoPE, FP8 rounding)                                       │
+    main     project ──────────────► queries (wq_b, norm, RoPE) ───────────────────────► attend + epilog
+                │ wkv, qr, cos, sin      ▲ (CSA: after the index projection)                 ▲ (joins all)
+    kv       token_kv (kv norm, RoPE, FP8 rounding)                                            │
     compress compress_main (the compressor: projection, pooling, norm, RoPE, FP8, cache write)
-    keys     compress_index (the indexer's compressor) ─────────────► pick (scores, top-k)   CSA only
-    index    weights (weights_proj) ─► index queries (after qr: wq_b, RoPE, Hadamard, FP4) ─┘
+    keys     compress_index (the indexer's compressor) ──────────────────► pick (scores, top-k)  CSA only
+    index    weights (weights_proj) ─► index projection (after qr: its wq_b) ─► index rotation ─┘
+
+The one order between branches that no data dependency asks for: in a CSA layer wq_b waits for the indexer's query
+projection (16 MB, its own wq_b; so also for the head weights before it on that stream, done long before). Side by
+side the two shared the memory bandwidth and ended together (in a profile at batch 8 and 8K the indexer's took 22
+us against 7 us alone), so the selection, which is on the step's critical path, started late; run first it ends
+early and wq_b runs beside the queries' rotation, scores and top-k.
+On an H200 at V4-Flash shapes (docs/performance.md) 2.2 / 4.5 / 3.0 us per token faster at batch 8 / 32 at 8K
+and batch 8 at 128K; waiting also for the rotation was 4 us slower at batch 32.
 
 (`model.attention.Attention` names the stages; its `forward` runs the same ones one after another.) Each stage
 is compiled on its own (`compile_decode`: inductor fuses within a stage, not across), and the step is meant to be
@@ -20,8 +28,8 @@ one graph: the stages compiled apart on one stream were 4-10 us slower (the fusi
 these streams 17-63 us (HCA) and 35-69 us (CSA) faster at batch 8 and 32 from 8K to 1M tokens in the five jobs
 on this form (9bb50ce's, per token over the last 128 (HCA) / 16 (CSA) positions: 19-63 and 38-49; in a first job on an earlier one, HCA
 batch 32 at 1M only 4 us). Not kept:
-high-priority side streams (no faster); wq_b waiting for the indexer's inputs so that it does not hold the
-SMs their kernels wait for (8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster); the
+high-priority side streams (no faster); wq_b waiting for the indexer's whole query path (then its projection
+and a six-launch FP4 simulation; 8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster); the
 tokens' cos / sin on the kv stream beside the joint projection (wq_b starts earlier, but HCA steps were 1-4 us
 slower: the compressor's branch then ends last); part of wo_a read into L2 on a side stream after wq_b (HCA
 2-24 us slower).
@@ -47,7 +55,8 @@ __all__ = ["StreamedDecode"]
 class StreamedDecode:
     """`step(x, start, cache, n_valid=None)` == `layer(x, start, cache, n_valid)` for decode steps (x [B, 1, dim]),
     its stages on up to five streams: the caller's, one for the window kv, one for the main compressor, one for the
-    indexer's compressor and then its selection (scores, top-k), one for the indexer's weights and queries.
+    indexer's compressor and then its selection (scores, top-k), one for the indexer's weights and queries (whose
+    projection the main stream's wq_b waits for).
 
     compile: each stage through `ascend.backends.cuda.compile_decode` (`options` go to it, and through it to
     torch.compile), else the layer's own eager stages (the schedule alone).
@@ -84,7 +93,7 @@ class StreamedDecode:
             stages.update(compress_main=compress_main)
         if a.indexer is not None:
             stages.update(compress_index=compress_index, index_weights=a.indexer.weights,
-                          index_queries=a.indexer.queries, pick=pick)
+                          index_project=a.indexer.project_queries, index_rotate=a.indexer.rotate_queries, pick=pick)
         if compile:
             from ascend.backends.cuda import compile_decode
             stages = {name: compile_decode(fn, **options) for name, fn in stages.items()}
@@ -134,13 +143,15 @@ class StreamedDecode:
         if a.indexer is not None:
             self.index_side.wait_stream(main)
             with dev.use_stream(self.index_side):
-                index_q = f["index_queries"](qr, cos, sin)
+                index_raw = f["index_project"](qr)
+                main.wait_stream(self.index_side)               # wq_b after it (the module's docstring says why)
+                index_q = f["index_rotate"](index_raw, cos, sin)
             self.index_keys_side.wait_stream(self.index_side)
             with dev.use_stream(self.index_keys_side):
                 entry_ids = f["pick"](index_q, weights, x, start, cache)
         q = f["queries"](qr, cos, sin)
         for s in self.sides:
             main.wait_stream(s)
-        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_q, entry_ids) is held
-        # to here, past the joins: no block of theirs is freed while another stream may still read it
+        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_raw, index_q, entry_ids)
+        # is held to here, past the joins: no block of theirs is freed while another stream may still read it
         return f["finish"](q, kv, cos, sin, x, start, n_valid, entry_ids, cache)

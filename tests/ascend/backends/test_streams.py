@@ -142,8 +142,8 @@ class _PooledDevice(_RecordingDevice):
 
 
 # What each stage reads of another's output or of the cache another one writes
-NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_queries": {"project"},
-         "pick": {"compress_index", "index_weights", "index_queries"}}
+NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_project": {"project"},
+         "index_rotate": {"index_project"}, "pick": {"compress_index", "index_weights", "index_rotate"}}
 
 
 @pytest.mark.parametrize("kind", ["hca", "csa"])
@@ -151,9 +151,10 @@ NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_queries": {"pro
 def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, device):
     """The schedule itself, which CPU streams cannot exercise: each stage follows the stages it reads from (finish
     all of them), the compressors and the indexer are not ordered after wq_b's `queries` nor it after them (so
-    they can overlap), and a second step's side stages follow the first step's finish (its reads of what they
-    overwrite). With streams from a pool that holds the main one, the side streams are drawn again until none is
-    main."""
+    they can overlap) but for the one order the schedule adds, wq_b after the indexer's projection (CSA; so also
+    after the head weights before it on that stream), and a second step's side stages follow the first step's
+    finish (its reads of what they overwrite). With streams from a pool that holds the main one, the side streams
+    are drawn again until none is main."""
     layer, cache, x, start = _setup(kind)
     dev = device()
     step = StreamedDecode(layer, dev, compile=False)
@@ -169,8 +170,10 @@ def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, device):
         if name in at:
             assert needs <= dev.before(at[name])[0], name
     assert dev.before(at["finish"])[0] == set(names) - {"finish"}
-    side_work = {"compress_main", "compress_index", "index_weights", "index_queries", "pick", "token_kv"} & set(names)
-    assert not side_work & dev.before(at["queries"])[0]
+    side_work = {"compress_main", "compress_index", "index_weights", "index_project", "index_rotate", "pick",
+                 "token_kv"} & set(names)
+    ordered = {"index_weights", "index_project"} if kind == "csa" else set()     # the index stream's, in order
+    assert side_work & dev.before(at["queries"])[0] == ordered
     assert "queries" not in set().union(*(dev.before(at[n])[0] for n in side_work))
     for name in side_work:
         assert dev.stages[at[name]][1].name != "main" and at["finish"] in dev.before(first + at[name])[1], name
