@@ -89,12 +89,18 @@ def _sparse_attn_partial_kernel(
 
 MERGE_TILE = 8192        # float32 values of o one merge program loads at once: 64 per thread of its 4 warps
 MERGE_HEADS = 16         # heads per merge program at most, whatever the sparse kernel's block (below)
+MERGE_PIPELINED_SPLITS = 8      # chunks from which a merge program's loads are pipelined (`_merge_blocks`)
+MERGE_STAGES = 3
 
 
 def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.device) -> tuple:
-    """(heads, dims, chunks) per merge program and load. A grid of MERGE_HEADS heads and up to 128 dims that fills at
-    least half the SMs keeps them, one chunk per load (each program's loads in flight are enough; several chunks per
-    load made batch 32 slower: their sum over chunks crosses threads). A smaller grid (batch-1 decode) has
+    """(heads, dims, chunks, stages) per merge program and load. A grid of MERGE_HEADS heads and up to 128 dims that
+    fills at least half the SMs keeps them, one chunk per load (several chunks per load made batch 32 slower: their
+    sum over chunks crosses threads), its loop over the chunks pipelined (MERGE_STAGES) from MERGE_PIPELINED_SPLITS
+    chunks on. In turn, each load waited for before the next, 8 / 9 / 15 chunks took 7.2 / 7.0 / 9.2 us, pipelined
+    6.3 / 6.0 / 7.5 (an H200, 20 calls per graph, batch 16 / 8 / 8 of the 64-head setting: HCA at 128K and 1M); 3-4
+    chunks the same or slower (batch 32: 7.5 against 6.9), so those keep the plain loop (stages 1), as do several
+    chunks per load (batch 4 at 1M, 33 chunks 16 at a time: 16.0 against 14.4). A smaller grid (batch-1 decode) has
     its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
@@ -104,10 +110,10 @@ def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.devic
     heads, dims, sms = MERGE_HEADS, min(128, triton.next_power_of_2(D)), sm_count(device)
     grid = lambda: queries * triton.cdiv(H, heads) * triton.cdiv(D, dims)     # noqa: E731
     if 2 * grid() >= sms:
-        return heads, dims, 1
+        return heads, dims, 1, MERGE_STAGES if nsplit >= MERGE_PIPELINED_SPLITS else 1
     while grid() < sms and (heads > 4 or dims > 32):
         heads, dims = (heads // 2, dims) if heads > 4 else (heads, dims // 2)
-    return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims)))
+    return heads, dims, max(1, min(triton.next_power_of_2(nsplit), MERGE_TILE // (heads * dims))), 1
 
 
 def _num_splits(programs: int, k_blocks: int, device: torch.device, waves: float) -> int:
@@ -160,17 +166,17 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: 
             PRECISION=dot_precision(q.dtype),
             num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2, **launch_options(q.device))
     if nsplit > 1:
-        heads, dims, chunks = _merge_blocks(B * S, H, D, nsplit, q.device)
+        heads, dims, chunks, stages = _merge_blocks(B * S, H, D, nsplit, q.device)
         _merge_kernel[(B * S, triton.cdiv(H, heads), triton.cdiv(D, dims))](
             *parts, sink, out, H, nsplit, D=D, BLOCK_D=dims, BLOCK_H=heads, NSPLIT_P2=triton.next_power_of_2(nsplit),
-            SPLIT_CHUNK=chunks, num_warps=4, **launch_options(q.device))
+            SPLIT_CHUNK=chunks, STAGES=stages, num_warps=4, **launch_options(q.device))
     return out
 
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                  SPLIT_CHUNK: tl.constexpr, PDL: tl.constexpr):
+                  SPLIT_CHUNK: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """Combine the chunk partials [BS, NSPLIT, H, (D)] of one query, block of heads and block of dims into the
     normalised output: each chunk's (o, m, l) rescaled to the largest max, the sink one more logit per head with a
     zero value. One launch where the same lines in PyTorch were 8-10 kernels (each a launch in a decode step).
@@ -193,7 +199,7 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, NSPLIT,
     m_all = tl.maximum(tl.max(m, 0), sink)                         # finite: the sink always counts
     denom = tl.sum(l * tl.exp(m - m_all[None, :]), 0) + tl.exp(sink - m_all)         # -inf chunks weigh 0
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s0 in range(0, NSPLIT, SPLIT_CHUNK):
+    for s0 in tl.range(0, NSPLIT, SPLIT_CHUNK, num_stages=STAGES):
         chunk = s0 + tl.arange(0, SPLIT_CHUNK)
         rows = (bs * NSPLIT + chunk[:, None]).to(tl.int64) * H + heads[None, :]      # [SPLIT_CHUNK, BLOCK_H]
         c_ok = (chunk[:, None] < NSPLIT) & h_ok[None, :]

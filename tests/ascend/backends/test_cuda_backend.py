@@ -762,14 +762,16 @@ def test_triton_stages_replay_under_cuda_graph():
 def test_merge_blocks_narrow_only_small_grids(monkeypatch):
     """On an H200's 132 SMs at V4's 64 heads x 512: batch-1 decode (16 programs of 16 x 128) gets 256 programs of
     4 heads x 32 dims reading all 20 chunks in one load; batch 8 and 32 keep 16 x 128 and one chunk per load (the
-    16-head kernel's 8 and 2 chunks; 16 and 4 for its 64-head setting, whose blocks the merge does not take)."""
+    16-head kernel's 8 and 2 chunks; 16 and 4 for its 64-head setting, whose blocks the merge does not take), the
+    loop over 8 chunks or more pipelined, over fewer not."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 132)
-    assert triton_sparse_attn._merge_blocks(1, 64, 512, 20, "cuda") == (4, 32, 32)
-    assert triton_sparse_attn._merge_blocks(8, 64, 512, 8, "cuda") == (16, 128, 1)
-    assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, "cuda") == (16, 128, 1)
-    assert triton_sparse_attn._merge_blocks(32, 64, 512, 2, "cuda") == (16, 128, 1)
-    assert triton_sparse_attn._merge_blocks(32, 64, 512, 4, "cuda") == (16, 128, 1)
+    assert triton_sparse_attn._merge_blocks(1, 64, 512, 20, "cuda") == (4, 32, 32, 1)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 4, "cuda") == (16, 128, 1, 1)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 8, "cuda") == (16, 128, 1, 3)
+    assert triton_sparse_attn._merge_blocks(8, 64, 512, 16, "cuda") == (16, 128, 1, 3)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 2, "cuda") == (16, 128, 1, 1)
+    assert triton_sparse_attn._merge_blocks(32, 64, 512, 4, "cuda") == (16, 128, 1, 1)
 
 
 @needs_triton_or_interpreter

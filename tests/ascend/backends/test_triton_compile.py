@@ -19,7 +19,9 @@ for single in (False, True):
     for block_k in (32, 64):            # SPARSE_ATTN_CONFIG's, SPARSE_ATTN_BATCH_CONFIG's
         compile_for(T._sparse_attn_partial_kernel, bf16, D=512, D_P2=512, BLOCK_H=16, BLOCK_K=block_k, SINGLE=single,
                     PRECISION="tf32", PDL=True)
-compile_for(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=8, SPLIT_CHUNK=1, PDL=True)
+for stages in (1, T.MERGE_STAGES):    # the loop over chunks plain and pipelined
+    compile_for(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=16, SPLIT_CHUNK=1, STAGES=stages,
+                PDL=True)
 compile_for(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
             PRECISION="tf32", STAGES=3, PDL=True)
 top = dict(scores_ptr="*fp32", cand_ptr="*fp32", state_ptr="*i64")
