@@ -17,7 +17,7 @@ projection (16 MB, its own wq_b; so also for the head weights before it on that 
 side the two shared the memory bandwidth and ended together (in a profile at batch 8 and 8K the indexer's took 22
 us against 7 us alone), so the selection, which is on the step's critical path, started late; run first it ends
 early and wq_b runs beside the queries' rotation, scores and top-k.
-On an H200 at V4-Flash shapes (docs/performance.md) 2.2 / 4.5 / 3.0 us per token faster at batch 8 / 32 at 8K
+On an H200 at V4-Flash shapes (docs/performance.md) 2.2 / 4.3 / 3.1 us per token faster at batch 8 / 32 at 8K
 and batch 8 at 128K; waiting also for the rotation was 4 us slower at batch 32.
 
 (`model.attention.Attention` names the stages; its `forward` runs the same ones one after another.) Each stage
