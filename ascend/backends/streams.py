@@ -17,8 +17,10 @@ projection (16 MB, its own wq_b; so also for the head weights before it on that 
 side the two shared the memory bandwidth and ended together (in a profile at batch 8 and 8K the indexer's took 22
 us against 7 us alone), so the selection, which is on the step's critical path, started late; run first it ends
 early and wq_b runs beside the queries' rotation, scores and top-k.
-On an H200 at V4-Flash shapes (docs/performance.md) 2.2 / 4.3 / 3.1 us per token faster at batch 8 / 32 at 8K
-and batch 8 at 128K; waiting also for the rotation was 4 us slower at batch 32.
+On an H200 at V4-Flash shapes (docs/performance.md), the same compiled stages in one process: 2.2 / 4.3 us per
+token faster at batch 8 / 32 at 8K (waiting for the whole query stage, rotation too, 129.9 at batch 8); at batch 8
+at 128K that comparison's object had drawn the capture stream (`StreamedDecode._draw_sides`), and across jobs the row read 166.2-167.2
+against 170.2-170.5.
 
 (`model.attention.Attention` names the stages; its `forward` runs the same ones one after another.) Each stage
 is compiled on its own (`compile_decode`: inductor fuses within a stage, not across), and the step is meant to be
@@ -29,7 +31,8 @@ these streams 17-63 us (HCA) and 35-69 us (CSA) faster at batch 8 and 32 from 8K
 on this form (9bb50ce's, per token over the last 128 (HCA) / 16 (CSA) positions: 19-63 and 38-49; in a first job on an earlier one, HCA
 batch 32 at 1M only 4 us). Not kept:
 high-priority side streams (no faster); wq_b waiting for the indexer's whole query path (then its projection
-and a six-launch FP4 simulation; 8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster); the
+and a six-launch FP4 simulation; 8-18 us slower at CSA batch 8; at batch 32 from 1 us slower to 9 us faster;
+measured before the side streams were kept off the capture stream, so possibly with that collision); the
 tokens' cos / sin on the kv stream beside the joint projection (wq_b starts earlier, but HCA steps were 1-4 us
 slower: the compressor's branch then ends last); part of wo_a read into L2 on a side stream after wq_b (HCA
 2-24 us slower).
@@ -50,6 +53,8 @@ from model.attention import Attention, chunk_positions
 from model.cache import LayerCache
 
 __all__ = ["StreamedDecode"]
+
+SIDE_STREAM_DRAWS = 64      # streams asked of the device for one set of side streams at most (torch's pool: 32)
 
 
 class StreamedDecode:
@@ -101,21 +106,29 @@ class StreamedDecode:
         self._draw_sides()
 
     def _draw_sides(self, avoid=None) -> None:
-        """Side streams from the device, none of them `avoid` (the step's main stream). CUDA hands out streams from
-        a pool (torch: 32 per priority, round robin) that torch.cuda.graph's capture stream also comes from, so a
-        side stream drawn later can be the very stream a step is captured on, and its branch then runs in line on
-        the main path. On an H200 (docs/performance.md) two StreamedDecodes of twenty made in one process drew it;
-        before this redraw such a one read up to 18 us per token slower than the others with the same compiled
-        stages (CSA batch 8 at 128K 188.2 against 170.2-170.5: the benchmark tables' "slow second compile")."""
-        a, dev = self.layer, self.device
-        while True:
-            self.kv_side = dev.stream()
-            self.compress_side = dev.stream() if a.ratio else None
-            self.index_keys_side, self.index_side = (dev.stream(), dev.stream()) if a.indexer is not None \
-                else (None, None)
-            self.sides = [s for s in (self.kv_side, self.compress_side, self.index_keys_side, self.index_side) if s]
-            if avoid is None or all(s != avoid for s in self.sides):
-                return
+        """Side streams from the device, distinct and none of them `avoid` (the step's main stream). CUDA hands out
+        streams from a pool (torch: 32 per priority, round robin) that torch.cuda.graph's capture stream also comes
+        from, so a side stream drawn later can be the very stream a step is captured on, and its branch then runs
+        in line on the main path. On an H200 (docs/performance.md) two StreamedDecodes of twenty made in one process
+        drew it; before this check such a one read up to 18 us per token slower than the others with the same
+        compiled stages (CSA batch 8 at 128K 188.2 against 170.2-170.5: the benchmark tables' "slow second
+        compile"). A pool too small to give them all is an error, not a loop without end."""
+        a = self.layer
+        wanted = 1 + bool(a.ratio) + 2 * (a.indexer is not None)
+        sides = []
+        for _ in range(SIDE_STREAM_DRAWS):
+            s = self.device.stream()
+            if s != avoid and s not in sides:
+                sides.append(s)
+            if len(sides) == wanted:
+                break
+        else:
+            raise RuntimeError(f"StreamedDecode: {SIDE_STREAM_DRAWS} streams from {self.device} gave fewer than "
+                               f"{wanted} distinct side streams apart from the step's own")
+        self.sides = sides
+        self.kv_side, rest = sides[0], sides[1:]
+        self.compress_side = rest.pop(0) if a.ratio else None
+        self.index_keys_side, self.index_side = rest if a.indexer is not None else (None, None)
 
     def __call__(self, x: torch.Tensor, start: torch.Tensor, cache: LayerCache,
                  n_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +136,7 @@ class StreamedDecode:
             raise ValueError(f"StreamedDecode runs decode steps (one token per sequence), got chunks of {x.size(1)}")
         dev, a, f = self.device, self.layer, self.stages
         main = dev.current_stream()
-        if any(s == main for s in self.sides):
+        if main in self.sides:
             self._draw_sides(avoid=main)
         for s in self.sides:
             s.wait_stream(main)

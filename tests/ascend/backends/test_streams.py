@@ -141,6 +141,16 @@ class _PooledDevice(_RecordingDevice):
         return self.pool[(self.drawn - 1) % len(self.pool)]
 
 
+def test_streamed_decode_refuses_a_stream_pool_too_small_for_its_branches():
+    """A CSA step needs four distinct side streams: a device whose streams repeat after two is an error, raised when
+    the step is made, not a loop without end."""
+    dev = _PooledDevice()
+    dev.pool = dev.pool[:3]                     # main and two others
+    with pytest.raises(RuntimeError, match="distinct side streams"):
+        StreamedDecode(_setup("csa")[0], dev, compile=False)
+    assert len(StreamedDecode(_setup("hca")[0], _PooledDevice(), compile=False).sides) == 2
+
+
 # What each stage reads of another's output or of the cache another one writes
 NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_project": {"project"},
          "index_rotate": {"index_project"}, "pick": {"compress_index", "index_weights", "index_rotate"}}
