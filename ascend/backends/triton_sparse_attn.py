@@ -90,7 +90,7 @@ def _sparse_attn_partial_kernel(
 MERGE_TILE = 8192        # float32 values of o one merge program loads at once: 64 per thread of its 4 warps
 MERGE_HEADS = 16         # heads per merge program at most, whatever the sparse kernel's block (below)
 MERGE_PIPELINED_SPLITS = 8      # chunks from which a merge program's loads are pipelined (`_merge_blocks`)
-MERGE_STAGES = 3
+MERGE_STAGES = 3                # the pipelined loop's depth: loads of the next two chunks in flight
 
 
 def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.device) -> tuple:
@@ -98,8 +98,8 @@ def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.devic
     fills at least half the SMs keeps them, one chunk per load (several chunks per load made batch 32 slower: their
     sum over chunks crosses threads), its loop over the chunks pipelined (MERGE_STAGES) from MERGE_PIPELINED_SPLITS
     chunks on. In turn, each load waited for before the next, 8 / 9 / 15 chunks took 7.2 / 7.0 / 9.2 us, pipelined
-    6.3 / 6.0 / 7.5 (an H200, 20 calls per graph, batch 16 / 8 / 8 of the 64-head setting: HCA at 128K and 1M); 3-4
-    chunks the same or slower (batch 32: 7.5 against 6.9), so those keep the plain loop (stages 1), as do several
+    6.3 / 6.0 / 7.5 (an H200, 20 calls per graph, batch 16 / 8 / 8 of the 64-head setting: HCA at 128K and 1M); at 3-4
+    chunks within 0.2 us or slower (batch 32: 7.5 against 6.9; 5-7 not measured), so those keep the plain loop (stages 1), as do several
     chunks per load (batch 4 at 1M, 33 chunks 16 at a time: 16.0 against 14.4). A smaller grid (batch-1 decode) has
     its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
     chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
