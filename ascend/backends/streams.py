@@ -118,7 +118,8 @@ class StreamedDecode:
         sides = []
         for _ in range(SIDE_STREAM_DRAWS):
             s = self.device.stream()
-            if s != avoid and s not in sides:
+            # `==` only: a torch stream's `!=` against None is False, so `s != avoid` refused every stream
+            if not ((avoid is not None and s == avoid) or any(s == t for t in sides)):
                 sides.append(s)
             if len(sides) == wanted:
                 break
@@ -136,7 +137,7 @@ class StreamedDecode:
             raise ValueError(f"StreamedDecode runs decode steps (one token per sequence), got chunks of {x.size(1)}")
         dev, a, f = self.device, self.layer, self.stages
         main = dev.current_stream()
-        if main in self.sides:
+        if any(s == main for s in self.sides):
             self._draw_sides(avoid=main)
         for s in self.sides:
             s.wait_stream(main)

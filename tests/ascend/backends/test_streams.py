@@ -151,6 +151,25 @@ def test_streamed_decode_refuses_a_stream_pool_too_small_for_its_branches():
     assert len(StreamedDecode(_setup("hca")[0], _PooledDevice(), compile=False).sides) == 2
 
 
+def test_side_streams_are_drawn_comparing_as_torch_streams_compare():
+    """The draw with torch.Stream objects, whose `!=` against None is False (the draw's first form, `s != avoid`
+    with no stream to avoid, refused every stream on an H200 for it): from a pool of six ids that holds the main
+    stream's, four distinct side streams, and drawn again apart from main, none of them main."""
+    class Pool:
+        drawn = 0
+
+        def stream(self):
+            self.drawn += 1
+            return torch.Stream(stream_id=1 + (self.drawn - 1) % 6, device_index=0, device_type=0)
+
+    main = torch.Stream(stream_id=1, device_index=0, device_type=0)
+    step = StreamedDecode(_setup("csa")[0], Pool(), compile=False)
+    distinct = lambda sides: not any(a == b for i, a in enumerate(sides) for b in sides[:i])     # noqa: E731
+    assert len(step.sides) == 4 and distinct(step.sides) and any(s == main for s in step.sides)
+    step._draw_sides(avoid=main)
+    assert len(step.sides) == 4 and distinct(step.sides) and not any(s == main for s in step.sides)
+
+
 # What each stage reads of another's output or of the cache another one writes
 NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_project": {"project"},
          "index_rotate": {"index_project"}, "pick": {"compress_index", "index_weights", "index_rotate"}}
