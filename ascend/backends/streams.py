@@ -19,8 +19,8 @@ us against 7 us alone), so the selection, which is on the step's critical path, 
 early and wq_b runs beside the queries' rotation, scores and top-k.
 On an H200 at V4-Flash shapes (docs/performance.md), the same compiled stages in one process: 2.2 / 4.3 us per
 token faster at batch 8 / 32 at 8K (waiting for the whole query stage, rotation too, 129.9 at batch 8); at batch 8
-at 128K that comparison's object had drawn the capture stream (`StreamedDecode._draw_sides`), and across jobs the row read 166.2-167.2
-against 170.2-170.5.
+at 128K that comparison's object had drawn the capture stream (`StreamedDecode._draw_sides`), and across jobs the
+row read 166.2-167.2 against 170.2-170.5.
 
 (`model.attention.Attention` names the stages; its `forward` runs the same ones one after another.) Each stage
 is compiled on its own (`compile_decode`: inductor fuses within a stage, not across), and the step is meant to be

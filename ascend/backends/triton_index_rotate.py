@@ -1,8 +1,9 @@
 """Triton kernel for the CSA indexer's rotation: RoPE, Hadamard transform and FP4 simulation in one launch.
 
-The indexer's queries [B, S, H, D] (after their projection, `model.indexer.Indexer.project_queries`) and its keys [B, N, D]
-(the new compressed entries, after their norm, `model.compressor.Compressor`) take RoPE on their last dims, the
-normalised Hadamard transform and (with the quantisation simulation on) the FP4 round trip per block of 32 values.
+The indexer's queries [B, S, H, D] (after their projection, `model.indexer.Indexer.project_queries`) and its keys
+[B, N, D] (the new compressed entries, after their norm, `model.compressor.Compressor`) take RoPE on their last
+dims, the normalised Hadamard transform and (with the quantisation simulation on) the FP4 round trip per block of 32
+values.
 As stages these are four to six launches on each of the two branches that a CSA decode step's selection waits for
 (docs/performance.md); here one program takes BLOCK_R rows through all three, rounding to the input dtype where the
 stages do:
