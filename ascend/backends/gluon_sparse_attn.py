@@ -46,8 +46,8 @@ def supports(capability: tuple[int, int], item_bytes: int, dim: int, block_h: in
     smaller tiles would spread the copies' layout over fewer columns than its threads, not tried), its tiles within
     `shared_bytes_per_program`. The one rule for `cuda.sparse_attn_config`'s choice and `triton_sparse_attn.
     sparse_attn`'s refusal."""
-    return (capability == HOPPER and item_bytes == 2 and block_h == BLOCK_H and num_warps in (None, NUM_WARPS) and dim in (256, 512)
-            and block_k in (32, 64) and shared_bytes(dim, block_k) <= shared_bytes_per_program)
+    return (capability == HOPPER and item_bytes == 2 and block_h == BLOCK_H and num_warps in (None, NUM_WARPS)
+            and dim in (256, 512) and block_k in (32, 64) and shared_bytes(dim, block_k) <= shared_bytes_per_program)
 
 
 @gluon.jit

@@ -100,9 +100,9 @@ def _merge_blocks(queries: int, H: int, D: int, nsplit: int, device: torch.devic
     chunks on. In turn, each load waited for before the next, 8 / 9 / 15 chunks took 7.2 / 7.0 / 9.2 us, pipelined
     6.3 / 6.0 / 7.5 (an H200, 20 calls per graph, batch 16 / 8 / 8 of the 64-head setting: HCA at 128K and 1M); at
     3-4 chunks within 0.2 us or slower (batch 32: 7.5 against 6.9; 5-7 not measured), so those keep the plain loop
-    (stages 1), as do several chunks per load (batch 4 at 1M, 33 chunks 16 at a time: 16.0 against 14.4). A smaller grid (batch-1 decode) has
-    its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs than SMs, then reads as many
-    chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
+    (stages 1), as do several chunks per load (batch 4 at 1M, 33 chunks 16 at a time: 16.0 against 14.4). A smaller
+    grid (batch-1 decode) has its blocks halved (heads down to 4, then dims down to 32) while it has fewer programs
+    than SMs, then reads as many chunks per load as MERGE_TILE allows. At V4's batch 1 (20 chunks, 64 heads x 512), 16 x 128 blocks made 16
     programs, each waiting on 20 loads in turn (~6 us per layer in the batch-1 profile, docs/performance.md): now
     256 programs of 4 x 32, one load each. Blocks of the sparse kernel's 64 heads (its long-list setting) made the
     merge 3-12 us slower at batch 8 and 32 on an H200 (fewer, larger programs at batch 32; at batch 8, halved down to

@@ -634,8 +634,8 @@ def test_wgmma_sparse_attn_matches_triton_kernel_and_reference(monkeypatch, B, S
 
 def test_wgmma_kernel_support_rule():
     """`gluon_sparse_attn.supports`, the one rule for the backend's choice and the launcher's refusal: sm_90 (not
-    sm_100, not CPU or ROCm's (0, 0)), 2-byte elements, 64 heads per program, 8 warps, 256 or 512 dims and 32 or 64 keys per step (the shapes run on the
-    H200), tiles within the shared memory (205,312 bytes at 512 dims and 64 keys, as the sm_90 compile reports)."""
+    sm_100, not CPU or ROCm's (0, 0)), 2-byte elements, 64 heads per program, 8 warps, 256 or 512 dims and 32 or 64
+    keys per step (the shapes run on the H200), tiles within the shared memory (205,312 bytes at 512 dims and 64 keys, as the sm_90 compile reports)."""
     pytest.importorskip("triton")
     from ascend.backends import gluon_sparse_attn as G
     h200 = 227 << 10
