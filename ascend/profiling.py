@@ -12,13 +12,15 @@ step (for the indexer: its scores and selection together).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error", "STAND_INS"]
+__all__ = ["replay_us", "timed_decode", "kernel_table", "format_kernel_table", "short_error", "STAND_INS",
+           "with_stand_in"]
 
 
 def replay_us(device: Any, fn: Callable[[], Any], reps: int) -> float:
@@ -125,3 +127,11 @@ STAND_INS: dict[str, Callable[..., Any]] = {
     "sparse_attn": _no_attention,
 }
 """Kernels field -> its stand-in (same signature)."""
+
+
+def with_stand_in(kernels, stage: str, fn: Callable[..., Any] | None = None):
+    """`kernels` (a `model.kernels.Kernels`) with `stage` replaced by `fn`, default its stand-in. Replacing
+    `indexer_topk` also clears the table's split of it (`Kernels.indexer_scores`), which a decode schedule would
+    otherwise run in its place."""
+    split = {"indexer_scores": None} if stage == "indexer_topk" else {}
+    return dataclasses.replace(kernels, **{stage: fn or STAND_INS[stage]}, **split)

@@ -63,6 +63,27 @@ class Indexer(nn.Module):
         keys: [B, T, head_dim] the indexer cache (entries of this chunk already written); rows >= the visible count
         are never selected.
         """
-        n_visible = (positions + 1) // self.ratio
-        group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
-        return self.kernels.indexer_topk(q, keys, weights, n_visible, self.topk, group)
+        return self.kernels.indexer_topk(q, keys, weights, self._visible(positions), self.topk, self._group())
+
+    @property
+    def splits(self) -> bool:
+        """Whether the kernels table computes the selection as scores, then a top-k of them
+        (`Kernels.indexer_scores`): then `forward` is `select(scores(...))` and a decode schedule may run other
+        work between the two (ascend.backends.streams)."""
+        return self.kernels.indexer_scores is not None
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+               keys: torch.Tensor) -> torch.Tensor:
+        """`forward`'s scores where the table splits it (`splits`): float32 [B, S, T], summed over the
+        tensor-parallel ranks, -inf for entries not visible."""
+        return K.sum_scores(self.kernels.indexer_scores(q, keys, weights, self._visible(positions)), self._group())
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """`forward`'s selection from `scores`: top-k entry ids int32 [B, S, index_topk] (-1 = none)."""
+        return self.kernels.select_topk(scores, self.topk)
+
+    def _visible(self, positions: torch.Tensor) -> torch.Tensor:
+        return (positions + 1) // self.ratio
+
+    def _group(self):
+        return self.parallel.tp_group if self.parallel.tp_size > 1 else None

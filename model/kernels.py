@@ -27,10 +27,10 @@ from model import quant
 
 Tensor = torch.Tensor
 
-__all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "select_topk", "sparse_attn",
-           "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear", "grouped_linear", "group_experts",
-           "expert_matmul", "argmax", "pool_blocks", "chunk_blocks", "compress_blocks", "take_rows",
-           "round_kv_entries", "rotate_index", "use_kernels"]
+__all__ = ["Kernels", "REFERENCE", "rms_norm", "rope", "hadamard", "indexer_topk", "indexer_scores", "sum_scores",
+           "select_topk", "sparse_attn", "sinkhorn", "hc_pre", "hc_post", "hc_head", "gate_topk", "f32_linear",
+           "grouped_linear", "group_experts", "expert_matmul", "argmax", "pool_blocks", "chunk_blocks",
+           "compress_blocks", "take_rows", "round_kv_entries", "rotate_index", "use_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------- norms, RoPE
@@ -98,14 +98,25 @@ def indexer_topk(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor, topk:
     beyond the number of visible entries (and in all slots past T when topk > T). Among entries tied with the
     topk-th largest score the lowest indices win, so equal scores always select the same entries.
     """
+    return select_topk(sum_scores(indexer_scores(q, k, weights, n_visible), group), topk)
+
+
+def indexer_scores(q: Tensor, k: Tensor, weights: Tensor, n_visible: Tensor) -> Tensor:
+    """`indexer_topk`'s scores of this rank's heads, float32 [B, S, T], -inf where t >= n_visible[b, s]."""
     keys_t = k.float().transpose(1, 2)
     scores = q.new_zeros(q.size(0), q.size(1), k.size(1), dtype=torch.float32)
     for h in range(q.size(2)):          # one head at a time: [B, S, T] live instead of [B, S, H, T]
         scores += weights[:, :, h, None].float() * torch.bmm(q[:, :, h].float(), keys_t).relu_()
+    visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def sum_scores(scores: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Indexer scores summed over the tensor-parallel `group` (each rank holds some heads), in place; -inf
+    (invisible) stays -inf, as every rank masks the same entries."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(scores, group=group)
-    visible = torch.arange(k.size(1), device=k.device) < n_visible.unsqueeze(-1)
-    return select_topk(scores.masked_fill(~visible, float("-inf")), topk)
+    return scores
 
 
 def select_topk(scores: Tensor, topk: int) -> Tensor:
@@ -403,6 +414,13 @@ class Kernels:
     # this table in turn. Where it is set, replacing `rope`, `hadamard` or `fp4_round_trip` in the table no longer
     # changes the indexer's queries and keys
     index_rotate: Callable[..., Tensor] | None = None
+    # a backend whose `indexer_topk` is its scores (q, k, weights, n_visible -> float32 [B, S, T], `indexer_scores`'
+    # contract), their sum over tensor-parallel ranks (`sum_scores`), then `select_topk` of them names the two kernels
+    # here, so that a decode schedule can order other work between them (ascend.backends.streams: wq_b beside the
+    # top-k); None: `indexer_topk` is one fused operator (the NPU's npu_lightning_indexer) and is not split. A table
+    # that replaces `indexer_topk` replaces or clears these too
+    indexer_scores: Callable[..., Tensor] | None = None
+    select_topk: Callable[..., Tensor] = select_topk
 
 
 REFERENCE = Kernels()

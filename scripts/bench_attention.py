@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import functools
 import json
 import statistics
@@ -358,14 +357,14 @@ def decode_row(layer, config, kind: str, batch: int, context: int, shapes: Shape
             called.append(True)
             return stand_in(*args, **kwargs)
 
-        use_kernels(layer, dataclasses.replace(kernels, **{stub: recorded}))
+        use_kernels(layer, profiling.with_stand_in(kernels, stub, recorded))
         step()                           # does the layer call the stage? (HCA layers have no indexer_topk)
         if called:
-            use_kernels(layer, dataclasses.replace(kernels, **{stub: stand_in}))
+            use_kernels(layer, profiling.with_stand_in(kernels, stub))
             row.stubbed_ms = timed(layer, completing=False)[0]
             if row.compiled_ms is not None:
                 _, row.stub_compile_s, times, _, error = compiled_step(
-                    dataclasses.replace(compiled_kernels, **{stub: stand_in}), completing=False)
+                    profiling.with_stand_in(compiled_kernels, stub), completing=False)
                 row.stubbed_compiled_ms = None if times is None else times[0]
                 if error:
                     note(f"with the {stub} stand-in: {error}")
@@ -410,10 +409,11 @@ SPARSE_VARIANTS = {"h32 k32 w8": dict(block_h=32, block_k=32, num_warps=8, waves
                    "h32 k32 w4": dict(block_h=32, block_k=32, num_warps=4, waves=2.0),
                    "h64 k64 w8 waves1": dict(block_h=64, block_k=64, num_warps=8, waves=1.0),
                    "h64 k64 w8 waves1 wgmma": dict(block_h=64, block_k=64, num_warps=8, waves=1.0, wgmma=True)}
-INDEXER_VARIANTS = {"t64 w4": dict(block_t=64, num_warps=4), "t128 w8": dict(block_t=128, num_warps=8),
-                    "t32 w4": dict(block_t=32, num_warps=4), "t128 w4": dict(block_t=128, num_warps=4),
+INDEXER_VARIANTS = {"t64 w4": dict(block_t=64, num_warps=4),
+                    "t128 w4": dict(block_t=128, num_warps=4),
+                    "t64 w4 parts 4/SM s3": dict(block_t=64, num_warps=4, per_sm=4, num_stages=3),
                     "t128 w4 parts 2/SM s3": dict(block_t=128, num_warps=4, per_sm=2, num_stages=3),
-                    "t128 w4 parts 4/SM s3": dict(block_t=128, num_warps=4, per_sm=4, num_stages=3)}
+                    "t128 w8 parts 4/SM s3": dict(block_t=128, num_warps=8, per_sm=4, num_stages=3)}
 
 
 @dataclass
@@ -482,7 +482,7 @@ def kernel_rows(config, kind: str, batch: int, context: int, shapes: Shapes, dev
         rows.append(KernelRow("indexer_topk", kind, batch, context, "pytorch bmm",
                               time_ms(device, lambda: cuda.indexer_topk_bmm(*iargs, topk), shapes.reps), roof, ref))
         if triton:
-            for name, variant in INDEXER_VARIANTS.items():
+            for name, variant in {"backend": cuda.INDEXER_CONFIG, **INDEXER_VARIANTS}.items():
                 fn = lambda: cuda.topk_triton(tsa.indexer_scores(*iargs, **variant), topk)  # noqa: E731
                 rows.append(KernelRow("indexer_topk", kind, batch, context, f"triton {name}",
                                       time_ms(device, fn, shapes.reps), roof, ref))

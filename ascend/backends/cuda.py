@@ -57,7 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import quant
-from model.kernels import REFERENCE, Kernels, select_topk
+from model.kernels import REFERENCE, Kernels, select_topk, sum_scores
 
 
 def sparse_attn_sdpa(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch.Tensor,
@@ -96,18 +96,10 @@ def indexer_scores_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def _select(scores: torch.Tensor, topk: int, group: dist.ProcessGroup | None,
-            pick: Callable[[torch.Tensor, int], torch.Tensor] = select_topk) -> torch.Tensor:
-    """Sum partial scores over the tensor-parallel group (each rank holds some heads), then `pick`."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(scores, group=group)  # -inf (invisible) stays -inf: every rank masks the same t
-    return pick(scores, topk)
-
-
 def indexer_topk_bmm(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
                      topk: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Lightning-indexer selection in plain PyTorch: int32 [B,S,topk], -1 padded."""
-    return _select(indexer_scores_bmm(q, k, weights, n_visible), topk, group)
+    return select_topk(sum_scores(indexer_scores_bmm(q, k, weights, n_visible), group), topk)
 
 
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -233,15 +225,21 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 
 # Launch settings of the Triton kernels: the fastest of the alternatives scripts/bench_attention.py times, on an
 # H200 at V4-Flash decode shapes (docs/performance.md): 16 heads per program with 4 warps beat 32 heads with 8 by
-# up to 1.8x at batch 32 (fewer registers, more programs in flight); 128 keys per indexer tile beat 64 by ~1.2x.
+# up to 1.8x at batch 32 (fewer registers, more programs in flight).
 # The indexer's decode queries take their keys in parts of several tiles, the next tiles' keys loaded while one is
-# scored (3 stages), as many parts as keep the grid within 2 programs per SM, which is what fits (176 registers per
-# thread at 4 warps, an offline sm_90 compile): one round. On the H200 (session 24's jobs 3-5, docs/performance.md)
-# alone 8 queries x 32,768 keys 24.9 against 30.9 us with a program per tile; in the CSA decode step per token at
-# 128K / 1M context 6.9 / 58.6 us faster at batch 8 and, at 4 per SM, 24.5 / 131 at batch 32 (job 4), where 2 per
-# SM took 4.1-4.8 / 4.3-4.7 more off (job 5; at batch 8 and 128K 4 per SM was 3.4-3.5 slower).
+# scored (3 stages), as many parts as keep the grid within 2 programs per SM: one round. On the H200 (session 24's
+# jobs 3-5, docs/performance.md) alone 8 queries x 32,768 keys 24.9 against 30.9 us with a program per tile; in the
+# CSA decode step per token at 128K / 1M context 6.9 / 58.6 us faster at batch 8 and, at 4 per SM, 24.5 / 131 at
+# batch 32 (job 4), where 2 per SM took 4.1-4.8 / 4.3-4.7 more off (job 5). With the keys as the product's rows
+# (session 27) a decode tile is 64 keys, one warpgroup's product: in the CSA step per token (job 2, wq_b after the
+# scores) batch 8 / 32 at 8K 124.9 / 145.6 us against 123.2 / 146.9 with 128-key tiles (the faster of 4 warps at 2
+# per SM and 8 warps at 4), at 128K 160.3 / 248.3 against 168.7 / 259.4, where alone 128 keys had led (8 x 32,768:
+# 19.9 against 21.2-22.0, heads as rows 25.0; job 1); 4 programs per SM were faster only at batch 8 and 128K (157.4
+# against 159.6, job 4), 14-79 us slower at batch 32 at 128K and 1M and at batch 8 at 1M. Prefill's program per
+# tile takes 128 keys: alone, one sequence's 4,096 / 16,384 queries over 32,768 keys 8.4 / 33.7 ms against 11.4 /
+# 46.9 at 64 and 10.4 / 43.2 with heads as rows (job 4).
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
-INDEXER_CONFIG = dict(block_t=128, num_warps=4, per_sm=2, num_stages=3)
+INDEXER_CONFIG = dict(block_t=64, tile_block_t=128, num_warps=4, per_sm=2, num_stages=3)
 # Decode at batch 8 or more (up to a quarter of the SMs) with lists short of the long-list rule below (CSA at batch
 # 8, HCA at 8K): the same 16 heads with 64 keys per step and one round of programs. In the streamed decode step at
 # 8K on the H200 (one job, two captures each, docs/performance.md) HCA batch 8 / 32 103.4 / 130.4 us against 105.5
@@ -376,12 +374,17 @@ def _(scores, k):
     return scores.new_empty(*scores.shape[:-1], k, dtype=torch.int32)
 
 
+def indexer_scores_fused(q, k, weights, n_visible):
+    """The fused Triton indexer scores (`kernels.indexer_scores`' contract). The visible counts are made the kernel's
+    int32 here, outside the custom operator, so that a compiled step computes them so in the kernel that derives
+    them (inside, the conversion was a launch of its own on CSA's selection path)."""
+    return indexer_scores_triton(q, k, weights, n_visible.to(torch.int32))
+
+
 def indexer_topk_triton(q, k, weights, n_visible, topk, group=None):
     """Fused Triton indexer scores, then the Triton radix select (`indexer_topk_bmm`'s output, ties at the k-th
-    score to the lowest indices at every row length). The visible counts are made the kernel's int32 here, outside
-    the custom operator, so that a compiled step computes them so in the kernel that derives them (inside, the
-    conversion was a launch of its own on CSA's selection path)."""
-    return _select(indexer_scores_triton(q, k, weights, n_visible.to(torch.int32)), topk, group, topk_triton)
+    score to the lowest indices at every row length)."""
+    return topk_triton(sum_scores(indexer_scores_fused(q, k, weights, n_visible), group), topk)
 
 
 @torch.library.custom_op("ascend_cuda::compress_decode", mutates_args=("state_kv", "state_score"))
@@ -575,6 +578,7 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
         formats = triton_expert_formats()
         short["f32_linear"] = f32_linear_triton      # one-row router / compressor projections: the Triton walk
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
+                                   indexer_scores=indexer_scores_fused, select_topk=topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
                                    group_experts=functools.partial(group_experts_triton, formats=formats),
                                    grouped_expert_formats=formats,
@@ -583,7 +587,8 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
                                    gate_topk=gate_topk_triton, argmax=triton_argmax.argmax,
                                    compress_blocks=compress_blocks_triton, index_rotate=index_rotate_triton, **short)
-    return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm, **short)
+    return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_sdpa, indexer_topk=indexer_topk_bmm,
+                               indexer_scores=indexer_scores_bmm, **short)
 
 
 # Inductor settings of `compile_decode`. combo_kernels: independent small kernels of the step (the pointwise and

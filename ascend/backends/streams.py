@@ -5,22 +5,24 @@ wo_b) and dozens of small, latency-bound kernels that leave most of the device i
 to wq_b; the window kv, the compressors and, in a CSA layer, the indexer need nothing of it but the low-rank
 query qr, and sparse attention is the first stage that needs them. So they run beside it:
 
-    main     project ──────────────► queries (wq_b, norm, RoPE) ───────────────────────► attend + epilog
-                │ wkv, qr, cos, sin      ▲ (CSA: after the index projection)                 ▲ (joins all)
-    kv       token_kv (kv norm, RoPE, FP8 rounding)                                            │
-    compress compress_main (the compressor: projection, pooling, norm, RoPE, FP8, cache write)
-    keys     compress_index (the indexer's compressor) ──────────────────► pick (scores, top-k)  CSA only
-    index    weights (weights_proj) ─► index projection (after qr: its wq_b) ─► index rotation ─┘
+    main     project ────────────────────────────────────────────► queries (wq_b, norm, RoPE) ────► attend + epilog
+                │ wkv, qr, cos, sin                                ▲ (CSA: after the scores)        ▲ (joins all)
+    kv       token_kv (kv norm, RoPE, FP8 rounding)                │                                │
+    compress compress_main (the compressor, cache write)           │                                │
+    keys     compress_index (the indexer's compressor) ─┴► scores ─┬► top-k ────────────────────────┘  CSA only
+    index    weights ─► projection (wq_b) ─► rotation ──┘
 
-The one order between branches that no data dependency asks for: in a CSA layer wq_b waits for the indexer's query
-projection (16 MB, its own wq_b; so also for the head weights before it on that stream, done long before). Side by
-side the two shared the memory bandwidth and ended together (in a profile at batch 8 and 8K the indexer's took 22
-us against 7 us alone), so the selection, which is on the step's critical path, started late; run first it ends
-early and wq_b runs beside the queries' rotation, scores and top-k.
-On an H200 at V4-Flash shapes (docs/performance.md), the same compiled stages in one process: 2.2 / 4.3 us per
-token faster at batch 8 / 32 at 8K (waiting for the whole query stage, rotation too, 129.9 at batch 8); at batch 8
-at 128K that comparison's object had drawn the capture stream (`StreamedDecode._draw_sides`), and across jobs the
-row read 166.2-167.2 against 170.2-170.5.
+The one order between branches that no data dependency asks for: in a CSA layer wq_b (64 MB) waits for the
+indexer's scores, so that it runs beside the top-k, which reads little (a few block-wide reductions and barriers),
+and not beside the bandwidth-bound stages before it on the selection's path, the step's critical one: the index
+projection (16 MB) and the scores, which read the indexer's keys (at batch 8 4 MB at 8K, 67 MB at 128K, 537 MB at
+1M). On an H200 at V4-Flash shapes (docs/performance.md; the same compiled stages in one process, session 27's job
+3), per token against waiting for the index projection: batch 8 / 32 at 8K 123.7 / 145.4 against 125.2 / 145.5
+us, at 128K 161.7 / 247.7 against 168.2 / 260.1, at 1M 331.9 / 836.0 against 332.3 / 878.8 (waiting for the query
+rotation between the two: 124.5 / 154.8, 165.0 / 253.7, 329.5 / 858.0). That needs the scores and the top-k as
+two stages: where the kernels table has the selection as one operator (`Indexer.splits` false: the NPU's lightning
+indexer) wq_b waits for the index projection instead, which beside wq_b had taken 22 us against 7 alone (batch 8,
+8K; the selection then started late).
 
 (`model.attention.Attention` names the stages; its `forward` runs the same ones one after another.) Each stage
 is compiled on its own (`compile_decode`: inductor fuses within a stage, not across), and the step is meant to be
@@ -60,8 +62,8 @@ SIDE_STREAM_DRAWS = 64      # streams asked of the device for one set of side st
 class StreamedDecode:
     """`step(x, start, cache, n_valid=None)` == `layer(x, start, cache, n_valid)` for decode steps (x [B, 1, dim]),
     its stages on up to five streams: the caller's, one for the window kv, one for the main compressor, one for the
-    indexer's compressor and then its selection (scores, top-k), one for the indexer's weights and queries (whose
-    projection the main stream's wq_b waits for).
+    indexer's compressor and then its selection (scores, top-k), one for the indexer's weights and queries (the main
+    stream's wq_b waits for the scores, or for the queries' projection where the selection is one operator).
 
     compile: each stage through `ascend.backends.cuda.compile_decode` (`options` go to it, and through it to
     torch.compile), else the layer's own eager stages (the schedule alone).
@@ -85,6 +87,9 @@ class StreamedDecode:
         def pick(index_q, weights, x, start, cache):
             return a.pick(index_q, weights, chunk_positions(x, start)[0], cache)
 
+        def index_scores(index_q, weights, x, start, cache):
+            return a.indexer.scores(index_q, weights, chunk_positions(x, start)[0], cache.index_keys())
+
         def finish(q, kv, cos, sin, x, start, n_valid, entry_ids, cache):
             positions, n_valid = chunk_positions(x, start, n_valid)
             if entry_ids is None:                       # not picked by the indexer: HCA's every visible entry, or none
@@ -98,7 +103,9 @@ class StreamedDecode:
             stages.update(compress_main=compress_main)
         if a.indexer is not None:
             stages.update(compress_index=compress_index, index_weights=a.indexer.weights,
-                          index_project=a.indexer.project_queries, index_rotate=a.indexer.rotate_queries, pick=pick)
+                          index_project=a.indexer.project_queries, index_rotate=a.indexer.rotate_queries)
+            stages.update(dict(index_scores=index_scores, index_select=a.indexer.select) if a.indexer.splits
+                          else dict(pick=pick))
         if compile:
             from ascend.backends.cuda import compile_decode
             stages = {name: compile_decode(fn, **options) for name, fn in stages.items()}
@@ -141,7 +148,7 @@ class StreamedDecode:
             self._draw_sides(avoid=main)
         for s in self.sides:
             s.wait_stream(main)
-        entry_ids = None
+        entry_ids = scores = None
         if a.ratio:
             with dev.use_stream(self.compress_side):
                 f["compress_main"](x, start, n_valid, cache)
@@ -154,18 +161,25 @@ class StreamedDecode:
         self.kv_side.wait_stream(main)
         with dev.use_stream(self.kv_side):
             kv = f["token_kv"](wkv, cos, sin)
-        if a.indexer is not None:
+        if a.indexer is not None:           # wq_b waits for the scores or the index projection (module docstring)
             self.index_side.wait_stream(main)
             with dev.use_stream(self.index_side):
                 index_raw = f["index_project"](qr)
-                main.wait_stream(self.index_side)               # wq_b after it (the module's docstring says why)
+                if not a.indexer.splits:
+                    main.wait_stream(self.index_side)
                 index_q = f["index_rotate"](index_raw, cos, sin)
             self.index_keys_side.wait_stream(self.index_side)
             with dev.use_stream(self.index_keys_side):
-                entry_ids = f["pick"](index_q, weights, x, start, cache)
+                if a.indexer.splits:
+                    scores = f["index_scores"](index_q, weights, x, start, cache)
+                    main.wait_stream(self.index_keys_side)
+                    entry_ids = f["index_select"](scores)
+                else:
+                    entry_ids = f["pick"](index_q, weights, x, start, cache)
         q = f["queries"](qr, cos, sin)
         for s in self.sides:
             main.wait_stream(s)
-        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_raw, index_q, entry_ids)
+        # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_raw, index_q, scores,
+        # entry_ids)
         # is held to here, past the joins: no block of theirs is freed while another stream may still read it
         return f["finish"](q, kv, cos, sin, x, start, n_valid, entry_ids, cache)

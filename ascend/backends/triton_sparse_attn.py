@@ -221,7 +221,9 @@ def _indexer_scores_kernel(
     STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (query, part): the scores of `part_tiles` tiles of BLOCK_T keys from key part * part_tiles * BLOCK_T,
-    the query's heads and weights loaded once, the keys of the next tiles loaded while one is scored (STAGES)."""
+    the query's heads and weights loaded once, the keys of the next tiles loaded while one is scored (STAGES). The
+    keys are the product's rows (logits [BLOCK_T, heads]): the sum over heads then stays within each thread's part
+    of a key's row plus a few shuffles, where heads as rows summed across warps through shared memory every tile."""
     after_previous_kernel(PDL)
     bs = tl.program_id(0)
     part = tl.program_id(1)
@@ -231,8 +233,8 @@ def _indexer_scores_kernel(
     dims = tl.arange(0, D_P2)
     h_ok = heads < H
     d_ok = dims < D
-    q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    q_t = tl.trans(tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
+                           mask=h_ok[:, None] & d_ok[None, :], other=0.0))               # [D_P2, H_P2]
     w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=h_ok, other=0.0).to(tl.float32)
     n_visible = tl.load(nv_ptr + b * snv_b + s)
     first = part * part_tiles
@@ -241,18 +243,19 @@ def _indexer_scores_kernel(
         t_ok = t < T
         k = tl.load(k_ptr + b * sk_b + t[:, None].to(tl.int64) * sk_t + dims[None, :],
                     mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        logits = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [H_P2, BLOCK_T]
-        score = tl.where(t < n_visible, tl.sum(logits * w[:, None], 0), float("-inf"))
+        logits = tl.maximum(tl.dot(k, q_t, input_precision=PRECISION), 0.0)             # [BLOCK_T, H_P2]
+        score = tl.where(t < n_visible, tl.sum(logits * w[None, :], 1), float("-inf"))
         tl.store(out_ptr + b * so_b + s * so_s + t, score, mask=t_ok)
 
 
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_visible: torch.Tensor,
                    block_t: int = 64, num_warps: int = 4, per_sm: int | None = None,
-                   num_stages: int = 2) -> torch.Tensor:
+                   num_stages: int = 2, tile_block_t: int | None = None) -> torch.Tensor:
     """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible.
     With `per_sm`, where that many programs per SM give every query two parts or more (decode), each query's keys
     are cut into parts of whole tiles of `block_t`, as many as keep the grid within `per_sm` programs per SM: one
-    round of programs, no partial second one. Otherwise (prefill's many queries), a program per tile."""
+    round of programs, no partial second one. Otherwise (prefill's many queries), a program per tile of
+    `tile_block_t` keys (default `block_t`)."""
     B, S, H, D = q.shape
     T = k.shape[1]
     q, k = q.contiguous(), k.to(q.dtype)
@@ -260,10 +263,11 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
         k = k.contiguous()
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
-    n_tiles = triton.cdiv(T, block_t)
     parts = per_sm * sm_count(q.device) // (B * S) if per_sm and B * S else 0
     # parts of several tiles where every query gets two or more; otherwise (prefill's many queries) a program per
     # tile, as without `per_sm`, which nothing pipelines (STAGES 1: the loop runs once)
+    block_t = block_t if parts >= 2 else tile_block_t or block_t
+    n_tiles = triton.cdiv(T, block_t)
     part_tiles = max(1, triton.cdiv(n_tiles, parts)) if parts >= 2 else 1             # T = 0: an empty grid
     _indexer_scores_kernel[(B * S, triton.cdiv(n_tiles, part_tiles))](
         q, k, weights, n_visible, out,

@@ -1,9 +1,12 @@
-"""ascend.profiling.kernel_table on a known step (CUDA only: it reads the device's kernel trace)."""
+"""ascend.profiling: kernel_table on a known step (CUDA only: it reads the device's kernel trace), the stand-ins."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from ascend.profiling import STAND_INS, format_kernel_table, kernel_table
+from ascend.profiling import STAND_INS, format_kernel_table, kernel_table, with_stand_in
+from model import kernels as K
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,3 +52,13 @@ def test_stand_ins_give_the_stage_outputs_shape_from_its_inputs_and_stay_opaque_
         assert torch.equal(torch.compile(fn, backend=backend, fullgraph=True)(q, kv), out)
         node = next(n for n in graphs[0].nodes if n.op == "call_function" and n.target is op)
         assert all(a.op == "call_function" for a in node.args[:2])      # q * 2 and kv + 1: computed, not folded
+
+
+def test_a_stand_in_for_the_selection_clears_the_tables_split_of_it():
+    """A table that names its selection's two halves (`Kernels.indexer_scores`, which StreamedDecode runs) would
+    bypass an `indexer_topk` stand-in: `with_stand_in` clears them; other stages are replaced alone."""
+    split = dataclasses.replace(K.REFERENCE, indexer_scores=K.indexer_scores)
+    table = with_stand_in(split, "indexer_topk")
+    assert table.indexer_topk is STAND_INS["indexer_topk"] and table.indexer_scores is None
+    table = with_stand_in(split, "sparse_attn")
+    assert table.sparse_attn is STAND_INS["sparse_attn"] and table.indexer_scores is K.indexer_scores

@@ -1,6 +1,7 @@
 """Attention layer: against a naive per-token / per-block reference, and its own paths against each other
 (decode after prefill vs one full forward, chunked vs single prefill, padded batch vs sequences alone)."""
 
+import dataclasses
 import math
 import os
 
@@ -9,11 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from model import kernels as K
 from model.attention import Attention
 from model.cache import KVCache
 from model.compressor import Compressor
 from model.config import ModelConfig
-from model.kernels import pool_blocks
+from model.kernels import pool_blocks, use_kernels
 from model.linear import Linear
 from model.parallel import ParallelContext
 from model.quant import fp4_round_trip, fp8_round_trip
@@ -251,6 +253,26 @@ def test_indexer_visibility_and_causality():
     y2 = run(attn, x2, KVCache(cfg, 1, 512, torch.float32).layers[1], [0])
     torch.testing.assert_close(y1[:, :25], y2[:, :25], atol=1e-5, rtol=1e-5)
     assert (y1[:, 25:] - y2[:, 25:]).abs().max() > 1e-3
+
+
+def test_indexer_scores_then_select_is_its_forward():
+    """The two halves a decode schedule may run apart (`Indexer.scores`, `Indexer.select`, where the kernels table
+    names its scores kernel) give forward's selection; a table without a scores kernel does not split."""
+    cfg = tiny(index_topk=3)
+    attn = layer(cfg, 1)
+    assert not attn.indexer.splits
+    L = 40
+    x = torch.randn(1, L, cfg.dim)
+    cache = KVCache(cfg, 1, 512, torch.float32).layers[1]
+    pos = torch.arange(L)[None]
+    _, qr, _, cos, sin = attn.prolog(x, pos)
+    attn.compress(x, torch.tensor([0]), torch.tensor([L]), cache)
+    q, w = attn.indexer.queries(qr, cos, sin), attn.indexer.weights(x)
+    use_kernels(attn, dataclasses.replace(K.REFERENCE, indexer_scores=K.indexer_scores))
+    assert attn.indexer.splits
+    scores = attn.indexer.scores(q, w, pos, cache.index_keys())
+    assert scores.shape == (1, L, cache.index_keys().size(1)) and scores.dtype == torch.float32
+    assert torch.equal(attn.indexer.select(scores), attn.indexer(q, w, pos, cache.index_keys()))
 
 
 def test_compressor_streaming_matches_naive_blocks():

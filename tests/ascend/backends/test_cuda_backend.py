@@ -70,6 +70,18 @@ def test_indexer_topk_bmm_matches_reference(T, topk):
     assert ((idx >= 0).sum(-1) == n_visible.clamp(max=topk)).all()
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_tables_split_the_selection_into_their_scores_and_top_k(use_triton):
+    """Both CUDA tables name their scores kernel and top-k (`Kernels.indexer_scores`, `select_topk`), which a decode
+    schedule runs as two stages: composed, they are the table's `indexer_topk` (Triton: under the interpreter)."""
+    if use_triton and not cuda.triton_runs_on(TRITON_DEVICE):
+        pytest.skip("needs triton with a CUDA device, or TRITON_INTERPRET=1")
+    table = cuda.make_kernels(use_triton=use_triton)
+    q, k, w, n_visible = _indexer_inputs(2, 3, 4, 16, 70, device=TRITON_DEVICE if use_triton else "cpu")
+    split = table.select_topk(table.indexer_scores(q, k, w, n_visible), 8)
+    assert table.indexer_scores is not None and torch.equal(split, table.indexer_topk(q, k, w, n_visible, 8))
+
+
 def test_indexer_topk_bmm_breaks_ties_as_the_reference():
     """Scores tied at the k-th place (here 0, as when every head's ReLU is zero) go to the lowest indices, as the
     `kernels.indexer_topk` contract says: the same ids as the reference, not just the same scores."""
@@ -664,14 +676,17 @@ def test_wgmma_sparse_attn_refuses_what_it_cannot_run():
 def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
     """Programs of several tiles each (parts within per_sm programs per SM): 2 queries x 300 keys in tiles of 32 on a
     nominal 8 SMs at 1 per SM, 4 parts per query of 3, 3, 3 and 1 tiles, the last tile partial, keys past each
-    query's visible count -inf: the scores of a program per tile, bit for bit."""
+    query's visible count -inf: the scores of a program per tile, bit for bit. A program per tile takes
+    `tile_block_t` keys where given (prefill's), parts `block_t`."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
     launches = _record_launches(monkeypatch, triton_sparse_attn, "_indexer_scores_kernel")
     q, k, w, n_visible = _indexer_inputs(2, 1, 8, 32, 300, device=TRITON_DEVICE)
-    got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32, per_sm=1, num_stages=3)
+    got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32, per_sm=1, num_stages=3, tile_block_t=64)
     torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, block_t=32), rtol=0, atol=0)
-    assert [grid for _, grid, _, _ in launches] == [(2, 4), (2, 10)]
+    torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, tile_block_t=64), rtol=0,
+                               atol=0)
+    assert [grid for _, grid, _, _ in launches] == [(2, 4), (2, 10), (2, 5)]
     torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
     assert (got.isinf() == (torch.arange(300, device=TRITON_DEVICE) >= n_visible[..., None])).all()
     assert triton_sparse_attn.indexer_scores(q[:0], k[:0], w[:0], n_visible[:0], per_sm=1).shape == (0, 1, 300)

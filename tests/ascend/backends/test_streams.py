@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,10 +13,14 @@ from ascend.device import get_device
 from ascend.onnx_export import synthetic_attention
 from model.cache import LayerCache
 from model.config import ModelConfig
+from model import kernels as K
 from model.kernels import use_kernels
 
 CONFIG = ModelConfig.preset("tiny", dtype="bf16", max_seq_len=256)
 LAYERS = {"window": 0, "csa": 1, "hca": 2}           # tiny's compress ratios 0, 4, 128
+# the CSA selection as one operator (the reference table, as the NPU's), or as scores then a top-k (the CUDA tables;
+# here with the reference's own two halves, so the layer's forward gives the same bits)
+TABLES = {"fused": K.REFERENCE, "split": dataclasses.replace(K.REFERENCE, indexer_scores=K.indexer_scores)}
 
 
 def _setup(kind, device="cpu", batch=3, dtype=torch.float32):
@@ -42,11 +47,15 @@ def _state(cache):
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("compiled", [False, True])
-def test_streamed_decode_equals_the_layer(kind, compiled):
+@pytest.mark.parametrize("table", list(TABLES))
+def test_streamed_decode_equals_the_layer(kind, compiled, table):
     """Four decode steps (positions moving across block ends; the first with an idle row, whose n_valid 0 stores
     nothing, the others with n_valid left out), outputs and every cache tensor as the layer's own forward leaves
     them; compiled: each stage traced by torch.compile (aot_eager: the graphs, not inductor's code)."""
+    if table == "split" and kind != "csa":
+        pytest.skip("only a CSA layer selects")
     layer, cache, x, start = _setup(kind)
+    use_kernels(layer, TABLES[table])
     mine = copy.deepcopy(cache)
     torch._dynamo.reset()
     try:
@@ -172,19 +181,25 @@ def test_side_streams_are_drawn_comparing_as_torch_streams_compare():
 
 # What each stage reads of another's output or of the cache another one writes
 NEEDS = {"queries": {"project"}, "token_kv": {"project"}, "index_project": {"project"},
-         "index_rotate": {"index_project"}, "pick": {"compress_index", "index_weights", "index_rotate"}}
+         "index_rotate": {"index_project"}, "pick": {"compress_index", "index_weights", "index_rotate"},
+         "index_scores": {"compress_index", "index_weights", "index_rotate"}, "index_select": {"index_scores"}}
+# What wq_b's `queries` stage is ordered after in a CSA layer besides `project`: the one order the schedule adds,
+# after the indexer's scores where the table splits the selection (so after what they follow), else after its
+# query projection (so after the head weights before it on that stream)
+QUERIES_AFTER = {"split": {"index_weights", "index_project", "index_rotate", "compress_index", "index_scores"},
+                 "fused": {"index_weights", "index_project"}}
 
 
-@pytest.mark.parametrize("kind", ["hca", "csa"])
+@pytest.mark.parametrize("kind,table", [("hca", "fused"), ("csa", "fused"), ("csa", "split")])
 @pytest.mark.parametrize("device", [_RecordingDevice, _PooledDevice])
-def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, device):
+def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, table, device):
     """The schedule itself, which CPU streams cannot exercise: each stage follows the stages it reads from (finish
     all of them), the compressors and the indexer are not ordered after wq_b's `queries` nor it after them (so
-    they can overlap) but for the one order the schedule adds, wq_b after the indexer's projection (CSA; so also
-    after the head weights before it on that stream), and a second step's side stages follow the first step's
-    finish (its reads of what they overwrite). With streams from a pool that holds the main one, the side streams
-    are drawn again until none is main."""
+    they can overlap) but for the one order the schedule adds (QUERIES_AFTER), and a second step's side stages
+    follow the first step's finish (its reads of what they overwrite). With streams from a pool that holds the
+    main one, the side streams are drawn again until none is main."""
     layer, cache, x, start = _setup(kind)
+    use_kernels(layer, TABLES[table])
     dev = device()
     step = StreamedDecode(layer, dev, compile=False)
     step.stages = {name: dev.recorded(name, fn) for name, fn in step.stages.items()}
@@ -200,9 +215,8 @@ def test_streamed_decode_orders_every_dependency_and_nothing_else(kind, device):
             assert needs <= dev.before(at[name])[0], name
     assert dev.before(at["finish"])[0] == set(names) - {"finish"}
     side_work = {"compress_main", "compress_index", "index_weights", "index_project", "index_rotate", "pick",
-                 "token_kv"} & set(names)
-    ordered = {"index_weights", "index_project"} if kind == "csa" else set()     # the index stream's, in order
-    assert side_work & dev.before(at["queries"])[0] == ordered
+                 "index_scores", "index_select", "token_kv"} & set(names)
+    assert side_work & dev.before(at["queries"])[0] == (QUERIES_AFTER[table] if kind == "csa" else set())
     assert "queries" not in set().union(*(dev.before(at[n])[0] for n in side_work))
     for name in side_work:
         assert dev.stages[at[name]][1].name != "main" and at["finish"] in dev.before(first + at[name])[1], name

@@ -22,8 +22,9 @@ for single in (False, True):
 for stages in (1, T.MERGE_STAGES):    # the loop over chunks plain and pipelined
     compile_for(T._merge_kernel, bf16, D=512, BLOCK_D=128, BLOCK_H=16, NSPLIT_P2=16, SPLIT_CHUNK=1, STAGES=stages,
                 PDL=True)
-compile_for(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=128,
-            PRECISION="tf32", STAGES=3, PDL=True)
+for block_t, stages in ((64, 3), (128, 1)):     # decode's parts, prefill's program per tile (INDEXER_CONFIG)
+    compile_for(T._indexer_scores_kernel, {**bf16, "out_ptr": "*fp32"}, D=128, D_P2=128, H_P2=64, BLOCK_T=block_t,
+                PRECISION="tf32", STAGES=stages, PDL=True)
 top = dict(scores_ptr="*fp32", cand_ptr="*fp32", state_ptr="*i64")
 compile_for(T._topk_row_kernel, top, num_warps=8, BLOCK=4096, PDL=True)     # as `topk` launches them
 compile_for(T._topk_row_kernel, top, num_warps=4, BLOCK=2048, PDL=True)
