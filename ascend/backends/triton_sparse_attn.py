@@ -252,10 +252,11 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
                    block_t: int = 64, num_warps: int = 4, per_sm: int | None = None,
                    num_stages: int = 2, tile_block_t: int | None = None) -> torch.Tensor:
     """q [B,S,H,D], k [B,T,D], weights [B,S,H], n_visible [B,S] -> fp32 [B,S,T], -inf where t >= n_visible.
-    With `per_sm`, where that many programs per SM give every query two parts or more (decode), each query's keys
-    are cut into parts of whole tiles of `block_t`, as many as keep the grid within `per_sm` programs per SM: one
-    round of programs, no partial second one. Otherwise (prefill's many queries), a program per tile of
-    `tile_block_t` keys (default `block_t`)."""
+    With `per_sm`, where that many programs per SM give every query two parts or more (decode) of two tiles or more,
+    each query's keys are cut into parts of whole tiles of `block_t`, as many as keep the grid within `per_sm`
+    programs per SM: one round of programs, no partial second one. Otherwise (prefill's many queries, or keys so
+    few that a part would be one tile) a program per tile of `tile_block_t` keys (default `block_t`): a program
+    loads the query's heads whatever its keys, so a lone tile had better be a large one."""
     B, S, H, D = q.shape
     T = k.shape[1]
     q, k = q.contiguous(), k.to(q.dtype)
@@ -264,11 +265,12 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, n_vi
     weights, n_visible = weights.contiguous(), n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, device=q.device, dtype=torch.float32)
     parts = per_sm * sm_count(q.device) // (B * S) if per_sm and B * S else 0
-    # parts of several tiles where every query gets two or more; otherwise (prefill's many queries) a program per
-    # tile, as without `per_sm`, which nothing pipelines (STAGES 1: the loop runs once)
-    block_t = block_t if parts >= 2 else tile_block_t or block_t
+    # parts of several tiles where every query gets two or more; otherwise a program per tile, as without `per_sm`,
+    # which nothing pipelines (STAGES 1: the loop runs once)
+    part_tiles = triton.cdiv(triton.cdiv(T, block_t), parts) if parts >= 2 else 1
+    if part_tiles < 2:
+        block_t, part_tiles = tile_block_t or block_t, 1                                # T = 0: an empty grid
     n_tiles = triton.cdiv(T, block_t)
-    part_tiles = max(1, triton.cdiv(n_tiles, parts)) if parts >= 2 else 1             # T = 0: an empty grid
     _indexer_scores_kernel[(B * S, triton.cdiv(n_tiles, part_tiles))](
         q, k, weights, n_visible, out,
         S, H, T, part_tiles,

@@ -97,7 +97,7 @@ def test_make_kernels_replaces_only_its_stages():
     k = cuda.make_kernels(use_triton=False)
     assert k.sparse_attn is cuda.sparse_attn_sdpa and k.indexer_topk is cuda.indexer_topk_bmm
     changed = {f.name for f in dataclasses.fields(k) if getattr(k, f.name) is not getattr(REFERENCE, f.name)}
-    assert changed == {"sparse_attn", "indexer_topk", "rms_norm", "rope", "hadamard", "f32_linear"}
+    assert changed == {"sparse_attn", "indexer_topk", "indexer_scores", "rms_norm", "rope", "hadamard", "f32_linear"}
 
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -677,7 +677,8 @@ def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
     """Programs of several tiles each (parts within per_sm programs per SM): 2 queries x 300 keys in tiles of 32 on a
     nominal 8 SMs at 1 per SM, 4 parts per query of 3, 3, 3 and 1 tiles, the last tile partial, keys past each
     query's visible count -inf: the scores of a program per tile, bit for bit. A program per tile takes
-    `tile_block_t` keys where given (prefill's), parts `block_t`."""
+    `tile_block_t` keys where given (prefill's), parts `block_t`; keys so few that a part would be one tile (100:
+    4 tiles of 32 over 4 parts) take a program per tile too."""
     from ascend.backends import triton_sparse_attn
     monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
     launches = _record_launches(monkeypatch, triton_sparse_attn, "_indexer_scores_kernel")
@@ -687,6 +688,9 @@ def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
     torch.testing.assert_close(got, triton_sparse_attn.indexer_scores(q, k, w, n_visible, tile_block_t=64), rtol=0,
                                atol=0)
     assert [grid for _, grid, _, _ in launches] == [(2, 4), (2, 10), (2, 5)]
+    few = triton_sparse_attn.indexer_scores(q, k[:, :100], w, n_visible, block_t=32, per_sm=1, tile_block_t=64)
+    torch.testing.assert_close(few, got[..., :100], rtol=0, atol=0)
+    assert launches[-1][1] == (2, 2)
     torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
     assert (got.isinf() == (torch.arange(300, device=TRITON_DEVICE) >= n_visible[..., None])).all()
     assert triton_sparse_attn.indexer_scores(q[:0], k[:0], w[:0], n_visible[:0], per_sm=1).shape == (0, 1, 300)
