@@ -132,6 +132,8 @@ STAND_INS: dict[str, Callable[..., Any]] = {
 def with_stand_in(kernels, stage: str, fn: Callable[..., Any] | None = None):
     """`kernels` (a `model.kernels.Kernels`) with `stage` replaced by `fn`, default its stand-in. Replacing
     `indexer_topk` also clears the table's split of it (`Kernels.indexer_scores`), which a decode schedule would
-    otherwise run in its place."""
+    otherwise run in its place; a `StreamedDecode` of such a table then orders wq_b after the index projection, as
+    for any unsplit selection, so a stage cost measured through it includes that change of schedule
+    (`scripts/bench_attention.py` stubs only the one-graph steps)."""
     split = {"indexer_scores": None} if stage == "indexer_topk" else {}
     return dataclasses.replace(kernels, **{stage: fn or STAND_INS[stage]}, **split)

@@ -44,7 +44,8 @@ class Indexer(nn.Module):
 
     def project_queries(self, qr: torch.Tensor) -> torch.Tensor:
         """The queries' projection wq_b: [B, S, q_lora_rank] -> [B, S, local heads, head_dim] (apart from their
-        rotation so that a decode schedule can order the attention's own wq_b after it: ascend.backends.streams)."""
+        rotation so that a decode schedule can order the attention's own wq_b after it where the selection is one
+        operator: ascend.backends.streams)."""
         return self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
 
     def rotate_queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

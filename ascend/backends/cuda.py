@@ -20,6 +20,8 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 |                          | pooled only when complete (triton_compressor)      |                                      |
 | `index_rotate` (optional)| the CSA indexer's RoPE, Hadamard and FP4 of its    | none (the three stages in turn)      |
 |                          | queries and keys, one launch (triton_index_rotate) |                                      |
+| `indexer_scores`,        | `indexer_topk`'s two kernels, which a decode       | its batched-matmul scores and the    |
+| `select_topk` (optional) | schedule runs apart (ascend.backends.streams)      | reference's selection                |
 
 The PyTorch versions are what the Triton ones are tested against on the GPU, and what the CPU
 tests compare with `model.kernels.REFERENCE`.
@@ -231,14 +233,15 @@ def hadamard_matmul(x: torch.Tensor) -> torch.Tensor:
 # jobs 3-5, docs/performance.md) alone 8 queries x 32,768 keys 24.9 against 30.9 us with a program per tile; in the
 # CSA decode step per token at 128K / 1M context 6.9 / 58.6 us faster at batch 8 and, at 4 per SM, 24.5 / 131 at
 # batch 32 (job 4), where 2 per SM took 4.1-4.8 / 4.3-4.7 more off (job 5). With the keys as the product's rows
-# (session 27) a decode tile is 64 keys, one warpgroup's product: in the CSA step per token (job 2, wq_b after the
-# scores) batch 8 / 32 at 8K 124.9 / 145.6 us against 123.2 / 146.9 with 128-key tiles (the faster of 4 warps at 2
-# per SM and 8 warps at 4), at 128K 160.3 / 248.3 against 168.7 / 259.4, where alone 128 keys had led (8 x 32,768:
-# 19.9 against 21.2-22.0, heads as rows 25.0; job 1); 4 programs per SM were faster only at batch 8 and 128K (157.4
-# against 159.6, job 4), 13-79 us slower at batch 32 at 128K and 1M and at batch 8 at 1M. Prefill's program per
-# tile takes 128 keys: alone, one sequence's 4,096 / 16,384 queries over 32,768 keys 8.4 / 33.7 ms against 11.4 /
-# 46.9 at 64 and 10.4 / 43.2 with heads as rows (job 4); so does a decode query whose parts would be single tiles
-# (CSA batch 8 at 8K: 122.6 against 124.0 us per token, job 6).
+# (session 27) a decode part's tile is 64 keys, one warpgroup's product: in the CSA step per token (job 2, wq_b
+# after the scores) batch 8 / 32 at 8K 124.9 / 145.6 us against 123.2 / 146.9 with 128-key tiles (the faster of 4
+# warps at 2 per SM and 8 warps at 4; batch 8's parts were single tiles, see the end), at 128K 160.3 / 248.3
+# against 168.7 / 259.4, where alone 128 keys had led (8 x 32,768: 19.9 against 21.2-22.0, heads as rows 25.0; job
+# 1); 4 programs per SM were faster only at batch 8 and 128K (157.4 against 159.6, job 4), 13-79 us slower at batch
+# 32 at 128K and 1M and at batch 8 at 1M. Prefill's program per tile takes 128 keys: alone, one sequence's 4,096 /
+# 16,384 queries over 32,768 keys 8.4 / 33.7 ms against 11.4 / 46.9 at 64 and 10.4 / 43.2 with heads as rows (job
+# 4); so does a decode query whose parts would be single tiles (CSA batch 8 at 8K: 122.6 against 124.0 us per
+# token, job 6).
 SPARSE_ATTN_CONFIG = dict(block_h=16, block_k=32, num_warps=4, waves=2.0)
 INDEXER_CONFIG = dict(block_t=64, tile_block_t=128, num_warps=4, per_sm=2, num_stages=3)
 # Decode at batch 8 or more (up to a quarter of the SMs) with lists short of the long-list rule below (CSA at batch

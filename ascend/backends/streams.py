@@ -101,10 +101,13 @@ class StreamedDecode:
         stages = dict(project=project, queries=a.queries, token_kv=a.token_kv, finish=finish)
         if a.ratio:
             stages.update(compress_main=compress_main)
+        # the selection as scores, then top-k (wq_b between them), where the layer's kernels table splits it: decided
+        # here, with the stages (a layer given another table wants a new StreamedDecode)
+        self.split_selection = a.indexer is not None and a.indexer.splits
         if a.indexer is not None:
             stages.update(compress_index=compress_index, index_weights=a.indexer.weights,
                           index_project=a.indexer.project_queries, index_rotate=a.indexer.rotate_queries)
-            stages.update(dict(index_scores=index_scores, index_select=a.indexer.select) if a.indexer.splits
+            stages.update(dict(index_scores=index_scores, index_select=a.indexer.select) if self.split_selection
                           else dict(pick=pick))
         if compile:
             from ascend.backends.cuda import compile_decode
@@ -165,12 +168,12 @@ class StreamedDecode:
             self.index_side.wait_stream(main)
             with dev.use_stream(self.index_side):
                 index_raw = f["index_project"](qr)
-                if not a.indexer.splits:
+                if not self.split_selection:
                     main.wait_stream(self.index_side)
                 index_q = f["index_rotate"](index_raw, cos, sin)
             self.index_keys_side.wait_stream(self.index_side)
             with dev.use_stream(self.index_keys_side):
-                if a.indexer.splits:
+                if self.split_selection:
                     scores = f["index_scores"](index_q, weights, x, start, cache)
                     main.wait_stream(self.index_keys_side)
                     entry_ids = f["index_select"](scores)
@@ -180,6 +183,6 @@ class StreamedDecode:
         for s in self.sides:
             main.wait_stream(s)
         # every tensor a branch was handed or made (qr, wkv, cos, sin, kv, weights, index_raw, index_q, scores,
-        # entry_ids)
-        # is held to here, past the joins: no block of theirs is freed while another stream may still read it
+        # entry_ids) is held to here, past the joins: no block of theirs is freed while another stream may still read
+        # it
         return f["finish"](q, kv, cos, sin, x, start, n_valid, entry_ids, cache)

@@ -359,7 +359,7 @@ def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
     x = torch.randn(1, 44, cfg.dim, generator=torch.Generator().manual_seed(5))
     diffs = {}
     for layer_id in (1,):                                     # CSA: split heads, groups, sink and indexer heads
-        outs = []
+        outs, layers = [], []
         for parallel in (None, ctx):
             attn = layer(cfg, layer_id)                       # same seed: same full weights on every rank
             if parallel is not None:
@@ -369,7 +369,20 @@ def _tp_worker(rank: int, world: int, port: int, out_q) -> None:
             cache = KVCache(cfg, 1, 512, torch.float32).layers[layer_id]
             outs.append(torch.cat([run(attn, x[:, :40], cache, [0])] +
                                   [run(attn, x[:, t:t + 1], cache, [t]) for t in range(40, 44)], 1))
+            layers.append((attn, cache))
         diffs[layer_id] = float((outs[0] - outs[1]).abs().max())
+        # the selection's two halves (a table that splits it): the rank's scores summed over the group are the
+        # single rank's, and their selection is forward's
+        scores = []
+        for attn, cache in layers:
+            use_kernels(attn, dataclasses.replace(K.REFERENCE, indexer_scores=K.indexer_scores))
+            pos, x1 = torch.tensor([[43]]), x[:, 43:44]
+            _, qr, _, cos, sin = attn.prolog(x1, pos)
+            q, w, keys = attn.indexer.queries(qr, cos, sin), attn.indexer.weights(x1), cache.index_keys()
+            scores.append(attn.indexer.scores(q, w, pos, keys))
+            picks = attn.indexer.select(scores[-1])
+            diffs[f"{layer_id} select"] = float((picks != attn.indexer(q, w, pos, keys)).sum())
+        diffs[f"{layer_id} scores"] = float((scores[0] - scores[1]).nan_to_num(posinf=1, neginf=1).abs().max())
     out_q.put((rank, diffs))
     dist.destroy_process_group()
 

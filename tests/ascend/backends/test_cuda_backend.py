@@ -696,6 +696,21 @@ def test_triton_indexer_scores_by_parts_of_several_tiles(monkeypatch):
     assert triton_sparse_attn.indexer_scores(q[:0], k[:0], w[:0], n_visible[:0], per_sm=1).shape == (0, 1, 300)
 
 
+@needs_triton_or_interpreter
+@pytest.mark.parametrize("S,block_t", [(1, 64), (9, 128)])
+def test_triton_indexer_scores_with_the_backend_setting(monkeypatch, S, block_t):
+    """`cuda.INDEXER_CONFIG` on a nominal 8 SMs: one query per sequence in parts of 64-key tiles (decode), nine
+    in a program per 128-key tile (more queries than programs: prefill's form); 6 heads of 24 dims, neither a power
+    of two (padded in the kernel): the batched-matmul scores."""
+    from ascend.backends import triton_sparse_attn
+    monkeypatch.setattr(triton_sparse_attn, "sm_count", lambda device: 8)
+    launches = _record_launches(monkeypatch, triton_sparse_attn, "_indexer_scores_kernel")
+    q, k, w, n_visible = _indexer_inputs(2, S, 6, 24, 700, device=TRITON_DEVICE)
+    got = triton_sparse_attn.indexer_scores(q, k, w, n_visible, **cuda.INDEXER_CONFIG)
+    torch.testing.assert_close(got, cuda.indexer_scores_bmm(q, k, w, n_visible), rtol=1e-5, atol=1e-4)
+    assert launches[-1][3]["BLOCK_T"] == block_t
+
+
 @needs_triton
 @pytest.mark.parametrize("variant", [dict(block_t=64, num_warps=4), dict(block_t=128, num_warps=8),
                                      dict(block_t=32, num_warps=4), dict(block_t=128, num_warps=4),
