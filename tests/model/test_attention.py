@@ -231,15 +231,22 @@ def test_padded_batch_equals_sequences_alone():
             cache.advance(active)
 
 
-def test_indexer_visibility_and_causality():
+def _csa_after_prompt(L: int):
+    """A tiny CSA layer (top-3 indexer) and its cache after an L-token prompt's prolog and compression: (cfg, layer,
+    x, cache, positions, qr, cos, sin)."""
     cfg = tiny(index_topk=3)
     attn = layer(cfg, 1)
-    L = 40
     x = torch.randn(1, L, cfg.dim)
     cache = KVCache(cfg, 1, 512, torch.float32).layers[1]
     pos = torch.arange(L)[None]
-    q, qr, kv, cos, sin = attn.prolog(x, pos)
+    _, qr, _, cos, sin = attn.prolog(x, pos)
     attn.compress(x, torch.tensor([0]), torch.tensor([L]), cache)
+    return cfg, attn, x, cache, pos, qr, cos, sin
+
+
+def test_indexer_visibility_and_causality():
+    L = 40
+    cfg, attn, x, cache, pos, qr, cos, sin = _csa_after_prompt(L)
     rows = attn.select(x, qr, pos, cos, sin, cache)[0]
     assert rows.shape == (L, 3)
     for i in range(L):
@@ -258,15 +265,9 @@ def test_indexer_visibility_and_causality():
 def test_indexer_scores_then_select_is_its_forward():
     """The two halves a decode schedule may run apart (`Indexer.scores`, `Indexer.select`, where the kernels table
     names its scores kernel) give forward's selection; a table without a scores kernel does not split."""
-    cfg = tiny(index_topk=3)
-    attn = layer(cfg, 1)
-    assert not attn.indexer.splits
     L = 40
-    x = torch.randn(1, L, cfg.dim)
-    cache = KVCache(cfg, 1, 512, torch.float32).layers[1]
-    pos = torch.arange(L)[None]
-    _, qr, _, cos, sin = attn.prolog(x, pos)
-    attn.compress(x, torch.tensor([0]), torch.tensor([L]), cache)
+    _, attn, x, cache, pos, qr, cos, sin = _csa_after_prompt(L)
+    assert not attn.indexer.splits
     q, w = attn.indexer.queries(qr, cos, sin), attn.indexer.weights(x)
     use_kernels(attn, dataclasses.replace(K.REFERENCE, indexer_scores=K.indexer_scores))
     assert attn.indexer.splits
