@@ -24,8 +24,8 @@ every row. `--stub STAGE` times each step again (eager, and compiled when the ro
 replaced by a stand-in that does no work (`ascend.profiling.STAND_INS`): the difference is what the stage costs
 inside the step, which a kernel's time alone or its span in a profile does not tell. `--trials N` compiles and
 captures each compiled and streamed step N times afresh and reports the median (compiles of the same code can
-differ by more than the change being measured). `--quick` runs tiny shapes on CPU (graphs are eager re-runs there)
-to check the script itself.
+differ by more than the change being measured). `--layers csa` (or `hca`) measures one layer type. `--quick` runs
+tiny shapes on CPU (graphs are eager re-runs there) to check the script itself.
 
     python3 scripts/bench_attention.py --out /tmp/bench          # H200: V4-Flash shapes
     python3 scripts/bench_attention.py --quick                   # CPU smoke test
@@ -181,6 +181,16 @@ RATIO = {"csa": 4, "hca": 128}       # compress ratio of each layer type
 def layer_ids(config) -> dict[str, int]:
     """First CSA (ratio 4) and first HCA (ratio 128) layer of the schedule."""
     return {name: config.compress_ratios.index(r) for name, r in RATIO.items()}
+
+
+def layer_kinds(text: str) -> tuple[str, ...]:
+    """`--layers`: comma-separated layer types, each one of RATIO's."""
+    kinds = tuple(k.strip() for k in text.split(","))
+    unknown = [k for k in kinds if k not in RATIO]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or text!r}: expected layer types among "
+                                         f"{', '.join(RATIO)}")
+    return kinds
 
 
 def decode_positions(ratio: int, context: int, steps: tuple[int, int]) -> list[int]:
@@ -624,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=positive_list, default=None)
     p.add_argument("--contexts", type=positive_list, default=None)
     p.add_argument("--no-reference", action="store_true", help="skip the reference-kernels column")
+    p.add_argument("--layers", type=layer_kinds, default=tuple(RATIO), metavar="KINDS",
+                   help=f"layer types to measure, comma-separated (default {','.join(RATIO)})")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel variant table")
     p.add_argument("--compile", choices=("on", "off"), default=None,
@@ -693,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_attention.jsonl").unlink(missing_ok=True)     # this run's results only
         log({"ceilings": ceilings})
     layers = {kind: synthetic_attention(config, layer_id, device.torch_device)
-              for kind, layer_id in layer_ids(config).items()}
+              for kind, layer_id in layer_ids(config).items() if kind in args.layers}
     compile_options = {"backend": args.compile_backend}
     if args.inductor:
         compile_options["options"] = dict(args.inductor)

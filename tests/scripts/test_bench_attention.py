@@ -87,17 +87,27 @@ def test_time_ms_of_a_list_is_per_function():
 
 def test_trials_take_the_median_of_fresh_compiles(tmp_path):
     """--trials 3: each compiled and streamed step compiled and captured three times; the row's time is their median
-    and the table shows their range."""
+    and the table shows their range. --layers hca: the HCA layer's rows only."""
     assert run_script("bench_attention", ["--quick", "--batches", "1", "--contexts", "64", "--no-reference",
                                            "--no-kernels", "--no-prefill", "--out", str(tmp_path), "--compile", "on",
-                                           "--compile-backend", "aot_eager", "--trials", "3"]) == 0
+                                           "--compile-backend", "aot_eager", "--trials", "3", "--layers", "hca"]) == 0
     rows = json.loads((tmp_path / "bench_attention.json").read_text())["decode"]
+    assert [r["layer"] for r in rows] == ["hca"]
     for r in rows:
         for kind in ("compiled", "streamed"):
             times = r[f"{kind}_trials"]
             assert len(times) == 3 and r[f"{kind}_ms"] == sorted(times)[1]
     table = (tmp_path / "bench_attention.md").read_text()
     assert "medians of 3 compiles each" in table and "| streamed range us |" in table
+
+
+def test_layers_are_csa_or_hca(capsys):
+    """--layers: a comma-separated subset of the layer types; anything else is a usage error naming the option."""
+    assert load_script("bench_attention").layer_kinds("hca, csa") == ("hca", "csa")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("bench_attention", ["--quick", "--layers", "csa,window"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --layers" in err and "window" in err
 
 
 def test_inductor_options_parse_as_literals():

@@ -24,13 +24,14 @@ def _rows(width: int) -> list[torch.Tensor]:
     inf = torch.randn(2, width, generator=g)
     inf[0, -1] = inf[1, width // 3] = float("inf")
     return [torch.randn(4, width, generator=g),                           # distinct scores
-            torch.randint(0, 3, (16, width), generator=g).float(),        # ties inside and across chunks
+            # ties inside and across chunks (at V4's vocabulary 4 rows: each of its 127 chunks already ties)
+            torch.randint(0, 3, (16 if width < 4096 else 4, width), generator=g).float(),
             torch.full((2, width), float("-inf")),                        # nothing but -inf: index 0
             nan, inf]
 
 
 # V4's vocabulary (127 chunks, the last one partial; float32 only: the chunking does not depend on the dtype, and
-# each width took 36-41 s under the interpreter), one whole chunk, one past it, a prime width, tiny rows
+# it takes ~30 s under the interpreter), one whole chunk, one past it, a prime width, tiny rows
 @pytest.mark.parametrize("width,dtype", [(129280, torch.float32)] + [(w, dtype) for w in (1024, 1025, 97, 2, 1)
                                                                      for dtype in (torch.float32, torch.bfloat16)])
 def test_argmax_is_torch_argmax(width, dtype):
