@@ -187,8 +187,8 @@ def layer_kinds(text: str) -> tuple[str, ...]:
     """`--layers`: comma-separated layer types, each one of RATIO's."""
     kinds = tuple(k.strip() for k in text.split(","))
     unknown = [k for k in kinds if k not in RATIO]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or text!r}: expected layer types among "
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: expected layer types among "
                                          f"{', '.join(RATIO)}")
     return kinds
 

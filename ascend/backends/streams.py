@@ -151,7 +151,7 @@ class StreamedDecode:
             self._draw_sides(avoid=main)
         for s in self.sides:
             s.wait_stream(main)
-        entry_ids = scores = None
+        entry_ids = None
         if a.ratio:
             with dev.use_stream(self.compress_side):
                 f["compress_main"](x, start, n_valid, cache)
