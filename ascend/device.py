@@ -14,6 +14,7 @@ written for an accelerator also runs here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -189,6 +190,29 @@ class MemoryInfo:
     total: int
 
 
+_LANE: contextvars.ContextVar = contextvars.ContextVar("ascend_stream_lane", default=None)
+
+
+def stream_lane() -> Any:
+    """The side stream the innermost `Device.use_stream` put this work on; None on the caller's own stream. Kernels
+    that keep state between launches in device buffers (the split-K arrival tickets of `ascend.backends.
+    triton_common`) keep a buffer per lane: work on two lanes may run at once, and launches sharing counters would
+    count each other's arrivals (on an H200, two streams of split-K projections at once: 9 wrong sums of 2,000 with
+    one buffer, none with one per stream; docs/performance.md). A lane, not the current stream: a branch's side
+    stream is the same object when it is warmed up eagerly and when it is captured, where the main path moves from
+    the warm-up stream to the capture stream, and a buffer first needed inside a capture cannot serve eager calls."""
+    return _LANE.get()
+
+
+@contextlib.contextmanager
+def _in_lane(stream: Any):
+    token = _LANE.set(stream)
+    try:
+        yield
+    finally:
+        _LANE.reset(token)
+
+
 class Graph:
     """Capture `fn(*args)` once, then `replay()` it; outputs are static tensors updated in place.
 
@@ -313,8 +337,11 @@ class Device:
     def current_stream(self) -> Any:
         return self.runtime.current_stream(self.index)
 
-    def use_stream(self, stream: Any) -> contextlib.AbstractContextManager:
-        return self.runtime.stream(stream)
+    @contextlib.contextmanager
+    def use_stream(self, stream: Any):
+        """Run the block's work on `stream`, which is also its lane (`stream_lane`)."""
+        with self.runtime.stream(stream), _in_lane(stream):
+            yield stream
 
     def event(self, enable_timing: bool = True) -> Any:
         return self.runtime.Event(enable_timing=enable_timing)
@@ -390,8 +417,10 @@ class CpuDevice(Device):
 
     current_stream = stream
 
-    def use_stream(self, stream: CpuStream) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext(stream)
+    @contextlib.contextmanager
+    def use_stream(self, stream: CpuStream):
+        with _in_lane(stream):          # nothing runs concurrently here, but kernels key their state by lane alike
+            yield stream
 
     def event(self, enable_timing: bool = True) -> CpuEvent:
         return CpuEvent(enable_timing)

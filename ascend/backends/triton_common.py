@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from ascend.device import stream_lane
 
 
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")   # PTX cannot run: kernels emulate it
@@ -99,20 +102,19 @@ def last_to_arrive(tickets_ptr, splits):
     return last
 
 
-_TICKETS: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
+_TICKETS: dict[tuple[torch.device, str, Any], list[torch.Tensor]] = {}
 TICKETS_MIN = 1 << 16
 
 
 def arrival_tickets(device: torch.device, n: int, pool: str = "tickets") -> torch.Tensor:
     """`last_to_arrive`'s counters on a device: a buffer of at least `n`, zero between launches (each block's last
-    program resets its own), so one buffer serves every call of every kernel, one launch after another on the step's
-    stream. Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
+    program resets its own), so one buffer serves every call of every kernel that runs one launch after another:
+    one per stream lane (`ascend.device.stream_lane`: the streamed decode's branches, which run at once, each have
+    their own). Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
     inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. `pool` keeps one
-    kernel's counters apart from the others': the cooperative top-k's barrier counts ("barriers"), which a split-K
-    projection on another stream of the streamed decode could otherwise move, a hang rather than a wrong sum. Within
-    a pool, kernels run one after another as with the tickets: two cooperative top-ks at once on two streams would
-    share counts (the streamed decode has one selection stage)."""
-    kept = _TICKETS.setdefault((device, pool), [])
+    kernel's counters apart from the others' within a lane: the cooperative top-k's barrier counts ("barriers"),
+    which a split-K launch moving them would turn into a hang rather than a wrong sum."""
+    kept = _TICKETS.setdefault((device, pool, stream_lane()), [])
     tickets = next((t for t in kept if t.numel() >= n), None)
     if tickets is None:
         tickets = torch.zeros(max(n, TICKETS_MIN), dtype=torch.int32, device=device)

@@ -226,6 +226,20 @@ def test_cpu_surface():
         d.event().elapsed_time(end)
 
 
+def test_use_stream_names_the_lane_of_the_work_inside():
+    """`stream_lane()`: the stream of the innermost `use_stream`, the caller's own (None) outside and again after."""
+    from ascend.device import stream_lane
+    d = get_device("cpu")
+    a, b = d.stream(), d.stream()
+    assert stream_lane() is None
+    with d.use_stream(a) as entered:
+        assert entered is a and stream_lane() is a
+        with d.use_stream(b):
+            assert stream_lane() is b
+        assert stream_lane() is a
+    assert stream_lane() is None
+
+
 def test_cpu_memory_tracks_rss():
     d = get_device("cpu")
     before = d.memory()

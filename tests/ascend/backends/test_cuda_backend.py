@@ -337,7 +337,7 @@ def test_triton_topk_cooperative_repeats_and_replays_in_a_graph():
             s[1, 16384:] = float("-inf")
             got = triton_sparse_attn.topk(s, 512, cooperative=True)
             assert torch.equal(got, triton_sparse_attn.topk(s, 512, cooperative=False))
-            assert not triton_common._TICKETS[(s.device, "barriers")][0].any()   # zero again for the next call
+            assert not triton_common._TICKETS[(s.device, "barriers", None)][0].any()   # zero again for the next call
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

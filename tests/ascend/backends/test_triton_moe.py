@@ -216,7 +216,7 @@ def test_split_calls_leave_their_tickets_at_zero(grouped):
     x = _rows(idx.numel(), 512, torch.float32)
     launch = (triton_moe.grouped_matmul_fp8 if grouped else triton_moe.expert_matmul_fp8)
     _check(launch(x, weight, scale, idx, block_out=16, block_in=32, split_k=4), x, weight, scale, "fp8", idx)
-    tickets = triton_common._TICKETS[(x.device, "tickets")]
+    tickets = triton_common._TICKETS[(x.device, "tickets", None)]
     assert tickets and all(t.numel() >= triton_common.TICKETS_MIN and not t.any() for t in tickets)
 
 
@@ -228,8 +228,59 @@ def test_ticket_buffers_are_never_dropped():
     first = triton_common.arrival_tickets(device, 8)
     bigger = triton_common.arrival_tickets(device, triton_common.TICKETS_MIN + 1)
     assert bigger.numel() > first.numel() and not bigger.any()
-    assert any(t is first for t in triton_common._TICKETS[(device, "tickets")])
+    assert any(t is first for t in triton_common._TICKETS[(device, "tickets", None)])
     assert triton_common.arrival_tickets(device, 8) is first
+
+
+def test_ticket_buffers_are_kept_per_stream_lane():
+    """Work on two side streams at once must not share tickets (`ascend.device.stream_lane`): each lane has its
+    own buffer, the same one each time it is asked again, and the caller's own stream another."""
+    from ascend.backends import triton_common
+    from ascend.device import get_device
+    dev = get_device(DEVICE)
+    device = torch.empty(0, device=DEVICE).device
+    side, other = dev.stream(), dev.stream()
+    main = triton_common.arrival_tickets(device, 8)
+    with dev.use_stream(side):
+        first = triton_common.arrival_tickets(device, 8)
+        assert triton_common.arrival_tickets(device, 8) is first
+    with dev.use_stream(other):
+        second = triton_common.arrival_tickets(device, 8)
+    buffers = [main.data_ptr(), first.data_ptr(), second.data_ptr()]
+    assert len(set(buffers)) == 3 or side == other          # CUDA's stream pool may hand the same stream twice
+    assert triton_common.arrival_tickets(device, 8) is main
+
+
+@needs_triton
+def test_split_projections_on_two_streams_at_once():
+    """Split-K one-row projections (the batch-1 compressors and index weights of the streamed decode) on two streams
+    at once, both held back so that their launches overlap: every output equals the projection alone, bit for bit.
+    With one ticket buffer for both streams the H200 gave 9 wrong outputs of 2,000 (docs/performance.md)."""
+    from ascend.backends import triton_moe
+    from ascend.device import get_device
+    dev = get_device("cuda")
+    xs = [_rows(1, 4096, torch.bfloat16, seed=s) for s in (1, 2)]
+    ws = [_rows(n, 4096, torch.bfloat16, seed=s) for n, s in ((1024, 3), (64, 4))]
+    want = [triton_moe.f32_gemv(x, w, **cuda.F32_GEMV_CONFIG) for x, w in zip(xs, ws)]
+    sides = []
+    while len(sides) < 2:                                   # two distinct streams (the pool repeats)
+        s = dev.stream()
+        if all(s != t for t in sides):
+            sides.append(s)
+    wrong = 0
+    for _ in range(25):
+        torch.cuda.synchronize()
+        for s in sides:
+            with dev.use_stream(s):
+                torch.cuda._sleep(2_000_000)                # ~1 ms: both streams' launches queue up behind it
+        outs = [[], []]
+        for _ in range(20):
+            for i, s in enumerate(sides):
+                with dev.use_stream(s):
+                    outs[i].append(triton_moe.f32_gemv(xs[i], ws[i], **cuda.F32_GEMV_CONFIG))
+        torch.cuda.synchronize()
+        wrong += sum(not torch.equal(o, want[i]) for i in range(2) for o in outs[i])
+    assert wrong == 0
 
 
 @needs_triton
