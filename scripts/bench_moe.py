@@ -10,7 +10,11 @@ selections (6 distinct random experts per token), FP8 projections with one weigh
 -> 32768, wo_b 8192 -> 4096) with batch rows, and float32-output projections of BF16 weights at batch 1
 (`kernels.f32_linear`: router 4096 -> 256, compressor wkv 4096 -> 1024, joint wkv+wgate 4096 -> 2048, head 4096
 -> 129280), where the reference column is cuBLAS (`cuda.f32_linear_bf16`) and "gemv" the Triton walk
-(`triton_moe.f32_gemv`).
+(`triton_moe.f32_gemv`), and BF16 projections of batch rows (a bf16 checkpoint's attention: joint wq_a+wkv 4096 ->
+1536, the indexer's weights 4096 -> 64 and wq_b 1024 -> 8192, wq_b 1024 -> 32768, wo_b 8192 -> 4096, and wo_a, 8
+groups of 4096 -> 1024, which V4's own checkpoints hold in BF16), where the reference column is cuBLAS (the
+reference's matmul / einsum), "plain" `triton_linear.matmul` (up to the 32 rows the backend gives it) and, at one
+row of at most 2,048 outputs, "walk" the float32 walk the backend takes there.
 
 Columns: microseconds per call (median of 5 runs of back-to-back replays, each call on weights not in L2: the calls
 cycle through copies of the weights, `cold_copies`, as a decode step's other layers would evict them; expert calls
@@ -18,8 +22,9 @@ get their ids' ordering made once outside the timed call, as a MoE layer's calls
 weight bytes the call must read (packed values + scales of every expert used), speed-up against the reference, the
 result's deviation from the reference (|y - ref| / |ref|, bf16: ~4e-3 is one rounding), the peak memory (without
 the extra copies), the number of weight copies, and `*` on what the backend runs for that shape
-(`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS`). `--variants` also times
-per-selection and grouped launch settings (candidates for cuda.py's EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG);
+(`triton_moe.use_grouped`, and for projections `cuda.LINEAR_FUSED_MAX_ROWS` / `cuda.plain_matmul_applies`).
+`--variants` also times per-selection, grouped and plain launch settings (candidates for cuda.py's
+EXPERT_MATMUL_CONFIG / LINEAR_MATMUL_CONFIG / PLAIN_MATMUL_CONFIG);
 `--grouped '{"block_out": 128}'` overrides the grouped settings.
 
     python3 scripts/bench_moe.py --variants                # GPU: V4-Flash shapes, batch 1-512 (experts to 128)
@@ -50,6 +55,8 @@ class Case:
     n_experts: int           # 1: a projection (rows = batch), else routed experts (rows = batch x topk)
     d_out: int
     d_in: int
+    f32_out: bool = False    # bf16: a float32-output projection at one row (`kernels.f32_linear`), else batch rows
+    groups: int = 1          # bf16 projections: groups of a grouped projection (wo_a), d_out / d_in per group
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,17 @@ FULL = Shapes((Case("moe w1/w3", "fp4", 256, 2048, 4096), Case("moe w1+w3", "fp4
                Case("wq_a", "fp8", 1, 1024, 4096), Case("wkv", "fp8", 1, 512, 4096),
                Case("wq_a+wkv", "fp8", 1, 1536, 4096), Case("shared w1/w3", "fp8", 1, 2048, 4096),
                Case("shared w1+w3", "fp8", 1, 4096, 4096), Case("wq_b", "fp8", 1, 32768, 1024),
-               Case("wo_b", "fp8", 1, 4096, 8192), Case("router", "bf16", 1, 256, 4096),
-               Case("compressor wkv", "bf16", 1, 1024, 4096), Case("compressor wkv+wgate", "bf16", 1, 2048, 4096),
-               Case("head", "bf16", 1, 129280, 4096)),
+               Case("wo_b", "fp8", 1, 4096, 8192), Case("router", "bf16", 1, 256, 4096, f32_out=True),
+               Case("compressor wkv", "bf16", 1, 1024, 4096, f32_out=True),
+               Case("compressor wkv+wgate", "bf16", 1, 2048, 4096, f32_out=True),
+               Case("head", "bf16", 1, 129280, 4096, f32_out=True),
+               Case("wq_a+wkv", "bf16", 1, 1536, 4096), Case("index weights", "bf16", 1, 64, 4096),
+               Case("index wq_b", "bf16", 1, 8192, 1024), Case("wq_b", "bf16", 1, 32768, 1024),
+               Case("wo_a", "bf16", 1, 1024, 4096, groups=8), Case("wo_b", "bf16", 1, 4096, 8192)),
               (1, 8, 32, 64, 128, 512), 6, 20, torch.bfloat16)
 QUICK = Shapes((Case("moe w1/w3", "fp4", 16, 64, 128), Case("wo_b", "fp8", 1, 64, 256),
-                Case("router", "bf16", 1, 16, 128)), (1, 4), 6, 1, torch.float32)
+                Case("router", "bf16", 1, 16, 128, f32_out=True), Case("wo_a", "bf16", 1, 24, 160, groups=3)),
+               (1, 4), 6, 1, torch.float32)
 EXPERT_MAX_BATCH = 128
 """Routed experts are timed up to this batch (768 rows): the reference's dequantised copy per selection (rows x
 expert size, 26 GB for the joint w1 + w3 here) outgrows the device beyond. The kernels themselves serve any size
@@ -87,7 +99,11 @@ VARIANTS = {"fp4": {"gemv": (dict(block_in=512), dict(block_in=128), dict(block_
                     "grouped": (dict(block_out=64), dict(block_out=128, num_warps=8), dict(block_out=16),
                                 dict(block_in=64), dict(num_stages=3), dict(block_m=16), dict(block_m=32),
                                 dict(split_k=1), dict(split_k=8))}}
-VARIANTS["bf16"] = {"gemv": VARIANTS["fp8"]["gemv"]}     # f32_gemv: the fp8 walk without scales
+VARIANTS["bf16"] = {"gemv": VARIANTS["fp8"]["gemv"],      # f32_gemv: the fp8 walk without scales
+                    "plain": (dict(num_stages=3), dict(num_stages=4), dict(block_in=256, num_stages=3),
+                              dict(block_out=128, num_warps=8), dict(block_out=128, num_warps=8, num_stages=3),
+                              dict(block_out=32, block_in=256, num_stages=3), dict(splits=1), dict(splits=2),
+                              dict(splits=4))}
 
 
 def _named(kind: str, variant: dict) -> str:
@@ -197,12 +213,48 @@ def measure_f32_case(case: Case, shapes: Shapes, device: Device, kernels, varian
     return timed(case, 1, 1, 1, nbytes, impls, pick, device, shapes.reps, cold_copies((weight,), nbytes, device))
 
 
+def measure_plain_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool) -> list[Row]:
+    """A bf16 projection of batch rows (attention's, and the grouped wo_a): cuBLAS (the reference's matmul /
+    einsum) against `triton_linear.matmul` ("plain", the backend's PLAIN_MATMUL_CONFIG) up to the rows the backend
+    gives it (`cuda.PLAIN_MATMUL_MAX_ROWS`), and at one row of few outputs the float32 walk ("walk") that the
+    backend takes there instead."""
+    from ascend.backends import cuda
+
+    dev, g = device.torch_device, case.groups
+    weight = torch.randn(g * case.d_out, case.d_in, generator=torch.Generator(dev).manual_seed(0), device=dev)
+    weight = (weight * case.d_in ** -0.5).to(shapes.dtype)
+    nbytes = weight.numel() * weight.element_size()
+    copies = cold_copies((weight,), nbytes, device)
+    rows = []
+    for batch in shapes.batches:
+        x = torch.randn(batch, g, case.d_in, generator=torch.Generator().manual_seed(1)).to(dev, shapes.dtype)
+        if g == 1:
+            reference = lambda w: REFERENCE.linear(x[:, 0], w, None, "bf16")             # noqa: E731
+        else:
+            reference = lambda w: REFERENCE.grouped_linear(x, w, None, "bf16").flatten(1)  # noqa: E731
+        impls, pick = {"reference": reference}, "reference"
+        if kernels is not None and batch <= cuda.PLAIN_MATMUL_MAX_ROWS:
+            from ascend.backends import triton_linear
+            for name, kw in settings("plain", cuda.PLAIN_MATMUL_CONFIG, case.fmt, variants).items():
+                impls[name] = lambda w, kw=kw: triton_linear.matmul(x, w, **kw).flatten(1)
+            if cuda.plain_matmul_applies(batch, case.d_out, x.dtype, weight.dtype):
+                pick = "plain"
+        if kernels is not None and g == 1 and cuda.f32_gemv_applies(batch, case.d_out):
+            impls["walk"] = lambda w: kernels.f32_gemv(x[:, 0], w, **cuda.F32_GEMV_CONFIG).to(x.dtype)
+            pick = "walk" if x.dtype == torch.bfloat16 else pick        # `cuda.linear_triton`'s order
+        rows += timed(case, batch, batch, 1, nbytes, impls, pick, device, shapes.reps, copies)
+        del x
+    return rows
+
+
 def measure_case(case: Case, shapes: Shapes, device: Device, kernels, variants: bool,
                  grouped_override: dict) -> list[Row]:
     from ascend.backends import cuda
 
-    if case.fmt == "bf16":
+    if case.f32_out:
         return measure_f32_case(case, shapes, device, kernels, variants)
+    if case.fmt == "bf16":
+        return measure_plain_case(case, shapes, device, kernels, variants)
     if case.fmt not in cuda.triton_expert_formats():
         kernels = None          # a GPU the backend runs the reference on for this format (older than sm_89)
     weight, scale = stored_weights(case, device)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,33 @@ def official_args(official, cfg, **fields):
     shared = {f.name for f in dataclasses.fields(official.ModelArgs)} & {f.name for f in dataclasses.fields(cfg)}
     args = {name: getattr(cfg, name) for name in shared} | {"compress_ratios": tuple(cfg.compress_ratios) + (0,)}
     return official.ModelArgs(**(args | fields))
+
+
+@pytest.fixture
+def interpreter_bf16(monkeypatch):
+    """Triton 3.6's interpreter multiplies bfloat16 `tl.dot` operands as their raw uint16 storage and rounds float32
+    to bfloat16 towards zero; make it widen dot operands to float32 first (exact, as the tensor cores' products are)
+    and round to nearest even (as the GPU and torch do), so bf16 kernels can be checked on CPU."""
+    from ascend.backends import cuda
+    if not cuda.triton_runs_on("cpu"):
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def widened(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        data = interpreter._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def rounded(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+        return interpreter.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+
+    monkeypatch.setattr(builder, "create_dot", lambda self, a, b, *args: dot(self, widened(a), widened(b), *args))
+    monkeypatch.setattr(builder, "cast_impl", rounded)

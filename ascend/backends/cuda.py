@@ -501,6 +501,41 @@ def group_experts_triton(expert_idx: torch.Tensor, n_experts: int, fmt: str,
 LINEAR_FUSED_MAX_ROWS = 128
 
 
+# Unquantised (bf16) projections of 1-32 tokens with at most PLAIN_MATMUL_MAX_OUT outputs (per group) run
+# `triton_linear.matmul` instead of cuBLAS (where one row does not take the float32 walk first: a plain projection of
+# at most F32_GEMV_MAX_OUT outputs). scripts/bench_moe.py --cases bf16 --batch 1,8,32 --variants on the H200
+# (session 28, docs/performance.md), us at 1 / 8 / 32 rows, weights cold in L2, against cuBLAS: wo_a (8 groups of
+# 4096 -> 1024) 18.1 / 18.4 / 19.5 against 19.3 / 22.3 / 23.3; wo_b (8192 -> 4096) 19.2 / 19.5 / 20.5 against 21.5 /
+# 22.1 / 23.1; the indexer's wq_b (1024 -> 8192) 5.8 / 6.0 / 6.2 against 6.8 / 7.0 / 7.2; at 8 / 32 rows the joint
+# wq_a + wkv (4096 -> 1536) 6.2 / 7.4 against 8.4 / 8.8 and the indexer's weights (4096 -> 64) 3.8 / 5.6 against 6.9
+# / 7.1. wq_b (1024 -> 32,768: 512 output blocks, several waves of programs, where cuBLAS reads at its best) keeps
+# cuBLAS: 18.8 / 19.5 / 21.7 against 18.7 / 19.3 / 20.0. The setting was the fastest of the variants timed (3-4
+# stages, 256 inputs per step, 128 output rows on 8 warps, 1-4 input splits) or within 0.3 us of it at every shape
+# it runs but the indexer's weights at 32 rows (5.6 against 4.9 with 256 inputs per step).
+PLAIN_MATMUL_CONFIG = dict(block_out=64, block_in=128, num_warps=4, num_stages=5)
+PLAIN_MATMUL_MAX_ROWS = 32
+PLAIN_MATMUL_MAX_OUT = 8192
+
+
+def plain_matmul_applies(rows: int, n_out: int, dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether a bf16 projection (plain or grouped) of `rows` tokens and `n_out` outputs per group takes
+    `plain_matmul_triton` (else cuBLAS), from shapes and dtypes alone."""
+    return (dtype == weight_dtype == torch.bfloat16 and 1 <= rows <= PLAIN_MATMUL_MAX_ROWS
+            and n_out <= PLAIN_MATMUL_MAX_OUT)
+
+
+@torch.library.custom_op("ascend_cuda::plain_matmul", mutates_args=())
+def plain_matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`triton_linear.matmul` with PLAIN_MATMUL_CONFIG: x [M, G, in] and weight [G * out, in] -> [M, G, out]."""
+    from ascend.backends import triton_linear
+    return triton_linear.matmul(x, weight, **PLAIN_MATMUL_CONFIG)
+
+
+@plain_matmul_triton.register_fake
+def _(x, weight):
+    return x.new_empty(x.size(0), x.size(1), weight.size(0) // x.size(1))
+
+
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
                   formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
     """`kernels.linear` for decode: an fp8 / fp4 projection of at most LINEAR_FUSED_MAX_ROWS tokens runs the expert
@@ -508,11 +543,14 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     tensor-core tiles) instead of dequantising the whole weight into the activation dtype every call; larger inputs
     (prefill) keep the reference, whose dequantisation is amortised over the rows. A bf16 projection of one row
     with few outputs (V4's indexer weights_proj; any bf16 layer of a bf16 checkpoint) takes the float32 walk,
-    rounded once to bf16 as cuBLAS rounds its float32 sums (which it would add up in a second, split-K launch)."""
+    rounded once to bf16 as cuBLAS rounds its float32 sums (which it would add up in a second, split-K launch); other
+    bf16 projections of a few rows, `plain_matmul_triton` (`plain_matmul_applies`)."""
     y = _walk_one_row(x, weight) if fmt == "bf16" else None
     if y is not None:
         return y.to(x.dtype)
     rows = x.numel() // x.size(-1)
+    if fmt == "bf16" and plain_matmul_applies(rows, weight.size(0), x.dtype, weight.dtype):
+        return plain_matmul_triton(x.reshape(rows, 1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
     flat = x.reshape(rows, x.size(-1))
@@ -525,10 +563,13 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
                           formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
     """`kernels.grouped_linear` for decode (attention's `wo_a`): each of the G groups is one "expert" of the expert
     kernels (its [out, in] block of the stored weight, decoded in registers), the tokens' group slices its rows;
-    beyond LINEAR_FUSED_MAX_ROWS tokens (prefill) the reference dequantises once and runs one einsum."""
+    beyond LINEAR_FUSED_MAX_ROWS tokens (prefill) the reference dequantises once and runs one einsum. bf16 (as V4's
+    checkpoints hold wo_a) for a few tokens: `plain_matmul_triton` (`plain_matmul_applies`)."""
     groups, d_in = x.size(-2), x.size(-1)
     tokens = x.numel() // (groups * d_in)
     out = weight.size(0) // groups
+    if fmt == "bf16" and plain_matmul_applies(tokens, out, x.dtype, weight.dtype):
+        return plain_matmul_triton(x.reshape(tokens, groups, d_in), weight).view(*x.shape[:-1], out)
     if fmt not in formats or tokens > LINEAR_FUSED_MAX_ROWS or (fmt == "fp8" and out % 128):
         return REFERENCE.grouped_linear(x, weight, scale, fmt)
     from ascend.backends import triton_moe

@@ -17,22 +17,22 @@ def test_quick_mode_reports_every_case_as_json(capsys):
     assert run_script("bench_moe", ["--quick", "--batch", "4", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     rows = results["rows"]
-    assert {r["case"] for r in rows} == {"moe w1/w3", "wo_b"} and all(r["us"] > 0 for r in rows)
-    assert [r["rows"] for r in rows if r["impl"] == "reference"] == [24, 4]      # 4 tokens x 6 experts; 4 rows
-    for case in ("moe w1/w3", "wo_b"):                  # exactly one implementation is what the backend runs
+    assert {r["case"] for r in rows} == {"moe w1/w3", "wo_b", "wo_a"} and all(r["us"] > 0 for r in rows)
+    assert [r["rows"] for r in rows if r["impl"] == "reference"] == [24, 4, 4]   # 4 tokens x 6 experts; 4 rows
+    for case in ("moe w1/w3", "wo_b", "wo_a"):          # exactly one implementation is what the backend runs
         assert sum(r["chosen"] for r in rows if r["case"] == case) == 1
-    assert [(b["case"], b["batch"]) for b in results["best"]] == [("moe w1/w3", 4), ("wo_b", 4)]
+    assert [(b["case"], b["batch"]) for b in results["best"]] == [("moe w1/w3", 4), ("wo_b", 4), ("wo_a", 4)]
     if results["kernels"]:
-        assert {r["impl"] for r in rows} == {"reference", "gemv", "grouped"}
+        assert {r["impl"] for r in rows} == {"reference", "gemv", "grouped", "plain"}
         assert all(r["rel_err"] < 1e-5 for r in rows)                              # float32 rows
         from ascend.backends.triton_moe import use_grouped
         want = ["grouped" if use_grouped(n, e, fmt) else "gemv" for n, e, fmt in ((24, 16, "fp4"), (4, 1, "fp8"))]
-        assert [r["impl"] for r in rows if r["chosen"]] == want
+        assert [r["impl"] for r in rows if r["chosen"]] == want + ["reference"]    # float32: not the bf16 kernel
 
 
 def test_cases_keep_the_formats_asked_for(capsys):
     assert run_script("bench_moe", ["--quick", "--batch", "1", "--cases", "fp8,bf16", "--json"]) == 0
-    assert {r["case"] for r in json.loads(capsys.readouterr().out)["rows"]} == {"wo_b", "router"}
+    assert {r["case"] for r in json.loads(capsys.readouterr().out)["rows"]} == {"wo_b", "router", "wo_a"}
     with pytest.raises(SystemExit) as refused:
         run_script("bench_moe", ["--quick", "--cases", "fp5"])
     assert refused.value.code == 2
@@ -63,6 +63,20 @@ def test_quick_mode_times_the_f32_projection_at_batch_1(capsys):
         assert rows[1]["rel_err"] < 1e-5
 
 
+def test_bf16_projections_time_the_plain_kernel_and_its_variants(capsys):
+    """The bf16 projection case (a grouped wo_a here): cuBLAS's path as the reference, then `triton_linear.matmul`
+    with the backend's setting and every --variants setting, each matching the reference; float32 rows, so the
+    backend's pick is the reference."""
+    bench = load_script("bench_moe")
+    assert run_script("bench_moe", ["--quick", "--batch", "4", "--cases", "bf16", "--variants", "--json"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out)["rows"] if r["case"] == "wo_a"]
+    names = [r["impl"] for r in rows]
+    assert names[0] == "reference" and [r["chosen"] for r in rows] == [True] + [False] * (len(rows) - 1)
+    if len(names) > 1:
+        assert names[1:] == ["plain"] + [bench._named("plain", v) for v in bench.VARIANTS["bf16"]["plain"]]
+    assert all(r["rel_err"] < 1e-5 for r in rows)
+
+
 def test_variants_time_every_setting_of_both_kernels(capsys):
     """--variants: each per-selection and grouped setting of the format's table runs once per case and matches the
     reference like the backend's own."""
@@ -88,4 +102,4 @@ def test_quick_mode_runs_as_a_script_under_the_interpreter():
     out = subprocess.run([sys.executable, str(root / "scripts" / "bench_moe.py"), "--quick", "--batch", "1",
                           "--json"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert {r["impl"] for r in json.loads(out.stdout)["rows"]} == {"reference", "gemv", "grouped"}
+    assert {r["impl"] for r in json.loads(out.stdout)["rows"]} == {"reference", "gemv", "grouped", "plain"}

@@ -522,19 +522,21 @@ def test_fused_linear_matches_reference_and_falls_back_for_prefill(fmt, monkeypa
 
 
 @needs_triton_or_interpreter
-def test_bf16_linear_of_one_row_takes_the_walk(monkeypatch):
+def test_bf16_linear_of_one_row_takes_the_walk(monkeypatch, interpreter_bf16):
     """A bf16 projection of one row with few outputs (the indexer's weights_proj at batch-1 decode) runs the float32
-    walk and rounds once to bf16: within one bf16 rounding of the exact product; two rows keep the reference."""
+    walk and rounds once to bf16: within one bf16 rounding of the exact product; two rows take the bf16 projection
+    kernel (`triton_linear`), the same within one rounding."""
     calls = []
-    walk = cuda.f32_gemv_triton
-    monkeypatch.setattr(cuda, "f32_gemv_triton", lambda x, w: calls.append(tuple(x.shape)) or walk(x, w))
+    walk, plain = cuda.f32_gemv_triton, cuda.plain_matmul_triton
+    monkeypatch.setattr(cuda, "f32_gemv_triton", lambda x, w: calls.append(("walk", x.shape[0])) or walk(x, w))
+    monkeypatch.setattr(cuda, "plain_matmul_triton", lambda x, w: calls.append(("plain", x.shape[0])) or plain(x, w))
     w = torch.randn(64, 256, device=TRITON_DEVICE).to(torch.bfloat16)
     for rows in (1, 2):
         x = torch.randn(rows, 1, 256, device=TRITON_DEVICE).to(torch.bfloat16)
         y = cuda.linear_triton(x, w, None, "bf16")
         assert y.dtype == torch.bfloat16 and y.shape == (rows, 1, 64)
         torch.testing.assert_close(y.float(), (x.double() @ w.double().t()).float(), rtol=2 ** -7, atol=1e-3)
-    assert calls == [(1, 256)]
+    assert calls == [("walk", 1), ("plain", 2)]
 
 
 @needs_triton_or_interpreter

@@ -4,48 +4,18 @@ On CPU they run through Triton's interpreter (TRITON_INTERPRET=1), on the GPU na
 """
 
 
-import numpy as np
 import pytest
 import torch
 
 from ascend.backends import cuda
 from model.kernels import REFERENCE
 
-INTERPRET = cuda.triton_runs_on("cpu")           # Triton's interpreter (TRITON_INTERPRET=1), triton importable
 needs_triton = pytest.mark.skipif(not cuda.triton_available(), reason="needs a CUDA device and triton")
 DEVICE = "cuda" if cuda.triton_available() else "cpu"
-pytestmark = pytest.mark.skipif(not cuda.triton_runs_on(DEVICE),
-                                reason="needs triton with a CUDA device, or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not cuda.triton_runs_on(DEVICE),
+                                 reason="needs triton with a CUDA device, or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("interpreter_bf16")]
 BF16_TOL = dict(rtol=2 ** -6, atol=2e-2)      # two bf16 roundings (kernel, reference) apart, fp32 sums
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_bf16(monkeypatch):
-    """Triton 3.6's interpreter multiplies bfloat16 `tl.dot` operands as their raw uint16 storage and rounds float32
-    to bfloat16 towards zero; make it widen dot operands to float32 first (exact, as the tensor cores' products are)
-    and round to nearest even (as the GPU and torch do), so bf16 kernels can be checked on CPU."""
-    if not INTERPRET:
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    dot, cast = builder.create_dot, builder.cast_impl
-
-    def widened(t):
-        if t.dtype.scalar != tl.bfloat16:
-            return t
-        data = interpreter._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def rounded(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return cast(self, src, dst_type)
-        bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
-        return interpreter.TensorHandle(bits.view(np.uint16), tl.bfloat16)
-
-    monkeypatch.setattr(builder, "create_dot", lambda self, a, b, *args: dot(self, widened(a), widened(b), *args))
-    monkeypatch.setattr(builder, "cast_impl", rounded)
 
 
 def _stack(fmt, n_experts, d_out, d_in, seed=0):
