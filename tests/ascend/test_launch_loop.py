@@ -354,10 +354,14 @@ def test_cache_session_compiled_graph_decode_equals_eager(monkeypatch):
     from ascend.device import get_device
     from ascend.model_session import CacheSession
     from model.config import ModelConfig
+    from model.moe import set_moe_mode
     from model.transformer import Transformer, init_random_
 
     monkeypatch.setattr(cuda, "compile_decode", functools.partial(cuda.compile_decode, backend="aot_eager"))
     model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32), seed=2).eval()
+    # the capture traces with the MoE layers static; the CPU's eager "replays" call the compiled step again, which
+    # in the default mode would fail that guard and trace it all a second time (~35 s), where a CUDA replay runs none
+    set_moe_mode(model, "static")
     cpu = torch.device("cpu")
     compiled = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(2,), compile=True)
     eager = CacheSession(model, cpu)
