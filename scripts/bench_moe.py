@@ -111,8 +111,8 @@ def _named(kind: str, variant: dict) -> str:
 
 
 def settings(kind: str, base: dict, fmt: str, variants: bool) -> dict[str, dict]:
-    """Launch settings to time for one kernel `kind` ("gemv" / "grouped"): the backend's `base` under the kind's
-    name, then with --variants each of VARIANTS[fmt][kind] on top of it."""
+    """Launch settings to time for one kernel `kind` ("gemv" / "grouped" / "plain"): the backend's `base` under the
+    kind's name, then with --variants each of VARIANTS[fmt][kind] on top of it."""
     out = {kind: base}
     if variants:
         out.update({_named(kind, v): {**base, **v} for v in VARIANTS[fmt][kind]})
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated batch sizes (default 1,8,32,64,128,512; MoE cases stop at "
                         "EXPERT_MAX_BATCH, 128)")
     p.add_argument("--variants", action="store_true",
-                   help="also time per-selection and grouped launch-setting variants")
+                   help="also time per-selection, grouped and plain launch-setting variants")
     p.add_argument("--grouped", type=json.loads, default={}, help="JSON overrides of the grouped launch settings")
     p.add_argument("--cases", default=None, metavar="FMT[,FMT]",
                    help="only the cases of these weight formats (fp4, fp8, bf16; default all)")

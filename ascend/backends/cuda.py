@@ -11,7 +11,9 @@ host syncs (CUDA-graph capturable), and a PyTorch fallback:
 | `expert_matmul`          | fp4 / fp8 bytes decoded in registers (triton_moe)  | the reference                        |
 | `group_experts`          | one sort per MoE layer for its expert matmuls      | the reference (None)                 |
 | `linear, grouped_linear` | the same kernels, decode-sized fp8 / fp4 inputs;   | the reference                        |
-|                          | one-row bf16 `linear`: the float32 walk, rounded   |                                      |
+|                          | one-row bf16 `linear`: the float32 walk, rounded;  |                                      |
+|                          | other bf16 of 1-32 rows: tensor-core tiles, split  |                                      |
+|                          | inputs summed in the launch (triton_linear)        |                                      |
 | `f32_linear` (one row)   | the same walk over bf16 weights, float32 out       | cuBLAS, bf16 in, float32 out         |
 | `hc_pre/hc_post/hc_head` | GEMV partials + Sinkhorn in registers (triton_mhc) | the reference                        |
 | `gate_topk` (scored)     | scores, k argmax rounds, weights in one launch     | the reference                        |
@@ -510,8 +512,11 @@ LINEAR_FUSED_MAX_ROWS = 128
 # wq_a + wkv (4096 -> 1536) 6.2 / 7.4 against 8.4 / 8.8 and the indexer's weights (4096 -> 64) 3.8 / 5.6 against 6.9
 # / 7.1. wq_b (1024 -> 32,768: 512 output blocks, several waves of programs, where cuBLAS reads at its best) keeps
 # cuBLAS: 18.8 / 19.5 / 21.7 against 18.7 / 19.3 / 20.0. The setting was the fastest of the variants timed (3-4
-# stages, 256 inputs per step, 128 output rows on 8 warps, 1-4 input splits) or within 0.3 us of it at every shape
-# it runs but the indexer's weights at 32 rows (5.6 against 4.9 with 256 inputs per step).
+# stages, 256 inputs per step, 128 output rows on 8 warps, 32 output rows by 256 inputs, 1-4 input splits) or within
+# 0.3 us of it at every shape it runs but the indexer's weights at 32 rows (5.6 against 4.9 with 256 inputs per
+# step). Only on GPUs with bf16 tensor cores (`triton_linear.runs_on`: sm_80 on); tuned on the H200 alone, with
+# fewer pipeline stages where shared memory is smaller. A bf16 checkpoint's shared-expert projections take it too
+# (w1 + w3: 4,096 outputs; w2), not timed.
 PLAIN_MATMUL_CONFIG = dict(block_out=64, block_in=128, num_warps=4, num_stages=5)
 PLAIN_MATMUL_MAX_ROWS = 32
 PLAIN_MATMUL_MAX_OUT = 8192
@@ -522,6 +527,11 @@ def plain_matmul_applies(rows: int, n_out: int, dtype: torch.dtype, weight_dtype
     `plain_matmul_triton` (else cuBLAS), from shapes and dtypes alone."""
     return (dtype == weight_dtype == torch.bfloat16 and 1 <= rows <= PLAIN_MATMUL_MAX_ROWS
             and n_out <= PLAIN_MATMUL_MAX_OUT)
+
+
+def _plain_runs_on(x: torch.Tensor) -> bool:
+    from ascend.backends import triton_linear
+    return triton_linear.runs_on(x.device)
 
 
 @torch.library.custom_op("ascend_cuda::plain_matmul", mutates_args=())
@@ -549,7 +559,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     if y is not None:
         return y.to(x.dtype)
     rows = x.numel() // x.size(-1)
-    if fmt == "bf16" and plain_matmul_applies(rows, weight.size(0), x.dtype, weight.dtype):
+    if fmt == "bf16" and plain_matmul_applies(rows, weight.size(0), x.dtype, weight.dtype) and _plain_runs_on(x):
         return plain_matmul_triton(x.reshape(rows, 1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
@@ -568,7 +578,7 @@ def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     groups, d_in = x.size(-2), x.size(-1)
     tokens = x.numel() // (groups * d_in)
     out = weight.size(0) // groups
-    if fmt == "bf16" and plain_matmul_applies(tokens, out, x.dtype, weight.dtype):
+    if fmt == "bf16" and plain_matmul_applies(tokens, out, x.dtype, weight.dtype) and _plain_runs_on(x):
         return plain_matmul_triton(x.reshape(tokens, groups, d_in), weight).view(*x.shape[:-1], out)
     if fmt not in formats or tokens > LINEAR_FUSED_MAX_ROWS or (fmt == "fp8" and out % 128):
         return REFERENCE.grouped_linear(x, weight, scale, fmt)
@@ -600,13 +610,13 @@ def triton_runs_on(device_type: str) -> bool:
 
 
 def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> Kernels:
-    """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 projections
-    (plain and grouped), one-row float32 and bf16 projections, scored MoE routing (`ascend.backends.triton_gate`),
-    the mHC stages (`ascend.backends.triton_mhc`), the greedy pick (`ascend.backends.triton_argmax`), the
-    compressor's decode step (`ascend.backends.triton_compressor`) and the indexer's rotation of its queries and keys
-    (`ascend.backends.triton_index_rotate`) when available (default), else the PyTorch
-    ones; every other stage is the reference, except rms_norm / rope / hadamard / f32_linear (and, compiled,
-    fp4_round_trip).
+    """The CUDA `Kernels`: Triton attention stages, fp4 / fp8 expert matmul, decode-sized fp4 / fp8 / bf16
+    projections (plain and grouped; bf16: `ascend.backends.triton_linear`), one-row float32 and bf16 projections,
+    scored MoE routing (`ascend.backends.triton_gate`), the mHC stages (`ascend.backends.triton_mhc`), the greedy
+    pick (`ascend.backends.triton_argmax`), the compressor's decode step (`ascend.backends.triton_compressor`) and
+    the indexer's rotation of its queries and keys (`ascend.backends.triton_index_rotate`) when available
+    (default), else the PyTorch ones; every other stage is the reference, except rms_norm / rope / hadamard /
+    f32_linear (and, compiled, fp4_round_trip).
 
     Eager (default): the short rms_norm / rope / hadamard forms (fewest launches). `for_compile=True`: the table for
     `compile_decode`: the reference rms_norm and the pointwise RoPE (float32 pointwise chains that inductor fuses

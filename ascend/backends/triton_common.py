@@ -1,9 +1,9 @@
 """What the Triton kernel modules share: programmatic dependent launch (every kernel starts with
 `after_previous_kernel` and is launched with `launch_options`), the SM count launch shapes are sized by, the dot
-precision rule (triton_moe, triton_sparse_attn), the arrival tickets by which the last of a block's programs finishes
-its work in the same launch (triton_moe's split-K, triton_argmax's pick among a row's chunks, triton_sparse_attn's
-chunked top-k), and a fix to Triton 3.6's CPU interpreter, applied when this module is imported under
-TRITON_INTERPRET=1."""
+precision rule (triton_moe, triton_linear, triton_sparse_attn, triton_index_rotate), the arrival tickets by which the
+last of a block's programs finishes its work in the same launch (the split-K end `store_rows` of triton_moe and
+triton_linear, triton_argmax's pick among a row's chunks, triton_sparse_attn's chunked top-k), and a fix to Triton
+3.6's CPU interpreter, applied when this module is imported under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -102,6 +102,36 @@ def last_to_arrive(tickets_ptr, splits):
     return last
 
 
+@triton.jit
+def sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """y[at] = the SPLITS float32 partials at part[s, at], added in split order (deterministic), read from L2
+    (`.cg`): other programs wrote them."""
+    total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLITS):
+        total += tl.load(part_ptr + s * split_stride + at, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(y_ptr + at, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """A program's float32 sums at offsets `at`: y itself (in its dtype) without a split, else this split's
+    partials, which the last split to arrive adds up."""
+    if SPLITS == 1:
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(part_ptr + tl.program_id(2) * split_stride + at, y, mask=ok)
+
+
+@triton.jit
+def store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
+    """A split-K program's end: its sums stored (`store_part`), and with a split, the block's total from
+    the last split to arrive."""
+    store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS)
+    if SPLITS > 1:
+        if last_to_arrive(tickets_ptr, SPLITS):
+            sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS)
+
+
 _TICKETS: dict[tuple[torch.device, str, Any], list[torch.Tensor]] = {}
 TICKETS_MIN = 1 << 16
 
@@ -111,9 +141,12 @@ def arrival_tickets(device: torch.device, n: int, pool: str = "tickets") -> torc
     program resets its own), so one buffer serves every call of every kernel that runs one launch after another:
     one per stream lane (`ascend.device.stream_lane`: the streamed decode's branches, which run at once, each have
     their own). Buffers are never freed: a captured graph keeps using the one it was captured with. One first needed
-    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. `pool` keeps one
-    kernel's counters apart from the others' within a lane: the cooperative top-k's barrier counts ("barriers"),
-    which a split-K launch moving them would turn into a hang rather than a wrong sum."""
+    inside a CUDA graph capture is not kept for eager calls: its zeroing exists only in that graph. Kept per lane for
+    good, so each lane seen holds its buffers (a few per side stream on a GPU; the interpreter's CPU streams, one
+    per stream object made). `pool` keeps the cooperative top-k's barrier counts ("barriers") apart from the tickets
+    as well: within a lane launches run one after another, but a launch on a stream entered without
+    `Device.use_stream` counts in the caller's lane, and a split-K launch moving barrier counts would be a hang
+    rather than a wrong sum."""
     kept = _TICKETS.setdefault((device, pool, stream_lane()), [])
     tickets = next((t for t in kept if t.numel() >= n), None)
     if tickets is None:

@@ -8,7 +8,7 @@ this kernel streams the weight through tensor-core tiles of all the rows at once
 group, input split) loads its [BLOCK_OUT, BLOCK_IN] weight tiles through a deep software pipeline (`num_stages`) and
 multiplies each with the rows' [BLOCK_IN, BLOCK_M] slice; a grid that would leave SMs idle (wo_b: 4,096 outputs, 64
 blocks) splits the inputs, and the last split of each block to finish adds the float32 partials in split order
-(`triton_moe`'s split-K end, deterministic), in the same launch.
+(`triton_common.store_rows`, as the expert kernels' split-K end: deterministic), in the same launch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, dot_precision, launch_options,
-                                           sm_count)
-from ascend.backends.triton_moe import _store_rows
+from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, capability, dot_precision,
+                                           launch_options, shared_memory, sm_count, store_rows)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Where the kernel runs: bf16 / fp16 tensor-core dots from sm_80 (Ampere) on, or Triton's CPU interpreter;
+    not ROCm (capability (0, 0) there)."""
+    return device.type != "cuda" or capability(device) >= (8, 0)
 
 
 @triton.jit
@@ -47,20 +52,27 @@ def _matmul_kernel(x_ptr, w_ptr, y_ptr, part_ptr, tickets_ptr, M, OUT, IN, K_SPL
             w = tl.load(w_rows + col[None, :], mask=row_ok[:, None] & (col < IN)[None, :], other=0.0)
         xt = tl.load(x_cols + col[:, None], mask=m_ok[None, :] & (col < IN)[:, None], other=0.0)
         acc += tl.dot(w, xt, input_precision=PRECISION)
-    _store_rows(acc, y_ptr, part_ptr, tickets_ptr, m[None, :] * sy_m + g * sy_g + rows[:, None],
+    store_rows(acc, y_ptr, part_ptr, tickets_ptr, m[None, :] * sy_m + g * sy_g + rows[:, None],
                 row_ok[:, None] & m_ok[None, :], sy_split, SPLITS)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in: int = 128, num_warps: int = 4,
            num_stages: int = 5, splits: int | None = None) -> torch.Tensor:
-    """x [M, G, IN] (unit stride along IN) and weight [G * OUT, IN] of x's dtype -> y [M, G, OUT] in x's dtype,
+    """x [M, G, IN] and weight [G * OUT, IN] (unit stride along IN) of x's dtype -> y [M, G, OUT] in x's dtype,
     y[:, g] = x[:, g] @ W[g * OUT:(g + 1) * OUT]^T (G = 1: a plain projection). M at most 64 (one tile of rows).
     `splits`: input splits per output block; None: enough that the grid has about one program per SM, each split
     at least two input blocks."""
     rows, groups, n_in = x.shape
     n_out = weight.size(0) // groups
     assert weight.shape == (groups * n_out, n_in) and weight.dtype == x.dtype and rows <= 64
-    assert x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert weight.stride(-1) == 1
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    block_m = max(16, triton.next_power_of_2(rows))
+    # the pipeline's stages as the GPU's shared memory holds them (a weight and a rows tile each, with room for the
+    # compiler's own): all 5 on an H100 / H200, fewer on a GPU of ~100 KiB per program
+    stage_bytes = (block_out + block_m) * block_in * x.element_size()
+    num_stages = max(1, min(num_stages, (shared_memory(x.device) - 16384) // stage_bytes))
     blocks = triton.cdiv(n_out, block_out) * groups
     if splits is None:
         splits = max(1, min(sm_count(x.device) // blocks, n_in // (2 * block_in)))
@@ -76,6 +88,6 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, block_out: int = 64, block_in:
     _matmul_kernel[(triton.cdiv(n_out, block_out), groups, splits)](
         x, weight, y, part, tickets, rows, n_out, n_in, k_split, x.stride(0), x.stride(1), weight.stride(0),
         y.stride(0), y.stride(1), part.stride(0) if splits > 1 else 0, BLOCK_OUT=block_out,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_IN=block_in, SPLITS=splits, EVEN=even,
+        BLOCK_M=block_m, BLOCK_IN=block_in, SPLITS=splits, EVEN=even,
         PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages, **launch_options(x.device))
     return y

@@ -14,8 +14,8 @@ decode them in registers next to the multiply. Two kernels per format, picked by
 
 A grid of few programs (a projection with few output blocks) is split over the inputs too (split-K): each split
 writes float32 partial sums, and the last program to finish an output block adds them up in split order and
-writes y (`triton_common.last_to_arrive`, `_sum_splits`), so a split call is still one launch and its result
-deterministic.
+writes y (`triton_common.store_rows`: `last_to_arrive`, then `sum_splits`), so a split call is still one launch and
+its result deterministic.
 
 The fp4 per-selection walk reads a [BLOCK_OUT rows, BLOCK_IN / 8 int32 words of 8 codes] tile per step. Without
 tensor cores its speed is instructions per byte. Four codes at a time become e4m3 bytes (two shifts, two masks) that
@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from ascend.backends.triton_common import (INTERPRETING, after_previous_kernel, arrival_tickets, dot_precision,
-                                           last_to_arrive, launch_options, sm_count)
+                                           last_to_arrive, launch_options, sm_count, store_part, store_rows,
+                                           sum_splits)
 
 FP4_GROUP = 32          # inputs per ue8m0 scale (model.quant.FP4_BLOCK)
 X_SCAN = tl.constexpr(1024)      # inputs per step of the fp4 walk's scan for max |x|
@@ -80,36 +81,6 @@ def _selection(order_ptr, idx_ptr, OUT, IN, K_SPLIT, BLOCK_OUT: tl.constexpr):
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = tl.where(expert < 0, k_lo, tl.minimum(IN, k_lo + K_SPLIT))
     return sel, tl.maximum(expert, 0), rows, rows < OUT, k_lo, k_hi
-
-
-@triton.jit
-def _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
-    """y[at] = the SPLITS float32 partials at part[s, at], added in split order (deterministic), read from L2
-    (`.cg`): other programs wrote them."""
-    total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
-    for s in tl.static_range(1, SPLITS):
-        total += tl.load(part_ptr + s * split_stride + at, mask=ok, other=0.0, cache_modifier=".cg")
-    tl.store(y_ptr + at, total.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
-    """A program's float32 sums at offsets `at`: y itself (in its dtype) without a split, else this split's
-    partials, which the last split to arrive adds up."""
-    if SPLITS == 1:
-        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(part_ptr + tl.program_id(2) * split_stride + at, y, mask=ok)
-
-
-@triton.jit
-def _store_rows(y, y_ptr, part_ptr, tickets_ptr, at, ok, split_stride, SPLITS: tl.constexpr):
-    """A per-selection program's end: its sums stored (`_store_part`), and with a split, the block's total from
-    the last split to arrive."""
-    _store_part(y, y_ptr, part_ptr, at, ok, split_stride, SPLITS)
-    if SPLITS > 1:
-        if last_to_arrive(tickets_ptr, SPLITS):
-            _sum_splits(part_ptr, y_ptr, at, ok, split_stride, SPLITS)
 
 
 @triton.jit
@@ -258,7 +229,7 @@ def _fp4_expert_matmul_kernel(
         scale = tl.load(s_rows + group[None, :], mask=row_ok[:, None] & (group < IN // 32)[None, :], other=0)
         acc += tl.sum(tl.reshape(part, [BLOCK_OUT, GROUPS, 4]), axis=2) * _e8m0_value(scale.to(tl.int32))
     y = tl.sum(acc, axis=1) * down
-    _store_rows(y, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    store_rows(y, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
 @triton.jit
@@ -287,7 +258,7 @@ def _unpacked_expert_matmul_kernel(
             s_rows = s_ptr + expert * ss_e + (rows // 128).to(tl.int64) * ss_o
             scale = tl.load(s_rows + k0 // 128, mask=row_ok, other=0).to(tl.int32)
             acc += tl.sum(w * x[None, :], axis=1) * _e8m0_value(scale)
-    _store_rows(acc, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
+    store_rows(acc, y_ptr, part_ptr, tickets_ptr, sel * sy + rows, row_ok, sy_split, SPLITS)
 
 
 def _split_out(x: torch.Tensor, n_out: int, n_in: int, block_in: int, split_k: int, programs: int,
@@ -386,7 +357,7 @@ def _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, ro
     if last_to_arrive(tickets_ptr, SPLITS):
         for m0 in range(0, count, BLOCK_M):
             sel, m_ok = _chunk(order_ptr, first, m0, count, BLOCK_M)
-            _sum_splits(part_ptr, y_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+            sum_splits(part_ptr, y_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
                         sy_split, SPLITS)
 
 
@@ -431,7 +402,7 @@ def _fp4_grouped_kernel(
             col = k0 + cols
             xt = tl.load(x_cols + col[:, None], mask=(col < IN)[:, None] & m_ok[None, :], other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        _store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+        store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
                     sy_split, SPLITS)
     if SPLITS > 1:
         _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,
@@ -470,7 +441,7 @@ def _fp8_grouped_kernel(
             xt = tl.load(x_cols + col[:, None], mask=col_ok[:, None] & m_ok[None, :], other=0.0)
             scale = _e8m0_value(tl.load(s_row + k0 // 128).to(tl.int32))
             acc += tl.dot(w.to(dot_type), xt, input_precision=PRECISION) * scale
-        _store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
+        store_part(acc, y_ptr, part_ptr, sel[None, :] * sy + rows[:, None], row_ok[:, None] & m_ok[None, :],
                     sy_split, SPLITS)
     if SPLITS > 1:
         _sum_expert_splits(part_ptr, y_ptr, tickets_ptr, order_ptr, first, count, rows, row_ok, sy, sy_split,

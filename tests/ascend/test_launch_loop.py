@@ -359,18 +359,26 @@ def test_cache_session_compiled_graph_decode_equals_eager(monkeypatch):
 
     monkeypatch.setattr(cuda, "compile_decode", functools.partial(cuda.compile_decode, backend="aot_eager"))
     model = init_random_(Transformer(ModelConfig.preset("tiny"), dtype=torch.float32), seed=2).eval()
-    # the capture traces with the MoE layers static; the CPU's eager "replays" call the compiled step again, which
-    # in the default mode would fail that guard and trace it all a second time (~35 s), where a CUDA replay runs none
-    set_moe_mode(model, "static")
     cpu = torch.device("cpu")
     compiled = CacheSession(model, cpu, graphs=get_device("cpu"), buckets=(2,), compile=True)
     eager = CacheSession(model, cpu)
+
+    def static(call, *args):
+        # the capture traces with the MoE layers static; the CPU's eager "replays" call the compiled step again,
+        # which in the default mode would fail that guard and trace it all a second time (~35 s; a CUDA replay
+        # runs no Python); the eager session keeps the default mode
+        set_moe_mode(model, "static")
+        try:
+            return call(*args)
+        finally:
+            set_moe_mode(model, "auto")
+
     prompts = [[5, 6, 7, 8, 9], list(range(10, 17))]
-    a, b = compiled.prefill(prompts, 24), eager.prefill(prompts, 24)
+    a, b = static(compiled.prefill, prompts, 24), eager.prefill(prompts, 24)
     active = torch.ones(2, dtype=torch.bool)
     for _ in range(3):
         tokens = b.argmax(-1)
-        a, b = compiled.decode(tokens, active), eager.decode(tokens, active)
+        a, b = static(compiled.decode, tokens, active), eager.decode(tokens, active)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert compiled._graphed and compiled.compile
 

@@ -30,7 +30,7 @@ compile_for(T._topk_row_kernel, top, num_warps=8, BLOCK=4096, PDL=True)     # as
 compile_for(T._topk_row_kernel, top, num_warps=4, BLOCK=2048, PDL=True)
 compile_for(T._radix_write_kernel, top, BLOCK=2048, PDL=True)
 for shift in (24, 16, 8, 0):
-    for compact in (False, True):
+    for compact in (False, True) if shift < 24 else (False,):     # the first byte reads every entry either way
         compile_for(T._radix_pass_kernel, top, SHIFT=shift, BLOCK=2048, P_BLOCK=64, COMPACT=compact, PDL=True)
 for compact in (False, True):
     for p_block in (16, 64):            # 16 chunks per row at most by default; 64 with explicit chunks
@@ -73,6 +73,14 @@ for splits in (1, 4):                   # routed experts, and a projection split
                 SPLITS=splits, PDL=True)
     compile_for(E._fp8_grouped_kernel, {**grouped, "w_ptr": "*fp8e4nv"}, BLOCK_OUT=64, BLOCK_M=16, BLOCK_IN=128,
                 PRECISION="tf32", SPLITS=splits, PDL=True)
+""",
+    "triton_linear": """
+from ascend.backends import cuda, triton_linear as L
+ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32")
+config = cuda.PLAIN_MATMUL_CONFIG
+for splits, block_m in ((1, 16), (2, 32)):      # wo_a at batch 8, wo_b at batch 32
+    compile_for(L._matmul_kernel, ptrs, num_warps=config["num_warps"], BLOCK_OUT=config["block_out"], BLOCK_M=block_m,
+                BLOCK_IN=config["block_in"], SPLITS=splits, EVEN=True, PRECISION="tf32", PDL=True)
 """,
     "triton_mhc": """
 from ascend.backends import triton_mhc as M

@@ -33,7 +33,7 @@ def _reference(x, w):
     (2, 1, 64, 256, None),            # whole blocks, one split
     (5, 3, 40, 160, None),            # ragged outputs and inputs: the masked loads
     (16, 2, 64, 512, 2),              # an input split, summed by the last split
-    (32, 1, 96, 384, 3),              # three splits, the last ragged
+    (32, 1, 96, 352, 3),              # three splits of 128 inputs, the last 96: ragged blocks in a split
 ])
 def test_matmul_equals_the_reference(rows, groups, d_out, d_in, splits):
     """Plain (G = 1) and grouped projections, with and without input splits: float32 rows to float32 summation
@@ -68,9 +68,11 @@ def test_backend_takes_the_kernel_for_few_bf16_rows_and_outputs(monkeypatch):
     assert not cuda.plain_matmul_applies(1, out + 1, bf16, bf16)
     assert not cuda.plain_matmul_applies(1, out, torch.float32, torch.float32)
     assert not cuda.plain_matmul_applies(1, out, bf16, torch.float32)
-    calls = []
+    calls, walks = [], []
     monkeypatch.setattr(cuda, "plain_matmul_triton", lambda x, w: calls.append(tuple(x.shape)) or
                         REFERENCE.grouped_linear(x, w, None, "bf16"))
+    monkeypatch.setattr(cuda, "f32_gemv_triton", lambda x, w: walks.append(tuple(x.shape)) or
+                        REFERENCE.f32_linear(x, w))
     monkeypatch.setattr(cuda, "PLAIN_MATMUL_MAX_OUT", 16)            # small shapes for the CPU
     monkeypatch.setattr(cuda, "F32_GEMV_MAX_OUT", 8)
     x, w = _operands(rows, 4, 16, 64, bf16)
@@ -84,18 +86,21 @@ def test_backend_takes_the_kernel_for_few_bf16_rows_and_outputs(monkeypatch):
     cuda.linear_triton(torch.zeros(rows + 1, 1, 64, device=DEVICE, dtype=bf16), w[:16], None, "bf16")
     cuda.linear_triton(x[:, :1], w[:32], None, "bf16")                                     # 32 outputs: too many
     cuda.linear_triton(x[:1, :1], w[:8], None, "bf16")                                     # one row, 8: the walk
-    assert len(calls) == 3
+    assert len(calls) == 3 and walks == [(1, 64)]
 
 
 @needs_triton
 def test_backend_kernel_replays_under_cuda_graph():
-    """wo_b and wo_a at V4-Flash shapes through the backend (wo_b's inputs split, its partials summed in the launch),
-    captured once and replayed with new rows: every replay equals the eager call bit for bit, and the reference to
-    bf16 rounding."""
+    """wo_b (`linear_triton`; its inputs split, the partials summed in the launch) and wo_a (`grouped_linear_triton`)
+    at V4-Flash shapes, captured once and replayed with new rows: every replay equals the eager call bit for bit, and
+    the reference to bf16 rounding."""
     for rows, groups, d_out, d_in in ((32, 1, 4096, 8192), (8, 8, 1024, 4096)):
         x, w = _operands(rows, groups, d_out, d_in, torch.bfloat16)
         assert cuda.plain_matmul_applies(rows, d_out, x.dtype, w.dtype)
-        call = lambda: cuda.grouped_linear_triton(x.unsqueeze(1), w, None, "bf16")     # noqa: E731
+        if groups == 1:
+            call = lambda: cuda.linear_triton(x, w, None, "bf16")                       # noqa: E731
+        else:
+            call = lambda: cuda.grouped_linear_triton(x.unsqueeze(1), w, None, "bf16")  # noqa: E731
         call()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -106,4 +111,4 @@ def test_backend_kernel_replays_under_cuda_graph():
             graph.replay()
             assert torch.equal(out, call())
             ref = _reference(x, w)
-            assert ((out[:, 0].float() - ref).norm() / ref.norm()).item() < 4e-3
+            assert ((out.reshape(ref.shape).float() - ref).norm() / ref.norm()).item() < 4e-3
