@@ -233,7 +233,7 @@ def measure_plain_case(case: Case, shapes: Shapes, device: Device, kernels, vari
         else:
             reference = lambda w: REFERENCE.grouped_linear(x, w, None, "bf16").flatten(1)  # noqa: E731
         impls, pick = {"reference": reference}, "reference"
-        if kernels is not None and batch <= cuda.PLAIN_MATMUL_MAX_ROWS:
+        if kernels is not None and cuda.plain_matmul_supported() and batch <= cuda.PLAIN_MATMUL_MAX_ROWS:
             from ascend.backends import triton_linear
             for name, kw in settings("plain", cuda.PLAIN_MATMUL_CONFIG, case.fmt, variants).items():
                 impls[name] = lambda w, kw=kw: triton_linear.matmul(x, w, **kw).flatten(1)

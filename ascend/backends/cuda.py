@@ -514,7 +514,7 @@ LINEAR_FUSED_MAX_ROWS = 128
 # cuBLAS: 18.8 / 19.5 / 21.7 against 18.7 / 19.3 / 20.0. The setting was the fastest of the variants timed (3-4
 # stages, 256 inputs per step, 128 output rows on 8 warps, 32 output rows by 256 inputs, 1-4 input splits) or within
 # 0.3 us of it at every shape it runs but the indexer's weights at 32 rows (5.6 against 4.9 with 256 inputs per
-# step). Only on GPUs with bf16 tensor cores (`triton_linear.runs_on`: sm_80 on); tuned on the H200 alone, with
+# step). Only on GPUs with bf16 tensor cores (`plain_matmul_supported`: sm_80 on); tuned on the H200 alone, with
 # fewer pipeline stages where shared memory is smaller. A bf16 checkpoint's shared-expert projections take it too
 # (w1 + w3: 4,096 outputs; w2), not timed.
 PLAIN_MATMUL_CONFIG = dict(block_out=64, block_in=128, num_warps=4, num_stages=5)
@@ -527,11 +527,6 @@ def plain_matmul_applies(rows: int, n_out: int, dtype: torch.dtype, weight_dtype
     `plain_matmul_triton` (else cuBLAS), from shapes and dtypes alone."""
     return (dtype == weight_dtype == torch.bfloat16 and 1 <= rows <= PLAIN_MATMUL_MAX_ROWS
             and n_out <= PLAIN_MATMUL_MAX_OUT)
-
-
-def _plain_runs_on(x: torch.Tensor) -> bool:
-    from ascend.backends import triton_linear
-    return triton_linear.runs_on(x.device)
 
 
 @torch.library.custom_op("ascend_cuda::plain_matmul", mutates_args=())
@@ -547,19 +542,20 @@ def _(x, weight):
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                  formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+                  formats: tuple[str, ...] = ("fp4", "fp8"), plain: bool = True) -> torch.Tensor:
     """`kernels.linear` for decode: an fp8 / fp4 projection of at most LINEAR_FUSED_MAX_ROWS tokens runs the expert
     kernels with one "expert" (the stored bytes decoded in registers: one row per GEMV, more rows grouped into
     tensor-core tiles) instead of dequantising the whole weight into the activation dtype every call; larger inputs
     (prefill) keep the reference, whose dequantisation is amortised over the rows. A bf16 projection of one row
     with few outputs (V4's indexer weights_proj; any bf16 layer of a bf16 checkpoint) takes the float32 walk,
     rounded once to bf16 as cuBLAS rounds its float32 sums (which it would add up in a second, split-K launch); other
-    bf16 projections of a few rows, `plain_matmul_triton` (`plain_matmul_applies`)."""
+    bf16 projections of a few rows, `plain_matmul_triton` (`plain_matmul_applies`; `plain`: the GPU has the kernel,
+    `plain_matmul_supported`)."""
     y = _walk_one_row(x, weight) if fmt == "bf16" else None
     if y is not None:
         return y.to(x.dtype)
     rows = x.numel() // x.size(-1)
-    if fmt == "bf16" and plain_matmul_applies(rows, weight.size(0), x.dtype, weight.dtype) and _plain_runs_on(x):
+    if plain and fmt == "bf16" and plain_matmul_applies(rows, weight.size(0), x.dtype, weight.dtype):
         return plain_matmul_triton(x.reshape(rows, 1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
     if fmt not in formats or rows > LINEAR_FUSED_MAX_ROWS:
         return REFERENCE.linear(x, weight, scale, fmt)
@@ -570,15 +566,16 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
 
 
 def grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-                          formats: tuple[str, ...] = ("fp4", "fp8")) -> torch.Tensor:
+                          formats: tuple[str, ...] = ("fp4", "fp8"), plain: bool = True) -> torch.Tensor:
     """`kernels.grouped_linear` for decode (attention's `wo_a`): each of the G groups is one "expert" of the expert
     kernels (its [out, in] block of the stored weight, decoded in registers), the tokens' group slices its rows;
     beyond LINEAR_FUSED_MAX_ROWS tokens (prefill) the reference dequantises once and runs one einsum. bf16 (as V4's
-    checkpoints hold wo_a) for a few tokens: `plain_matmul_triton` (`plain_matmul_applies`)."""
+    checkpoints hold wo_a) for a few tokens: `plain_matmul_triton` (`plain_matmul_applies`, and `plain` as for
+    `linear_triton`)."""
     groups, d_in = x.size(-2), x.size(-1)
     tokens = x.numel() // (groups * d_in)
     out = weight.size(0) // groups
-    if fmt == "bf16" and plain_matmul_applies(tokens, out, x.dtype, weight.dtype) and _plain_runs_on(x):
+    if plain and fmt == "bf16" and plain_matmul_applies(tokens, out, x.dtype, weight.dtype):
         return plain_matmul_triton(x.reshape(tokens, groups, d_in), weight).view(*x.shape[:-1], out)
     if fmt not in formats or tokens > LINEAR_FUSED_MAX_ROWS or (fmt == "fp8" and out % 128):
         return REFERENCE.grouped_linear(x, weight, scale, fmt)
@@ -595,6 +592,14 @@ def triton_expert_formats() -> tuple[str, ...]:
     float16 conversion (`triton_moe._e2m1_words_to_f16`); older GPUs run the reference for both."""
     old_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9)
     return () if old_gpu else ("fp4", "fp8")
+
+
+def plain_matmul_supported() -> bool:
+    """`triton_linear`'s bf16 tensor-core dots need sm_80+ (Ampere) on an NVIDIA GPU; ROCm and older GPUs keep the
+    reference; Triton's CPU interpreter runs it anywhere. Decided once per kernel table, as the formats above."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def triton_available() -> bool:
@@ -630,15 +635,16 @@ def make_kernels(use_triton: bool | None = None, for_compile: bool = False) -> K
     if use_triton:
         from ascend.backends import triton_argmax, triton_mhc     # import triton: only here
 
-        formats = triton_expert_formats()
+        formats, plain = triton_expert_formats(), plain_matmul_supported()
         short["f32_linear"] = f32_linear_triton      # one-row router / compressor projections: the Triton walk
         return dataclasses.replace(REFERENCE, sparse_attn=sparse_attn_triton, indexer_topk=indexer_topk_triton,
                                    indexer_scores=indexer_scores_fused, select_topk=topk_triton,
                                    expert_matmul=functools.partial(expert_matmul_triton, formats=formats),
                                    group_experts=functools.partial(group_experts_triton, formats=formats),
                                    grouped_expert_formats=formats,
-                                   linear=functools.partial(linear_triton, formats=formats),
-                                   grouped_linear=functools.partial(grouped_linear_triton, formats=formats),
+                                   linear=functools.partial(linear_triton, formats=formats, plain=plain),
+                                   grouped_linear=functools.partial(grouped_linear_triton, formats=formats,
+                                                                    plain=plain),
                                    hc_pre=triton_mhc.hc_pre, hc_post=triton_mhc.hc_post, hc_head=triton_mhc.hc_head,
                                    gate_topk=gate_topk_triton, argmax=triton_argmax.argmax,
                                    compress_blocks=compress_blocks_triton, index_rotate=index_rotate_triton, **short)

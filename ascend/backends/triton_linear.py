@@ -17,14 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, capability, dot_precision,
-                                           launch_options, shared_memory, sm_count, store_rows)
-
-
-def runs_on(device: torch.device) -> bool:
-    """Where the kernel runs: bf16 / fp16 tensor-core dots from sm_80 (Ampere) on, or Triton's CPU interpreter;
-    not ROCm (capability (0, 0) there)."""
-    return device.type != "cuda" or capability(device) >= (8, 0)
+from ascend.backends.triton_common import (after_previous_kernel, arrival_tickets, dot_precision, launch_options,
+                                           shared_memory, sm_count, store_rows)
 
 
 @triton.jit

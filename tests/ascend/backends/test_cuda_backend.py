@@ -560,6 +560,29 @@ def test_triton_table_covers_the_decode_stages():
     assert k.linear.func is cuda.linear_triton and k.expert_matmul.func is cuda.expert_matmul_triton
     # the formats the Triton expert kernels read in place: the MoE runs them static at any size (prefill too)
     assert k.grouped_expert_formats == k.expert_matmul.keywords["formats"] == cuda.triton_expert_formats()
+    # the bf16 projection kernel, decided once for the table as the formats are
+    assert k.linear.keywords["plain"] == k.grouped_linear.keywords["plain"] == cuda.plain_matmul_supported()
+
+
+def test_bf16_projection_kernel_needs_sm80_on_nvidia(monkeypatch):
+    """`plain_matmul_supported`: bf16 tensor-core dots from sm_80 on, not on ROCm; the CPU (interpreter) always;
+    a table without it sends bf16 projections to the reference."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cap, want in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert cuda.plain_matmul_supported() is want
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not cuda.plain_matmul_supported()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda.plain_matmul_supported()
+    monkeypatch.setattr(cuda, "plain_matmul_triton", None)            # any call to the kernel now fails
+    x, w = torch.randn(2, 1, 64).to(torch.bfloat16), torch.randn(2 * 16, 64).to(torch.bfloat16)
+    torch.testing.assert_close(cuda.linear_triton(x, w, None, "bf16", plain=False),
+                               REFERENCE.linear(x, w, None, "bf16"))
+    groups = x.view(2, 1, 1, 64).expand(2, 1, 2, 64)
+    torch.testing.assert_close(cuda.grouped_linear_triton(groups, w, None, "bf16", plain=False),
+                               REFERENCE.grouped_linear(groups, w, None, "bf16"))
 
 
 @needs_triton_or_interpreter
